@@ -1,0 +1,26 @@
+# Two entry points for a fresh machine with Python 3.11 (see README.md):
+#   make run    set up .venv and run the main job on the embedded synthetic default (no download)
+#   make test   set up .venv and run the test suite on 8 fake CPU devices
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdirs/affect_dm
+
+.PHONY: setup run test clean
+
+$(VENV)/.installed: setup.cfg constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,experiments]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(PY) -m mtlmatch.main --config=configs/affect.py:dm --workdir=$(WORKDIR)
+
+test: setup
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) workdirs

@@ -1,0 +1,55 @@
+"""Expert relatedness tables shipped as package data (DESIGN.md §3 (a)).
+
+``load_prior('expressions_to_aus')`` returns a :class:`Prior` whose ``relatedness`` is ``R[C_A, C_B]`` with
+``R[i, k] = p(b_k = 1 | a = i)``, plus the two task specs and the citation. Each JSON file states which entries are
+the paper's prototypical AUs (R = 1) and which are observational fractions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from importlib import resources
+
+import numpy as np
+
+from mtlmatch.tasks import TaskSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Prior:
+  name: str
+  relatedness: np.ndarray  # float32 [C_A, C_B]
+  task_a: TaskSpec
+  task_b: TaskSpec
+  citation: str
+  provenance: str
+
+
+def available_priors() -> list[str]:
+  return sorted(p.name[:-5] for p in resources.files(__name__).iterdir() if p.name.endswith('.json'))
+
+
+def load_prior(name: str) -> Prior:
+  """Loads and validates the expert table ``name`` (see :func:`available_priors`)."""
+  if name not in available_priors():
+    raise ValueError(f'prior name: got {name!r}, expected one of {available_priors()}')
+  spec = json.loads(resources.files(__name__).joinpath(f'{name}.json').read_text())
+  classes_a, classes_b = spec['task_a']['classes'], spec['task_b']['classes']
+  r = np.zeros((len(classes_a), len(classes_b)), np.float32)
+  for table, value_of in ((spec['prototypical'], lambda entry, k: 1.0),
+                          (spec['observational'], lambda entry, k: entry[k])):
+    if set(table) - set(classes_a):
+      raise ValueError(f'prior {name!r}: unknown classes {sorted(set(table) - set(classes_a))}, '
+                       f'expected names from {classes_a}')
+    for cls, entry in table.items():
+      for k in entry:
+        if k not in classes_b:
+          raise ValueError(f'prior {name!r}: unknown label {k!r} for class {cls!r}, expected one of {classes_b}')
+        if r[classes_a.index(cls), classes_b.index(k)] != 0:
+          raise ValueError(f'prior {name!r}: label {k!r} listed twice for class {cls!r}')
+        r[classes_a.index(cls), classes_b.index(k)] = value_of(entry, k)
+  if not np.all((r >= 0) & (r <= 1)):
+    raise ValueError(f'prior {name!r}: entries must lie in [0, 1], got min {r.min()} max {r.max()}')
+  task_a = TaskSpec(spec['task_a']['name'], spec['task_a']['kind'], len(classes_a), tuple(classes_a))
+  task_b = TaskSpec(spec['task_b']['name'], spec['task_b']['kind'], len(classes_b), tuple(classes_b))
+  return Prior(name, r, task_a, task_b, spec['citation'], spec['provenance'])
