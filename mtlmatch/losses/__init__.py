@@ -1,0 +1,31 @@
+"""Pure loss functions on arrays (DESIGN.md §2–§4): no models, data or training loop in here.
+
+* :mod:`~mtlmatch.losses.classification`: ``softmax_xent``, ``sigmoid_xent`` (missing labels = -1) and
+  ``masked_mean``, the one reduction rule ``Σ v·w / max(Σ w, 1)`` over the global batch.
+* :mod:`~mtlmatch.losses.relatedness`: relatedness tables R[C_A, C_B] (``validate_relatedness``,
+  ``estimate_relatedness``) and the distributions they imply (``implied_b``, ``implied_a``).
+* :mod:`~mtlmatch.losses.matching`: ``distribution_matching`` and ``co_annotation`` (Kollias et al., AAAI 2024).
+* :mod:`~mtlmatch.losses.dgr`: ``dummy_gradient_norm`` and ``init_dummy_params`` (Shin et al., ECCV 2024).
+
+Every per-example loss returns ``(per_example [B], weight [B])``; reduce with ``masked_mean``::
+
+    from mtlmatch import losses
+    loss = losses.masked_mean(*losses.softmax_xent(logits, labels))
+
+Keyword options (``b_kind``, ``mode``, ...) are Python values: bind them with ``functools.partial`` (or close over
+them) before ``jax.jit``. Shape and option checks always run; value checks (label ranges, relatedness range and row
+sums, probabilities) run only on concrete arrays, not on tracers inside ``jit``/``vmap``.
+"""
+from __future__ import annotations
+
+from mtlmatch.losses.classification import masked_mean, sigmoid_xent, softmax_xent
+from mtlmatch.losses.dgr import dummy_gradient_norm, init_dummy_params
+from mtlmatch.losses.matching import co_annotation, distribution_matching
+from mtlmatch.losses.relatedness import (BAYES_EPS, PROTOTYPE_TAU, estimate_relatedness, implied_a, implied_b,
+                                         validate_relatedness)
+
+__all__ = [
+    'BAYES_EPS', 'PROTOTYPE_TAU', 'co_annotation', 'distribution_matching', 'dummy_gradient_norm',
+    'estimate_relatedness', 'implied_a', 'implied_b', 'init_dummy_params', 'masked_mean', 'sigmoid_xent',
+    'softmax_xent', 'validate_relatedness',
+]

@@ -1,0 +1,95 @@
+"""Supervised classification losses with missing labels, and the one reduction rule (DESIGN.md §2).
+
+Every loss returns ``(per_example, weight)``: per-example values ``[B]`` (optax style) and the weight ``[B]``, 1 where
+the example has a label for the task and 0 where it does not. A missing example's value is exactly 0 and its gradient
+is exactly 0 (no NaN can leak from it). Reduce over the **global** batch with :func:`masked_mean`, so the result does
+not depend on how the batch is split over devices or hosts::
+
+    per_example, weight = softmax_xent(logits, labels)        # labels [B] int, -1 = missing
+    loss = masked_mean(per_example, weight)                    # Σ v·w / max(Σ w, 1)
+
+Shapes: ``[B]`` in the docstrings stands for any leading batch shape (so the functions also work under ``jax.vmap``
+over examples). Shape and dtype checks always run; label-range checks run only when ``labels`` is concrete (not a
+tracer inside ``jit``/``vmap``).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mtlmatch.losses import _checks
+from mtlmatch.tasks import MISSING
+
+
+def softmax_xent(logits, labels) -> tuple[jax.Array, jax.Array]:
+  """Categorical cross-entropy with missing labels.
+
+  ``per_example[b] = -log softmax(logits[b])[labels[b]]`` (computed with ``log_softmax``: finite for |logits| = 1e4),
+  0 where ``labels[b] = -1``; ``weight[b] = [labels[b] != -1]``.
+
+  Args:
+    logits: float ``[B, C]``.
+    labels: int ``[B]``, values in ``[-1, C)``; -1 = missing.
+
+  Returns:
+    ``(per_example [B], weight [B])`` in the logits' float dtype.
+
+  Example: ``softmax_xent(jnp.zeros((2, 4)), jnp.array([1, -1]))`` → ``([log 4, 0], [1, 0])``.
+  """
+  logits = _checks.float_array(logits, 'logits')
+  labels = _checks.int_labels(labels, 'labels')
+  _checks.check_multiclass_labels(logits, labels, logits_arg='logits', labels_arg='labels')
+  present = labels != MISSING
+  safe = jnp.where(present, labels, 0)  # any valid index; its value is masked out below
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  return jnp.where(present, nll, 0.0), present.astype(logits.dtype)
+
+
+def sigmoid_xent(logits, labels) -> tuple[jax.Array, jax.Array]:
+  """Binary cross-entropy per entry, averaged over each example's labelled entries (multilabel tasks).
+
+  ``bce[b, k] = -(y log σ(z) + (1 - y) log σ(-z))`` via ``log_sigmoid``;
+  ``per_example[b] = Σ_k m[b, k] bce[b, k] / max(Σ_k m[b, k], 1)`` with ``m = [labels != -1]``;
+  ``weight[b] = [Σ_k m[b, k] ≥ 1]`` (the example has at least one labelled entry).
+
+  Args:
+    logits: float ``[B, C]``.
+    labels: int ``[B, C]``, values in ``{-1, 0, 1}``; -1 = that entry is missing.
+
+  Returns:
+    ``(per_example [B], weight [B])``.
+
+  Reference: big_vision ``utils.sigmoid_xent``, with the per-entry missing mask of AU datasets.
+  """
+  logits = _checks.float_array(logits, 'logits')
+  labels = _checks.int_labels(labels, 'labels')
+  _checks.check_multilabel_labels(logits, labels, logits_arg='logits', labels_arg='labels')
+  present = labels != MISSING
+  y = jnp.where(present, labels, 0).astype(logits.dtype)
+  bce = -(y * jax.nn.log_sigmoid(logits) + (1 - y) * jax.nn.log_sigmoid(-logits))
+  count = jnp.sum(present, axis=-1)
+  per_example = jnp.sum(jnp.where(present, bce, 0.0), axis=-1) / jnp.maximum(count, 1).astype(logits.dtype)
+  return per_example, (count > 0).astype(logits.dtype)
+
+
+def masked_mean(values, weights) -> jax.Array:
+  """``Σ v·w / max(Σ w, 1)`` over all entries: the weighted mean over the examples that contribute, 0 if none do.
+
+  Entries with weight 0 are dropped by ``where`` before the product, so a non-finite value there cannot leak into
+  the result or into the gradient with respect to ``values``.
+
+  Args:
+    values: float ``[B]`` (any shape).
+    weights: float or bool, the same shape as ``values``.
+
+  Returns:
+    A scalar.
+  """
+  values = _checks.float_array(values, 'values', min_ndim=0)
+  weights = jnp.asarray(weights)
+  if weights.shape != values.shape:
+    raise ValueError(f'weights: got shape {weights.shape}, expected {values.shape} (the shape of values)')
+  weights = weights.astype(values.dtype)
+  total = jnp.sum(jnp.where(weights != 0, values * weights, 0.0))
+  return total / jnp.maximum(jnp.sum(weights), 1.0)

@@ -1,0 +1,113 @@
+"""Dummy Gradient norm Regularization, DGR (DESIGN.md §4).
+
+Shin, Do, Son, "Learning Representation for Multitask learning through Self Supervised Auxiliary learning", ECCV 2024
+(arXiv 2409.16651). K randomly initialised, never-trained "dummy" heads φ^(1..K) sit on the shared features f; the
+penalty is the mean over k of the squared norm of the gradient of their loss with respect to their own parameters,
+
+    R(f) = (1/K) Σ_k ‖∇_φ L(φ^(k); f)‖²,   L(φ; f) = masked_mean(loss_fn(head_apply(φ, f), labels)),
+
+which pushes the encoder toward features any head can fit. The authors estimate the penalty's gradient by finite
+differences; here ``jax.grad`` of :func:`dummy_gradient_norm` w.r.t. the features (or the encoder parameters behind
+them) is exact, by double backprop. The trainer multiplies by λ, sums over the regularised tasks and adds the
+penalty's gradient on top of the combined task gradient.
+
+Usage::
+
+    head = nn.Dense(num_classes)                      # or the task's own head module
+    dummies = init_dummy_params(head, rng, features, num_dummies=4)     # leaves [K, ...]
+    penalty = dummy_gradient_norm(features, labels, dummies,
+                                  head_apply=lambda p, f: head.apply({'params': p}, f), loss_fn=softmax_xent)
+
+Pure maths: the module imports no models; a head enters only through its ``init``/``apply``. Jittable with the
+keyword arguments bound statically (``functools.partial``). Checks (``norm``, the K axis) are static and always run.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from mtlmatch.losses import _checks
+from mtlmatch.losses.classification import masked_mean
+
+NORMS = ('sq_l2', 'l2')
+
+
+def _safe_sqrt(x: jax.Array) -> jax.Array:
+  # sqrt has an infinite derivative at 0; this version's gradient at 0 is 0 (a valid subgradient of the norm).
+  positive = x > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
+def _num_dummies(dummy_params) -> int:
+  leaves = jax.tree_util.tree_leaves(dummy_params)
+  if not leaves:
+    raise ValueError('dummy_params: got an empty pytree, expected parameter sets stacked on a leading axis K')
+  sizes = {tuple(jnp.shape(x))[:1] for x in leaves}
+  if len(sizes) != 1 or () in sizes:
+    raise ValueError(f'dummy_params: got leaves with leading dimensions {sorted(sizes)}, expected every leaf to '
+                     'have the same leading axis K (stacked dummy parameter sets)')
+  return int(sizes.pop()[0])
+
+
+def dummy_gradient_norm(features, labels, dummy_params, *, head_apply: Callable[[Any, jax.Array], jax.Array],
+                        loss_fn: Callable[[jax.Array, Any], tuple[jax.Array, jax.Array]],
+                        norm: str = 'sq_l2') -> jax.Array:
+  """Mean over K dummy heads of ‖∇_φ L‖² (``'sq_l2'``, default, what the authors' code penalises) or ‖∇_φ L‖ (``'l2'``).
+
+  ``L(φ) = masked_mean(*loss_fn(head_apply(φ, features), labels))``; ``dummy_params`` go through
+  ``jax.lax.stop_gradient`` (never trained); ``jax.vmap`` runs the K heads at once. The result is differentiable
+  w.r.t. ``features`` (grad of a grad). The ``'l2'`` norm uses a safe square root, so its gradient is finite (0)
+  where the dummy gradient vanishes.
+
+  Args:
+    features: shared features ``[B, ...]`` (whatever ``head_apply`` takes).
+    labels: the task's labels, passed unchanged to ``loss_fn``.
+    dummy_params: a pytree whose every leaf has a leading axis K (e.g. from :func:`init_dummy_params`).
+    head_apply: ``(params, features) -> logits``, e.g. ``lambda p, f: head.apply({'params': p}, f)``.
+    loss_fn: ``(logits, labels) -> (per_example [B], weight [B])``, e.g. ``softmax_xent``.
+    norm: 'sq_l2' or 'l2'.
+
+  Returns:
+    A scalar.
+  """
+  norm = _checks.check_choice(norm, NORMS, 'norm')
+  _num_dummies(dummy_params)
+  dummy_params = jax.lax.stop_gradient(dummy_params)
+
+  def dummy_loss(params):
+    return masked_mean(*loss_fn(head_apply(params, features), labels))
+
+  def penalty(params):
+    grads = jax.grad(dummy_loss)(params)
+    sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads))
+    return sq if norm == 'sq_l2' else _safe_sqrt(sq)
+
+  return jnp.mean(jax.vmap(penalty)(dummy_params))
+
+
+def init_dummy_params(head, rng: jax.Array, features, *, num_dummies: int, scale: float = 1.0):
+  """K dummy parameter sets from a Flax Linen head's own initializer, stacked on a leading axis K.
+
+  Set k is ``scale * head.init(keys[k], features)['params']`` with ``keys = jax.random.split(rng, num_dummies)``
+  (other collections, e.g. batch statistics, are dropped). Draw once and keep them in the train state (``fixed``), or
+  call again each step with ``jax.random.fold_in(rng, step)`` (``resample``).
+
+  Args:
+    head: an object with Linen's ``init(rng, features) -> {'params': ...}`` (e.g. ``nn.Dense(C)``).
+    rng: a PRNG key.
+    features: an example input for the head (only its shape and dtype matter to standard initializers).
+    num_dummies: K ≥ 1.
+    scale: multiplies every parameter (the "init scale" variant of DGR).
+
+  Returns:
+    The params pytree with every leaf ``[K, ...]``.
+  """
+  if not isinstance(num_dummies, int) or isinstance(num_dummies, bool) or num_dummies < 1:
+    raise ValueError(f'num_dummies: got {num_dummies!r}, expected an int >= 1')
+  if not hasattr(head, 'init'):
+    raise ValueError(f'head: got {type(head).__name__}, expected a Flax Linen module with .init(rng, features)')
+  keys = jax.random.split(rng, num_dummies)
+  params = jax.vmap(lambda key: head.init(key, features)['params'])(keys)
+  return jax.tree_util.tree_map(lambda x: x * scale, params)

@@ -1,0 +1,210 @@
+"""Distribution matching and soft co-annotation between two related tasks (DESIGN.md §3).
+
+Kollias, Sharmanska, Zafeiriou, "Distribution Matching for Multi-Task Learning of Classification Tasks: a Large-Scale
+Study on Faces & Beyond", AAAI 2024 (arXiv 2401.01219), and FaceBehaviorNet (arXiv 2105.03790). Task A is multiclass
+(``logits_a [B, C_A]``), task B multiclass or multilabel (``logits_b [B, C_B]``), tied by a relatedness table
+``R [C_A, C_B]`` (see :mod:`mtlmatch.losses.relatedness`).
+
+* :func:`distribution_matching`: on every example (labelled or not, unless masked), pull each task's prediction
+  toward the distribution the other task's prediction implies: ``L = H(q_B, p_B) + H(q_A, p_A)``.
+* :func:`co_annotation`: on examples labelled for exactly one of the two tasks, a soft target for the other task
+  from the label through R.
+
+Both return ``(per_example [B], weight [B])``; reduce with ``masked_mean``. ``H(q, p)`` is categorical cross-entropy
+for a multiclass task and binary cross-entropy averaged over the C_B entries for multilabel B, always computed from
+logits (``log_softmax``/``log_sigmoid``), so values and gradients are finite at |logits| = 1e4.
+
+Usage (inside a jitted loss; bind the keyword options statically)::
+
+    dm, w = distribution_matching(logits_expr, logits_au, r, b_kind='multilabel')
+    ca, wc = co_annotation(logits_expr, logits_au, labels_expr, labels_au, r, b_kind='multilabel')
+    loss = masked_mean(dm, w) + masked_mean(ca, wc)
+
+Checks: shapes and option strings always; relatedness values (finite, in [0, 1], multiclass rows summing to 1) and
+label ranges only when those arrays are concrete, i.e. not inside ``jax.jit`` / ``jax.vmap``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtlmatch.losses import _checks
+from mtlmatch.losses import relatedness as rel
+from mtlmatch.tasks import MISSING
+
+DIRECTIONS = ('a_to_b', 'b_to_a', 'both')
+DIVERGENCES = ('xent', 'kl')
+
+
+def _log1m_softmax(logits: jax.Array) -> jax.Array:
+  """``log(1 − softmax(z)_k) = logsumexp_{j ≠ k} z_j − logsumexp_j z_j``: finite even when p_k rounds to 1."""
+  c = logits.shape[-1]
+  others = ~jnp.eye(c, dtype=bool)
+  lse_others = jax.nn.logsumexp(jnp.broadcast_to(logits[..., None, :], logits.shape + (c,)), axis=-1, where=others)
+  return lse_others - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def _b_probabilities(logits_b: jax.Array, *, b_kind: str, need_log1m: bool):
+  """(p_B, log p_B, log(1 − p_B) or None) from logits, each [..., C_B]."""
+  if b_kind == 'multilabel':
+    return jax.nn.sigmoid(logits_b), jax.nn.log_sigmoid(logits_b), jax.nn.log_sigmoid(-logits_b)
+  logp = jax.nn.log_softmax(logits_b, axis=-1)
+  return jnp.exp(logp), logp, (_log1m_softmax(logits_b) if need_log1m else None)
+
+
+def _xlogx(q: jax.Array) -> jax.Array:
+  # q log q with 0 log 0 = 0; clipping inside the log keeps the gradient finite at q = 0 (it is log(tiny) there).
+  return q * jnp.log(jnp.maximum(q, jnp.finfo(q.dtype).tiny))
+
+
+def _cross_entropy(target: jax.Array, logp: jax.Array, log1mp: Optional[jax.Array], *, kind: str) -> jax.Array:
+  """H(q, p): categorical, or binary averaged over the entries (multilabel). [..., C] → [...]."""
+  if kind == 'multilabel':
+    return -jnp.mean(target * logp + (1 - target) * log1mp, axis=-1)
+  return -jnp.sum(target * logp, axis=-1)
+
+
+def _neg_entropy(target: jax.Array, log_target: Optional[jax.Array], *, kind: str) -> jax.Array:
+  """−H(q): Σ q log q (categorical) or the mean over entries of q log q + (1 − q) log(1 − q) (multilabel)."""
+  if kind == 'multilabel':
+    return jnp.mean(_xlogx(target) + _xlogx(1 - target), axis=-1)
+  if log_target is not None:
+    return jnp.sum(target * log_target, axis=-1)
+  return jnp.sum(_xlogx(target), axis=-1)
+
+
+def _divergence(target, log_target, logp, log1mp, *, kind: str, divergence: str) -> jax.Array:
+  loss = _cross_entropy(target, logp, log1mp, kind=kind)
+  if divergence == 'kl':  # KL(q ‖ p) = H(q, p) − H(q)
+    loss = loss + _neg_entropy(target, log_target, kind=kind)
+  return loss
+
+
+def _check_pair(logits_a, logits_b, relatedness, b_kind):
+  logits_a = _checks.float_array(logits_a, 'logits_a')
+  logits_b = _checks.float_array(logits_b, 'logits_b')
+  _checks.check_leading(logits_b, logits_a.shape[:-1], arg='logits_b', other=f'logits_a {logits_a.shape}')
+  dtype = jnp.result_type(logits_a.dtype, logits_b.dtype)
+  r = _checks.relatedness(relatedness, b_kind=b_kind, num_classes_a=logits_a.shape[-1],
+                          num_classes_b=logits_b.shape[-1], dtype=dtype)
+  return logits_a.astype(dtype), logits_b.astype(dtype), r
+
+
+def distribution_matching(logits_a, logits_b, relatedness, *, b_kind: str, direction: str = 'both',
+                          mode: str = 'bayes', stop_gradient_target: bool = False, divergence: str = 'xent',
+                          mask=None) -> tuple[jax.Array, jax.Array]:
+  """Distribution-matching loss per example (DESIGN §3; Kollias et al. 2024).
+
+  With ``p_A = softmax(z_A)``, ``p_B = sigmoid(z_B)`` (multilabel) or ``softmax(z_B)`` (multiclass),
+  ``q_B = p_A R`` and ``q_A = implied_a(p_B, R, mode=mode)`` (uniform π_A):
+
+    ``L = H(q_B, p_B)`` [direction 'a_to_b'] ``+ H(q_A, p_A)`` [direction 'b_to_a']; 'both' (default) is the sum.
+
+  ``divergence='kl'`` replaces each H(q, p) by ``KL(q ‖ p) = H(q, p) − H(q)`` (same gradient w.r.t. the prediction;
+  0 at agreement). ``stop_gradient_target=True`` treats q as a constant; the default False lets knowledge flow both
+  ways (the target's task is trained too). The log-probabilities come from ``log_softmax``/``log_sigmoid``, the
+  ``prototype`` rule's ``log(1 − p_B)`` from ``log_sigmoid(−z)`` or a leave-one-out ``logsumexp``.
+
+  Args:
+    logits_a: ``[B, C_A]`` (task A, multiclass).
+    logits_b: ``[B, C_B]``.
+    relatedness: ``[C_A, C_B]``.
+    b_kind: 'multiclass' or 'multilabel' (task B).
+    direction: 'a_to_b', 'b_to_a' or 'both'.
+    mode: rule for q_A, 'bayes' or 'prototype' (see ``implied_a``).
+    stop_gradient_target: stop gradients through q_A and q_B.
+    divergence: 'xent' or 'kl'.
+    mask: optional ``[B]`` (bool or float): per-example weight; None = every example counts.
+
+  Returns:
+    ``(per_example [B], weight [B])``, ``weight = mask`` (or ones); per_example is 0 where the weight is 0.
+  """
+  b_kind = _checks.check_b_kind(b_kind)
+  direction = _checks.check_choice(direction, DIRECTIONS, 'direction')
+  mode = _checks.check_choice(mode, rel.MODES, 'mode')
+  divergence = _checks.check_choice(divergence, DIVERGENCES, 'divergence')
+  if not isinstance(stop_gradient_target, (bool, np.bool_)):
+    raise ValueError(f'stop_gradient_target: got {stop_gradient_target!r}, expected True or False (a Python bool: it '
+                     'changes the traced computation)')
+  logits_a, logits_b, r = _check_pair(logits_a, logits_b, relatedness, b_kind)
+  batch_shape = logits_a.shape[:-1]
+  if mask is None:
+    weight = jnp.ones(batch_shape, logits_a.dtype)
+  else:
+    mask = jnp.asarray(mask)
+    if mask.shape != batch_shape:
+      raise ValueError(f'mask: got shape {mask.shape}, expected {batch_shape} (one weight per example)')
+    weight = mask.astype(logits_a.dtype)
+  target = jax.lax.stop_gradient if stop_gradient_target else (lambda x: x)
+
+  logp_a = jax.nn.log_softmax(logits_a, axis=-1)
+  p_a = jnp.exp(logp_a)
+  p_b, logp_b, log1mp_b = _b_probabilities(logits_b, b_kind=b_kind, need_log1m=(mode == 'prototype'))
+  loss = jnp.zeros(batch_shape, logits_a.dtype)
+  if direction in ('a_to_b', 'both'):
+    q_b = target(rel.implied_b_from_probs(p_a, r))
+    loss = loss + _divergence(q_b, None, logp_b, log1mp_b, kind=b_kind, divergence=divergence)
+  if direction in ('b_to_a', 'both'):
+    log_q_a = target(rel.log_implied_a(p_b, logp_b, log1mp_b, r, b_kind=b_kind, mode=mode))
+    loss = loss + _divergence(jnp.exp(log_q_a), log_q_a, logp_a, None, kind='multiclass', divergence=divergence)
+  return jnp.where(weight != 0, loss, 0.0), weight
+
+
+def co_annotation(logits_a, logits_b, labels_a, labels_b, relatedness, *, b_kind: str) -> tuple[jax.Array, jax.Array]:
+  """Soft co-annotation loss per example (DESIGN §3, last paragraph; Kollias et al. 2024).
+
+  * A label i present, B missing: soft B target ``R[i, :]``, loss ``H(R[i, :], p_B)``.
+  * B labels b present, A missing: soft A target ``q_A(b)`` by the `bayes` rule of ``implied_a`` with p_B replaced by
+    b (uniform π_A, ε = 1e-4): ``log q_A(i) = const + Σ_{k labelled} [b_k log R̃_ik + (1 − b_k) log(1 − R̃_ik)]``
+    (multilabel: only the labelled entries contribute — Bayes' rule for a partially observed label vector, since an
+    unobserved b_k sums out of the likelihood) or ``log R̃_{i, b}`` (multiclass); loss ``H(q_A, p_A)``.
+    A multilabel example counts as "B present" when at least one entry is labelled.
+  * Both present, or neither: value 0, weight 0.
+
+  The targets depend only on labels and R, so no gradient flows through them.
+
+  Args:
+    logits_a: ``[B, C_A]``.
+    logits_b: ``[B, C_B]``.
+    labels_a: int ``[B]`` in [-1, C_A).
+    labels_b: int ``[B]`` in [-1, C_B) (multiclass) or ``[B, C_B]`` in {-1, 0, 1} (multilabel).
+    relatedness: ``[C_A, C_B]``.
+    b_kind: 'multiclass' or 'multilabel'.
+
+  Returns:
+    ``(per_example [B], weight [B])``.
+  """
+  b_kind = _checks.check_b_kind(b_kind)
+  logits_a, logits_b, r = _check_pair(logits_a, logits_b, relatedness, b_kind)
+  labels_a = _checks.int_labels(labels_a, 'labels_a')
+  labels_b = _checks.int_labels(labels_b, 'labels_b')
+  _checks.check_labels(logits_a, labels_a, kind='multiclass', logits_arg='logits_a', labels_arg='labels_a')
+  _checks.check_labels(logits_b, labels_b, kind=b_kind, logits_arg='logits_b', labels_arg='labels_b')
+  dtype = logits_a.dtype
+
+  has_a = labels_a != MISSING
+  entry_b = labels_b != MISSING
+  has_b = jnp.any(entry_b, axis=-1) if b_kind == 'multilabel' else entry_b
+  a_only = has_a & ~has_b
+  b_only = has_b & ~has_a
+
+  # A known, B missing: H(R[a], p_B).
+  _, logp_b, log1mp_b = _b_probabilities(logits_b, b_kind=b_kind, need_log1m=False)
+  target_b = jnp.take(r, jnp.where(has_a, labels_a, 0), axis=0)
+  loss_a_only = _cross_entropy(target_b, logp_b, log1mp_b, kind=b_kind)
+
+  # B known, A missing: H(q_A(b), p_A).
+  if b_kind == 'multilabel':
+    b = jnp.where(entry_b, labels_b, 0).astype(dtype)
+    log_q_a = rel.log_implied_a(b, None, None, r, b_kind=b_kind, mode='bayes', entry_mask=entry_b.astype(dtype))
+  else:
+    b = jax.nn.one_hot(jnp.where(entry_b, labels_b, 0), logits_b.shape[-1], dtype=dtype)
+    log_q_a = rel.log_implied_a(b, None, None, r, b_kind=b_kind, mode='bayes')
+  logp_a = jax.nn.log_softmax(logits_a, axis=-1)
+  loss_b_only = _cross_entropy(jnp.exp(log_q_a), logp_a, None, kind='multiclass')
+
+  per_example = jnp.where(a_only, loss_a_only, jnp.where(b_only, loss_b_only, 0.0))
+  return per_example, (a_only | b_only).astype(dtype)
