@@ -1,0 +1,177 @@
+"""Evaluation metric maths: additive per-task statistics, their accumulation and the final metrics.
+
+Metrics are computed from integer *sums* (counts of correct predictions, true/false positives, false negatives), so
+they are exact whatever the number of devices, hosts or batches: ``task_statistics`` is jittable and, inside a
+``jax.jit`` over a mesh with the batch sharded, sums over the global batch; ``accumulate`` adds statistics of
+successive batches; ``finalize`` turns the totals into metrics on the host.
+
+Conventions (DESIGN.md §2): multiclass labels ``[B]`` and multilabel labels ``[B, C]`` with ``-1`` = missing;
+``mask [B]`` is 1 for real examples and 0 for padding (e.g. the last, padded eval batch). Missing labels and padded
+examples contribute nothing. Predictions: multiclass ``argmax`` of the logits (ties → lowest index, as
+``np.argmax``); multilabel ``logit > 0`` (i.e. sigmoid > 0.5).
+
+Metric names (a contract with the train loop and reports):
+
+* multiclass: ``accuracy``, ``macro_f1``, ``count``;
+* multilabel: ``mean_f1``, ``accuracy``, ``f1_<k>`` for each label k (0-based index), ``count``.
+
+F1 of a class / label = 2·tp / (2·tp + fp + fn). A class with tp + fp + fn = 0 (never labelled and never predicted
+among the evaluated entries) has an undefined F1 and is left out of the mean; this is what scikit-learn's
+``f1_score(y_true, y_pred, average='macro')`` does for multiclass (it averages over the labels present in y_true or
+y_pred), so ``macro_f1`` equals it exactly. Multilabel ``mean_f1`` applies the same rule per label, over that label's
+labelled entries: a label with no labelled entries, or whose labelled entries are all negative and never predicted
+positive, is left out (its ``f1_<k>`` is NaN); sklearn's ``zero_division`` would instead score such a label 0 (or 1).
+A metric with nothing to average over (no evaluated examples) is NaN.
+
+Usage::
+
+    total = None
+    for batch in eval_batches:
+      stats = eval_step(...)                          # jit: task_statistics(task, logits, labels, mask)
+      total = accumulate(total, jax.device_get(stats))
+    metrics = finalize(task, total)                   # {'accuracy': ..., 'macro_f1': ..., 'count': ...}
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtlmatch.tasks import MISSING, TaskSpec
+
+MULTICLASS_KEYS = ('correct', 'count', 'tp', 'fp', 'fn')
+MULTILABEL_KEYS = ('tp', 'fp', 'fn', 'correct_entries', 'labelled_entries', 'count')
+
+
+def _check_shapes(task: TaskSpec, logits, labels, mask) -> None:
+  c = task.num_classes
+  if logits.ndim != 2 or logits.shape[1] != c:
+    raise ValueError(f'logits of task {task.name!r}: got shape {logits.shape}, expected [B, {c}]')
+  b = logits.shape[0]
+  want = (b,) if task.kind == 'multiclass' else (b, c)
+  if labels.shape != want:
+    raise ValueError(f'labels of task {task.name!r}: got shape {labels.shape}, expected {list(want)} ({task.kind})')
+  if mask is not None and mask.shape != (b,):
+    raise ValueError(f'mask: got shape {mask.shape}, expected [{b}]')
+
+
+def task_statistics(task: TaskSpec, logits: jax.Array, labels: jax.Array,
+                    mask: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+  """Additive int32 statistics of one batch for one task (jittable; shapes are checked, values are not).
+
+  multiclass (logits [B, C], labels [B]): ``correct``, ``count`` (scalars: examples with a label and mask 1) and
+  per-class ``tp``, ``fp``, ``fn`` [C].
+  multilabel (logits [B, C], labels [B, C]): per-label ``tp``, ``fp``, ``fn``, ``correct_entries``,
+  ``labelled_entries`` [C] over entries that are labelled and unmasked, and ``count`` (scalar: examples with at
+  least one such entry).
+  ``mask`` [B] (bool or 0/1; None = all ones) marks real examples; padding (0) contributes nothing.
+  """
+  logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+  mask = None if mask is None else jnp.asarray(mask)
+  _check_shapes(task, logits, labels, mask)
+  real = jnp.ones(labels.shape[0], bool) if mask is None else mask > 0
+  labels = labels.astype(jnp.int32)
+  if task.kind == 'multiclass':
+    valid = real & (labels != MISSING)
+    pred = jnp.argmax(logits, axis=-1)
+    # one_hot of -1 is an all-zero row, and invalid rows are zeroed anyway.
+    p = jax.nn.one_hot(pred, task.num_classes, dtype=jnp.int32) * valid[:, None]
+    y = jax.nn.one_hot(labels, task.num_classes, dtype=jnp.int32) * valid[:, None]
+    return {
+        'correct': jnp.sum(valid & (pred == labels), dtype=jnp.int32),
+        'count': jnp.sum(valid, dtype=jnp.int32),
+        'tp': jnp.sum(p * y, axis=0),
+        'fp': jnp.sum(p * (1 - y), axis=0),
+        'fn': jnp.sum((1 - p) * y, axis=0),
+    }
+  valid = real[:, None] & (labels != MISSING)
+  pred = logits > 0
+  pos = labels == 1
+  return {
+      'tp': jnp.sum(valid & pred & pos, axis=0, dtype=jnp.int32),
+      'fp': jnp.sum(valid & pred & ~pos, axis=0, dtype=jnp.int32),
+      'fn': jnp.sum(valid & ~pred & pos, axis=0, dtype=jnp.int32),
+      'correct_entries': jnp.sum(valid & (pred == pos), axis=0, dtype=jnp.int32),
+      'labelled_entries': jnp.sum(valid, axis=0, dtype=jnp.int32),
+      'count': jnp.sum(jnp.any(valid, axis=1), dtype=jnp.int32),
+  }
+
+
+def tasks_statistics(tasks: Mapping[str, TaskSpec], logits: Mapping[str, jax.Array],
+                     labels: Mapping[str, jax.Array], mask: Optional[jax.Array] = None) -> dict[str, dict]:
+  """``{task: task_statistics(tasks[task], logits[task], labels[task], mask)}`` for every task in ``tasks``."""
+  missing = sorted(set(tasks) - set(logits)) or sorted(set(tasks) - set(labels))
+  if missing:
+    raise ValueError(f'logits/labels: got no entry for tasks {missing}, expected one per task in {sorted(tasks)}')
+  return {name: task_statistics(spec, logits[name], labels[name], mask) for name, spec in tasks.items()}
+
+
+def zero_statistics(task: TaskSpec) -> dict[str, np.ndarray]:
+  """Statistics of an empty set (the identity of ``accumulate``)."""
+  c = task.num_classes
+  if task.kind == 'multiclass':
+    shapes = {'correct': (), 'count': (), 'tp': (c,), 'fp': (c,), 'fn': (c,)}
+  else:
+    shapes = {k: (c,) for k in MULTILABEL_KEYS[:-1]} | {'count': ()}
+  return {k: np.zeros(s, np.int64) for k, s in shapes.items()}
+
+
+def accumulate(a, b):
+  """Element-wise sum of two statistics trees of the same structure (one task's dict, or a dict of tasks).
+  ``a = None`` returns ``b``, so a running total can start empty."""
+  if a is None:
+    return b
+  if jax.tree.structure(a) != jax.tree.structure(b):
+    raise ValueError(f'accumulate: got statistics with structures {jax.tree.structure(a)} and '
+                     f'{jax.tree.structure(b)}, expected the same structure')
+  return jax.tree.map(lambda x, y: x + y, a, b)
+
+
+def _f1(tp, fp, fn) -> np.ndarray:
+  """Per-class F1 = 2tp / (2tp + fp + fn); NaN where tp + fp + fn = 0 (undefined)."""
+  tp, fp, fn = (np.asarray(v, np.float64) for v in (tp, fp, fn))
+  denom = 2 * tp + fp + fn
+  with np.errstate(invalid='ignore', divide='ignore'):
+    return np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), np.nan)
+
+
+def _mean_defined(values: np.ndarray) -> float:
+  defined = values[~np.isnan(values)]
+  return float(defined.mean()) if defined.size else float('nan')
+
+
+def _ratio(num, den) -> float:
+  num, den = float(np.sum(num)), float(np.sum(den))
+  return num / den if den > 0 else float('nan')
+
+
+def finalize(task: TaskSpec, stats: Mapping[str, jax.Array]) -> dict[str, float]:
+  """Metrics of one task from its accumulated statistics (host-side; see the module docstring for the rules).
+
+  multiclass: ``accuracy`` = correct / count, ``macro_f1`` = mean F1 over classes with tp + fp + fn > 0, ``count``.
+  multilabel: ``accuracy`` = Σ_k correct_entries / Σ_k labelled_entries, ``mean_f1`` = mean F1 over labels with
+  tp + fp + fn > 0, ``f1_<k>`` per label (NaN when undefined), ``count``.
+  """
+  keys = MULTICLASS_KEYS if task.kind == 'multiclass' else MULTILABEL_KEYS
+  if not isinstance(stats, Mapping) or set(stats) != set(keys):
+    got = sorted(stats) if isinstance(stats, Mapping) else type(stats).__name__
+    raise ValueError(f'stats of task {task.name!r}: got keys {got}, expected {sorted(keys)} ({task.kind})')
+  stats = {k: np.asarray(v) for k, v in stats.items()}
+  f1 = _f1(stats['tp'], stats['fp'], stats['fn'])
+  if task.kind == 'multiclass':
+    return {'accuracy': _ratio(stats['correct'], stats['count']), 'macro_f1': _mean_defined(f1),
+            'count': float(stats['count'])}
+  metrics = {'accuracy': _ratio(stats['correct_entries'], stats['labelled_entries']), 'mean_f1': _mean_defined(f1),
+             'count': float(stats['count'])}
+  metrics.update({f'f1_{k}': float(v) for k, v in enumerate(f1)})
+  return metrics
+
+
+def finalize_tasks(tasks: Mapping[str, TaskSpec], stats: Mapping[str, Mapping]) -> dict[str, dict[str, float]]:
+  """``{task: finalize(tasks[task], stats[task])}`` for every task in ``tasks``."""
+  missing = sorted(set(tasks) - set(stats))
+  if missing:
+    raise ValueError(f'stats: got no entry for tasks {missing}, expected one per task in {sorted(tasks)}')
+  return {name: finalize(spec, stats[name]) for name, spec in tasks.items()}

@@ -1,0 +1,15 @@
+"""Models: shared image encoders, stateless task heads and their composition into a multi-task model.
+
+* ``encoders``: ``ENCODERS`` = {'mlp', 'cnn', 'resnet18', 'vit_tiny'}; ``build_encoder(name, **kwargs)``.
+* ``heads``: ``HEADS`` = {'linear', 'mlp'}; ``build_head(name, num_classes, **kwargs)``.
+* ``multitask``: ``MultiTaskModel(encoder, heads)`` with ``init``/``apply``/``encode``/``apply_head`` and
+  ``build_model(tasks, encoder=..., encoder_kwargs=..., head=..., head_kwargs=...)``.
+
+Models know nothing of training: losses, optimisers and the sharded step live in ``mtlmatch.train``.
+"""
+from mtlmatch.models.encoders import ENCODERS, CNNEncoder, MLPEncoder, ResNet18, ViTTiny, build_encoder
+from mtlmatch.models.heads import HEADS, LinearHead, MLPHead, build_head
+from mtlmatch.models.multitask import MultiTaskModel, build_model
+
+__all__ = ['ENCODERS', 'HEADS', 'CNNEncoder', 'LinearHead', 'MLPEncoder', 'MLPHead', 'MultiTaskModel', 'ResNet18',
+           'ViTTiny', 'build_encoder', 'build_head', 'build_model']

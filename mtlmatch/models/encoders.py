@@ -1,0 +1,278 @@
+"""Shared image encoders (Flax Linen): ``images[B, H, W, C] float32 -> features[B, D] float32``.
+
+Every encoder is called as ``encoder.apply(variables, images, train=...)`` and works on any input size (32×32,
+36×36, 28×28, even the 8×8 sklearn digits): spatial information is reduced by global average pooling (or, for the
+ViT, by pooling tokens), never by a flatten of a hard-coded size. The one exception is ``MLPEncoder``, which flattens
+the image, so its first layer's shape is fixed by the size it was initialised with.
+
+Precision: ``dtype`` is the *compute* dtype (e.g. ``jnp.bfloat16`` on GPU); parameters are always float32
+(``param_dtype``) and features are returned as float32 so losses and heads run in full precision.
+
+BatchNorm (``ResNet18`` only) uses ``use_running_average=not train`` and momentum 0.9. Batch statistics are averaged
+over *all devices* without any ``axis_name``: the train step is a ``jax.jit`` over a device mesh with the batch
+sharded on the ``'data'`` axis (global arrays), so the batch mean and variance computed inside BatchNorm are already
+reductions over the global batch — XLA inserts the cross-device all-reduce. (An ``axis_name`` is only meaningful
+under ``pmap``/``shard_map``, which mtlmatch does not use.)
+
+Usage::
+
+    enc = ResNet18(width=64, dtype=jnp.bfloat16)
+    variables = enc.init(rng, images, train=False)            # {'params': ..., 'batch_stats': ...}
+    feats, upd = enc.apply(variables, images, train=True, mutable=['batch_stats'])
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def _check_images(images, where: str) -> None:
+  if images.ndim != 4:
+    raise ValueError(f'{where} images: got shape {images.shape}, expected [B, H, W, C]')
+
+
+def _check_positive_ints(where: str, **values) -> None:
+  """Each value must be a positive int, or (for a sequence) a non-empty sequence of positive ints."""
+  for name, value in values.items():
+    is_seq = isinstance(value, (tuple, list))
+    items = tuple(value) if is_seq else (value,)
+    if not items or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in items):
+      expected = 'a non-empty sequence of positive ints' if is_seq else 'a positive int'
+      raise ValueError(f'{where}.{name}: got {value!r}, expected {expected}')
+
+
+def _construct(registry: Mapping[str, Callable[..., nn.Module]], what: str, name: str, kwargs) -> nn.Module:
+  """registry[name](**kwargs), with unknown names, unknown kwargs and bad values all raised as one ValueError."""
+  if name not in registry:
+    raise ValueError(f'{what} name: got {name!r}, expected one of {sorted(registry)}')
+  cls = registry[name]
+  allowed = sorted(f.name for f in dataclasses.fields(cls) if f.init and f.name not in ('parent', 'name'))
+  unknown = sorted(set(kwargs) - set(allowed))
+  if unknown:
+    raise ValueError(f'{what} {name!r} kwargs: got unknown {unknown}, expected a subset of {allowed}')
+  # Lists from configs become tuples: Linen modules are hashed (e.g. as static jit arguments).
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  if isinstance(kwargs.get('dtype'), str):
+    _check_dtype(f'{what} {name!r}', kwargs['dtype'])
+    kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
+  return cls(**kwargs)
+
+
+def _check_dtype(where: str, dtype) -> None:
+  try:
+    ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+  except TypeError:
+    ok = False
+  if not ok:
+    raise ValueError(f'{where}.dtype: got {dtype!r}, expected a floating dtype (float32, bfloat16, float16)')
+
+
+class MLPEncoder(nn.Module):
+  """Flatten → [Dense(h) → ReLU] for h in ``hidden``; D = hidden[-1].
+
+  The first layer's input size is fixed by the image size used at init (an MLP has no spatial pooling).
+  """
+  hidden: Sequence[int] = (512, 256)
+  dtype: Dtype = jnp.float32
+
+  def __post_init__(self):
+    _check_positive_ints('MLPEncoder', hidden=self.hidden)
+    _check_dtype('MLPEncoder', self.dtype)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    del train  # no train-dependent layers
+    _check_images(images, 'MLPEncoder')
+    x = images.reshape(images.shape[0], -1)
+    for i, h in enumerate(self.hidden):
+      x = nn.relu(nn.Dense(h, dtype=self.dtype, name=f'dense_{i}')(x))
+    return x.astype(jnp.float32)
+
+
+class CNNEncoder(nn.Module):
+  """Small conv net: for w in ``widths``: Conv3×3(w) → ReLU → MaxPool2×2; then global average pool →
+  Dense(features) → ReLU. D = ``features``. SAME pooling keeps ≥1 pixel, so even 8×8 inputs pass three blocks
+  (8→4→2→1).
+  """
+  widths: Sequence[int] = (32, 64, 128)
+  features: int = 256
+  dtype: Dtype = jnp.float32
+
+  def __post_init__(self):
+    _check_positive_ints('CNNEncoder', widths=self.widths, features=self.features)
+    _check_dtype('CNNEncoder', self.dtype)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    del train
+    _check_images(images, 'CNNEncoder')
+    x = images
+    for i, w in enumerate(self.widths):
+      x = nn.relu(nn.Conv(w, (3, 3), padding='SAME', dtype=self.dtype, name=f'conv_{i}')(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.relu(nn.Dense(self.features, dtype=self.dtype, name='dense')(x))
+    return x.astype(jnp.float32)
+
+
+class _BasicBlock(nn.Module):
+  """ResNet basic block (He et al. 2016): two 3×3 convs with BN, identity or 1×1-conv+BN shortcut."""
+  width: int
+  strides: int
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                             dtype=self.dtype)
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    # Explicit padding 1 (as in the PyTorch CIFAR ResNets): H_out = ceil(H / stride) for odd and even H alike.
+    y = conv(self.width, (3, 3), strides=self.strides, padding=1, name='conv1')(x)
+    y = nn.relu(norm(name='bn1')(y))
+    y = conv(self.width, (3, 3), padding=1, name='conv2')(y)
+    # Zero-init the last BN scale so each block starts as the identity (Goyal et al. 2017; flax imagenet example).
+    y = norm(scale_init=nn.initializers.zeros, name='bn2')(y)
+    residual = x
+    if x.shape[-1] != self.width or self.strides != 1:
+      residual = conv(self.width, (1, 1), strides=self.strides, padding='VALID', name='shortcut_conv')(x)
+      residual = norm(name='shortcut_bn')(residual)
+    return nn.relu(y + residual)
+
+
+class ResNet18(nn.Module):
+  """ResNet-18 with a CIFAR-style stem (3×3 conv, stride 1, no max-pool) and BatchNorm.
+
+  Stages of 2 basic blocks with widths ``width·(1, 2, 4, 8)`` and strides (1, 2, 2, 2), then global average pooling;
+  D = 8·width (512 for the standard width 64). BatchNorm statistics are global-batch statistics under a sharded
+  ``jax.jit`` (see the module docstring); ``train=True`` uses and updates them (momentum 0.9, so
+  running ← 0.9·running + 0.1·batch), ``train=False`` uses the running averages.
+  """
+  width: int = 64
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  dtype: Dtype = jnp.float32
+
+  def __post_init__(self):
+    _check_positive_ints('ResNet18', width=self.width, stage_sizes=self.stage_sizes)
+    _check_dtype('ResNet18', self.dtype)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    _check_images(images, 'ResNet18')
+    x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, dtype=self.dtype, name='stem_conv')(images)
+    x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype,
+                     name='stem_bn')(x)
+    x = nn.relu(x)
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for block in range(num_blocks):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = _BasicBlock(self.width * 2**stage, strides, self.dtype, name=f'stage{stage}_block{block}')(x, train=train)
+    return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+
+
+def posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10_000.) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding [1, h·w, dim] (MAE / big_vision "simple ViT"); needs dim % 4 == 0."""
+  y, x = np.mgrid[:h, :w]
+  omega = np.arange(dim // 4) / max(dim // 4 - 1, 1)
+  omega = 1. / temperature**omega
+  y = np.einsum('m,d->md', y.reshape(-1), omega)
+  x = np.einsum('m,d->md', x.reshape(-1), omega)
+  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return pe[None].astype(np.float32)
+
+
+class _TransformerBlock(nn.Module):
+  """Pre-LN transformer block: x + MHSA(LN(x)), then x + MLP(LN(x)) with GELU."""
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.LayerNorm(dtype=self.dtype, name='ln1')(x)
+    y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, deterministic=True,
+                                        kernel_init=nn.initializers.xavier_uniform(), name='attn')(y, y)
+    x = x + y
+    y = nn.LayerNorm(dtype=self.dtype, name='ln2')(x)
+    y = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+                         name='mlp_in')(y))
+    y = nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(), name='mlp_out')(y)
+    return x + y
+
+
+class ViTTiny(nn.Module):
+  """ViT-Tiny-style encoder (Dosovitskiy et al. 2021; "simple ViT" choices of Beyer et al. 2022).
+
+  Non-overlapping ``patch_size`` patches (4 gives 8×8 tokens at 32×32, 9×9 at 36×36, 7×7 at 28×28, 2×2 at 8×8; a
+  border that does not fill a whole patch is dropped) → linear embedding to ``dim`` → fixed 2-D sin-cos position
+  embedding (computed for the actual grid, so any input size works without interpolation) → ``depth`` pre-LN
+  blocks with ``num_heads`` heads → LayerNorm → pool: ``'gap'`` (mean over patch tokens, default) or ``'cls'``
+  (a learned class token). D = ``dim``. No dropout, so ``train`` has no effect.
+  """
+  patch_size: int = 4
+  dim: int = 192
+  depth: int = 4
+  num_heads: int = 3
+  mlp_dim: int | None = None  # default 4·dim
+  pool: str = 'gap'
+  dtype: Dtype = jnp.float32
+
+  def __post_init__(self):
+    _check_positive_ints('ViTTiny', patch_size=self.patch_size, dim=self.dim, depth=self.depth,
+                         num_heads=self.num_heads)
+    if self.mlp_dim is not None:
+      _check_positive_ints('ViTTiny', mlp_dim=self.mlp_dim)
+    if self.dim % self.num_heads or self.dim % 4:
+      raise ValueError(f'ViTTiny.dim: got {self.dim}, expected a multiple of num_heads={self.num_heads} and of 4 '
+                       '(sin-cos position embedding)')
+    if self.pool not in ('gap', 'cls'):
+      raise ValueError(f"ViTTiny.pool: got {self.pool!r}, expected one of ['gap', 'cls']")
+    _check_dtype('ViTTiny', self.dtype)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    del train
+    _check_images(images, 'ViTTiny')
+    p = self.patch_size
+    if images.shape[1] < p or images.shape[2] < p:
+      raise ValueError(f'ViTTiny images: got spatial size {images.shape[1:3]}, expected at least patch_size={p}')
+    x = nn.Conv(self.dim, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype, name='patch_embed')(images)
+    b, h, w, d = x.shape
+    x = x.reshape(b, h * w, d) + jnp.asarray(posemb_sincos_2d(h, w, d), x.dtype)
+    if self.pool == 'cls':
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, d), jnp.float32)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)), x], axis=1)
+    for i in range(self.depth):
+      x = _TransformerBlock(self.num_heads, self.mlp_dim or 4 * self.dim, self.dtype, name=f'block_{i}')(x)
+    x = nn.LayerNorm(dtype=self.dtype, name='ln_final')(x)
+    x = x[:, 0] if self.pool == 'cls' else jnp.mean(x, axis=1)
+    return x.astype(jnp.float32)
+
+
+ENCODERS: dict[str, type[nn.Module]] = {
+    'mlp': MLPEncoder,
+    'cnn': CNNEncoder,
+    'resnet18': ResNet18,
+    'vit_tiny': ViTTiny,
+}
+
+
+def build_encoder(name: str, **kwargs) -> nn.Module:
+  """The shared encoder ``ENCODERS[name](**kwargs)``, e.g. ``build_encoder('resnet18', width=64, dtype='bfloat16')``.
+
+  Raises one ValueError for an unknown name, an unknown keyword or a bad value.
+  """
+  return _construct(ENCODERS, 'encoder', name, kwargs)

@@ -1,0 +1,63 @@
+"""Task heads (Flax Linen): ``features[B, D] -> logits[B, C]`` in float32.
+
+Heads are stateless on purpose: no BatchNorm, no Dropout, no mutable collections, only ``'params'``. DGR (DESIGN.md
+§4) re-applies a task's head with never-trained dummy parameters, ``head.apply({'params': phi}, features)``, and
+draws those dummies from the head's own initialiser, ``head.init(rng, features)['params']``; both need a head that
+is a pure function of (params, features). Heads compute in float32: they are tiny, and the logits feed the losses.
+
+Usage::
+
+    head = MLPHead(num_classes=7, hidden=256)
+    params = head.init(rng, features)['params']
+    logits = head.apply({'params': params}, features)        # [B, 7]
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mtlmatch.models.encoders import _check_positive_ints, _construct
+
+
+class LinearHead(nn.Module):
+  """logits = f W + b, W [D, C] (LeCun-normal init), b [C] (zeros)."""
+  num_classes: int
+
+  def __post_init__(self):
+    _check_positive_ints('LinearHead', num_classes=self.num_classes)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, features):
+    return nn.Dense(self.num_classes, dtype=jnp.float32, name='out')(features.astype(jnp.float32))
+
+
+class MLPHead(nn.Module):
+  """logits = ReLU(f W₁ + b₁) W₂ + b₂ with one hidden layer of ``hidden`` units."""
+  num_classes: int
+  hidden: int = 256
+
+  def __post_init__(self):
+    _check_positive_ints('MLPHead', num_classes=self.num_classes, hidden=self.hidden)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, features):
+    x = nn.relu(nn.Dense(self.hidden, dtype=jnp.float32, name='hidden')(features.astype(jnp.float32)))
+    return nn.Dense(self.num_classes, dtype=jnp.float32, name='out')(x)
+
+
+HEADS: dict[str, type[nn.Module]] = {
+    'linear': LinearHead,
+    'mlp': MLPHead,
+}
+
+
+def build_head(name: str, num_classes: int, **kwargs) -> nn.Module:
+  """The task head ``HEADS[name](num_classes=num_classes, **kwargs)``, e.g. ``build_head('mlp', 7, hidden=128)``.
+
+  Raises one ValueError for an unknown name, an unknown keyword or a bad value.
+  """
+  if 'num_classes' in kwargs:
+    raise ValueError(f'head {name!r} kwargs: got num_classes twice, expected it only as the positional argument')
+  return _construct(HEADS, 'head', name, {'num_classes': num_classes, **kwargs})
