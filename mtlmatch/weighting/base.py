@@ -1,0 +1,207 @@
+"""The common shape of every loss-weighting / gradient method: hyper-parameters, state and the `apply` contract.
+
+A method is a frozen dataclass instance (hashable, so it can be closed over by `jax.jit`) with
+
+* ``init(num_tasks, **hparams) -> state``: a dict of arrays (orbax-checkpointable). It always holds ``'step'``
+  (int32 scalar, the number of `apply` calls so far) and, when the method has hyper-parameters, ``'hparams'``: every
+  hyper-parameter as a 0-d array (floats float32, ints int32, a choice among strings as the int32 index of the
+  choice in the spec). Keeping them in the state makes `apply` a pure function of its arguments, lets one compiled
+  step serve a sweep, and makes a restored checkpoint resume with the values it was trained with.
+* ``apply(state, grads, losses, key=None) -> (update, weights, new_state)`` with ``grads`` ``[T, P]`` (per-task
+  gradients of the shared parameters, flattened), ``losses`` ``[T]``, ``update`` ``[P]``: the direction to DESCEND,
+  scaled like the plain sum of task gradients Σ_t G_t (what EW returns), and ``weights`` ``[T]``: the effective task
+  weights (``update = weights @ grads`` for every method here).
+
+Hyper-parameters come from three places, later ones winning: the spec's defaults, the values bound by
+``get_method(name, **hparams)`` (see ``__init__``), and the keywords of ``init``. Unknown names or bad values raise
+one ``ValueError`` naming the hyper-parameter, the value and what was expected. `apply` reads them from the state
+only (so ``METHODS[name].apply`` serves a state made by any bound copy of the method).
+
+Missing labels: a task with no labelled example in the batch arrives as a zero gradient row and a zero loss. Methods
+that look at gradients call such a task *absent* (``‖G_t‖² ≤ 1e-30``), methods that only look at losses call it
+absent when ``L_t == 0``; each method's docstring says what it then does. No method divides by an unguarded norm.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, ClassVar, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+# ‖g‖² at or below this is an absent task (a zero row from missing labels); far below any float32 gradient that
+# carries signal, well above 0 so that denormal noise does not count as a task.
+ABSENT_SQ_NORM = 1e-30
+# Smallest denominator used by the safe divisions below.
+_EPS = 1e-30
+
+State = dict
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class HParam:
+  """Spec of one hyper-parameter: default, kind ('float' | 'int' | a tuple of string choices), a check and its text."""
+  default: Any
+  kind: Any
+  check: Optional[Callable[[Any], bool]] = None
+  expected: str = ''
+  doc: str = ''
+
+  def validate(self, method: str, name: str, value: Any) -> Any:
+    where = f'{method} hparam {name!r}'
+    if isinstance(self.kind, tuple):
+      if value not in self.kind:
+        raise ValueError(f'{where}: got {value!r}, expected one of {self.kind}')
+      return value
+    if self.kind == 'int':
+      ok = isinstance(value, int) and not isinstance(value, bool)
+      if not ok and hasattr(value, 'dtype') and getattr(value, 'ndim', 1) == 0 and jnp.issubdtype(value.dtype,
+                                                                                                 jnp.integer):
+        value, ok = int(value), True
+    else:
+      ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+      if not ok and hasattr(value, 'dtype') and getattr(value, 'ndim', 1) == 0:
+        value = float(value)
+        ok = math.isfinite(value)
+      value = float(value) if ok else value
+    if not ok or (self.check is not None and not self.check(value)):
+      raise ValueError(f'{where}: got {value!r}, expected {"an int" if self.kind == "int" else "a finite float"}'
+                       f'{" " + self.expected if self.expected else ""}')
+    return value
+
+  def to_array(self, value: Any) -> jax.Array:
+    if isinstance(self.kind, tuple):
+      return jnp.asarray(self.kind.index(value), jnp.int32)
+    return jnp.asarray(value, jnp.int32 if self.kind == 'int' else jnp.float32)
+
+
+def positive(expected='> 0'):
+  return dict(check=lambda v: v > 0, expected=expected)
+
+
+def non_negative(expected='>= 0'):
+  return dict(check=lambda v: v >= 0, expected=expected)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightingMethod:
+  """Base class. Subclasses set `name`, `needs_grads`, `HPARAMS` and implement `_init` and `_apply`.
+
+  ``bound`` holds the hyper-parameters bound by `get_method` as sorted ``(name, value)`` pairs (hashable).
+  """
+  bound: tuple = ()
+
+  name: ClassVar[str] = ''
+  # True when the method needs the per-task gradient matrix G (the train loop must compute the Jacobian); False
+  # when its weights depend on the losses only (update = Σ_t w_t G_t, so the loop may differentiate Σ_t w_t L_t).
+  needs_grads: ClassVar[bool] = True
+  HPARAMS: ClassVar[Mapping[str, HParam]] = {}
+
+  # ---- hyper-parameters -------------------------------------------------------------------------------------------
+  def resolve_hparams(self, **overrides) -> dict:
+    """Defaults, then bound values, then `overrides`; each validated. Unknown names raise a ValueError."""
+    unknown = sorted(set(overrides) - set(self.HPARAMS))
+    if unknown:
+      raise ValueError(f'{self.name} hparams: got unknown {unknown}, expected a subset of {sorted(self.HPARAMS)}')
+    values = {k: spec.default for k, spec in self.HPARAMS.items()}
+    values.update(dict(self.bound))
+    values.update(overrides)
+    return {k: self.HPARAMS[k].validate(self.name, k, v) for k, v in values.items()}
+
+  def bind(self, **hparams) -> 'WeightingMethod':
+    """A copy with `hparams` bound (validated); `init` then uses them unless overridden."""
+    self.resolve_hparams(**hparams)
+    merged = dict(self.bound)
+    merged.update(hparams)
+    return dataclasses.replace(self, bound=tuple(sorted(merged.items())))
+
+  def choice(self, name: str, value: str) -> int:
+    """The int32 code under which the choice `value` of hyper-parameter `name` is stored in the state."""
+    return self.HPARAMS[name].kind.index(value)
+
+  # ---- contract -----------------------------------------------------------------------------------------------------
+  def init(self, num_tasks: int, **hparams) -> State:
+    """Initial state for `num_tasks` tasks: a dict of arrays (see the module docstring)."""
+    if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
+      raise ValueError(f'{self.name}.init num_tasks: got {num_tasks!r}, expected an int >= 1')
+    hp = self.resolve_hparams(**hparams)
+    state = {'step': jnp.zeros((), jnp.int32)}
+    if hp:
+      state['hparams'] = {k: self.HPARAMS[k].to_array(v) for k, v in hp.items()}
+    state.update(self._init(num_tasks, hp))
+    return state
+
+  def apply(self, state: State, grads: jax.Array, losses: jax.Array,
+            key: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array, State]:
+    """Combine the task gradients: returns (update [P] to descend, weights [T], new state). Jittable."""
+    grads = jnp.asarray(grads)
+    losses = jnp.asarray(losses)
+    if grads.ndim != 2:
+      raise ValueError(f'{self.name}.apply grads: got shape {grads.shape}, expected [T, P]')
+    num_tasks = grads.shape[0]
+    if losses.shape != (num_tasks,):
+      raise ValueError(f'{self.name}.apply losses: got shape {losses.shape}, expected [T] = ({num_tasks},)')
+    if not isinstance(state, Mapping) or 'step' not in state:
+      raise ValueError(f'{self.name}.apply state: got {type(state).__name__} without "step", expected the dict '
+                       f'returned by init')
+    for k, v in state.items():
+      if k not in ('step', 'hparams') and getattr(v, 'ndim', 0) >= 1 and v.shape[0] != num_tasks:
+        raise ValueError(f'{self.name}.apply state[{k!r}]: got shape {v.shape}, expected leading dim T='
+                         f'{num_tasks} (state was initialised for another number of tasks)')
+    hp = state.get('hparams', {})
+    missing = sorted(set(self.HPARAMS) - set(hp))
+    if missing:
+      raise ValueError(f'{self.name}.apply state["hparams"]: got no {missing}, expected the state returned by init')
+    g32 = grads.astype(jnp.float32)
+    l32 = jax.lax.stop_gradient(losses.astype(jnp.float32))
+    weights, new = self._apply(state, hp, g32, l32, key)
+    weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
+    update = combine(weights, g32).astype(grads.dtype)
+    new = dict(new)
+    new['step'] = state['step'] + 1
+    if 'hparams' in state:
+      new['hparams'] = state['hparams']
+    return update, weights, new
+
+  # ---- to implement -------------------------------------------------------------------------------------------------
+  def _init(self, num_tasks: int, hp: dict) -> dict:
+    return {}
+
+  def _apply(self, state: State, hp: Mapping[str, jax.Array], grads: jax.Array, losses: jax.Array,
+             key: Optional[jax.Array]) -> tuple[jax.Array, dict]:
+    """Returns (weights [T], method-specific part of the new state). The update is weights @ grads."""
+    raise NotImplementedError
+
+  def _require_key(self, key):
+    if key is None:
+      raise ValueError(f'{self.name}.apply key: got None, expected a PRNG key (the method is random)')
+    return key
+
+
+# ---- shared maths -------------------------------------------------------------------------------------------------
+def combine(weights: jax.Array, grads: jax.Array) -> jax.Array:
+  """Σ_t w_t G_t in full float32 precision (TPU/GPU default matmul precision would round to bf16/tf32)."""
+  return jnp.matmul(weights, grads, precision=HIGHEST)
+
+
+def gram(grads: jax.Array) -> jax.Array:
+  """G Gᵀ [T, T] in full precision."""
+  return jnp.matmul(grads, grads.T, precision=HIGHEST)
+
+
+def present_from_sq_norms(sq_norms: jax.Array) -> jax.Array:
+  """Bool [T]: the task has a non-zero gradient row (labelled examples in the batch)."""
+  return sq_norms > ABSENT_SQ_NORM
+
+
+def present_from_losses(losses: jax.Array) -> jax.Array:
+  """Bool [T]: the task has a non-zero, finite loss (a task with no labelled example has loss exactly 0)."""
+  return (losses != 0) & jnp.isfinite(losses)
+
+
+def safe_div(num: jax.Array, den: jax.Array, fallback: float = 0.0) -> jax.Array:
+  """num / den where |den| > tiny, else `fallback`; the unused branch never produces NaN gradients."""
+  ok = jnp.abs(den) > _EPS
+  return jnp.where(ok, num / jnp.where(ok, den, 1.0), fallback)

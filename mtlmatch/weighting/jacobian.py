@@ -1,0 +1,73 @@
+"""Per-task gradients: the task Jacobian G [T, P] in one reverse pass, (un)flattening, and gradient diagnostics.
+
+    losses, G = task_jacobian(loss_fn, shared_params, batch)   # loss_fn(params, batch) -> losses [T]
+    update, weights, state = method.apply(state, G, losses, key)
+    shared_update = unflatten_grads(update, shared_params)      # same tree as shared_params
+
+G's columns follow `jax.flatten_util.ravel_pytree` order, so `flatten_grads` / `unflatten_grads` convert between a
+parameter-shaped tree and a row of G. For loss-weighting methods the Jacobian can be skipped: take
+``losses, vjp = jax.vjp(f, params)``, get the weights from the method, then ``vjp(weights)`` is Σ_t w_t ∇L_t.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from mtlmatch.weighting.base import HIGHEST, safe_div
+
+
+def flatten_grads(tree: Any) -> jax.Array:
+  """A parameter-shaped tree → one vector [P] (ravel_pytree order: leaves in tree order, each raveled)."""
+  return ravel_pytree(tree)[0]
+
+
+def unflatten_grads(vector: jax.Array, like: Any) -> Any:
+  """A vector [P] → a tree shaped (and typed) like `like`; inverse of `flatten_grads`."""
+  flat, unravel = ravel_pytree(like)
+  vector = jnp.asarray(vector)
+  if vector.shape != flat.shape:
+    raise ValueError(f'unflatten_grads vector: got shape {vector.shape}, expected {flat.shape} (the size of like)')
+  return unravel(vector)
+
+
+def flatten_task_grads(tree: Any) -> jax.Array:
+  """A tree whose leaves have a leading task axis [T, ...] → G [T, P], row t = flatten_grads(tree at task t)."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves:
+    raise ValueError('flatten_task_grads tree: got no leaves, expected arrays with a leading task axis')
+  num_tasks = leaves[0].shape[0]
+  dtype = jnp.result_type(*leaves)
+  return jnp.concatenate([jnp.reshape(leaf, (num_tasks, -1)).astype(dtype) for leaf in leaves], axis=1)
+
+
+def task_jacobian(loss_fn: Callable[..., Any], params: Any, *args, has_aux: bool = False):
+  """Per-task losses [T] and their gradients G [T, P] w.r.t. `params`, from ONE forward and one vmapped backward.
+
+  loss_fn(params, *args) -> losses [T] (or (losses, aux) with has_aux=True). `jax.jacrev` runs the forward once and
+  pulls back the T unit cotangents together (vmap of the VJP), rather than T separate `jax.grad` passes.
+  Returns (losses, G) or (losses, G, aux); G's rows are `flatten_grads` of each task's gradient tree.
+  """
+  def fn(p):
+    out = loss_fn(p, *args)
+    losses, aux = out if has_aux else (out, None)
+    losses = jnp.asarray(losses)
+    if losses.ndim != 1:
+      raise ValueError(f'task_jacobian loss_fn: returned losses of shape {losses.shape}, expected [T]')
+    return losses, (losses, aux)
+
+  jac, (losses, aux) = jax.jacrev(fn, has_aux=True)(params)
+  grads = flatten_task_grads(jac)
+  return (losses, grads, aux) if has_aux else (losses, grads)
+
+
+def cosine_similarity_matrix(grads: jax.Array) -> jax.Array:
+  """cos(G_s, G_t) [T, T] for logging; 0 for any pair involving a zero row (an absent task), 1 on other diagonals."""
+  grads = jnp.asarray(grads, jnp.float32)
+  if grads.ndim != 2:
+    raise ValueError(f'cosine_similarity_matrix grads: got shape {grads.shape}, expected [T, P]')
+  g = jnp.matmul(grads, grads.T, precision=HIGHEST)
+  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(g), 0.0))
+  return jnp.clip(safe_div(g, norms[:, None] * norms[None, :], 0.0), -1.0, 1.0)

@@ -1,0 +1,253 @@
+"""Loss-weighting methods: the update is Σ_t w_t G_t with weights from the losses (and, for GradNorm, gradient norms).
+
+EW, UW (Kendall et al. 2018), DWA (Liu et al. 2019), RLW (Lin et al. 2022), GradNorm (Chen et al. 2018) and FAMO
+(Liu et al. 2023). All follow the contract of `base.WeightingMethod`; use them through `mtlmatch.weighting`::
+
+    method = get_method('dwa', window=50)
+    state = method.init(num_tasks=3)
+    update, weights, state = method.apply(state, grads, losses, key)
+
+Except GradNorm, their weights do not depend on ``grads``: a train loop may skip the per-task Jacobian, call
+``apply(state, jnp.zeros((T, 0)), losses, key)`` for the weights and differentiate Σ_t w_t L_t (e.g. through one
+``jax.vjp`` of the per-task losses with the weights as cotangent). Absent tasks (loss exactly 0: no labelled example in
+the batch) are handled as each docstring says; their gradient row is zero, so their weight never moves the update.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from mtlmatch.weighting.base import (HParam, WeightingMethod, non_negative, positive, present_from_losses,
+                                     present_from_sq_norms, safe_div)
+
+# UW's log-variances are kept in [-S, S] so exp(-s) stays finite in float32 whatever the losses do.
+_UW_LOG_VAR_BOUND = 20.0
+# Floor of a GradNorm weight before renormalisation (weights must stay positive).
+_GRADNORM_MIN_WEIGHT = 1e-3
+# FAMO's ε inside log(ℓ + ε) and 1/(ℓ + ε), as in the authors' code.
+_FAMO_EPS = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class EW(WeightingMethod):
+  """Equal weighting: w_t = 1, update = Σ_t G_t (the baseline every other method is scaled against).
+
+  Absent tasks keep weight 1; their zero row adds nothing. State: only ``step``.
+  """
+  name: ClassVar[str] = 'ew'
+  needs_grads: ClassVar[bool] = False
+
+  def _apply(self, state, hp, grads, losses, key):
+    return jnp.ones_like(losses), {}
+
+
+@dataclasses.dataclass(frozen=True)
+class UW(WeightingMethod):
+  """Uncertainty weighting (Kendall, Gal, Cipolla, CVPR 2018, "Multi-Task Learning Using Uncertainty to Weigh Losses").
+
+  Learned log-variances s_t (state ``log_var`` [T], init 0) define the objective Σ_t exp(−s_t) L_t + s_t; the task
+  weights are w_t = exp(−s_t) (with the s of this step) and update = Σ_t w_t G_t. The method then takes its own SGD
+  step on s with the given losses: s_t ← s_t − lr · (1 − exp(−s_t) L_t), whose fixed point is s_t = log L_t (a task
+  with a larger loss gets a larger s and a smaller weight). s is clipped to [−20, 20].
+  Absent tasks (L_t = 0) keep their s (the term would otherwise drive s to −∞ and the weight to +∞).
+  hparams: lr (default 0.01).
+  """
+  name: ClassVar[str] = 'uw'
+  needs_grads: ClassVar[bool] = False
+  HPARAMS: ClassVar[Mapping[str, HParam]] = {
+      'lr': HParam(0.01, 'float', **positive(), doc='SGD step size on the log-variances'),
+  }
+
+  def _init(self, num_tasks, hp):
+    return {'log_var': jnp.zeros((num_tasks,), jnp.float32)}
+
+  def _apply(self, state, hp, grads, losses, key):
+    s = state['log_var']
+    weights = jnp.exp(-s)
+    present = present_from_losses(losses)
+    grad_s = jnp.where(present, 1.0 - weights * jnp.where(present, losses, 0.0), 0.0)
+    s_new = jnp.clip(s - hp['lr'] * grad_s, -_UW_LOG_VAR_BOUND, _UW_LOG_VAR_BOUND)
+    return weights, {'log_var': s_new}
+
+
+@dataclasses.dataclass(frozen=True)
+class DWA(WeightingMethod):
+  """Dynamic weight average (Liu, Johns, Davison, CVPR 2019, "End-to-End Multi-Task Learning with Attention").
+
+  w_t = T · exp(r_t / τ) / Σ_i exp(r_i / τ),  r_t = L̄_t(k−1) / L̄_t(k−2),
+  where L̄(k) is the average loss of window k (``window`` consecutive `apply` calls stand for the paper's epochs) and
+  τ = ``temperature`` (2 in the paper). Until two windows are complete, w = 1. Weights sum to T.
+  Window averages count only the steps where the task was present (L_t ≠ 0); a task with no present step in one of
+  the two windows gets r_t = 1. State: ``window_sum`` / ``window_count`` [T] of the open window, ``avg_last`` /
+  ``avg_before`` [T] of the last two complete windows, ``windows_done`` (int32).
+  hparams: temperature (2.0), window (100 steps).
+  """
+  name: ClassVar[str] = 'dwa'
+  needs_grads: ClassVar[bool] = False
+  HPARAMS: ClassVar[Mapping[str, HParam]] = {
+      'temperature': HParam(2.0, 'float', **positive(), doc='softmax temperature τ'),
+      'window': HParam(100, 'int', check=lambda v: v >= 1, expected='>= 1', doc='steps per averaging window'),
+  }
+
+  def _init(self, num_tasks, hp):
+    zeros = jnp.zeros((num_tasks,), jnp.float32)
+    return {'window_sum': zeros, 'window_count': zeros, 'avg_last': zeros, 'avg_before': zeros,
+            'windows_done': jnp.zeros((), jnp.int32)}
+
+  def _apply(self, state, hp, grads, losses, key):
+    num_tasks = losses.shape[0]
+    last, before = state['avg_last'], state['avg_before']
+    ok = (last > 0) & (before > 0)
+    ratio = jnp.where(ok, safe_div(last, before, 1.0), 1.0)
+    dwa = num_tasks * jax.nn.softmax(ratio / hp['temperature'])
+    weights = jnp.where(state['windows_done'] >= 2, dwa, jnp.ones_like(dwa))
+
+    present = present_from_losses(losses)
+    window_sum = state['window_sum'] + jnp.where(present, losses, 0.0)
+    window_count = state['window_count'] + present.astype(jnp.float32)
+    close = (state['step'] + 1) % hp['window'] == 0
+    avg = safe_div(window_sum, window_count, 0.0)
+    new = {
+        'window_sum': jnp.where(close, 0.0, window_sum),
+        'window_count': jnp.where(close, 0.0, window_count),
+        'avg_last': jnp.where(close, avg, last),
+        'avg_before': jnp.where(close, last, before),
+        'windows_done': state['windows_done'] + close.astype(jnp.int32),
+    }
+    return weights, new
+
+
+@dataclasses.dataclass(frozen=True)
+class RLW(WeightingMethod):
+  """Random loss weighting (Lin, Ye, Xu, Shi, Zhang, TMLR 2022, "Reasonable Effectiveness of Random Weighting").
+
+  Fresh weights every step from ``key``: w = T · softmax(ε), ε ~ N(0, I_T) (``distribution='softmax'``, the
+  paper's default), or w = T · Dirichlet(concentration · 1_T) (``'dirichlet'``). Weights are positive and sum to T
+  (the paper's sum to 1; ×T keeps the update on the scale of EW, E[w_t] = 1). Same key → same weights.
+  Absent tasks are weighted like the others (their zero row adds nothing). State: only ``step``.
+  hparams: distribution ('softmax' | 'dirichlet'), concentration (1.0, Dirichlet only).
+  """
+  name: ClassVar[str] = 'rlw'
+  needs_grads: ClassVar[bool] = False
+  HPARAMS: ClassVar[Mapping[str, HParam]] = {
+      'distribution': HParam('softmax', ('softmax', 'dirichlet')),
+      'concentration': HParam(1.0, 'float', **positive(), doc='Dirichlet concentration'),
+  }
+
+  def _apply(self, state, hp, grads, losses, key):
+    key = self._require_key(key)
+    num_tasks = losses.shape[0]
+    probs = jax.lax.cond(
+        hp['distribution'] == self.choice('distribution', 'dirichlet'),
+        lambda k: jax.random.dirichlet(k, jnp.full((num_tasks,), hp['concentration'])),
+        lambda k: jax.nn.softmax(jax.random.normal(k, (num_tasks,))),
+        key)
+    return num_tasks * probs, {}
+
+
+@dataclasses.dataclass(frozen=True)
+class GradNorm(WeightingMethod):
+  """GradNorm (Chen, Badrinarayanan, Lee, Rabinovich, ICML 2018, "GradNorm: Gradient Normalization for Adaptive Loss
+  Balancing in Deep Multitask Networks").
+
+  Learned weights w (state ``weights`` [T], init 1). With G^W_t = ‖w_t G_t‖ = w_t ‖G_t‖, Ḡ = mean_t G^W_t,
+  L̃_t = L_t / L_t(0) (loss relative to the task's first present loss, state ``initial_losses``) and
+  r_t = L̃_t / mean_i L̃_i, the weights minimise Σ_t |G^W_t − Ḡ r_t^α| with the target held constant:
+    w_t ← w_t − lr · sign(w_t ‖G_t‖ − Ḡ r_t^α) ‖G_t‖,   then w ← T · w / Σ w  (w floored at 1e-3 first).
+  A task that trains slower than the others (larger r_t) gets a larger target and its weight grows.
+  The update uses the weights of this step: Σ_t w_t G_t.
+  The paper measures ‖w_t ∇_W L_t‖ on the last shared layer W only. Here ‖G_t‖ is over whatever ``grads`` holds:
+  a train loop may pass only the last shared layer's gradients (then use the returned weights on the full
+  gradient, e.g. by differentiating Σ_t w_t L_t, rather than the returned update).
+  Absent tasks (zero row or zero loss) are left out of Ḡ and of the mean of L̃, and their weight gets no step.
+  hparams: alpha (1.5, restoring-force strength), lr (0.025).
+  """
+  name: ClassVar[str] = 'gradnorm'
+  needs_grads: ClassVar[bool] = True
+  HPARAMS: ClassVar[Mapping[str, HParam]] = {
+      'alpha': HParam(1.5, 'float', **non_negative(), doc='asymmetry α'),
+      'lr': HParam(0.025, 'float', **positive(), doc='SGD step size on the weights'),
+  }
+
+  def _init(self, num_tasks, hp):
+    return {'weights': jnp.ones((num_tasks,), jnp.float32),
+            'initial_losses': jnp.zeros((num_tasks,), jnp.float32)}
+
+  def _apply(self, state, hp, grads, losses, key):
+    num_tasks = losses.shape[0]
+    w = state['weights']
+    norms = jnp.sqrt(jnp.sum(jnp.square(grads), axis=1))
+    present = present_from_sq_norms(jnp.square(norms)) & present_from_losses(losses)
+    l0 = state['initial_losses']
+    l0 = jnp.where((l0 <= 0) & present, losses, l0)  # first present loss of each task
+    n_present = jnp.sum(present)
+    gw = w * norms
+    g_mean = safe_div(jnp.sum(jnp.where(present, gw, 0.0)), n_present)
+    rel = jnp.where(present, safe_div(losses, l0, 1.0), 0.0)
+    rel_mean = safe_div(jnp.sum(rel), n_present, 1.0)
+    r = jnp.where(present, safe_div(rel, rel_mean, 1.0), 1.0)
+    target = jax.lax.stop_gradient(g_mean * jnp.power(jnp.maximum(r, 0.0), hp['alpha']))
+    grad_w = jnp.where(present, jnp.sign(gw - target) * norms, 0.0)
+    w_new = jnp.maximum(w - hp['lr'] * grad_w, _GRADNORM_MIN_WEIGHT)
+    w_new = num_tasks * w_new / jnp.sum(w_new)
+    return w, {'weights': w_new, 'initial_losses': l0}
+
+
+@dataclasses.dataclass(frozen=True)
+class FAMO(WeightingMethod):
+  """FAMO (Liu, Liang, Chen, Liu, NeurIPS 2023, "FAMO: Fast Adaptive Multitask Optimization").
+
+  Task logits ξ (state ``logits`` [T], init 0), z = softmax(ξ). The update descends Σ_t z_t log L_t, i.e.
+    w_t = T_p · (z_t / L_t) / Σ_{s present} (z_s / L_s),   update = Σ_t w_t G_t
+  (the authors' c = Σ z/L normalisation, ×T_p = number of present tasks so that equal losses and logits give w = 1,
+  the EW update). Logit step, from the change of the log losses δ_t = log L_t(prev) − log L_t(now):
+    ξ ← Adam(ξ; ∇ = J_softmax(ξ)ᵀ δ + γ ξ)  (β = (0.9, 0.999), ε = 1e-8, L2 weight decay γ, as the authors' code),
+  so a task whose loss fell faster than the others loses weight. The authors compute L(now) by a second forward pass
+  on the same batch after the parameter step; with the (state, grads, losses) interface the step here uses the
+  previous step's losses (state ``prev_losses``) and this step's (a one-step delay, no extra pass), then forms the
+  weights with the updated logits. Losses are taken ≥ 0 with ε = 1e-8 added (min losses 0, as in the authors' code).
+  Absent tasks (L_t = 0) get weight 0 and δ_t = 0 (also when absent in the previous step); the logits do not move
+  on the first step. State also holds the Adam moments ``adam_mu``/``adam_nu`` [T] and ``adam_count``.
+  hparams: lr (0.025), weight_decay (γ, 0.01).
+  """
+  name: ClassVar[str] = 'famo'
+  needs_grads: ClassVar[bool] = False
+  HPARAMS: ClassVar[Mapping[str, HParam]] = {
+      'lr': HParam(0.025, 'float', **positive(), doc='Adam step size on the logits'),
+      'weight_decay': HParam(0.01, 'float', **non_negative(), doc='γ, L2 penalty on the logits'),
+  }
+
+  def _init(self, num_tasks, hp):
+    zeros = jnp.zeros((num_tasks,), jnp.float32)
+    return {'logits': zeros, 'prev_losses': zeros, 'adam_mu': zeros, 'adam_nu': zeros,
+            'adam_count': jnp.zeros((), jnp.int32)}
+
+  def _apply(self, state, hp, grads, losses, key):
+    xi, prev = state['logits'], state['prev_losses']
+    present = present_from_losses(losses) & (losses > 0)
+    both = present & (prev > 0)
+    log_now = jnp.log(jnp.where(present, losses, 1.0) + _FAMO_EPS)
+    log_prev = jnp.log(jnp.where(both, prev, 1.0) + _FAMO_EPS)
+    delta = jnp.where(both, log_prev - log_now, 0.0)
+    z = jax.nn.softmax(xi)
+    grad = z * (delta - jnp.dot(z, delta)) + hp['weight_decay'] * xi  # J_softmaxᵀ δ (J is symmetric) + γ ξ
+
+    count = state['adam_count'] + 1
+    mu = 0.9 * state['adam_mu'] + 0.1 * grad
+    nu = 0.999 * state['adam_nu'] + 0.001 * jnp.square(grad)
+    c = count.astype(jnp.float32)
+    step = hp['lr'] * (mu / (1 - 0.9 ** c)) / (jnp.sqrt(nu / (1 - 0.999 ** c)) + 1e-8)
+    move = jnp.any(both)
+    xi_new = jnp.where(move, xi - step, xi)
+    adam = {'adam_mu': jnp.where(move, mu, state['adam_mu']), 'adam_nu': jnp.where(move, nu, state['adam_nu']),
+            'adam_count': jnp.where(move, count, state['adam_count'])}
+
+    n_present = jnp.sum(present)
+    logit_w = jnp.where(present, xi_new - log_now, -jnp.inf)  # log(z_t / L_t) up to a constant
+    probs = jnp.where(present, jax.nn.softmax(jnp.where(n_present > 0, logit_w, 0.0)), 0.0)
+    weights = n_present.astype(jnp.float32) * probs
+    new = {'logits': xi_new, 'prev_losses': jnp.where(present, losses, 0.0), **adam}
+    return weights, new
