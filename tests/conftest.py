@@ -5,3 +5,37 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import gzip  # noqa: E402
+import pathlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def write_idx(path, array: np.ndarray) -> None:
+  """An IDX file: magic 0 0 0x08 (uint8) ndim, big-endian int32 dims, raw bytes; gzipped."""
+  header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, '>i4').tobytes()
+  with gzip.open(path, 'wb') as f:
+    f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+@pytest.fixture(scope='session')
+def fashion_idx_dir(tmp_path_factory) -> str:
+  """A tiny stand-in for Debian's Fashion-MNIST IDX files (600 train / 200 test images of 28×28)."""
+  d = tmp_path_factory.mktemp('fashion_idx')
+  rng = np.random.default_rng(0)
+  for split, n in (('train', 600), ('t10k', 200)):
+    items = np.arange(n) % 10
+    images = (rng.random((n, 28, 28)) * 60 + items[:, None, None] * 19).astype(np.uint8)
+    write_idx(d / f'{split}-images-idx3-ubyte.gz', images)
+    write_idx(d / f'{split}-labels-idx1-ubyte.gz', items.astype(np.uint8))
+  return str(d)
+
+
+@pytest.fixture(scope='session')
+def tfds_dir(tmp_path_factory) -> str:
+  """One TFDS cache for the session, so each generated dataset is prepared once."""
+  return str(tmp_path_factory.mktemp('tfds'))

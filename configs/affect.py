@@ -1,0 +1,43 @@
+"""Synthetic affect (the embedded default, no download): expressions from one source, action units from another.
+
+Tasks: ``expression`` (7-way, from source ``expressions``) and ``aus`` (17 AUs, multilabel, from source ``aus``); no
+training example is labelled for both. Relatedness: the expert prior expressions → AUs (Du et al., PNAS 2014), or
+``estimate:coannotated`` from a small co-annotated subset (``--config.objective.terms.dm.relatedness=...``).
+
+  python -m mtlmatch.main --config=configs/affect.py:dm --workdir=workdirs/affect_dm
+
+Variants (comma-separated): ``mtl``, ``dm``, ``coann``, ``dm+coann``, ``dgr`` (combine with '+'),
+``single=expression``, ``single=aus``, ``smoke``. Expected on this 2-core CPU: see README "Main job".
+"""
+from mtlmatch import config_lib
+
+RELATEDNESS = 'prior:expressions_to_aus'
+
+
+def get_config(arg=None):
+  config = config_lib.base_config()
+  config.data.name = 'synthetic_affect'
+  config.total_steps = 1500
+  config.batch_size = 128
+  config.log_every = 100
+  config.checkpoint_every = 500
+  config.encoder.name = 'cnn'
+
+  def smoke(c):
+    c.total_steps = 6
+    c.batch_size = 16
+    c.eval_batch_size = 64
+    c.log_every = 2
+    c.checkpoint_every = 3
+    c.optimizer.warmup_steps = 2
+    c.encoder.kwargs = {'widths': (8, 16), 'features': 32}
+    c.data.options = {'num_expressions': 256, 'num_aus': 128, 'num_test': 96, 'num_coannotated': 64,
+                      'coannotated_subsets': (32,)}
+
+  terms = {
+      'dm': lambda: {'dm': dict(kind='distribution_matching', weight=1.0, task_a='expression', task_b='aus',
+                                relatedness=RELATEDNESS)},
+      'coann': lambda: {'coann': dict(kind='co_annotation', weight=1.0, task_a='expression', task_b='aus',
+                                      relatedness=RELATEDNESS)},
+  }
+  return config_lib.apply_variant(config, arg, terms=terms, smoke=smoke)

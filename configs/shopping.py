@@ -1,0 +1,45 @@
+"""Shopping (Fashion-MNIST): ``item`` labelled on 1,000 images, ``group``/``attributes`` on a disjoint 50,000.
+
+The "big discrepancy in labelled data per task" setting of the distribution-matching paper: the scarce ``item`` task
+can borrow from the plentiful ``group``/``attributes`` labels through the item → group and item → attributes
+relatedness, estimated from a small co-annotated subset (``estimate:coannotated``).
+
+Needs Debian's Fashion-MNIST files (``apt-get install dataset-fashion-mnist``) or ``--config.data.options.idx_dir``.
+
+  python -m mtlmatch.main --config=configs/shopping.py:dm+coann --workdir=workdirs/shopping_dm_coann
+
+Variants: ``mtl``, ``dm``, ``coann``, ``dgr`` (combine with '+'), ``single=item``, ``single=group``,
+``single=attributes``, ``smoke``.
+"""
+from mtlmatch import config_lib
+
+RELATEDNESS = 'estimate:coannotated'
+
+
+def get_config(arg=None):
+  config = config_lib.base_config()
+  config.data.name = 'shopping'
+  config.data.options = {'num_item': 1000, 'num_group': 50000, 'num_coannotated': 1000}
+  config.total_steps = 2000
+  config.batch_size = 128
+  config.encoder.name = 'cnn'
+
+  def smoke(c):
+    c.total_steps = 6
+    c.batch_size = 16
+    c.eval_batch_size = 64
+    c.log_every = 2
+    c.checkpoint_every = 3
+    c.optimizer.warmup_steps = 2
+    c.encoder.kwargs = {'widths': (8, 16), 'features': 32}
+    c.data.options = {'num_item': 64, 'num_group': 128, 'num_coannotated': 48}
+
+  def pair_terms(kind):
+    return lambda: {f'{kind}_group': dict(kind=kind, weight=1.0, task_a='item', task_b='group',
+                                          relatedness=RELATEDNESS),
+                    f'{kind}_attributes': dict(kind=kind, weight=1.0, task_a='item', task_b='attributes',
+                                               relatedness=RELATEDNESS)}
+
+  config = config_lib.apply_variant(config, arg, terms={'dm': pair_terms('distribution_matching'),
+                                                        'coann': pair_terms('co_annotation')}, smoke=smoke)
+  return config

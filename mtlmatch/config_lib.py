@@ -1,0 +1,109 @@
+"""Shared config defaults and the variant grammar used by every file in ``configs/``.
+
+A config file defines ``get_config(arg=None)``: it starts from :func:`base_config`, sets its benchmark, tasks and
+relatedness, then calls :func:`apply_variant`. The ``arg`` after the colon is a comma-separated list of tokens:
+
+* a ``+``-joined method set from ``mtl`` (plain multi-task, equal weights), ``dm`` (distribution matching),
+  ``coann`` (soft co-annotation), ``dgr`` (dummy gradient norm regularization) — e.g. ``dm+coann+dgr``;
+* ``single=<task>`` — the single-task baseline for one task;
+* ``smoke`` — shrink everything so the run takes seconds (tests, CI).
+
+``python -m mtlmatch.main --config=configs/affect.py:dm+coann,smoke --workdir=/tmp/x``. Any key can then be
+overridden on the command line, e.g. ``--config.total_steps=300``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional
+
+import ml_collections
+
+METHOD_TOKENS = ('mtl', 'dm', 'coann', 'dgr')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 128                 # global, over all devices and hosts
+  c.eval_batch_size = 512
+  c.log_every = 100
+  c.eval_every = 0                   # 0: evaluate only at the end
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 2
+  c.nonfinite = 'halt'               # or 'skip': skip (and count) non-finite updates
+  c.tasks = ()                       # the tasks to train: () = all of the benchmark's, or a tuple of names
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = ''
+  c.data.data_dir = ml_collections.config_dict.placeholder(str)
+  c.data.seed = 0                    # generation seed of synthetic data / annotation splits
+  c.data.options = ml_collections.ConfigDict()
+  c.data.mixing = 'weights'          # or 'equal_per_task'
+  c.data.augment = False
+
+  c.encoder = ml_collections.ConfigDict({'name': 'cnn', 'kwargs': ml_collections.ConfigDict()})
+  c.head = ml_collections.ConfigDict({'name': 'linear', 'kwargs': ml_collections.ConfigDict()})
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'adam'
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.schedule = 'cosine'
+  c.optimizer.warmup_steps = 50
+  c.optimizer.final_lr_fraction = 0.01
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.momentum = 0.9
+  c.optimizer.clip_norm = 1.0
+
+  c.objective = ml_collections.ConfigDict()
+  c.objective.task_weights = ml_collections.ConfigDict()
+  c.objective.terms = ml_collections.ConfigDict()
+
+  c.weighting = ml_collections.ConfigDict()
+  c.weighting.name = 'ew'
+  c.weighting.hparams = ml_collections.ConfigDict()
+  c.weighting.terms_as_tasks = False  # DM / co-annotation: extra "tasks" for the method, or added on top
+  return c
+
+
+def dgr_term(weight: float = 0.01, num_dummies: int = 1, mode: str = 'fixed') -> dict:
+  return dict(kind='dgr', weight=weight, tasks='all', num_dummies=num_dummies, mode=mode, norm='sq_l2',
+              head='task', init_scale=1.0)
+
+
+def apply_variant(config: ml_collections.ConfigDict, arg: Optional[str], *,
+                  terms: Mapping[str, Callable[[], dict]],
+                  smoke: Callable[[ml_collections.ConfigDict], None]) -> ml_collections.ConfigDict:
+  """Applies the tokens of ``arg`` (see module docstring). ``terms`` maps 'dm'/'coann' to factories of
+  ``{term name: term config}`` (a benchmark may need several pairs, e.g. item → group and item → attributes)."""
+  for token in [t for t in (arg or '').split(',') if t]:
+    if token == 'smoke':
+      smoke(config)
+    elif token.startswith('single='):
+      config.tasks = (token[len('single='):],)
+    else:
+      parts = token.split('+')
+      unknown = [p for p in parts if p not in METHOD_TOKENS]
+      if unknown:
+        raise ValueError(f'config variant: got {token!r}, expected \'smoke\', \'single=<task>\' or a +-joined set '
+                         f'of {METHOD_TOKENS}')
+      for part in parts:
+        if part in terms:
+          config.objective.terms.update(terms[part]())
+        elif part == 'dgr':
+          config.objective.terms.dgr = dgr_term()
+        elif part != 'mtl':
+          raise ValueError(f'config variant: {part!r} is not available for this config (no task pair defined)')
+  return config
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """``'configs/affect.py:dm,smoke'`` → that file's ``get_config('dm,smoke')``, as ``--config=`` does."""
+  import importlib.util
+  import os
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ValueError(f'config file: got {path!r}, expected an existing file such as configs/affect.py')
+  module_spec = importlib.util.spec_from_file_location(f'_mtlmatch_config_{abs(hash(path))}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)

@@ -1,0 +1,44 @@
+"""Command line: ``python -m mtlmatch.main --config=configs/affect.py:dm --workdir=DIR [--config.x=y ...]``.
+
+Multi-host: add ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` on every process (each process
+reads its own slice of every source; the global batch is ``config.batch_size``).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/affect.py:dm.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, config.json and results.json.')
+flags.DEFINE_string('coordinator_address', None, 'Multi-host: HOST:PORT of process 0.')
+flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  import tensorflow as tf  # TF only feeds data: keep it off every accelerator.
+  tf.config.set_visible_devices([], 'GPU')
+  import jax
+  if FLAGS.coordinator_address or FLAGS.num_processes:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
+  from mtlmatch import train
+  logging.info('JAX devices: %d global, %d local (process %d of %d)', jax.device_count(), jax.local_device_count(),
+               jax.process_index(), jax.process_count())
+  results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if jax.process_index() == 0:
+    print(json.dumps({'step': results.get('step'), 'metrics': results.get('metrics')}, indent=1))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,277 @@
+"""The training objective, composed from ``config.objective``.
+
+An objective is the per-task losses plus any number of named regularizer *terms*::
+
+    config.objective.task_weights = {'aus': 2.0}             # default 1.0 per task
+    config.objective.terms = {
+        'dm': dict(kind='distribution_matching', weight=1.0, task_a='expression', task_b='aus',
+                   relatedness='prior:expressions_to_aus', direction='both'),
+        'coann': dict(kind='co_annotation', weight=1.0, task_a='expression', task_b='aus',
+                      relatedness='estimate:coannotated'),
+        'dgr': dict(kind='dgr', weight=0.1, tasks='all', num_dummies=1, mode='fixed'),
+    }
+
+``relatedness`` is ``'prior:<name>'`` (a table shipped in :mod:`mtlmatch.priors`), ``'estimate:<source>'``
+(estimated once, before training, from a co-annotated source with :func:`mtlmatch.losses.estimate_relatedness`), or a
+literal nested list ``[C_A][C_B]``; the train loop supplies the resolver, so this module knows no data.
+
+**Adding a regularizer** = one pure function ``fn(ctx, **options) -> scalar`` plus one entry in :data:`TERMS`. The
+function sees a :class:`Context` (features, logits, labels, task specs, this term's dummy parameters, a step key);
+its options are the term's config entry minus ``kind`` and ``weight``, checked against the function's signature.
+
+The objective returns *named, weighted* scalar losses (``task/<name>``, ``term/<name>``), so the train step can hand
+them to a weighting method as separate "tasks" or add them up (``config.weighting.terms_as_tasks``). DGR is always
+added on top of the combined gradient, as its authors do (Shin et al., ECCV 2024).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtlmatch import losses
+from mtlmatch.tasks import TaskSpec
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What a term function may read. ``logits[task]`` is [B, C]; ``labels[task]`` follows DESIGN.md §2."""
+  tasks: Mapping[str, TaskSpec]
+  features: Array                      # [B, D] shared features
+  logits: Mapping[str, Array]
+  labels: Mapping[str, Array]
+  dummies: Any                         # this term's dummy parameters ({task: stacked params}) or None
+  rng: Array                           # this step's key for this term
+
+
+def task_loss(task: TaskSpec, logits: Array, labels: Array) -> tuple[Array, Array]:
+  """The task's own per-example loss and weight: softmax CE (multiclass) or masked sigmoid CE (multilabel)."""
+  return (losses.softmax_xent if task.kind == 'multiclass' else losses.sigmoid_xent)(logits, labels)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Term functions: fn(ctx, **options) -> scalar (unweighted).
+
+def distribution_matching_term(ctx: Context, *, task_a: str, task_b: str, relatedness, direction: str = 'both',
+                               mode: str = 'bayes', stop_gradient_target: bool = False,
+                               divergence: str = 'xent') -> Array:
+  """Distribution matching between two tasks' predictions on every example (Kollias et al., AAAI 2024)."""
+  per_example, weight = losses.distribution_matching(
+      ctx.logits[task_a], ctx.logits[task_b], relatedness, b_kind=ctx.tasks[task_b].kind, direction=direction,
+      mode=mode, stop_gradient_target=stop_gradient_target, divergence=divergence)
+  return losses.masked_mean(per_example, weight)
+
+
+def co_annotation_term(ctx: Context, *, task_a: str, task_b: str, relatedness) -> Array:
+  """Soft co-annotation: one task's label becomes a soft target for the other (Kollias et al., AAAI 2024)."""
+  per_example, weight = losses.co_annotation(
+      ctx.logits[task_a], ctx.logits[task_b], ctx.labels[task_a], ctx.labels[task_b], relatedness,
+      b_kind=ctx.tasks[task_b].kind)
+  return losses.masked_mean(per_example, weight)
+
+
+def dgr_term(ctx: Context, *, heads: Mapping[str, Any], norm: str = 'sq_l2', num_dummies: int = 1,
+             mode: str = 'fixed', init_scale: float = 1.0) -> Array:
+  """Dummy Gradient norm Regularization (Shin et al., ECCV 2024), DESIGN.md §4.
+
+  R = Σ_t (1/K) Σ_k ‖∇_φ L_t(φ_t^(k); f)‖², with never-trained dummy heads φ on the shared features f; JAX
+  differentiates it exactly w.r.t. the encoder (grad of a grad). ``heads`` maps task → the dummy head module.
+  """
+  del num_dummies, mode, init_scale  # used when the dummies are drawn (Objective.draw_dummies)
+  total = jnp.zeros((), jnp.float32)
+  for task, head in heads.items():
+    total = total + losses.dummy_gradient_norm(
+        ctx.features, ctx.labels[task], ctx.dummies[task],
+        head_apply=lambda phi, f, head=head: head.apply({'params': phi}, f),
+        loss_fn=functools.partial(task_loss, ctx.tasks[task]), norm=norm)
+  return total
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preparation: validate a term's options once, outside jit, and resolve what needs data or modules.
+
+@dataclasses.dataclass(frozen=True)
+class Env:
+  """What preparation may use: the task specs, a relatedness resolver and a dummy-head builder."""
+  tasks: Mapping[str, TaskSpec]
+  resolve_relatedness: Callable[[Any, str, str], np.ndarray]   # (spec, task_a, task_b) -> R[C_A, C_B]
+  build_dummy_head: Callable[[str, str], Any]                   # (task, 'task' | 'linear') -> Linen head
+
+
+def _check_task(name: str, value, env: Env) -> str:
+  if value not in env.tasks:
+    raise ValueError(f'objective term {name!r}: got task {value!r}, expected one of the trained tasks '
+                     f'{list(env.tasks)}')
+  return value
+
+
+def _prepare_pair(name: str, options: dict, env: Env) -> dict:
+  for key in ('task_a', 'task_b'):
+    if key not in options:
+      raise ValueError(f'objective term {name!r}: missing option {key!r} (expected a task name from '
+                       f'{list(env.tasks)})')
+    _check_task(name, options[key], env)
+  if env.tasks[options['task_a']].kind != 'multiclass':
+    raise ValueError(f'objective term {name!r}: task_a={options["task_a"]!r} is '
+                     f'{env.tasks[options["task_a"]].kind}, expected a multiclass task')
+  if options['task_a'] == options['task_b']:
+    raise ValueError(f'objective term {name!r}: task_a and task_b are both {options["task_a"]!r}, expected two '
+                     'different tasks')
+  if 'relatedness' not in options:
+    raise ValueError(f'objective term {name!r}: missing option \'relatedness\' (expected \'prior:<name>\', '
+                     '\'estimate:<source>\' or a nested list [C_A][C_B])')
+  task_a, task_b = env.tasks[options['task_a']], env.tasks[options['task_b']]
+  table = env.resolve_relatedness(options['relatedness'], task_a.name, task_b.name)
+  try:
+    table = losses.validate_relatedness(table, b_kind=task_b.kind, num_classes_a=task_a.num_classes,
+                                        num_classes_b=task_b.num_classes)
+  except ValueError as e:
+    raise ValueError(f'objective term {name!r} (relatedness={_short(options["relatedness"])}): {e}') from None
+  return {**options, 'relatedness': jnp.asarray(table)}
+
+
+def _prepare_dgr(name: str, options: dict, env: Env) -> dict:
+  tasks = options.pop('tasks', 'all')
+  tasks = list(env.tasks) if tasks == 'all' else [_check_task(name, t, env) for t in _as_list(tasks)]
+  if not tasks:
+    raise ValueError(f'objective term {name!r}: got tasks=[], expected \'all\' or a non-empty list of tasks')
+  head = options.pop('head', 'task')
+  if head not in ('task', 'linear'):
+    raise ValueError(f'objective term {name!r}: got head={head!r}, expected \'task\' (the task head\'s '
+                     'architecture) or \'linear\'')
+  k = options.get('num_dummies', 1)
+  if not isinstance(k, int) or k < 1:
+    raise ValueError(f'objective term {name!r}: got num_dummies={k!r}, expected an int >= 1')
+  if options.get('mode', 'fixed') not in ('fixed', 'resample'):
+    raise ValueError(f'objective term {name!r}: got mode={options["mode"]!r}, expected \'fixed\' or \'resample\'')
+  if not options.get('init_scale', 1.0) > 0:
+    raise ValueError(f'objective term {name!r}: got init_scale={options["init_scale"]!r}, expected > 0')
+  if options.get('norm', 'sq_l2') not in ('sq_l2', 'l2'):
+    raise ValueError(f'objective term {name!r}: got norm={options["norm"]!r}, expected \'sq_l2\' or \'l2\'')
+  return {**options, 'heads': {t: env.build_dummy_head(t, head) for t in tasks}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+  fn: Callable[..., Array]
+  prepare: Callable[[str, dict, Env], dict] = lambda name, options, env: options
+  has_dummies: bool = False
+
+
+TERMS: dict[str, Term] = {
+    'distribution_matching': Term(distribution_matching_term, _prepare_pair),
+    'co_annotation': Term(co_annotation_term, _prepare_pair),
+    'dgr': Term(dgr_term, _prepare_dgr, has_dummies=True),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class BoundTerm:
+  name: str
+  kind: str
+  weight: float
+  options: Mapping[str, Any]
+
+  @property
+  def term(self) -> Term:
+    return TERMS[self.kind]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """Per-task losses + weighted terms. Call it on model outputs to get ``{loss name: weighted scalar}``."""
+  tasks: Mapping[str, TaskSpec]
+  task_weights: Mapping[str, float]
+  terms: tuple[BoundTerm, ...]
+
+  def __call__(self, outputs: Mapping[str, Any], labels: Mapping[str, Array], *, dummies: Mapping[str, Any],
+               rng: Array) -> dict[str, Array]:
+    named = {}
+    for name, task in self.tasks.items():
+      per_example, weight = task_loss(task, outputs['logits'][name], labels[name])
+      named[f'task/{name}'] = self.task_weights[name] * losses.masked_mean(per_example, weight)
+    for i, bound in enumerate(self.terms):
+      ctx = Context(self.tasks, outputs['features'], outputs['logits'], labels, dummies.get(bound.name),
+                    jax.random.fold_in(rng, i))
+      named[f'term/{bound.name}'] = bound.weight * bound.term.fn(ctx, **bound.options)
+    return named
+
+  @property
+  def dummy_terms(self) -> tuple[BoundTerm, ...]:
+    return tuple(b for b in self.terms if b.term.has_dummies)
+
+  def draw_dummies(self, rng: Array, features: Array, *, mode: str) -> dict[str, Any]:
+    """K dummy parameter sets per task for every DGR term of the given ``mode`` ('fixed' or 'resample')."""
+    out = {}
+    for i, bound in enumerate(self.dummy_terms):
+      if bound.options.get('mode', 'fixed') != mode:
+        continue
+      keys = jax.random.split(jax.random.fold_in(rng, i), len(bound.options['heads']))
+      out[bound.name] = {
+          task: losses.init_dummy_params(head, key, features, num_dummies=bound.options.get('num_dummies', 1),
+                                         scale=bound.options.get('init_scale', 1.0))
+          for key, (task, head) in zip(keys, bound.options['heads'].items())}
+    return out
+
+  def additive_names(self, terms_as_tasks: bool) -> tuple[str, ...]:
+    """Loss names added on top of the weighted combination (DGR always; DM/co-annotation unless as tasks)."""
+    return tuple(f'term/{b.name}' for b in self.terms if b.term.has_dummies or not terms_as_tasks)
+
+
+def build_objective(config: Mapping[str, Any], env: Env) -> Objective:
+  """Validates ``config.objective`` against the tasks and resolves every term (once, outside jit)."""
+  config = dict(config or {})
+  unknown = set(config) - {'task_weights', 'terms'}
+  if unknown:
+    raise ValueError(f'config.objective: unknown keys {sorted(unknown)}, expected task_weights and terms')
+  task_weights = dict(config.get('task_weights') or {})
+  for task, w in task_weights.items():
+    if task not in env.tasks:
+      raise ValueError(f'config.objective.task_weights: got task {task!r}, expected one of {list(env.tasks)}')
+    if not (isinstance(w, (int, float)) and np.isfinite(w) and w >= 0):
+      raise ValueError(f'config.objective.task_weights.{task}: got {w!r}, expected a finite number >= 0')
+  task_weights = {t: float(task_weights.get(t, 1.0)) for t in env.tasks}
+  bound = []
+  for name, term_config in dict(config.get('terms') or {}).items():
+    options = dict(term_config)
+    kind = options.pop('kind', None)
+    if kind not in TERMS:
+      raise ValueError(f'config.objective.terms.{name}.kind: got {kind!r}, expected one of {sorted(TERMS)}')
+    weight = options.pop('weight', 1.0)
+    if not (isinstance(weight, (int, float)) and np.isfinite(weight) and weight >= 0):
+      raise ValueError(f'config.objective.terms.{name}.weight: got {weight!r}, expected a finite number >= 0')
+    options = {k: _plain(v) for k, v in options.items()}
+    accepted = set(inspect.signature(TERMS[kind].fn).parameters) - {'ctx', 'heads'}
+    accepted |= {'tasks', 'head'} if TERMS[kind].has_dummies else set()
+    if set(options) - accepted:
+      raise ValueError(f'config.objective.terms.{name}: unknown options {sorted(set(options) - accepted)} for '
+                       f'kind {kind!r}, expected some of {sorted(accepted)}')
+    bound.append(BoundTerm(name, kind, float(weight), TERMS[kind].prepare(name, options, env)))
+  return Objective(dict(env.tasks), task_weights, tuple(bound))
+
+
+def _plain(value):
+  """ConfigDict/tuple values → plain Python containers."""
+  if hasattr(value, 'to_dict'):
+    return value.to_dict()
+  if isinstance(value, tuple):
+    return [_plain(v) for v in value]
+  return value
+
+
+def _as_list(value) -> list:
+  return [value] if isinstance(value, str) else list(value)
+
+
+def _short(value) -> str:
+  text = repr(value)
+  return text if len(text) < 60 else text[:57] + '...'

@@ -1,0 +1,477 @@
+"""The one train loop: ``train_and_evaluate(config, workdir)``.
+
+Reads top to bottom: build sources → (estimate relatedness) → model → objective → state → restore if a checkpoint
+exists → loop (train step, log, checkpoint, eval) → final eval → results.json.
+
+The train step is a pure function ``(state, batch) -> (state, metrics)``, jitted over a 1-D device mesh with the
+global batch sharded on the ``data`` axis and the state replicated (the data-parallel step; XLA inserts the
+cross-device reductions, so losses, gradients and BatchNorm statistics are over the global batch and the result does
+not depend on the number of devices or hosts). The state is donated; randomness is ``fold_in(state.rng, step)``.
+
+Gradients: the objective yields a vector of named losses ``[T']`` (tasks, plus DM/co-annotation terms when
+``config.weighting.terms_as_tasks``) and an additive part (DGR always; the other terms otherwise). One forward pass
+gives a VJP; a loss-weighting method (EW, UW, DWA, RLW, FAMO) needs one backward pass with its weights as cotangent, a
+gradient method (MGDA, PCGrad, CAGrad, Nash-MTL, IMTL, Aligned-MTL, GradNorm) gets the per-loss Jacobian rows from the
+same VJP, vmapped, combines the shared-encoder rows, and gives every head the sum of its rows (a head only receives
+gradient from the losses that use it). The additive part's gradient is added on top of the combined gradient.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Mapping, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metric_writers
+from jax.flatten_util import ravel_pytree
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mtlmatch import checkpoint as ckpt_lib
+from mtlmatch import data as data_lib
+from mtlmatch import evaluate
+from mtlmatch import losses
+from mtlmatch import models
+from mtlmatch import objective as objective_lib
+from mtlmatch import priors
+from mtlmatch import weighting
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array                 # int32 scalar: steps taken = the data position
+  params: Any                     # {'encoder': ..., 'heads': {task: ...}}
+  batch_stats: Any                # BatchNorm statistics ({} for encoders without BN)
+  opt_state: Any
+  weighting_state: Any            # explicit state of the weighting method
+  dummy_params: Any               # fixed DGR dummy heads {term: {task: stacked params}}, never trained
+  rng: jax.Array                  # base key; each step uses fold_in(rng, step)
+  skipped: jax.Array              # int32 count of non-finite updates skipped (config.nonfinite='skip')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks, each a small pure function of the config.
+
+def make_mesh() -> jax.sharding.Mesh:
+  # Auto axes: the grad-of-grad (DGR) step fails with Explicit axes (DESIGN.md §8).
+  return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """adam / adamw / sgd (+momentum) with linear warmup + cosine decay and optional global-norm clipping."""
+  opt = config.optimizer
+  if opt.schedule == 'cosine':
+    lr = optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, opt.warmup_steps,
+                                            max(config.total_steps, opt.warmup_steps + 1),
+                                            end_value=opt.learning_rate * opt.final_lr_fraction)
+  elif opt.schedule == 'constant':
+    lr = optax.join_schedules([optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps),
+                               optax.constant_schedule(opt.learning_rate)], [opt.warmup_steps])
+  else:
+    raise ValueError(f'config.optimizer.schedule: got {opt.schedule!r}, expected \'cosine\' or \'constant\'')
+  if opt.name == 'adam':
+    base = optax.adam(lr)
+  elif opt.name == 'adamw':
+    base = optax.adamw(lr, weight_decay=opt.weight_decay)
+  elif opt.name == 'sgd':
+    base = optax.sgd(lr, momentum=opt.momentum or None, nesterov=bool(opt.get('nesterov', False)))
+  else:
+    raise ValueError(f'config.optimizer.name: got {opt.name!r}, expected one of [\'adam\', \'adamw\', \'sgd\']')
+  return optax.chain(optax.clip_by_global_norm(opt.clip_norm), base) if opt.clip_norm else base
+
+
+def select_tasks(benchmark: data_lib.Benchmark, names) -> data_lib.Benchmark:
+  """Restricts a benchmark to the trained tasks (e.g. a single-task baseline); sources keep only those tasks and a
+  source left with none is dropped."""
+  names = list(names or benchmark.tasks)
+  for name in names:
+    if name not in benchmark.tasks:
+      raise ValueError(f'config.tasks: got task {name!r}, expected names from benchmark {benchmark.name!r}: '
+                       f'{list(benchmark.tasks)}')
+
+  def keep(sources):
+    kept = (dataclasses.replace(s, tasks=tuple(t for t in s.tasks if t in names)) for s in sources
+            if set(s.tasks) & set(names))
+    return {s.name: s for s in kept}
+
+  return dataclasses.replace(benchmark, tasks={n: benchmark.tasks[n] for n in names},
+                             train_sources=tuple(keep(benchmark.train_sources).values()),
+                             eval_sources=tuple(keep(benchmark.eval_sources).values()),
+                             aux_sources=keep(benchmark.aux_sources.values()))
+
+
+def make_relatedness_resolver(benchmark: data_lib.Benchmark, log: dict):
+  """``(spec, task_a, task_b) -> R``: 'prior:<name>', 'estimate:<source>' or a literal nested list."""
+  def resolve(spec, task_a: str, task_b: str) -> np.ndarray:
+    ta, tb = benchmark.tasks[task_a], benchmark.tasks[task_b]
+    if isinstance(spec, str) and spec.startswith('prior:'):
+      prior = priors.load_prior(spec[len('prior:'):])
+      if (prior.task_a.num_classes, prior.task_b.num_classes) != (ta.num_classes, tb.num_classes):
+        raise ValueError(f'relatedness {spec!r}: the prior relates {prior.task_a.num_classes} x '
+                         f'{prior.task_b.num_classes} classes, expected {ta.num_classes} x {tb.num_classes} for '
+                         f'tasks {task_a!r} -> {task_b!r}')
+      table = prior.relatedness
+    elif isinstance(spec, str) and spec.startswith('estimate:'):
+      name = spec[len('estimate:'):]
+      sources = {**{s.name: s for s in benchmark.train_sources}, **dict(benchmark.aux_sources)}
+      if name not in sources:
+        raise ValueError(f'relatedness {spec!r}: no source {name!r}, expected one of {sorted(sources)}')
+      labels = data_lib.source_labels(sources[name], benchmark.tasks)
+      table = losses.estimate_relatedness(labels[task_a], labels[task_b], num_classes_a=ta.num_classes,
+                                          num_classes_b=tb.num_classes, b_kind=tb.kind)
+    elif isinstance(spec, (list, tuple, np.ndarray)):
+      table = np.asarray(spec, np.float32)
+    else:
+      raise ValueError(f'relatedness: got {spec!r}, expected \'prior:<name>\' (one of '
+                       f'{priors.available_priors()}), \'estimate:<source>\' or a nested list [C_A][C_B]')
+    log[f'{task_a}->{task_b} ({spec if isinstance(spec, str) else "literal"})'] = np.asarray(table).tolist()
+    return np.asarray(table, np.float32)
+  return resolve
+
+
+def init_state(model, objective, method, tx, num_combined: int, image_shape, rng) -> TrainState:
+  init_rng, dummy_rng, state_rng = jax.random.split(rng, 3)
+  images = jnp.zeros((2, *image_shape), jnp.float32)
+  variables = model.init(init_rng, images)
+  params = variables['params']
+  features, _ = model.encode(variables, images, train=False)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get('batch_stats', {}),
+      opt_state=tx.init(params), weighting_state=method.init(num_combined),
+      dummy_params=objective.draw_dummies(dummy_rng, features, mode='fixed'), rng=state_rng,
+      skipped=jnp.zeros((), jnp.int32))
+
+
+def loss_names(objective: objective_lib.Objective, config) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(names of the losses the weighting method combines, names added on top)."""
+  additive = objective.additive_names(config.weighting.terms_as_tasks)
+  combined = tuple([f'task/{t}' for t in objective.tasks] +
+                   [f'term/{b.name}' for b in objective.terms if f'term/{b.name}' not in additive])
+  return combined, additive
+
+
+def train_step(state: TrainState, batch: Mapping[str, Any], *, model, objective, tx, method, gradient_method: bool,
+               combined: tuple[str, ...], additive: tuple[str, ...], skip_nonfinite: bool):
+  """One data-parallel step. Pure: ``(state, batch) -> (state, metrics)``; metrics stay on device."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  dummy_rng, term_rng, method_rng = jax.random.split(rng, 3)
+
+  def loss_rows(params):
+    outputs, batch_stats = model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['image'],
+                                       train=True)
+    resampled = objective.draw_dummies(dummy_rng, jax.lax.stop_gradient(outputs['features']), mode='resample')
+    named = objective(outputs, batch['labels'], dummies={**state.dummy_params, **resampled}, rng=term_rng)
+    extra = sum((named[n] for n in additive), jnp.zeros((), jnp.float32))
+    return jnp.stack([named[n] for n in combined] + [extra]), (named, batch_stats)
+
+  rows, vjp_fn, (named, batch_stats) = jax.vjp(loss_rows, state.params, has_aux=True)
+  task_losses = rows[:-1]
+  if gradient_method:
+    jac = jax.vmap(vjp_fn)(jnp.eye(rows.shape[0], dtype=rows.dtype))[0]   # leaves [T'+1, ...]
+    flat_rows = jax.vmap(lambda tree: ravel_pytree(tree)[0])(jac['encoder'])
+    unravel = ravel_pytree(state.params['encoder'])[1]
+    update, weights, weighting_state = method.apply(state.weighting_state, flat_rows[:-1], task_losses, method_rng)
+    grads = {'encoder': unravel(update + flat_rows[-1]), 'heads': jax.tree.map(lambda g: g.sum(0), jac['heads'])}
+    cosine = weighting.cosine_similarity_matrix(flat_rows[:-1])
+  else:
+    # The weights of loss-weighting methods depend on losses and state only: G is not needed (a [T, 1] stand-in).
+    _, weights, weighting_state = method.apply(
+        state.weighting_state, jnp.zeros((task_losses.shape[0], 1), rows.dtype), task_losses, method_rng)
+    grads = vjp_fn(jnp.concatenate([jax.lax.stop_gradient(weights), jnp.ones((1,), rows.dtype)]))[0]
+    cosine = None
+  total = jnp.dot(jax.lax.stop_gradient(weights), task_losses) + rows[-1]
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            batch_stats=batch_stats, opt_state=opt_state, weighting_state=weighting_state)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+  if skip_nonfinite:
+    # Keep everything but the step (and the data position) when this update is non-finite.
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                             state.replace(step=state.step + 1, skipped=state.skipped + 1))
+  metrics = {'loss': total, 'grad_norm': grad_norm, 'param_norm': optax.tree.norm(new_state.params),
+             'finite': finite, 'skipped': new_state.skipped,
+             **{f'loss/{n}': v for n, v in named.items()},
+             **{f'weight/{n}': w for n, w in zip(combined, weights)}}
+  if cosine is not None:
+    for i, a in enumerate(combined):
+      for j in range(i + 1, len(combined)):
+        metrics[f'cosine/{a}|{combined[j]}'] = cosine[i, j]
+  return new_state, metrics
+
+
+def eval_step(params, batch_stats, batch, *, model, tasks):
+  """Additive metric statistics of one (padded) eval batch; summed over the global batch."""
+  outputs, _ = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'], train=False)
+  return {name: evaluate.task_statistics(task, outputs['logits'][name], batch['labels'][name], batch['mask'])
+          for name, task in tasks.items()}
+
+
+def run_eval(eval_fn, state, benchmark, config, sharding) -> dict:
+  """Metrics per eval source and over all eval sources together, every test example counted exactly once."""
+  per_source, totals = {}, None
+  for source in benchmark.eval_sources:
+    stats = None
+    for batch in data_lib.eval_iterator(source, benchmark.tasks, global_batch_size=config.eval_batch_size,
+                                        sharding=sharding):
+      batch_stats = jax.device_get(eval_fn(state.params, state.batch_stats, batch))
+      stats = batch_stats if stats is None else evaluate.accumulate(stats, batch_stats)
+    if stats is None:
+      continue
+    per_source[source.name] = {t: evaluate.finalize(benchmark.tasks[t], s) for t, s in stats.items()}
+    totals = stats if totals is None else evaluate.accumulate(totals, stats)
+  metrics = {t: evaluate.finalize(benchmark.tasks[t], s) for t, s in (totals or {}).items()}
+  return {'metrics': metrics, 'per_source': per_source}
+
+
+class _Preemption:
+  """Turns SIGTERM (what a preempted cloud VM receives) into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not in the main thread (e.g. a notebook worker): no preemption handling
+      self._previous = None
+    return self
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _health_error(step: int, metrics: Mapping[str, Any]) -> str:
+  bad = [k for k, v in metrics.items() if k.startswith('loss/') and not np.all(np.isfinite(v))]
+  what = (f'term {bad[0][len("loss/"):]!r} = {metrics[bad[0]]}' if bad else
+          f'loss = {metrics["loss"]}, grad_norm = {metrics["grad_norm"]}')
+  return (f'non-finite training at step {step}: {what}. The last good checkpoint is kept; lower the learning '
+          'rate, check the inputs, or set config.nonfinite=\'skip\' to skip such updates.')
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+  return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything a config determines besides the train state: sources, model, objective, optimizer, weighting
+  method and the compiled step functions over ``mesh``."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  benchmark: data_lib.Benchmark
+  model: models.MultiTaskModel
+  objective: objective_lib.Objective
+  method: Any
+  tx: optax.GradientTransformation
+  relatedness: dict                  # the resolved tables, for the record
+  step_fn: Any                       # jitted (state, batch) -> (state, metrics), state donated
+  eval_fn: Any                       # jitted (params, batch_stats, batch) -> metric statistics
+
+  @property
+  def data_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P('data'))
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  def init_state(self) -> TrainState:
+    """The fresh train state, created directly with a replicated sharding (works across hosts)."""
+    combined, _ = loss_names(self.objective, self.config)
+    return jax.jit(functools.partial(init_state, self.model, self.objective, self.method, self.tx, len(combined),
+                                     self.benchmark.image_shape),
+                   out_shardings=self.replicated)(jax.random.PRNGKey(self.config.seed))
+
+  def train_batches(self, start_step: int):
+    return data_lib.train_iterator(self.benchmark, global_batch_size=self.config.batch_size, seed=self.config.seed,
+                                   start_step=start_step, sharding=self.data_sharding,
+                                   mixing=self.config.data.mixing, augment=self.config.data.augment)
+
+
+def build_experiment(config: ml_collections.ConfigDict, mesh: Optional[jax.sharding.Mesh] = None) -> Experiment:
+  """Validates ``config`` and builds sources → (relatedness) → model → objective → optimizer → step functions."""
+  config = ml_collections.ConfigDict(config)
+  validate_config(config)
+  mesh = mesh or make_mesh()
+  if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
+    raise ValueError(f'config.batch_size={config.batch_size} / eval_batch_size={config.eval_batch_size}: expected '
+                     f'multiples of the device count {mesh.size}')
+  data_sharding, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
+  benchmark = select_tasks(data_lib.get_benchmark(config.data.name, data_dir=config.data.data_dir,
+                                                  seed=config.data.seed, **config.data.options), config.tasks)
+  model = models.build_model(benchmark.tasks, encoder=config.encoder.name, encoder_kwargs=dict(config.encoder.kwargs),
+                             head=config.head.name, head_kwargs=dict(config.head.kwargs))
+  relatedness = {}
+  env = objective_lib.Env(
+      benchmark.tasks, make_relatedness_resolver(benchmark, relatedness),
+      lambda task, kind: model.heads[task] if kind == 'task' else models.build_head(
+          'linear', benchmark.tasks[task].num_classes))
+  objective = objective_lib.build_objective(config.objective.to_dict(), env)
+  combined, additive = loss_names(objective, config)
+  method = weighting.get_method(config.weighting.name, **config.weighting.hparams)
+  tx = make_optimizer(config)
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, objective=objective, tx=tx, method=method,
+                        gradient_method=weighting.is_gradient_method(config.weighting.name), combined=combined,
+                        additive=additive, skip_nonfinite=config.nonfinite == 'skip'),
+      in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated), donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, model=model, tasks=benchmark.tasks),
+                    in_shardings=(replicated, replicated, data_sharding), out_shardings=replicated)
+  return Experiment(config, mesh, benchmark, model, objective, method, tx, relatedness, step_fn, eval_fn)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_at: Optional[int] = None) -> dict:
+  """Trains ``config`` in ``workdir`` (resuming from its checkpoints) and returns the final results dict.
+
+  ``stop_at``: checkpoint and return after that step, as a preemption would (to cut a long run into jobs of bounded
+  length; the next call resumes exactly where this one stopped).
+  """
+  t_start = time.time()
+  is_main = jax.process_index() == 0
+  # 1-2. Sources, relatedness, model, objective, compiled steps (all validation happens here, before any write).
+  exp = build_experiment(config)
+  config, benchmark = exp.config, exp.benchmark
+
+  # 3. State: fresh initialisation, replaced by the newest restorable checkpoint in the workdir if there is one.
+  _check_workdir(workdir)
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  state = exp.init_state()
+  restored = checkpointer.restore_latest(
+      ckpt_lib.abstract_like(state),
+      check_meta=lambda meta: ckpt_lib.check_config_drift(meta['config'], json.loads(config.to_json_best_effort())))
+  if restored is not None:
+    state = restored[0]
+    logging.info('Resumed from step %d in %s', int(state.step), workdir)
+  start_step = int(state.step)
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+    if exp.relatedness:
+      with open(os.path.join(workdir, 'relatedness.json'), 'w') as f:
+        json.dump(exp.relatedness, f, indent=1)
+  step_fn, eval_fn = exp.step_fn, exp.eval_fn
+
+  # 5. The loop.
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main, asynchronous=False)
+  batches = exp.train_batches(start_step)
+
+  def save(step):
+    checkpointer.save(step, state, {'step': step, 'data_position': {'start_step': step},
+                                    'config': json.loads(config.to_json_best_effort())})
+
+  t_loop, step, results = time.time(), start_step, None
+  with _Preemption() as preemption:
+    while step < config.total_steps:
+      state, metrics = step_fn(state, next(batches))
+      step += 1
+      log_now = step % config.log_every == 0 or step == config.total_steps
+      interrupted = preemption.requested or step == stop_at
+      ckpt_now = step % config.checkpoint_every == 0 or step == config.total_steps or interrupted
+      if log_now or ckpt_now:
+        fetched = jax.device_get(metrics)   # health scalars leave the device only here
+        if not (fetched['finite'] and np.isfinite(fetched['param_norm'])) and config.nonfinite == 'halt':
+          checkpointer.close()
+          raise FloatingPointError(_health_error(step, fetched))
+        if log_now:
+          rate = (step - start_step) / max(time.time() - t_loop, 1e-9)
+          writer.write_scalars(step, {**_scalars(fetched), 'steps_per_sec': rate})
+          logging.info('step %d/%d  loss %.4f  %.2f steps/s  ETA %s', step, config.total_steps, fetched['loss'],
+                       rate, _eta((config.total_steps - step) / max(rate, 1e-9)))
+        if ckpt_now:
+          save(step)
+      if interrupted and step < config.total_steps:
+        logging.warning('%s: checkpoint saved at step %d; stopping so the run can resume.',
+                        'SIGTERM received' if preemption.requested else f'stop_at={stop_at}', step)
+        checkpointer.close()
+        writer.flush()
+        return {'step': step, 'interrupted': True}
+      if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
+        evaluation = run_eval(eval_fn, state, benchmark, config, exp.data_sharding)
+        writer.write_scalars(step, {f'eval/{t}/{m}': v for t, ms in evaluation['metrics'].items()
+                                    for m, v in ms.items() if np.ndim(v) == 0})
+
+  # 6. Final evaluation and results.
+  if step > start_step or not os.path.exists(os.path.join(workdir, 'results.json')):
+    evaluation = run_eval(eval_fn, state, benchmark, config, exp.data_sharding)
+    results = {'step': step, 'wall_time_s': time.time() - t_start, **evaluation}
+    writer.write_scalars(step, {f'eval/{t}/{m}': v for t, ms in evaluation['metrics'].items()
+                                for m, v in ms.items() if np.ndim(v) == 0})
+    if is_main:
+      with open(os.path.join(workdir, 'results.json'), 'w') as f:
+        json.dump(results, f, indent=1, default=_jsonable)
+  else:
+    with open(os.path.join(workdir, 'results.json')) as f:
+      results = json.load(f)
+  writer.flush()
+  checkpointer.close()
+  return results
+
+
+def _eta(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def _jsonable(value):
+  if isinstance(value, (np.ndarray, jax.Array)):
+    return np.asarray(value).tolist()
+  if isinstance(value, np.generic):
+    return value.item()
+  raise TypeError(f'not JSON serialisable: {type(value)}')
+
+
+def _check_workdir(workdir: str) -> None:
+  """A clear error before training when the workdir cannot be written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_probe')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f'workdir {workdir!r}: cannot write there ({e.strerror}); expected a writable directory with '
+                     'free space') from None
+
+
+REQUIRED_KEYS = ('seed', 'total_steps', 'batch_size', 'eval_batch_size', 'log_every', 'eval_every',
+                 'checkpoint_every', 'keep_checkpoints', 'data', 'tasks', 'encoder', 'head', 'optimizer', 'objective',
+                 'weighting', 'nonfinite')
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Top-level checks of the config, before anything is built or written."""
+  for key in REQUIRED_KEYS:
+    if key not in config:
+      raise ValueError(f'config.{key}: missing, expected it to be set (see configs/affect.py for a full config)')
+  for key in ('total_steps', 'batch_size', 'eval_batch_size', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
+    if not isinstance(config[key], int) or config[key] < 1:
+      raise ValueError(f'config.{key}: got {config[key]!r}, expected an int >= 1')
+  if not isinstance(config.eval_every, int) or config.eval_every < 0:
+    raise ValueError(f'config.eval_every: got {config.eval_every!r}, expected an int >= 0 (0 = only at the end)')
+  if config.nonfinite not in ('halt', 'skip'):
+    raise ValueError(f'config.nonfinite: got {config.nonfinite!r}, expected \'halt\' or \'skip\'')
+  if config.encoder.name not in models.ENCODERS:
+    raise ValueError(f'config.encoder.name: got {config.encoder.name!r}, expected one of {sorted(models.ENCODERS)}')
+  if config.head.name not in models.HEADS:
+    raise ValueError(f'config.head.name: got {config.head.name!r}, expected one of {sorted(models.HEADS)}')
+  if config.weighting.name not in weighting.METHODS:
+    raise ValueError(f'config.weighting.name: got {config.weighting.name!r}, expected one of '
+                     f'{sorted(weighting.METHODS)}')

@@ -1,0 +1,163 @@
+"""The train loop end to end: smoke runs, 1 vs 8 devices, no recompiles, resume, SIGTERM, config errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from mtlmatch import checkpoint as ckpt_lib
+from mtlmatch import config_lib
+from mtlmatch import train
+
+
+def smoke_config(name, variant, tfds_dir, idx_dir=None, **overrides):
+  config = config_lib.load_config(f'{REPO}/configs/{name}.py:{variant},smoke')
+  config.data.data_dir = tfds_dir
+  if idx_dir is not None:
+    config.data.options.idx_dir = idx_dir
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split('.')
+    for part in path:
+      target = target[part]
+    target[last] = value
+  return config
+
+
+def final_params(config, workdir):
+  exp = train.build_experiment(config)
+  restored = ckpt_lib.Checkpointer(workdir).restore_latest(ckpt_lib.abstract_like(exp.init_state()))
+  assert restored is not None
+  return jax.device_get(restored[0])
+
+
+@pytest.mark.parametrize('name', ['affect', 'shopping', 'multi_fashion'])
+def test_smoke_run_of_each_config(name, tfds_dir, fashion_idx_dir, tmp_path):
+  config = smoke_config(name, 'dm+coann+dgr', tfds_dir, None if name == 'affect' else fashion_idx_dir)
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert results['step'] == config.total_steps
+  on_disk = json.loads((tmp_path / 'results.json').read_text())
+  assert set(on_disk) >= {'step', 'wall_time_s', 'metrics', 'per_source'}
+  for task, metrics in on_disk['metrics'].items():
+    names = {'accuracy', 'macro_f1'} if task in ('expression', 'item', 'group', 'left', 'right') else {
+        'accuracy', 'mean_f1'}
+    assert names <= set(metrics), (task, metrics)
+    assert all(np.isfinite(metrics[m]) and 0 <= metrics[m] <= 1 for m in names)
+  assert (tmp_path / 'config.json').exists() and (tmp_path / 'relatedness.json').exists()
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
+
+
+def _run_steps(config, mesh, num_steps):
+  exp = train.build_experiment(config, mesh)
+  state = exp.init_state()
+  batches = exp.train_batches(0)
+  for _ in range(num_steps):
+    state, metrics = exp.step_fn(state, next(batches))
+  return exp, jax.device_get(state), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize('weighting', ['ew', 'pcgrad'])
+def test_one_device_equals_eight_devices_and_no_recompiles(weighting, tfds_dir):
+  config = smoke_config('affect', 'dm+coann+dgr', tfds_dir, **{'weighting.name': weighting})
+  mesh1 = jax.make_mesh((1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+  mesh8 = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:8])
+  _, state1, metrics1 = _run_steps(config, mesh1, 3)
+  exp8, state8, metrics8 = _run_steps(config, mesh8, 3)
+  assert exp8.step_fn._cache_size() == 1  # compiled once, reused for every later step
+  for a, b in zip(jax.tree.leaves(state1.params), jax.tree.leaves(state8.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(metrics1['loss'], metrics8['loss'], rtol=1e-5)
+
+
+def test_resume_equals_uninterrupted_run_bitwise(tfds_dir, tmp_path):
+  config = smoke_config('affect', 'dm+coann+dgr', tfds_dir, **{'checkpoint_every': 100})
+  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  first = train.train_and_evaluate(config, str(tmp_path / 'resumed'), stop_at=3)
+  assert first == {'step': 3, 'interrupted': True}
+  assert not (tmp_path / 'resumed' / 'results.json').exists()
+  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  straight = final_params(config, str(tmp_path / 'straight'))
+  resumed = final_params(config, str(tmp_path / 'resumed'))
+  assert int(resumed.step) == config.total_steps
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_resume_with_changed_model_is_refused(tfds_dir, tmp_path):
+  config = smoke_config('affect', 'mtl', tfds_dir)
+  train.train_and_evaluate(config, str(tmp_path), stop_at=3)
+  config.total_steps = 8  # safe: just train longer
+  config.encoder.kwargs = {'widths': (8, 16), 'features': 64}
+  with pytest.raises(ValueError, match=r'encoder\.kwargs\.features: saved 32, now 64'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def _main(workdir, *flags, env=None):
+  cmd = [sys.executable, '-m', 'mtlmatch.main', '--config=configs/affect.py:mtl,smoke', f'--workdir={workdir}',
+         *flags]
+  return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def test_sigterm_saves_a_checkpoint_exits_zero_and_the_rerun_resumes(tfds_dir, tmp_path):
+  flags = [f'--config.data.data_dir={tfds_dir}', '--config.total_steps=100000', '--config.log_every=1',
+           '--config.checkpoint_every=100000']
+  proc = _main(tmp_path, *flags)
+  lines = []
+  deadline = time.time() + 240
+  for line in proc.stdout:  # wait until the loop is running
+    lines.append(line)
+    if 'step 3/100000' in line or time.time() > deadline:
+      break
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  log = ''.join(lines) + out
+  assert proc.returncode == 0, log[-3000:]
+  assert 'SIGTERM received' in log
+  steps = ckpt_lib.Checkpointer(str(tmp_path)).all_steps()
+  assert len(steps) == 1 and 3 <= steps[0] < 100000, steps
+  rerun = _main(tmp_path, *flags[:1], f'--config.total_steps={steps[0] + 2}', '--config.log_every=1',
+                '--config.checkpoint_every=100000')
+  out, _ = rerun.communicate(timeout=240)
+  assert rerun.returncode == 0, out[-3000:]
+  assert f'Resumed from step {steps[0]}' in out
+  assert json.loads((tmp_path / 'results.json').read_text())['step'] == steps[0] + 2
+
+
+@pytest.mark.parametrize('change, message', [
+    ({'encoder.name': 'transformer'}, r"config\.encoder\.name: got 'transformer', expected one of"),
+    ({'objective.terms.dm.kind': 'magic'}, r"config\.objective\.terms\.dm\.kind: got 'magic'"),
+    ({'objective.terms.dm.task_b': 'pose'}, r"objective term 'dm': got task 'pose', expected one of"),
+    ({'tasks': ('expression', 'pose')}, r"config\.tasks: got task 'pose'"),
+    ({'objective.terms.dm': dict(kind='distribution_matching', task_a='expression', task_b='aus',
+                                 relatedness=[[0.5] * 17] * 6)},
+     r"objective term 'dm' \(relatedness=.*shape"),
+    ({'weighting.name': 'magic'}, r"config\.weighting\.name: got 'magic'"),
+    ({'batch_size': 12}, r'batch_size=12.*multiples of the device count'),
+])
+def test_config_errors_fail_before_training_and_write_nothing(change, message, tfds_dir, tmp_path):
+  config = smoke_config('affect', 'dm', tfds_dir)
+  with config.unlocked():
+    for key, value in change.items():
+      *path, last = key.split('.')
+      target = config
+      for part in path:
+        target = target[part]
+      target[last] = value
+  workdir = tmp_path / 'run'
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()
+
+
+def test_unknown_tfds_name_and_dm_on_a_single_task(tfds_dir, tmp_path):
+  config = smoke_config('affect', 'dm', tfds_dir)
+  config.tasks = ('expression',)
+  with pytest.raises(ValueError, match=r"objective term 'dm': got task 'aus', expected one of the trained tasks"):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
