@@ -306,8 +306,12 @@ class Experiment:
                                    mixing=self.config.data.mixing, augment=self.config.data.augment)
 
 
-def build_experiment(config: ml_collections.ConfigDict, mesh: Optional[jax.sharding.Mesh] = None) -> Experiment:
-  """Validates ``config`` and builds sources → (relatedness) → model → objective → optimizer → step functions."""
+def build_experiment(config: ml_collections.ConfigDict, mesh: Optional[jax.sharding.Mesh] = None, *,
+                     benchmark: Optional[data_lib.Benchmark] = None) -> Experiment:
+  """Validates ``config`` and builds sources → (relatedness) → model → objective → optimizer → step functions.
+
+  ``benchmark``: your own (``data.make_benchmark`` of in-memory or TFDS sources) instead of ``config.data.name``.
+  """
   config = ml_collections.ConfigDict(config)
   validate_config(config)
   mesh = mesh or make_mesh()
@@ -315,8 +319,10 @@ def build_experiment(config: ml_collections.ConfigDict, mesh: Optional[jax.shard
     raise ValueError(f'config.batch_size={config.batch_size} / eval_batch_size={config.eval_batch_size}: expected '
                      f'multiples of the device count {mesh.size}')
   data_sharding, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
-  benchmark = select_tasks(data_lib.get_benchmark(config.data.name, data_dir=config.data.data_dir,
-                                                  seed=config.data.seed, **config.data.options), config.tasks)
+  if benchmark is None:
+    benchmark = data_lib.get_benchmark(config.data.name, data_dir=config.data.data_dir, seed=config.data.seed,
+                                       **config.data.options)
+  benchmark = select_tasks(benchmark, config.tasks)
   model = models.build_model(benchmark.tasks, encoder=config.encoder.name, encoder_kwargs=dict(config.encoder.kwargs),
                              head=config.head.name, head_kwargs=dict(config.head.kwargs))
   relatedness = {}
@@ -338,16 +344,17 @@ def build_experiment(config: ml_collections.ConfigDict, mesh: Optional[jax.shard
   return Experiment(config, mesh, benchmark, model, objective, method, tx, relatedness, step_fn, eval_fn)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_at: Optional[int] = None) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_at: Optional[int] = None,
+                       benchmark: Optional[data_lib.Benchmark] = None) -> dict:
   """Trains ``config`` in ``workdir`` (resuming from its checkpoints) and returns the final results dict.
 
   ``stop_at``: checkpoint and return after that step, as a preemption would (to cut a long run into jobs of bounded
-  length; the next call resumes exactly where this one stopped).
+  length; the next call resumes exactly where this one stopped). ``benchmark``: see :func:`build_experiment`.
   """
   t_start = time.time()
   is_main = jax.process_index() == 0
   # 1-2. Sources, relatedness, model, objective, compiled steps (all validation happens here, before any write).
-  exp = build_experiment(config)
+  exp = build_experiment(config, benchmark=benchmark)
   config, benchmark = exp.config, exp.benchmark
 
   # 3. State: fresh initialisation, replaced by the newest restorable checkpoint in the workdir if there is one.
