@@ -1,0 +1,36 @@
+"""The data layer: sources that annotate different tasks, seeded mixing, per-host slices, padded eval, resume.
+
+Interface used by the train loop::
+
+    from mtlmatch import data
+    bench = data.get_benchmark('synthetic_affect', data_dir=None, seed=0)   # or data.make_benchmark(...)
+    batches = data.train_iterator(bench, global_batch_size=128, seed=0, start_step=step, sharding=sharding)
+    for source in bench.eval_sources:
+      for batch in data.eval_iterator(source, bench.tasks, global_batch_size=256, sharding=sharding): ...
+    labels = data.source_labels(bench.aux_sources['coannotated'], bench.tasks)   # for estimating relatedness
+    # a checkpoint needs only data.checkpoint_state(step) == {'step': step} to resume the stream exactly.
+
+Modules: ``sources`` (Source, readers, Benchmark, validation), ``pipeline`` (mixing schedule, train/eval
+iterators), ``sharding`` (hosts, devices, global arrays), ``synthetic_affect``, ``fashion_mnist``, ``benchmarks``.
+Importing this package hides every GPU from TensorFlow so that tf.data never takes accelerator memory from JAX.
+"""
+import tensorflow as tf
+
+try:
+  tf.config.set_visible_devices([], 'GPU')
+except RuntimeError:  # TF already initialised its devices (someone imported and used it first): leave it be
+  pass
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from mtlmatch.data.benchmarks import BUILDERS, get_benchmark
+from mtlmatch.data.pipeline import (MIXING, MixingSchedule, checkpoint_state, eval_iterator, mixing_probabilities,
+                                    num_eval_batches, train_iterator)
+from mtlmatch.data.sharding import prefetch_to_device, to_global
+from mtlmatch.data.sources import (ArrayReader, Benchmark, Examples, Source, TfdsReader, array_source,
+                                   default_data_dir, host_slice, load_examples, make_benchmark, source_labels,
+                                   tfds_source)
+
+__all__ = ['ArrayReader', 'BUILDERS', 'Benchmark', 'Examples', 'MIXING', 'MixingSchedule', 'Source', 'TfdsReader',
+           'array_source', 'checkpoint_state', 'default_data_dir', 'eval_iterator', 'get_benchmark', 'host_slice',
+           'load_examples', 'make_benchmark', 'mixing_probabilities', 'num_eval_batches', 'prefetch_to_device',
+           'source_labels', 'tfds_source', 'to_global', 'train_iterator']

@@ -1,0 +1,454 @@
+"""Sources (where examples come from, which tasks they annotate) and benchmarks (tasks + sources).
+
+A :class:`Source` is the one way to describe training or evaluation data: a ``name``, a ``reader`` that knows where
+the examples are, the ``split`` to read, the ``tasks`` it annotates (every other task of the benchmark is filled
+with ``-1``) and a mixing ``weight``. Two readers cover every builder:
+
+* :class:`ArrayReader` — in-memory numpy arrays (``array_source``; Colab users, tests, generated data).
+* :class:`TfdsReader` — any prepared TFDS dataset plus a small label-mapping function (``tfds_source``); the
+  project's own offline builders (synthetic affect, Fashion-MNIST from Debian's IDX files, Multi-Fashion) are TFDS
+  builders read through it.
+
+Readers hand out a host's slice of a split as uint8 images ``[N, H, W, C]`` and int32 labels, loaded into memory
+once and cached on the reader (the datasets here are small; a large TFDS dataset can be shrunk on the way in with
+``image_fn``, e.g. a resize). Host slices are contiguous and even: host ``h`` of ``P`` gets
+``[h·⌊N/P⌋ + min(h, N mod P), …)`` — the rule of ``tfds.even_splits`` — so hosts are disjoint and cover the split.
+
+A :class:`Benchmark` bundles ordered task specs, training sources (mixed), evaluation sources (one test set each) and
+auxiliary sources (e.g. co-annotated subsets for estimating relatedness; never mixed into training)::
+
+    tasks = [TaskSpec('digit', 'multiclass', 10), TaskSpec('parity', 'multiclass', 2)]
+    a = array_source('digits', images_a, {'digit': y_a})                 # annotates 'digit' only
+    b = array_source('parity', images_b, {'parity': y_b}, weight=0.5)     # annotates 'parity' only
+    bench = make_benchmark('toy', tasks, [a, b], eval_sources=[array_source('test', x_t, {'digit': .., 'parity': ..})])
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from mtlmatch.tasks import MISSING, TaskSpec, missing_labels, validate_labels
+
+DATA_DIR_ENV = 'MTLMATCH_DATA_DIR'
+
+
+def default_data_dir(data_dir: Optional[str] = None) -> str:
+  """``data_dir`` if given, else ``$MTLMATCH_DATA_DIR``, else TFDS's default ``~/tensorflow_datasets``."""
+  if data_dir is not None:
+    return os.fspath(data_dir)
+  return os.environ.get(DATA_DIR_ENV) or os.path.join(os.path.expanduser('~'), 'tensorflow_datasets')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Examples and host slices.
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+  """A host's slice of one split, in memory.
+
+  ``images`` uint8 ``[N, H, W, C]``; ``labels`` {task: int32 ``[N]`` or ``[N, C]``}; ``positions`` int64 ``[N]``:
+  each example's position in the split's (deterministic) read order, so hosts' slices can be compared.
+  """
+  images: np.ndarray
+  labels: Mapping[str, np.ndarray]
+  positions: np.ndarray
+
+  def __len__(self) -> int:
+    return int(self.images.shape[0])
+
+
+def host_slice(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """``[start, stop)`` of host ``process_index``'s even, contiguous slice (first ``N mod P`` hosts get one more).
+
+  The same rule as ``tfds.even_splits(split, n=P, drop_remainder=False)``; the largest slice has ``⌈N/P⌉`` examples.
+  """
+  check_process(process_index, process_count)
+  base, extra = divmod(int(num_examples), process_count)
+  start = process_index * base + min(process_index, extra)
+  return start, start + base + (1 if process_index < extra else 0)
+
+
+def check_process(process_index: int, process_count: int) -> None:
+  if not isinstance(process_count, (int, np.integer)) or isinstance(process_count, bool) or process_count < 1:
+    raise ValueError(f'process_count: got {process_count!r}, expected an int >= 1')
+  if not isinstance(process_index, (int, np.integer)) or isinstance(process_index, bool) or not (
+      0 <= process_index < process_count):
+    raise ValueError(f'process_index: got {process_index!r}, expected an int in [0, {process_count})')
+
+
+def _as_uint8_images(images, *, where: str) -> np.ndarray:
+  """uint8 ``[N, H, W, C]`` from uint8 (or float in [0, 1]) ``[N, H, W]`` / ``[N, H, W, C]`` arrays."""
+  images = np.asarray(images)
+  if images.ndim == 3:
+    images = images[..., None]  # grey images without a channel axis
+  if images.ndim != 4:
+    raise ValueError(f'images of {where}: got shape {images.shape}, expected [N, H, W] or [N, H, W, C]')
+  if images.dtype == np.uint8:
+    return images
+  if np.issubdtype(images.dtype, np.floating):
+    if images.size and not (np.all(np.isfinite(images)) and images.min() >= 0 and images.max() <= 1):
+      raise ValueError(f'images of {where}: got float values in [{images.min()}, {images.max()}], expected uint8 '
+                       'or floats in [0, 1]')
+    return np.round(images * 255).astype(np.uint8)
+  raise ValueError(f'images of {where}: got dtype {images.dtype}, expected uint8 (or float in [0, 1])')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Readers.
+
+
+class Reader(Protocol):
+  """Where a source's examples come from. ``read`` returns the raw labels it has (any tasks); caching is its own."""
+
+  def num_examples(self, split: str) -> int:
+    ...
+
+  def image_shape(self, split: str) -> tuple[int, int, int]:
+    ...
+
+  def read(self, split: str, process_index: int, process_count: int) -> Examples:
+    ...
+
+
+class ArrayReader:
+  """In-memory splits: ``{split: (images uint8 [N,H,W(,C)], {task: labels [N] or [N, C]})}``."""
+
+  def __init__(self, splits: Mapping[str, tuple[Any, Mapping[str, Any]]], description: str = 'arrays'):
+    if not isinstance(splits, Mapping) or not splits:
+      raise ValueError(f'ArrayReader splits: got {type(splits).__name__}, expected a non-empty '
+                       '{split: (images, labels)} mapping')
+    self.description = description
+    self._splits = {}
+    for split, value in splits.items():
+      if not isinstance(value, (tuple, list)) or len(value) != 2 or not isinstance(value[1], Mapping):
+        raise ValueError(f'ArrayReader split {split!r}: got {type(value).__name__}, expected (images, {{task: '
+                         'labels}})')
+      images = _as_uint8_images(value[0], where=f'{description}/{split}')
+      labels = {}
+      for task, y in value[1].items():
+        y = np.asarray(y)
+        if y.ndim == 0 or y.shape[0] != images.shape[0]:
+          raise ValueError(f'labels {task!r} of {description}/{split}: got shape {y.shape}, expected a leading '
+                           f'axis of {images.shape[0]} (one label per image)')
+        labels[task] = y
+      self._splits[split] = (images, labels)
+
+  def __repr__(self):
+    return f'ArrayReader({self.description!r}, splits={sorted(self._splits)})'
+
+  def _get(self, split: str):
+    if split not in self._splits:
+      raise ValueError(f'split of {self.description}: got {split!r}, expected one of {sorted(self._splits)}')
+    return self._splits[split]
+
+  def num_examples(self, split: str) -> int:
+    return int(self._get(split)[0].shape[0])
+
+  def image_shape(self, split: str) -> tuple[int, int, int]:
+    return tuple(int(d) for d in self._get(split)[0].shape[1:])
+
+  def read(self, split: str, process_index: int, process_count: int) -> Examples:
+    images, labels = self._get(split)
+    start, stop = host_slice(images.shape[0], process_index, process_count)
+    return Examples(images[start:stop], {t: y[start:stop] for t, y in labels.items()},
+                    np.arange(start, stop, dtype=np.int64))
+
+
+def _to_labels_dict(value) -> dict:
+  if not isinstance(value, Mapping):
+    raise ValueError(f'labels_fn: returned {type(value).__name__}, expected a {{task: label tensor}} dict')
+  return dict(value)
+
+
+class TfdsReader:
+  """A prepared TFDS dataset, mapped per example to ``image`` (uint8 ``[H,W,C]``) and ``{task: label}``.
+
+  ``labels_fn(example) -> {task: int tensor}`` (scalar for multiclass, ``[C]`` for multilabel; ``-1`` = missing) and
+  the optional ``image_fn(image) -> uint8 image`` (e.g. a resize) run in TF on each example as it is read. Host
+  slices are read with ``tfds.even_splits``; a slice is read once and cached on this reader.
+  """
+
+  def __init__(self, builder, *, labels_fn: Callable[[Mapping[str, tf.Tensor]], Mapping[str, tf.Tensor]],
+               image_key: str = 'image', image_fn: Optional[Callable[[tf.Tensor], tf.Tensor]] = None,
+               description: Optional[str] = None):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    if not isinstance(builder, tfds.core.DatasetBuilder):
+      raise ValueError(f'TfdsReader builder: got {type(builder).__name__}, expected a tfds DatasetBuilder')
+    if not callable(labels_fn):
+      raise ValueError(f'TfdsReader labels_fn: got {labels_fn!r}, expected a callable example -> {{task: label}}')
+    self.builder = builder
+    self.labels_fn = labels_fn
+    self.image_key = image_key
+    self.image_fn = image_fn
+    self.description = description or builder.info.full_name
+    self._cache: dict[tuple[str, int, int], Examples] = {}
+
+  def __repr__(self):
+    return f'TfdsReader({self.description!r})'
+
+  def _check_split(self, split: str):
+    try:
+      return self.builder.info.splits[split]
+    except Exception as e:  # TFDS raises KeyError/ValueError/AssertionError depending on the spec
+      raise ValueError(f'split of {self.description}: got {split!r}, expected a split of '
+                       f'{sorted(self.builder.info.splits)} (TFDS slicing allowed, e.g. "train[:1000]")') from e
+
+  def num_examples(self, split: str) -> int:
+    return int(self._check_split(split).num_examples)
+
+  def _mapped(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
+    def fn(example):
+      image = example[self.image_key]
+      if self.image_fn is not None:
+        image = self.image_fn(image)
+      if image.shape.rank == 2:
+        image = image[..., None]
+      labels = {t: tf.cast(y, tf.int32) for t, y in _to_labels_dict(self.labels_fn(example)).items()}
+      return {'image': tf.cast(image, tf.uint8) if image.dtype != tf.uint8 else image, 'labels': labels}
+    return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  def image_shape(self, split: str) -> tuple[int, int, int]:
+    self._check_split(split)
+    spec = self._mapped(self.builder.as_dataset(split=split, shuffle_files=False)).element_spec['image']
+    if not spec.shape.is_fully_defined() or spec.shape.rank != 3:
+      raise ValueError(f'images of {self.description}/{split}: got shape {spec.shape}, expected a fixed [H, W, C] '
+                       '(pass image_fn to resize)')
+    return tuple(int(d) for d in spec.shape)
+
+  def read(self, split: str, process_index: int, process_count: int) -> Examples:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    key = (split, process_index, process_count)
+    if key not in self._cache:
+      n = self.num_examples(split)
+      start, stop = host_slice(n, process_index, process_count)
+      host_split = split if process_count == 1 else tfds.even_splits(split, n=process_count)[process_index]
+      dataset = self._mapped(self.builder.as_dataset(split=host_split, shuffle_files=False)).batch(8192)
+      chunks = list(dataset.as_numpy_iterator())
+      if chunks:
+        images = np.concatenate([c['image'] for c in chunks])
+        labels = {t: np.concatenate([c['labels'][t] for c in chunks]) for t in chunks[0]['labels']}
+      else:
+        images, labels = np.zeros((0,) + self.image_shape(split), np.uint8), {}
+      if images.shape[0] != stop - start:
+        raise ValueError(f'{self.description}/{split}: host {process_index}/{process_count} read {images.shape[0]} '
+                         f'examples, expected {stop - start} (TFDS metadata and files disagree?)')
+      self._cache[key] = Examples(images, labels, np.arange(start, stop, dtype=np.int64))
+    return self._cache[key]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sources.
+
+
+def _check_weight(weight, *, arg: str) -> float:
+  if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer, np.floating)) or not (
+      math.isfinite(float(weight)) and float(weight) > 0):
+    raise ValueError(f'{arg}: got {weight!r}, expected a finite number > 0')
+  return float(weight)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One dataset (split) feeding the benchmark.
+
+  ``tasks``: the tasks this source annotates — every other task of the benchmark is ``-1`` for its examples.
+  ``weight``: its unnormalised share in the training mixture (``mixing='weights'``). ``reader``: where the examples
+  come from (:class:`ArrayReader`, :class:`TfdsReader`); ``split``: which of the reader's splits.
+  """
+  name: str
+  reader: Reader
+  tasks: tuple[str, ...]
+  split: str = 'train'
+  weight: float = 1.0
+
+  def __post_init__(self):
+    if not isinstance(self.name, str) or not self.name:
+      raise ValueError(f'Source.name: got {self.name!r}, expected a non-empty string')
+    tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
+    if not tasks:
+      raise ValueError(f'Source({self.name!r}).tasks: got {self.tasks!r}, expected at least one annotated task')
+    if not all(isinstance(t, str) and t for t in tasks) or len(set(tasks)) != len(tasks):
+      raise ValueError(f'Source({self.name!r}).tasks: got {self.tasks!r}, expected unique task names')
+    object.__setattr__(self, 'tasks', tasks)
+    object.__setattr__(self, 'weight', _check_weight(self.weight, arg=f'Source({self.name!r}).weight'))
+    for method in ('num_examples', 'image_shape', 'read'):
+      if not callable(getattr(self.reader, method, None)):
+        raise ValueError(f'Source({self.name!r}).reader: got {self.reader!r}, expected a reader with num_examples, '
+                         'image_shape and read (ArrayReader, TfdsReader)')
+
+  def num_examples(self) -> int:
+    return self.reader.num_examples(self.split)
+
+  def image_shape(self) -> tuple[int, int, int]:
+    return self.reader.image_shape(self.split)
+
+  def replace(self, **changes) -> 'Source':
+    return dataclasses.replace(self, **changes)
+
+
+def array_source(name: str, images, labels: Mapping[str, Any], *, tasks: Optional[Sequence[str]] = None,
+                 split: str = 'train', weight: float = 1.0) -> Source:
+  """A source from in-memory arrays: images uint8 ``[N,H,W(,C)]`` (or float in [0, 1]); labels {task: labels}.
+
+  Labels are ``[N]`` (multiclass) or ``[N, C]`` (multilabel). ``tasks`` defaults to the keys of ``labels``. An
+  empty array is refused here (ValueError).
+  """
+  reader = ArrayReader({split: (images, labels)}, description=name)
+  if reader.num_examples(split) == 0:
+    raise ValueError(f'array_source({name!r}) images: got 0 examples, expected at least one')
+  return Source(name, reader, tuple(labels) if tasks is None else tuple(tasks), split, weight)
+
+
+def tfds_source(name: str, dataset: str, *, tasks: Sequence[str], labels_fn: Callable, split: str = 'train',
+                weight: float = 1.0, data_dir: Optional[str] = None, image_key: str = 'image',
+                image_fn: Optional[Callable] = None, download: bool = False,
+                builder_kwargs: Optional[Mapping[str, Any]] = None) -> Source:
+  """A source from a TFDS dataset by name, e.g. ``celeb_a``, ``fashion_mnist``, ``cifar100`` in a prepared data_dir.
+
+  ``labels_fn(example) -> {task: label}`` maps TFDS features to this project's tasks, e.g. for fashion_mnist
+  ``lambda ex: {'item': ex['label']}``; for celeb_a attributes
+  ``lambda ex: {'attrs': tf.stack([tf.cast(ex['attributes'][a], tf.int32) for a in NAMES])}``. ``image_fn`` (TF,
+  per example) can resize big images before they are held in memory. ``download=False`` (default) never touches the
+  network: the dataset must already be prepared in ``data_dir`` (default: see :func:`default_data_dir`).
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = default_data_dir(data_dir)
+  try:
+    builder = tfds.builder(dataset, data_dir=data_dir, **dict(builder_kwargs or {}))
+  except Exception as e:  # unknown name / config
+    raise ValueError(f'tfds_source({name!r}) dataset: got {dataset!r}, expected a TFDS dataset name ({e})') from e
+  if download:
+    builder.download_and_prepare()
+  elif not builder.is_prepared():
+    raise ValueError(f'tfds_source({name!r}) dataset: {dataset!r} is not prepared in data_dir={data_dir!r}; prepare '
+                     f'it once (`tfds build {dataset} --data_dir={data_dir}` where there is network) or pass '
+                     'download=True')
+  reader = TfdsReader(builder, labels_fn=labels_fn, image_key=image_key, image_fn=image_fn, description=dataset)
+  return Source(name, reader, tuple(tasks), split, weight)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmarks.
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+  """Ordered task specs and the sources that annotate them.
+
+  ``train_sources`` are mixed for training (batch field ``source`` indexes them); ``eval_sources`` are test sets,
+  each iterated once with every label it has; ``aux_sources`` (e.g. ``'coannotated'``) are for estimating relatedness
+  before training and are never mixed in. ``image_shape`` ``(H, W, C)`` is shared by every source.
+  """
+  name: str
+  tasks: dict[str, TaskSpec]
+  train_sources: tuple[Source, ...]
+  eval_sources: tuple[Source, ...]
+  aux_sources: dict[str, Source]
+  image_shape: tuple[int, int, int]
+
+  def __post_init__(self):
+    tasks = self.tasks
+    if not isinstance(tasks, Mapping):
+      tasks = {t.name: t for t in tasks} if all(isinstance(t, TaskSpec) for t in tasks) else None
+    if not tasks or not all(isinstance(s, TaskSpec) and s.name == k for k, s in tasks.items()):
+      raise ValueError(f'Benchmark({self.name!r}).tasks: got {self.tasks!r}, expected a non-empty {{name: TaskSpec}} '
+                       'with keys equal to the specs\' names')
+    object.__setattr__(self, 'tasks', dict(tasks))
+    object.__setattr__(self, 'train_sources', tuple(self.train_sources))
+    object.__setattr__(self, 'eval_sources', tuple(self.eval_sources))
+    object.__setattr__(self, 'aux_sources', dict(self.aux_sources or {}))
+    if not self.train_sources:
+      raise ValueError(f'Benchmark({self.name!r}).train_sources: got none, expected at least one Source')
+    groups = (('train_sources', self.train_sources), ('eval_sources', self.eval_sources),
+              ('aux_sources', tuple(self.aux_sources.values())))
+    for group, sources in groups:
+      names = [s.name for s in sources if isinstance(s, Source)]
+      if len(names) != len(sources):
+        raise ValueError(f'Benchmark({self.name!r}).{group}: got {[type(s).__name__ for s in sources]}, expected '
+                         'Source objects')
+      if len(set(names)) != len(names):
+        raise ValueError(f'Benchmark({self.name!r}).{group}: got duplicate names {names}, expected unique names')
+      for s in sources:
+        unknown = [t for t in s.tasks if t not in self.tasks]
+        if unknown:
+          raise ValueError(f'Source {s.name!r} tasks: got unknown task names {unknown}, expected names from '
+                           f'{list(self.tasks)}')
+    shape = tuple(self.image_shape) if isinstance(self.image_shape, (tuple, list)) else None
+    if shape is None or len(shape) != 3 or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
+      raise ValueError(f'Benchmark({self.name!r}).image_shape: got {self.image_shape!r}, expected (H, W, C) of '
+                       'positive ints')
+    object.__setattr__(self, 'image_shape', tuple(int(d) for d in shape))
+
+
+def make_benchmark(name: str, tasks, train_sources: Sequence[Source], *, eval_sources: Sequence[Source] = (),
+                   aux_sources: Optional[Mapping[str, Source]] = None,
+                   image_shape: Optional[Sequence[int]] = None) -> Benchmark:
+  """A :class:`Benchmark` from user sources (``array_source`` / ``tfds_source``).
+
+  ``tasks``: TaskSpecs (a sequence, in the order heads are built) or {name: TaskSpec}. ``image_shape`` defaults to
+  the first training source's; every source must have that shape (checked here, one ValueError naming the source).
+  """
+  train_sources = tuple(train_sources)
+  if not train_sources:
+    raise ValueError(f'make_benchmark({name!r}) train_sources: got none, expected at least one Source')
+  if image_shape is None and isinstance(train_sources[0], Source):
+    image_shape = train_sources[0].image_shape()
+  bench = Benchmark(name, tasks, train_sources, tuple(eval_sources), dict(aux_sources or {}),
+                    tuple(image_shape) if image_shape is not None else image_shape)
+  for s in bench.train_sources + bench.eval_sources + tuple(bench.aux_sources.values()):
+    if tuple(s.image_shape()) != bench.image_shape:
+      raise ValueError(f'Source {s.name!r} images: got shape {tuple(s.image_shape())}, expected {bench.image_shape} '
+                       'like the other sources (resize them, e.g. with tfds_source(image_fn=...))')
+  return bench
+
+
+def load_examples(source: Source, tasks: Mapping[str, TaskSpec], *, image_shape: Optional[Sequence[int]] = None,
+                  process_index: int = 0, process_count: int = 1) -> Examples:
+  """A host's slice of ``source`` with labels for every task in ``tasks`` (the unannotated ones all ``-1``).
+
+  Validates (one ValueError each): unknown task names, tasks the reader has no labels for, an empty source, labels
+  outside their range (``mtlmatch.tasks.validate_labels``) and, if given, an ``image_shape`` mismatch.
+  """
+  unknown = [t for t in source.tasks if t not in tasks]
+  if unknown:
+    raise ValueError(f'Source {source.name!r} tasks: got unknown task names {unknown}, expected names from '
+                     f'{list(tasks)}')
+  total = source.num_examples()
+  if total == 0:
+    raise ValueError(f'Source {source.name!r}: got 0 examples in split {source.split!r}, expected at least one')
+  if total < process_count:
+    raise ValueError(f'Source {source.name!r}: got {total} examples for process_count={process_count} hosts, '
+                     'expected at least one example per host')
+  raw = source.reader.read(source.split, process_index, process_count)
+  images = _as_uint8_images(raw.images, where=f'source {source.name!r}')
+  if image_shape is not None and tuple(images.shape[1:]) != tuple(image_shape):
+    raise ValueError(f'Source {source.name!r} images: got shape {tuple(images.shape[1:])}, expected '
+                     f'{tuple(image_shape)} like the other sources')
+  labels = {}
+  for name, spec in tasks.items():
+    if name in source.tasks:
+      if name not in raw.labels:
+        raise ValueError(f'Source {source.name!r} annotates task {name!r}, but its reader has labels only for '
+                         f'{sorted(raw.labels)}')
+      labels[name] = validate_labels(spec, raw.labels[name], where=f'source {source.name!r}')
+    else:
+      labels[name] = missing_labels(spec, len(images))
+  return Examples(images, labels, raw.positions)
+
+
+def source_labels(source: Source, tasks: Mapping[str, TaskSpec]) -> dict[str, np.ndarray]:
+  """All labels of a (small) source as numpy, {task: int32 ``[N]``/``[N, C]``}, ``-1`` where not annotated.
+
+  For estimating relatedness before training, e.g. from ``benchmark.aux_sources['coannotated']``.
+  """
+  return dict(load_examples(source, tasks).labels)
+
+
+__all__ = ['ArrayReader', 'Benchmark', 'Examples', 'MISSING', 'Source', 'TfdsReader', 'array_source',
+           'default_data_dir', 'host_slice', 'load_examples', 'make_benchmark', 'source_labels', 'tfds_source']
