@@ -17,11 +17,12 @@ RELATEDNESS = 'prior:expressions_to_aus'
 def get_config(arg=None):
   config = config_lib.base_config()
   config.data.name = 'synthetic_affect'
-  config.total_steps = 1500
+  config.total_steps = 1000
   config.batch_size = 128
   config.log_every = 100
   config.checkpoint_every = 500
   config.encoder.name = 'cnn'
+  config.encoder.kwargs = {'widths': (16, 32, 64), 'features': 128}
 
   def smoke(c):
     c.total_steps = 6

@@ -1,40 +1,70 @@
 """Checkpoints: orbax ``CheckpointManager`` over ``<workdir>/checkpoints``.
 
 Each step directory holds ``state`` (the whole train state: params, batch statistics, optimizer, weighting state,
-fixed DGR dummy heads, RNG) and ``meta`` (JSON: step, data position, config). orbax writes each step to a temporary
-directory and renames it when complete, so a killed write never looks like a finished checkpoint.
+fixed DGR dummy heads, RNG) and ``meta`` (JSON: step, data position, config). Usage::
 
-Restore order (the "init sources", as in maxtext/big_vision): the newest step that restores cleanly wins; a step that
-fails to restore (truncated, corrupted) is reported by a warning that names it and is *left on disk* for inspection,
-and the previous step is tried; with no usable checkpoint the run starts from the fresh initialisation.
+    checkpointer = Checkpointer(workdir, keep=2)
+    restored = checkpointer.restore_latest(abstract_like(state), check_meta=lambda meta: ...)  # None: fresh start
+    checkpointer.save(step, state, meta)          # synchronous: on disk when it returns
+
+What survives what (tested in tests/test_faults.py, experiments/kill_test.py):
+
+* **A killed write** (kill -9, power loss) never looks like a finished checkpoint: orbax writes each step into
+  ``<step>.orbax-checkpoint-tmp-*`` and renames it when complete; leftover temporary directories of killed writes are
+  removed when the next run opens the workdir (``cleanup_tmp_directories``). ``keep`` newest steps are kept.
+* **A damaged step** (truncated or corrupted file, missing item): restore order — the "init sources", as in
+  maxtext/big_vision — is newest step first; a step that cannot be read is *moved aside* to
+  ``<workdir>/checkpoints_corrupt/<step>-<timestamp>`` with a warning naming both paths (never deleted, and out of
+  the way of orbax, which would refuse to save that step number again), and the previous step is tried; with no
+  usable checkpoint the run starts from the fresh initialisation.
+* **A checkpoint of a different run** is refused, never skipped: ``check_meta`` (the config-drift check) raises for
+  an unsafe config change, and a saved train state whose layout (tree paths, shapes, dtypes) differs from the one
+  this run builds raises a ValueError naming the first differing leaves — e.g. a custom benchmark with another
+  number of classes under an identical config. Neither is treated as damage.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
+import time
 from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
-# Config keys that may differ between a checkpoint's run and the run resuming it: they change how long or how
-# verbosely the run goes, never the model, the data stream or the maths of a step.
+# Config keys (a top-level name covers its subtree) that may differ between a checkpoint's run and the run resuming
+# it: how long or how verbosely the run goes, how a non-finite update is handled, and where the same data are read
+# from — never the model, the data stream or the maths of a finite step. Deliberately absent: batch_size, seed and
+# the rest of data.* (the data stream), optimizer.*, encoder, head, objective, weighting and tasks (the maths).
+# total_steps is safe in this sense but not neutral: the cosine schedule spans total_steps, so training longer
+# changes the learning rate from the resumed step on (the steps already taken are kept as they are).
 SAFE_TO_CHANGE = frozenset({'total_steps', 'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
-                            'eval_batch_size', 'nonfinite'})
+                            'eval_batch_size', 'nonfinite', 'data.data_dir', 'data.options.idx_dir'})
+
+CORRUPT_DIR = 'checkpoints_corrupt'
 
 
 class Checkpointer:
   """Saves and restores ``(state, meta)`` pairs; synchronous so a step is on disk when ``save`` returns."""
 
   def __init__(self, workdir: str, *, keep: int = 2):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, 'checkpoints')
+    self.corrupt_directory = os.path.join(self.workdir, CORRUPT_DIR)
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
+                                             cleanup_tmp_directories=True))
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
 
   def save(self, step: int, state: Any, meta: dict) -> None:
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -43,31 +73,56 @@ class Checkpointer:
 
   def restore_latest(self, abstract_state: Any, *, check_meta: Optional[Callable[[dict], None]] = None
                      ) -> Optional[tuple[Any, dict]]:
-    """Newest restorable ``(state, meta)``, falling back past unreadable steps; None if there is none.
+    """Newest restorable ``(state, meta)``, moving unreadable steps aside; None if no step is usable.
 
     ``check_meta(meta)`` runs on a step's metadata before its state is read (e.g. the config-drift check); what it
-    raises propagates, so a refused resume never falls back to an older step or a fresh start.
+    raises propagates, so a refused resume never falls back to an older step or a fresh start. A saved state whose
+    layout differs from ``abstract_state`` raises ValueError (see :func:`check_state_layout`) for the same reason.
     """
-    for step in reversed(self.all_steps()):
-      try:
-        meta = dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
-      except Exception as e:  # orbax raises many types for a damaged directory; all mean "unusable".
-        self._warn(step, e)
-        continue
-      if check_meta is not None:
-        check_meta(meta)
-      try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
-        return restored['state'], meta
-      except Exception as e:  # pylint: disable=broad-except
-        self._warn(step, e)
-    return None
+    moved = False
+    try:
+      for step in reversed(self.all_steps()):
+        try:
+          meta = dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
+          saved_layout = ocp.StandardCheckpointHandler().metadata(epath.Path(self._step_dir(step)) / 'state').tree
+        except Exception as e:  # pylint: disable=broad-except  # orbax raises many types; all mean "unreadable".
+          moved |= self._set_aside(step, e)
+          continue
+        if check_meta is not None:
+          check_meta(meta)
+        check_state_layout(saved_layout, abstract_state, where=f'checkpoint step {step} in {self.directory}')
+        try:
+          restored = self._manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state)))
+          return restored['state'], meta
+        except Exception as e:  # pylint: disable=broad-except
+          moved |= self._set_aside(step, e)
+      return None
+    finally:
+      if moved:
+        self._manager.reload()
 
-  def _warn(self, step: int, error: Exception) -> None:
-    logging.warning('Checkpoint step %d in %s could not be restored (%s: %s); it is left on disk for inspection '
-                    'and the previous step is tried.', step, self.directory, type(error).__name__,
-                    str(error).splitlines()[0][:200] if str(error) else '')
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _set_aside(self, step: int, error: Exception) -> bool:
+    """Moves an unreadable step directory to ``checkpoints_corrupt/<step>-<timestamp>`` (process 0 only)."""
+    reason = f'{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ""}'
+    source = self._step_dir(step)
+    if jax.process_index() != 0 or not os.path.exists(source):
+      logging.warning('Checkpoint step %d at %s cannot be restored (%s); trying the previous step.', step, source,
+                      reason)
+      return False
+    os.makedirs(self.corrupt_directory, exist_ok=True)
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    target, n = os.path.join(self.corrupt_directory, f'{step}-{stamp}'), 0
+    while os.path.exists(target):
+      n += 1
+      target = os.path.join(self.corrupt_directory, f'{step}-{stamp}-{n}')
+    shutil.move(source, target)
+    logging.warning('Checkpoint step %d at %s cannot be restored (%s); moved it to %s (kept for inspection, not '
+                    'deleted) and trying the previous step.', step, source, reason, target)
+    return True
 
   def close(self) -> None:
     self._manager.close()
@@ -78,17 +133,51 @@ def abstract_like(state: Any) -> Any:
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
+def check_state_layout(saved: Any, abstract_state: Any, *, where: str = 'checkpoint') -> None:
+  """Refuses a saved train state whose leaves (paths, shapes, dtypes) differ from ``abstract_state``'s.
+
+  ``saved``: orbax's tree metadata of the state item (nested dicts/lists of leaves with ``.shape``/``.dtype``).
+  """
+  def layout(tree) -> dict[str, tuple]:
+    return {'.'.join(_key_name(k) for k in path): (tuple(getattr(leaf, 'shape', ())),
+                                                   str(getattr(leaf, 'dtype', type(leaf).__name__)))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  old, new = layout(saved), layout(abstract_state)
+  diffs = []
+  for path in sorted(set(old) | set(new), key=lambda p: (not p.startswith('params.'), p)):   # params first
+    if old.get(path) != new.get(path):
+      show = lambda v: 'absent' if v is None else f'shape {v[0]} {v[1]}'  # noqa: E731
+      diffs.append(f'{path}: saved {show(old.get(path))}, now {show(new.get(path))}')
+  if diffs:
+    raise ValueError(f'{where} holds a train state of another layout than this run builds '
+                     f'({len(diffs)} differences: {"; ".join(diffs[:4])}{"; ..." if len(diffs) > 4 else ""}). '
+                     'Expected the same model, tasks and optimizer; resume with the code, config and data that '
+                     'wrote it, or use a new --workdir.')
+
+
+def _key_name(key) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
 def check_config_drift(saved: dict, current: dict) -> None:
   """Refuses to resume when the saved config differs from the new one outside :data:`SAFE_TO_CHANGE`."""
   flat_saved, flat_current = _flatten(saved), _flatten(current)
   changed = sorted(k for k in set(flat_saved) | set(flat_current)
-                   if k.split('.')[0] not in SAFE_TO_CHANGE and flat_saved.get(k, '<absent>') != flat_current.get(
-                       k, '<absent>'))
+                   if not _is_safe(k) and flat_saved.get(k, '<absent>') != flat_current.get(k, '<absent>'))
   if changed:
     details = '; '.join(f'{k}: saved {flat_saved.get(k, "<absent>")}, now {flat_current.get(k, "<absent>")}'
                         for k in changed[:8])
     raise ValueError(f'config differs from the one the checkpoint in the workdir was trained with ({details}). '
                      f'Only {sorted(SAFE_TO_CHANGE)} may change on resume; use a new --workdir for a new run.')
+
+
+def _is_safe(key: str) -> bool:
+  parts = key.split('.')
+  return any('.'.join(parts[:i]) in SAFE_TO_CHANGE for i in range(1, len(parts) + 1))
 
 
 def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:

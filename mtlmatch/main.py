@@ -5,7 +5,7 @@ reads its own slice of every source; the global batch is ``config.batch_size``).
 """
 from __future__ import annotations
 
-import json
+import logging as pylogging
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -23,9 +23,18 @@ flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietLibraries:
+  """Keeps INFO lines from mtlmatch and clu (the progress line, metrics) and drops the libraries' INFO chatter
+  (orbax, TFDS, JAX); warnings and errors from everyone pass."""
+
+  def filter(self, record) -> bool:
+    return record.levelno > pylogging.INFO or any(f'/{p}/' in record.pathname for p in ('mtlmatch', 'clu'))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  pylogging.getLogger('absl').addFilter(_QuietLibraries())
   import tensorflow as tf  # TF only feeds data: keep it off every accelerator.
   tf.config.set_visible_devices([], 'GPU')
   import jax
@@ -36,8 +45,12 @@ def main(argv):
   logging.info('JAX devices: %d global, %d local (process %d of %d)', jax.device_count(), jax.local_device_count(),
                jax.process_index(), jax.process_count())
   results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  if jax.process_index() == 0:
-    print(json.dumps({'step': results.get('step'), 'metrics': results.get('metrics')}, indent=1))
+  if jax.process_index() == 0 and 'metrics' in results:
+    print(f'Final metrics at step {results["step"]} ({results["wall_time_s"]:.0f} s), written to '
+          f'{FLAGS.workdir}/results.json:')
+    for task, metrics in results['metrics'].items():
+      shown = {k: v for k, v in metrics.items() if not k.startswith('f1_')}  # per-label F1s are in results.json
+      print(f'  {task:>14s}: ' + '  '.join(f'{k} {v:.4f}' for k, v in shown.items()))
 
 
 if __name__ == '__main__':

@@ -22,6 +22,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from typing import Any, Mapping, Optional
@@ -256,12 +257,21 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _health_error(step: int, metrics: Mapping[str, Any]) -> str:
-  bad = [k for k, v in metrics.items() if k.startswith('loss/') and not np.all(np.isfinite(v))]
-  what = (f'term {bad[0][len("loss/"):]!r} = {metrics[bad[0]]}' if bad else
-          f'loss = {metrics["loss"]}, grad_norm = {metrics["grad_norm"]}')
-  return (f'non-finite training at step {step}: {what}. The last good checkpoint is kept; lower the learning '
-          'rate, check the inputs, or set config.nonfinite=\'skip\' to skip such updates.')
+def _health_error(step: int, metrics: Mapping[str, Any], last_checkpoint: Optional[int] = None) -> str:
+  """The FloatingPointError message: the step, every non-finite task loss and term by name, the norms, and which
+  checkpoint is kept (none at or after ``step`` was written: the check runs before the save)."""
+  bad = []
+  for key, value in metrics.items():
+    if key.startswith('loss/') and not np.all(np.isfinite(value)):
+      kind, _, name = key[len('loss/'):].partition('/')   # 'task/expression' or 'term/dm'
+      bad.append(f'{kind} {name!r} = {value}')
+  norms = f'loss = {metrics["loss"]}, grad_norm = {metrics["grad_norm"]}, param_norm = {metrics["param_norm"]}'
+  what = f'non-finite {", ".join(bad)} ({norms})' if bad else f'non-finite update ({norms})'
+  kept = (f'the last good checkpoint, step {last_checkpoint}, is kept' if last_checkpoint is not None else
+          'no checkpoint had been written yet')
+  return (f'non-finite training at step {step}: {what}. Health is checked at log and checkpoint steps, so it may '
+          f'have begun after the previous check; {kept}. Lower the learning rate, check the inputs, or set '
+          'config.nonfinite=\'skip\' to skip such updates.')
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -323,6 +333,7 @@ def build_experiment(config: ml_collections.ConfigDict, mesh: Optional[jax.shard
     benchmark = data_lib.get_benchmark(config.data.name, data_dir=config.data.data_dir, seed=config.data.seed,
                                        **config.data.options)
   benchmark = select_tasks(benchmark, config.tasks)
+  validate_sources(benchmark)
   model = models.build_model(benchmark.tasks, encoder=config.encoder.name, encoder_kwargs=dict(config.encoder.kwargs),
                              head=config.head.name, head_kwargs=dict(config.head.kwargs))
   relatedness = {}
@@ -395,8 +406,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
       if log_now or ckpt_now:
         fetched = jax.device_get(metrics)   # health scalars leave the device only here
         if not (fetched['finite'] and np.isfinite(fetched['param_norm'])) and config.nonfinite == 'halt':
+          last_checkpoint = checkpointer.latest_step()
           checkpointer.close()
-          raise FloatingPointError(_health_error(step, fetched))
+          raise FloatingPointError(_health_error(step, fetched, last_checkpoint))
         if log_now:
           rate = (step - start_step) / max(time.time() - t_loop, 1e-9)
           writer.write_scalars(step, {**_scalars(fetched), 'steps_per_sec': rate})
@@ -422,8 +434,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     writer.write_scalars(step, {f'eval/{t}/{m}': v for t, ms in evaluation['metrics'].items()
                                 for m, v in ms.items() if np.ndim(v) == 0})
     if is_main:
-      with open(os.path.join(workdir, 'results.json'), 'w') as f:
-        json.dump(results, f, indent=1, default=_jsonable)
+      _write_atomically(os.path.join(workdir, 'results.json'), json.dumps(results, indent=1, default=_jsonable))
   else:
     with open(os.path.join(workdir, 'results.json')) as f:
       results = json.load(f)
@@ -445,17 +456,39 @@ def _jsonable(value):
   raise TypeError(f'not JSON serialisable: {type(value)}')
 
 
+# Below this much free space on the workdir's filesystem a run is refused at start (a floor, not a capacity plan:
+# a full disk otherwise shows up as a failed checkpoint write hours later; the previous checkpoint survives that).
+MIN_FREE_BYTES = 64 * 2 ** 20
+
+
 def _check_workdir(workdir: str) -> None:
-  """A clear error before training when the workdir cannot be written."""
+  """A clear error before training when the workdir cannot be written (a path under a file, read-only, ENOSPC on a
+  synced probe write) or its filesystem has less than :data:`MIN_FREE_BYTES` free."""
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, '.write_probe')
     with open(probe, 'w') as f:
       f.write('ok')
+      f.flush()
+      os.fsync(f.fileno())
     os.remove(probe)
+    free = shutil.disk_usage(workdir).free
   except OSError as e:
-    raise ValueError(f'workdir {workdir!r}: cannot write there ({e.strerror}); expected a writable directory with '
-                     'free space') from None
+    raise ValueError(f'workdir {workdir!r}: cannot write there ({e.strerror or e}); expected a writable directory '
+                     'with free space') from None
+  if free < MIN_FREE_BYTES:
+    raise ValueError(f'workdir {workdir!r}: {free / 2 ** 20:.1f} MiB free on its filesystem, expected at least '
+                     f'{MIN_FREE_BYTES / 2 ** 20:.0f} MiB for checkpoints')
+
+
+def _write_atomically(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` via a synced temporary file and a rename: readers see the old or the new file."""
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
 
 
 REQUIRED_KEYS = ('seed', 'total_steps', 'batch_size', 'eval_batch_size', 'log_every', 'eval_every',
@@ -475,6 +508,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.eval_every: got {config.eval_every!r}, expected an int >= 0 (0 = only at the end)')
   if config.nonfinite not in ('halt', 'skip'):
     raise ValueError(f'config.nonfinite: got {config.nonfinite!r}, expected \'halt\' or \'skip\'')
+  if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+    raise ValueError(f'config.seed: got {config.seed!r}, expected an int >= 0')
+  if config.data.get('mixing', 'weights') not in data_lib.MIXING:
+    raise ValueError(f'config.data.mixing: got {config.data.mixing!r}, expected one of {data_lib.MIXING}')
+  augment = config.data.get('augment', False)
+  if not (isinstance(augment, bool) or set((augment,) if isinstance(augment, str) else augment) <=
+          set(data_lib.pipeline.AUGMENTATIONS)):
+    raise ValueError(f'config.data.augment: got {augment!r}, expected a bool or a subset of '
+                     f'{data_lib.pipeline.AUGMENTATIONS}')
   if config.encoder.name not in models.ENCODERS:
     raise ValueError(f'config.encoder.name: got {config.encoder.name!r}, expected one of {sorted(models.ENCODERS)}')
   if config.head.name not in models.HEADS:
@@ -482,3 +524,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.weighting.name not in weighting.METHODS:
     raise ValueError(f'config.weighting.name: got {config.weighting.name!r}, expected one of '
                      f'{sorted(weighting.METHODS)}')
+
+
+def validate_sources(benchmark: data_lib.Benchmark) -> None:
+  """Reads and checks every source this host uses — training, evaluation and auxiliary — before anything is written
+  (labels in range, at least one example, one image shape): a bad test set fails now, not at the first evaluation
+  hours later. Readers cache what they read, so the input pipelines do not read again."""
+  for source in (*benchmark.train_sources, *benchmark.eval_sources, *benchmark.aux_sources.values()):
+    data_lib.load_examples(source, benchmark.tasks, image_shape=benchmark.image_shape,
+                           process_index=jax.process_index(), process_count=jax.process_count())

@@ -27,7 +27,9 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tfds_dir, tm
   data.get_benchmark(config.data.name, data_dir=tfds_dir, **config.data.options)  # prepare once, before the race
   port, workdir = _free_port(), tmp_path / 'two_hosts'
   # 4 CPU devices per process: 8 global devices, like the reference mesh below.
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'}
+  flags = os.environ['XLA_FLAGS'].replace('--xla_force_host_platform_device_count=8',
+                                          '--xla_force_host_platform_device_count=4')
+  env = {**os.environ, 'XLA_FLAGS': flags, 'JAX_PLATFORMS': 'cpu'}
   procs = [subprocess.Popen(
       [sys.executable, '-m', 'mtlmatch.main', f'--config=configs/affect.py:{VARIANT},smoke', f'--workdir={workdir}',
        f'--config.data.data_dir={tfds_dir}', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',

@@ -1,0 +1,35 @@
+"""experiments/bench.py end to end at a tiny size: the rows asked for, the JSON schema, the printed table."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+
+from conftest import REPO
+
+
+def _load_bench():
+  spec = importlib.util.spec_from_file_location('mtlmatch_bench', REPO / 'experiments' / 'bench.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_bench_writes_the_json_schema(tmp_path, capsys):
+  bench = _load_bench()
+  out = tmp_path / 'bench.json'
+  # In-process (JAX and TF are already imported here; 8 fake devices, so batch 16): the CLI minus process start-up.
+  bench.main(['--steps', '2', '--warmup', '0', '--only', 'ew,dm', '--json', str(out), '--batch_size', '16',
+              '--encoder_kwargs', '{"widths": [4], "features": 8}', '--num_examples', '32',
+              '--data_dir', str(tmp_path / 'tfds')])
+  rows = json.loads(out.read_text())
+  assert [r['name'] for r in rows] == ['ew', 'dm']
+  for r in rows:
+    assert {'name', 'step_ms', 'ratio_to_ew', 'peak_mem_mb'} <= set(r)
+    assert r['step_ms'] > 0 and r['peak_mem_mb'] > 0 and r['compile_s'] > 0 and r['finite']
+  assert rows[0]['ratio_to_ew'] == 1.0
+  np.testing.assert_allclose(rows[1]['ratio_to_ew'], rows[1]['step_ms'] / rows[0]['step_ms'])
+  assert rows[1]['target'] == 1.05 and rows[1]['meets_target'] == (rows[1]['ratio_to_ew'] <= 1.05)
+  table = capsys.readouterr().out
+  assert table.splitlines()[0].split()[:3] == ['name', 'T', 'step'] and '\ndm ' in table

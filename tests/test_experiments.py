@@ -1,0 +1,180 @@
+"""Experiments layer: sweep driver (skip-finished, commands, table), report statistics against hand numbers, one real
+smoke run through the driver (+ its linear probe from the checkpoint), and the Colab notebook end to end."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from experiments import case_studies, report, sweep  # noqa: E402
+from experiments.sweep import Variant  # noqa: E402
+
+
+def _fake_results(workdir, metrics):
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump({'step': 10, 'wall_time_s': 1.0, 'metrics': metrics, 'per_source': {}}, f)
+
+
+def test_sweep_runs_only_unfinished_and_tables_them(tmp_path):
+  grid = [Variant('a', 'configs/affect.py:mtl', {'total_steps': 5, 'encoder.kwargs.widths': (8, 16)}),
+          Variant('b', 'configs/affect.py:dm')]
+  runs = sweep.expand(grid, seeds=(0, 1), root=str(tmp_path))
+  assert [(r.variant.name, r.seed) for r in runs] == [('a', 0), ('a', 1), ('b', 0), ('b', 1)]
+  assert runs[1].workdir == os.path.join(str(tmp_path), 'a', 'seed_1')
+  cmd = runs[1].command('py')
+  assert cmd[:4] == ['py', '-m', 'mtlmatch.main', '--config=configs/affect.py:mtl']
+  assert cmd[4:] == [f'--workdir={runs[1].workdir}', '--config.seed=1', '--config.total_steps=5',
+                     '--config.encoder.kwargs.widths=(8,16)']
+  _fake_results(runs[2].workdir, {'expression': {'accuracy': 0.5, 'count': 3.0}})
+  launched = []
+
+  def fake_launch(run):
+    launched.append((run.variant.name, run.seed))
+    _fake_results(run.workdir, {'expression': {'accuracy': 0.25 * (1 + run.seed), 'macro_f1': 0.1, 'count': 3.0},
+                                'aus': {'mean_f1': 0.3, 'f1_0': 0.2, 'accuracy': 0.9, 'count': 3.0}})
+    return 0
+
+  codes = sweep.run_all(runs, jobs=2, launcher=fake_launch, echo=lambda s: None)
+  assert sorted(launched) == [('a', 0), ('a', 1), ('b', 1)] and set(codes.values()) == {0}
+  launched.clear()
+  assert sweep.run_all(runs, jobs=1, launcher=fake_launch, echo=lambda s: None) == {} and not launched
+  rows = sweep.collect(runs)
+  assert [r['name'] for r in rows] == ['a', 'a', 'b', 'b']
+  assert rows[1]['expression/accuracy'] == 0.5 and rows[2]['expression/accuracy'] == 0.5
+  assert 'aus/f1_0' not in rows[0] and 'aus/count' not in rows[0] and rows[0]['aus/mean_f1'] == 0.3
+  sweep.write_table(rows, str(tmp_path / 't.csv'))
+  with open(tmp_path / 't.csv') as f:
+    lines = f.read().splitlines()
+  assert len(lines) == 5 and lines[0].startswith('name,spec,seed,workdir,step,wall_time_s')
+  with pytest.raises(ValueError, match='duplicate'):
+    sweep.expand(grid + grid[:1], seeds=(0,), root=str(tmp_path))
+  with pytest.raises(ValueError, match='jobs'):
+    sweep.run_all(runs, jobs=0)
+
+
+def test_delta_m_and_negative_transfer_hand_numbers():
+  # Δm = ((0.84 − 0.8)/0.8 + (0.45 − 0.5)/0.5) / 2 × 100 = (5 − 10) / 2 = −2.5
+  assert report.delta_m({'a': 0.84, 'b': 0.45}, {'a': 0.8, 'b': 0.5}) == pytest.approx(-2.5)
+  # a lower-is-better metric flips its sign: error 0.45 vs 0.5 is a 10 % improvement → (5 + 10) / 2
+  assert report.delta_m({'a': 0.84, 'b': 0.45}, {'a': 0.8, 'b': 0.5}, {'b': True}) == pytest.approx(7.5)
+  assert report.negative_transfer((0.45, 0.01), (0.5, 0.02))           # gap 0.05 > 0.02
+  assert not report.negative_transfer((0.49, 0.02), (0.5, 0.015))      # gap 0.01 < 0.02
+  assert not report.negative_transfer((0.40, 0.12), (0.5, 0.02))       # gap 0.10 < MTL's std 0.12
+  assert report.negative_transfer((0.6, 0.01), (0.5, 0.02), lower_is_better=True)
+  m, s, n = report.mean_std([1.0, 2.0, 4.0, float('nan')])
+  assert (m, n) == (pytest.approx(7 / 3), 3) and s == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 +
+                                                                                 (4 - 7 / 3) ** 2) / 2))
+  with pytest.raises(ValueError, match='means'):
+    report.delta_m({'a': 1.0}, {'a': 1.0, 'b': 1.0})
+
+
+def test_summarize_over_seeds_matches_numpy():
+  st_e, st_a = [0.80, 0.82, 0.78], [0.40, 0.42, 0.41]
+  mtl_e, mtl_a = [0.70, 0.72, 0.71], [0.45, 0.44, 0.46]
+  rows = ([{'name': 'st_expression', 'seed': s, 'workdir': f'e{s}', 'expression/accuracy': v}
+           for s, v in enumerate(st_e)] +
+          [{'name': 'st_aus', 'seed': s, 'workdir': f'a{s}', 'aus/mean_f1': v} for s, v in enumerate(st_a)] +
+          [{'name': 'mtl', 'seed': s, 'workdir': f'm{s}', 'expression/accuracy': e, 'aus/mean_f1': a}
+           for s, (e, a) in enumerate(zip(mtl_e, mtl_a))])
+  probes = {f'm{s}': {'expression': 0.5 + s / 10, 'aus': 0.3} for s in range(3)}
+  out = report.summarize(rows, {'expression': 'multiclass', 'aus': 'multilabel'}, probes)
+  assert out['primary'] == {'expression': 'expression/accuracy', 'aus': 'aus/mean_f1'}
+  mtl = out['variants']['mtl']
+  assert mtl['metrics']['expression/accuracy'][:2] == [pytest.approx(np.mean(mtl_e)),
+                                                      pytest.approx(np.std(mtl_e, ddof=1))]
+  want = 100 * ((np.mean(mtl_e) - np.mean(st_e)) / np.mean(st_e) + (np.mean(mtl_a) - np.mean(st_a)) / np.mean(st_a)) / 2
+  assert mtl['delta_m'] == pytest.approx(want)
+  assert mtl['negative_transfer'] == {'expression': True, 'aus': False}
+  assert mtl['probe']['expression'][:2] == [pytest.approx(0.6), pytest.approx(0.1)]
+  assert 'delta_m' not in out['variants']['st_aus']
+  text = report.render_markdown('affect', out, {'expression': 'multiclass', 'aus': 'multilabel'}, command='c',
+                                seeds=(0, 1, 2))
+  assert f'| mtl | {np.mean(mtl_e):.4f} ± {np.std(mtl_e, ddof=1):.4f} |' in text and f'{want:+.2f}' in text
+  assert '**yes**' in text and 'Δm (%) = (1/T)' in text
+
+
+def test_case_study_grids_have_baselines_and_valid_methods():
+  from mtlmatch import weighting
+  assert set(case_studies.METHODS) == set(weighting.METHODS)
+  for study, tasks in case_studies.TASKS.items():
+    for grid in (case_studies.full_grid(study), case_studies.cpu_grid(study)):
+      names = [v.name for v in grid]
+      assert len(names) == len(set(names))
+      assert all(any(n.endswith(f'st_{t}') for n in names) for t in tasks)
+  full = case_studies.full_grid('multi_fashion')
+  assert {v.overrides.get('weighting.name') for v in full} >= set(weighting.METHODS)
+  assert {v.overrides.get('encoder.name', 'cnn') for v in full} == {'cnn', 'resnet18'}
+  affect = {v.name: v for v in case_studies.full_grid('affect')}
+  assert affect['dm_coann_est100'].overrides['objective.terms.dm.relatedness'] == 'estimate:coannotated_100'
+
+
+def test_real_smoke_run_through_the_driver_and_its_linear_probe(tmp_path):
+  runs = sweep.expand([Variant('mtl', 'configs/affect.py:mtl,smoke')], seeds=(0,), root=str(tmp_path))
+  codes = sweep.run_all(runs, jobs=1, echo=lambda s: None, timeout=300)
+  run = runs[0]
+  log = open(os.path.join(run.workdir, 'log.txt')).read()
+  assert codes == {run.workdir: 0}, log[-3000:]
+  for name in ('command.txt', 'log.txt', 'config.json', 'results.json'):
+    assert os.path.isfile(os.path.join(run.workdir, name)), name
+  assert sweep.run_all(runs, launcher=lambda r: pytest.fail('finished run relaunched'), echo=lambda s: None) == {}
+  row = sweep.collect(runs)[0]
+  assert row['step'] == 6 and 0 <= row['expression/accuracy'] <= 1 and 0 <= row['aus/mean_f1'] <= 1
+  probes = report.linear_probes(runs, probe_train=64, probe_test=48, echo=lambda s: None)
+  assert set(probes[run.workdir]) == {'expression', 'aus'}
+  assert 0 <= probes[run.workdir]['expression'] <= 1
+  assert any(tag.startswith('loss/task/') for tag in report.read_scalars(run.workdir))
+
+
+def test_compose_losses_notebook_runs_end_to_end(tmp_path, monkeypatch):
+  nbformat = pytest.importorskip('nbformat')
+  nbclient = pytest.importorskip('nbclient')
+  # A kernelspec for *this* interpreter (the venv's), found through JUPYTER_PATH, so a fresh `make test` works.
+  spec_dir = tmp_path / 'jupyter' / 'kernels' / 'mtlmatch-test'
+  spec_dir.mkdir(parents=True)
+  (spec_dir / 'kernel.json').write_text(json.dumps({
+      'argv': [sys.executable, '-m', 'ipykernel_launcher', '-f', '{connection_file}'],
+      'display_name': 'mtlmatch test', 'language': 'python'}))
+  monkeypatch.setenv('JUPYTER_PATH', str(tmp_path / 'jupyter'))
+  for key, value in {'STEPS': '12', 'BATCH': '16', 'NUM_EXPRESSIONS': '256', 'NUM_AUS': '128',
+                     'NUM_TEST': '96'}.items():
+    monkeypatch.setenv(f'MTLMATCH_NB_{key}', value)
+  monkeypatch.setenv('PYTHONPATH', REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  nb = nbformat.read(os.path.join(REPO, 'experiments', 'compose_losses.ipynb'), as_version=4)
+  nbclient.NotebookClient(nb, kernel_name='mtlmatch-test', timeout=240,
+                          resources={'metadata': {'path': str(tmp_path)}}).execute()
+  outputs = [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', [])]
+  assert not [o for o in outputs if o.output_type == 'error']
+  text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
+  assert "'expression_accuracy'" in text and "'dgr'" in text
+  assert any('image/png' in o.get('data', {}) for o in outputs if o.output_type == 'display_data')
+
+
+def test_overall_summary_verdicts(tmp_path):
+  def variant(dm, nt, probe=None):
+    v = {'metrics': {}, 'delta_m': dm, 'negative_transfer': nt}
+    if probe:
+      v['probe'] = probe
+    return v
+  summary = {'primary': {}, 'variants': {
+      'mtl': variant(-3.0, {'expression': True, 'aus': False}, {'expression': [0.60, 0.01, 3], 'aus': [0.5, 0.01, 3]}),
+      'dm': variant(-1.0, {'expression': True, 'aus': False}),
+      'dm_coann': variant(1.0, {'expression': False, 'aus': False}),
+      'mtl_dgr': variant(-2.0, {'expression': True, 'aus': False},
+                         {'expression': [0.65, 0.01, 3], 'aus': [0.5, 0.02, 3]})}}
+  os.makedirs(tmp_path / 'affect')
+  with open(tmp_path / 'affect' / 'summary.json', 'w') as f:
+    json.dump(summary, f)
+  text = report.write_overall_summary(str(tmp_path), 'pre')
+  assert '`dm`: Δm = -1.00 %, negative transfer on: expression — claim held PARTLY' in text
+  assert '`dm_coann`: Δm = +1.00 %, negative transfer on: none — claim HELD' in text
+  assert 'expression 0.600 → 0.650 (+0.050, beyond 1 std); aus 0.500 → 0.500 (+0.000, within 1 std)' in text
+  assert 'Not run here (no results): multi_fashion, shopping.' in text
+  assert (tmp_path / 'SUMMARY.md').read_text() == text
