@@ -395,10 +395,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     checkpointer.save(step, state, {'step': step, 'data_position': {'start_step': step},
                                     'config': json.loads(config.to_json_best_effort())})
 
+  # XLA:CPU meets the threads of all fake devices at each collective on a shared thread pool; with a second step
+  # already dispatched, its blocked participants can starve the first step's (seen here as a rendezvous abort after
+  # ~100 steps with 8 devices on 2 cores). Accelerators keep asynchronous dispatch.
+  one_step_in_flight = jax.default_backend() == 'cpu' and exp.mesh.size > 1
   t_loop, step, results = time.time(), start_step, None
   with _Preemption() as preemption:
     while step < config.total_steps:
       state, metrics = step_fn(state, next(batches))
+      if one_step_in_flight:
+        jax.block_until_ready(metrics['loss'])
       step += 1
       log_now = step % config.log_every == 0 or step == config.total_steps
       interrupted = preemption.requested or step == stop_at

@@ -5,7 +5,7 @@ import os
 # host a thread can be starved past the default 40 s, which aborts the process. Allow 10 minutes instead.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
                            ' --xla_cpu_collective_call_terminate_timeout_seconds=600'
-                           ' --xla_cpu_collective_call_warn_stuck_seconds=60').strip()
+                           ' --xla_cpu_collective_call_warn_stuck_timeout_seconds=60').strip()
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
