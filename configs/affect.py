@@ -24,15 +24,7 @@ def get_config(arg=None):
   config.encoder.name = 'cnn'
   config.encoder.kwargs = {'widths': (16, 32, 64), 'features': 128}
 
-  def smoke(c):
-    c.total_steps = 6
-    c.batch_size = 16
-    c.eval_batch_size = 64
-    c.log_every = 2
-    c.checkpoint_every = 3
-    c.optimizer.warmup_steps = 2
-    c.encoder.kwargs = {'widths': (8, 16), 'features': 32}
-    c.data.options = {'num_expressions': 256, 'num_aus': 128, 'num_test': 96, 'num_coannotated': 64,
+  smoke_data = {'num_expressions': 256, 'num_aus': 128, 'num_test': 96, 'num_coannotated': 64,
                       'coannotated_subsets': (32,)}
 
   terms = {
@@ -41,4 +33,4 @@ def get_config(arg=None):
       'coann': lambda: {'coann': dict(kind='co_annotation', weight=1.0, task_a='expression', task_b='aus',
                                       relatedness=RELATEDNESS)},
   }
-  return config_lib.apply_variant(config, arg, terms=terms, smoke=smoke)
+  return config_lib.apply_variant(config, arg, terms=terms, smoke_data=smoke_data)

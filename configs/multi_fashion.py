@@ -23,15 +23,7 @@ def get_config(arg=None):
   config.batch_size = 128
   config.encoder.name = 'cnn'
 
-  def smoke(c):
-    c.total_steps = 6
-    c.batch_size = 16
-    c.eval_batch_size = 64
-    c.log_every = 2
-    c.checkpoint_every = 3
-    c.optimizer.warmup_steps = 2
-    c.encoder.kwargs = {'widths': (8, 16), 'features': 32}
-    c.data.options = {'num_train': 256, 'num_test': 96, 'annotation': 'full', 'num_coannotated': 64}
+  smoke_data = {'num_train': 256, 'num_test': 96, 'annotation': 'full', 'num_coannotated': 64}
 
   terms = {
       'dm': lambda: {'dm': dict(kind='distribution_matching', weight=1.0, task_a='left', task_b='right',
@@ -39,4 +31,4 @@ def get_config(arg=None):
       'coann': lambda: {'coann': dict(kind='co_annotation', weight=1.0, task_a='left', task_b='right',
                                       relatedness=RELATEDNESS)},
   }
-  return config_lib.apply_variant(config, arg, terms=terms, smoke=smoke)
+  return config_lib.apply_variant(config, arg, terms=terms, smoke_data=smoke_data)

@@ -24,22 +24,11 @@ def get_config(arg=None):
   config.batch_size = 128
   config.encoder.name = 'cnn'
 
-  def smoke(c):
-    c.total_steps = 6
-    c.batch_size = 16
-    c.eval_batch_size = 64
-    c.log_every = 2
-    c.checkpoint_every = 3
-    c.optimizer.warmup_steps = 2
-    c.encoder.kwargs = {'widths': (8, 16), 'features': 32}
-    c.data.options = {'num_item': 64, 'num_group': 128, 'num_coannotated': 48}
+  smoke_data = {'num_item': 64, 'num_group': 128, 'num_coannotated': 48}
 
-  def pair_terms(kind):
-    return lambda: {f'{kind}_group': dict(kind=kind, weight=1.0, task_a='item', task_b='group',
-                                          relatedness=RELATEDNESS),
-                    f'{kind}_attributes': dict(kind=kind, weight=1.0, task_a='item', task_b='attributes',
-                                               relatedness=RELATEDNESS)}
+  def pair_terms(token, kind):  # item → group and item → attributes, e.g. terms 'dm_group', 'dm_attributes'
+    return lambda: {f'{token}_{b}': dict(kind=kind, weight=1.0, task_a='item', task_b=b, relatedness=RELATEDNESS)
+                    for b in ('group', 'attributes')}
 
-  config = config_lib.apply_variant(config, arg, terms={'dm': pair_terms('distribution_matching'),
-                                                        'coann': pair_terms('co_annotation')}, smoke=smoke)
-  return config
+  terms = {'dm': pair_terms('dm', 'distribution_matching'), 'coann': pair_terms('coann', 'co_annotation')}
+  return config_lib.apply_variant(config, arg, terms=terms, smoke_data=smoke_data)

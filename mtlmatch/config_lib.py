@@ -70,14 +70,26 @@ def dgr_term(weight: float = 0.01, num_dummies: int = 1, mode: str = 'fixed') ->
               head='task', init_scale=1.0)
 
 
+def shrink_for_smoke(config: ml_collections.ConfigDict, data_options: Mapping[str, object]) -> None:
+  """A seconds-long run: 6 steps of 16, a tiny CNN, logs and checkpoints every few steps, tiny data."""
+  config.total_steps = 6
+  config.batch_size = 16
+  config.eval_batch_size = 64
+  config.log_every = 2
+  config.checkpoint_every = 3
+  config.optimizer.warmup_steps = 2
+  config.encoder.kwargs = {'widths': (8, 16), 'features': 32}
+  config.data.options = dict(data_options)
+
+
 def apply_variant(config: ml_collections.ConfigDict, arg: Optional[str], *,
                   terms: Mapping[str, Callable[[], dict]],
-                  smoke: Callable[[ml_collections.ConfigDict], None]) -> ml_collections.ConfigDict:
+                  smoke_data: Mapping[str, object]) -> ml_collections.ConfigDict:
   """Applies the tokens of ``arg`` (see module docstring). ``terms`` maps 'dm'/'coann' to factories of
   ``{term name: term config}`` (a benchmark may need several pairs, e.g. item → group and item → attributes)."""
   for token in [t for t in (arg or '').split(',') if t]:
     if token == 'smoke':
-      smoke(config)
+      shrink_for_smoke(config, smoke_data)
     elif token.startswith('single='):
       config.tasks = (token[len('single='):],)
     else:
