@@ -29,6 +29,8 @@ def test_sweep_runs_only_unfinished_and_tables_them(tmp_path):
   runs = sweep.expand(grid, seeds=(0, 1), root=str(tmp_path))
   assert [(r.variant.name, r.seed) for r in runs] == [('a', 0), ('a', 1), ('b', 0), ('b', 1)]
   assert runs[1].workdir == os.path.join(str(tmp_path), 'a', 'seed_1')
+  by_seed = sweep.expand(grid, seeds=(0, 1), root=str(tmp_path), order='seed')
+  assert [(r.variant.name, r.seed) for r in by_seed] == [('a', 0), ('b', 0), ('a', 1), ('b', 1)]
   cmd = runs[1].command('py')
   assert cmd[:4] == ['py', '-m', 'mtlmatch.main', '--config=configs/affect.py:mtl']
   assert cmd[4:] == [f'--workdir={runs[1].workdir}', '--config.seed=1', '--config.total_steps=5',

@@ -1,0 +1,523 @@
+"""Case-study report: mean ± std over seeds, Δm vs single-task baselines, negative-transfer flags, linear probes of
+the frozen shared features, PNG plots, written as ``REPORT.md`` with the commands, package versions and machine.
+
+Conventions (also stated in every report):
+
+* **Primary metric per task** (:data:`PRIMARY`): ``accuracy`` for a multiclass task, ``mean_f1`` (mean over labels
+  of per-label F1) for a multilabel task — entry accuracy of sparse AUs is dominated by the all-absent prediction.
+  All metrics here are higher-is-better.
+* **Δm** (Maninis et al. 2019; Vandenhende et al. 2021): Δm = (1/T) Σ_t (−1)^{l_t} (M_t − M_ST,t) / M_ST,t × 100,
+  l_t = 0 (higher is better) for every metric here; M_t is the variant's seed-mean of task t's primary metric and
+  M_ST,t the seed-mean of the single-task baseline ``st_<t>``.
+* **Negative transfer** on task t: M_ST,t − M_t > max(s_ST,t, s_t) — the variant is worse than the single-task model
+  by more than one standard deviation (sample std over seeds, ddof = 1) of either.
+* **Linear probe**: features of the final checkpoint's encoder (frozen, eval mode) on up to ``probe_train`` training
+  examples labelled for the task (from the train sources that annotate it) and ``probe_test`` test examples;
+  standardised, then scikit-learn ``LogisticRegression`` (one per label for multilabel tasks); scored with the task's
+  primary metric. This is the representation-quality measure of the DGR paper.
+
+  python experiments/case_studies.py affect --report-only     # re-table and re-plot the finished runs
+"""
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments import sweep  # noqa: E402
+
+PRIMARY = {'multiclass': 'accuracy', 'multilabel': 'mean_f1'}
+# Result folders SUMMARY.md reads.
+STUDY_DIRS = ('affect', 'shopping', 'multi_fashion')
+PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'tensorflow-cpu', 'tensorflow-datasets',
+            'ml-collections', 'clu', 'numpy', 'scikit-learn', 'matplotlib')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics (pure; tested against hand numbers).
+
+def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+  """(mean, sample std with ddof=1 (0 for a single value), n) of the finite values."""
+  v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
+  if v.size == 0:
+    return float('nan'), float('nan'), 0
+  return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
+
+
+def aggregate(rows: Sequence[Mapping]) -> dict[str, dict[str, tuple[float, float, int]]]:
+  """``{variant name: {column: (mean, std, n)}}`` over seeds, for every numeric ``<task>/<metric>`` column."""
+  by_name: dict[str, list[Mapping]] = {}
+  for row in rows:
+    by_name.setdefault(row['name'], []).append(row)
+  out = {}
+  for name, group in by_name.items():
+    columns = dict.fromkeys(k for r in group for k in r if '/' in k and k != 'workdir')
+    out[name] = {c: mean_std([r.get(c) for r in group]) for c in columns}
+  return out
+
+
+def delta_m(means: Mapping[str, float], baselines: Mapping[str, float],
+            lower_is_better: Optional[Mapping[str, bool]] = None) -> float:
+  """Δm (%) = (1/T) Σ_t (−1)^{l_t} (M_t − M_ST,t) / M_ST,t × 100 over the tasks of ``baselines``."""
+  lower_is_better = lower_is_better or {}
+  missing = sorted(set(baselines) - set(means))
+  if missing:
+    raise ValueError(f'means: got no value for tasks {missing}, expected one per baseline task {sorted(baselines)}')
+  terms = [(-1.0 if lower_is_better.get(t, False) else 1.0) * (means[t] - b) / b for t, b in baselines.items()]
+  return float(100.0 * np.mean(terms))
+
+
+def negative_transfer(mtl: tuple[float, float], st: tuple[float, float], *, lower_is_better: bool = False) -> bool:
+  """True when the MTL (mean, std) is worse than the single-task (mean, std) by more than max(std_MTL, std_ST)."""
+  gap = (mtl[0] - st[0]) if lower_is_better else (st[0] - mtl[0])
+  return bool(gap > max(mtl[1], st[1]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Linear probes of the frozen shared features.
+
+def _restore_raw(workdir: str):
+  """The newest checkpoint's state as plain nested dicts (no target tree needed)."""
+  import orbax.checkpoint as ocp
+  steps = sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, 'checkpoints', '*'))
+                 if os.path.basename(p).isdigit())
+  if not steps:
+    raise ValueError(f'workdir {workdir!r}: got no checkpoint, expected checkpoints/<step>/ from a finished run')
+  import jax
+  path = os.path.join(workdir, 'checkpoints', str(steps[-1]), 'state')
+  checkpointer = ocp.StandardCheckpointer()
+  meta = checkpointer.metadata(path)
+  meta = getattr(meta, 'item_metadata', meta)
+  # The run saved arrays replicated over its mesh (e.g. 8 fake devices); read them onto this process's first device.
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), meta,
+                        is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
+  return checkpointer.restore(path, target)
+
+
+class _ProbeData:
+  """Train/test images and labels per task of one benchmark configuration, loaded once and reused across runs."""
+
+  def __init__(self, config, probe_train: int, probe_test: int, seed: int = 0):
+    from mtlmatch import data as data_lib
+    bench = data_lib.get_benchmark(config.data.name, data_dir=config.data.data_dir, seed=config.data.seed,
+                                   **config.data.options.to_dict())
+    self.tasks = bench.tasks
+    rng = np.random.default_rng(seed)
+    self.split = {}
+    for task in bench.tasks:
+      for part, sources, cap in (('train', bench.train_sources, probe_train), ('test', bench.eval_sources, probe_test)):
+        imgs, labs = [], []
+        for s in sources:
+          if task in s.tasks:
+            ex = data_lib.load_examples(s, bench.tasks)
+            lab = np.asarray(ex.labels[task])
+            keep = (lab != -1) if lab.ndim == 1 else (lab != -1).any(axis=1)
+            imgs.append(np.asarray(ex.images)[keep])
+            labs.append(lab[keep])
+        images, labels = np.concatenate(imgs), np.concatenate(labs)
+        idx = np.sort(rng.permutation(len(images))[:cap])
+        images = images[idx].reshape((-1, *bench.image_shape))  # as the train pipeline feeds them
+        self.split[(task, part)] = (images.astype(np.float32) / 127.5 - 1.0, labels[idx])
+
+
+def _probe_score(kind: str, f_train, y_train, f_test, y_test) -> float:
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.preprocessing import StandardScaler
+  scaler = StandardScaler().fit(f_train)
+  f_train, f_test = scaler.transform(f_train), scaler.transform(f_test)
+  if kind == 'multiclass':
+    clf = LogisticRegression(max_iter=500).fit(f_train, y_train)
+    return float(np.mean(clf.predict(f_test) == y_test))
+  f1s = []
+  for k in range(y_train.shape[1]):
+    tr, te = y_train[:, k] != -1, y_test[:, k] != -1
+    if len(np.unique(y_train[tr, k])) < 2 or not te.any():
+      continue
+    pred = LogisticRegression(max_iter=500).fit(f_train[tr], y_train[tr, k]).predict(f_test[te])
+    y = y_test[te, k]
+    tp, fp, fn = np.sum((pred == 1) & (y == 1)), np.sum((pred == 1) & (y == 0)), np.sum((pred == 0) & (y == 1))
+    if tp + fp + fn > 0:
+      f1s.append(2 * tp / (2 * tp + fp + fn))
+  return float(np.mean(f1s)) if f1s else float('nan')
+
+
+def linear_probes(runs: Sequence[sweep.Run], *, probe_train: int = 2000, probe_test: int = 2000,
+                  echo=print) -> dict[str, dict[str, float]]:
+  """``{workdir: {task: probe score}}`` for every finished run with a checkpoint, every task of the benchmark."""
+  import jax
+  import ml_collections
+  from mtlmatch import models
+  cache: dict[str, _ProbeData] = {}
+  out = {}
+  for run in runs:
+    if not run.finished:
+      continue
+    with open(os.path.join(run.workdir, 'config.json')) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+    key = json.dumps(config.data.to_dict(), sort_keys=True)
+    if key not in cache:
+      cache[key] = _ProbeData(config, probe_train, probe_test)
+    data = cache[key]
+    state = _restore_raw(run.workdir)
+    trained = {t: data.tasks[t] for t in (config.tasks or data.tasks)}
+    model = models.build_model(trained, encoder=config.encoder.name, encoder_kwargs=config.encoder.kwargs.to_dict(),
+                               head=config.head.name, head_kwargs=config.head.kwargs.to_dict())
+    variables = {'params': state['params'], 'batch_stats': state.get('batch_stats') or {}}
+    encode = jax.jit(lambda v, x: model.encode(v, x, train=False)[0])
+
+    def features(images):
+      return np.concatenate([np.asarray(encode(variables, images[i:i + 500])) for i in range(0, len(images), 500)])
+
+    out[run.workdir] = {}
+    for task, spec in data.tasks.items():
+      (x_tr, y_tr), (x_te, y_te) = data.split[(task, 'train')], data.split[(task, 'test')]
+      out[run.workdir][task] = _probe_score(spec.kind, features(x_tr), y_tr, features(x_te), y_te)
+    echo(f'  probe {run.variant.name} seed {run.seed}: ' +
+         ', '.join(f'{t} {v:.3f}' for t, v in out[run.workdir].items()))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Curves from the TensorBoard event files.
+
+def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """``{tag: (steps, values)}`` from every event file in ``workdir`` (clu writes tensor summaries)."""
+  import tensorflow as tf
+  series: dict[str, dict[int, float]] = {}
+  for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.HasField('tensor'):
+          x = float(tf.make_ndarray(value.tensor))
+        elif value.HasField('simple_value'):
+          x = float(value.simple_value)
+        else:
+          continue
+        series.setdefault(value.tag, {})[int(event.step)] = x
+  return {tag: (np.array(sorted(d)), np.array([d[s] for s in sorted(d)])) for tag, d in series.items()}
+
+
+def plot_curves(runs: Sequence[sweep.Run], tasks: Sequence[str], path: str) -> None:
+  """One panel per task: the training loss ``loss/task/<t>`` vs step, seed-mean per variant (band = ± std)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+  names = list(dict.fromkeys(r.variant.name for r in runs))
+  scalars = {r.workdir: read_scalars(r.workdir) for r in runs if r.finished}
+  for ax, task in zip(axes[0], tasks):
+    for name in names:
+      curves = [scalars[r.workdir][f'loss/task/{task}'] for r in runs
+                if r.variant.name == name and r.workdir in scalars and f'loss/task/{task}' in scalars[r.workdir]]
+      if not curves:
+        continue
+      n = min(len(c[0]) for c in curves)
+      steps, values = curves[0][0][:n], np.stack([c[1][:n] for c in curves])
+      line, = ax.plot(steps, values.mean(0), label=name)
+      ax.fill_between(steps, values.mean(0) - values.std(0), values.mean(0) + values.std(0), alpha=0.15,
+                      color=line.get_color())
+    ax.set_title(f'training loss: {task}')
+    ax.set_xlabel('step')
+    ax.set_yscale('log')
+  for ax in axes[0]:
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7, loc='upper right')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_bars(agg, names: Sequence[str], columns: Sequence[str], path: str, title: str) -> None:
+  """Grouped bars: one group per column (task metric), one bar per variant, error bars = std over seeds."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) * len(columns) / 2), 4))
+  width = 0.8 / len(names)
+  for i, name in enumerate(names):
+    means = [agg.get(name, {}).get(c, (np.nan, 0, 0))[0] for c in columns]
+    stds = [agg.get(name, {}).get(c, (np.nan, 0, 0))[1] for c in columns]
+    ax.bar(np.arange(len(columns)) + i * width, means, width, yerr=stds, capsize=2, label=name)
+  ax.set_xticks(np.arange(len(columns)) + 0.4 - width / 2)
+  ax.set_xticklabels(columns)
+  ax.set_title(title)
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The report.
+
+def machine_description() -> str:
+  model = ''
+  try:
+    with open('/proc/cpuinfo') as f:
+      model = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), '')
+  except OSError:
+    pass
+  return (f'{platform.platform()}; Python {platform.python_version()}; {os.cpu_count()} CPU cores visible '
+          f'({model or platform.processor()}), shared with other jobs; no accelerator (JAX on CPU, 8 fake devices '
+          'via XLA_FLAGS=--xla_force_host_platform_device_count=8)')
+
+
+def package_versions() -> dict[str, str]:
+  out = {}
+  for name in PACKAGES:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = 'not installed'
+  return out
+
+
+def _fmt(ms, seeds: int = 0) -> str:
+  """'mean ± std', with '(n=k)' when fewer than ``seeds`` runs finished."""
+  mean, std, n = ms
+  if n == 0:
+    return '—'
+  return f'{mean:.4f} ± {std:.4f}' + (f' (n={n})' if n < seeds else '')
+
+
+def summarize(rows: Sequence[Mapping], task_kinds: Mapping[str, str],
+              probes: Optional[Mapping[str, Mapping[str, float]]] = None) -> dict:
+  """Aggregated numbers the report prints: per variant the seed mean ± std of every metric, Δm, negative-transfer
+  flags per task and probe scores. Variants ``st_<task>`` are the baselines."""
+  agg = aggregate(rows)
+  primary = {t: f'{t}/{PRIMARY[k]}' for t, k in task_kinds.items()}
+  baselines = {t: agg[f'st_{t}'][primary[t]] for t in task_kinds if f'st_{t}' in agg and primary[t] in agg[f'st_{t}']}
+  out = {'primary': primary, 'variants': {}}
+  for name, cols in agg.items():
+    entry = {'metrics': {c: list(v) for c, v in cols.items()}}
+    if not name.startswith('st_') and len(baselines) == len(task_kinds) and all(primary[t] in cols for t in task_kinds):
+      entry['delta_m'] = delta_m({t: cols[primary[t]][0] for t in task_kinds},
+                                 {t: b[0] for t, b in baselines.items()})
+      # A std from one seed is 0, which would flag any difference: no flag (None) unless both have >= 2 seeds.
+      entry['negative_transfer'] = {
+          t: negative_transfer(cols[primary[t]][:2], baselines[t][:2])
+          if cols[primary[t]][2] >= 2 and baselines[t][2] >= 2 else None for t in task_kinds}
+    if probes:
+      by_task = {}
+      for row in rows:
+        if row['name'] == name and row['workdir'] in probes:
+          for t, v in probes[row['workdir']].items():
+            by_task.setdefault(t, []).append(v)
+      entry['probe'] = {t: list(mean_std(v)) for t, v in by_task.items()}
+    out['variants'][name] = entry
+  return out
+
+
+def render_markdown(study: str, summary: dict, task_kinds: Mapping[str, str], *, command: str, notes: str = '',
+                    seeds: Sequence[int] = (), sweep_seconds: Optional[float] = None,
+                    run_commands: Sequence[str] = ()) -> str:
+  primary = summary['primary']
+  variants = summary['variants']
+  lines = [f'# Case study: {study}', '', 'Generated by `experiments/report.py` from the runs\' `results.json`, event files '
+           'and checkpoints; no number here is edited by hand.', '', '## Command', '', f'```\n{command}\n```', '']
+  if notes:
+    lines += ['## What ran (and what was cut)', '', notes, '']
+  lines += ['## Definitions', '',
+            '* Primary metric per task: ' + ', '.join(f'`{t}` → `{primary[t].split("/")[1]}`' for t in task_kinds) +
+            ' (multiclass: accuracy; multilabel: mean over labels of per-label F1). All higher is better.',
+            '* Δm (%) = (1/T) Σ_t (−1)^{l_t} (M_t − M_ST,t) / M_ST,t × 100, l_t = 0 (higher is better) for every '
+            'primary metric; M = seed mean; M_ST,t from the variant `st_<t>`.',
+            '* NT (negative transfer) on t: M_ST,t − M_t > max(std_ST,t, std_t) (sample std over seeds).',
+            '* Probe: logistic regression (scikit-learn) on the frozen encoder features of the final checkpoint, '
+            'train examples labelled for t → test set, scored by the primary metric.',
+            f'* Seeds: {list(seeds)} (config.seed: initialisation and data order; the data set is fixed).', '']
+  tasks = list(task_kinds)
+  header = ['variant'] + [primary[t] for t in tasks] + ['Δm (%)'] + [f'NT {t}' for t in tasks]
+  lines += ['## Primary metrics (mean ± std over seeds)', '', '| ' + ' | '.join(header) + ' |',
+            '|' + '---|' * len(header)]
+  for name, v in variants.items():
+    m = v['metrics']
+    cells = [name] + [_fmt(tuple(m[primary[t]]), len(seeds)) if primary[t] in m else '—' for t in tasks]
+    cells.append(f'{v["delta_m"]:+.2f}' if 'delta_m' in v else 'baseline' if name.startswith('st_') else '—')
+    cells += [('n<2' if v['negative_transfer'][t] is None else '**yes**' if v['negative_transfer'][t] else 'no')
+              if 'negative_transfer' in v else '—' for t in tasks]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  columns = list(dict.fromkeys(c for v in variants.values() for c in v['metrics']))
+  lines += ['', '## Every metric (mean ± std over seeds)', '', '| variant | ' + ' | '.join(columns) + ' |',
+            '|' + '---|' * (len(columns) + 1)]
+  for name, v in variants.items():
+    lines.append(f'| {name} | ' + ' | '.join(_fmt(tuple(v['metrics'][c]), len(seeds)) if c in v['metrics'] else '—'
+                                             for c in columns) + ' |')
+  if any('probe' in v for v in variants.values()):
+    lines += ['', '## Linear probe of the frozen shared features (mean ± std over seeds)', '',
+              '| variant | ' + ' | '.join(f'probe {primary[t]}' for t in tasks) + ' |', '|' + '---|' * (len(tasks) + 1)]
+    for name, v in variants.items():
+      p = v.get('probe', {})
+      lines.append(f'| {name} | ' + ' | '.join(_fmt(tuple(p[t]), len(seeds)) if t in p else '—' for t in tasks) + ' |')
+  lines += ['', '## Plots', '', '![training curves](curves.png)', '', '![primary metrics](bars.png)', '']
+  if any('probe' in v for v in variants.values()):
+    lines += ['![linear probes](probe_bars.png)', '']
+  if run_commands:
+    lines += ['## Per-variant commands', '', 'Seed 0 shown; the other seeds differ only in `--config.seed` and '
+              '`--workdir`. Each run\'s workdir keeps `command.txt`, `log.txt`, `config.json`, event files, '
+              'checkpoints and `results.json`.', '', '```'] + list(run_commands) + ['```', '']
+  lines += ['## Environment', '', f'* Machine: {machine_description()}',
+            '* Packages: ' + ', '.join(f'{k} {v}' for k, v in package_versions().items())]
+  if sweep_seconds is not None:
+    lines.append(f'* Wall time of the command that wrote this report: {sweep_seconds / 60:.1f} min '
+                 '(runs already finished were skipped).')
+  lines += ['* Per-run command lines: `command.txt` in each run\'s workdir; every run is listed in `runs.csv`.', '']
+  return '\n'.join(lines)
+
+
+def write_report(study: str, runs: Sequence[sweep.Run], out: str, *, tasks: Sequence[str], command: str,
+                 probe: bool = True, notes: str = '', sweep_seconds: Optional[float] = None) -> dict:
+  """Tables + plots + REPORT.md (+ summary.json) for ``runs`` in ``out``; returns the summary."""
+  os.makedirs(out, exist_ok=True)
+  rows = sweep.collect(runs)
+  if not rows:
+    raise ValueError(f'runs: got no finished run among {len(runs)}, expected at least one results.json')
+  kinds = {}
+  for row in rows:
+    kinds.update(_task_kinds(row['workdir']))
+  missing = sorted(set(tasks) - set(kinds))
+  if missing:
+    raise ValueError(f'tasks: got {missing} that no finished run evaluated, expected tasks of {sorted(kinds)}')
+  kinds = {t: kinds[t] for t in tasks}
+  probes = linear_probes(runs) if probe else None
+  summary = summarize(rows, kinds, probes)
+  with open(os.path.join(out, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  names = list(summary['variants'])
+  agg = {n: {c: tuple(v) for c, v in summary['variants'][n]['metrics'].items()} for n in names}
+  primary_cols = [summary['primary'][t] for t in tasks]
+  plot_curves(runs, tasks, os.path.join(out, 'curves.png'))
+  plot_bars(agg, names, primary_cols, os.path.join(out, 'bars.png'), f'{study}: primary metric, mean ± std')
+  if probes:
+    pagg = {n: {summary['primary'][t]: tuple(v) for t, v in summary['variants'][n].get('probe', {}).items()
+                if t in summary['primary']}
+            for n in names}
+    plot_bars(pagg, names, primary_cols, os.path.join(out, 'probe_bars.png'), f'{study}: linear probe, mean ± std')
+  seeds = sorted({r.seed for r in runs})
+  with open(os.path.join(out, 'REPORT.md'), 'w') as f:
+    import shlex
+    first = {}
+    for r in runs:
+      first.setdefault(r.variant.name, r)
+    f.write(render_markdown(study, summary, kinds, command=command, notes=notes, seeds=seeds,
+                            sweep_seconds=sweep_seconds,
+                            run_commands=[shlex.join(['python'] + r.command()[1:]) for r in first.values()]))
+  return summary
+
+
+def _task_kinds(workdir: str) -> dict[str, str]:
+  """Task kinds of a run's benchmark, read from its evaluation (multilabel tasks report ``mean_f1``)."""
+  with open(os.path.join(workdir, 'results.json')) as f:
+    metrics = json.load(f)['metrics']
+  return {t: 'multilabel' if 'mean_f1' in m else 'multiclass' for t, m in metrics.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SUMMARY.md: each paper's claim checked by a fixed rule against the studies' summary.json (no number typed by hand).
+
+def _get(summary: dict, name: str) -> Optional[dict]:
+  return summary['variants'].get(name)
+
+
+def _nt_list(v: dict) -> str:
+  bad = [t for t, flag in v.get('negative_transfer', {}).items() if flag]
+  return ', '.join(bad) if bad else 'none'
+
+
+def _dm_claim(study: str, summary: dict, plain: str, matched: Sequence[str]) -> list[str]:
+  """Kollias et al.: plain MTL shows negative transfer on some task; DM / co-annotation removes it."""
+  mtl = _get(summary, plain)
+  if mtl is None or 'delta_m' not in mtl:
+    return [f'* {study}: plain MTL or a single-task baseline did not finish; no verdict.']
+  lines = [f'* {study}: plain MTL (`{plain}`) Δm = {mtl["delta_m"]:+.2f} %, negative transfer on: {_nt_list(mtl)}'
+           + (' (fewer than 2 seeds somewhere: flags incomplete).' if None in mtl['negative_transfer'].values() else '.')]
+  for name in matched:
+    v = _get(summary, name)
+    if v is None or 'delta_m' not in v:
+      continue
+    if None in mtl['negative_transfer'].values() or None in v['negative_transfer'].values():
+      lines.append(f'  * `{name}`: Δm = {v["delta_m"]:+.2f} % — fewer than 2 seeds of it, plain MTL or a baseline '
+                   'finished: no verdict.')
+      continue
+    nt_before = {t for t, f in mtl['negative_transfer'].items() if f}
+    nt_after = {t for t, f in v['negative_transfer'].items() if f}
+    if not nt_before:
+      verdict = ('no negative transfer to prevent here; Δm ' +
+                 ('higher' if v['delta_m'] > mtl['delta_m'] else 'not higher') + ' than plain MTL')
+    elif not nt_after:
+      verdict = 'claim HELD: the negative transfer of plain MTL is gone'
+    elif nt_after < nt_before or v['delta_m'] > mtl['delta_m']:
+      verdict = 'claim held PARTLY: less negative transfer / higher Δm, but some remains'
+    else:
+      verdict = 'claim did NOT hold: negative transfer remains'
+    lines.append(f'  * `{name}`: Δm = {v["delta_m"]:+.2f} %, negative transfer on: {_nt_list(v)} — {verdict}.')
+  return lines
+
+
+def _dgr_claim(study: str, summary: dict, pairs: Sequence[tuple[str, str]]) -> list[str]:
+  """Shin et al.: DGR improves the representation (linear-probe score) of the shared features."""
+  lines = []
+  for base, with_dgr in pairs:
+    b, d = _get(summary, base), _get(summary, with_dgr)
+    if not b or not d or 'probe' not in b or 'probe' not in d:
+      continue
+    parts, better, worse = [], 0, 0
+    for t in b['probe']:
+      (mb, sb, _), (md, sd, _) = b['probe'][t], d['probe'].get(t, (float('nan'), 0, 0))
+      diff = md - mb
+      sig = abs(diff) > max(sb, sd)
+      better += int(sig and diff > 0)
+      worse += int(sig and diff < 0)
+      parts.append(f'{t} {mb:.3f} → {md:.3f} ({diff:+.3f}{", beyond 1 std" if sig else ", within 1 std"})')
+    verdict = ('claim HELD' if better and not worse else 'claim did NOT hold (probe worse)' if worse and not better
+               else 'mixed' if better and worse else 'no difference beyond one std')
+    dm = (f'; Δm {b["delta_m"]:+.2f} → {d["delta_m"]:+.2f} %' if 'delta_m' in b and 'delta_m' in d else '')
+    lines.append(f'* {study}: `{base}` → `{with_dgr}` linear probe: ' + '; '.join(parts) + f'{dm} — {verdict}.')
+  return lines
+
+
+def write_overall_summary(results_dir: str, preamble: str = '') -> str:
+  """``<results_dir>/SUMMARY.md`` from each study's ``summary.json``; returns the text."""
+  loaded = {}
+  for study in STUDY_DIRS:
+    path = os.path.join(results_dir, study, 'summary.json')
+    if os.path.isfile(path):
+      with open(path) as f:
+        loaded[study] = json.load(f)
+  lines = ['# What held here', '', 'Written by `experiments/report.py` (`write_overall_summary`) from the studies\' '
+           '`summary.json`, by fixed rules stated below; no number is typed by hand.', '']
+  if preamble:
+    lines += [preamble, '']
+  lines += ['## Distribution matching + co-annotation (Kollias et al., AAAI 2024): prevents negative transfer', '',
+            'Rule: negative transfer (NT) on a task = worse than its single-task model by more than one std over '
+            'seeds; HELD = plain MTL has NT and the variant has none; PARTLY = fewer NT tasks or higher Δm.', '']
+  for study in ('affect',):
+    if study in loaded:
+      lines += _dm_claim(study, loaded[study], 'mtl', ('coann', 'dm', 'dm_coann', 'dm_coann_dgr', 'dm_coann_est100',
+                                                       'dm_coann_est1000'))
+  if 'shopping' in loaded:
+    lines += _dm_claim('shopping', loaded['shopping'], 'mtl', ('coann', 'dm', 'dm_coann', 'dm_coann_dgr'))
+  lines += ['', '## DGR (Shin et al., ECCV 2024): better shared representation (linear probe)', '',
+            'Rule: HELD = the probe score (primary metric) with DGR is higher than without by more than one std on '
+            'some task and lower beyond one std on none.', '']
+  for study, pairs in (('affect', (('mtl', 'mtl_dgr'), ('dm_coann', 'dm_coann_dgr'))),
+                       ('shopping', (('mtl', 'mtl_dgr'), ('dm_coann', 'dm_coann_dgr'))),
+                       ('multi_fashion', (('cnn_ew', 'cnn_ew_dgr_l0.01_k1'), ('cnn_pcgrad', 'cnn_pcgrad_dgr_l0.01_k1')))):
+    if study in loaded:
+      lines += _dgr_claim(study, loaded[study], pairs) or [f'* {study}: no DGR pair finished; no verdict.']
+  missing = sorted(set(STUDY_DIRS) - set(loaded))
+  if missing:
+    lines += ['', f'Not run here (no results): {", ".join(missing)}.']
+  text = '\n'.join(lines) + '\n'
+  with open(os.path.join(results_dir, 'SUMMARY.md'), 'w') as f:
+    f.write(text)
+  return text
