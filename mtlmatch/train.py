@@ -12,7 +12,7 @@ Gradients: the objective yields a vector of named losses ``[T']`` (tasks, plus D
 ``config.weighting.terms_as_tasks``) and an additive part (DGR always; the other terms otherwise). One forward pass
 gives a VJP; a loss-weighting method (EW, UW, DWA, RLW, FAMO) needs one backward pass with its weights as cotangent, a
 gradient method (MGDA, PCGrad, CAGrad, Nash-MTL, IMTL, Aligned-MTL, GradNorm) gets the per-loss Jacobian rows from the
-same VJP, vmapped, combines the shared-encoder rows, and gives every head the sum of its rows (a head only receives
+same VJP (vmapped on accelerators; row by row on XLA:CPU, where that measured 2-4x faster), combines the shared-encoder rows, and gives every head the sum of its rows (a head only receives
 gradient from the losses that use it). The additive part's gradient is added on top of the combined gradient.
 """
 from __future__ import annotations
@@ -177,12 +177,24 @@ def train_step(state: TrainState, batch: Mapping[str, Any], *, model, objective,
   rows, vjp_fn, (named, batch_stats) = jax.vjp(loss_rows, state.params, has_aux=True)
   task_losses = rows[:-1]
   if gradient_method:
-    jac = jax.vmap(vjp_fn)(jnp.eye(rows.shape[0], dtype=rows.dtype))[0]   # leaves [T'+1, ...]
+    # Unit cotangents through the one VJP give the Jacobian rows; the additive row only when there is an additive
+    # part (otherwise it is identically zero and would cost a whole backward pass).
+    num_tasks = task_losses.shape[0]
+    cotangents = jnp.eye(num_tasks + 1 if additive else num_tasks, rows.shape[0], dtype=rows.dtype)
+    if jax.default_backend() == 'cpu':
+      # XLA:CPU runs the vmapped backward's convolutions 2-4x slower than the same rows pulled back one by one
+      # (experiments/bench.py, CNN, T=2/4: 3.0x/5.5x EW vs 1.4x/2.7x); the rows still share the one forward pass.
+      jac = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[vjp_fn(c)[0] for c in cotangents])
+    else:
+      jac = jax.vmap(vjp_fn)(cotangents)[0]   # leaves [rows, ...]
     flat_rows = jax.vmap(lambda tree: ravel_pytree(tree)[0])(jac['encoder'])
     unravel = ravel_pytree(state.params['encoder'])[1]
-    update, weights, weighting_state = method.apply(state.weighting_state, flat_rows[:-1], task_losses, method_rng)
-    grads = {'encoder': unravel(update + flat_rows[-1]), 'heads': jax.tree.map(lambda g: g.sum(0), jac['heads'])}
-    cosine = weighting.cosine_similarity_matrix(flat_rows[:-1])
+    update, weights, weighting_state = method.apply(state.weighting_state, flat_rows[:num_tasks], task_losses,
+                                                    method_rng)
+    if additive:
+      update = update + flat_rows[num_tasks]
+    grads = {'encoder': unravel(update), 'heads': jax.tree.map(lambda g: g.sum(0), jac['heads'])}
+    cosine = weighting.cosine_similarity_matrix(flat_rows[:num_tasks])
   else:
     # The weights of loss-weighting methods depend on losses and state only: G is not needed (a [T, 1] stand-in).
     _, weights, weighting_state = method.apply(
