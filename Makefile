@@ -1,12 +1,13 @@
 # Two entry points for a fresh machine with Python 3.11 (see README.md):
 #   make run    set up .venv and run the main job on the embedded synthetic default (no download)
-#   make test   set up .venv and run the test suite on 8 fake CPU devices
+#   make test   set up .venv and run the test suite on 8 fake CPU devices (without the tests marked slow)
+#   make test-all   the same with the slow tests (the 20-kill fault test, ...)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/affect_dm
 
-.PHONY: setup run test clean
+.PHONY: setup run test test-all clean
 
 $(VENV)/.installed: setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,9 @@ run: setup
 	$(PY) -m mtlmatch.main --config=configs/affect.py:dm --workdir=$(WORKDIR)
 
 test: setup
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -m "not slow" tests
+
+test-all: setup
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests
 
 clean:

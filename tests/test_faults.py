@@ -6,6 +6,7 @@ The kill test runs real training processes (experiments/kill_test.py); its long 
 :func:`fast_builds` (``train.build_experiment`` memoized per config, the initial state per model): what they test is
 the loop's saving, restoring and halting, not compilation, and each compile costs seconds on a 2-core CPU.
 """
+import copy
 import dataclasses
 import functools
 import glob
@@ -15,6 +16,9 @@ import json
 import logging
 import os
 import shutil
+import signal
+import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +31,12 @@ from mtlmatch import checkpoint as ckpt_lib
 from mtlmatch import config_lib
 from mtlmatch import train
 
-pytestmark = pytest.mark.fault
+pytestmark = [
+    pytest.mark.fault,
+    # A restore that fails part-way leaves an orbax asyncio callback for a loop already closed; it is reported when
+    # garbage-collected, in whichever test that happens.
+    pytest.mark.filterwarnings('ignore:Exception ignored in. None:pytest.PytestUnraisableExceptionWarning'),
+]
 
 CONFIG = 'configs/affect.py:dm,smoke'   # two tasks and a distribution-matching term: every kind of named loss
 
@@ -157,6 +166,7 @@ def copy_of(base, path):
 def _kill_test_module():
   spec = importlib.util.spec_from_file_location('kill_test', os.path.join(REPO, 'experiments', 'kill_test.py'))
   module = importlib.util.module_from_spec(spec)
+  sys.modules['kill_test'] = module   # dataclasses look their module up there
   spec.loader.exec_module(module)
   return module
 
@@ -164,18 +174,48 @@ def _kill_test_module():
 def test_kill_restart_is_bitwise_equal(tfds_dir, tmp_path):
   kill_test = _kill_test_module()
   Event = kill_test.Event
-  events = [Event('kill', 'step', 1, 0.5), Event('kill', 'save', 1, 0.5), Event('term', 'save', 1, 0.25),
-            Event('kill', 'eval', 1, 0.5)]
+  # The first start of each phase in a process is the longest (compilation, orbax set-up): the kills land inside.
+  events = [Event('kill', 'step', 1, 0.5), Event('kill', 'save', 1, 0.5), Event('kill', 'eval', 1, 0.5)]
   summary = kill_test.run_kill_test(events=events, config='configs/affect.py:mtl,smoke',
-                                    overrides={'data.data_dir': tfds_dir}, total_steps=10,
+                                    overrides={'data.data_dir': tfds_dir}, total_steps=8,
                                     workroot=str(tmp_path), log=print)
   assert summary['ok'], summary['problems']
   assert summary['bitwise_equal'] and summary['metrics_equal'] and summary['leaves_compared'] > 20
   assert summary['kills_landed'] == 3
   assert summary['kills_by_phase_at_death'] == {'step': 1, 'save': 1, 'eval': 1}
-  # SIGTERM sent while a checkpoint was being written: a clean exit, and the next run resumed from its checkpoint.
-  assert summary['sigterms_clean_exit'] == 1 and summary['sigterms_sent_during'] == {'save': 1}
   assert summary['tmp_dirs_left'] == [] and summary['moved_to_corrupt'] == []
+
+
+def test_sigterm_during_a_checkpoint_write_saves_and_the_rerun_continues_bitwise(base, tmp_path, monkeypatch,
+                                                                                 caplog, fast_builds):
+  """SIGTERM arrives (from another thread, as from the VM's agent) while step 2's checkpoint is being written: the
+  write completes, step 3 is trained and saved, the run returns; the rerun resumes from 3 and reaches the same
+  state at step 4 as the uninterrupted run. (kill_test.py does the same with real processes: --sigterms.)"""
+  workdir = tmp_path / 'run'
+  seen, save, handler = [], ckpt_lib.Checkpointer.save, train._Preemption._handler  # pylint: disable=protected-access
+
+  def save_with_signal(self, step, state, meta):
+    if step == 2:
+      writing.append(step)
+      threading.Timer(0.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    save(self, step, state, meta)
+    writing.clear()
+
+  def handler_recording(self, signum, frame):
+    seen.append((list(writing), (workdir / 'checkpoints' / '2').exists()))
+    handler(self, signum, frame)
+
+  writing = []
+  monkeypatch.setattr(ckpt_lib.Checkpointer, 'save', save_with_signal)
+  monkeypatch.setattr(train._Preemption, '_handler', handler_recording)  # pylint: disable=protected-access
+  with caplog.at_level(logging.WARNING):
+    assert train.train_and_evaluate(base['config'], str(workdir)) == {'step': 3, 'interrupted': True}
+  assert seen == [([2], False)], seen      # handled inside the write of step 2, before it was committed
+  assert 'SIGTERM received: checkpoint saved at step 3' in caplog.text
+  assert ckpt_lib.Checkpointer(str(workdir)).all_steps() == [2, 3]
+  monkeypatch.setattr(ckpt_lib.Checkpointer, 'save', save)
+  assert train.train_and_evaluate(base['config'], str(workdir), stop_at=4)['step'] == 4
+  assert_same_state(jax.device_get(restore(workdir, base['config'])[0]), base['good4'])
 
 
 @pytest.mark.slow
@@ -348,7 +388,7 @@ def test_nonfinite_halts_naming_step_tasks_and_term_and_keeps_the_checkpoint(bas
 
 
 def test_skip_leaves_the_state_unchanged_and_counts(base, fast_builds):
-  config = ml_collections.ConfigDict(base['config'])
+  config = copy.deepcopy(base['config'])
   config.nonfinite = 'skip'
   exp = train.build_experiment(config)
   batches = exp.train_batches(0)
@@ -376,26 +416,14 @@ def test_skip_leaves_the_state_unchanged_and_counts(base, fast_builds):
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(after.params)))
 
 
-def test_skip_mode_finishes_a_run_with_poisoned_steps(base, tmp_path, monkeypatch, fast_builds):
-  config = ml_collections.ConfigDict(base['config'])
-  config.nonfinite = 'skip'
-  monkeypatch.setattr(train, 'build_experiment', poisoned(fast_build, {2, 5}))
-  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
-  assert results['step'] == 6
-  assert all(np.isfinite(v) for m in results['metrics'].values() for v in m.values() if np.ndim(v) == 0)
-  monkeypatch.setattr(train, 'build_experiment', fast_build)
-  state, _ = restore(tmp_path / 'run', config)
-  assert int(state.step) == 6 and int(state.skipped) == 2
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Config drift on resume: safe keys may change, anything else is refused before a byte is written.
 
 def test_safe_change_resumes(base, tmp_path, caplog, fast_builds):
   workdir = copy_of(base, tmp_path / 'run')
-  config = ml_collections.ConfigDict(base['config'])
+  config = copy.deepcopy(base['config'])
   config.total_steps, config.log_every, config.checkpoint_every, config.keep_checkpoints = 8, 2, 2, 3
-  config.eval_every, config.eval_batch_size, config.nonfinite = 4, 32, 'skip'
+  config.eval_every = 4
   with caplog.at_level(logging.INFO):
     results = train.train_and_evaluate(config, str(workdir))
   assert results['step'] == 8 and 'Resumed from step 4' in caplog.text
@@ -410,7 +438,7 @@ def test_safe_change_resumes(base, tmp_path, caplog, fast_builds):
 def test_unsafe_change_is_refused_and_writes_nothing(key, value, message, base, tmp_path, fast_builds):
   workdir = copy_of(base, tmp_path / 'run')
   before = snapshot(workdir)
-  config = ml_collections.ConfigDict(base['config'])
+  config = copy.deepcopy(base['config'])
   *path, last = key.split('.')
   target = config
   for part in path:

@@ -4,26 +4,25 @@ Every case runs ``train.train_and_evaluate`` (or the constructor that refuses th
 that already holds a run, and checks one ``ValueError`` whose message names the offending value and the expected
 one, and that no file of the workdir changed (contents and mtimes). README.md "Troubleshooting" lists these cases.
 """
-import ml_collections
+import copy
+
 import numpy as np
 import pytest
 
-from conftest import REPO
-from mtlmatch import config_lib
 from mtlmatch import data
 from mtlmatch import train
 from mtlmatch.tasks import TaskSpec
-from test_faults import fast_build, snapshot
+from test_faults import fast_build, smoke, snapshot
 
 SIZE = 32   # the synthetic affect images are 32 x 32 x 1
 
 
 @pytest.fixture(scope='module')
 def trained(tfds_dir, tmp_path_factory):
-  """A workdir holding 2 steps of configs/affect.py:dm,smoke (checkpoint, config.json, logs, no results yet)."""
+  """A workdir holding 2 steps of configs/affect.py:dm,smoke (checkpoints, config.json, logs, no results yet)."""
   workdir = tmp_path_factory.mktemp('malformed') / 'run'
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train, 'build_experiment', fast_build)
+    mp.setattr(train, 'build_experiment', fast_build)   # shares the compiled steps of test_faults.py's runs
     assert train.train_and_evaluate(base_config(tfds_dir), str(workdir), stop_at=2)['step'] == 2
   return workdir
 
@@ -34,19 +33,20 @@ def fast_builds(monkeypatch):
 
 
 def base_config(tfds_dir):
-  config = config_lib.load_config(f'{REPO}/configs/affect.py:dm,smoke')
-  config.data.data_dir = tfds_dir
-  return config
+  return smoke(tfds_dir, total_steps=6)   # the config of test_faults.py's runs
 
 
 def with_changes(config, changes):
-  config = ml_collections.ConfigDict(config)
-  with config.unlocked():
-    for key, value in changes.items():
-      *path, last = key.split('.')
-      target = config
-      for part in path:
-        target = target[part]
+  """A copy of ``config`` with dotted keys replaced, also by values of another type (as a config file could)."""
+  config = copy.deepcopy(config)
+  for key, value in changes.items():
+    *path, last = key.split('.')
+    target = config
+    for part in path:
+      target = target[part]
+    with target.unlocked():
+      if last in target:
+        del target[last]
       target[last] = value
   return config
 
@@ -70,7 +70,7 @@ CONFIG_CASES = {
     'unknown weighting method': ({'weighting.name': 'magic'},
                                  r"config\.weighting\.name: got 'magic', expected one of \['aligned_mtl', "),
     'bad weighting hyper-parameter': ({'weighting.name': 'dwa', 'weighting.hparams': {'temperature': -1.0}},
-                                      r'temperature: got -1\.0, expected'),
+                                      r"dwa hparam 'temperature': got -1\.0, expected a finite float > 0"),
     'batch not divisible by devices': ({'batch_size': 12},
                                        r'config\.batch_size=12 / eval_batch_size=64: expected multiples of the '
                                        r'device count 8'),
@@ -107,7 +107,7 @@ CONFIG_CASES = {
                                    r'expected values in \[0, 1\]'),
     'relatedness from an unknown source': ({'objective.terms.dm.relatedness': 'estimate:nowhere'},
                                            r"relatedness 'estimate:nowhere': no source 'nowhere', expected one of "
-                                           r"\['aus', 'coannotated', 'expressions'\]"),
+                                           r"\['aus', 'coannotated', 'coannotated_32', 'expressions'\]"),
     'unknown prior': ({'objective.terms.dm.relatedness': 'prior:emotions'},
                       r"prior name: got 'emotions', expected one of \['expressions_to_aus'\]"),
 }
