@@ -43,3 +43,14 @@ def fashion_idx_dir(tmp_path_factory) -> str:
 def tfds_dir(tmp_path_factory) -> str:
   """One TFDS cache for the session, so each generated dataset is prepared once."""
   return str(tmp_path_factory.mktemp('tfds'))
+
+
+def set_keys(config, **overrides):
+  """``set_keys(config, **{'weighting.name': 'pcgrad'})``: dotted-key overrides, like --config.x.y=v."""
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split('.')
+    for part in path:
+      target = target[part]
+    target[last] = value
+  return config

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, set_keys
 from mtlmatch import checkpoint as ckpt_lib
 from mtlmatch import config_lib
 from mtlmatch import train
@@ -49,13 +49,7 @@ def smoke(tfds_dir, spec=CONFIG, **overrides):
   config.data.data_dir = tfds_dir
   config.checkpoint_every = 1
   config.log_every = 1
-  for key, value in overrides.items():
-    target = config
-    *path, last = key.split('.')
-    for part in path:
-      target = target[part]
-    target[last] = value
-  return config
+  return set_keys(config, **overrides)
 
 
 _BUILDS: dict = {}

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, set_keys
 from mtlmatch import checkpoint as ckpt_lib
 from mtlmatch import config_lib
 from mtlmatch import train
@@ -21,13 +21,7 @@ def smoke_config(name, variant, tfds_dir, idx_dir=None, **overrides):
   config.data.data_dir = tfds_dir
   if idx_dir is not None:
     config.data.options.idx_dir = idx_dir
-  for key, value in overrides.items():
-    target = config
-    *path, last = key.split('.')
-    for part in path:
-      target = target[part]
-    target[last] = value
-  return config
+  return set_keys(config, **overrides)
 
 
 def final_params(config, workdir):
@@ -144,12 +138,7 @@ def test_sigterm_saves_a_checkpoint_exits_zero_and_the_rerun_resumes(tfds_dir, t
 def test_config_errors_fail_before_training_and_write_nothing(change, message, tfds_dir, tmp_path):
   config = smoke_config('affect', 'dm', tfds_dir)
   with config.unlocked():
-    for key, value in change.items():
-      *path, last = key.split('.')
-      target = config
-      for part in path:
-        target = target[part]
-      target[last] = value
+    set_keys(config, **change)
   workdir = tmp_path / 'run'
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(workdir))
