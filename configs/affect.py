@@ -28,12 +28,6 @@ def get_config(arg=None):
   config.encoder.kwargs = {'widths': (16, 32, 64), 'features': 128}
 
   smoke_data = {'num_expressions': 256, 'num_aus': 128, 'num_test': 96, 'num_coannotated': 64,
-                      'coannotated_subsets': (32,)}
-
-  terms = {
-      'dm': lambda: {'dm': dict(kind='distribution_matching', weight=1.0, task_a='expression', task_b='aus',
-                                relatedness=RELATEDNESS)},
-      'coann': lambda: {'coann': dict(kind='co_annotation', weight=1.0, task_a='expression', task_b='aus',
-                                      relatedness=RELATEDNESS)},
-  }
-  return config_lib.apply_variant(config, arg, terms=terms, smoke_data=smoke_data)
+                'coannotated_subsets': (32,)}
+  return config_lib.apply_variant(config, arg, pairs=(('expression', 'aus'),), relatedness=RELATEDNESS,
+                                  smoke_data=smoke_data)

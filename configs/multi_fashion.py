@@ -24,11 +24,5 @@ def get_config(arg=None):
   config.encoder.name = 'cnn'
 
   smoke_data = {'num_train': 256, 'num_test': 96, 'annotation': 'full', 'num_coannotated': 64}
-
-  terms = {
-      'dm': lambda: {'dm': dict(kind='distribution_matching', weight=1.0, task_a='left', task_b='right',
-                                relatedness=RELATEDNESS)},
-      'coann': lambda: {'coann': dict(kind='co_annotation', weight=1.0, task_a='left', task_b='right',
-                                      relatedness=RELATEDNESS)},
-  }
-  return config_lib.apply_variant(config, arg, terms=terms, smoke_data=smoke_data)
+  return config_lib.apply_variant(config, arg, pairs=(('left', 'right'),), relatedness=RELATEDNESS,
+                                  smoke_data=smoke_data)

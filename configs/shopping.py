@@ -25,10 +25,5 @@ def get_config(arg=None):
   config.encoder.name = 'cnn'
 
   smoke_data = {'num_item': 64, 'num_group': 128, 'num_coannotated': 48}
-
-  def pair_terms(token, kind):  # item → group and item → attributes, e.g. terms 'dm_group', 'dm_attributes'
-    return lambda: {f'{token}_{b}': dict(kind=kind, weight=1.0, task_a='item', task_b=b, relatedness=RELATEDNESS)
-                    for b in ('group', 'attributes')}
-
-  terms = {'dm': pair_terms('dm', 'distribution_matching'), 'coann': pair_terms('coann', 'co_annotation')}
-  return config_lib.apply_variant(config, arg, terms=terms, smoke_data=smoke_data)
+  return config_lib.apply_variant(config, arg, pairs=(('item', 'group'), ('item', 'attributes')),
+                                  relatedness=RELATEDNESS, smoke_data=smoke_data)

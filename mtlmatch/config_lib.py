@@ -13,7 +13,7 @@ overridden on the command line, e.g. ``--config.total_steps=300``.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import ml_collections
 
@@ -82,11 +82,21 @@ def shrink_for_smoke(config: ml_collections.ConfigDict, data_options: Mapping[st
   config.data.options = dict(data_options)
 
 
-def apply_variant(config: ml_collections.ConfigDict, arg: Optional[str], *,
-                  terms: Mapping[str, Callable[[], dict]],
-                  smoke_data: Mapping[str, object]) -> ml_collections.ConfigDict:
-  """Applies the tokens of ``arg`` (see module docstring). ``terms`` maps 'dm'/'coann' to factories of
-  ``{term name: term config}`` (a benchmark may need several pairs, e.g. item → group and item → attributes)."""
+TERM_KINDS = {'dm': 'distribution_matching', 'coann': 'co_annotation'}
+
+
+def pair_terms(token: str, pairs: Sequence[tuple[str, str]], relatedness: str) -> dict:
+  """The ``token`` ('dm' or 'coann') terms for each (task_a, task_b) pair: named ``token`` for a single pair, else
+  ``<token>_<task_b>`` (e.g. 'dm_group', 'dm_attributes')."""
+  return {token if len(pairs) == 1 else f'{token}_{b}': dict(kind=TERM_KINDS[token], weight=1.0, task_a=a, task_b=b,
+                                                               relatedness=relatedness)
+          for a, b in pairs}
+
+
+def apply_variant(config: ml_collections.ConfigDict, arg: Optional[str], *, pairs: Sequence[tuple[str, str]],
+                  relatedness: str, smoke_data: Mapping[str, object]) -> ml_collections.ConfigDict:
+  """Applies the tokens of ``arg`` (see module docstring). ``dm``/``coann`` relate each (task_a, task_b) of
+  ``pairs`` through ``relatedness``; ``smoke`` shrinks the run and uses ``smoke_data`` as the data options."""
   for token in [t for t in (arg or '').split(',') if t]:
     if token == 'smoke':
       shrink_for_smoke(config, smoke_data)
@@ -99,12 +109,10 @@ def apply_variant(config: ml_collections.ConfigDict, arg: Optional[str], *,
         raise ValueError(f'config variant: got {token!r}, expected \'smoke\', \'single=<task>\' or a +-joined set '
                          f'of {METHOD_TOKENS}')
       for part in parts:
-        if part in terms:
-          config.objective.terms.update(terms[part]())
+        if part in TERM_KINDS:
+          config.objective.terms.update(pair_terms(part, pairs, relatedness))
         elif part == 'dgr':
           config.objective.terms.dgr = dgr_term()
-        elif part != 'mtl':
-          raise ValueError(f'config variant: {part!r} is not available for this config (no task pair defined)')
   return config
 
 
