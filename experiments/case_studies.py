@@ -76,50 +76,46 @@ def full_grid(study: str) -> list[Variant]:
   return multi_fashion_grid(spec_of)
 
 
-# What the committed CPU results ran (2 cores shared with other jobs, ~1 hour for everything, about 2.5 min per run of
-# which ~1 min is process start-up and compilation). Cuts, all studies: the CPU-sized model of
-# experiments/cpu_config.py (CNN widths (32, 64, 128), 128 features, batch 64, lr 3e-3) and few steps.
+# What the committed CPU results ran (2 cores, one sweep of 2 parallel runs per study; 1–2 min per run, of which
+# ~30 s is process start-up and compilation). Cuts, all studies: the CPU-sized model of experiments/cpu_config.py
+# (CNN widths (32, 64, 128), 128 features, batch 64, lr 3e-3) and few steps.
 CPU_CUTS = {
-    'affect': '250 steps (batch 64) instead of 1,500 (batch 128); variants ST ×2, MTL, MTL+DM, MTL+DM+co-annotation, '
-              'MTL+DGR, MTL+DM+co-annotation+DGR; dropped MTL+co-annotation (±DGR), MTL+DM+DGR and the relatedness '
-              'estimated from 100 / 1,000 co-annotated examples (all in --grid=full).',
-    'shopping': '150 steps (batch 64) instead of 2,000 (batch 128); variants ST ×3, MTL, MTL+DM+co-annotation only. '
-                'In the committed run the sweep was stopped at the session\'s time limit: cells with fewer than 3 '
-                'finished seeds say (n=k).',
-    'multi_fashion': '150 steps (batch 64), 20k train / 2k test images, CNN only, EW and EW+DGR (λ=0.01, K=1) only; '
-                     'the other 11 methods, the λ/K sweep and resnet18 are in --grid=full. In the committed run only '
-                     'the single-task baselines finished before the session\'s time limit (EW and EW+DGR did not '
-                     'run), so this study gives no verdict yet: rerun the command to complete it.',
-}
-CPU_KEEP = {
-    'affect': ('st_expression', 'st_aus', 'mtl', 'dm', 'dm_coann', 'mtl_dgr', 'dm_coann_dgr'),
-    'shopping': ('st_item', 'st_group', 'st_attributes', 'mtl', 'dm_coann'),
-    'multi_fashion': ('cnn_st_left', 'cnn_st_right', 'cnn_ew', 'cnn_ew_dgr_l0.01_k1'),
+    'affect': '250 steps (batch 64) instead of 1,500 (batch 128); otherwise the whole grid of --grid=full: ST ×2, '
+              'MTL, +co-annotation, +DM, +DM+co-annotation, each ± DGR, and DM+co-annotation with the relatedness '
+              'estimated from 100 / 1,000 co-annotated examples.',
+    'shopping': '150 steps (batch 64) instead of 2,000 (batch 128); otherwise the whole grid of --grid=full: ST ×3, '
+                'MTL, +co-annotation, +DM, +DM+co-annotation, each ± DGR.',
+    'multi_fashion': '150 steps (batch 64), 20k train / 2k test images, CNN only; methods EW, UW, FAMO, MGDA, PCGrad, '
+                     'CAGrad, each without and with DGR (λ=0.01, K=1), and EW with DGR λ=0.1 / K=4; dropped DWA, RLW, '
+                     'GradNorm, Nash-MTL, IMTL, Aligned-MTL, the λ/K sweep of the other methods and resnet18 (all in '
+                     '--grid=full).',
 }
 CPU_STEPS = {'affect': 250, 'shopping': 150, 'multi_fashion': 150}
+CPU_METHODS = ('ew', 'uw', 'famo', 'mgda', 'pcgrad', 'cagrad')
 SUMMARY_PREAMBLE = (
-    'Scale: these are the cut CPU runs of `--grid=cpu` (minutes of training of a small CNN, 1–3 seeds per cell, '
-    'n given where < 3; see each REPORT.md for exactly what ran and what was cut). They test whether the claims '
-    'show up at this small scale, not whether they hold at the papers\' scale; a claim that did not hold here is '
-    'not refuted by it. Δm divides by the single-task score: where a single-task model barely learned Δm is huge '
-    'and says little; read the per-task columns and NT flags there.')
+    'Scale: these are the cut CPU runs of `--grid=cpu` (a few hundred steps of a small CNN, 3 seeds per cell unless '
+    'n is given; see each REPORT.md for exactly what ran and what was cut). They test whether the claims show up at '
+    'this small scale, not whether they hold at the papers\' scale; a claim that did not hold here is not refuted by '
+    'it. Δm divides by the single-task score: where a single-task model barely learned Δm is huge and says little; '
+    'read the per-task columns and NT flags there.')
 
 _CPU_COMMON = {'encoder.kwargs.widths': (32, 64, 128), 'encoder.kwargs.features': 128,
                'optimizer.learning_rate': 0.003}
 
 
 def cpu_grid(study: str) -> list[Variant]:
-  """The cut grid of :data:`CPU_CUTS`, in the order of :data:`CPU_KEEP`."""
+  """The cut grid of :data:`CPU_CUTS`: the CPU-sized model, :data:`CPU_STEPS` steps."""
   spec_of = lambda v: f'experiments/cpu_config.py:{study}:{v}'  # noqa: E731
   if study == 'affect':
     grid = dm_grid(study, spec_of, extra=affect_relatedness_variants(spec_of))
   elif study == 'shopping':
     grid = dm_grid(study, spec_of)
   else:
-    grid = multi_fashion_grid(spec_of, methods=('ew',), encoders=('cnn',), dgr=((0.01, 1),))
+    grid = multi_fashion_grid(spec_of, methods=CPU_METHODS, encoders=('cnn',), dgr=((0.01, 1),))
+    grid += [v for v in multi_fashion_grid(spec_of, methods=('ew',), encoders=('cnn',), dgr=((0.1, 1), (0.01, 4)))
+             if '_dgr_' in v.name]
   over = {**_CPU_COMMON, 'total_steps': CPU_STEPS[study], 'checkpoint_every': CPU_STEPS[study]}
-  by_name = {v.name: v for v in grid}
-  return [Variant(n, by_name[n].spec, {**over, **by_name[n].overrides}) for n in CPU_KEEP[study]]
+  return [Variant(v.name, v.spec, {**over, **v.overrides}) for v in grid]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

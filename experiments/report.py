@@ -289,17 +289,33 @@ def _fmt(ms, seeds: int = 0) -> str:
   return f'{mean:.4f} ± {std:.4f}' + (f' (n={n})' if n < seeds else '')
 
 
+def is_baseline(name: str, tasks) -> bool:
+  """``st_<task>`` or ``<prefix>_st_<task>``: a single-task baseline."""
+  return any(name == f'st_{t}' or name.endswith(f'_st_{t}') for t in tasks)
+
+
+def baseline_prefix(name: str, prefixes: Sequence[str]) -> str:
+  """The longest of ``prefixes`` (the ``<prefix>`` of the ``<prefix>st_<task>`` baselines present) that ``name``
+  starts with: ``cnn_ew`` is compared with ``cnn_st_<task>``, ``mtl`` with ``st_<task>`` (prefix '')."""
+  return max((p for p in prefixes if name.startswith(p)), key=len, default='')
+
+
 def summarize(rows: Sequence[Mapping], task_kinds: Mapping[str, str],
               probes: Optional[Mapping[str, Mapping[str, float]]] = None) -> dict:
   """Aggregated numbers the report prints: per variant the seed mean ± std of every metric, Δm, negative-transfer
-  flags per task and probe scores. Variants ``st_<task>`` are the baselines."""
+  flags per task and probe scores. Variants ``<prefix>st_<task>`` are the baselines of the variants named
+  ``<prefix>…`` (e.g. ``cnn_st_left`` for ``cnn_ew``; prefix '' for ``st_aus``)."""
   agg = aggregate(rows)
   primary = {t: f'{t}/{PRIMARY[k]}' for t, k in task_kinds.items()}
-  baselines = {t: agg[f'st_{t}'][primary[t]] for t in task_kinds if f'st_{t}' in agg and primary[t] in agg[f'st_{t}']}
+  prefixes = {n[:n.rindex('st_')] for n in agg if is_baseline(n, task_kinds)}
   out = {'primary': primary, 'variants': {}}
   for name, cols in agg.items():
     entry = {'metrics': {c: list(v) for c, v in cols.items()}}
-    if not name.startswith('st_') and len(baselines) == len(task_kinds) and all(primary[t] in cols for t in task_kinds):
+    prefix = baseline_prefix(name, prefixes)
+    baselines = {t: agg[f'{prefix}st_{t}'][primary[t]] for t in task_kinds
+                 if primary[t] in agg.get(f'{prefix}st_{t}', {})}
+    if (not is_baseline(name, task_kinds) and len(baselines) == len(task_kinds)
+        and all(primary[t] in cols for t in task_kinds)):
       entry['delta_m'] = delta_m({t: cols[primary[t]][0] for t in task_kinds},
                                  {t: b[0] for t, b in baselines.items()})
       # A std from one seed is 0, which would flag any difference: no flag (None) unless both have >= 2 seeds.
@@ -330,7 +346,7 @@ def render_markdown(study: str, summary: dict, task_kinds: Mapping[str, str], *,
             '* Primary metric per task: ' + ', '.join(f'`{t}` → `{primary[t].split("/")[1]}`' for t in task_kinds) +
             ' (multiclass: accuracy; multilabel: mean over labels of per-label F1). All higher is better.',
             '* Δm (%) = (1/T) Σ_t (−1)^{l_t} (M_t − M_ST,t) / M_ST,t × 100, l_t = 0 (higher is better) for every '
-            'primary metric; M = seed mean; M_ST,t from the variant `st_<t>`.',
+            'primary metric; M = seed mean; M_ST,t from the variant `st_<t>` (`<encoder>_st_<t>` for `<encoder>_…`).',
             '* NT (negative transfer) on t: M_ST,t − M_t > max(std_ST,t, std_t) (sample std over seeds).',
             '* Probe: logistic regression (scikit-learn) on the frozen encoder features of the final checkpoint, '
             'train examples labelled for t → test set, scored by the primary metric.',
@@ -342,7 +358,7 @@ def render_markdown(study: str, summary: dict, task_kinds: Mapping[str, str], *,
   for name, v in variants.items():
     m = v['metrics']
     cells = [name] + [_fmt(tuple(m[primary[t]]), len(seeds)) if primary[t] in m else '—' for t in tasks]
-    cells.append(f'{v["delta_m"]:+.2f}' if 'delta_m' in v else 'baseline' if name.startswith('st_') else '—')
+    cells.append(f'{v["delta_m"]:+.2f}' if 'delta_m' in v else 'baseline' if is_baseline(name, tasks) else '—')
     cells += [('n<2' if v['negative_transfer'][t] is None else '**yes**' if v['negative_transfer'][t] else 'no')
               if 'negative_transfer' in v else '—' for t in tasks]
     lines.append('| ' + ' | '.join(cells) + ' |')
@@ -463,25 +479,46 @@ def _dm_claim(study: str, summary: dict, plain: str, matched: Sequence[str]) -> 
   return lines
 
 
-def _dgr_claim(study: str, summary: dict, pairs: Sequence[tuple[str, str]]) -> list[str]:
-  """Shin et al.: DGR improves the representation (linear-probe score) of the shared features."""
-  lines = []
-  for base, with_dgr in pairs:
-    b, d = _get(summary, base), _get(summary, with_dgr)
-    if not b or not d or 'probe' not in b or 'probe' not in d:
+def _compare(before: Mapping, after: Mapping) -> tuple[str, str]:
+  """Per-task ``mean → mean (diff, beyond/within 1 std)`` for {task: (mean, std, n)} and a verdict by the rule of
+  the DGR section: better = higher by more than max(std) on some task and lower beyond it on none."""
+  parts, better, worse = [], 0, 0
+  for t, (mb, sb, _) in before.items():
+    if t not in after:
       continue
-    parts, better, worse = [], 0, 0
-    for t in b['probe']:
-      (mb, sb, _), (md, sd, _) = b['probe'][t], d['probe'].get(t, (float('nan'), 0, 0))
-      diff = md - mb
-      sig = abs(diff) > max(sb, sd)
-      better += int(sig and diff > 0)
-      worse += int(sig and diff < 0)
-      parts.append(f'{t} {mb:.3f} → {md:.3f} ({diff:+.3f}{", beyond 1 std" if sig else ", within 1 std"})')
-    verdict = ('claim HELD' if better and not worse else 'claim did NOT hold (probe worse)' if worse and not better
-               else 'mixed' if better and worse else 'no difference beyond one std')
+    md, sd, _ = after[t]
+    diff = md - mb
+    sig = abs(diff) > max(sb, sd)
+    better += int(sig and diff > 0)
+    worse += int(sig and diff < 0)
+    parts.append(f'{t} {mb:.3f} → {md:.3f} ({diff:+.3f}{", beyond 1 std" if sig else ", within 1 std"})')
+  verdict = ('better' if better and not worse else 'worse' if worse and not better
+             else 'mixed' if better and worse else 'no difference beyond one std')
+  return '; '.join(parts), verdict
+
+
+def _dgr_pairs(summary: dict) -> list[tuple[str, str]]:
+  """(without, with DGR) variant pairs: ``X_dgr…`` with ``X`` present (``mtl_dgr``, ``cnn_ew_dgr_l0.01_k1``)."""
+  names = summary['variants']
+  return [(n[:n.index('_dgr')], n) for n in names if '_dgr' in n and n[:n.index('_dgr')] in names]
+
+
+def _dgr_claim(study: str, summary: dict) -> list[str]:
+  """Shin et al.: DGR improves the shared representation (linear probe) and the task scores."""
+  lines = []
+  primary = summary['primary']
+  for base, with_dgr in _dgr_pairs(summary):
+    b, d = _get(summary, base), _get(summary, with_dgr)
+    task_b = {t: b['metrics'][c] for t, c in primary.items() if c in b['metrics']}
+    task_d = {t: d['metrics'][c] for t, c in primary.items() if c in d['metrics']}
+    tasks_text, tasks_verdict = _compare(task_b, task_d)
     dm = (f'; Δm {b["delta_m"]:+.2f} → {d["delta_m"]:+.2f} %' if 'delta_m' in b and 'delta_m' in d else '')
-    lines.append(f'* {study}: `{base}` → `{with_dgr}` linear probe: ' + '; '.join(parts) + f'{dm} — {verdict}.')
+    line = f'* {study}: `{base}` → `{with_dgr}`: task scores {tasks_text}{dm} — {tasks_verdict}'
+    if 'probe' in b and 'probe' in d:
+      probe_text, probe_verdict = _compare(b['probe'], d['probe'])
+      held = {'better': 'claim HELD', 'worse': 'claim did NOT hold (probe worse)'}.get(probe_verdict, probe_verdict)
+      line += f'. Linear probe: {probe_text} — {held}'
+    lines.append(line + '.')
   return lines
 
 
@@ -506,14 +543,12 @@ def write_overall_summary(results_dir: str, preamble: str = '') -> str:
                                                        'dm_coann_est1000'))
   if 'shopping' in loaded:
     lines += _dm_claim('shopping', loaded['shopping'], 'mtl', ('coann', 'dm', 'dm_coann', 'dm_coann_dgr'))
-  lines += ['', '## DGR (Shin et al., ECCV 2024): better shared representation (linear probe)', '',
-            'Rule: HELD = the probe score (primary metric) with DGR is higher than without by more than one std on '
-            'some task and lower beyond one std on none.', '']
-  for study, pairs in (('affect', (('mtl', 'mtl_dgr'), ('dm_coann', 'dm_coann_dgr'))),
-                       ('shopping', (('mtl', 'mtl_dgr'), ('dm_coann', 'dm_coann_dgr'))),
-                       ('multi_fashion', (('cnn_ew', 'cnn_ew_dgr_l0.01_k1'), ('cnn_pcgrad', 'cnn_pcgrad_dgr_l0.01_k1')))):
+  lines += ['', '## DGR (Shin et al., ECCV 2024): better shared representation (linear probe) and task scores', '',
+            'Rule: per pair (variant without → with DGR), a task counts as better / worse when its score moves by more '
+            'than one std (the larger of the two); the probe claim HELD = better on some task and worse on none.', '']
+  for study in STUDY_DIRS:
     if study in loaded:
-      lines += _dgr_claim(study, loaded[study], pairs) or [f'* {study}: no DGR pair finished; no verdict.']
+      lines += _dgr_claim(study, loaded[study]) or [f'* {study}: no DGR pair finished; no verdict.']
   missing = sorted(set(STUDY_DIRS) - set(loaded))
   if missing:
     lines += ['', f'Not run here (no results): {", ".join(missing)}.']

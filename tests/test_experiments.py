@@ -103,6 +103,28 @@ def test_summarize_over_seeds_matches_numpy():
   assert '**yes**' in text and 'Δm (%) = (1/T)' in text
 
 
+def test_summarize_compares_each_encoder_with_its_own_baselines():
+  # multi_fashion names its runs <encoder>_<method>; cnn_ew must use cnn_st_*, resnet18_ew resnet18_st_*.
+  kinds = {'left': 'multiclass', 'right': 'multiclass'}
+  st = {'cnn': (0.80, 0.70), 'resnet18': (0.90, 0.60)}
+  mtl = {'cnn': (0.84, 0.63), 'resnet18': (0.81, 0.66)}
+  rows = []
+  for enc in st:
+    for s in range(2):
+      jitter = 0.001 * s
+      rows += [{'name': f'{enc}_st_left', 'seed': s, 'workdir': f'{enc}l{s}', 'left/accuracy': st[enc][0] + jitter},
+               {'name': f'{enc}_st_right', 'seed': s, 'workdir': f'{enc}r{s}', 'right/accuracy': st[enc][1] + jitter},
+               {'name': f'{enc}_ew', 'seed': s, 'workdir': f'{enc}m{s}', 'left/accuracy': mtl[enc][0] + jitter,
+                'right/accuracy': mtl[enc][1] + jitter}]
+  out = report.summarize(rows, kinds)
+  for enc in st:
+    want = 100 * sum((m - b) / (b + 0.0005) for m, b in zip(mtl[enc], st[enc])) / 2  # seed means carry +0.0005
+    assert out['variants'][f'{enc}_ew']['delta_m'] == pytest.approx(want, abs=1e-6)
+    assert 'delta_m' not in out['variants'][f'{enc}_st_left']
+  assert out['variants']['cnn_ew']['negative_transfer'] == {'left': False, 'right': True}
+  assert out['variants']['resnet18_ew']['negative_transfer'] == {'left': True, 'right': False}
+
+
 def test_case_study_grids_have_baselines_and_valid_methods():
   from mtlmatch import weighting
   assert set(case_studies.METHODS) == set(weighting.METHODS)
@@ -160,23 +182,25 @@ def test_compose_losses_notebook_runs_end_to_end(tmp_path, monkeypatch):
 
 
 def test_overall_summary_verdicts(tmp_path):
-  def variant(dm, nt, probe=None):
-    v = {'metrics': {}, 'delta_m': dm, 'negative_transfer': nt}
+  def variant(dm, nt, probe=None, expression=(0.8, 0.01, 3)):
+    v = {'metrics': {'expression/accuracy': list(expression)}, 'delta_m': dm, 'negative_transfer': nt}
     if probe:
       v['probe'] = probe
     return v
-  summary = {'primary': {}, 'variants': {
+  summary = {'primary': {'expression': 'expression/accuracy'}, 'variants': {
       'mtl': variant(-3.0, {'expression': True, 'aus': False}, {'expression': [0.60, 0.01, 3], 'aus': [0.5, 0.01, 3]}),
       'dm': variant(-1.0, {'expression': True, 'aus': False}),
       'dm_coann': variant(1.0, {'expression': False, 'aus': False}),
       'mtl_dgr': variant(-2.0, {'expression': True, 'aus': False},
-                         {'expression': [0.65, 0.01, 3], 'aus': [0.5, 0.02, 3]})}}
+                         {'expression': [0.65, 0.01, 3], 'aus': [0.5, 0.02, 3]}, expression=(0.75, 0.02, 3))}}
   os.makedirs(tmp_path / 'affect')
   with open(tmp_path / 'affect' / 'summary.json', 'w') as f:
     json.dump(summary, f)
   text = report.write_overall_summary(str(tmp_path), 'pre')
   assert '`dm`: Δm = -1.00 %, negative transfer on: expression — claim held PARTLY' in text
   assert '`dm_coann`: Δm = +1.00 %, negative transfer on: none — claim HELD' in text
-  assert 'expression 0.600 → 0.650 (+0.050, beyond 1 std); aus 0.500 → 0.500 (+0.000, within 1 std)' in text
+  assert ('`mtl` → `mtl_dgr`: task scores expression 0.800 → 0.750 (-0.050, beyond 1 std); Δm -3.00 → -2.00 % — '
+          'worse. Linear probe: expression 0.600 → 0.650 (+0.050, beyond 1 std); aus 0.500 → 0.500 (+0.000, '
+          'within 1 std) — claim HELD.') in text
   assert 'Not run here (no results): multi_fashion, shopping.' in text
   assert (tmp_path / 'SUMMARY.md').read_text() == text
