@@ -46,9 +46,9 @@ def dm_grid(study: str, spec_of, *, dgr: bool = True, extra=()) -> list[Variant]
 
 def affect_relatedness_variants(spec_of) -> list[Variant]:
   """DM + co-annotation with R estimated from 100 / 1,000 co-annotated examples instead of the expert prior."""
+  # The synthetic affect benchmark's aux source `coannotated` has 1,000 examples and `coannotated_100` its first 100.
   return [Variant('dm_coann_est100', spec_of('dm+coann'), _relatedness(('dm', 'coann'), 'estimate:coannotated_100')),
-          Variant('dm_coann_est1000', spec_of('dm+coann'),
-                  {**_relatedness(('dm', 'coann'), 'estimate:coannotated'), 'data.options.num_coannotated': 1000})]
+          Variant('dm_coann_est1000', spec_of('dm+coann'), _relatedness(('dm', 'coann'), 'estimate:coannotated'))]
 
 
 def multi_fashion_grid(spec_of, *, methods=METHODS, encoders=('cnn', 'resnet18'), dgr=((0.01, 1), (0.1, 1),

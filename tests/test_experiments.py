@@ -136,6 +136,17 @@ def test_case_study_grids_have_baselines_and_valid_methods():
   full = case_studies.full_grid('multi_fashion')
   assert {v.overrides.get('weighting.name') for v in full} >= set(weighting.METHODS)
   assert {v.overrides.get('encoder.name', 'cnn') for v in full} == {'cnn', 'resnet18'}
+  # Every override must name a key of its config (absl refuses unknown keys only when the run starts).
+  from mtlmatch import config_lib
+  loaded = {}
+  for study in case_studies.TASKS:
+    for v in case_studies.full_grid(study) + case_studies.cpu_grid(study):
+      config = loaded.setdefault(v.spec, config_lib.load_config(v.spec))
+      for key in v.overrides:
+        node = config
+        for part in key.split('.'):
+          assert part in node, f'{study}/{v.name}: override {key!r} is not a key of {v.spec}'
+          node = node[part]
   affect = {v.name: v for v in case_studies.full_grid('affect')}
   assert affect['dm_coann_est100'].overrides['objective.terms.dm.relatedness'] == 'estimate:coannotated_100'
 
