@@ -4,6 +4,7 @@
   python experiments/case_studies.py shopping        # DM paper: scarce `item` labels, Fashion-MNIST
   python experiments/case_studies.py multi_fashion   # DGR paper: weighting/gradient methods ± DGR, two encoders
   python experiments/case_studies.py summary         # experiments/results/SUMMARY.md from the three reports
+  python experiments/case_studies.py summary --readme README.md   # ... and README's generated "Results" block
 
 Options: ``--grid=full`` (the whole grid of the issue; hours on a GPU) or ``--grid=cpu`` (default: the cut grid run
 for ``experiments/results/``, listed in :data:`CPU_GRIDS` with what was cut), ``--seeds=0,1,2``, ``--jobs=2``,
@@ -127,11 +128,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument('--workdirs', default=os.path.join('workdirs', 'experiments'))
   parser.add_argument('--results', default=os.path.join('experiments', 'results'))
   parser.add_argument('--no-probe', action='store_true', help='skip the linear probes of the shared features')
+  parser.add_argument('--readme', default='', help='summary: also rewrite the generated block of this README')
   parser.add_argument('--report-only', action='store_true', help='table and report the finished runs only')
   args = parser.parse_args(argv)
   if args.study == 'summary':
     from experiments import report  # pylint: disable=g-import-not-at-top
-    print(report.write_overall_summary(args.results, SUMMARY_PREAMBLE if args.grid == 'cpu' else ''))
+    text = report.write_overall_summary(args.results, SUMMARY_PREAMBLE if args.grid == 'cpu' else '')
+    if args.readme:
+      report.update_readme(args.readme, text)
+    print(text)
     return
   grid = cpu_grid(args.study) if args.grid == 'cpu' else full_grid(args.study)
   runs = sweep.expand(grid, seeds=[int(s) for s in args.seeds.split(',')],

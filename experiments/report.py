@@ -556,3 +556,21 @@ def write_overall_summary(results_dir: str, preamble: str = '') -> str:
   with open(os.path.join(results_dir, 'SUMMARY.md'), 'w') as f:
     f.write(text)
   return text
+
+
+README_BEGIN, README_END = '<!-- results:begin (written by case_studies.py summary) -->', '<!-- results:end -->'
+
+
+def update_readme(readme: str, summary_text: str) -> None:
+  """Replace the block between :data:`README_BEGIN` and :data:`README_END` in ``readme`` with the verdict sections
+  of SUMMARY.md (from its first ``## `` heading, headings demoted one level), so README quotes no number by hand."""
+  with open(readme) as f:
+    text = f.read()
+  if text.count(README_BEGIN) != 1 or text.count(README_END) != 1 or text.index(README_BEGIN) > text.index(README_END):
+    raise ValueError(f'readme: {readme!r} must hold one {README_BEGIN!r} line followed by one {README_END!r} line')
+  body = summary_text[summary_text.index('\n## ') + 1:]
+  body = '\n'.join('#' + line if line.startswith('## ') else line for line in body.splitlines())
+  head, rest = text.split(README_BEGIN)
+  tail = rest.split(README_END)[1]
+  with open(readme, 'w') as f:
+    f.write(f'{head}{README_BEGIN}\n{body.strip()}\n{README_END}{tail}')

@@ -215,3 +215,12 @@ def test_overall_summary_verdicts(tmp_path):
           'within 1 std) — claim HELD.') in text
   assert 'Not run here (no results): multi_fashion, shopping.' in text
   assert (tmp_path / 'SUMMARY.md').read_text() == text
+  readme = tmp_path / 'README.md'
+  readme.write_text(f'# x\n\n## Results\n\nprose\n{report.README_BEGIN}\nold\n{report.README_END}\n\n## Next\n')
+  report.update_readme(str(readme), text)
+  new = readme.read_text()
+  assert new.startswith('# x\n\n## Results\n\nprose\n') and new.endswith(f'{report.README_END}\n\n## Next\n')
+  assert 'old' not in new and '### Distribution matching' in new and '`dm_coann`: Δm = +1.00 %' in new
+  readme.write_text('# no markers\n')
+  with pytest.raises(ValueError, match='must hold one'):
+    report.update_readme(str(readme), text)
