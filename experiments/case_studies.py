@@ -83,9 +83,13 @@ def full_grid(study: str) -> list[Variant]:
 CPU_CUTS = {
     'affect': '250 steps (batch 64) instead of 1,500 (batch 128); otherwise the whole grid of --grid=full: ST ×2, '
               'MTL, +co-annotation, +DM, +DM+co-annotation, each ± DGR, and DM+co-annotation with the relatedness '
-              'estimated from 100 / 1,000 co-annotated examples.',
+              'estimated from 100 / 1,000 co-annotated examples. Added control `mtl_equal_exposure`: plain MTL for '
+              '500 steps, so that each task sees as many labelled examples as its single-task run (the two train '
+              'sources are mixed 1:1, so in 250 steps MTL sees half of them).',
     'shopping': '150 steps (batch 64) instead of 2,000 (batch 128); otherwise the whole grid of --grid=full: ST ×3, '
-                'MTL, +co-annotation, +DM, +DM+co-annotation, each ± DGR.',
+                'MTL, +co-annotation, +DM, +DM+co-annotation, each ± DGR. Added control `mtl_equal_exposure`: plain MTL '
+                'for 300 steps, so that each task sees as many labelled examples as its single-task run (the two '
+                'train sources are mixed 1:1).',
     'multi_fashion': '150 steps (batch 64), 20k train / 2k test images, CNN only; methods EW, UW, FAMO, MGDA, PCGrad, '
                      'CAGrad, each without and with DGR (λ=0.01, K=1), and EW with DGR λ=0.1 / K=4; dropped DWA, RLW, '
                      'GradNorm, Nash-MTL, IMTL, Aligned-MTL, the λ/K sweep of the other methods and resnet18 (all in '
@@ -115,7 +119,13 @@ def cpu_grid(study: str) -> list[Variant]:
     grid = multi_fashion_grid(spec_of, methods=CPU_METHODS, encoders=('cnn',), dgr=((0.01, 1),))
     grid += [v for v in multi_fashion_grid(spec_of, methods=('ew',), encoders=('cnn',), dgr=((0.1, 1), (0.01, 4)))
              if '_dgr_' in v.name]
-  over = {**_CPU_COMMON, 'total_steps': CPU_STEPS[study], 'checkpoint_every': CPU_STEPS[study]}
+  steps = CPU_STEPS[study]
+  if study != 'multi_fashion':
+    # Control: the train sources are mixed 1:1, so in `steps` steps MTL sees half the labelled examples of each task
+    # that its single-task run sees; this MTL run gets as many as the single-task runs.
+    grid.append(Variant('mtl_equal_exposure', spec_of('mtl'), {'total_steps': 2 * steps,
+                                                               'checkpoint_every': 2 * steps}))
+  over = {**_CPU_COMMON, 'total_steps': steps, 'checkpoint_every': steps}
   return [Variant(v.name, v.spec, {**over, **v.overrides}) for v in grid]
 
 

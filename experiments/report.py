@@ -456,6 +456,11 @@ def _dm_claim(study: str, summary: dict, plain: str, matched: Sequence[str]) -> 
     return [f'* {study}: plain MTL or a single-task baseline did not finish; no verdict.']
   lines = [f'* {study}: plain MTL (`{plain}`) Δm = {mtl["delta_m"]:+.2f} %, negative transfer on: {_nt_list(mtl)}'
            + (' (fewer than 2 seeds somewhere: flags incomplete).' if None in mtl['negative_transfer'].values() else '.')]
+  control = _get(summary, f'{plain}_equal_exposure')
+  if control and 'delta_m' in control:
+    lines.append(f'  * control `{plain}_equal_exposure` (plain MTL trained until each task has seen as many labelled '
+                 f'examples as its single-task run): Δm = {control["delta_m"]:+.2f} %, negative transfer on: '
+                 f'{_nt_list(control)}.')
   for name in matched:
     v = _get(summary, name)
     if v is None or 'delta_m' not in v:

@@ -201,6 +201,7 @@ def test_overall_summary_verdicts(tmp_path):
   summary = {'primary': {'expression': 'expression/accuracy'}, 'variants': {
       'mtl': variant(-3.0, {'expression': True, 'aus': False}, {'expression': [0.60, 0.01, 3], 'aus': [0.5, 0.01, 3]}),
       'dm': variant(-1.0, {'expression': True, 'aus': False}),
+      'mtl_equal_exposure': variant(-0.5, {'expression': False, 'aus': False}),
       'dm_coann': variant(1.0, {'expression': False, 'aus': False}),
       'mtl_dgr': variant(-2.0, {'expression': True, 'aus': False},
                          {'expression': [0.65, 0.01, 3], 'aus': [0.5, 0.02, 3]}, expression=(0.75, 0.02, 3))}}
@@ -209,6 +210,7 @@ def test_overall_summary_verdicts(tmp_path):
     json.dump(summary, f)
   text = report.write_overall_summary(str(tmp_path), 'pre')
   assert '`dm`: Δm = -1.00 %, negative transfer on: expression — claim held PARTLY' in text
+  assert 'single-task run): Δm = -0.50 %, negative transfer on: none.' in text
   assert '`dm_coann`: Δm = +1.00 %, negative transfer on: none — claim HELD' in text
   assert ('`mtl` → `mtl_dgr`: task scores expression 0.800 → 0.750 (-0.050, beyond 1 std); Δm -3.00 → -2.00 % — '
           'worse. Linear probe: expression 0.600 → 0.650 (+0.050, beyond 1 std); aus 0.500 → 0.500 (+0.000, '
