@@ -83,13 +83,16 @@ def shrink_for_smoke(config: ml_collections.ConfigDict, data_options: Mapping[st
 
 
 TERM_KINDS = {'dm': 'distribution_matching', 'coann': 'co_annotation'}
+# Every option of a term kind, with the default of DESIGN.md §3, so that each can be set with --config.<key>=...
+TERM_OPTIONS = {'dm': dict(direction='both', mode='bayes', stop_gradient_target=False, divergence='xent'),
+                'coann': {}}
 
 
 def pair_terms(token: str, pairs: Sequence[tuple[str, str]], relatedness: str) -> dict:
   """The ``token`` ('dm' or 'coann') terms for each (task_a, task_b) pair: named ``token`` for a single pair, else
   ``<token>_<task_b>`` (e.g. 'dm_group', 'dm_attributes')."""
   return {token if len(pairs) == 1 else f'{token}_{b}': dict(kind=TERM_KINDS[token], weight=1.0, task_a=a, task_b=b,
-                                                               relatedness=relatedness)
+                                                               relatedness=relatedness, **TERM_OPTIONS[token])
           for a, b in pairs}
 
 

@@ -137,6 +137,18 @@ def _prepare_pair(name: str, options: dict, env: Env) -> dict:
   return {**options, 'relatedness': jnp.asarray(table)}
 
 
+def _prepare_dm(name: str, options: dict, env: Env) -> dict:
+  """A pair term plus DM's own options (DESIGN.md §3), checked here so that a typo fails before anything runs."""
+  for key, choices in (('direction', losses.matching.DIRECTIONS), ('mode', losses.relatedness.MODES),
+                       ('divergence', losses.matching.DIVERGENCES)):
+    if key in options and options[key] not in choices:
+      raise ValueError(f'objective term {name!r}: got {key}={options[key]!r}, expected one of {list(choices)}')
+  if not isinstance(options.get('stop_gradient_target', False), bool):
+    raise ValueError(f'objective term {name!r}: got stop_gradient_target={options["stop_gradient_target"]!r}, '
+                     'expected True or False')
+  return _prepare_pair(name, options, env)
+
+
 def _prepare_dgr(name: str, options: dict, env: Env) -> dict:
   tasks = options.pop('tasks', 'all')
   tasks = list(env.tasks) if tasks == 'all' else [_check_task(name, t, env) for t in _as_list(tasks)]
@@ -166,7 +178,7 @@ class Term:
 
 
 TERMS: dict[str, Term] = {
-    'distribution_matching': Term(distribution_matching_term, _prepare_pair),
+    'distribution_matching': Term(distribution_matching_term, _prepare_dm),
     'co_annotation': Term(co_annotation_term, _prepare_pair),
     'dgr': Term(dgr_term, _prepare_dgr, has_dummies=True),
 }

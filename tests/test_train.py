@@ -163,3 +163,20 @@ def test_default_config_learns_both_tasks_clearly_above_chance(tmp_path):
   metrics = train.train_and_evaluate(config, str(tmp_path / 'run'))['metrics']
   assert metrics['expression']['accuracy'] > 0.35, metrics['expression']
   assert metrics['aus']['mean_f1'] > 0.25, metrics['aus']
+
+
+def test_dm_options_are_config_keys_that_reach_the_loss(tfds_dir, tmp_path):
+  """Every DM option of DESIGN.md §3 is a config key (so --config.objective.terms.dm.<option>=... works)."""
+  config = smoke_config('affect', 'dm', tfds_dir)
+  assert {k: config.objective.terms.dm[k] for k in ('direction', 'mode', 'stop_gradient_target', 'divergence')} == {
+      'direction': 'both', 'mode': 'bayes', 'stop_gradient_target': False, 'divergence': 'xent'}
+  config.objective.terms.dm.divergence = 'kl'
+  config.objective.terms.dm.stop_gradient_target = True
+  results = train.train_and_evaluate(config, str(tmp_path / 'kl'))
+  assert results['step'] == config.total_steps
+  saved = json.loads((tmp_path / 'kl' / 'config.json').read_text())
+  assert saved['objective']['terms']['dm']['divergence'] == 'kl'
+  config.objective.terms.dm.divergence = 'l2'
+  with pytest.raises(ValueError, match=r"objective term 'dm': got divergence='l2', expected one of \['xent', 'kl'\]"):
+    train.train_and_evaluate(config, str(tmp_path / 'bad'))
+  assert not (tmp_path / 'bad').exists()
