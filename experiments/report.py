@@ -547,7 +547,8 @@ def write_overall_summary(results_dir: str, preamble: str = '') -> str:
       lines += _dm_claim(study, loaded[study], 'mtl', ('coann', 'dm', 'dm_coann', 'dm_coann_dgr', 'dm_coann_est100',
                                                        'dm_coann_est1000'))
   if 'shopping' in loaded:
-    lines += _dm_claim('shopping', loaded['shopping'], 'mtl', ('coann', 'dm', 'dm_coann', 'dm_coann_dgr'))
+    lines += _dm_claim('shopping', loaded['shopping'], 'mtl', ('coann', 'dm', 'dm_stop_gradient', 'dm_coann',
+                                                               'dm_coann_dgr'))
   lines += ['', '## DGR (Shin et al., ECCV 2024): better shared representation (linear probe) and task scores', '',
             'Rule: per pair (variant without → with DGR), a task counts as better / worse when its score moves by more '
             'than one std (the larger of the two); the probe claim HELD = better on some task and worse on none.', '']
