@@ -267,8 +267,13 @@ def machine_description() -> str:
   except OSError:
     pass
   return (f'{platform.platform()}; Python {platform.python_version()}; {os.cpu_count()} CPU cores visible '
-          f'({model or platform.processor()}), shared with other jobs; no accelerator (JAX on CPU, 8 fake devices '
-          'via XLA_FLAGS=--xla_force_host_platform_device_count=8)')
+          f'({model or platform.processor()}), shared with other jobs; JAX backend of this process: {_jax_backend()} '
+          '(the sweep gives CPU runs 8 fake devices via XLA_FLAGS=--xla_force_host_platform_device_count=8)')
+
+
+def _jax_backend() -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+  return f'{jax.default_backend()} ({jax.device_count()} devices)'
 
 
 def package_versions() -> dict[str, str]:
@@ -449,11 +454,12 @@ def _nt_list(v: dict) -> str:
   return ', '.join(bad) if bad else 'none'
 
 
-def _dm_claim(study: str, summary: dict, plain: str, matched: Sequence[str]) -> list[str]:
-  """Kollias et al.: plain MTL shows negative transfer on some task; DM / co-annotation removes it."""
+def _dm_claim(study: str, summary: dict, plain: str, matched: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Kollias et al.: plain MTL shows negative transfer on some task; DM / co-annotation removes it. Returns the
+  lines and one verdict key per judged variant ('HELD', 'PARTLY', 'NOT', 'no NT to prevent')."""
   mtl = _get(summary, plain)
   if mtl is None or 'delta_m' not in mtl:
-    return [f'* {study}: plain MTL or a single-task baseline did not finish; no verdict.']
+    return [f'* {study}: plain MTL or a single-task baseline did not finish; no verdict.'], []
   lines = [f'* {study}: plain MTL (`{plain}`) Δm = {mtl["delta_m"]:+.2f} %, negative transfer on: {_nt_list(mtl)}'
            + (' (fewer than 2 seeds somewhere: flags incomplete).' if None in mtl['negative_transfer'].values() else '.')]
   control = _get(summary, f'{plain}_equal_exposure')
@@ -461,6 +467,7 @@ def _dm_claim(study: str, summary: dict, plain: str, matched: Sequence[str]) -> 
     lines.append(f'  * control `{plain}_equal_exposure` (plain MTL trained until each task has seen as many labelled '
                  f'examples as its single-task run): Δm = {control["delta_m"]:+.2f} %, negative transfer on: '
                  f'{_nt_list(control)}.')
+  keys = []
   for name in matched:
     v = _get(summary, name)
     if v is None or 'delta_m' not in v:
@@ -472,16 +479,19 @@ def _dm_claim(study: str, summary: dict, plain: str, matched: Sequence[str]) -> 
     nt_before = {t for t, f in mtl['negative_transfer'].items() if f}
     nt_after = {t for t, f in v['negative_transfer'].items() if f}
     if not nt_before:
-      verdict = ('no negative transfer to prevent here; Δm ' +
-                 ('higher' if v['delta_m'] > mtl['delta_m'] else 'not higher') + ' than plain MTL')
+      key, verdict = 'no NT to prevent', ('no negative transfer to prevent here; Δm ' +
+                                          ('higher' if v['delta_m'] > mtl['delta_m'] else 'not higher') +
+                                          ' than plain MTL')
     elif not nt_after:
-      verdict = 'claim HELD: the negative transfer of plain MTL is gone'
-    elif nt_after < nt_before or v['delta_m'] > mtl['delta_m']:
-      verdict = 'claim held PARTLY: less negative transfer / higher Δm, but some remains'
+      key, verdict = 'HELD', 'claim HELD: the negative transfer of plain MTL is gone'
+    elif nt_after <= nt_before and (nt_after < nt_before or v['delta_m'] > mtl['delta_m']):
+      key, verdict = 'PARTLY', 'claim held PARTLY: less negative transfer / higher Δm, but some remains'
     else:
-      verdict = 'claim did NOT hold: negative transfer remains'
+      key, verdict = 'NOT', 'claim did NOT hold: negative transfer remains' + (
+          f' and appears on {", ".join(sorted(nt_after - nt_before))}' if nt_after - nt_before else '')
+    keys.append(key)
     lines.append(f'  * `{name}`: Δm = {v["delta_m"]:+.2f} %, negative transfer on: {_nt_list(v)} — {verdict}.')
-  return lines
+  return lines, keys
 
 
 def _compare(before: Mapping, after: Mapping) -> tuple[str, str]:
@@ -508,53 +518,83 @@ def _dgr_pairs(summary: dict) -> list[tuple[str, str]]:
   return [(n[:n.index('_dgr')], n) for n in names if '_dgr' in n and n[:n.index('_dgr')] in names]
 
 
-def _dgr_claim(study: str, summary: dict) -> list[str]:
-  """Shin et al.: DGR improves the shared representation (linear probe) and the task scores."""
-  lines = []
+def _dgr_claim(study: str, summary: dict) -> tuple[list[str], list[str], list[str]]:
+  """Shin et al.: DGR improves the shared representation (linear probe) and the task scores. Returns the lines and
+  the task-score and probe verdicts ('better', 'worse', 'mixed', 'no difference beyond one std') per pair."""
+  lines, task_verdicts, probe_verdicts = [], [], []
   primary = summary['primary']
   for base, with_dgr in _dgr_pairs(summary):
     b, d = _get(summary, base), _get(summary, with_dgr)
     task_b = {t: b['metrics'][c] for t, c in primary.items() if c in b['metrics']}
     task_d = {t: d['metrics'][c] for t, c in primary.items() if c in d['metrics']}
     tasks_text, tasks_verdict = _compare(task_b, task_d)
+    task_verdicts.append(tasks_verdict)
     dm = (f'; Δm {b["delta_m"]:+.2f} → {d["delta_m"]:+.2f} %' if 'delta_m' in b and 'delta_m' in d else '')
     line = f'* {study}: `{base}` → `{with_dgr}`: task scores {tasks_text}{dm} — {tasks_verdict}'
     if 'probe' in b and 'probe' in d:
       probe_text, probe_verdict = _compare(b['probe'], d['probe'])
+      probe_verdicts.append(probe_verdict)
       held = {'better': 'claim HELD', 'worse': 'claim did NOT hold (probe worse)'}.get(probe_verdict, probe_verdict)
       line += f'. Linear probe: {probe_text} — {held}'
     lines.append(line + '.')
-  return lines
+  return lines, task_verdicts, probe_verdicts
+
+
+def _tally(keys: Sequence[str], order: Sequence[str]) -> str:
+  if not keys:
+    return '—'
+  return ', '.join(f'{k} {keys.count(k)}' for k in order if keys.count(k)) + f' (of {len(keys)})'
+
+
+DM_MATCHED = {'affect': ('coann', 'dm', 'dm_coann', 'dm_coann_dgr', 'dm_coann_est100', 'dm_coann_est1000'),
+              'shopping': ('coann', 'dm', 'dm_stop_gradient', 'dm_coann', 'dm_coann_dgr')}
+_DM_ORDER = ('HELD', 'PARTLY', 'NOT', 'no NT to prevent')
+_DGR_ORDER = ('better', 'worse', 'mixed', 'no difference beyond one std')
 
 
 def write_overall_summary(results_dir: str, preamble: str = '') -> str:
-  """``<results_dir>/SUMMARY.md`` from each study's ``summary.json``; returns the text."""
+  """``<results_dir>/SUMMARY.md`` from each study's ``summary.json``; returns the text. Its "At a glance" section
+  (verdict counts per study) is what :func:`update_readme` copies into README."""
   loaded = {}
   for study in STUDY_DIRS:
     path = os.path.join(results_dir, study, 'summary.json')
     if os.path.isfile(path):
       with open(path) as f:
         loaded[study] = json.load(f)
+  dm_lines, dgr_lines, glance = [], [], []
+  for study in STUDY_DIRS:
+    if study not in loaded:
+      continue
+    dm_keys, nt = [], '—'
+    if study in DM_MATCHED:
+      lines, dm_keys = _dm_claim(study, loaded[study], 'mtl', DM_MATCHED[study])
+      dm_lines += lines
+    plain = 'cnn_ew' if study == 'multi_fashion' else 'mtl'
+    mtl, ctl = _get(loaded[study], plain), _get(loaded[study], f'{plain}_equal_exposure')
+    if mtl and 'negative_transfer' in mtl:
+      nt = f'`{plain}`: {_nt_list(mtl)}' + (f'; `{plain}_equal_exposure`: {_nt_list(ctl)}'
+                                           if ctl and 'negative_transfer' in ctl else '')
+    lines, task_v, probe_v = _dgr_claim(study, loaded[study])
+    dgr_lines += lines or [f'* {study}: no DGR pair finished; no verdict.']
+    glance.append(f'| {study} | {nt} | {_tally(dm_keys, _DM_ORDER)} | {_tally(task_v, _DGR_ORDER)} | '
+                  f'{_tally(probe_v, _DGR_ORDER)} |')
   lines = ['# What held here', '', 'Written by `experiments/report.py` (`write_overall_summary`) from the studies\' '
            '`summary.json`, by fixed rules stated below; no number is typed by hand.', '']
   if preamble:
     lines += [preamble, '']
-  lines += ['## Distribution matching + co-annotation (Kollias et al., AAAI 2024): prevents negative transfer', '',
+  lines += ['## At a glance', '',
+            'Verdict counts by the rules of `experiments/results/SUMMARY.md` (one per DM / co-annotation variant; one '
+            'per pair without → with DGR); NT = negative transfer (worse than the single-task model beyond one std).',
+            '', '| study | NT on | DM / co-annotation vs plain MTL | DGR: task scores | '
+            'DGR: linear probe |', '|---|---|---|---|---|'] + glance
+  lines += ['', '## Distribution matching + co-annotation (Kollias et al., AAAI 2024): prevents negative transfer', '',
             'Rule: negative transfer (NT) on a task = worse than its single-task model by more than one std over '
-            'seeds; HELD = plain MTL has NT and the variant has none; PARTLY = fewer NT tasks or higher Δm.', '']
-  for study in ('affect',):
-    if study in loaded:
-      lines += _dm_claim(study, loaded[study], 'mtl', ('coann', 'dm', 'dm_coann', 'dm_coann_dgr', 'dm_coann_est100',
-                                                       'dm_coann_est1000'))
-  if 'shopping' in loaded:
-    lines += _dm_claim('shopping', loaded['shopping'], 'mtl', ('coann', 'dm', 'dm_stop_gradient', 'dm_coann',
-                                                               'dm_coann_dgr'))
+            'seeds; HELD = plain MTL has NT and the variant has none; PARTLY = no task gains NT, and fewer NT tasks '
+            'or a higher Δm; NOT otherwise.', ''] + dm_lines
   lines += ['', '## DGR (Shin et al., ECCV 2024): better shared representation (linear probe) and task scores', '',
             'Rule: per pair (variant without → with DGR), a task counts as better / worse when its score moves by more '
-            'than one std (the larger of the two); the probe claim HELD = better on some task and worse on none.', '']
-  for study in STUDY_DIRS:
-    if study in loaded:
-      lines += _dgr_claim(study, loaded[study]) or [f'* {study}: no DGR pair finished; no verdict.']
+            'than one std (the larger of the two); a pair is better = better on some task and worse on none (worse '
+            'likewise); the probe claim HELD = the probe is better.', ''] + dgr_lines
   missing = sorted(set(STUDY_DIRS) - set(loaded))
   if missing:
     lines += ['', f'Not run here (no results): {", ".join(missing)}.']
@@ -568,14 +608,13 @@ README_BEGIN, README_END = '<!-- results:begin (written by case_studies.py summa
 
 
 def update_readme(readme: str, summary_text: str) -> None:
-  """Replace the block between :data:`README_BEGIN` and :data:`README_END` in ``readme`` with the verdict sections
-  of SUMMARY.md (from its first ``## `` heading, headings demoted one level), so README quotes no number by hand."""
+  """Replace the block between :data:`README_BEGIN` and :data:`README_END` in ``readme`` with the "At a glance"
+  section of SUMMARY.md (without its heading), so README quotes no verdict by hand."""
   with open(readme) as f:
     text = f.read()
   if text.count(README_BEGIN) != 1 or text.count(README_END) != 1 or text.index(README_BEGIN) > text.index(README_END):
     raise ValueError(f'readme: {readme!r} must hold one {README_BEGIN!r} line followed by one {README_END!r} line')
-  body = summary_text[summary_text.index('\n## ') + 1:]
-  body = '\n'.join('#' + line if line.startswith('## ') else line for line in body.splitlines())
+  body = summary_text.split('\n## At a glance\n', 1)[1].split('\n## ', 1)[0]
   head, rest = text.split(README_BEGIN)
   tail = rest.split(README_END)[1]
   with open(readme, 'w') as f:

@@ -203,6 +203,7 @@ def test_overall_summary_verdicts(tmp_path):
       'dm': variant(-1.0, {'expression': True, 'aus': False}),
       'mtl_equal_exposure': variant(-0.5, {'expression': False, 'aus': False}),
       'dm_coann': variant(1.0, {'expression': False, 'aus': False}),
+      'coann': variant(-2.5, {'expression': True, 'aus': True}),  # higher Δm, but NT appears on aus: NOT
       'mtl_dgr': variant(-2.0, {'expression': True, 'aus': False},
                          {'expression': [0.65, 0.01, 3], 'aus': [0.5, 0.02, 3]}, expression=(0.75, 0.02, 3))}}
   os.makedirs(tmp_path / 'affect')
@@ -211,6 +212,10 @@ def test_overall_summary_verdicts(tmp_path):
   text = report.write_overall_summary(str(tmp_path), 'pre')
   assert '`dm`: Δm = -1.00 %, negative transfer on: expression — claim held PARTLY' in text
   assert 'single-task run): Δm = -0.50 %, negative transfer on: none.' in text
+  assert '`coann`: Δm = -2.50 %, negative transfer on: expression, aus — claim did NOT hold: negative transfer ' \
+         'remains and appears on aus.' in text
+  assert ('| affect | `mtl`: expression; `mtl_equal_exposure`: none | HELD 1, PARTLY 1, NOT 1 (of 3) | worse 1 (of 1) | '
+          'better 1 (of 1) |') in text
   assert '`dm_coann`: Δm = +1.00 %, negative transfer on: none — claim HELD' in text
   assert ('`mtl` → `mtl_dgr`: task scores expression 0.800 → 0.750 (-0.050, beyond 1 std); Δm -3.00 → -2.00 % — '
           'worse. Linear probe: expression 0.600 → 0.650 (+0.050, beyond 1 std); aus 0.500 → 0.500 (+0.000, '
@@ -222,7 +227,7 @@ def test_overall_summary_verdicts(tmp_path):
   report.update_readme(str(readme), text)
   new = readme.read_text()
   assert new.startswith('# x\n\n## Results\n\nprose\n') and new.endswith(f'{report.README_END}\n\n## Next\n')
-  assert 'old' not in new and '### Distribution matching' in new and '`dm_coann`: Δm = +1.00 %' in new
+  assert 'old' not in new and '| affect | `mtl`: expression;' in new and 'Distribution matching' not in new
   readme.write_text('# no markers\n')
   with pytest.raises(ValueError, match='must hold one'):
     report.update_readme(str(readme), text)
