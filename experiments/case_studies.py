@@ -171,7 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 '+ --report-only after the runs')
   report.write_report(args.study, runs, out, tasks=TASKS[args.study], command=command, probe=not args.no_probe,
                       notes=CPU_CUTS[args.study] if args.grid == 'cpu' else 'The full grid.',
-                      sweep_seconds=time.time() - start)
+                      sweep_seconds=None if args.report_only else time.time() - start)
   print(f'report: {os.path.join(out, "REPORT.md")}')
 
 

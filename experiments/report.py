@@ -340,6 +340,7 @@ def summarize(rows: Sequence[Mapping], task_kinds: Mapping[str, str],
 
 def render_markdown(study: str, summary: dict, task_kinds: Mapping[str, str], *, command: str, notes: str = '',
                     seeds: Sequence[int] = (), sweep_seconds: Optional[float] = None,
+                    run_seconds: Sequence[float] = (),
                     run_commands: Sequence[str] = ()) -> str:
   primary = summary['primary']
   variants = summary['variants']
@@ -391,6 +392,9 @@ def render_markdown(study: str, summary: dict, task_kinds: Mapping[str, str], *,
   if sweep_seconds is not None:
     lines.append(f'* Wall time of the command that wrote this report: {sweep_seconds / 60:.1f} min '
                  '(runs already finished were skipped).')
+  if run_seconds:
+    lines.append(f'* The runs\' own wall times (start-up and compilation included) sum to {sum(run_seconds) / 60:.1f} '
+                 f'min over {len(run_seconds)} runs; median {float(np.median(run_seconds)):.0f} s per run.')
   lines += ['* Per-run command lines: `command.txt` in each run\'s workdir; every run is listed in `runs.csv`.', '']
   return '\n'.join(lines)
 
@@ -431,6 +435,7 @@ def write_report(study: str, runs: Sequence[sweep.Run], out: str, *, tasks: Sequ
       first.setdefault(r.variant.name, r)
     f.write(render_markdown(study, summary, kinds, command=command, notes=notes, seeds=seeds,
                             sweep_seconds=sweep_seconds,
+                            run_seconds=[r['wall_time_s'] for r in rows if r.get('wall_time_s')],
                             run_commands=[shlex.join(['python'] + r.command()[1:]) for r in first.values()]))
   return summary
 
