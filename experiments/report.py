@@ -551,6 +551,8 @@ def _tally(keys: Sequence[str], order: Sequence[str]) -> str:
   return ', '.join(f'{k} {keys.count(k)}' for k in order if keys.count(k)) + f' (of {len(keys)})'
 
 
+# Each study's plain multi-task variant (EW, no terms): what the DM variants and the NT column are read against.
+PLAIN_MTL = {'affect': 'mtl', 'shopping': 'mtl', 'multi_fashion': 'cnn_ew'}
 DM_MATCHED = {'affect': ('coann', 'dm', 'dm_coann', 'dm_coann_dgr', 'dm_coann_est100', 'dm_coann_est1000'),
               'shopping': ('coann', 'dm', 'dm_stop_gradient', 'dm_coann', 'dm_coann_dgr')}
 _DM_ORDER = ('HELD', 'PARTLY', 'NOT', 'no NT to prevent')
@@ -570,11 +572,10 @@ def write_overall_summary(results_dir: str, preamble: str = '') -> str:
   for study in STUDY_DIRS:
     if study not in loaded:
       continue
-    dm_keys, nt = [], '—'
+    dm_keys, nt, plain = [], '—', PLAIN_MTL[study]
     if study in DM_MATCHED:
-      lines, dm_keys = _dm_claim(study, loaded[study], 'mtl', DM_MATCHED[study])
+      lines, dm_keys = _dm_claim(study, loaded[study], plain, DM_MATCHED[study])
       dm_lines += lines
-    plain = 'cnn_ew' if study == 'multi_fashion' else 'mtl'
     mtl, ctl = _get(loaded[study], plain), _get(loaded[study], f'{plain}_equal_exposure')
     if mtl and 'negative_transfer' in mtl:
       nt = f'`{plain}`: {_nt_list(mtl)}' + (f'; `{plain}_equal_exposure`: {_nt_list(ctl)}'

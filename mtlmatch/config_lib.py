@@ -13,9 +13,12 @@ overridden on the command line, e.g. ``--config.total_steps=300``.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Mapping, Optional, Sequence
 
 import ml_collections
+
+from mtlmatch import losses
 
 METHOD_TOKENS = ('mtl', 'dm', 'coann', 'dgr')
 
@@ -83,9 +86,15 @@ def shrink_for_smoke(config: ml_collections.ConfigDict, data_options: Mapping[st
 
 
 TERM_KINDS = {'dm': 'distribution_matching', 'coann': 'co_annotation'}
-# Every option of a term kind, with the default of DESIGN.md §3, so that each can be set with --config.<key>=...
-TERM_OPTIONS = {'dm': dict(direction='both', mode='bayes', stop_gradient_target=False, divergence='xent'),
-                'coann': {}}
+
+
+def _defaults(fn, names: Sequence[str]) -> dict:
+  parameters = inspect.signature(fn).parameters
+  return {n: parameters[n].default for n in names}
+
+
+# Every option of a term kind, with the loss's default (DESIGN.md §3), so that each can be set with --config.<key>=...
+TERM_OPTIONS = {'dm': _defaults(losses.distribution_matching, losses.matching.OPTIONS), 'coann': {}}
 
 
 def pair_terms(token: str, pairs: Sequence[tuple[str, str]], relatedness: str) -> dict:

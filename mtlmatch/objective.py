@@ -139,13 +139,10 @@ def _prepare_pair(name: str, options: dict, env: Env) -> dict:
 
 def _prepare_dm(name: str, options: dict, env: Env) -> dict:
   """A pair term plus DM's own options (DESIGN.md §3), checked here so that a typo fails before anything runs."""
-  for key, choices in (('direction', losses.matching.DIRECTIONS), ('mode', losses.relatedness.MODES),
-                       ('divergence', losses.matching.DIVERGENCES)):
-    if key in options and options[key] not in choices:
-      raise ValueError(f'objective term {name!r}: got {key}={options[key]!r}, expected one of {list(choices)}')
-  if not isinstance(options.get('stop_gradient_target', False), bool):
-    raise ValueError(f'objective term {name!r}: got stop_gradient_target={options["stop_gradient_target"]!r}, '
-                     'expected True or False')
+  try:
+    losses.matching.check_options(**{k: v for k, v in options.items() if k in losses.matching.OPTIONS})
+  except ValueError as e:
+    raise ValueError(f'objective term {name!r}: {e}') from None
   return _prepare_pair(name, options, env)
 
 

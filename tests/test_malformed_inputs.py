@@ -95,7 +95,7 @@ CONFIG_CASES = {
                                   r"objective term 'dm': got task 'pose', expected one of the trained tasks "
                                   r"\['expression', 'aus'\]"),
     'unknown DM divergence': ({'objective.terms.dm.divergence': 'l2'},
-                              r"objective term 'dm': got divergence='l2', expected one of \['xent', 'kl'\]"),
+                              r"objective term 'dm': divergence: got 'l2', expected one of \('xent', 'kl'\)"),
     'negative task weight': ({'objective.task_weights': {'aus': -1.0}},
                              r'config\.objective\.task_weights\.aus: got -1\.0, expected a finite number >= 0'),
     'relatedness of the wrong shape': ({'objective.terms.dm.relatedness': np.full((6, 17), 0.5).tolist()},

@@ -177,6 +177,6 @@ def test_dm_options_are_config_keys_that_reach_the_loss(tfds_dir, tmp_path):
   saved = json.loads((tmp_path / 'kl' / 'config.json').read_text())
   assert saved['objective']['terms']['dm']['divergence'] == 'kl'
   config.objective.terms.dm.divergence = 'l2'
-  with pytest.raises(ValueError, match=r"objective term 'dm': got divergence='l2', expected one of \['xent', 'kl'\]"):
+  with pytest.raises(ValueError, match=r"objective term 'dm': divergence: got 'l2', expected one of \('xent', 'kl'\)"):
     train.train_and_evaluate(config, str(tmp_path / 'bad'))
   assert not (tmp_path / 'bad').exists()

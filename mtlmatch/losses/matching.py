@@ -37,6 +37,21 @@ from mtlmatch.tasks import MISSING
 
 DIRECTIONS = ('a_to_b', 'b_to_a', 'both')
 DIVERGENCES = ('xent', 'kl')
+# The options of distribution_matching that choose the loss (as opposed to its data); see check_options.
+OPTIONS = ('direction', 'mode', 'stop_gradient_target', 'divergence')
+
+
+def check_options(**options) -> None:
+  """Static checks of the given :data:`OPTIONS` of :func:`distribution_matching` (also used by configs, before
+  anything runs): one ValueError naming the option, the value and what was expected."""
+  choices = {'direction': DIRECTIONS, 'mode': rel.MODES, 'divergence': DIVERGENCES}
+  for key, value in options.items():
+    if key == 'stop_gradient_target':
+      if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f'stop_gradient_target: got {value!r}, expected True or False (a Python bool: it changes '
+                         'the traced computation)')
+    else:
+      _checks.check_choice(value, choices[key], key)
 
 
 def _log1m_softmax(logits: jax.Array) -> jax.Array:
@@ -123,12 +138,7 @@ def distribution_matching(logits_a, logits_b, relatedness, *, b_kind: str, direc
     ``(per_example [B], weight [B])``, ``weight = mask`` (or ones); per_example is 0 where the weight is 0.
   """
   b_kind = _checks.check_b_kind(b_kind)
-  direction = _checks.check_choice(direction, DIRECTIONS, 'direction')
-  mode = _checks.check_choice(mode, rel.MODES, 'mode')
-  divergence = _checks.check_choice(divergence, DIVERGENCES, 'divergence')
-  if not isinstance(stop_gradient_target, (bool, np.bool_)):
-    raise ValueError(f'stop_gradient_target: got {stop_gradient_target!r}, expected True or False (a Python bool: it '
-                     'changes the traced computation)')
+  check_options(direction=direction, mode=mode, stop_gradient_target=stop_gradient_target, divergence=divergence)
   logits_a, logits_b, r = _check_pair(logits_a, logits_b, relatedness, b_kind)
   batch_shape = logits_a.shape[:-1]
   if mask is None:
