@@ -93,8 +93,9 @@ def _defaults(fn, names: Sequence[str]) -> dict:
   return {n: parameters[n].default for n in names}
 
 
-# Every option of a term kind, with the loss's default (DESIGN.md §3), so that each can be set with --config.<key>=...
-TERM_OPTIONS = {'dm': _defaults(losses.distribution_matching, losses.matching.OPTIONS), 'coann': {}}
+# Every option of a term kind, with the loss's default (docs/maths.md), so that each can be set with --config.<key>=...
+TERM_OPTIONS = {'dm': _defaults(losses.distribution_matching, losses.matching.OPTIONS),
+                'coann': _defaults(losses.co_annotation, losses.matching.CO_ANNOTATION_OPTIONS)}
 
 
 def pair_terms(token: str, pairs: Sequence[tuple[str, str]], relatedness: str) -> dict:

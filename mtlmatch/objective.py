@@ -59,21 +59,23 @@ def task_loss(task: TaskSpec, logits: Array, labels: Array) -> tuple[Array, Arra
 # ----------------------------------------------------------------------------------------------------------------
 # Term functions: fn(ctx, **options) -> scalar (unweighted).
 
-def distribution_matching_term(ctx: Context, *, task_a: str, task_b: str, relatedness, direction: str = 'both',
-                               mode: str = 'bayes', stop_gradient_target: bool = False,
-                               divergence: str = 'xent') -> Array:
-  """Distribution matching between two tasks' predictions on every example (Kollias et al., AAAI 2024)."""
+def distribution_matching_term(ctx: Context, *, task_a: str, task_b: str, relatedness, **options) -> Array:
+  """Distribution matching between two tasks' predictions on every example (Kollias et al., AAAI 2024).
+
+  ``options``: any of ``losses.matching.OPTIONS`` (direction, mode, stop_gradient_target, divergence, prior); the
+  loss's own defaults apply to the others."""
   per_example, weight = losses.distribution_matching(
-      ctx.logits[task_a], ctx.logits[task_b], relatedness, b_kind=ctx.tasks[task_b].kind, direction=direction,
-      mode=mode, stop_gradient_target=stop_gradient_target, divergence=divergence)
+      ctx.logits[task_a], ctx.logits[task_b], relatedness, b_kind=ctx.tasks[task_b].kind, **options)
   return losses.masked_mean(per_example, weight)
 
 
-def co_annotation_term(ctx: Context, *, task_a: str, task_b: str, relatedness) -> Array:
-  """Soft co-annotation: one task's label becomes a soft target for the other (Kollias et al., AAAI 2024)."""
+def co_annotation_term(ctx: Context, *, task_a: str, task_b: str, relatedness, **options) -> Array:
+  """Soft co-annotation: one task's label becomes a soft target for the other (Kollias et al., AAAI 2024).
+
+  ``options``: ``prior`` (``losses.matching.CO_ANNOTATION_OPTIONS``)."""
   per_example, weight = losses.co_annotation(
       ctx.logits[task_a], ctx.logits[task_b], ctx.labels[task_a], ctx.labels[task_b], relatedness,
-      b_kind=ctx.tasks[task_b].kind)
+      b_kind=ctx.tasks[task_b].kind, **options)
   return losses.masked_mean(per_example, weight)
 
 
@@ -137,8 +139,9 @@ def _prepare_pair(name: str, options: dict, env: Env) -> dict:
   return {**options, 'relatedness': jnp.asarray(table)}
 
 
-def _prepare_dm(name: str, options: dict, env: Env) -> dict:
-  """A pair term plus DM's own options (DESIGN.md §3), checked here so that a typo fails before anything runs."""
+def _prepare_matching(name: str, options: dict, env: Env) -> dict:
+  """A pair term plus its loss options (DM's or co-annotation's), checked here so that a typo fails before anything
+  runs."""
   try:
     losses.matching.check_options(**{k: v for k, v in options.items() if k in losses.matching.OPTIONS})
   except ValueError as e:
@@ -162,21 +165,25 @@ def _prepare_dgr(name: str, options: dict, env: Env) -> dict:
     raise ValueError(f'objective term {name!r}: got mode={options["mode"]!r}, expected \'fixed\' or \'resample\'')
   if not options.get('init_scale', 1.0) > 0:
     raise ValueError(f'objective term {name!r}: got init_scale={options["init_scale"]!r}, expected > 0')
-  if options.get('norm', 'sq_l2') not in ('sq_l2', 'l2'):
-    raise ValueError(f'objective term {name!r}: got norm={options["norm"]!r}, expected \'sq_l2\' or \'l2\'')
+  if options.get('norm', 'sq_l2') not in losses.dgr.NORMS:
+    raise ValueError(f'objective term {name!r}: got norm={options["norm"]!r}, expected one of {losses.dgr.NORMS}')
   return {**options, 'heads': {t: env.build_dummy_head(t, head) for t in tasks}}
 
 
 @dataclasses.dataclass(frozen=True)
 class Term:
+  """A regularizer kind: its function, its preparation, whether it has dummy heads, and the options it passes on
+  to its loss through ``**options`` (accepted besides the function's named keywords)."""
   fn: Callable[..., Array]
   prepare: Callable[[str, dict, Env], dict] = lambda name, options, env: options
   has_dummies: bool = False
+  options: tuple[str, ...] = ()
 
 
 TERMS: dict[str, Term] = {
-    'distribution_matching': Term(distribution_matching_term, _prepare_dm),
-    'co_annotation': Term(co_annotation_term, _prepare_pair),
+    'distribution_matching': Term(distribution_matching_term, _prepare_matching,
+                                  options=losses.matching.OPTIONS),
+    'co_annotation': Term(co_annotation_term, _prepare_matching, options=losses.matching.CO_ANNOTATION_OPTIONS),
     'dgr': Term(dgr_term, _prepare_dgr, has_dummies=True),
 }
 
@@ -259,7 +266,8 @@ def build_objective(config: Mapping[str, Any], env: Env) -> Objective:
     if not (isinstance(weight, (int, float)) and np.isfinite(weight) and weight >= 0):
       raise ValueError(f'config.objective.terms.{name}.weight: got {weight!r}, expected a finite number >= 0')
     options = {k: _plain(v) for k, v in options.items()}
-    accepted = set(inspect.signature(TERMS[kind].fn).parameters) - {'ctx', 'heads'}
+    accepted = set(inspect.signature(TERMS[kind].fn).parameters) - {'ctx', 'heads', 'options'}
+    accepted |= set(TERMS[kind].options)
     accepted |= {'tasks', 'head'} if TERMS[kind].has_dummies else set()
     if set(options) - accepted:
       raise ValueError(f'config.objective.terms.{name}: unknown options {sorted(set(options) - accepted)} for '

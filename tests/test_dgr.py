@@ -1,4 +1,4 @@
-"""Dummy gradient norm (DGR, DESIGN.md §4): closed form for a linear head, double backprop, dummy initialisation."""
+"""Dummy gradient norm (DGR, docs/maths.md): closed form for a linear head, double backprop, dummy initialisation."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -37,6 +37,63 @@ def _ref_penalty(features, labels, dummies, norm='sq_l2'):
   return np.mean(values)
 
 
+def _np_dummy_grads(f, labels, w, b, select):
+  """Closed-form gradient (∇_W, ∇_b) of the mean softmax CE over the selected labelled examples."""
+  y = np.eye(w.shape[-1])[np.where(labels == -1, 0, labels)]
+  m = select.astype(np.float64)[:, None]
+  err = m * (_np_softmax(f @ w + b) - y) / max(m.sum(), 1)
+  return f.T @ err, err.sum(0)
+
+
+def test_unbiased_norm_closed_form_on_the_two_halves():
+  # sq_l2_unbiased = ⟨g_1, g_2⟩, g_h the dummy gradient of half h of the labelled examples in batch order.
+  features, labels, dummies = _problem(seed=3, b=11)
+  got = losses.dummy_gradient_norm(features, labels, dummies, head_apply=_linear, loss_fn=losses.softmax_xent,
+                                   norm='sq_l2_unbiased')
+  labelled = np.flatnonzero(labels != -1)
+  first = np.zeros(len(labels), bool)
+  first[labelled[:len(labelled) // 2]] = True
+  second = (labels != -1) & ~first
+  f = np.asarray(features, np.float64)
+  values = []
+  for w, b in zip(np.asarray(dummies['w'], np.float64), np.asarray(dummies['b'], np.float64)):
+    (w1, b1), (w2, b2) = _np_dummy_grads(f, labels, w, b, first), _np_dummy_grads(f, labels, w, b, second)
+    values.append(np.sum(w1 * w2) + np.sum(b1 * b2))
+  np.testing.assert_allclose(got, np.mean(values), rtol=1e-4, atol=1e-7)
+
+
+def test_unbiased_norm_is_unbiased_and_sq_l2_is_not():
+  # A population of N examples and one dummy head: ‖g‖² of the full data vs the mean over many random batches of B
+  # (drawn with replacement, so examples are i.i.d.). E sq_l2 = ‖g‖² + tr Σ / B; E sq_l2_unbiased = ‖g‖².
+  rng = np.random.default_rng(0)
+  n, d, c, batch, draws = 400, 5, 3, 16, 4000
+  f = rng.standard_normal((n, d))
+  labels = rng.integers(0, c, n).astype(np.int32)
+  w, b = rng.standard_normal((d, c)) * 0.3, np.zeros(c)
+  all_rows = np.ones(n, bool)
+  gw, gb = _np_dummy_grads(f, labels, w, b, all_rows)
+  true_sq = np.sum(gw ** 2) + np.sum(gb ** 2)
+  per_example = [np.concatenate([x.ravel() for x in _np_dummy_grads(f[i:i + 1], labels[i:i + 1], w, b,
+                                                                    np.ones(1, bool))]) for i in range(n)]
+  trace_cov = np.sum(np.var(np.stack(per_example), axis=0))   # population covariance (draws with replacement)
+  dummies = {'w': w[None].astype(np.float32), 'b': b[None].astype(np.float32)}
+  idx = rng.integers(0, n, (draws, batch))
+
+  def penalty(rows, norm):
+    return losses.dummy_gradient_norm(jnp.asarray(f, jnp.float32)[rows], jnp.asarray(labels)[rows], dummies,
+                                      head_apply=_linear, loss_fn=losses.softmax_xent, norm=norm)
+
+  results = {}
+  for norm in ('sq_l2', 'sq_l2_unbiased'):
+    values = np.asarray(jax.jit(jax.vmap(lambda r, norm=norm: penalty(r, norm)))(idx), np.float64)
+    results[norm] = (values.mean(), values.std() / np.sqrt(draws))
+  mean_unbiased, se_unbiased = results['sq_l2_unbiased']
+  mean_sq, se_sq = results['sq_l2']
+  assert abs(mean_unbiased - true_sq) < 4 * se_unbiased, (mean_unbiased, true_sq, se_unbiased)
+  assert abs(mean_sq - (true_sq + trace_cov / batch)) < 4 * se_sq, (mean_sq, true_sq + trace_cov / batch, se_sq)
+  assert mean_sq - true_sq > 10 * se_sq   # the bias is real and visible at this batch size
+
+
 def _problem(seed=0, b=8, d=6, c=4, k=3):
   rng = np.random.default_rng(seed)
   features = rng.standard_normal((b, d)).astype(np.float32)
@@ -59,7 +116,7 @@ def test_double_backprop_matches_finite_differences():
   features, labels, dummies = _problem(seed=1, b=5, d=3, c=3, k=2)
   with jax.enable_x64(True):
     dummies64 = jax.tree_util.tree_map(lambda x: x.astype(np.float64), dummies)
-    for norm in ('sq_l2', 'l2'):
+    for norm in ('sq_l2', 'l2', 'sq_l2_unbiased'):
       f = jax.jit(lambda feats: losses.dummy_gradient_norm(feats, labels, dummies64, head_apply=_linear,
                                                            loss_fn=losses.softmax_xent, norm=norm))
       check_grads(f, (features.astype(np.float64),), order=1, modes=['rev'], atol=1e-6, rtol=1e-5)

@@ -38,19 +38,23 @@ def _h(q, logp, log1mp, kind, divergence):
   return h + (np.sum(_xlogx(q)) if divergence == 'kl' else 0)
 
 
-def _q_a(pb, logpb, log1mpb, r, kind, mode):
+def _q_a(pb, logpb, log1mpb, r, kind, mode, log_prior=0.0):
+  """Implied A distribution, one example: virtual evidence P(p_B | a = i) (bayes) or prototype scores, times π_A."""
   s = np.zeros(r.shape[0])
   for i in range(r.shape[0]):
     if mode == 'bayes':
       rt = np.clip(r[i], EPS, 1 - EPS)
-      s[i] = np.sum(pb * np.log(rt) + ((1 - pb) * np.log(1 - rt) if kind == 'multilabel' else 0))
+      if kind == 'multilabel':  # Π_k P(observing p_k | a = i) = Π_k (p_k R_ik + (1 − p_k)(1 − R_ik))
+        s[i] = np.sum(np.log(pb * rt + (1 - pb) * (1 - rt)))
+      else:                     # P(observing p | a = i) = Σ_k p_k R_ik
+        s[i] = np.log(np.sum(pb * rt))
     else:
       members = r[i] >= 0.5
       s[i] = np.mean(logpb[members]) if members.any() else np.mean(log1mpb)
-  return np.exp(_log_softmax(s))
+  return np.exp(_log_softmax(s + log_prior))
 
 
-def _ref_dm(za, zb, r, kind, direction, mode, divergence):
+def _ref_dm(za, zb, r, kind, direction, mode, divergence, prior='model'):
   za, zb = np.asarray(za, np.float64), np.asarray(zb, np.float64)
   out = np.zeros(len(za))
   for n in range(len(za)):
@@ -64,11 +68,12 @@ def _ref_dm(za, zb, r, kind, direction, mode, divergence):
     if direction in ('a_to_b', 'both'):
       out[n] += _h(pa @ r, logpb, log1mpb, kind, divergence)
     if direction in ('b_to_a', 'both'):
-      out[n] += _h(_q_a(pb, logpb, log1mpb, r, kind, mode), logpa, None, 'multiclass', divergence)
+      log_prior = {'model': logpa, 'uniform': 0.0}[prior] if isinstance(prior, str) else np.log(prior)
+      out[n] += _h(_q_a(pb, logpb, log1mpb, r, kind, mode, log_prior), logpa, None, 'multiclass', divergence)
   return out
 
 
-def _ref_co(za, zb, ya, yb, r, kind):
+def _ref_co(za, zb, ya, yb, r, kind, prior='model'):
   za, zb = np.asarray(za, np.float64), np.asarray(zb, np.float64)
   per, w = np.zeros(len(za)), np.zeros(len(za))
   for n in range(len(za)):
@@ -88,6 +93,8 @@ def _ref_co(za, zb, ya, yb, r, kind):
           s += np.log(rt[:, k]) if yb[n, k] == 1 else np.log(1 - rt[:, k])
       else:
         s = np.log(rt[:, yb[n]])
+      if prior == 'model':  # the model's own prediction, re-weighted by P(b | a)
+        s = s + _log_softmax(za[n])
       per[n] = _h(np.exp(_log_softmax(s)), _log_softmax(za[n]), None, 'multiclass', 'xent')
       w[n] = 1
   return per, w
@@ -119,13 +126,77 @@ def _problem(kind, seed=0, b=8, ca=4, cb=5, scale=3.0):
 @pytest.mark.parametrize('kind', ['multilabel', 'multiclass'])
 def test_distribution_matching_matches_reference(kind):
   za, zb, r, _, _ = _problem(kind)
-  for direction, mode, divergence in itertools.product(('a_to_b', 'b_to_a', 'both'), ('bayes', 'prototype'),
-                                                       ('xent', 'kl')):
+  vector = np.random.default_rng(1).dirichlet(np.ones(r.shape[0]))
+  for direction, mode, divergence, prior in itertools.product(('a_to_b', 'b_to_a', 'both'), ('bayes', 'prototype'),
+                                                              ('xent', 'kl'), ('model', 'uniform', 'vector')):
+    prior = vector if prior == 'vector' else prior
     per, w = losses.distribution_matching(za, zb, r, b_kind=kind, direction=direction, mode=mode,
-                                          divergence=divergence)
-    ref = _ref_dm(za, zb, r.astype(np.float64), kind, direction, mode, divergence)
-    np.testing.assert_allclose(per, ref, rtol=2e-4, atol=2e-5, err_msg=f'{direction} {mode} {divergence}')
+                                          divergence=divergence, prior=prior)
+    ref = _ref_dm(za, zb, r.astype(np.float64), kind, direction, mode, divergence, prior)
+    np.testing.assert_allclose(per, ref, rtol=2e-4, atol=2e-5, err_msg=f'{direction} {mode} {divergence} {prior}')
     np.testing.assert_array_equal(w, 1)
+
+
+def test_defaults_are_stopped_targets_virtual_evidence_and_model_prior():
+  za, zb, r, ya, yb = _problem('multilabel', seed=3)
+  per, _ = losses.distribution_matching(za, zb, r, b_kind='multilabel')
+  np.testing.assert_allclose(per, _ref_dm(za, zb, r.astype(np.float64), 'multilabel', 'both', 'bayes', 'xent',
+                                          'model'), rtol=2e-4, atol=2e-5)
+  # Stopped targets by default: the A→B term reaches logits_a only through q_B, so no gradient there.
+  g = jax.grad(lambda za: jnp.sum(losses.distribution_matching(za, zb, r, b_kind='multilabel',
+                                                               direction='a_to_b')[0]))(za)
+  np.testing.assert_array_equal(g, 0)
+  per, _ = losses.co_annotation(za, zb, ya, yb, r, b_kind='multilabel')
+  np.testing.assert_allclose(per, _ref_co(za, zb, ya, yb, r.astype(np.float64), 'multilabel', 'model')[0],
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_uninformative_b_implies_the_prior_not_a_confident_class():
+  # The old expected-log-likelihood rule put 0.96 on "sad" for every face when the AU head said 0.5 everywhere; the
+  # virtual-evidence rule returns π_A (uniform, or the model's own prediction).
+  from mtlmatch.priors import load_prior
+  r = load_prior('expressions_to_aus').relatedness
+  q = losses.implied_a(np.full((2, 17), 0.5, np.float32), r, b_kind='multilabel')
+  np.testing.assert_allclose(q, 1 / 7, atol=1e-6)
+  za = np.random.default_rng(0).standard_normal((2, 7)).astype(np.float32)
+  per, _ = losses.distribution_matching(za, np.zeros((2, 17), np.float32), r, b_kind='multilabel',
+                                        direction='b_to_a', divergence='kl')
+  np.testing.assert_allclose(per, 0, atol=1e-5)   # target = the model's own p_A: nothing to change
+
+
+def test_model_prior_keeps_a_fine_head_within_a_coarse_group():
+  # A coarse multiclass B (group) shared by A classes {0, 1} and {2, 3}: with a uniform prior the target is flat
+  # inside the group and pulls a confident A head (0.9 on class 0) back to 0.5 / 0.5; with the model prior the
+  # target keeps A's own ranking inside the group and only removes the other group's mass.
+  r = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], np.float32)
+  za = np.log(np.array([[0.85, 0.05, 0.05, 0.05]], np.float32))
+  zb = np.log(np.array([[0.99, 0.01]], np.float32))
+  logp_b = np.log(np.array([0.99, 0.01]))
+  for prior in ('uniform', 'model'):
+    ref = _ref_dm(za, zb, r.astype(np.float64), 'multiclass', 'b_to_a', 'bayes', 'xent', prior)
+    per, _ = losses.distribution_matching(za, zb, r, b_kind='multiclass', direction='b_to_a', prior=prior)
+    np.testing.assert_allclose(per, ref, rtol=1e-4)
+  q_uniform = _q_a(np.exp(logp_b), logp_b, None, r.astype(np.float64), 'multiclass', 'bayes')
+  q_model = _q_a(np.exp(logp_b), logp_b, None, r.astype(np.float64), 'multiclass', 'bayes', _log_softmax(za[0]))
+  assert abs(q_uniform[0] - q_uniform[1]) < 1e-3 and q_model[0] > 0.9
+  g = {p: jax.grad(lambda z, p=p: losses.distribution_matching(z, zb, r, b_kind='multiclass', direction='b_to_a',
+                                                               prior=p)[0].sum())(za) for p in ('uniform', 'model')}
+  assert g['uniform'][0, 0] > 0.3 and g['model'][0, 0] <= 0.05   # uniform pushes class 0 down; model hardly
+
+
+@pytest.mark.parametrize('kind', ['multilabel', 'multiclass'])
+def test_co_annotation_uniform_prior_is_the_label_posterior(kind):
+  # prior='uniform' keeps the values of the rule before priors existed: q_A(b) ∝ Π_{k labelled} P(b_k | a).
+  za, zb, r, ya, yb = _problem(kind, seed=5, b=16)
+  per, w = losses.co_annotation(za, zb, ya, yb, r, b_kind=kind, prior='uniform')
+  ref_per, ref_w = _ref_co(za, zb, ya, yb, r.astype(np.float64), kind, prior='uniform')
+  np.testing.assert_array_equal(w, ref_w)
+  np.testing.assert_allclose(per, ref_per, rtol=1e-4, atol=1e-5)
+  # With the model prior the target is stopped: the gradient w.r.t. logits_a comes from p_A in H(q_A, p_A) only.
+  f = lambda za: jnp.sum(losses.co_annotation(za, zb, ya, yb, r, b_kind=kind)[0])
+  b_only = (ref_w == 1) & (ya == -1)
+  g = jax.grad(f)(za)
+  assert np.all(np.isfinite(g)) and np.abs(g[b_only]).max() > 0
 
 
 def test_distribution_matching_mask_and_stop_gradient():
@@ -141,7 +212,7 @@ def test_distribution_matching_mask_and_stop_gradient():
   a_to_b = lambda za, sg: jnp.sum(losses.distribution_matching(
       za, zb, r, b_kind='multilabel', direction='a_to_b', stop_gradient_target=sg)[0])
   np.testing.assert_array_equal(jax.grad(a_to_b)(za, True), 0)
-  assert np.abs(jax.grad(a_to_b)(za, False)).max() > 1e-3  # default: knowledge flows both ways
+  assert np.abs(jax.grad(a_to_b)(za, False)).max() > 1e-3  # unstopped: the target's task is trained too
 
 
 @pytest.mark.parametrize('kind', ['multiclass', 'multilabel'])
@@ -201,18 +272,56 @@ def test_all_missing_and_huge_logits(kind):
 
 def test_gradients_match_finite_differences():
   with jax.enable_x64(True):
-    # One DM configuration per B kind (bayes/xent and prototype/kl), plus co-annotation for both kinds.
+    # Targets carrying gradient (stop_gradient_target=False, fixed prior): the whole function, by check_grads. One
+    # DM configuration per B kind (bayes/xent and prototype/kl), plus co-annotation for both kinds.
     for kind, mode, divergence in (('multilabel', 'bayes', 'xent'), ('multiclass', 'prototype', 'kl')):
       za, zb, r, ya, yb = _problem(kind, seed=6, b=4, ca=3, cb=4, scale=1.5)
       za, zb, r = za.astype(np.float64), zb.astype(np.float64), r.astype(np.float64)
       f = lambda za, zb: losses.masked_mean(*losses.distribution_matching(
-          za, zb, r, b_kind=kind, mode=mode, divergence=divergence))
+          za, zb, r, b_kind=kind, mode=mode, divergence=divergence, stop_gradient_target=False, prior='uniform'))
       check_grads(jax.jit(f), (za, zb), order=1, modes=['rev'], atol=1e-5, rtol=1e-5)
       ya[:] = [2, -1, 0, -1]
       yb[:] = -1
       yb[1] = 1
-      co = lambda za, zb: losses.masked_mean(*losses.co_annotation(za, zb, ya, yb, r, b_kind=kind))
+      co = lambda za, zb: losses.masked_mean(*losses.co_annotation(za, zb, ya, yb, r, b_kind=kind, prior='uniform'))
       check_grads(jax.jit(co), (za, zb), order=1, modes=['rev'], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('kind', ['multilabel', 'multiclass'])
+def test_stopped_target_gradient_is_the_fixed_target_cross_entropy(kind):
+  # The default (stopped targets, model prior) differentiates H(q(z₀), p(z)) at z = z₀: compare with central finite
+  # differences of the numpy reference with q frozen at z₀.
+  za, zb, r, _, _ = _problem(kind, seed=8, b=3, ca=3, cb=4, scale=1.5)
+  za, zb, r = za.astype(np.float64), zb.astype(np.float64), r.astype(np.float64)
+
+  def ref(za_now, zb_now):   # Σ_n H(q_B(z₀), p_B(z)) + H(q_A(z₀), p_A(z))
+    total = 0.0
+    for n in range(len(za)):
+      logpa0 = _log_softmax(za[n])
+      if kind == 'multilabel':
+        logpb0, log1mpb0 = _log_sigmoid(zb[n]), _log_sigmoid(-zb[n])
+        logpb, log1mpb = _log_sigmoid(zb_now[n]), _log_sigmoid(-zb_now[n])
+      else:
+        logpb0, log1mpb0 = _log_softmax(zb[n]), None
+        logpb, log1mpb = _log_softmax(zb_now[n]), None
+      total += _h(np.exp(logpa0) @ r, logpb, log1mpb, kind, 'xent')
+      q_a = _q_a(np.exp(logpb0), logpb0, log1mpb0, r, kind, 'bayes', logpa0)
+      total += _h(q_a, _log_softmax(za_now[n]), None, 'multiclass', 'xent')
+    return total
+
+  with jax.enable_x64(True):
+    ga, gb = jax.grad(lambda za, zb: jnp.sum(losses.distribution_matching(za, zb, r, b_kind=kind)[0]), (0, 1))(za, zb)
+  h = 1e-6
+  for got, z, which in ((ga, za, 0), (gb, zb, 1)):
+    fd = np.zeros_like(z)
+    for idx in np.ndindex(*z.shape):
+      up, down = z.copy(), z.copy()
+      up[idx] += h
+      down[idx] -= h
+      args_up = (up, zb) if which == 0 else (za, up)
+      args_down = (down, zb) if which == 0 else (za, down)
+      fd[idx] = (ref(*args_up) - ref(*args_down)) / (2 * h)
+    np.testing.assert_allclose(got, fd, rtol=1e-5, atol=1e-6)
 
 
 def test_jit_and_sharded_batch_match_eager():

@@ -166,16 +166,17 @@ def _np_implied_a(pb, r, b_kind, mode, prior=None, eps=1e-4):
   for n in range(pb.shape[0]):
     s = np.zeros(ca)
     for i in range(ca):
-      if mode == 'bayes':
+      if mode == 'bayes':  # virtual evidence: the chance that an A = i example would produce p_B
         rt = np.clip(r[i], eps, 1 - eps)
         if b_kind == 'multilabel':
-          s[i] = np.sum(pb[n] * np.log(rt) + (1 - pb[n]) * np.log(1 - rt))
+          s[i] = np.sum(np.log(pb[n] * rt + (1 - pb[n]) * (1 - rt)))
         else:
-          s[i] = np.sum(pb[n] * np.log(rt))
-        s[i] += 0.0 if prior is None else np.log(prior[i])
+          s[i] = np.log(np.sum(pb[n] * rt))
       else:
         members = [k for k in range(r.shape[1]) if r[i, k] >= 0.5]
         s[i] = np.mean(np.log(pb[n, members])) if members else np.mean(np.log(1 - pb[n]))
+      if prior is not None:
+        s[i] += np.log(prior[i] if prior.ndim == 1 else prior[n, i])
     out[n] = _np_softmax(s)
   return out
 
@@ -198,9 +199,8 @@ def test_implied_a_and_b_match_reference(b_kind, mode):
   q = losses.implied_a(pb.astype(np.float32), r.astype(np.float32), b_kind=b_kind, mode=mode)
   np.testing.assert_allclose(q, _np_implied_a(pb, r, b_kind, mode), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(np.sum(q, -1), 1, atol=1e-5)
-  if mode == 'bayes':
-    prior = rng.dirichlet(np.ones(ca))
-    q = losses.implied_a(pb, r, b_kind=b_kind, prior=prior)
+  for prior in (rng.dirichlet(np.ones(ca)), rng.dirichlet(np.ones(ca), n)):   # [C_A] and per example [B, C_A]
+    q = losses.implied_a(pb, r, b_kind=b_kind, mode=mode, prior=prior)
     np.testing.assert_allclose(q, _np_implied_a(pb, r, b_kind, mode, prior), rtol=1e-4, atol=1e-6)
 
 
@@ -218,8 +218,8 @@ def test_implied_errors_and_jit():
   r = np.full((3, 2), 0.5, np.float32)
   with pytest.raises(ValueError, match=r"mode: got 'proto'"):
     losses.implied_a(np.full((1, 2), 0.5), r, b_kind='multilabel', mode='proto')
-  with pytest.raises(ValueError, match=r'prior: .*expected None with mode=\'prototype\''):
-    losses.implied_a(np.full((1, 2), 0.5), r, b_kind='multilabel', mode='prototype', prior=np.ones(3) / 3)
+  with pytest.raises(ValueError, match=r'prior: got shape \(2,\), expected \(3,\) or \[B, 3\]'):
+    losses.implied_a(np.full((1, 2), 0.5), r, b_kind='multilabel', prior=np.ones(2) / 2)
   with pytest.raises(ValueError, match=r'relatedness: got shape \(3, 2\), expected 3 columns'):
     losses.implied_a(np.full((1, 3), 0.5), r, b_kind='multilabel')
   with pytest.raises(ValueError, match=r'relatedness: got shape \(3, 2\), expected 4 rows'):

@@ -1,4 +1,4 @@
-"""Dummy Gradient norm Regularization, DGR (DESIGN.md §4).
+"""Dummy Gradient norm Regularization, DGR (the maths: docs/maths.md).
 
 Shin, Do, Son, "Learning Representation for Multitask learning through Self Supervised Auxiliary learning", ECCV 2024
 (arXiv 2409.16651). K randomly initialised, never-trained "dummy" heads φ^(1..K) sit on the shared features f; the
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from mtlmatch.losses import _checks
 from mtlmatch.losses.classification import masked_mean
 
-NORMS = ('sq_l2', 'l2')
+NORMS = ('sq_l2', 'l2', 'sq_l2_unbiased')
 
 
 def _safe_sqrt(x: jax.Array) -> jax.Array:
@@ -51,15 +51,31 @@ def _num_dummies(dummy_params) -> int:
   return int(sizes.pop()[0])
 
 
+def _halves(weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Split the weighted (labelled) examples, in batch order, into two halves: masks [B] of the first ⌊n/2⌋ and the
+  rest. The batch order is a random draw, so the halves are two independent random subsets."""
+  labelled = weight != 0
+  rank = jnp.cumsum(labelled.astype(jnp.int32))          # 1-based rank among the labelled examples
+  first = labelled & (rank <= jnp.sum(labelled) // 2)
+  return first.astype(weight.dtype), (labelled & ~first).astype(weight.dtype)
+
+
 def dummy_gradient_norm(features, labels, dummy_params, *, head_apply: Callable[[Any, jax.Array], jax.Array],
                         loss_fn: Callable[[jax.Array, Any], tuple[jax.Array, jax.Array]],
                         norm: str = 'sq_l2') -> jax.Array:
-  """Mean over K dummy heads of ‖∇_φ L‖² (``'sq_l2'``, default, what the authors' code penalises) or ‖∇_φ L‖ (``'l2'``).
+  """Mean over K dummy heads of a norm of the dummy gradient ``g = ∇_φ L(φ)``.
 
   ``L(φ) = masked_mean(*loss_fn(head_apply(φ, features), labels))``; ``dummy_params`` go through
   ``jax.lax.stop_gradient`` (never trained); ``jax.vmap`` runs the K heads at once. The result is differentiable
-  w.r.t. ``features`` (grad of a grad). The ``'l2'`` norm uses a safe square root, so its gradient is finite (0)
-  where the dummy gradient vanishes.
+  w.r.t. ``features`` (grad of a grad).
+
+  * ``'sq_l2'`` (default; what the authors' code penalises): ``‖g‖²``. On a minibatch of B_t labelled examples it is
+    biased: ``E‖g_batch‖² = ‖g‖² + tr Σ / B_t`` (Σ the per-example gradient covariance), so λ's effect depends on the
+    batch size and the label fraction.
+  * ``'sq_l2_unbiased'``: ``⟨g_1, g_2⟩`` with g_1, g_2 the dummy gradients of the two halves of the labelled examples
+    (:func:`_halves`); the halves are independent, so ``E⟨g_1, g_2⟩ = ‖g‖²`` exactly. Fewer than 2 labelled
+    examples give 0.
+  * ``'l2'``: ``‖g‖``, with a safe square root, so its gradient is finite (0) where the dummy gradient vanishes.
 
   Args:
     features: shared features ``[B, ...]`` (whatever ``head_apply`` takes).
@@ -67,7 +83,7 @@ def dummy_gradient_norm(features, labels, dummy_params, *, head_apply: Callable[
     dummy_params: a pytree whose every leaf has a leading axis K (e.g. from :func:`init_dummy_params`).
     head_apply: ``(params, features) -> logits``, e.g. ``lambda p, f: head.apply({'params': p}, f)``.
     loss_fn: ``(logits, labels) -> (per_example [B], weight [B])``, e.g. ``softmax_xent``.
-    norm: 'sq_l2' or 'l2'.
+    norm: 'sq_l2', 'sq_l2_unbiased' or 'l2'.
 
   Returns:
     A scalar.
@@ -76,12 +92,20 @@ def dummy_gradient_norm(features, labels, dummy_params, *, head_apply: Callable[
   _num_dummies(dummy_params)
   dummy_params = jax.lax.stop_gradient(dummy_params)
 
-  def dummy_loss(params):
-    return masked_mean(*loss_fn(head_apply(params, features), labels))
+  def dummy_loss(params, select=None):
+    per_example, weight = loss_fn(head_apply(params, features), labels)
+    return masked_mean(per_example, weight if select is None else weight * select(weight))
+
+  def inner(a, b):
+    return sum(jnp.sum(x * y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
   def penalty(params):
+    if norm == 'sq_l2_unbiased':
+      g1 = jax.grad(dummy_loss)(params, lambda w: _halves(w)[0])
+      g2 = jax.grad(dummy_loss)(params, lambda w: _halves(w)[1])
+      return inner(g1, g2)
     grads = jax.grad(dummy_loss)(params)
-    sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads))
+    sq = inner(grads, grads)
     return sq if norm == 'sq_l2' else _safe_sqrt(sq)
 
   return jnp.mean(jax.vmap(penalty)(dummy_params))

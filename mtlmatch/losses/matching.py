@@ -1,4 +1,4 @@
-"""Distribution matching and soft co-annotation between two related tasks (DESIGN.md §3).
+"""Distribution matching and soft co-annotation between two related tasks (the maths: docs/maths.md).
 
 Kollias, Sharmanska, Zafeiriou, "Distribution Matching for Multi-Task Learning of Classification Tasks: a Large-Scale
 Study on Faces & Beyond", AAAI 2024 (arXiv 2401.01219), and FaceBehaviorNet (arXiv 2105.03790). Task A is multiclass
@@ -6,7 +6,8 @@ Study on Faces & Beyond", AAAI 2024 (arXiv 2401.01219), and FaceBehaviorNet (arX
 ``R [C_A, C_B]`` (see :mod:`mtlmatch.losses.relatedness`).
 
 * :func:`distribution_matching`: on every example (labelled or not, unless masked), pull each task's prediction
-  toward the distribution the other task's prediction implies: ``L = H(q_B, p_B) + H(q_A, p_A)``.
+  toward the distribution the other task's prediction implies, as a stopped target by default:
+  ``L = H(q_B, p_B) + H(q_A, p_A)``.
 * :func:`co_annotation`: on examples labelled for exactly one of the two tasks, a soft target for the other task
   from the label through R.
 
@@ -37,21 +38,36 @@ from mtlmatch.tasks import MISSING
 
 DIRECTIONS = ('a_to_b', 'b_to_a', 'both')
 DIVERGENCES = ('xent', 'kl')
-# The options of distribution_matching that choose the loss (as opposed to its data); see check_options.
-OPTIONS = ('direction', 'mode', 'stop_gradient_target', 'divergence')
+# The prior π_A of the B → A targets: 'uniform', 'model' (= stop_gradient(p_A)), or a [C_A] probability vector.
+PRIORS = ('uniform', 'model')
+# The options that choose each loss (as opposed to its data); see check_options.
+OPTIONS = ('direction', 'mode', 'stop_gradient_target', 'divergence', 'prior')
+CO_ANNOTATION_OPTIONS = ('prior',)
 
 
 def check_options(**options) -> None:
-  """Static checks of the given :data:`OPTIONS` of :func:`distribution_matching` (also used by configs, before
-  anything runs): one ValueError naming the option, the value and what was expected."""
+  """Static checks of the given :data:`OPTIONS` of :func:`distribution_matching` / :func:`co_annotation` (also used
+  by configs, before anything runs): one ValueError naming the option, the value and what was expected."""
   choices = {'direction': DIRECTIONS, 'mode': rel.MODES, 'divergence': DIVERGENCES}
   for key, value in options.items():
     if key == 'stop_gradient_target':
       if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f'stop_gradient_target: got {value!r}, expected True or False (a Python bool: it changes '
                          'the traced computation)')
+    elif key == 'prior':
+      if isinstance(value, str):
+        _checks.check_choice(value, PRIORS, key)
+      elif np.ndim(value) != 1:
+        raise ValueError(f'prior: got {value!r}, expected one of {PRIORS} or a [C_A] probability vector')
     else:
       _checks.check_choice(value, choices[key], key)
+
+
+def _log_prior(prior, logp_a: jax.Array):
+  """log π_A for the B → A targets: None (uniform), ``stop_gradient(log p_A)`` ('model') or a checked vector."""
+  if isinstance(prior, str):
+    return None if prior == 'uniform' else jax.lax.stop_gradient(logp_a)
+  return rel.log_prior_a(prior, logp_a.shape[-1], logp_a.dtype)
 
 
 def _log1m_softmax(logits: jax.Array) -> jax.Array:
@@ -109,19 +125,26 @@ def _check_pair(logits_a, logits_b, relatedness, b_kind):
 
 
 def distribution_matching(logits_a, logits_b, relatedness, *, b_kind: str, direction: str = 'both',
-                          mode: str = 'bayes', stop_gradient_target: bool = False, divergence: str = 'xent',
-                          mask=None) -> tuple[jax.Array, jax.Array]:
-  """Distribution-matching loss per example (DESIGN §3; Kollias et al. 2024).
+                          mode: str = 'bayes', stop_gradient_target: bool = True, divergence: str = 'xent',
+                          prior='model', mask=None) -> tuple[jax.Array, jax.Array]:
+  """Distribution-matching loss per example (Kollias et al. 2024; the maths in docs/maths.md).
 
   With ``p_A = softmax(z_A)``, ``p_B = sigmoid(z_B)`` (multilabel) or ``softmax(z_B)`` (multiclass),
-  ``q_B = p_A R`` and ``q_A = implied_a(p_B, R, mode=mode)`` (uniform π_A):
+  ``q_B = p_A R`` and ``q_A = implied_a(p_B, R, mode=mode, prior=π_A)``:
 
     ``L = H(q_B, p_B)`` [direction 'a_to_b'] ``+ H(q_A, p_A)`` [direction 'b_to_a']; 'both' (default) is the sum.
 
-  ``divergence='kl'`` replaces each H(q, p) by ``KL(q ‖ p) = H(q, p) − H(q)`` (same gradient w.r.t. the prediction;
-  0 at agreement). ``stop_gradient_target=True`` treats q as a constant; the default False lets knowledge flow both
-  ways (the target's task is trained too). The log-probabilities come from ``log_softmax``/``log_sigmoid``, the
-  ``prototype`` rule's ``log(1 − p_B)`` from ``log_sigmoid(−z)`` or a leave-one-out ``logsumexp``.
+  The implied distributions are *targets*: ``stop_gradient_target=True`` (default) treats q as a constant (soft
+  targets, as in distillation), so each head is pulled toward what the other implies and the cross-entropy equals
+  ``KL(q ‖ p)`` up to a constant. With ``False`` and ``divergence='xent'`` the term also minimises the entropy of q,
+  ``H(q, p) = KL(q ‖ p) + H(q)``, which rewards confident agreement and can collapse every head onto the A classes
+  whose implied targets have the lowest entropy; use ``divergence='kl'`` (no H(q) term) if you want gradient through
+  the targets. ``divergence='kl'`` replaces each H(q, p) by ``KL(q ‖ p)`` (0 at agreement).
+
+  ``prior`` π_A of the B → A target: ``'model'`` (default) = ``stop_gradient(p_A)``, so q_A is A's own prediction
+  re-weighted by B's evidence and B only moves mass between A classes that B tells apart (a coarse B — many A
+  classes sharing one B pattern — then cannot flatten a confident fine-grained A head); ``'uniform'``; or a ``[C_A]``
+  probability vector.
 
   Args:
     logits_a: ``[B, C_A]`` (task A, multiclass).
@@ -129,16 +152,27 @@ def distribution_matching(logits_a, logits_b, relatedness, *, b_kind: str, direc
     relatedness: ``[C_A, C_B]``.
     b_kind: 'multiclass' or 'multilabel' (task B).
     direction: 'a_to_b', 'b_to_a' or 'both'.
-    mode: rule for q_A, 'bayes' or 'prototype' (see ``implied_a``).
+    mode: rule for q_A, 'bayes' (virtual evidence) or 'prototype' (see ``implied_a``).
     stop_gradient_target: stop gradients through q_A and q_B.
     divergence: 'xent' or 'kl'.
+    prior: 'model', 'uniform' or a ``[C_A]`` vector: π_A of q_A.
     mask: optional ``[B]`` (bool or float): per-example weight; None = every example counts.
 
   Returns:
     ``(per_example [B], weight [B])``, ``weight = mask`` (or ones); per_example is 0 where the weight is 0.
+
+  >>> import numpy as np
+  >>> r = np.array([[0.9, 0.1], [0.1, 0.9]], np.float32)     # A class 0 ↔ B label 0, A class 1 ↔ B label 1
+  >>> za = np.array([[2.0, -2.0]], np.float32)                  # A says class 0
+  >>> zb = np.array([[3.0, -3.0]], np.float32)                  # B agrees: label 0 on, label 1 off
+  >>> agree, w = distribution_matching(za, zb, r, b_kind='multilabel', divergence='kl')
+  >>> disagree, _ = distribution_matching(za, -zb, r, b_kind='multilabel', divergence='kl')
+  >>> bool(agree[0] < disagree[0]), w.tolist()
+  (True, [1.0])
   """
   b_kind = _checks.check_b_kind(b_kind)
-  check_options(direction=direction, mode=mode, stop_gradient_target=stop_gradient_target, divergence=divergence)
+  check_options(direction=direction, mode=mode, stop_gradient_target=stop_gradient_target, divergence=divergence,
+                prior=prior)
   logits_a, logits_b, r = _check_pair(logits_a, logits_b, relatedness, b_kind)
   batch_shape = logits_a.shape[:-1]
   if mask is None:
@@ -158,23 +192,27 @@ def distribution_matching(logits_a, logits_b, relatedness, *, b_kind: str, direc
     q_b = target(rel.implied_b_from_probs(p_a, r))
     loss = loss + _divergence(q_b, None, logp_b, log1mp_b, kind=b_kind, divergence=divergence)
   if direction in ('b_to_a', 'both'):
-    log_q_a = target(rel.log_implied_a(p_b, logp_b, log1mp_b, r, b_kind=b_kind, mode=mode))
+    log_q_a = target(rel.log_implied_a(p_b, logp_b, log1mp_b, r, b_kind=b_kind, mode=mode,
+                                       log_prior=_log_prior(prior, logp_a)))
     loss = loss + _divergence(jnp.exp(log_q_a), log_q_a, logp_a, None, kind='multiclass', divergence=divergence)
   return jnp.where(weight != 0, loss, 0.0), weight
 
 
-def co_annotation(logits_a, logits_b, labels_a, labels_b, relatedness, *, b_kind: str) -> tuple[jax.Array, jax.Array]:
-  """Soft co-annotation loss per example (DESIGN §3, last paragraph; Kollias et al. 2024).
+def co_annotation(logits_a, logits_b, labels_a, labels_b, relatedness, *, b_kind: str,
+                  prior='model') -> tuple[jax.Array, jax.Array]:
+  """Soft co-annotation loss per example (Kollias et al. 2024; the maths in docs/maths.md).
 
   * A label i present, B missing: soft B target ``R[i, :]``, loss ``H(R[i, :], p_B)``.
   * B labels b present, A missing: soft A target ``q_A(b)`` by the `bayes` rule of ``implied_a`` with p_B replaced by
-    b (uniform π_A, ε = 1e-4): ``log q_A(i) = const + Σ_{k labelled} [b_k log R̃_ik + (1 − b_k) log(1 − R̃_ik)]``
-    (multilabel: only the labelled entries contribute — Bayes' rule for a partially observed label vector, since an
-    unobserved b_k sums out of the likelihood) or ``log R̃_{i, b}`` (multiclass); loss ``H(q_A, p_A)``.
-    A multilabel example counts as "B present" when at least one entry is labelled.
+    b (ε = 1e-4): ``log q_A(i) = log π_A(i) + Σ_{k labelled} log P(b_k | a = i)`` (multilabel: only the labelled
+    entries contribute — Bayes' rule for a partially observed label vector, since an unobserved b_k sums out of the
+    likelihood) or ``log π_A(i) + log R̃_{i, b}`` (multiclass); loss ``H(q_A, p_A)``. A multilabel example counts as
+    "B present" when at least one entry is labelled.
   * Both present, or neither: value 0, weight 0.
 
-  The targets depend only on labels and R, so no gradient flows through them.
+  ``prior`` π_A: ``'model'`` (default) = ``stop_gradient(p_A)``: b only rules A classes out and the model's own
+  prediction ranks those left; ``'uniform'``: the label posterior, flat over every A class sharing b's pattern; or a
+  ``[C_A]`` vector. No gradient flows through the targets.
 
   Args:
     logits_a: ``[B, C_A]``.
@@ -183,11 +221,22 @@ def co_annotation(logits_a, logits_b, labels_a, labels_b, relatedness, *, b_kind
     labels_b: int ``[B]`` in [-1, C_B) (multiclass) or ``[B, C_B]`` in {-1, 0, 1} (multilabel).
     relatedness: ``[C_A, C_B]``.
     b_kind: 'multiclass' or 'multilabel'.
+    prior: 'model', 'uniform' or a ``[C_A]`` vector: π_A of the B-only target.
 
   Returns:
     ``(per_example [B], weight [B])``.
+
+  >>> import numpy as np
+  >>> r = np.array([[0.9, 0.1], [0.1, 0.9]], np.float32)
+  >>> logits_a, logits_b = np.zeros((3, 2), np.float32), np.zeros((3, 2), np.float32)
+  >>> labels_a = np.array([0, -1, -1])                       # example 0: A only; 1: B only; 2: neither
+  >>> labels_b = np.array([[-1, -1], [1, 0], [-1, -1]])
+  >>> per_example, weight = co_annotation(logits_a, logits_b, labels_a, labels_b, r, b_kind='multilabel')
+  >>> weight.tolist()
+  [1.0, 1.0, 0.0]
   """
   b_kind = _checks.check_b_kind(b_kind)
+  check_options(prior=prior)
   logits_a, logits_b, r = _check_pair(logits_a, logits_b, relatedness, b_kind)
   labels_a = _checks.int_labels(labels_a, 'labels_a')
   labels_b = _checks.int_labels(labels_b, 'labels_b')
@@ -207,13 +256,16 @@ def co_annotation(logits_a, logits_b, labels_a, labels_b, relatedness, *, b_kind
   loss_a_only = _cross_entropy(target_b, logp_b, log1mp_b, kind=b_kind)
 
   # B known, A missing: H(q_A(b), p_A).
+  logp_a = jax.nn.log_softmax(logits_a, axis=-1)
+  log_prior = _log_prior(prior, logp_a)
   if b_kind == 'multilabel':
     b = jnp.where(entry_b, labels_b, 0).astype(dtype)
-    log_q_a = rel.log_implied_a(b, None, None, r, b_kind=b_kind, mode='bayes', entry_mask=entry_b.astype(dtype))
+    log_q_a = rel.log_implied_a(b, None, None, r, b_kind=b_kind, mode='bayes', log_prior=log_prior,
+                                entry_mask=entry_b.astype(dtype))
   else:
     b = jax.nn.one_hot(jnp.where(entry_b, labels_b, 0), logits_b.shape[-1], dtype=dtype)
-    log_q_a = rel.log_implied_a(b, None, None, r, b_kind=b_kind, mode='bayes')
-  logp_a = jax.nn.log_softmax(logits_a, axis=-1)
+    log_q_a = rel.log_implied_a(b, None, None, r, b_kind=b_kind, mode='bayes', log_prior=log_prior)
+  log_q_a = jax.lax.stop_gradient(log_q_a)
   loss_b_only = _cross_entropy(jnp.exp(log_q_a), logp_a, None, kind='multiclass')
 
   per_example = jnp.where(a_only, loss_a_only, jnp.where(b_only, loss_b_only, 0.0))

@@ -10,7 +10,8 @@ to 1). Where it comes from:
 What it implies, for model probabilities ``p_A = softmax(z_A)`` and ``p_B``:
 
 * :func:`implied_b`: ``q_B = p_A R`` (A → B);
-* :func:`implied_a`: ``q_A`` from ``p_B`` by the ``bayes`` rule (default) or the FaceBehaviorNet ``prototype`` rule.
+* :func:`implied_a`: ``q_A`` from ``p_B`` by the ``bayes`` rule (virtual evidence, default) or the FaceBehaviorNet
+  ``prototype`` rule, times a prior π_A (uniform, a vector, or per example).
 
 Usage::
 
@@ -207,20 +208,26 @@ def implied_b(probs_a, relatedness) -> jax.Array:
   return implied_b_from_probs(probs_a, r)
 
 
-def _bayes_scores(probs_b: jax.Array, r: jax.Array, *, b_kind: str, entry_mask: Optional[jax.Array] = None):
-  """``Σ_k [p_k log R̃_ik + (1 − p_k) log(1 − R̃_ik)]`` (multilabel) or ``Σ_k p_k log R̃_ik`` (multiclass): [..., C_A].
+def _bayes_scores(probs_b: jax.Array, logp_b: Optional[jax.Array], r: jax.Array, *, b_kind: str,
+                  entry_mask: Optional[jax.Array] = None) -> jax.Array:
+  """Virtual-evidence log-likelihoods ``log P(p_B | a = i)`` [..., C_A] (up to a constant in i).
 
-  ``entry_mask [..., C_B]`` (multilabel only) keeps just the labelled entries in the sum: the posterior given a
-  partially observed label vector, since an unobserved b_k sums out of the likelihood.
+  Multilabel: ``Σ_k log(p_k R̃_ik + (1 − p_k)(1 − R̃_ik))`` — the chance that an A = i example would produce B's
+  soft observation, entry by entry; ``entry_mask [..., C_B]`` keeps just the labelled entries (an unobserved b_k sums
+  out of the likelihood). Each factor lies in [ε, 1 − ε], so the log is finite. Multiclass:
+  ``log Σ_k p_k R̃_ik``, as a logsumexp of ``log p_k + log R̃_ik`` (``logp_b``, or ``log max(p, tiny)`` if None).
+  On hard labels (p one-hot or in {0, 1}) both are the exact log-likelihoods; at p = 0.5 (multilabel) every class
+  scores the same, so the rule adds no information.
   """
   rt = jnp.clip(r, BAYES_EPS, 1 - BAYES_EPS)
   if b_kind == 'multiclass':
-    return jnp.einsum('...k,ik->...i', probs_b, jnp.log(rt), precision=_HI)
-  on, off = probs_b, 1 - probs_b
+    if logp_b is None:
+      logp_b = jnp.log(jnp.maximum(probs_b, jnp.finfo(probs_b.dtype).tiny))
+    return jax.nn.logsumexp(logp_b[..., None, :] + jnp.log(rt), axis=-1)
+  factors = jnp.log((1 - rt) + probs_b[..., None, :] * (2 * rt - 1))   # [..., C_A, C_B]
   if entry_mask is not None:
-    on, off = on * entry_mask, off * entry_mask
-  return (jnp.einsum('...k,ik->...i', on, jnp.log(rt), precision=_HI)
-          + jnp.einsum('...k,ik->...i', off, jnp.log1p(-rt), precision=_HI))
+    factors = factors * entry_mask[..., None, :]
+  return jnp.sum(factors, axis=-1)
 
 
 def _prototype_scores(logp_b: jax.Array, log1mp_b: jax.Array, r: jax.Array) -> jax.Array:
@@ -233,12 +240,13 @@ def _prototype_scores(logp_b: jax.Array, log1mp_b: jax.Array, r: jax.Array) -> j
 
 
 def log_prior_a(prior, num_classes_a: int, dtype) -> Optional[jax.Array]:
-  """log π_A ``[C_A]`` (checked), or None for the uniform prior (a constant that softmax removes)."""
+  """log π_A ``[C_A]`` or ``[..., C_A]`` (checked), or None for the uniform prior (a constant that softmax removes)."""
   if prior is None:
     return None
-  prior = _checks.float_array(prior, 'prior', min_ndim=0)
-  if prior.shape != (num_classes_a,):
-    raise ValueError(f'prior: got shape {prior.shape}, expected ({num_classes_a},) (π_A over the task-A classes)')
+  prior = _checks.float_array(prior, 'prior', min_ndim=1)
+  if prior.shape[-1] != num_classes_a:
+    raise ValueError(f'prior: got shape {prior.shape}, expected ({num_classes_a},) or [B, {num_classes_a}] (π_A '
+                     'over the task-A classes)')
   _checks.check_probabilities(prior, kind='multiclass', arg='prior')
   # A zero prior is clipped to the smallest normal number, so q_A ≈ 0 there but log q_A stays finite.
   return jnp.log(jnp.maximum(prior.astype(dtype), jnp.finfo(dtype).tiny))
@@ -249,24 +257,29 @@ def log_implied_a(probs_b: jax.Array, logp_b: Optional[jax.Array], log1mp_b: Opt
                   entry_mask: Optional[jax.Array] = None) -> jax.Array:
   """``log q_A [..., C_A]`` without checks (for the loss modules); ``logp_b``/``log1mp_b`` used by `prototype`."""
   if mode == 'bayes':
-    scores = _bayes_scores(probs_b, r, b_kind=b_kind, entry_mask=entry_mask)
-    if log_prior is not None:
-      scores = scores + log_prior
+    scores = _bayes_scores(probs_b, logp_b, r, b_kind=b_kind, entry_mask=entry_mask)
   else:
     scores = _prototype_scores(logp_b, log1mp_b, r)
+  if log_prior is not None:
+    scores = scores + log_prior
   return jax.nn.log_softmax(scores, axis=-1)
 
 
 def implied_a(probs_b, relatedness, *, b_kind: str, mode: str = 'bayes', prior=None) -> jax.Array:
   """B → A: the task-A distribution ``q_A`` implied by B's probabilities ``p_B``, computed in log space.
 
-  * ``mode='bayes'`` (default): ``log q_A(i) = log π_A(i) + Σ_k [p_Bk log R̃_ik + (1 − p_Bk) log(1 − R̃_ik)]``
-    (multilabel B) or ``log π_A(i) + Σ_k p_Bk log R̃_ik`` (multiclass B), normalised by a softmax over i, with
-    ``R̃ = clip(R, ε, 1 − ε)``, ``ε = BAYES_EPS = 1e-4``; ``π_A = prior`` (uniform if None). With a hard label vector
-    this is Bayes' rule under conditionally independent labels; with probabilities, the expected log-likelihood.
-  * ``mode='prototype'`` (FaceBehaviorNet, arXiv 2105.03790): ``log q_A(i) ∝ mean_{k ∈ P_i} log p_Bk`` with
-    ``P_i = {k : R_ik ≥ τ}``, ``τ = 0.5``; a class with empty ``P_i`` (e.g. neutral) uses ``mean_k log(1 − p_Bk)``.
-    No prior (passing one is an error).
+  * ``mode='bayes'`` (default), Pearl's *virtual evidence*: B's prediction is soft evidence, and the likelihood of
+    A-class i is the chance that an A = i example would produce it:
+    ``log q_A(i) = log π_A(i) + Σ_k log(p_Bk R̃_ik + (1 − p_Bk)(1 − R̃_ik))`` (multilabel B) or
+    ``log π_A(i) + log Σ_k p_Bk R̃_ik`` (multiclass B), normalised by a softmax over i, with ``R̃ = clip(R, ε, 1 − ε)``,
+    ``ε = BAYES_EPS = 1e-4``. On hard labels this is Bayes' rule (labels conditionally independent given a); with an
+    uninformative ``p_B`` (0.5 everywhere) it returns π_A, never a confident class.
+  * ``mode='prototype'`` (FaceBehaviorNet, arXiv 2105.03790): ``log q_A(i) ∝ log π_A(i) + mean_{k ∈ P_i} log p_Bk``
+    with ``P_i = {k : R_ik ≥ τ}``, ``τ = 0.5``; a class with empty ``P_i`` (e.g. neutral) uses
+    ``mean_k log(1 − p_Bk)``. FaceBehaviorNet has no prior (π_A uniform, the default).
+
+  ``prior`` π_A: None (uniform), ``[C_A]`` or per example ``[B, C_A]`` probabilities — e.g. the model's own
+  ``stop_gradient(p_A)``, so that B's evidence only re-weights A's prediction (see ``distribution_matching``).
 
   From probabilities the logs are ``log max(p, tiny)``; the loss functions compute them from logits instead
   (``log_sigmoid``/``log_softmax``), which is stable at any logit magnitude.
@@ -276,16 +289,20 @@ def implied_a(probs_b, relatedness, *, b_kind: str, mode: str = 'bayes', prior=N
     relatedness: ``[C_A, C_B]``.
     b_kind: 'multiclass' or 'multilabel'.
     mode: 'bayes' or 'prototype'.
-    prior: optional π_A ``[C_A]`` for `bayes`.
+    prior: optional π_A, ``[C_A]`` or ``[B, C_A]``, rows summing to 1.
 
   Returns:
     ``q_A [B, C_A]``, rows summing to 1.
+
+  >>> import numpy as np
+  >>> r = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]], np.float32)   # 3 A classes, 2 B labels
+  >>> np.round(np.asarray(implied_a(np.full((1, 2), 0.5), r, b_kind='multilabel')), 3)   # no evidence: π_A
+  array([[0.333, 0.333, 0.333]], dtype=float32)
+  >>> np.round(np.asarray(implied_a(np.array([[1.0, 0.0]]), r, b_kind='multilabel')), 3)  # hard b = (1, 0)
+  array([[0.736, 0.036, 0.227]], dtype=float32)
   """
   b_kind = _checks.check_b_kind(b_kind)
   mode = _checks.check_choice(mode, MODES, 'mode')
-  if mode == 'prototype' and prior is not None:
-    raise ValueError(f'prior: got {type(prior).__name__}, expected None with mode=\'prototype\' (the prototype rule '
-                     'has no class prior; use mode=\'bayes\')')
   probs_b = _checks.float_array(probs_b, 'probs_b')
   r = _checks.relatedness(relatedness, b_kind=b_kind, num_classes_a=None, num_classes_b=probs_b.shape[-1],
                           dtype=probs_b.dtype)
