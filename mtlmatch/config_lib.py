@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 512
   c.log_every = 100
   c.eval_every = 0                   # 0: evaluate only at the end
+  c.early_stopping_patience = 0      # stop after this many evaluations without a better validation score; 0 = never
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
   c.nonfinite = 'halt'               # or 'skip': skip (and count) non-finite updates
@@ -39,7 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = ''
   c.data.data_dir = ml_collections.config_dict.placeholder(str)
-  c.data.seed = 0                    # generation seed of synthetic data / annotation splits
+  c.data.seed = 0                    # generation seed of synthetic data / annotation splits / validation hold-out
+  c.data.validation_fraction = 0.1   # held out of every training source for model selection; 0 = none
   c.data.options = ml_collections.ConfigDict()
   c.data.mixing = 'weights'          # or 'equal_per_task'
   c.data.augment = False

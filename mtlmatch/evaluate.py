@@ -169,6 +169,17 @@ def finalize(task: TaskSpec, stats: Mapping[str, jax.Array]) -> dict[str, float]
   return metrics
 
 
+# The metric model selection and reports rank each task by (higher is better).
+PRIMARY_METRIC = {'multiclass': 'accuracy', 'multilabel': 'mean_f1'}
+
+
+def selection_score(tasks: Mapping[str, TaskSpec], metrics: Mapping[str, Mapping[str, float]]) -> float:
+  """Mean over tasks of each task's :data:`PRIMARY_METRIC` (tasks whose metric is NaN — no labelled example — are
+  left out; NaN if none is defined). Used to pick the best-validation step."""
+  values = [metrics[t][PRIMARY_METRIC[spec.kind]] for t, spec in tasks.items() if t in metrics]
+  return _mean_defined(np.asarray(values, np.float64)) if values else float('nan')
+
+
 def finalize_tasks(tasks: Mapping[str, TaskSpec], stats: Mapping[str, Mapping]) -> dict[str, dict[str, float]]:
   """``{task: finalize(tasks[task], stats[task])}`` for every task in ``tasks``."""
   missing = sorted(set(tasks) - set(stats))

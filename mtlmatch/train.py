@@ -229,10 +229,11 @@ def eval_step(params, batch_stats, batch, *, model, tasks):
           for name, task in tasks.items()}
 
 
-def run_eval(eval_fn, state, benchmark, config, sharding) -> dict:
-  """Metrics per eval source and over all eval sources together, every test example counted exactly once."""
+def run_eval(eval_fn, state, benchmark, config, sharding, sources=None) -> dict:
+  """Metrics per source and over the sources together (default: the eval sources; pass
+  ``benchmark.validation_sources`` for validation), every example counted exactly once."""
   per_source, totals = {}, None
-  for source in benchmark.eval_sources:
+  for source in benchmark.eval_sources if sources is None else sources:
     stats = None
     for batch in data_lib.eval_iterator(source, benchmark.tasks, global_batch_size=config.eval_batch_size,
                                         sharding=sharding):
@@ -244,6 +245,35 @@ def run_eval(eval_fn, state, benchmark, config, sharding) -> dict:
     totals = stats if totals is None else evaluate.accumulate(totals, stats)
   metrics = {t: evaluate.finalize(benchmark.tasks[t], s) for t, s in (totals or {}).items()}
   return {'metrics': metrics, 'per_source': per_source}
+
+
+def evaluate_and_select(eval_fn, state, exp, step: int, selection: Optional[dict]) -> tuple[dict, dict, dict]:
+  """Test and validation metrics at ``step``; returns ``(test, validation, updated selection record)``.
+
+  The record (JSON, saved in every checkpoint's metadata so resume continues it) keeps the best step by the
+  validation score (:func:`evaluate.selection_score`: the mean over tasks of each task's primary metric), the
+  validation and **test** metrics at that step (the test set is only recorded, never used to choose), the number of
+  evaluations since the best, and the history of both curves. Without validation sources the score is NaN and the
+  best step is the last one evaluated.
+  """
+  benchmark, config = exp.benchmark, exp.config
+  test = run_eval(eval_fn, state, benchmark, config, exp.data_sharding)
+  validation = run_eval(eval_fn, state, benchmark, config, exp.data_sharding, sources=benchmark.validation_sources)
+  score = evaluate.selection_score(benchmark.tasks, validation['metrics'])
+  primary = {t: evaluate.PRIMARY_METRIC[spec.kind] for t, spec in benchmark.tasks.items()}
+  selection = dict(selection or {'metric': primary, 'best_step': None, 'best_score': None, 'evals_since_best': 0,
+                                 'history': []})
+  curve = lambda metrics: {t: metrics[t][m] for t, m in primary.items() if t in metrics}
+  selection['history'] = selection['history'] + [{'step': step, 'score': score, 'validation':
+                                                  curve(validation['metrics']), 'test': curve(test['metrics'])}]
+  best = selection['best_score']
+  # Strictly better (the earliest of equal scores wins); without a validation score, the latest step.
+  if not np.isfinite(score) or best is None or not np.isfinite(best) or score > best:
+    selection.update(best_step=step, best_score=score, evals_since_best=0, validation=validation['metrics'],
+                     metrics=test['metrics'], per_source=test['per_source'])
+  else:
+    selection['evals_since_best'] += 1
+  return test, validation, selection
 
 
 class _Preemption:
@@ -345,6 +375,7 @@ def build_experiment(config: ml_collections.ConfigDict, mesh: Optional[jax.shard
     benchmark = data_lib.get_benchmark(config.data.name, data_dir=config.data.data_dir, seed=config.data.seed,
                                        **config.data.options)
   benchmark = select_tasks(benchmark, config.tasks)
+  benchmark = data_lib.with_validation(benchmark, config.data.get('validation_fraction', 0.0), seed=config.data.seed)
   validate_sources(benchmark)
   model = models.build_model(benchmark.tasks, encoder=config.encoder.name, encoder_kwargs=dict(config.encoder.kwargs),
                              head=config.head.name, head_kwargs=dict(config.head.kwargs))
@@ -387,8 +418,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   restored = checkpointer.restore_latest(
       ckpt_lib.abstract_like(state),
       check_meta=lambda meta: ckpt_lib.check_config_drift(meta['config'], json.loads(config.to_json_best_effort())))
+  selection = None   # the best-validation record (see evaluate_and_select), continued from the checkpoint
   if restored is not None:
-    state = restored[0]
+    state, meta = restored
+    selection = meta.get('selection')
     logging.info('Resumed from step %d in %s', int(state.step), workdir)
   start_step = int(state.step)
   if is_main:
@@ -405,7 +438,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
 
   def save(step):
     checkpointer.save(step, state, {'step': step, 'data_position': {'start_step': step},
-                                    'config': json.loads(config.to_json_best_effort())})
+                                    'config': json.loads(config.to_json_best_effort()), 'selection': selection})
+
+  def write_eval(step, evaluation, prefix='eval'):
+    writer.write_scalars(step, {f'{prefix}/{t}/{m}': v for t, ms in evaluation.items() for m, v in ms.items()
+                                if np.ndim(v) == 0})
+
+  patience = config.get('early_stopping_patience', 0)
+  stopped = lambda: bool(patience and selection and selection['evals_since_best'] >= patience)
 
   # XLA:CPU meets the threads of all fake devices at each collective on a shared thread pool; with a second step
   # already dispatched, its blocked participants can starve the first step's (seen here as a rendezvous abort after
@@ -413,14 +453,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   one_step_in_flight = jax.default_backend() == 'cpu' and exp.mesh.size > 1
   t_loop, step, results = time.time(), start_step, None
   with _Preemption() as preemption:
-    while step < config.total_steps:
+    while step < config.total_steps and not stopped():
       state, metrics = step_fn(state, next(batches))
       if one_step_in_flight:
         jax.block_until_ready(metrics['loss'])
       step += 1
+      if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
+        # Before the checkpoint of this step, so that its metadata holds this evaluation.
+        evaluation, validation, selection = evaluate_and_select(eval_fn, state, exp, step, selection)
+        write_eval(step, evaluation['metrics'])
+        write_eval(step, validation['metrics'], prefix='validation')
+        if stopped():
+          logging.info('Early stopping at step %d: no better validation score in the last %d evaluations (best '
+                       '%.4f at step %d).', step, patience, selection['best_score'], selection['best_step'])
       log_now = step % config.log_every == 0 or step == config.total_steps
       interrupted = preemption.requested or step == stop_at
-      ckpt_now = step % config.checkpoint_every == 0 or step == config.total_steps or interrupted
+      ckpt_now = step % config.checkpoint_every == 0 or step == config.total_steps or interrupted or stopped()
       if log_now or ckpt_now:
         fetched = jax.device_get(metrics)   # health scalars leave the device only here
         if not (fetched['finite'] and np.isfinite(fetched['param_norm'])) and config.nonfinite == 'halt':
@@ -434,23 +482,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
                        rate, _eta((config.total_steps - step) / max(rate, 1e-9)))
         if ckpt_now:
           save(step)
-      if interrupted and step < config.total_steps:
+      if interrupted and step < config.total_steps and not stopped():
         logging.warning('%s: checkpoint saved at step %d; stopping so the run can resume.',
                         'SIGTERM received' if preemption.requested else f'stop_at={stop_at}', step)
         checkpointer.close()
         writer.flush()
         return {'step': step, 'interrupted': True}
-      if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
-        evaluation = run_eval(eval_fn, state, benchmark, config, exp.data_sharding)
-        writer.write_scalars(step, {f'eval/{t}/{m}': v for t, ms in evaluation['metrics'].items()
-                                    for m, v in ms.items() if np.ndim(v) == 0})
 
-  # 6. Final evaluation and results.
+  # 6. Final evaluation and results: test metrics at the last step and at the best-validation step.
   if step > start_step or not os.path.exists(os.path.join(workdir, 'results.json')):
-    evaluation = run_eval(eval_fn, state, benchmark, config, exp.data_sharding)
-    results = {'step': step, 'wall_time_s': time.time() - t_start, **evaluation}
-    writer.write_scalars(step, {f'eval/{t}/{m}': v for t, ms in evaluation['metrics'].items()
-                                for m, v in ms.items() if np.ndim(v) == 0})
+    history = (selection or {}).get('history', [])
+    if history and history[-1]['step'] == step:   # stopped early right after evaluating this step: no new entry
+      evaluation = run_eval(eval_fn, state, benchmark, config, exp.data_sharding)
+      validation = run_eval(eval_fn, state, benchmark, config, exp.data_sharding,
+                            sources=benchmark.validation_sources)
+    else:
+      evaluation, validation, selection = evaluate_and_select(eval_fn, state, exp, step, selection)
+    results = {'step': step, 'wall_time_s': time.time() - t_start, **evaluation,
+               'validation': validation['metrics'], 'stopped_early': stopped(),
+               'selection': {k: v for k, v in selection.items() if k != 'evals_since_best'}}
+    write_eval(step, evaluation['metrics'])
+    write_eval(step, validation['metrics'], prefix='validation')
     if is_main:
       _write_atomically(os.path.join(workdir, 'results.json'), json.dumps(results, indent=1, default=_jsonable))
   else:
@@ -522,6 +574,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ('total_steps', 'batch_size', 'eval_batch_size', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
     if not isinstance(config[key], int) or config[key] < 1:
       raise ValueError(f'config.{key}: got {config[key]!r}, expected an int >= 1')
+  patience = config.get('early_stopping_patience', 0)
+  if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+    raise ValueError(f'config.early_stopping_patience: got {patience!r}, expected an int >= 0 (evaluations without '
+                     'a better validation score before stopping; 0 = never stop early)')
   if not isinstance(config.eval_every, int) or config.eval_every < 0:
     raise ValueError(f'config.eval_every: got {config.eval_every!r}, expected an int >= 0 (0 = only at the end)')
   if config.nonfinite not in ('halt', 'skip'):
@@ -548,6 +604,7 @@ def validate_sources(benchmark: data_lib.Benchmark) -> None:
   """Reads and checks every source this host uses — training, evaluation and auxiliary — before anything is written
   (labels in range, at least one example, one image shape): a bad test set fails now, not at the first evaluation
   hours later. Readers cache what they read, so the input pipelines do not read again."""
-  for source in (*benchmark.train_sources, *benchmark.eval_sources, *benchmark.aux_sources.values()):
+  for source in (*benchmark.train_sources, *benchmark.validation_sources, *benchmark.eval_sources,
+                 *benchmark.aux_sources.values()):
     data_lib.load_examples(source, benchmark.tasks, image_shape=benchmark.image_shape,
                            process_index=jax.process_index(), process_count=jax.process_count())

@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO, set_keys
 from mtlmatch import checkpoint as ckpt_lib
 from mtlmatch import config_lib
+from mtlmatch import losses
 from mtlmatch import train
 
 
@@ -166,10 +167,13 @@ def test_default_config_learns_both_tasks_clearly_above_chance(tmp_path):
 
 
 def test_dm_options_are_config_keys_that_reach_the_loss(tfds_dir, tmp_path):
-  """Every DM option of DESIGN.md §3 is a config key (so --config.objective.terms.dm.<option>=... works)."""
-  config = smoke_config('affect', 'dm', tfds_dir)
-  assert {k: config.objective.terms.dm[k] for k in ('direction', 'mode', 'stop_gradient_target', 'divergence')} == {
-      'direction': 'both', 'mode': 'bayes', 'stop_gradient_target': False, 'divergence': 'xent'}
+  """Every DM option (docs/maths.md) is a config key (so --config.objective.terms.dm.<option>=... works), with the
+  loss's defaults: stopped targets, the virtual-evidence rule and the model prior."""
+  config = smoke_config('affect', 'dm+coann', tfds_dir)
+  assert {k: config.objective.terms.dm[k] for k in losses.matching.OPTIONS} == {
+      'direction': 'both', 'mode': 'bayes', 'stop_gradient_target': True, 'divergence': 'xent', 'prior': 'model'}
+  assert config.objective.terms.coann.prior == 'model'
+  config.objective.terms.coann.prior = 'uniform'
   config.objective.terms.dm.divergence = 'kl'
   config.objective.terms.dm.stop_gradient_target = True
   results = train.train_and_evaluate(config, str(tmp_path / 'kl'))

@@ -26,11 +26,11 @@ from mtlmatch.data.benchmarks import BUILDERS, get_benchmark
 from mtlmatch.data.pipeline import (MIXING, MixingSchedule, checkpoint_state, eval_iterator, mixing_probabilities,
                                     num_eval_batches, train_iterator)
 from mtlmatch.data.sharding import prefetch_to_device, to_global
-from mtlmatch.data.sources import (ArrayReader, Benchmark, Examples, Source, TfdsReader, array_source,
+from mtlmatch.data.sources import (ArrayReader, Benchmark, Examples, Holdout, Source, TfdsReader, array_source,
                                    default_data_dir, host_slice, load_examples, make_benchmark, source_labels,
-                                   tfds_source)
+                                   tfds_source, with_validation)
 
-__all__ = ['ArrayReader', 'BUILDERS', 'Benchmark', 'Examples', 'MIXING', 'MixingSchedule', 'Source', 'TfdsReader',
-           'array_source', 'checkpoint_state', 'default_data_dir', 'eval_iterator', 'get_benchmark', 'host_slice',
+__all__ = ['ArrayReader', 'BUILDERS', 'Benchmark', 'Examples', 'Holdout', 'MIXING', 'MixingSchedule', 'Source',
+           'TfdsReader', 'array_source', 'checkpoint_state', 'default_data_dir', 'eval_iterator', 'get_benchmark', 'host_slice',
            'load_examples', 'make_benchmark', 'mixing_probabilities', 'num_eval_batches', 'prefetch_to_device',
-           'source_labels', 'tfds_source', 'to_global', 'train_iterator']
+           'source_labels', 'tfds_source', 'to_global', 'train_iterator', 'with_validation']

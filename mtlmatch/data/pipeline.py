@@ -291,7 +291,7 @@ def eval_iterator(source: Source, tasks, *, global_batch_size: int, sharding: Op
   index, count = sharding_lib.resolve_process(process_index, process_count)
   b = sharding_lib.per_host_batch_size(global_batch_size, count, sharding)
   examples = load_examples(source, tasks, image_shape=image_shape, process_index=index, process_count=count)
-  num_batches = num_eval_batches(source.num_examples(), global_batch_size, count)
+  num_batches = max(1, math.ceil(source.max_host_examples(count) / b))
   shape = examples.images.shape[1:]
 
   def host_batch(k):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import zlib
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
@@ -253,19 +254,53 @@ def _check_weight(weight, *, arg: str) -> float:
   return float(weight)
 
 
+# Stream tag of the hold-out draw, so it never shares a generator with the mixing schedule.
+_HOLDOUT = 0x686F6C64
+
+
+@dataclasses.dataclass(frozen=True)
+class Holdout:
+  """A deterministic part of a source's split: ``'validation'`` = a seeded random ``fraction`` of its examples,
+  ``'train'`` = the rest. The draw depends only on ``(seed, key, N)`` (``key``: the source's name), never on the
+  number of hosts or devices, so every host agrees on it and sources annotating different tasks get their own
+  (disjoint per-task) validation sets."""
+  fraction: float
+  part: str
+  seed: int
+  key: str
+
+  def __post_init__(self):
+    if not (isinstance(self.fraction, (int, float)) and not isinstance(self.fraction, bool)
+            and 0 < self.fraction < 1):
+      raise ValueError(f'validation fraction: got {self.fraction!r}, expected a number in (0, 1)')
+    if self.part not in ('train', 'validation'):
+      raise ValueError(f'Holdout.part: got {self.part!r}, expected \'train\' or \'validation\'')
+
+  def mask(self, num_examples: int) -> np.ndarray:
+    """bool ``[N]``: which positions of the split belong to this part. The validation part has
+    ``clip(round(fraction · N), 1, N − 1)`` examples (N ≥ 2), so both parts are non-empty."""
+    n_val = min(max(int(round(self.fraction * num_examples)), 1), num_examples - 1)
+    rng = np.random.default_rng([int(self.seed), zlib.crc32(self.key.encode()), _HOLDOUT])
+    validation = np.zeros(num_examples, bool)
+    validation[rng.permutation(num_examples)[:n_val]] = True
+    return validation if self.part == 'validation' else ~validation
+
+
 @dataclasses.dataclass(frozen=True)
 class Source:
   """One dataset (split) feeding the benchmark.
 
   ``tasks``: the tasks this source annotates — every other task of the benchmark is ``-1`` for its examples.
   ``weight``: its unnormalised share in the training mixture (``mixing='weights'``). ``reader``: where the examples
-  come from (:class:`ArrayReader`, :class:`TfdsReader`); ``split``: which of the reader's splits.
+  come from (:class:`ArrayReader`, :class:`TfdsReader`); ``split``: which of the reader's splits. ``holdout``: only
+  that part of the split (see :func:`with_validation`); None = all of it.
   """
   name: str
   reader: Reader
   tasks: tuple[str, ...]
   split: str = 'train'
   weight: float = 1.0
+  holdout: Optional[Holdout] = None
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name:
@@ -282,8 +317,30 @@ class Source:
         raise ValueError(f'Source({self.name!r}).reader: got {self.reader!r}, expected a reader with num_examples, '
                          'image_shape and read (ArrayReader, TfdsReader)')
 
-  def num_examples(self) -> int:
+  def split_size(self) -> int:
+    """Examples in the reader's split (before any hold-out)."""
     return self.reader.num_examples(self.split)
+
+  def part_mask(self) -> Optional[np.ndarray]:
+    """bool ``[N]`` over the split's positions for a held-out part, or None for the whole split."""
+    if self.holdout is None:
+      return None
+    n = self.split_size()
+    if n < 2:
+      raise ValueError(f'Source {self.name!r}: got {n} example(s) in split {self.split!r}, expected at least 2 to hold '
+                       'out a validation part (or set config.data.validation_fraction=0)')
+    return self.holdout.mask(n)
+
+  def num_examples(self) -> int:
+    mask = self.part_mask()
+    return self.split_size() if mask is None else int(mask.sum())
+
+  def max_host_examples(self, process_count: int) -> int:
+    """The most examples any of ``process_count`` hosts holds (every host runs that many eval steps)."""
+    n = self.split_size()
+    mask = self.part_mask()
+    slices = [host_slice(n, h, process_count) for h in range(process_count)]
+    return max((stop - start) if mask is None else int(mask[start:stop].sum()) for start, stop in slices)
 
   def image_shape(self) -> tuple[int, int, int]:
     return self.reader.image_shape(self.split)
@@ -343,7 +400,8 @@ class Benchmark:
 
   ``train_sources`` are mixed for training (batch field ``source`` indexes them); ``eval_sources`` are test sets,
   each iterated once with every label it has; ``aux_sources`` (e.g. ``'coannotated'``) are for estimating relatedness
-  before training and are never mixed in. ``image_shape`` ``(H, W, C)`` is shared by every source.
+  before training and are never mixed in. ``validation_sources``: parts held out of the training sources for model
+  selection (:func:`with_validation`). ``image_shape`` ``(H, W, C)`` is shared by every source.
   """
   name: str
   tasks: dict[str, TaskSpec]
@@ -351,6 +409,7 @@ class Benchmark:
   eval_sources: tuple[Source, ...]
   aux_sources: dict[str, Source]
   image_shape: tuple[int, int, int]
+  validation_sources: tuple[Source, ...] = ()
 
   def __post_init__(self):
     tasks = self.tasks
@@ -363,10 +422,11 @@ class Benchmark:
     object.__setattr__(self, 'train_sources', tuple(self.train_sources))
     object.__setattr__(self, 'eval_sources', tuple(self.eval_sources))
     object.__setattr__(self, 'aux_sources', dict(self.aux_sources or {}))
+    object.__setattr__(self, 'validation_sources', tuple(self.validation_sources))
     if not self.train_sources:
       raise ValueError(f'Benchmark({self.name!r}).train_sources: got none, expected at least one Source')
     groups = (('train_sources', self.train_sources), ('eval_sources', self.eval_sources),
-              ('aux_sources', tuple(self.aux_sources.values())))
+              ('aux_sources', tuple(self.aux_sources.values())), ('validation_sources', self.validation_sources))
     for group, sources in groups:
       names = [s.name for s in sources if isinstance(s, Source)]
       if len(names) != len(sources):
@@ -408,6 +468,27 @@ def make_benchmark(name: str, tasks, train_sources: Sequence[Source], *, eval_so
   return bench
 
 
+def with_validation(benchmark: Benchmark, fraction: float, *, seed: int) -> Benchmark:
+  """Holds out a deterministic ``fraction`` of every training source for validation.
+
+  Each training source ``s`` becomes its ``'train'`` part and ``benchmark.validation_sources`` gets its
+  ``'validation'`` part (same name, same tasks): a seeded random ``fraction`` of the split (:class:`Holdout`). Sources
+  annotating different tasks thus give per-task validation sets drawn from each task's own training data. ``fraction
+  = 0`` returns the benchmark unchanged (no validation). A benchmark that already has validation sources is refused.
+  """
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+    raise ValueError(f'config.data.validation_fraction: got {fraction!r}, expected a number in [0, 1) (0 = no '
+                     'validation split)')
+  if fraction == 0:
+    return benchmark
+  if benchmark.validation_sources:
+    raise ValueError(f'Benchmark({benchmark.name!r}) already has validation sources '
+                     f'{[s.name for s in benchmark.validation_sources]}, expected none before with_validation')
+  parts = {part: tuple(s.replace(holdout=Holdout(float(fraction), part, int(seed), s.name))
+                       for s in benchmark.train_sources) for part in ('train', 'validation')}
+  return dataclasses.replace(benchmark, train_sources=parts['train'], validation_sources=parts['validation'])
+
+
 def load_examples(source: Source, tasks: Mapping[str, TaskSpec], *, image_shape: Optional[Sequence[int]] = None,
                   process_index: int = 0, process_count: int = 1) -> Examples:
   """A host's slice of ``source`` with labels for every task in ``tasks`` (the unannotated ones all ``-1``).
@@ -419,13 +500,21 @@ def load_examples(source: Source, tasks: Mapping[str, TaskSpec], *, image_shape:
   if unknown:
     raise ValueError(f'Source {source.name!r} tasks: got unknown task names {unknown}, expected names from '
                      f'{list(tasks)}')
-  total = source.num_examples()
+  total = source.split_size()
   if total == 0:
     raise ValueError(f'Source {source.name!r}: got 0 examples in split {source.split!r}, expected at least one')
   if total < process_count:
     raise ValueError(f'Source {source.name!r}: got {total} examples for process_count={process_count} hosts, '
                      'expected at least one example per host')
   raw = source.reader.read(source.split, process_index, process_count)
+  mask = source.part_mask()
+  if mask is not None:
+    keep = mask[raw.positions]
+    if not keep.any():
+      raise ValueError(f'Source {source.name!r} ({source.holdout.part} part): host {process_index} of '
+                       f'{process_count} holds none of its examples, expected at least one per host (a larger source '
+                       'or validation fraction)')
+    raw = Examples(raw.images[keep], {t: y[keep] for t, y in raw.labels.items()}, raw.positions[keep])
   images = _as_uint8_images(raw.images, where=f'source {source.name!r}')
   if image_shape is not None and tuple(images.shape[1:]) != tuple(image_shape):
     raise ValueError(f'Source {source.name!r} images: got shape {tuple(images.shape[1:])}, expected '
@@ -450,5 +539,6 @@ def source_labels(source: Source, tasks: Mapping[str, TaskSpec]) -> dict[str, np
   return dict(load_examples(source, tasks).labels)
 
 
-__all__ = ['ArrayReader', 'Benchmark', 'Examples', 'MISSING', 'Source', 'TfdsReader', 'array_source',
-           'default_data_dir', 'host_slice', 'load_examples', 'make_benchmark', 'source_labels', 'tfds_source']
+__all__ = ['ArrayReader', 'Benchmark', 'Examples', 'Holdout', 'MISSING', 'Source', 'TfdsReader', 'array_source',
+           'default_data_dir', 'host_slice', 'load_examples', 'make_benchmark', 'source_labels', 'tfds_source',
+           'with_validation']
