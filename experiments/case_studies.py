@@ -77,61 +77,76 @@ def full_grid(study: str) -> list[Variant]:
   return multi_fashion_grid(spec_of)
 
 
-# What the committed CPU results ran (2 cores, one sweep of 2 parallel runs per study; 1–2 min per run, of which
-# ~30 s is process start-up and compilation). Cuts, all studies: the CPU-sized model of experiments/cpu_config.py
-# (CNN widths (32, 64, 128), 128 features, batch 64, lr 3e-3) and few steps.
+# What the committed CPU results ran (2 cores, one sweep of 2 parallel runs per study). Every cell is trained until
+# its validation score (the mean over tasks of the primary validation metric, on 10 % held out of each training
+# source) has not improved for EARLY_STOP evaluations (one every EVAL_EVERY steps), or CPU_STEPS steps; the reports
+# use the test metrics of the best-validation step. Model: experiments/cpu_config.py's CPU-sized CNN (widths (16, 32),
+# 64 features, batch 64) with lr 3e-3.
+EVAL_EVERY, EARLY_STOP = 50, 4
+CPU_STEPS = {'affect': 600, 'shopping': 400, 'multi_fashion': 400}
 CPU_CUTS = {
-    'affect': '250 steps (batch 64) instead of 1,500 (batch 128); otherwise the whole grid of --grid=full: ST ×2, '
-              'MTL, +co-annotation, +DM, +DM+co-annotation, each ± DGR, and DM+co-annotation with the relatedness '
-              'estimated from 100 / 1,000 co-annotated examples. Added control `mtl_equal_exposure`: plain MTL for '
-              '500 steps, so that each task sees as many labelled examples as its single-task run (the two train '
-              'sources are mixed 1:1, so in 250 steps MTL sees half of them).',
-    'shopping': '150 steps (batch 64) instead of 2,000 (batch 128); otherwise the whole grid of --grid=full: ST ×3, '
-                'MTL, +co-annotation, +DM, +DM+co-annotation, each ± DGR. Added control `mtl_equal_exposure`: plain MTL '
-                'for 300 steps, so that each task sees as many labelled examples as its single-task run (the two '
-                'train sources are mixed 1:1). Added diagnostic `dm_stop_gradient`: MTL+DM with stop_gradient_target=True (no '
-                'gradient through the implied target distribution).',
-    'multi_fashion': '150 steps (batch 64), 20k train / 2k test images, CNN only; methods EW, UW, FAMO, MGDA, PCGrad, '
-                     'CAGrad, each without and with DGR (λ=0.01, K=1), and EW with DGR λ=0.1 / K=4; dropped DWA, RLW, '
-                     'GradNorm, Nash-MTL, IMTL, Aligned-MTL, the λ/K sweep of the other methods and resnet18 (all in '
-                     '--grid=full).',
+    'affect': 'At most 600 steps (batch 64), early-stopped on validation. Grid: ST ×2; MTL; co-annotation and DM '
+              'with the `model` prior (defaults) and with `uniform`; DM alone `a_to_b` / `b_to_a`; DM + '
+              'co-annotation; MTL + DGR with `sq_l2` and with `sq_l2_unbiased` (λ = 0.01, K = 1). Control '
+              '`mtl_equal_exposure`: plain MTL with twice the step budget (1,200), so that each task can see as many '
+              'labelled examples as its single-task run (the two train sources are mixed 1:1). Dropped from '
+              '--grid=full: DGR on the DM variants, R estimated from co-annotated subsets.',
+    'shopping': 'At most 400 steps (batch 64), early-stopped on validation. Grid: ST ×3; MTL; co-annotation and DM '
+                'with the `model` prior (defaults) and with `uniform`; DM alone `a_to_b` / `b_to_a`; DM + '
+                'co-annotation; MTL + DGR `sq_l2` / `sq_l2_unbiased`; control `mtl_equal_exposure` (800 steps). '
+                'Scarce item task (`scarce_*`: 100 item images instead of 1,000, so 90 to train on and 10 to '
+                'validate): ST item, MTL, co-annotation, DM, DM + co-annotation (its group/attributes baselines are '
+                'the ST runs above: their sources are unchanged).',
+    'multi_fashion': 'At most 400 steps (batch 64), early-stopped on validation, 20k train / 2k test images, CNN '
+                     'only: ST ×2, EW, EW + DGR `sq_l2`, EW + DGR `sq_l2_unbiased` (λ = 0.01, K = 1). The other '
+                     'weighting methods, the λ/K sweep and resnet18 are in --grid=full.',
 }
-CPU_STEPS = {'affect': 250, 'shopping': 150, 'multi_fashion': 150}
-CPU_METHODS = ('ew', 'uw', 'famo', 'mgda', 'pcgrad', 'cagrad')
 SUMMARY_PREAMBLE = (
-    'Scale: these are the cut CPU runs of `--grid=cpu` (a few hundred steps of a small CNN, 3 seeds per cell unless '
-    'n is given; see each REPORT.md for exactly what ran and what was cut). They test whether the claims show up at '
-    'this small scale, not whether they hold at the papers\' scale; a claim that did not hold here is not refuted by '
-    'it. Δm divides by the single-task score: where a single-task model barely learned Δm is huge and says little; '
-    'read the per-task columns and NT flags there.')
+    'Scale: these are the cut CPU runs of `--grid=cpu` (a small CNN on a 2-core CPU, each cell trained until its '
+    'validation score stopped improving or a step cap, 3 seeds per cell unless n is given; see each REPORT.md for '
+    'exactly what ran and what was cut). Every number is the test metric at the best-validation step. They test '
+    'whether the claims show up at this small scale, not whether they hold at the papers\' scale; a claim that did '
+    'not hold here is not refuted by it. Δm divides by the single-task score: where a single-task model barely '
+    'learned Δm is huge and says little; read the per-task columns and NT flags there.')
 
-_CPU_COMMON = {'encoder.kwargs.widths': (32, 64, 128), 'encoder.kwargs.features': 128,
-               'optimizer.learning_rate': 0.003}
+
+def _term_overrides(study: str, kind: str, **options) -> dict:
+  """``objective.terms.<term>.<option>`` for every ``kind`` ('dm' or 'coann') term of the study's task pairs."""
+  names = [kind] if study == 'affect' else [f'{kind}_{b}' for b in ('group', 'attributes')]
+  return {f'objective.terms.{n}.{k}': v for n in names for k, v in options.items()}
 
 
 def cpu_grid(study: str) -> list[Variant]:
-  """The cut grid of :data:`CPU_CUTS`: the CPU-sized model, :data:`CPU_STEPS` steps."""
+  """The cut grid of :data:`CPU_CUTS`."""
   spec_of = lambda v: f'experiments/cpu_config.py:{study}:{v}'  # noqa: E731
-  if study == 'affect':
-    grid = dm_grid(study, spec_of, extra=affect_relatedness_variants(spec_of))
-  elif study == 'shopping':
-    grid = dm_grid(study, spec_of)
-  else:
-    grid = multi_fashion_grid(spec_of, methods=CPU_METHODS, encoders=('cnn',), dgr=((0.01, 1),))
-    grid += [v for v in multi_fashion_grid(spec_of, methods=('ew',), encoders=('cnn',), dgr=((0.1, 1), (0.01, 4)))
-             if '_dgr_' in v.name]
   steps = CPU_STEPS[study]
-  if study == 'shopping':
-    # Diagnostic: on shopping, DM with its defaults (xent, gradient through the target) collapsed in a first sweep.
-    grid.append(Variant('dm_stop_gradient', spec_of('dm'), {
-        f'objective.terms.dm_{b}.stop_gradient_target': True for b in ('group', 'attributes')}))
-  if study != 'multi_fashion':
-    # Control: the train sources are mixed 1:1, so in `steps` steps MTL sees half the labelled examples of each task
-    # that its single-task run sees; this MTL run gets as many as the single-task runs.
-    grid.append(Variant('mtl_equal_exposure', spec_of('mtl'), {'total_steps': 2 * steps,
-                                                               'checkpoint_every': 2 * steps}))
-  over = {**_CPU_COMMON, 'total_steps': steps, 'checkpoint_every': steps}
-  return [Variant(v.name, v.spec, {**over, **v.overrides}) for v in grid]
+  if study == 'multi_fashion':
+    grid = multi_fashion_grid(spec_of, methods=('ew',), encoders=('cnn',), dgr=((0.01, 1),))
+    grid.append(Variant('cnn_ew_dgr_unbiased', spec_of('mtl+dgr'), {'objective.terms.dgr.norm': 'sq_l2_unbiased'}))
+  else:
+    terms = lambda kind, **o: _term_overrides(study, kind, **o)  # noqa: E731
+    grid = [Variant(f'st_{t}', spec_of(f'single={t}')) for t in TASKS[study]]
+    grid += [Variant('mtl', spec_of('mtl')),
+             Variant('mtl_equal_exposure', spec_of('mtl'), {'total_steps': 2 * steps}),
+             Variant('coann', spec_of('coann')),
+             Variant('coann_uniform', spec_of('coann'), terms('coann', prior='uniform')),
+             Variant('dm', spec_of('dm')),
+             Variant('dm_uniform', spec_of('dm'), terms('dm', prior='uniform')),
+             Variant('dm_a_to_b', spec_of('dm'), terms('dm', direction='a_to_b')),
+             Variant('dm_b_to_a', spec_of('dm'), terms('dm', direction='b_to_a')),
+             Variant('dm_coann', spec_of('dm+coann')),
+             Variant('mtl_dgr', spec_of('mtl+dgr')),
+             Variant('mtl_dgr_unbiased', spec_of('mtl+dgr'), {'objective.terms.dgr.norm': 'sq_l2_unbiased'})]
+    if study == 'shopping':
+      scarce = {'data.options.num_item': 100}
+      grid += [Variant('scarce_st_item', spec_of('single=item'), scarce)]
+      grid += [Variant(f'scarce_{v.replace("+", "_")}', spec_of(v), scarce) for v in ('mtl', 'coann', 'dm', 'dm+coann')]
+  over = {'optimizer.learning_rate': 0.003, 'total_steps': steps, 'eval_every': EVAL_EVERY, 'log_every': EVAL_EVERY,
+          'early_stopping_patience': EARLY_STOP}
+  grid = [Variant(v.name, v.spec, {**over, **v.overrides}) for v in grid]
+  # A checkpoint at the end only (for the linear probes); keep one.
+  return [Variant(v.name, v.spec, {**v.overrides, 'checkpoint_every': v.overrides['total_steps'],
+                                   'keep_checkpoints': 1}) for v in grid]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -12,8 +12,13 @@ examples contribute nothing. Predictions: multiclass ``argmax`` of the logits (t
 
 Metric names (a contract with the train loop and reports):
 
-* multiclass: ``accuracy``, ``macro_f1``, ``count``;
-* multilabel: ``mean_f1``, ``accuracy``, ``f1_<k>`` for each label k (0-based index), ``count``.
+* multiclass: ``accuracy``, ``macro_f1``, ``count``, ``mean_entropy``, ``recall_<k>`` for each class k (the
+  diagonal of the row-normalised confusion matrix: a collapsed head shows as recalls near 0 but for a few classes);
+* multilabel: ``mean_f1``, ``accuracy``, ``f1_<k>`` for each label k (0-based index), ``count``, ``mean_entropy``.
+
+``mean_entropy`` is the mean over counted examples of the prediction's entropy (nats; multilabel: the mean over the
+C labels of the binary entropy): near 0 means confident predictions. It is accumulated as a float sum, so it is
+exact up to float rounding rather than bit-exact across device counts.
 
 F1 of a class / label = 2·tp / (2·tp + fp + fn). A class with tp + fp + fn = 0 (never labelled and never predicted
 among the evaluated entries) has an undefined F1 and is left out of the mean; this is what scikit-learn's
@@ -41,8 +46,8 @@ import numpy as np
 
 from mtlmatch.tasks import MISSING, TaskSpec
 
-MULTICLASS_KEYS = ('correct', 'count', 'tp', 'fp', 'fn')
-MULTILABEL_KEYS = ('tp', 'fp', 'fn', 'correct_entries', 'labelled_entries', 'count')
+MULTICLASS_KEYS = ('correct', 'count', 'tp', 'fp', 'fn', 'entropy')
+MULTILABEL_KEYS = ('tp', 'fp', 'fn', 'correct_entries', 'labelled_entries', 'count', 'entropy')
 
 
 def _check_shapes(task: TaskSpec, logits, labels, mask) -> None:
@@ -59,13 +64,15 @@ def _check_shapes(task: TaskSpec, logits, labels, mask) -> None:
 
 def task_statistics(task: TaskSpec, logits: jax.Array, labels: jax.Array,
                     mask: Optional[jax.Array] = None) -> dict[str, jax.Array]:
-  """Additive int32 statistics of one batch for one task (jittable; shapes are checked, values are not).
+  """Additive statistics of one batch for one task (int32 counts, a float32 entropy sum; jittable; shapes are checked,
+  values are not).
 
   multiclass (logits [B, C], labels [B]): ``correct``, ``count`` (scalars: examples with a label and mask 1) and
   per-class ``tp``, ``fp``, ``fn`` [C].
   multilabel (logits [B, C], labels [B, C]): per-label ``tp``, ``fp``, ``fn``, ``correct_entries``,
   ``labelled_entries`` [C] over entries that are labelled and unmasked, and ``count`` (scalar: examples with at
   least one such entry).
+  Both: ``entropy`` (float32 scalar), the summed prediction entropy of the counted examples.
   ``mask`` [B] (bool or 0/1; None = all ones) marks real examples; padding (0) contributes nothing.
   """
   logits, labels = jnp.asarray(logits), jnp.asarray(labels)
@@ -79,7 +86,10 @@ def task_statistics(task: TaskSpec, logits: jax.Array, labels: jax.Array,
     # one_hot of -1 is an all-zero row, and invalid rows are zeroed anyway.
     p = jax.nn.one_hot(pred, task.num_classes, dtype=jnp.int32) * valid[:, None]
     y = jax.nn.one_hot(labels, task.num_classes, dtype=jnp.int32) * valid[:, None]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
     return {
+        'entropy': jnp.sum(jnp.where(valid, entropy, 0.0)),
         'correct': jnp.sum(valid & (pred == labels), dtype=jnp.int32),
         'count': jnp.sum(valid, dtype=jnp.int32),
         'tp': jnp.sum(p * y, axis=0),
@@ -89,7 +99,11 @@ def task_statistics(task: TaskSpec, logits: jax.Array, labels: jax.Array,
   valid = real[:, None] & (labels != MISSING)
   pred = logits > 0
   pos = labels == 1
+  z = logits.astype(jnp.float32)
+  p_on, log_on, log_off = jax.nn.sigmoid(z), jax.nn.log_sigmoid(z), jax.nn.log_sigmoid(-z)
+  entropy = -jnp.mean(p_on * log_on + (1 - p_on) * log_off, axis=-1)
   return {
+      'entropy': jnp.sum(jnp.where(jnp.any(valid, axis=1), entropy, 0.0)),
       'tp': jnp.sum(valid & pred & pos, axis=0, dtype=jnp.int32),
       'fp': jnp.sum(valid & pred & ~pos, axis=0, dtype=jnp.int32),
       'fn': jnp.sum(valid & ~pred & pos, axis=0, dtype=jnp.int32),
@@ -114,8 +128,8 @@ def zero_statistics(task: TaskSpec) -> dict[str, np.ndarray]:
   if task.kind == 'multiclass':
     shapes = {'correct': (), 'count': (), 'tp': (c,), 'fp': (c,), 'fn': (c,)}
   else:
-    shapes = {k: (c,) for k in MULTILABEL_KEYS[:-1]} | {'count': ()}
-  return {k: np.zeros(s, np.int64) for k, s in shapes.items()}
+    shapes = {k: (c,) for k in ('tp', 'fp', 'fn', 'correct_entries', 'labelled_entries')} | {'count': ()}
+  return {k: np.zeros(s, np.int64) for k, s in shapes.items()} | {'entropy': np.zeros((), np.float64)}
 
 
 def accumulate(a, b):
@@ -150,7 +164,8 @@ def _ratio(num, den) -> float:
 def finalize(task: TaskSpec, stats: Mapping[str, jax.Array]) -> dict[str, float]:
   """Metrics of one task from its accumulated statistics (host-side; see the module docstring for the rules).
 
-  multiclass: ``accuracy`` = correct / count, ``macro_f1`` = mean F1 over classes with tp + fp + fn > 0, ``count``.
+  multiclass: ``accuracy`` = correct / count, ``macro_f1`` = mean F1 over classes with tp + fp + fn > 0, ``count``,
+  ``recall_<k>`` = tp / (tp + fn) (NaN for a class never labelled).
   multilabel: ``accuracy`` = Σ_k correct_entries / Σ_k labelled_entries, ``mean_f1`` = mean F1 over labels with
   tp + fp + fn > 0, ``f1_<k>`` per label (NaN when undefined), ``count``.
   """
@@ -160,11 +175,13 @@ def finalize(task: TaskSpec, stats: Mapping[str, jax.Array]) -> dict[str, float]
     raise ValueError(f'stats of task {task.name!r}: got keys {got}, expected {sorted(keys)} ({task.kind})')
   stats = {k: np.asarray(v) for k, v in stats.items()}
   f1 = _f1(stats['tp'], stats['fp'], stats['fn'])
+  mean_entropy = _ratio(stats['entropy'], stats['count'])
   if task.kind == 'multiclass':
+    recall = {f'recall_{k}': _ratio(tp, tp + fn) for k, (tp, fn) in enumerate(zip(stats['tp'], stats['fn']))}
     return {'accuracy': _ratio(stats['correct'], stats['count']), 'macro_f1': _mean_defined(f1),
-            'count': float(stats['count'])}
+            'count': float(stats['count']), 'mean_entropy': mean_entropy, **recall}
   metrics = {'accuracy': _ratio(stats['correct_entries'], stats['labelled_entries']), 'mean_f1': _mean_defined(f1),
-             'count': float(stats['count'])}
+             'count': float(stats['count']), 'mean_entropy': mean_entropy}
   metrics.update({f'f1_{k}': float(v) for k, v in enumerate(f1)})
   return metrics
 

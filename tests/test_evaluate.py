@@ -88,6 +88,20 @@ def test_no_mask_and_nothing_to_evaluate():
   assert empty['count'] == 0 and math.isnan(empty['accuracy']) and math.isnan(empty['mean_f1'])
 
 
+def _assert_stats_equal(got, want):
+  """The integer counts exactly; the float entropy sum up to summation order."""
+  for key in want:
+    if key == 'entropy':
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-6)
+    else:
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+def _assert_metrics_equal(got, want):
+  np.testing.assert_allclose(got.pop('mean_entropy'), want.pop('mean_entropy'), rtol=1e-6)
+  np.testing.assert_equal(got, want)  # NaN == NaN here
+
+
 @pytest.mark.parametrize('task', [MC, ML], ids=['multiclass', 'multilabel'])
 def test_chunked_accumulation_equals_one_pass(task):
   data = (_multiclass_data if task is MC else _multilabel_data)(np.random.default_rng(3), b=60)
@@ -96,9 +110,9 @@ def test_chunked_accumulation_equals_one_pass(task):
   for lo, hi in [(0, 7), (7, 30), (30, 31), (31, 60)]:
     chunk = stats_fn(task, *(a[lo:hi] for a in data))
     total, total0 = accumulate(total, chunk), accumulate(total0, chunk)
-  jax.tree.map(np.testing.assert_array_equal, total, whole)
-  jax.tree.map(np.testing.assert_array_equal, total0, whole)
-  np.testing.assert_equal(finalize(task, total), finalize(task, whole))  # NaN == NaN here
+  for got in (total, total0):
+    _assert_stats_equal(got, whole)
+  _assert_metrics_equal(finalize(task, total), finalize(task, whole))
 
 
 def test_sharded_over_8_devices_equals_unsharded():
@@ -111,8 +125,9 @@ def test_sharded_over_8_devices_equals_unsharded():
   ref = tasks_statistics(tasks, logits, labels, mask)
   step = jax.jit(lambda lg, lb, m: tasks_statistics(tasks, lg, lb, m))
   out = step(*jax.device_put((logits, labels, mask), shard))
-  jax.tree.map(np.testing.assert_array_equal, out, ref)
-  np.testing.assert_equal(finalize_tasks(tasks, out), finalize_tasks(tasks, ref))
+  for name in tasks:
+    _assert_stats_equal(out[name], ref[name])
+    _assert_metrics_equal(finalize_tasks(tasks, out)[name], finalize_tasks(tasks, ref)[name])
 
 
 def test_errors():
@@ -128,3 +143,26 @@ def test_errors():
     accumulate(zero_statistics(MC), zero_statistics(ML))
   with pytest.raises(ValueError, match=r"got no entry for tasks \['au'\]"):
     tasks_statistics({'au': ML}, {}, {})
+
+
+def test_entropy_and_recall_match_numpy():
+  # mean_entropy: the mean prediction entropy of the counted examples; recall_<k>: the confusion-matrix diagonal.
+  rng = np.random.default_rng(7)
+  logits, labels, mask = _multiclass_data(rng)
+  metrics = finalize(MC, stats_fn(MC, logits, labels, mask))
+  keep = (labels != -1) & (mask > 0)
+  z = logits[keep].astype(np.float64)
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want = np.mean(-np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), -1))
+  assert math.isclose(metrics['mean_entropy'], want, rel_tol=1e-5)
+  y, pred = labels[keep], logits[keep].argmax(-1)
+  for c in range(5):
+    assert math.isclose(metrics[f'recall_{c}'], np.mean(pred[y == c] == c), rel_tol=1e-12)
+  assert math.isnan(metrics['recall_5'])   # never labelled
+  logits, labels, mask = _multilabel_data(rng)
+  metrics = finalize(ML, stats_fn(ML, logits, labels, mask))
+  counted = np.any((labels != -1) & (mask[:, None] > 0), axis=1)
+  q = 1 / (1 + np.exp(-logits[counted].astype(np.float64)))
+  want = np.mean(np.mean(-(q * np.log(q) + (1 - q) * np.log(1 - q)), -1))
+  assert math.isclose(metrics['mean_entropy'], want, rel_tol=1e-5)
