@@ -236,6 +236,41 @@ def plot_curves(runs: Sequence[sweep.Run], tasks: Sequence[str], path: str) -> N
   plt.close(fig)
 
 
+def plot_validation_curves(runs: Sequence[sweep.Run], path: str) -> None:
+  """The validation score (mean primary metric over tasks, from ``results.json``'s selection history) vs step,
+  seed-mean per variant; a marker at each run's best step. Shows where each cell converged and stopped."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(9, 5))
+  names = list(dict.fromkeys(r.variant.name for r in runs))
+  for name in names:
+    histories = []
+    for r in runs:
+      if r.variant.name == name and r.finished:
+        with open(r.results_path) as f:
+          selection = json.load(f).get('selection') or {}
+        if selection.get('history'):
+          histories.append(selection)
+    if not histories:
+      continue
+    steps = sorted({h['step'] for s in histories for h in s['history']})
+    table = np.full((len(histories), len(steps)), np.nan)
+    for i, s in enumerate(histories):
+      for h in s['history']:
+        table[i, steps.index(h['step'])] = h['score'] if h['score'] is not None else np.nan
+    line, = ax.plot(steps, np.nanmean(table, 0), label=name, lw=1.2)
+    for s in histories:
+      ax.plot([s['best_step']], [s['best_score']], 'o', ms=3, color=line.get_color())
+  ax.set_xlabel('step')
+  ax.set_ylabel('validation score (mean primary metric)')
+  ax.set_title('validation curves (seed mean; dots: each run\'s best step)')
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def plot_bars(agg, names: Sequence[str], columns: Sequence[str], path: str, title: str) -> None:
   """Grouped bars: one group per column (task metric), one bar per variant, error bars = std over seeds."""
   import matplotlib
@@ -312,13 +347,14 @@ def summarize(rows: Sequence[Mapping], task_kinds: Mapping[str, str],
   ``<prefix>…`` (e.g. ``cnn_st_left`` for ``cnn_ew``; prefix '' for ``st_aus``)."""
   agg = aggregate(rows)
   primary = {t: f'{t}/{PRIMARY[k]}' for t, k in task_kinds.items()}
-  prefixes = {n[:n.rindex('st_')] for n in agg if is_baseline(n, task_kinds)}
+  # Per task, the prefixes that have its baseline: `scarce_mtl` uses `scarce_st_item` and, for the tasks without a
+  # `scarce_` baseline, `st_<t>`.
+  prefixes = {t: {n[:-len(f'st_{t}')] for n in agg if n == f'st_{t}' or n.endswith(f'_st_{t}')} for t in task_kinds}
   out = {'primary': primary, 'variants': {}}
   for name, cols in agg.items():
     entry = {'metrics': {c: list(v) for c, v in cols.items()}}
-    prefix = baseline_prefix(name, prefixes)
-    baselines = {t: agg[f'{prefix}st_{t}'][primary[t]] for t in task_kinds
-                 if primary[t] in agg.get(f'{prefix}st_{t}', {})}
+    baselines = {t: agg[f'{baseline_prefix(name, prefixes[t])}st_{t}'][primary[t]] for t in task_kinds
+                 if prefixes[t] and primary[t] in agg.get(f'{baseline_prefix(name, prefixes[t])}st_{t}', {})}
     if (not is_baseline(name, task_kinds) and len(baselines) == len(task_kinds)
         and all(primary[t] in cols for t in task_kinds)):
       entry['delta_m'] = delta_m({t: cols[primary[t]][0] for t in task_kinds},
@@ -356,6 +392,9 @@ def render_markdown(study: str, summary: dict, task_kinds: Mapping[str, str], *,
             '* NT (negative transfer) on t: M_ST,t − M_t > max(std_ST,t, std_t) (sample std over seeds).',
             '* Probe: logistic regression (scikit-learn) on the frozen encoder features of the final checkpoint, '
             'train examples labelled for t → test set, scored by the primary metric.',
+            '* **Model selection**: every test metric here is the one at the run\'s best-validation step (the mean '
+            'over tasks of the primary metric on the validation parts held out of the training sources); the test '
+            'set never chooses anything. `best_step` and `step` (where training stopped) are in the tables.',
             f'* Seeds: {list(seeds)} (config.seed: initialisation and data order; the data set is fixed).', '']
   tasks = list(task_kinds)
   header = ['variant'] + [primary[t] for t in tasks] + ['Δm (%)'] + [f'NT {t}' for t in tasks]
@@ -368,7 +407,8 @@ def render_markdown(study: str, summary: dict, task_kinds: Mapping[str, str], *,
     cells += [('n<2' if v['negative_transfer'][t] is None else '**yes**' if v['negative_transfer'][t] else 'no')
               if 'negative_transfer' in v else '—' for t in tasks]
     lines.append('| ' + ' | '.join(cells) + ' |')
-  columns = list(dict.fromkeys(c for v in variants.values() for c in v['metrics']))
+  columns = [c for c in dict.fromkeys(c for v in variants.values() for c in v['metrics'])
+             if '/recall_' not in c and not c.endswith('/mean_entropy')]
   lines += ['', '## Every metric (mean ± std over seeds)', '', '| variant | ' + ' | '.join(columns) + ' |',
             '|' + '---|' * (len(columns) + 1)]
   for name, v in variants.items():
@@ -380,7 +420,23 @@ def render_markdown(study: str, summary: dict, task_kinds: Mapping[str, str], *,
     for name, v in variants.items():
       p = v.get('probe', {})
       lines.append(f'| {name} | ' + ' | '.join(_fmt(tuple(p[t]), len(seeds)) if t in p else '—' for t in tasks) + ' |')
-  lines += ['', '## Plots', '', '![training curves](curves.png)', '', '![primary metrics](bars.png)', '']
+  lines += ['', '## Collapse check: prediction entropy and confusion-matrix diagonal (test, seed means)', '',
+            'Mean entropy of the predictions (nats; multilabel: mean binary entropy per label) and, for multiclass '
+            'tasks, the recall of each class (the diagonal of the row-normalised confusion matrix). A collapsed head '
+            'shows near-zero recalls for most classes; a head pulled toward uniform shows a high entropy.', '',
+            '| variant | ' + ' | '.join(f'{t} entropy' for t in tasks) + ' | ' +
+            ' | '.join(f'{t} diagonal' for t in tasks if task_kinds[t] == 'multiclass') + ' |',
+            '|' + '---|' * (1 + len(tasks) + sum(task_kinds[t] == 'multiclass' for t in tasks))]
+  for name, v in variants.items():
+    m = v['metrics']
+    cells = [f'{m[f"{t}/mean_entropy"][0]:.3f}' if f'{t}/mean_entropy' in m else '—' for t in tasks]
+    for t in tasks:
+      if task_kinds[t] == 'multiclass':
+        recalls = sorted((int(c.rsplit('_', 1)[1]), m[c][0]) for c in m if c.startswith(f'{t}/recall_'))
+        cells.append(' '.join(f'{r:.2f}' for _, r in recalls) or '—')
+    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  lines += ['', '## Plots', '', '![validation curves](validation_curves.png)', '', '![training curves](curves.png)',
+            '', '![primary metrics](bars.png)', '']
   if any('probe' in v for v in variants.values()):
     lines += ['![linear probes](probe_bars.png)', '']
   if run_commands:
@@ -421,6 +477,7 @@ def write_report(study: str, runs: Sequence[sweep.Run], out: str, *, tasks: Sequ
   agg = {n: {c: tuple(v) for c, v in summary['variants'][n]['metrics'].items()} for n in names}
   primary_cols = [summary['primary'][t] for t in tasks]
   plot_curves(runs, tasks, os.path.join(out, 'curves.png'))
+  plot_validation_curves(runs, os.path.join(out, 'validation_curves.png'))
   plot_bars(agg, names, primary_cols, os.path.join(out, 'bars.png'), f'{study}: primary metric, mean ± std')
   if probes:
     pagg = {n: {summary['primary'][t]: tuple(v) for t, v in summary['variants'][n].get('probe', {}).items()

@@ -12,8 +12,12 @@ Gradients: the objective yields a vector of named losses ``[T']`` (tasks, plus D
 ``config.weighting.terms_as_tasks``) and an additive part (DGR always; the other terms otherwise). One forward pass
 gives a VJP; a loss-weighting method (EW, UW, DWA, RLW, FAMO) needs one backward pass with its weights as cotangent, a
 gradient method (MGDA, PCGrad, CAGrad, Nash-MTL, IMTL, Aligned-MTL, GradNorm) gets the per-loss Jacobian rows from the
-same VJP (vmapped on accelerators; row by row on XLA:CPU, where that measured 2-4x faster), combines the shared-encoder rows, and gives every head the sum of its rows (a head only receives
-gradient from the losses that use it). The additive part's gradient is added on top of the combined gradient.
+same VJP (vmapped on accelerators; row by row on XLA:CPU, where that measured 2-4x faster), combines the
+shared-encoder rows, and gives every head the sum of its rows (a head only receives gradient from the losses that use
+it; GradNorm, a loss weighting, gives the heads its weighted sum Σ_t w_t ∇L_t as its paper does). MGDA-UB takes the
+rows with respect to the shared features instead (a backward pass through the heads only) and backpropagates the
+combined feature gradient through the encoder once. The additive part's gradient is added on top of the combined
+gradient.
 """
 from __future__ import annotations
 
@@ -166,21 +170,45 @@ def train_step(state: TrainState, batch: Mapping[str, Any], *, model, objective,
   rng = jax.random.fold_in(state.rng, state.step)
   dummy_rng, term_rng, method_rng = jax.random.split(rng, 3)
 
-  def loss_rows(params):
-    outputs, batch_stats = model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['image'],
-                                       train=True)
-    resampled = objective.draw_dummies(dummy_rng, jax.lax.stop_gradient(outputs['features']), mode='resample')
-    named = objective(outputs, batch['labels'], dummies={**state.dummy_params, **resampled}, rng=term_rng)
+  def rows_from_features(features, head_params):
+    """The loss vector [T' + 1] (combined losses, then the additive part) from shared features and head params."""
+    logits = {t: model.apply_head(t, head_params[t], features) for t in model.heads}
+    resampled = objective.draw_dummies(dummy_rng, jax.lax.stop_gradient(features), mode='resample')
+    named = objective({'features': features, 'logits': logits}, batch['labels'],
+                      dummies={**state.dummy_params, **resampled}, rng=term_rng)
     extra = sum((named[n] for n in additive), jnp.zeros((), jnp.float32))
-    return jnp.stack([named[n] for n in combined] + [extra]), (named, batch_stats)
+    return jnp.stack([named[n] for n in combined] + [extra]), named
 
-  rows, vjp_fn, (named, batch_stats) = jax.vjp(loss_rows, state.params, has_aux=True)
-  task_losses = rows[:-1]
-  if gradient_method:
-    # Unit cotangents through the one VJP give the Jacobian rows; the additive row only when there is an additive
-    # part (otherwise it is identically zero and would cost a whole backward pass).
-    num_tasks = task_losses.shape[0]
-    cotangents = jnp.eye(num_tasks + 1 if additive else num_tasks, rows.shape[0], dtype=rows.dtype)
+  def encode(params):
+    return model.encode({'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True)
+
+  def loss_rows(params):
+    features, batch_stats = encode(params)
+    rows, named = rows_from_features(features, params['heads'])
+    return rows, (named, batch_stats)
+
+  num_tasks = len(combined)
+  # Unit cotangents pull back one Jacobian row each; the additive row only when there is an additive part
+  # (otherwise it is identically zero and would cost a whole backward pass).
+  cotangents = jnp.eye(num_tasks + 1 if additive else num_tasks, num_tasks + 1, dtype=jnp.float32)
+  if gradient_method and method.grads_wrt == 'features':
+    # MGDA-UB: rows w.r.t. the shared features (a backward pass through the heads only), combined, then one
+    # backward pass through the encoder with the combined feature gradient as cotangent.
+    features, encoder_vjp, batch_stats = jax.vjp(encode, state.params, has_aux=True)
+    rows, rows_vjp, named = jax.vjp(rows_from_features, features, state.params['heads'], has_aux=True)
+    task_losses = rows[:-1]
+    d_features, d_heads = jax.vmap(rows_vjp)(cotangents)        # [R, B, D], head leaves [R, ...]
+    flat_rows = d_features.reshape(d_features.shape[0], -1)
+    update, weights, weighting_state = method.apply(state.weighting_state, flat_rows[:num_tasks], task_losses,
+                                                    method_rng)
+    if additive:
+      update = update + flat_rows[num_tasks]
+    grads = {'encoder': encoder_vjp(update.reshape(features.shape))[0]['encoder'],
+             'heads': jax.tree.map(lambda g: g.sum(0), d_heads)}
+    cosine = weighting.cosine_similarity_matrix(flat_rows[:num_tasks])
+  elif gradient_method:
+    rows, vjp_fn, (named, batch_stats) = jax.vjp(loss_rows, state.params, has_aux=True)
+    task_losses = rows[:-1]
     if jax.default_backend() == 'cpu':
       # XLA:CPU runs the vmapped backward's convolutions 2-4x slower than the same rows pulled back one by one
       # (experiments/bench.py, CNN, T=2/4: 3.0x/5.5x EW vs 1.4x/2.7x); the rows still share the one forward pass.
@@ -193,9 +221,18 @@ def train_step(state: TrainState, batch: Mapping[str, Any], *, model, objective,
                                                     method_rng)
     if additive:
       update = update + flat_rows[num_tasks]
-    grads = {'encoder': unravel(update), 'heads': jax.tree.map(lambda g: g.sum(0), jac['heads'])}
+    # Heads: a loss-weighting method that needs G (GradNorm) weights its losses everywhere, heads included
+    # (Σ_t w_t ∇L_t, as in the paper); a gradient method gives each head its own task's gradient (the sum of rows).
+    if method.name in weighting.LOSS_WEIGHTING:
+      head_coefficients = jnp.concatenate([jax.lax.stop_gradient(weights), jnp.ones((len(cotangents) - num_tasks,))])
+    else:
+      head_coefficients = jnp.ones((len(cotangents),))
+    grads = {'encoder': unravel(update),
+             'heads': jax.tree.map(lambda g: jnp.tensordot(head_coefficients, g, axes=1), jac['heads'])}
     cosine = weighting.cosine_similarity_matrix(flat_rows[:num_tasks])
   else:
+    rows, vjp_fn, (named, batch_stats) = jax.vjp(loss_rows, state.params, has_aux=True)
+    task_losses = rows[:-1]
     # The weights of loss-weighting methods depend on losses and state only: G is not needed (a [T, 1] stand-in).
     _, weights, weighting_state = method.apply(
         state.weighting_state, jnp.zeros((task_losses.shape[0], 1), rows.dtype), task_losses, method_rng)

@@ -24,11 +24,11 @@ def jitted(name):
 
 # ---- contract -----------------------------------------------------------------------------------------------------
 def test_registry_names_and_kinds():
-  assert set(W.METHODS) == {'ew', 'uw', 'dwa', 'rlw', 'gradnorm', 'famo', 'mgda', 'pcgrad', 'cagrad', 'nash_mtl',
-                            'imtl', 'aligned_mtl'}
+  assert set(W.METHODS) == {'ew', 'uw', 'dwa', 'rlw', 'gradnorm', 'famo', 'mgda', 'mgda_ub', 'pcgrad', 'cagrad',
+                            'nash_mtl', 'imtl', 'aligned_mtl'}
   for name in ('ew', 'uw', 'dwa', 'rlw', 'famo'):
     assert not W.is_gradient_method(name)
-  for name in ('gradnorm', 'mgda', 'pcgrad', 'cagrad', 'nash_mtl', 'imtl', 'aligned_mtl'):
+  for name in ('gradnorm', 'mgda', 'mgda_ub', 'pcgrad', 'cagrad', 'nash_mtl', 'imtl', 'aligned_mtl'):
     assert W.is_gradient_method(name)
   for name, method in W.METHODS.items():
     assert method.name == name

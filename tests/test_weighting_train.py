@@ -1,11 +1,12 @@
-"""Every loss-weighting / gradient method inside the real train step (issue 5, "tests that must exist").
+"""Every loss-weighting / gradient method inside the real train step.
 
 For each method in ``weighting.METHODS``: two steps of the affect smoke config (a tiny CNN, batch 16) on a 1-device
 and an 8-device mesh from the same initial state and the same batches give the same parameters, losses and weights
 (rtol/atol 1e-5); every loss is finite; a batch in which a task has no labelled example (all AU labels −1) gives a
 finite step with that task's loss exactly 0; the metrics hold ``weight/<loss>`` for every combined loss and, for the
 methods that need the task Jacobian, ``cosine/<a>|<b>`` for every pair. For two gradient methods (with and without
-an additive part) the first step's gradient norm and weights match an independent computation from ``jax.jacrev``.
+an additive part), for MGDA-UB (rows w.r.t. the shared features) and for GradNorm (weighted head gradients) the first
+step's gradient norm and weights match an independent computation from ``jax.jacrev``.
 
 The methods are spread over two objectives so that each compile counts: plain MTL (two task losses), and
 distribution matching as an extra "task" (``terms_as_tasks``) with DGR added on top (three combined losses + one
@@ -47,7 +48,7 @@ NUM_STEPS = 2
 # DGR added on top). Both kinds of methods appear with each; CAGrad, MGDA, PCGrad and GradNorm see DM as a task.
 OBJECTIVE = {
     'ew': 'dm+dgr', 'uw': 'dm+dgr', 'dwa': 'mtl', 'rlw': 'mtl', 'gradnorm': 'dm+dgr', 'famo': 'mtl',
-    'mgda': 'dm+dgr', 'pcgrad': 'dm+dgr', 'cagrad': 'dm+dgr', 'nash_mtl': 'mtl', 'imtl': 'mtl', 'aligned_mtl': 'mtl',
+    'mgda': 'dm+dgr', 'mgda_ub': 'dm+dgr', 'pcgrad': 'dm+dgr', 'cagrad': 'dm+dgr', 'nash_mtl': 'mtl', 'imtl': 'mtl', 'aligned_mtl': 'mtl',
 }
 COMBINED = {'mtl': ('task/expression', 'task/aus'), 'dm+dgr': ('task/expression', 'task/aus', 'term/dm')}
 
@@ -178,32 +179,53 @@ def test_metrics_log_weights_and_gradient_cosines(method, tfds_dir):
     assert 'weight/term/dgr' not in m and 'loss/term/dgr' in m   # DGR is added on top, never weighted
 
 
-@pytest.mark.parametrize('method', ['cagrad', 'imtl'])   # with DGR on top / without an additive part
+@pytest.mark.parametrize('method', ['cagrad', 'imtl', 'mgda_ub', 'gradnorm'])
 def test_first_step_gradient_matches_an_independent_jacobian(method, tfds_dir):
-  """The step's grad_norm and weights against G from ``jax.jacrev`` of the named losses, the method applied to G,
-  every additive loss's encoder gradient added on top, and every loss's head gradients summed."""
+  """The step's grad_norm and weights against G from ``jax.jacrev`` of the named losses, the method applied to G
+  (MGDA-UB: to the Jacobian w.r.t. the shared features, then Σ_t α_t ∇_θ L_t), every additive loss's encoder gradient
+  added on top, and the head gradients: each loss's summed, or for GradNorm weighted by its weights."""
   objective = OBJECTIVE[method]
   benchmark, batches, _ = _shared(tfds_dir)
   exp = train.build_experiment(_config(objective, method, tfds_dir), _mesh(1), benchmark=benchmark)
   state = _initial_state(objective, tfds_dir)
   combined = COMBINED[objective]
+  init = exp.method.init(len(combined))
+  if method == 'gradnorm':   # unequal weights, so that weighting the heads' gradients is visible in grad_norm
+    init = {**init, 'weights': jnp.array([0.5, 2.0, 0.5], jnp.float32)}
 
   def reference(params, batch):
-    def named_losses(p):
-      outputs, _ = exp.model.apply({'params': p, 'batch_stats': state.batch_stats}, batch['image'], train=True)
-      # Fixed DGR dummies come from the state; neither DM nor fixed DGR draws randomness.
-      return exp.objective(outputs, batch['labels'], dummies=state.dummy_params, rng=jax.random.PRNGKey(0))
+    def features_of(p):
+      return exp.model.encode({'params': p, 'batch_stats': state.batch_stats}, batch['image'], train=True)[0]
 
+    def losses_from(features, heads):
+      logits = {t: exp.model.apply_head(t, heads[t], features) for t in exp.model.heads}
+      # Fixed DGR dummies come from the state; neither DM nor fixed DGR draws randomness.
+      return exp.objective({'features': features, 'logits': logits}, batch['labels'], dummies=state.dummy_params,
+                           rng=jax.random.PRNGKey(0))
+
+    named_losses = lambda p: losses_from(features_of(p), p['heads'])  # noqa: E731
     losses, jac = named_losses(params), jax.jacrev(named_losses)(params)
     flat = {n: jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(jac[n]['encoder'])]) for n in losses}
-    update, weights, _ = exp.method.apply(exp.method.init(len(combined)), jnp.stack([flat[n] for n in combined]),
-                                          jnp.stack([losses[n] for n in combined]))
+    task_losses = jnp.stack([losses[n] for n in combined])
+    if method == 'mgda_ub':
+      jac_features = jax.jacrev(lambda f: losses_from(f, params['heads']))(features_of(params))
+      _, weights, _ = exp.method.apply(init, jnp.stack([jnp.ravel(jac_features[n]) for n in combined]), task_losses)
+      update = sum(w * flat[n] for w, n in zip(weights, combined))
+    else:
+      update, weights, _ = exp.method.apply(init, jnp.stack([flat[n] for n in combined]), task_losses)
     encoder = update + sum((flat[n] for n in losses if n not in combined), jnp.zeros_like(update))
-    head_sum = jax.tree.map(lambda *g: sum(g), *[jac[n]['heads'] for n in losses])
+    coefficient = {n: weights[combined.index(n)] if method == 'gradnorm' and n in combined else 1.0 for n in losses}
+    head_sum = jax.tree.map(lambda *g: sum(g), *[jax.tree.map(lambda x, n=n: coefficient[n] * x, jac[n]['heads'])
+                                                 for n in losses])
     heads = sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(head_sum))
     return jnp.sqrt(jnp.sum(jnp.square(encoder)) + heads), weights
 
   grad_norm, weights = _compile(jax.jit(reference).lower(state.params, batches[0]))(state.params, batches[0])
-  step = _run(method, tfds_dir)[1]['metrics'][0]
+  if method == 'gradnorm':
+    start = jax.device_put(jax.tree.map(np.array, state.replace(weighting_state=init)), exp.replicated)
+    step = jax.device_get(_compile(exp.step_fn.lower(start, batches[0]))(start, batches[0])[1])
+    assert not np.allclose(weights, 1.0)
+  else:
+    step = _run(method, tfds_dir)[1]['metrics'][0]
   np.testing.assert_allclose(step['grad_norm'], grad_norm, rtol=1e-4)
   np.testing.assert_allclose([step[f'weight/{n}'] for n in combined], weights, rtol=1e-4, atol=1e-6)

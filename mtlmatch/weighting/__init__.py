@@ -19,8 +19,9 @@ Usage::
     update, weights, state = jax.jit(method.apply)(state, G, losses, key)
     shared_grad = weighting.unflatten_grads(update, shared_params)
 
-Names: loss weighting 'ew', 'uw', 'dwa', 'rlw', 'gradnorm', 'famo'; gradient methods 'mgda', 'pcgrad', 'cagrad',
-'nash_mtl', 'imtl', 'aligned_mtl'. `is_gradient_method(name)` says whether the train loop must compute G (True for
+Names: loss weighting 'ew', 'uw', 'dwa', 'rlw', 'gradnorm', 'famo'; gradient methods 'mgda', 'mgda_ub', 'pcgrad',
+'cagrad', 'nash_mtl', 'imtl', 'aligned_mtl' ('mgda_ub' combines gradients w.r.t. the shared features: its
+``grads_wrt`` is 'features'). `is_gradient_method(name)` says whether the train loop must compute G (True for
 the gradient methods and GradNorm, which needs per-task gradient norms); for the others the weights depend on the
 losses only and the loop may differentiate Σ_t w_t L_t instead (see `jacobian`).
 """
@@ -29,7 +30,8 @@ from __future__ import annotations
 from typing import Mapping
 
 from mtlmatch.weighting.base import ABSENT_SQ_NORM, HParam, WeightingMethod
-from mtlmatch.weighting.gradient_methods import (CAGrad, IMTL, MGDA, AlignedMTL, NashMTL, PCGrad, aligned_weights,
+from mtlmatch.weighting.gradient_methods import (CAGrad, IMTL, MGDA, MGDAUB, AlignedMTL, NashMTL, PCGrad,
+                                                 aligned_weights,
                                                  cagrad_weights, imtl_weights, min_norm_weights, nash_weights,
                                                  pcgrad_weights)
 from mtlmatch.weighting.jacobian import (cosine_similarity_matrix, flatten_grads, flatten_task_grads, task_jacobian,
@@ -37,10 +39,11 @@ from mtlmatch.weighting.jacobian import (cosine_similarity_matrix, flatten_grads
 from mtlmatch.weighting.loss_weighting import DWA, EW, FAMO, RLW, UW, GradNorm
 
 LOSS_WEIGHTING = ('ew', 'uw', 'dwa', 'rlw', 'gradnorm', 'famo')
-GRADIENT_METHODS = ('mgda', 'pcgrad', 'cagrad', 'nash_mtl', 'imtl', 'aligned_mtl')
+GRADIENT_METHODS = ('mgda', 'mgda_ub', 'pcgrad', 'cagrad', 'nash_mtl', 'imtl', 'aligned_mtl')
 
 METHODS: Mapping[str, WeightingMethod] = {
-    cls.name: cls() for cls in (EW, UW, DWA, RLW, GradNorm, FAMO, MGDA, PCGrad, CAGrad, NashMTL, IMTL, AlignedMTL)
+    cls.name: cls() for cls in (EW, UW, DWA, RLW, GradNorm, FAMO, MGDA, MGDAUB, PCGrad, CAGrad, NashMTL, IMTL,
+                                AlignedMTL)
 }
 
 
@@ -68,7 +71,7 @@ def hparam_specs(name: str) -> Mapping[str, HParam]:
 
 __all__ = [
     'ABSENT_SQ_NORM', 'AlignedMTL', 'CAGrad', 'DWA', 'EW', 'FAMO', 'GRADIENT_METHODS', 'GradNorm', 'HParam', 'IMTL',
-    'LOSS_WEIGHTING', 'MGDA', 'METHODS', 'NashMTL', 'PCGrad', 'RLW', 'UW', 'WeightingMethod', 'aligned_weights',
+    'LOSS_WEIGHTING', 'MGDA', 'MGDAUB', 'METHODS', 'NashMTL', 'PCGrad', 'RLW', 'UW', 'WeightingMethod', 'aligned_weights',
     'cagrad_weights', 'cosine_similarity_matrix', 'flatten_grads', 'flatten_task_grads', 'get_method',
     'hparam_specs', 'imtl_weights', 'is_gradient_method', 'min_norm_weights', 'nash_weights', 'pcgrad_weights',
     'task_jacobian', 'unflatten_grads',

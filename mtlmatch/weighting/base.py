@@ -97,6 +97,9 @@ class WeightingMethod:
   # True when the method needs the per-task gradient matrix G (the train loop must compute the Jacobian); False
   # when its weights depend on the losses only (update = Σ_t w_t G_t, so the loop may differentiate Σ_t w_t L_t).
   needs_grads: ClassVar[bool] = True
+  # What the rows of ``grads`` are gradients of the losses with respect to: 'params' (the shared encoder's
+  # parameters) or 'features' (the shared representation, MGDA-UB's cheap bound); the train loop reads it.
+  grads_wrt: ClassVar[str] = 'params'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {}
 
   # ---- hyper-parameters -------------------------------------------------------------------------------------------

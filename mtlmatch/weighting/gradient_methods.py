@@ -298,8 +298,8 @@ class MGDA(WeightingMethod):
   As in the authors' code the coefficients then weight the raw gradients: update = T_p · Σ_t α*_t G_t, weights =
   T_p α* (T_p = number of present tasks; ×T_p so identical gradients give the EW update, and the direction is the
   min-norm point, which is a common descent direction or 0 at a Pareto-stationary point).
-  "UB" is the authors' cheap bound that takes G with respect to the shared representation instead of the shared
-  parameters; that choice is the train loop's (what it passes as ``grads``).
+  This is plain MGDA on the shared *parameters*; :class:`MGDAUB` (``'mgda_ub'``) is the authors' cheap bound that
+  takes G with respect to the shared representation instead.
   Solver: exact face enumeration for T ≤ 8, Frank–Wolfe (``fw_steps``) beyond (`min_norm_weights`).
   Absent tasks are left out of the hull (otherwise their zero row would be the min-norm point and stop training).
   hparams: normalize ('none'), fw_steps (250).
@@ -321,6 +321,19 @@ class MGDA(WeightingMethod):
     g_hat = g / (scales[:, None] * scales[None, :])
     alpha = min_norm_weights(g_hat, present, hp['fw_steps'])
     return jnp.sum(present) * alpha, {}
+
+
+@dataclasses.dataclass(frozen=True)
+class MGDAUB(MGDA):
+  """MGDA-UB (Sener & Koltun, NeurIPS 2018, Section 3.3): MGDA's min-norm weights computed from the gradients of the
+  task losses with respect to the shared *representation* Z (the encoder's output features, ``[B, D]`` per task,
+  flattened) instead of the shared parameters — an upper bound whose min-norm point costs one backward pass through
+  the heads only. The train loop then backpropagates ``Σ_t α_t ∇_Z L_t`` through the encoder once (the encoder's
+  update is ``Σ_t α_t ∇_θ L_t``) and each head gets its own task's gradient, as in the paper.
+  ``grads`` here are the feature-gradient rows; weights and scaling as :class:`MGDA` (T_p · α). hparams as MGDA.
+  """
+  name: ClassVar[str] = 'mgda_ub'
+  grads_wrt: ClassVar[str] = 'features'
 
 
 @dataclasses.dataclass(frozen=True)
