@@ -5,7 +5,7 @@ they are exact whatever the number of devices, hosts or batches: ``task_statisti
 ``jax.jit`` over a mesh with the batch sharded, sums over the global batch; ``accumulate`` adds statistics of
 successive batches; ``finalize`` turns the totals into metrics on the host.
 
-Conventions (DESIGN.md §2): multiclass labels ``[B]`` and multilabel labels ``[B, C]`` with ``-1`` = missing;
+Conventions (docs/maths.md §1): multiclass labels ``[B]`` and multilabel labels ``[B, C]`` with ``-1`` = missing;
 ``mask [B]`` is 1 for real examples and 0 for padding (e.g. the last, padded eval batch). Missing labels and padded
 examples contribute nothing. Predictions: multiclass ``argmax`` of the logits (ties → lowest index, as
 ``np.argmax``); multilabel ``logit > 0`` (i.e. sigmoid > 0.5).

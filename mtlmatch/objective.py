@@ -42,7 +42,7 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-  """What a term function may read. ``logits[task]`` is [B, C]; ``labels[task]`` follows DESIGN.md §2."""
+  """What a term function may read. ``logits[task]`` is [B, C]; ``labels[task]`` follows docs/maths.md §1."""
   tasks: Mapping[str, TaskSpec]
   features: Array                      # [B, D] shared features
   logits: Mapping[str, Array]
@@ -81,7 +81,7 @@ def co_annotation_term(ctx: Context, *, task_a: str, task_b: str, relatedness, *
 
 def dgr_term(ctx: Context, *, heads: Mapping[str, Any], norm: str = 'sq_l2', num_dummies: int = 1,
              mode: str = 'fixed', init_scale: float = 1.0) -> Array:
-  """Dummy Gradient norm Regularization (Shin et al., ECCV 2024), DESIGN.md §4.
+  """Dummy Gradient norm Regularization (Shin et al., ECCV 2024), docs/maths.md §5.
 
   R = Σ_t (1/K) Σ_k ‖∇_φ L_t(φ_t^(k); f)‖², with never-trained dummy heads φ on the shared features f; JAX
   differentiates it exactly w.r.t. the encoder (grad of a grad). ``heads`` maps task → the dummy head module.

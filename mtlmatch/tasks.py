@@ -1,4 +1,4 @@
-"""Task specifications and the label conventions every module shares (DESIGN.md §2).
+"""Task specifications and the label conventions every module shares (docs/maths.md §1).
 
 A task is a classification problem with a name, a `kind` and a number of classes:
 

@@ -1,4 +1,4 @@
-"""softmax_xent, sigmoid_xent and masked_mean against hand-written numpy references (DESIGN.md §2)."""
+"""softmax_xent, sigmoid_xent and masked_mean against hand-written numpy references (docs/maths.md §1)."""
 from __future__ import annotations
 
 import jax

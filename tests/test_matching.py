@@ -1,4 +1,4 @@
-"""Distribution matching and soft co-annotation against hand-written numpy references (DESIGN.md §3)."""
+"""Distribution matching and soft co-annotation against hand-written numpy references (docs/maths.md §2–§4)."""
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,4 @@
-"""Relatedness tables: validation, estimation from data, implied distributions (DESIGN.md §3)."""
+"""Relatedness tables: validation, estimation from data, implied distributions (docs/maths.md §2–§4)."""
 from __future__ import annotations
 
 import jax
@@ -17,7 +17,7 @@ def _np_softmax(s):
 
 
 def _ref_estimate(a_onehot, a_present, b, b_present, alpha, prior=None):
-  """Loop reference of DESIGN §3 (b): smoothed conditional frequency over labelled pairs, per B entry."""
+  """Loop reference of docs/maths.md §2: smoothed conditional frequency over labelled pairs, per B entry."""
   n, ca = a_onehot.shape
   cb = b.shape[1]
   m = np.zeros((n, cb))

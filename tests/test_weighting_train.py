@@ -48,7 +48,8 @@ NUM_STEPS = 2
 # DGR added on top). Both kinds of methods appear with each; CAGrad, MGDA, PCGrad and GradNorm see DM as a task.
 OBJECTIVE = {
     'ew': 'dm+dgr', 'uw': 'dm+dgr', 'dwa': 'mtl', 'rlw': 'mtl', 'gradnorm': 'dm+dgr', 'famo': 'mtl',
-    'mgda': 'dm+dgr', 'mgda_ub': 'dm+dgr', 'pcgrad': 'dm+dgr', 'cagrad': 'dm+dgr', 'nash_mtl': 'mtl', 'imtl': 'mtl', 'aligned_mtl': 'mtl',
+    'mgda': 'dm+dgr', 'mgda_ub': 'dm+dgr', 'pcgrad': 'dm+dgr', 'cagrad': 'dm+dgr', 'nash_mtl': 'mtl', 'imtl': 'mtl',
+    'aligned_mtl': 'mtl',
 }
 COMBINED = {'mtl': ('task/expression', 'task/aus'), 'dm+dgr': ('task/expression', 'task/aus', 'term/dm')}
 

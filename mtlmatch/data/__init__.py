@@ -31,6 +31,7 @@ from mtlmatch.data.sources import (ArrayReader, Benchmark, Examples, Holdout, So
                                    tfds_source, with_validation)
 
 __all__ = ['ArrayReader', 'BUILDERS', 'Benchmark', 'Examples', 'Holdout', 'MIXING', 'MixingSchedule', 'Source',
-           'TfdsReader', 'array_source', 'checkpoint_state', 'default_data_dir', 'eval_iterator', 'get_benchmark', 'host_slice',
+           'TfdsReader', 'array_source', 'checkpoint_state', 'default_data_dir', 'eval_iterator', 'get_benchmark',
+           'host_slice',
            'load_examples', 'make_benchmark', 'mixing_probabilities', 'num_eval_batches', 'prefetch_to_device',
            'source_labels', 'tfds_source', 'to_global', 'train_iterator', 'with_validation']

@@ -1,4 +1,4 @@
-"""Pure loss functions on arrays (DESIGN.md §2–§4): no models, data or training loop in here.
+"""Pure loss functions on arrays (the maths: docs/maths.md): no models, data or training loop in here.
 
 * :mod:`~mtlmatch.losses.classification`: ``softmax_xent``, ``sigmoid_xent`` (missing labels = -1) and
   ``masked_mean``, the one reduction rule ``Σ v·w / max(Σ w, 1)`` over the global batch.

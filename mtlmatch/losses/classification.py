@@ -1,4 +1,4 @@
-"""Supervised classification losses with missing labels, and the one reduction rule (DESIGN.md §2).
+"""Supervised classification losses with missing labels, and the one reduction rule (docs/maths.md §1).
 
 Every loss returns ``(per_example, weight)``: per-example values ``[B]`` (optax style) and the weight ``[B]``, 1 where
 the example has a label for the task and 0 where it does not. A missing example's value is exactly 0 and its gradient

@@ -1,4 +1,4 @@
-"""Task relatedness tables and the distributions they imply (DESIGN.md §3; Kollias et al., AAAI 2024, arXiv 2401.01219).
+"""Task relatedness tables and the distributions they imply (docs/maths.md §2–§3; Kollias et al., AAAI 2024).
 
 Task A is multiclass with C_A classes; task B is multiclass or multilabel with C_B labels. The relatedness table
 ``R[C_A, C_B]`` holds ``R[i, k] = p(b_k = 1 | a = i)`` (multilabel B) or ``p(b = k | a = i)`` (multiclass B, rows sum
@@ -112,7 +112,7 @@ def _soft_counts(labels, *, num_classes: int, kind: str, arg: str) -> tuple[np.n
 
 def estimate_relatedness(labels_a, labels_b, *, num_classes_a: int, num_classes_b: int, b_kind: str,
                          smoothing: float = 1.0, prior=None) -> np.ndarray:
-  """Estimates ``R[C_A, C_B]`` from examples labelled for both tasks, with smoothing toward a prior (DESIGN §3 (b, c)).
+  """Estimates ``R[C_A, C_B]`` from examples labelled for both tasks, with smoothing toward a prior (docs/maths.md §2).
 
   ``R[i, k] = (Σ_n m[n, k] a[n, i] b[n, k] + α π_k) / (Σ_n m[n, k] a[n, i] + α)``, where ``m[n, k] = 1`` when
   example n has its A label and its B label (entry k, for multilabel B) present, ``α = smoothing`` and ``π_k`` is

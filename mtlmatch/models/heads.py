@@ -1,6 +1,6 @@
 """Task heads (Flax Linen): ``features[B, D] -> logits[B, C]`` in float32.
 
-Heads are stateless on purpose: no BatchNorm, no Dropout, no mutable collections, only ``'params'``. DGR (DESIGN.md
+Heads are stateless on purpose: no BatchNorm, no Dropout, no mutable collections, only ``'params'``. DGR (docs/maths.md
 §4) re-applies a task's head with never-trained dummy parameters, ``head.apply({'params': phi}, features)``, and
 draws those dummies from the head's own initialiser, ``head.init(rng, features)['params']``; both need a head that
 is a pure function of (params, features). Heads compute in float32: they are tiny, and the logits feed the losses.

@@ -1,4 +1,4 @@
-"""Expert relatedness tables shipped as package data (DESIGN.md §3 (a)).
+"""Expert relatedness tables shipped as package data (docs/maths.md §2).
 
 ``load_prior('expressions_to_aus')`` returns a :class:`Prior` whose ``relatedness`` is ``R[C_A, C_B]`` with
 ``R[i, k] = p(b_k = 1 | a = i)``, plus the two task specs and the citation. Each JSON file states which entries are

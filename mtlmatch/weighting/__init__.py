@@ -1,4 +1,4 @@
-"""Loss weighting and gradient methods for multi-task learning, as pure functions on arrays (DESIGN.md §5).
+"""Loss weighting and gradient methods for multi-task learning, as pure functions on arrays (docs/maths.md §6).
 
 Every method is an object with ``init(num_tasks, **hparams) -> state`` and
 ``apply(state, grads, losses, key) -> (update, weights, new_state)``:
@@ -71,7 +71,8 @@ def hparam_specs(name: str) -> Mapping[str, HParam]:
 
 __all__ = [
     'ABSENT_SQ_NORM', 'AlignedMTL', 'CAGrad', 'DWA', 'EW', 'FAMO', 'GRADIENT_METHODS', 'GradNorm', 'HParam', 'IMTL',
-    'LOSS_WEIGHTING', 'MGDA', 'MGDAUB', 'METHODS', 'NashMTL', 'PCGrad', 'RLW', 'UW', 'WeightingMethod', 'aligned_weights',
+    'LOSS_WEIGHTING', 'MGDA', 'MGDAUB', 'METHODS', 'NashMTL', 'PCGrad', 'RLW', 'UW', 'WeightingMethod',
+    'aligned_weights',
     'cagrad_weights', 'cosine_similarity_matrix', 'flatten_grads', 'flatten_task_grads', 'get_method',
     'hparam_specs', 'imtl_weights', 'is_gradient_method', 'min_norm_weights', 'nash_weights', 'pcgrad_weights',
     'task_jacobian', 'unflatten_grads',
