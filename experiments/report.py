@@ -610,10 +610,67 @@ def _tally(keys: Sequence[str], order: Sequence[str]) -> str:
 
 # Each study's plain multi-task variant (EW, no terms): what the DM variants and the NT column are read against.
 PLAIN_MTL = {'affect': 'mtl', 'shopping': 'mtl', 'multi_fashion': 'cnn_ew'}
-DM_MATCHED = {'affect': ('coann', 'dm', 'dm_coann', 'dm_coann_dgr', 'dm_coann_est100', 'dm_coann_est1000'),
-              'shopping': ('coann', 'dm', 'dm_stop_gradient', 'dm_coann', 'dm_coann_dgr')}
+_DM_VARIANTS = ('coann', 'coann_uniform', 'dm', 'dm_uniform', 'dm_a_to_b', 'dm_b_to_a', 'dm_coann')
+# (plain MTL, the DM / co-annotation variants judged against it) per study; `scarce_*` has its own plain MTL.
+DM_GROUPS = {'affect': (('mtl', _DM_VARIANTS),),
+             'shopping': (('mtl', _DM_VARIANTS), ('scarce_mtl', ('scarce_coann', 'scarce_dm', 'scarce_dm_coann')))}
+# The options whose default the validation data decide: (the default variant, the alternative, what differs).
+DEFAULT_CHOICES = (('dm', 'dm_uniform', 'DM prior: `model` vs `uniform`'),
+                   ('coann', 'coann_uniform', 'co-annotation prior: `model` vs `uniform`'),
+                   ('dm', 'dm_a_to_b', 'DM direction: `both` vs `a_to_b`'),
+                   ('dm', 'dm_b_to_a', 'DM direction: `both` vs `b_to_a`'))
+# A cell "collapses" when a task's primary test metric is below plain MTL's by more than this (absolute).
+COLLAPSE_MARGIN = 0.05
 _DM_ORDER = ('HELD', 'PARTLY', 'NOT', 'no NT to prevent')
 _DGR_ORDER = ('better', 'worse', 'mixed', 'no difference beyond one std')
+
+
+def _validation_score(summary: dict, name: str) -> Optional[tuple]:
+  v = _get(summary, name)
+  return tuple(v['metrics']['validation/score']) if v and 'validation/score' in v['metrics'] else None
+
+
+def _defaults_lines(loaded: Mapping[str, dict]) -> list[str]:
+  lines = ['| option | ' + ' | '.join(f'{s}: default → alternative' for s in loaded) + ' | decision |',
+           '|---|' + '---|' * len(loaded) + '---|']
+  for default, alternative, what in DEFAULT_CHOICES:
+    cells, wins, compared = [], 0, 0
+    for study, summary in loaded.items():
+      a, b = _validation_score(summary, default), _validation_score(summary, alternative)
+      if a is None or b is None:
+        cells.append('—')
+        continue
+      compared += 1
+      wins += int(a[0] >= b[0])
+      cells.append(f'{a[0]:.4f} ± {a[1]:.4f} → {b[0]:.4f} ± {b[1]:.4f} (n={min(a[2], b[2])})')
+    decision = ('not run' if not compared else f'keep `{default}`\'s setting ({wins} of {compared})'
+                if 2 * wins >= compared else f'switch to `{alternative}`\'s setting ({compared - wins} of {compared})')
+    lines.append(f'| {what} | ' + ' | '.join(cells) + f' | {decision} |')
+  return lines
+
+
+def _plain_of(study: str, name: str) -> str:
+  """The plain MTL variant ``name`` is read against: ``scarce_mtl`` for ``scarce_*``, else the study's own."""
+  scoped = [p for p, _ in DM_GROUPS.get(study, ()) if p.endswith('_mtl') and name.startswith(p[:-len('mtl')])]
+  return scoped[0] if scoped else PLAIN_MTL[study]
+
+
+def _collapse_lines(loaded: Mapping[str, dict]) -> list[str]:
+  lines = []
+  for study, summary in loaded.items():
+    primary, found = summary['primary'], []
+    for name, v in summary['variants'].items():
+      plain = _plain_of(study, name)
+      base = _get(summary, plain)
+      if base is None or name == plain or is_baseline(name, primary):
+        continue
+      drops = [f'{t} {base["metrics"][c][0]:.3f} → {v["metrics"][c][0]:.3f}' for t, c in primary.items()
+               if c in v['metrics'] and c in base['metrics']
+               and v['metrics'][c][0] < base['metrics'][c][0] - COLLAPSE_MARGIN]
+      if drops:
+        found.append(f'`{name}` vs `{plain}`: ' + ', '.join(drops))
+    lines.append(f'* {study}: ' + ('; '.join(found) if found else 'no variant collapsed.'))
+  return lines
 
 
 def write_overall_summary(results_dir: str, preamble: str = '') -> str:
@@ -630,9 +687,10 @@ def write_overall_summary(results_dir: str, preamble: str = '') -> str:
     if study not in loaded:
       continue
     dm_keys, nt, plain = [], '—', PLAIN_MTL[study]
-    if study in DM_MATCHED:
-      lines, dm_keys = _dm_claim(study, loaded[study], plain, DM_MATCHED[study])
+    for group_plain, matched in DM_GROUPS.get(study, ()):
+      lines, keys = _dm_claim(study, loaded[study], group_plain, matched)
       dm_lines += lines
+      dm_keys += keys
     mtl, ctl = _get(loaded[study], plain), _get(loaded[study], f'{plain}_equal_exposure')
     if mtl and 'negative_transfer' in mtl:
       nt = f'`{plain}`: {_nt_list(mtl)}' + (f'; `{plain}_equal_exposure`: {_nt_list(ctl)}'
@@ -654,6 +712,15 @@ def write_overall_summary(results_dir: str, preamble: str = '') -> str:
             'Rule: negative transfer (NT) on a task = worse than its single-task model by more than one std over '
             'seeds; HELD = plain MTL has NT and the variant has none; PARTLY = no task gains NT, and fewer NT tasks '
             'or a higher Δm; NOT otherwise.', ''] + dm_lines
+  lines += ['', '## Defaults decided on validation data', '',
+            'Rule: for each option, the mean over seeds of the best validation score (the mean over tasks of the '
+            'primary validation metric, never a test number) of the default variant against the alternative, per '
+            'study; the default stays when it is at least as good on at least half of the studies that ran both.',
+            ''] + _defaults_lines(loaded)
+  lines += ['', '## Collapse check', '',
+            f'Rule: a variant collapses when a task\'s primary test metric is below plain MTL\'s by more than '
+            f'{COLLAPSE_MARGIN} (absolute; seed means). Mean prediction entropy and the confusion-matrix diagonal of '
+            'every variant are in each REPORT.md.', ''] + _collapse_lines(loaded)
   lines += ['', '## DGR (Shin et al., ECCV 2024): better shared representation (linear probe) and task scores', '',
             'Rule: per pair (variant without → with DGR), a task counts as better / worse when its score moves by more '
             'than one std (the larger of the two); a pair is better = better on some task and worse on none (worse '

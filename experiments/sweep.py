@@ -144,7 +144,7 @@ def collect(runs: Sequence[Run]) -> list[dict]:
   """One flat row per finished run: ``name, spec, seed, step, best_step, wall_time_s, <task>/<metric> …``.
 
   The metrics are the test metrics **at the best-validation step** (``results['selection']['metrics']``; the final
-  step's when a run has no selection record). Per-label F1 (``f1_3``) and the ``count`` are left out; the per-class
+  step's when a run has no selection record); ``validation/score`` is that step's validation score. Per-label F1 (``f1_3``) and the ``count`` are left out; the per-class
   recalls (``recall_<k>``, the confusion-matrix diagonal) are kept for the report's collapse check."""
   rows = []
   for run in runs:
@@ -155,7 +155,7 @@ def collect(runs: Sequence[Run]) -> list[dict]:
     selection = results.get('selection') or {}
     row = {'name': run.variant.name, 'spec': run.variant.spec, 'seed': run.seed, 'workdir': run.workdir,
            'step': results.get('step'), 'best_step': selection.get('best_step'),
-           'wall_time_s': results.get('wall_time_s')}
+           'wall_time_s': results.get('wall_time_s'), 'validation/score': selection.get('best_score')}
     for task, metrics in sorted(selection.get('metrics', results.get('metrics', {})).items()):
       for metric, value in metrics.items():
         if metric != 'count' and not metric.startswith('f1_'):
