@@ -27,7 +27,7 @@ from experiments.sweep import Variant  # noqa: E402
 
 TASKS = {'affect': ('expression', 'aus'), 'shopping': ('item', 'group', 'attributes'),
          'multi_fashion': ('left', 'right')}
-METHODS = ('ew', 'uw', 'dwa', 'rlw', 'gradnorm', 'famo', 'mgda', 'pcgrad', 'cagrad', 'nash_mtl', 'imtl',
+METHODS = ('ew', 'uw', 'dwa', 'rlw', 'gradnorm', 'famo', 'mgda', 'mgda_ub', 'pcgrad', 'cagrad', 'nash_mtl', 'imtl',
            'aligned_mtl')
 
 

@@ -55,7 +55,13 @@ def test_sweep_runs_only_unfinished_and_tables_them(tmp_path):
   sweep.write_table(rows, str(tmp_path / 't.csv'))
   with open(tmp_path / 't.csv') as f:
     lines = f.read().splitlines()
-  assert len(lines) == 5 and lines[0].startswith('name,spec,seed,workdir,step,wall_time_s')
+  assert len(lines) == 5 and lines[0].startswith('name,spec,seed,workdir,step,best_step,wall_time_s,validation/score')
+  # A run with a selection record is tabled with the test metrics of its best-validation step, not the final ones.
+  with open(runs[0].results_path, 'w') as f:
+    json.dump({'step': 10, 'metrics': {'expression': {'accuracy': 0.6}},
+               'selection': {'best_step': 4, 'best_score': 0.7, 'metrics': {'expression': {'accuracy': 0.8}}}}, f)
+  row = sweep.collect(runs[:1])[0]
+  assert (row['expression/accuracy'], row['best_step'], row['step'], row['validation/score']) == (0.8, 4, 10, 0.7)
   with pytest.raises(ValueError, match='duplicate'):
     sweep.expand(grid + grid[:1], seeds=(0,), root=str(tmp_path))
   with pytest.raises(ValueError, match='jobs'):
