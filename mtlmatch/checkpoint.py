@@ -42,7 +42,8 @@ from etils import epath
 # total_steps is safe in this sense but not neutral: the cosine schedule spans total_steps, so training longer
 # changes the learning rate from the resumed step on (the steps already taken are kept as they are).
 SAFE_TO_CHANGE = frozenset({'total_steps', 'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
-                            'eval_batch_size', 'nonfinite', 'data.data_dir', 'data.options.idx_dir'})
+                            'eval_batch_size', 'nonfinite', 'data.data_dir', 'data.options.idx_dir',
+                            'encoder.conv_impl'})
 
 CORRUPT_DIR = 'checkpoints_corrupt'
 
