@@ -203,3 +203,14 @@ def test_config_key_reaches_conv_encoders_and_is_checked():
   with pytest.raises(ValueError, match=r"config.encoder.conv_impl: got 'fast', expected one of \['auto', 'native', "
                                        r"'gemm'\]"):
     train.validate_config(config)
+
+
+def test_cnn_pool_then_relu_equals_relu_then_pool():
+  """CNNEncoder pools before its ReLU: the same function and gradient as the usual ReLU → pool, ties included."""
+  x = jnp.round(_normal((2, 7, 6, 3), 0) * 2) / 2
+  g = _normal((2, 4, 3, 3), 1)
+  for pool in (_pool, _native_pool):
+    a = jax.vjp(lambda x: jax.nn.relu(pool(x)), x)
+    b = jax.vjp(lambda x: pool(jax.nn.relu(x)), x)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1](g)[0], b[1](g)[0])

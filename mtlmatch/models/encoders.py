@@ -132,8 +132,11 @@ class CNNEncoder(nn.Module):
     x = images
     conv = cpu_ops.conv_fn(self.conv_impl)
     for i, w in enumerate(self.widths):
-      x = nn.relu(nn.Conv(w, (3, 3), padding='SAME', dtype=self.dtype, conv_general_dilated=conv, name=f'conv_{i}')(x))
-      x = cpu_ops.max_pool_2x2(x, impl=self.conv_impl)
+      x = nn.Conv(w, (3, 3), padding='SAME', dtype=self.dtype, conv_general_dilated=conv, name=f'conv_{i}')(x)
+      # Pool, then ReLU: the same values and gradients as ReLU then pool (ReLU is monotone, and both pools send the
+      # gradient to the window's first maximum), with the ReLU and its backward on a quarter of the elements
+      # (≈ 10 % of a CPU train step of the small CNN).
+      x = nn.relu(cpu_ops.max_pool_2x2(x, impl=self.conv_impl))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(self.features, dtype=self.dtype, name='dense')(x))
     return x.astype(jnp.float32)
