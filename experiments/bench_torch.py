@@ -16,6 +16,14 @@ Rows:
   (random 36×36 images with T = 2 all-labelled 10-way tasks; the config's gradient clipping off, as in the PyTorch
   step).
 
+* with ``--breakdown``: ``torch_forward`` (no grad), ``torch_fwd_bwd`` (the step without ``Adam.step``),
+  ``jax_forward`` (mtlmatch's model and the summed task losses, jitted) and ``jax_fwd_bwd`` (``jax.value_and_grad``
+  of that: no optimizer, weighting or metrics), on the EW row's mesh and batch.
+
+``--conv_impl native`` builds mtlmatch's encoder with XLA's own convolution and max-pool backward (the "before" of
+``mtlmatch.models.cpu_ops``). JAX gets one CPU device per core, as ``mtlmatch.main`` gives a run
+(``mtlmatch.cpu_devices``), unless ``XLA_FLAGS`` sets a device count.
+
 Every row is warmed up (``--warmup`` steps after compiling), then ``--steps`` rounds each time one step of every row,
 in an order rotated every round (``bench.time_rounds``), so load from other processes falls on all rows alike; the
 table gives medians, ``x torch`` = step / ``torch_ew`` step, and the target: mtlmatch EW ≤ 1.0×, the per-task-
