@@ -303,7 +303,7 @@ def machine_description() -> str:
     pass
   return (f'{platform.platform()}; Python {platform.python_version()}; {os.cpu_count()} CPU cores visible '
           f'({model or platform.processor()}), shared with other jobs; JAX backend of this process: {_jax_backend()} '
-          '(the sweep gives CPU runs 8 fake devices via XLA_FLAGS=--xla_force_host_platform_device_count=8)')
+          '(each CPU run gets one fake device per core from mtlmatch.main unless XLA_FLAGS sets a count)')
 
 
 def _jax_backend() -> str:

@@ -102,9 +102,9 @@ def launch(run: Run, *, env: Optional[Mapping[str, str]] = None, python: str = s
   cmd = run.command(python)
   with open(os.path.join(run.workdir, 'command.txt'), 'w') as f:
     f.write(shlex.join(cmd) + '\n')
-  # 8 fake devices when JAX runs on the CPU (the flag does nothing to a GPU/TPU backend, which JAX picks by itself).
-  full_env = {**os.environ, 'XLA_FLAGS': os.environ.get('XLA_FLAGS', '--xla_force_host_platform_device_count=8'),
-              **(env or {})}
+  # No device flags here: mtlmatch.main gives a CPU run one device per core (mtlmatch.cpu_devices) unless XLA_FLAGS
+  # (the sweep's environment or ``env``) already sets a device count.
+  full_env = {**os.environ, **(env or {})}
   with open(os.path.join(run.workdir, 'log.txt'), 'a') as log:
     log.write(f'# {time.strftime("%Y-%m-%d %H:%M:%S")} {shlex.join(cmd)}\n')
     log.flush()

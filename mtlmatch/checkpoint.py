@@ -43,7 +43,7 @@ from etils import epath
 # changes the learning rate from the resumed step on (the steps already taken are kept as they are).
 SAFE_TO_CHANGE = frozenset({'total_steps', 'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
                             'eval_batch_size', 'nonfinite', 'early_stopping_patience', 'data.data_dir',
-                            'data.options.idx_dir'})
+                            'data.options.idx_dir', 'encoder.conv_impl'})
 
 CORRUPT_DIR = 'checkpoints_corrupt'
 

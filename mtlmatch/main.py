@@ -1,5 +1,8 @@
 """Command line: ``python -m mtlmatch.main --config=configs/affect.py:dm --workdir=DIR [--config.x=y ...]``.
 
+On CPU every core is used: one XLA:CPU device per core (``mtlmatch.cpu_devices``), unless ``XLA_FLAGS`` already
+sets ``--xla_force_host_platform_device_count``.
+
 Multi-host: add ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` on every process (each process
 reads its own slice of every source; the global batch is ``config.batch_size``).
 """
@@ -12,6 +15,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from mtlmatch import cpu_devices  # noqa: E402  (imports no JAX)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/affect.py:dm.',
@@ -35,6 +40,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   pylogging.getLogger('absl').addFilter(_QuietLibraries())
+  if not (FLAGS.coordinator_address or FLAGS.num_processes):
+    # Every core on CPU: one fake device per core (dividing the batch sizes), set before JAX's backend starts;
+    # an XLA_FLAGS device count of the user's wins. (Multi-host runs keep their per-host setting.)
+    os.environ['XLA_FLAGS'] = cpu_devices.xla_flags_with_cores(
+        os.environ.get('XLA_FLAGS'), cpu_devices.available_cores(),
+        (FLAGS.config.batch_size, FLAGS.config.eval_batch_size))
   import tensorflow as tf  # TF only feeds data: keep it off every accelerator.
   tf.config.set_visible_devices([], 'GPU')
   import jax

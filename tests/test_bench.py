@@ -6,6 +6,7 @@ import json
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import REPO
 
@@ -37,3 +38,32 @@ def test_bench_writes_the_json_schema(tmp_path, capsys):
   table = printed[printed.index('name '):].splitlines()
   assert table[0].split()[:3] == ['name', 'T', 'step']
   assert [line.split()[0] for line in table[2:]] == ['ew', 'dm']
+
+
+def _load_bench_torch():
+  _load_bench()
+  spec = importlib.util.spec_from_file_location('mtlmatch_bench_torch', REPO / 'experiments' / 'bench_torch.py')
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_bench_torch_exits_with_a_clear_message_without_torch(monkeypatch):
+  bench_torch = _load_bench_torch()
+  monkeypatch.setitem(sys.modules, 'torch', None)   # `import torch` now raises ImportError
+  with pytest.raises(SystemExit, match=r"needs PyTorch, which mtlmatch does not depend on; install the optional "
+                                       r"extra with `pip install -e '\.\[bench\]'`"):
+    bench_torch.import_torch()
+
+
+def test_bench_torch_table_and_json(tmp_path, capsys):
+  pytest.importorskip('torch')
+  bench_torch = _load_bench_torch()
+  out = tmp_path / 'bench_torch.json'
+  bench_torch.main(['--steps', '1', '--warmup', '0', '--methods', 'ew', '--batch_size', '16', '--threads', '1',
+                    '--num_examples', '32', '--fast_compile', '--json', str(out)])
+  rows = json.loads(out.read_text())
+  assert [r['name'] for r in rows] == ['torch_ew', 'mtlmatch_ew']
+  assert rows[0]['ratio_to_torch'] == 1.0 and rows[1]['target'] == 1.0 and all(r['finite'] for r in rows)
+  assert 'mtlmatch_ew' in capsys.readouterr().out

@@ -2,14 +2,17 @@
 
 * ``encoders``: ``ENCODERS`` = {'mlp', 'cnn', 'resnet18', 'vit_tiny'}; ``build_encoder(name, **kwargs)``.
 * ``heads``: ``HEADS`` = {'linear', 'mlp'}; ``build_head(name, num_classes, **kwargs)``.
+* ``cpu_ops``: ``conv_general_dilated`` (a drop-in for ``lax``'s, for ``nn.Conv``) and ``max_pool_2x2`` with a
+  GEMM / reshape backward that is several times faster on XLA:CPU; ``IMPLS`` = ('auto', 'native', 'gemm').
 * ``multitask``: ``MultiTaskModel(encoder, heads)`` with ``init``/``apply``/``encode``/``apply_head`` and
   ``build_model(tasks, encoder=..., encoder_kwargs=..., head=..., head_kwargs=...)``.
 
 Models know nothing of training: losses, optimisers and the sharded step live in ``mtlmatch.train``.
 """
+from mtlmatch.models import cpu_ops
 from mtlmatch.models.encoders import ENCODERS, CNNEncoder, MLPEncoder, ResNet18, ViTTiny, build_encoder
 from mtlmatch.models.heads import HEADS, LinearHead, MLPHead, build_head
 from mtlmatch.models.multitask import MultiTaskModel, build_model
 
 __all__ = ['ENCODERS', 'HEADS', 'CNNEncoder', 'LinearHead', 'MLPEncoder', 'MLPHead', 'MultiTaskModel', 'ResNet18',
-           'ViTTiny', 'build_encoder', 'build_head', 'build_model']
+           'ViTTiny', 'build_encoder', 'build_head', 'build_model', 'cpu_ops']

@@ -14,6 +14,12 @@ sharded on the ``'data'`` axis (global arrays), so the batch mean and variance c
 reductions over the global batch — XLA inserts the cross-device all-reduce. (An ``axis_name`` is only meaningful
 under ``pmap``/``shard_map``, which mtlmatch does not use.)
 
+Convolutions and max-pooling (``cnn``, ``resnet18``, the ViT's patch embedding) go through
+``mtlmatch.models.cpu_ops``: ``conv_impl='auto'`` (every conv encoder's field; ``--config.encoder.kwargs.conv_impl``)
+gives them a GEMM-based backward on the CPU backend, several times faster there than XLA:CPU's own, and the plain
+``lax`` ops on GPU/TPU; ``'native'`` / ``'gemm'`` force one. Values, gradients, parameter names and shapes are the
+same either way (checkpoints move between them).
+
 Usage::
 
     enc = ResNet18(width=64, dtype=jnp.bfloat16)
@@ -29,6 +35,8 @@ from typing import Any, Callable, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+
+from mtlmatch.models import cpu_ops
 
 Dtype = Any
 
@@ -109,10 +117,12 @@ class CNNEncoder(nn.Module):
   widths: Sequence[int] = (32, 64, 128)
   features: int = 256
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'   # cpu_ops.IMPLS: 'auto' (GEMM backward on CPU), 'native', 'gemm'
 
   def __post_init__(self):
     _check_positive_ints('CNNEncoder', widths=self.widths, features=self.features)
     _check_dtype('CNNEncoder', self.dtype)
+    cpu_ops.check_impl('CNNEncoder.conv_impl', self.conv_impl)
     super().__post_init__()
 
   @nn.compact
@@ -120,9 +130,13 @@ class CNNEncoder(nn.Module):
     del train
     _check_images(images, 'CNNEncoder')
     x = images
+    conv = cpu_ops.conv_fn(self.conv_impl)
     for i, w in enumerate(self.widths):
-      x = nn.relu(nn.Conv(w, (3, 3), padding='SAME', dtype=self.dtype, name=f'conv_{i}')(x))
-      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
+      x = nn.Conv(w, (3, 3), padding='SAME', dtype=self.dtype, conv_general_dilated=conv, name=f'conv_{i}')(x)
+      # Pool, then ReLU: the same values and gradients as ReLU then pool (ReLU is monotone, and both pools send the
+      # gradient to the window's first maximum), with the ReLU and its backward on a quarter of the elements
+      # (≈ 10 % of a CPU train step of the small CNN).
+      x = nn.relu(cpu_ops.max_pool_2x2(x, impl=self.conv_impl))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(self.features, dtype=self.dtype, name='dense')(x))
     return x.astype(jnp.float32)
@@ -133,12 +147,14 @@ class _BasicBlock(nn.Module):
   width: int
   strides: int
   dtype: Dtype
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                              dtype=self.dtype)
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                             conv_general_dilated=cpu_ops.conv_fn(self.conv_impl))
     # Explicit padding 1 (as in the PyTorch CIFAR ResNets): H_out = ceil(H / stride) for odd and even H alike.
     y = conv(self.width, (3, 3), strides=self.strides, padding=1, name='conv1')(x)
     y = nn.relu(norm(name='bn1')(y))
@@ -163,23 +179,27 @@ class ResNet18(nn.Module):
   width: int = 64
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'   # cpu_ops.IMPLS, as CNNEncoder
 
   def __post_init__(self):
     _check_positive_ints('ResNet18', width=self.width, stage_sizes=self.stage_sizes)
     _check_dtype('ResNet18', self.dtype)
+    cpu_ops.check_impl('ResNet18.conv_impl', self.conv_impl)
     super().__post_init__()
 
   @nn.compact
   def __call__(self, images, *, train: bool):
     _check_images(images, 'ResNet18')
-    x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, dtype=self.dtype, name='stem_conv')(images)
+    x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, dtype=self.dtype,
+                conv_general_dilated=cpu_ops.conv_fn(self.conv_impl), name='stem_conv')(images)
     x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype,
                      name='stem_bn')(x)
     x = nn.relu(x)
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = _BasicBlock(self.width * 2**stage, strides, self.dtype, name=f'stage{stage}_block{block}')(x, train=train)
+        x = _BasicBlock(self.width * 2**stage, strides, self.dtype, self.conv_impl,
+                        name=f'stage{stage}_block{block}')(x, train=train)
     return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
 
 
@@ -229,6 +249,7 @@ class ViTTiny(nn.Module):
   mlp_dim: int | None = None  # default 4·dim
   pool: str = 'gap'
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'   # of the patch embedding; cpu_ops.IMPLS, as CNNEncoder
 
   def __post_init__(self):
     _check_positive_ints('ViTTiny', patch_size=self.patch_size, dim=self.dim, depth=self.depth,
@@ -241,6 +262,7 @@ class ViTTiny(nn.Module):
     if self.pool not in ('gap', 'cls'):
       raise ValueError(f"ViTTiny.pool: got {self.pool!r}, expected one of ['gap', 'cls']")
     _check_dtype('ViTTiny', self.dtype)
+    cpu_ops.check_impl('ViTTiny.conv_impl', self.conv_impl)
     super().__post_init__()
 
   @nn.compact
@@ -250,7 +272,8 @@ class ViTTiny(nn.Module):
     p = self.patch_size
     if images.shape[1] < p or images.shape[2] < p:
       raise ValueError(f'ViTTiny images: got spatial size {images.shape[1:3]}, expected at least patch_size={p}')
-    x = nn.Conv(self.dim, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype, name='patch_embed')(images)
+    x = nn.Conv(self.dim, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+                conv_general_dilated=cpu_ops.conv_fn(self.conv_impl), name='patch_embed')(images)
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d) + jnp.asarray(posemb_sincos_2d(h, w, d), x.dtype)
     if self.pool == 'cls':
