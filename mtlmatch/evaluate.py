@@ -162,9 +162,9 @@ def finalize(task: TaskSpec, stats: Mapping[str, jax.Array]) -> dict[str, float]
   f1 = _f1(stats['tp'], stats['fp'], stats['fn'])
   if task.kind == 'multiclass':
     return {'accuracy': _ratio(stats['correct'], stats['count']), 'macro_f1': _mean_defined(f1),
-            'count': float(stats['count'])}
+            'count': int(stats['count'])}
   metrics = {'accuracy': _ratio(stats['correct_entries'], stats['labelled_entries']), 'mean_f1': _mean_defined(f1),
-             'count': float(stats['count'])}
+             'count': int(stats['count'])}
   metrics.update({f'f1_{k}': float(v) for k, v in enumerate(f1)})
   return metrics
 
