@@ -1,8 +1,8 @@
 """CPU-sized case-study configs: ``get_config('<study>:<variant>')`` = ``configs/<study>.py:<variant>`` shrunk.
 
 The case studies in ``experiments/`` run on a 2-core CPU; this file keeps everything of the study's own config (data,
-tasks, relatedness, objective terms) and overrides only the size: a small CNN encoder (other encoders keep their defaults), batch 64, fewer steps, and
-(for the Fashion-MNIST studies) fewer test images. Every other key stays overridable on the command line::
+tasks, relatedness, objective terms) and overrides only the size: a small CNN encoder (another encoder keeps its
+defaults), batch 64, fewer steps, and (for the Fashion-MNIST studies) fewer test images. Every other key stays overridable on the command line::
 
   python -m mtlmatch.main --config=experiments/cpu_config.py:affect:dm+coann --workdir=/tmp/x \\
       --config.total_steps=300 --config.seed=1

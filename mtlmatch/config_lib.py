@@ -233,7 +233,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 # ---------------------------------------------------------------------------------------------------------------
 # JSON, dotted keys and the CLI's help.
 
-class _JSONEncoder(ml_collections.config_dict.config_dict._BestEffortCustomJSONEncoder):  # pylint: disable=protected-access
+_BestEffort = ml_collections.config_dict.config_dict._BestEffortCustomJSONEncoder  # pylint: disable=protected-access
+
+
+class _JSONEncoder(_BestEffort):
   """Best-effort JSON that writes arrays (e.g. a relatedness table given as numpy) as nested lists of numbers."""
 
   def default(self, obj):

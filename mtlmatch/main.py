@@ -44,7 +44,8 @@ def prepare_argv(argv: list[str]) -> list[str]:
   if spec_at is not None:
     spec = argv[spec_at].split('=', 1)[1] if '=' in argv[spec_at] else (argv[spec_at + 1:] or [None])[0]
   if any(a in ('-h', '--help', '--helpshort', '-?') for a in argv[1:]):
-    print(__doc__.strip() + '\n\nFlags:\n' + FLAGS.main_module_help().split('\n', 1)[-1].strip() + '\n\n' +
+    flag_lines = [line for line in FLAGS.main_module_help().splitlines() if line.startswith(' ')]
+    print(__doc__.strip() + '\n\nFlags:\n' + '\n'.join(flag_lines) + '\n\n' +
           config_lib.help_text(spec or 'configs/affect.py:dm+coann+dgr'))
     sys.exit(0)
   overrides = {}

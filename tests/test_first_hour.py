@@ -84,7 +84,8 @@ def test_warm_start_eval_and_predict(tmp_path):
   assert pred['a'].shape == (32, 3) and np.allclose(pred['a'].sum(1), 1, atol=1e-5)
   np.testing.assert_array_equal(pred['labels/a'], np.asarray(bench().eval_sources[0].reader.read('train', 0, 1)
                                                               .labels['a']))
-  with pytest.raises(ValueError, match=r"--source: got 'nope', expected one of \['src_a', 'test'\]"):  # src_b has no trained task
+  # src_b annotates no trained task, so it is not a source of this run.
+  with pytest.raises(ValueError, match=r"--source: got 'nope', expected one of \['src_a', 'test'\]"):
     modes.predict(single, source_dir, source='nope', benchmark=bench())
 
   # Single-task -> multi-task warm start: the encoder and the shared task's head are taken, the new head is fresh.
@@ -104,9 +105,9 @@ def test_warm_start_eval_and_predict(tmp_path):
   other = tiny_config(init_from=source_dir, **{'encoder.kwargs.hidden': (16,)})
   exp = train.build_experiment(other, benchmark=bench())
   with pytest.raises(ValueError, match=r"config.init_from='.*single': params.encoder does not match this run \(2 "
-                                       r"differences: params.encoder.dense_0.bias: saved shape \(8,\), now shape \(16,\); "
-                                       r"params.encoder.dense_0.kernel: saved shape \(64, 8\), now shape \(64, 16\)\); "
-                                       r"expected the same encoder"):
+                                       r"differences: params.encoder.dense_0.bias: saved shape \(8,\), now shape "
+                                       r"\(16,\); params.encoder.dense_0.kernel: saved shape \(64, 8\), now shape "
+                                       r"\(64, 16\)\); expected the same encoder"):
     warm_start.apply(exp.init_state(), exp.config)
   with pytest.raises(ValueError, match=r"config.init_from: got '.*nowhere', expected a workdir with checkpoints"):
     warm_start.resolve(str(tmp_path / 'nowhere'))

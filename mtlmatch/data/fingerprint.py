@@ -96,7 +96,7 @@ def check(saved: Optional[Mapping], current: Mapping, *, where: str) -> None:
     if old is None or new is None:
       what = 'absent when saved' if old is None else 'absent now'
     else:
-      what = '; '.join(f'{field}: saved {old.get(field)}, now {new.get(field)}'
-                       for field in ('split', 'tasks', 'examples', 'labels', 'images') if old.get(field) != new.get(field))
+      fields = [f for f in ('split', 'tasks', 'examples', 'labels', 'images') if old.get(f) != new.get(f)]
+      what = '; '.join(f'{f}: saved {old.get(f)}, now {new.get(f)}' for f in fields)
     raise ValueError(f'{where} was trained on other data: source {key!r} differs ({what}). Expected the data it was '
                      'trained on; resume or evaluate with those, or use a new --workdir for a new run.')
