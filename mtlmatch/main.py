@@ -49,10 +49,13 @@ def prepare_argv(argv: list[str]) -> list[str]:
           config_lib.help_text(spec or 'configs/affect.py:dm+coann+dgr'))
     sys.exit(0)
   overrides = {}
-  for arg in argv:
+  for i, arg in enumerate(argv):
     match = re.match(r'^--?config\.([^=]+)(?:=(.*))?$', arg)
-    if match:
-      overrides[match.group(1)] = match.group(2)
+    if match:   # --config.k=v, or --config.k v
+      value = match.group(2)
+      if value is None and i + 1 < len(argv) and not argv[i + 1].startswith('-'):
+        value = argv[i + 1]
+      overrides[match.group(1)] = value
   if spec is None or not overrides:
     return argv
   try:
