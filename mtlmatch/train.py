@@ -508,7 +508,10 @@ def _check_workdir(workdir: str) -> None:
       f.write('ok')
       f.flush()
       os.fsync(f.fileno())
-    os.remove(probe)
+    try:
+      os.remove(probe)
+    except FileNotFoundError:   # another host of this run probed the same shared workdir at the same moment
+      pass
     free = shutil.disk_usage(workdir).free
   except OSError as e:
     raise ValueError(f'workdir {workdir!r}: cannot write there ({e.strerror or e}); expected a writable directory '
