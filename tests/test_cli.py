@@ -118,7 +118,7 @@ def test_misspelt_keys_and_help(tmp_path):
 def test_train_eval_predict_from_the_cli(tmp_path, tfds_dir):
   """README's switches and the three modes, one subprocess each."""
   workdir = tmp_path / 'vit'
-  common = ['--config=configs/affect.py:dm,smoke', f'--workdir={workdir}', f'--config.data.data_dir={tfds_dir}',
+  common = ['--config=configs/affect.py:mtl,smoke', f'--workdir={workdir}', f'--config.data.data_dir={tfds_dir}',
             '--config.encoder.name=vit_tiny', '--config.encoder.kwargs.dtype=bfloat16', '--config.weighting.name=dwa',
             '--config.weighting.hparams.temperature=3.0', '--config.total_steps=2']
   code, out, err = cli(*common)
