@@ -7,7 +7,7 @@ training example is labelled for both. Relatedness: the expert prior expressions
   python -m mtlmatch.main --config=configs/affect.py:dm --workdir=workdirs/affect_dm
 
 Variants (comma-separated): ``mtl``, ``dm``, ``coann``, ``dm+coann``, ``dgr`` (combine with '+'),
-``single=expression``, ``single=aus``, ``smoke``.
+``single=expression``, ``single=aus``, ``encoder=<name>``, ``weighting=<name>``, ``smoke``.
 
 Expected (``:dm``, 1,000 steps of 128, 1 CPU device): 4 min 13 s wall for ``make run`` on this 2-core machine
 (shared with other jobs, load ≈ 4), peak RSS 1.4 GB; test expression accuracy 0.90, AU mean F1 0.74.
@@ -24,8 +24,7 @@ def get_config(arg=None):
   config.batch_size = 128
   config.log_every = 100
   config.checkpoint_every = 500
-  config.encoder.name = 'cnn'
-  config.encoder.kwargs = {'widths': (16, 32, 64), 'features': 128}
+  config_lib.set_encoder(config, 'cnn', widths=(16, 32, 64), features=128)
 
   smoke_data = {'num_expressions': 256, 'num_aus': 128, 'num_test': 96, 'num_coannotated': 64,
                 'coannotated_subsets': (32,)}

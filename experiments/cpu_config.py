@@ -1,8 +1,8 @@
 """CPU-sized case-study configs: ``get_config('<study>:<variant>')`` = ``configs/<study>.py:<variant>`` shrunk.
 
 The case studies in ``experiments/`` run on a 2-core CPU; this file keeps everything of the study's own config (data,
-tasks, relatedness, objective terms) and overrides only the size: a small CNN encoder, batch 64, fewer steps, and
-(for the Fashion-MNIST studies) fewer test images. Every other key stays overridable on the command line::
+tasks, relatedness, objective terms) and overrides only the size: a small CNN encoder (another encoder keeps its
+defaults), batch 64, fewer steps, and (for the Fashion-MNIST studies) fewer test images. Every other key stays overridable on the command line::
 
   python -m mtlmatch.main --config=experiments/cpu_config.py:affect:dm+coann --workdir=/tmp/x \\
       --config.total_steps=300 --config.seed=1
@@ -35,7 +35,8 @@ def get_config(arg=None):
   config.checkpoint_every = 300
   config.keep_checkpoints = 1
   config.optimizer.warmup_steps = 20
-  config.encoder.kwargs = {'widths': (16, 32), 'features': 64}
+  if config.encoder.name == 'cnn':
+    config_lib.set_encoder(config, 'cnn', widths=(16, 32), features=64)
   if study == 'multi_fashion':
     config.data.options.num_train = 20000
     config.data.options.num_test = 2000

@@ -1,8 +1,8 @@
 """Sweep driver: a grid of (config spec, overrides) × seeds, each run a subprocess of ``mtlmatch.main``.
 
 A run lives in ``<root>/<name>/seed_<k>/`` and keeps everything needed to read or repeat it: ``command.txt`` (the
-exact command line), ``log.txt`` (its stdout + stderr), and what the train loop writes (``config.json``,
-checkpoints, TensorBoard event files, ``results.json``). A run whose ``results.json`` exists is finished and is
+exact command line, run from the repository root), ``log.txt`` (its stdout + stderr), and what the train loop writes
+(``config.json``, checkpoints, TensorBoard event files, ``results.json``). A run whose ``results.json`` exists is finished and is
 skipped, so re-running a sweep only runs what is missing (an interrupted run resumes from its checkpoint).
 
 Usage::
@@ -32,6 +32,18 @@ import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def display_path(path: str) -> str:
+  """``path`` relative to the repository when it lies inside it (what commands, tables and reports show, so they
+  hold no machine's absolute paths), else absolute."""
+  path = os.path.abspath(path)
+  return os.path.relpath(path, REPO) if os.path.commonpath([path, REPO]) == REPO else path
+
+
+def resolve_path(path: str) -> str:
+  """The absolute path of a :func:`display_path` (relative paths are relative to the repository)."""
+  return os.path.join(REPO, path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +76,10 @@ class Run:
     return os.path.isfile(self.results_path)
 
   def command(self, python: str = sys.executable) -> list[str]:
-    """The ``mtlmatch.main`` command line; ``seed`` sets ``config.seed`` (init and data order; the data set itself
-    is fixed by ``config.data.seed``)."""
+    """The ``mtlmatch.main`` command line, run from the repository root (the workdir is relative to it when inside
+    it); ``seed`` sets ``config.seed`` (init and data order; the data set itself is fixed by ``config.data.seed``)."""
     overrides = {'seed': self.seed, **self.variant.overrides}
-    return [python, '-m', 'mtlmatch.main', f'--config={self.variant.spec}', f'--workdir={self.workdir}',
+    return [python, '-m', 'mtlmatch.main', f'--config={self.variant.spec}', f'--workdir={display_path(self.workdir)}',
             *[f'--config.{k}={_flag_value(v)}' for k, v in overrides.items()]]
 
 
@@ -141,11 +153,13 @@ def run_all(runs: Sequence[Run], *, jobs: int = 1, env: Optional[Mapping[str, st
 
 
 def collect(runs: Sequence[Run]) -> list[dict]:
-  """One flat row per finished run: ``name, spec, seed, step, best_step, wall_time_s, <task>/<metric> …``.
+  """One flat row per finished run: ``name, spec, seed, workdir, step, best_step, wall_time_s, <task>/<metric> …``
+  (the workdir as :func:`display_path`).
 
   The metrics are the test metrics **at the best-validation step** (``results['selection']['metrics']``; the final
-  step's when a run has no selection record); ``validation/score`` is that step's validation score. Per-label F1 (``f1_3``) and the ``count`` are left out; the per-class
-  recalls (``recall_<k>``, the confusion-matrix diagonal) are kept for the report's collapse check."""
+  step's when a run has no selection record); ``validation/score`` is that step's validation score. Per-label F1
+  (``f1_3``) and the ``count`` are left out; the per-class recalls (``recall_<k>``, the confusion-matrix diagonal)
+  are kept for the report's collapse check."""
   rows = []
   for run in runs:
     if not run.finished:
@@ -153,7 +167,7 @@ def collect(runs: Sequence[Run]) -> list[dict]:
     with open(run.results_path) as f:
       results = json.load(f)
     selection = results.get('selection') or {}
-    row = {'name': run.variant.name, 'spec': run.variant.spec, 'seed': run.seed, 'workdir': run.workdir,
+    row = {'name': run.variant.name, 'spec': run.variant.spec, 'seed': run.seed, 'workdir': display_path(run.workdir),
            'step': results.get('step'), 'best_step': selection.get('best_step'),
            'wall_time_s': results.get('wall_time_s'), 'validation/score': selection.get('best_score')}
     for task, metrics in sorted(selection.get('metrics', results.get('metrics', {})).items()):

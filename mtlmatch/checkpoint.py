@@ -40,10 +40,11 @@ from etils import epath
 # from — never the model, the data stream or the maths of a finite step. Deliberately absent: batch_size, seed and
 # the rest of data.* (the data stream), optimizer.*, encoder, head, objective, weighting and tasks (the maths).
 # total_steps is safe in this sense but not neutral: the cosine schedule spans total_steps, so training longer
-# changes the learning rate from the resumed step on (the steps already taken are kept as they are).
+# changes the learning rate from the resumed step on (the steps already taken are kept as they are). init_from and
+# init_heads are read only when a run starts (a resumed run continues from its own checkpoint).
 SAFE_TO_CHANGE = frozenset({'total_steps', 'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
                             'eval_batch_size', 'nonfinite', 'early_stopping_patience', 'data.data_dir',
-                            'data.options.idx_dir', 'encoder.conv_impl'})
+                            'data.options.idx_dir', 'encoder.conv_impl', 'init_from', 'init_heads'})
 
 CORRUPT_DIR = 'checkpoints_corrupt'
 

@@ -6,19 +6,29 @@ relatedness, then calls :func:`apply_variant`. The ``arg`` after the colon is a 
 * a ``+``-joined method set from ``mtl`` (plain multi-task, equal weights), ``dm`` (distribution matching),
   ``coann`` (soft co-annotation), ``dgr`` (dummy gradient norm regularization) — e.g. ``dm+coann+dgr``;
 * ``single=<task>`` — the single-task baseline for one task;
-* ``smoke`` — shrink everything so the run takes seconds (tests, CI).
+* ``encoder=<name>`` — another encoder, its ``encoder.kwargs`` reset to that encoder's defaults (on the command line
+  ``--config.encoder.name=<name>`` does the same, so ``--config.encoder.kwargs.<field>=...`` then names its fields);
+* ``weighting=<name>`` — another weighting method, ``weighting.hparams`` filled with its defaults (the same for
+  ``--config.weighting.name=<name>``);
+* ``smoke`` — shrink everything so the run takes seconds (tests, CI), for whichever encoder is chosen.
 
 ``python -m mtlmatch.main --config=configs/affect.py:dm+coann,smoke --workdir=/tmp/x``. Any key can then be
 overridden on the command line, e.g. ``--config.total_steps=300``.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import inspect
-from typing import Mapping, Optional, Sequence
+import json
+from typing import Any, Mapping, Optional, Sequence
 
 import ml_collections
+import numpy as np
 
 from mtlmatch import losses
+from mtlmatch import models
+from mtlmatch import weighting
 
 METHOD_TOKENS = ('mtl', 'dm', 'coann', 'dgr')
 
@@ -46,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.mixing = 'weights'          # or 'equal_per_task'
   c.data.augment = False
 
-  c.encoder = ml_collections.ConfigDict({'name': 'cnn', 'kwargs': ml_collections.ConfigDict()})
+  c.encoder = ml_collections.ConfigDict({'name': 'cnn', 'kwargs': encoder_kwargs('cnn')})
   # How convolutions and max-pools are differentiated (models.cpu_ops): 'auto' = a GEMM backward on CPU, the lax ops
   # on GPU/TPU; 'native' / 'gemm' force one. Same values and gradients, so it may change on resume.
   c.encoder.conv_impl = 'auto'
@@ -68,9 +78,82 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.weighting = ml_collections.ConfigDict()
   c.weighting.name = 'ew'
-  c.weighting.hparams = ml_collections.ConfigDict()
+  c.weighting.hparams = weighting_hparams('ew')
   c.weighting.terms_as_tasks = False  # DM / co-annotation: extra "tasks" for the method, or added on top
+
+  c.init_from = ''                   # a workdir or checkpoint directory whose encoder starts this run (fine-tuning)
+  c.init_heads = False               # with init_from: also the heads of the tasks both runs have
   return c
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoder kwargs and weighting hyper-parameters follow the chosen name: every field exists as a dotted key.
+
+def encoder_kwargs(name: str, **overrides) -> ml_collections.ConfigDict:
+  """Every field of encoder ``name`` with its default (``dtype`` as a string), then ``overrides``."""
+  if name not in models.ENCODERS:
+    raise ValueError(f'config.encoder.name: got {name!r}, expected one of {sorted(models.ENCODERS)}')
+  fields = {f.name: f.default for f in dataclasses.fields(models.ENCODERS[name]) if f.name not in ('parent', 'name')}
+  unknown = sorted(set(overrides) - set(fields))
+  if unknown:
+    raise ValueError(f'config.encoder.kwargs: got {unknown} for encoder {name!r}, expected some of {sorted(fields)}')
+  kwargs = ml_collections.ConfigDict()
+  for field, default in {**fields, **overrides}.items():
+    if field == 'dtype' and not isinstance(default, str):
+      default = np.dtype(default).name
+    kwargs[field] = ml_collections.config_dict.placeholder(int) if default is None else default
+  return kwargs
+
+
+def set_encoder(config: ml_collections.ConfigDict, name: str, **overrides) -> ml_collections.ConfigDict:
+  """Chooses encoder ``name``; ``config.encoder.kwargs`` becomes its defaults updated with ``overrides``."""
+  config.encoder.name = name
+  config.encoder.kwargs = encoder_kwargs(name, **overrides)
+  return config
+
+
+def weighting_hparams(name: str) -> ml_collections.ConfigDict:
+  """Every hyper-parameter of weighting method ``name`` with its default (``weighting.hparam_specs``)."""
+  if name not in weighting.METHODS:
+    raise ValueError(f'config.weighting.name: got {name!r}, expected one of {sorted(weighting.METHODS)}')
+  return ml_collections.ConfigDict({k: spec.default for k, spec in weighting.hparam_specs(name).items()})
+
+
+def set_weighting(config: ml_collections.ConfigDict, name: str, **hparams) -> ml_collections.ConfigDict:
+  """Chooses weighting method ``name``; ``config.weighting.hparams`` becomes its defaults updated with ``hparams``."""
+  config.weighting.name = name
+  config.weighting.hparams = weighting_hparams(name)
+  config.weighting.hparams.update(hparams)
+  return config
+
+
+def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of ``config`` whose ``encoder.kwargs`` and ``weighting.hparams`` hold every field of the chosen encoder
+  and method (the given values over the defaults), so ``config.json`` records what ran and a config that names only
+  some fields equals one that names all. Fields of another encoder raise one ValueError."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  given = dict(config.encoder.kwargs)
+  try:
+    config.encoder.kwargs = encoder_kwargs(config.encoder.name, **given)
+  except ValueError as e:
+    raise ValueError(f'{e} (config_lib.set_encoder(config, {config.encoder.name!r}) resets them to its defaults; '
+                     f'on the command line --config.encoder.name does)') from None
+  hparams = weighting_hparams(config.weighting.name)
+  with hparams.unlocked():
+    hparams.update(dict(config.weighting.hparams))
+  config.weighting.hparams = hparams
+  return config
+
+
+def idx_dir_option():
+  """``data.options.idx_dir`` of the Fashion-MNIST configs: unset (None) means $MTLMATCH_FASHION_MNIST_DIR or
+  Debian's directory; a typed placeholder, so --config.data.options.idx_dir=DIR can set it."""
+  return ml_collections.config_dict.placeholder(str)
+
+# Per encoder, the sizes of the ``smoke`` variant: a run of seconds.
+SMOKE_ENCODERS = {'cnn': {'widths': (8, 16), 'features': 32}, 'mlp': {'hidden': (32,)},
+                  'resnet18': {'width': 4, 'stage_sizes': (1, 1, 1, 1)},
+                  'vit_tiny': {'patch_size': 8, 'dim': 16, 'depth': 1, 'num_heads': 2}}
 
 
 def dgr_term(weight: float = 0.01, num_dummies: int = 1, mode: str = 'fixed') -> dict:
@@ -79,15 +162,19 @@ def dgr_term(weight: float = 0.01, num_dummies: int = 1, mode: str = 'fixed') ->
 
 
 def shrink_for_smoke(config: ml_collections.ConfigDict, data_options: Mapping[str, object]) -> None:
-  """A seconds-long run: 6 steps of 16, a tiny CNN, logs and checkpoints every few steps, tiny data."""
+  """A seconds-long run: 6 steps of 16, a tiny encoder, logs and checkpoints every few steps, tiny data."""
   config.total_steps = 6
   config.batch_size = 16
   config.eval_batch_size = 64
   config.log_every = 2
   config.checkpoint_every = 3
   config.optimizer.warmup_steps = 2
-  config.encoder.kwargs = {'widths': (8, 16), 'features': 32}
+  set_encoder(config, config.encoder.name, **SMOKE_ENCODERS[config.encoder.name])
+  kept = {k: config.data.options[k] for k in ('idx_dir',) if k in config.data.options}   # where, not how much
   config.data.options = dict(data_options)
+  for key, value in kept.items():
+    config.data.options[key] = idx_dir_option()
+    config.data.options[key] = value
 
 
 TERM_KINDS = {'dm': 'distribution_matching', 'coann': 'co_annotation'}
@@ -114,18 +201,27 @@ def pair_terms(token: str, pairs: Sequence[tuple[str, str]], relatedness: str) -
 def apply_variant(config: ml_collections.ConfigDict, arg: Optional[str], *, pairs: Sequence[tuple[str, str]],
                   relatedness: str, smoke_data: Mapping[str, object]) -> ml_collections.ConfigDict:
   """Applies the tokens of ``arg`` (see module docstring). ``dm``/``coann`` relate each (task_a, task_b) of
-  ``pairs`` through ``relatedness``; ``smoke`` shrinks the run and uses ``smoke_data`` as the data options."""
-  for token in [t for t in (arg or '').split(',') if t]:
+  ``pairs`` through ``relatedness``; ``smoke`` shrinks the run and uses ``smoke_data`` as the data options. The
+  ``encoder=`` and ``weighting=`` tokens apply first and ``smoke`` last, whatever their order."""
+  tokens = [t for t in (arg or '').split(',') if t]
+  tokens.sort(key=lambda t: 0 if t.startswith(('encoder=', 'weighting=')) else 2 if t == 'smoke' else 1)
+  for token in tokens:
     if token == 'smoke':
       shrink_for_smoke(config, smoke_data)
+    elif token.startswith('encoder='):
+      if token[len('encoder='):] != config.encoder.name:
+        set_encoder(config, token[len('encoder='):])
+    elif token.startswith('weighting='):
+      if token[len('weighting='):] != config.weighting.name:
+        set_weighting(config, token[len('weighting='):])
     elif token.startswith('single='):
       config.tasks = (token[len('single='):],)
     else:
       parts = token.split('+')
       unknown = [p for p in parts if p not in METHOD_TOKENS]
       if unknown:
-        raise ValueError(f'config variant: got {token!r}, expected \'smoke\', \'single=<task>\' or a +-joined set '
-                         f'of {METHOD_TOKENS}')
+        raise ValueError(f'config variant: got {token!r}, expected \'smoke\', \'single=<task>\', '
+                         f'\'encoder=<name>\', \'weighting=<name>\' or a +-joined set of {METHOD_TOKENS}')
       for part in parts:
         if part in TERM_KINDS:
           config.objective.terms.update(pair_terms(part, pairs, relatedness))
@@ -136,12 +232,131 @@ def apply_variant(config: ml_collections.ConfigDict, arg: Optional[str], *, pair
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """``'configs/affect.py:dm,smoke'`` → that file's ``get_config('dm,smoke')``, as ``--config=`` does."""
+  path, _, arg = spec.partition(':')
+  return _get_config_fn(path)(arg or None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JSON, dotted keys and the CLI's help.
+
+_BestEffort = ml_collections.config_dict.config_dict._BestEffortCustomJSONEncoder  # pylint: disable=protected-access
+
+
+class _JSONEncoder(_BestEffort):
+  """Best-effort JSON that writes arrays (e.g. a relatedness table given as numpy) as nested lists of numbers."""
+
+  def default(self, obj):
+    if isinstance(obj, np.ndarray) or type(obj).__module__.startswith('jax'):
+      return np.asarray(obj).tolist()
+    if isinstance(obj, np.generic):
+      return obj.item()
+    return super().default(obj)
+
+
+def to_json(config: ml_collections.ConfigDict, **kwargs) -> str:
+  """``config`` as JSON; arrays become numbers (``to_json_best_effort`` would write "unserializable object")."""
+  return config.to_json(json_encoder_cls=_JSONEncoder, **kwargs)
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
+  """``{dotted key: value}`` of every leaf (an empty sub-config counts as a leaf)."""
+  out = {}
+  for key in config.keys():
+    value = config[key]
+    if isinstance(value, ml_collections.ConfigDict) and len(value):
+      out.update(flat_keys(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def _get_config_fn(path: str):
   import importlib.util
   import os
-  path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
     raise ValueError(f'config file: got {path!r}, expected an existing file such as configs/affect.py')
   module_spec = importlib.util.spec_from_file_location(f'_mtlmatch_config_{abs(hash(path))}', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  return module.get_config
+
+
+def with_tokens(spec: str, tokens: Sequence[str]) -> str:
+  """``spec`` with variant ``tokens`` appended (``configs/affect.py:dm`` + ``encoder=mlp`` → ``...:dm,encoder=mlp``)."""
+  if not tokens:
+    return spec
+  path, colon, arg = spec.partition(':')
+  return f'{path}:{",".join([t for t in arg.split(",") if t] + list(tokens))}'
+
+
+def cli_spec(spec: str, overrides: Mapping[str, str]) -> str:
+  """The ``--config`` spec the CLI loads: ``--config.encoder.name=X`` / ``--config.weighting.name=Y`` become the
+  ``encoder=X`` / ``weighting=Y`` tokens, so the chosen encoder's and method's fields exist as dotted keys."""
+  tokens = [f'{key.split(".")[0]}={overrides[key]}' for key in ('encoder.name', 'weighting.name') if key in overrides]
+  return with_tokens(spec, tokens)
+
+
+def key_error(spec: str, key: str, config: Optional[ml_collections.ConfigDict] = None) -> Optional[str]:
+  """None if ``--config.<key>`` exists in the config of ``spec``, else one line: the key, the closest valid names
+  and the variant (or ``--config.<name>=...`` choice) that creates it."""
+  path, _, arg = spec.partition(':')
+  config = config if config is not None else load_config(spec)
+  keys = flat_keys(config)
+  if key in keys or any(k.startswith(key + '.') for k in keys):
+    return None
+  get_config = _get_config_fn(path)
+  base = [t for t in arg.split(',') if t]
+  tries = [(f'the `{t}` variant (--config={with_tokens(spec, [t])})', [t]) for t in METHOD_TOKENS]
+  tries += [(f'--config.encoder.name={e}', [f'encoder={e}']) for e in sorted(models.ENCODERS)]
+  tries += [(f'--config.weighting.name={m}', [f'weighting={m}']) for m in sorted(weighting.METHODS)]
+  found = []
+  for label, tokens in tries:
+    try:
+      other = flat_keys(get_config(','.join(base + tokens)))
+    except ValueError:
+      continue
+    if key in other or any(k.startswith(key + '.') for k in other):
+      found.append(label)
+  close = difflib.get_close_matches(key, list(keys), n=3, cutoff=0.6)
+  message = f'--config.{key}: no such key in {spec}'
+  if found:
+    message += f'; it exists with {" or ".join(found[:4])}{" or ..." if len(found) > 4 else ""}'
+  if close:
+    message += f'; closest valid: {", ".join(close)}'
+  return message + ' (python -m mtlmatch.main --help lists every key)'
+
+
+def help_text(spec: Optional[str] = None) -> str:
+  """The CLI's ``--help`` body (also README's "Every switch"): variants, encoders with their fields, weighting
+  methods with their hyper-parameters, and every config key of ``spec`` with its value there."""
+  lines = ['Config variants (after the colon, comma-separated; e.g. configs/affect.py:dm+coann,smoke):',
+           f'  {" ".join(METHOD_TOKENS)}  joined by +: plain MTL, distribution matching, co-annotation, DGR',
+           '  single=<task>      the single-task baseline of one task',
+           '  encoder=<name>     another encoder with its defaults (= --config.encoder.name=<name>)',
+           '  weighting=<name>   another weighting method with its defaults (= --config.weighting.name=<name>)',
+           '  smoke              a seconds-long run (tiny data and encoder)', '',
+           'Encoders (--config.encoder.name; fields: --config.encoder.kwargs.<field>=...):']
+  for name in sorted(models.ENCODERS):
+    fields = flat_keys(encoder_kwargs(name))
+    lines.append(f'  {name:<10s} ' + ', '.join(f'{k}={_show(v)}' for k, v in fields.items()))
+  lines += ['', 'Weighting methods (--config.weighting.name; --config.weighting.hparams.<name>=...):']
+  for name in sorted(weighting.METHODS):
+    specs = weighting.hparam_specs(name)
+    parts = [f'{k}={_show(s.default)} ({_expected(s)}{"; " + s.doc if s.doc else ""})' for k, s in specs.items()]
+    lines.append(f'  {name:<12s}' + ('; '.join(parts) if parts else '(no hyper-parameters)'))
+  if spec:
+    lines += ['', f'Config keys of {spec} (--config.<key>=<value>):']
+    lines += [f'  {k} = {_show(v)}' for k, v in flat_keys(load_config(spec)).items()]
+  return '\n'.join(lines)
+
+
+def _show(value) -> str:
+  if isinstance(value, ml_collections.ConfigDict):
+    return json.dumps(value.to_dict()) if len(value) else '{}'
+  return repr(value) if isinstance(value, str) else str(value)
+
+
+def _expected(spec) -> str:
+  if isinstance(spec.kind, tuple):
+    return 'one of ' + '|'.join(spec.kind)
+  return f'{spec.kind}{" " + spec.expected if spec.expected else ""}'

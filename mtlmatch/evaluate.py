@@ -179,9 +179,9 @@ def finalize(task: TaskSpec, stats: Mapping[str, jax.Array]) -> dict[str, float]
   if task.kind == 'multiclass':
     recall = {f'recall_{k}': _ratio(tp, tp + fn) for k, (tp, fn) in enumerate(zip(stats['tp'], stats['fn']))}
     return {'accuracy': _ratio(stats['correct'], stats['count']), 'macro_f1': _mean_defined(f1),
-            'count': float(stats['count']), 'mean_entropy': mean_entropy, **recall}
+            'count': int(stats['count']), 'mean_entropy': mean_entropy, **recall}
   metrics = {'accuracy': _ratio(stats['correct_entries'], stats['labelled_entries']), 'mean_f1': _mean_defined(f1),
-             'count': float(stats['count']), 'mean_entropy': mean_entropy}
+             'count': int(stats['count']), 'mean_entropy': mean_entropy}
   metrics.update({f'f1_{k}': float(v) for k, v in enumerate(f1)})
   return metrics
 

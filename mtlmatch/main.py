@@ -1,5 +1,10 @@
 """Command line: ``python -m mtlmatch.main --config=configs/affect.py:dm --workdir=DIR [--config.x=y ...]``.
 
+Modes: ``--mode=train`` (default; resumes from the workdir's checkpoints), ``--mode=eval`` (evaluates the newest
+checkpoint of the workdir on every eval source and writes ``results.json`` afresh; never trains) and
+``--mode=predict`` (per-example probabilities of every task for ``--source`` into ``predictions/<source>.npz``).
+``--help`` lists the variants, encoders, weighting methods and every config key.
+
 On CPU every core is used: one XLA:CPU device per core (``mtlmatch.cpu_devices``), unless ``XLA_FLAGS`` already
 sets ``--xla_force_host_platform_device_count``.
 
@@ -8,8 +13,9 @@ reads its own slice of every source; the global batch is ``config.batch_size``).
 """
 from __future__ import annotations
 
-import logging as pylogging
 import os
+import re
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -22,24 +28,66 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/affect.py:dm.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, config.json and results.json.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'],
+                  'train (resume if the workdir has checkpoints) | eval (the newest checkpoint on every eval source, '
+                  'results.json afresh) | predict (probabilities per example into predictions/<source>.npz).')
+flags.DEFINE_string('source', None, 'predict: the source to predict (default: every eval source).')
 flags.DEFINE_string('coordinator_address', None, 'Multi-host: HOST:PORT of process 0.')
 flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
 flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-class _QuietLibraries:
-  """Keeps INFO lines from mtlmatch and clu (the progress line, metrics) and drops the libraries' INFO chatter
-  (orbax, TFDS, JAX); warnings and errors from everyone pass."""
+def prepare_argv(argv: list[str]) -> list[str]:
+  """Before absl parses ``argv``: ``--help`` prints every switch; ``--config.encoder.name`` /
+  ``--config.weighting.name`` choose the encoder / method before its fields are overridden; a misspelt
+  ``--config.<key>`` exits with one line (the key, the closest valid names, the variant that creates it)."""
+  from mtlmatch import config_lib  # pylint: disable=g-import-not-at-top
+  spec_at = next((i for i, a in enumerate(argv) if re.match(r'^--?config(=|$)', a)), None)
+  spec = None
+  if spec_at is not None:
+    spec = argv[spec_at].split('=', 1)[1] if '=' in argv[spec_at] else (argv[spec_at + 1:] or [None])[0]
+  if any(a in ('-h', '--help', '--helpshort', '-?') for a in argv[1:]):
+    flag_lines = [line for line in FLAGS.main_module_help().splitlines() if line.startswith(' ')]
+    print(__doc__.strip() + '\n\nFlags:\n' + '\n'.join(flag_lines) + '\n\n' +
+          config_lib.help_text(spec or 'configs/affect.py:dm+coann+dgr'))
+    sys.exit(0)
+  overrides = {}
+  for i, arg in enumerate(argv):
+    match = re.match(r'^--?config\.([^=]+)(?:=(.*))?$', arg)
+    if match:   # --config.k=v, or --config.k v
+      value = match.group(2)
+      if value is None and i + 1 < len(argv) and not argv[i + 1].startswith('-'):
+        value = argv[i + 1]
+      overrides[match.group(1)] = value
+  if spec is None or not overrides:
+    return argv
+  try:
+    new_spec = config_lib.cli_spec(spec, overrides)
+    config = config_lib.load_config(new_spec)
+    errors = [e for e in (config_lib.key_error(new_spec, k, config) for k in overrides) if e]
+  except ValueError as e:
+    errors = [str(e)]
+  if errors:
+    sys.exit('error: ' + '\nerror: '.join(errors))
+  argv = list(argv)
+  if '=' in argv[spec_at]:
+    argv[spec_at] = f'--config={new_spec}'
+  else:
+    argv[spec_at + 1] = new_spec
+  return argv
 
-  def filter(self, record) -> bool:
-    return record.levelno > pylogging.INFO or any(f'/{p}/' in record.pathname for p in ('mtlmatch', 'clu'))
+
+def _fmt(name: str, value) -> str:
+  """Counts as integers, scores with four decimals."""
+  return str(int(value)) if name == 'count' or isinstance(value, int) else f'{value:.4f}'
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  pylogging.getLogger('absl').addFilter(_QuietLibraries())
+  from mtlmatch import progress  # pylint: disable=g-import-not-at-top
+  progress.quiet_libraries()
   if not (FLAGS.coordinator_address or FLAGS.num_processes):
     # Every core on CPU: one fake device per core (dividing the batch sizes), set before JAX's backend starts;
     # an XLA_FLAGS device count of the user's wins. (Multi-host runs keep their per-host setting.)
@@ -52,17 +100,27 @@ def main(argv):
   if FLAGS.coordinator_address or FLAGS.num_processes:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
                                process_id=FLAGS.process_id)
-  from mtlmatch import train
+  from mtlmatch import modes, train
   logging.info('JAX devices: %d global, %d local (process %d of %d)', jax.device_count(), jax.local_device_count(),
                jax.process_index(), jax.process_count())
-  results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if FLAGS.mode == 'predict':
+    paths = modes.predict(FLAGS.config, FLAGS.workdir, source=FLAGS.source)
+    if jax.process_index() == 0:
+      print('Predictions written: ' + ', '.join(paths))
+    return
+  if FLAGS.mode == 'eval':
+    results = modes.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+  else:
+    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if jax.process_index() == 0 and 'metrics' in results:
     print(f'Final metrics at step {results["step"]} ({results["wall_time_s"]:.0f} s), written to '
           f'{FLAGS.workdir}/results.json:')
+    if not results['metrics']:
+      print('  none: the benchmark has no eval source')
     for task, metrics in results['metrics'].items():
       shown = {k: v for k, v in metrics.items() if not k.startswith('f1_')}  # per-label F1s are in results.json
-      print(f'  {task:>14s}: ' + '  '.join(f'{k} {v:.4f}' for k, v in shown.items()))
+      print(f'  {task:>14s}: ' + '  '.join(f'{k} {_fmt(k, v)}' for k, v in shown.items()))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, argv=prepare_argv(sys.argv))

@@ -42,13 +42,17 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mtlmatch import checkpoint as ckpt_lib
+from mtlmatch import config_lib
 from mtlmatch import data as data_lib
 from mtlmatch import evaluate
 from mtlmatch import losses
 from mtlmatch import models
 from mtlmatch import objective as objective_lib
 from mtlmatch import priors
+from mtlmatch import progress as progress_lib
+from mtlmatch import warm_start
 from mtlmatch import weighting
+from mtlmatch.data import fingerprint as fingerprint_lib
 
 
 @flax.struct.dataclass
@@ -411,8 +415,8 @@ def build_experiment(config: ml_collections.ConfigDict, mesh: Optional[jax.shard
 
   ``benchmark``: your own (``data.make_benchmark`` of in-memory or TFDS sources) instead of ``config.data.name``.
   """
-  config = ml_collections.ConfigDict(config)
   validate_config(config)
+  config = config_lib.resolved(config)   # every field of the chosen encoder and weighting method
   mesh = mesh or make_mesh()
   if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
     raise ValueError(f'config.batch_size={config.batch_size} / eval_batch_size={config.eval_batch_size}: expected '
@@ -454,26 +458,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   """
   t_start = time.time()
   is_main = jax.process_index() == 0
+  progress_lib.quiet_libraries()
   # 1-2. Sources, relatedness, model, objective, compiled steps (all validation happens here, before any write).
   exp = build_experiment(config, benchmark=benchmark)
   config, benchmark = exp.config, exp.benchmark
+  warn_if_no_eval(benchmark)
+  data_fingerprint = fingerprint_lib.benchmark_fingerprint(benchmark)
+  config_json = json.loads(config_lib.to_json(config))
 
   # 3. State: fresh initialisation, replaced by the newest restorable checkpoint in the workdir if there is one.
   _check_workdir(workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
   state = exp.init_state()
   restored = checkpointer.restore_latest(
-      ckpt_lib.abstract_like(state),
-      check_meta=lambda meta: ckpt_lib.check_config_drift(meta['config'], json.loads(config.to_json_best_effort())))
+      ckpt_lib.abstract_like(state), check_meta=lambda meta: ckpt_lib.check_config_drift(meta['config'], config_json))
   selection = None   # the best-validation record (see evaluate_and_select), continued from the checkpoint
   if restored is not None:
+    # After the config and layout checks: a resume, or a cached result, of other data is refused too.
+    fingerprint_lib.check(restored[1].get('data'), data_fingerprint, where=f'the checkpoint in {workdir!r}')
     state, meta = restored
     selection = meta.get('selection')
     logging.info('Resumed from step %d in %s', int(state.step), workdir)
+  elif config.get('init_from'):
+    state = warm_start.apply(state, config)
   start_step = int(state.step)
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+      f.write(config_lib.to_json(config, indent=2))
     if exp.relatedness:
       with open(os.path.join(workdir, 'relatedness.json'), 'w') as f:
         json.dump(exp.relatedness, f, indent=1)
@@ -484,8 +495,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   batches = exp.train_batches(start_step)
 
   def save(step):
-    checkpointer.save(step, state, {'step': step, 'data_position': {'start_step': step},
-                                    'config': json.loads(config.to_json_best_effort()), 'selection': selection})
+    checkpointer.save(step, state, {'step': step, 'data_position': {'start_step': step}, 'config': config_json,
+                                    'data': data_fingerprint, 'selection': selection})
 
   def write_eval(step, evaluation, prefix='eval'):
     writer.write_scalars(step, {f'{prefix}/{t}/{m}': v for t, ms in evaluation.items() for m, v in ms.items()
@@ -498,13 +509,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   # already dispatched, its blocked participants can starve the first step's (seen here as a rendezvous abort after
   # ~100 steps with 8 devices on 2 cores). Accelerators keep asynchronous dispatch.
   one_step_in_flight = jax.default_backend() == 'cpu' and exp.mesh.size > 1
-  t_loop, step, results = time.time(), start_step, None
+  step, results = start_step, None
+  meter = progress_lib.RateMeter(start_step)
+  progress = progress_lib.Progress(config.total_steps, start_step, enabled=is_main)
   with _Preemption() as preemption:
     while step < config.total_steps and not stopped():
       state, metrics = step_fn(state, next(batches))
       if one_step_in_flight:
         jax.block_until_ready(metrics['loss'])
       step += 1
+      progress.advance(step)
       if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
         # Before the checkpoint of this step, so that its metadata holds this evaluation.
         evaluation, validation, selection = evaluate_and_select(eval_fn, state, exp, step, selection)
@@ -521,21 +535,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
         if not (fetched['finite'] and np.isfinite(fetched['param_norm'])) and config.nonfinite == 'halt':
           last_checkpoint = checkpointer.latest_step()
           checkpointer.close()
+          progress.close()
           raise FloatingPointError(_health_error(step, fetched, last_checkpoint))
         if log_now:
-          rate = (step - start_step) / max(time.time() - t_loop, 1e-9)
+          rate = meter.rate(step)   # over the last interval, not since the start (which counts compilation)
           writer.write_scalars(step, {**_scalars(fetched), 'steps_per_sec': rate})
-          logging.info('step %d/%d  loss %.4f  %.2f steps/s  ETA %s', step, config.total_steps, fetched['loss'],
-                       rate, _eta((config.total_steps - step) / max(rate, 1e-9)))
+          progress.log(step, config.total_steps, float(fetched['loss']), rate)
         if ckpt_now:
           save(step)
       if interrupted and step < config.total_steps and not stopped():
         logging.warning('%s: checkpoint saved at step %d; stopping so the run can resume.',
                         'SIGTERM received' if preemption.requested else f'stop_at={stop_at}', step)
         checkpointer.close()
+        progress.close()
         writer.flush()
         return {'step': step, 'interrupted': True}
 
+  progress.close()
   # 6. Final evaluation and results: test metrics at the last step and at the best-validation step.
   if step > start_step or not os.path.exists(os.path.join(workdir, 'results.json')):
     history = (selection or {}).get('history', [])
@@ -560,9 +576,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   return results
 
 
-def _eta(seconds: float) -> str:
-  seconds = int(seconds)
-  return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+def warn_if_no_eval(benchmark: data_lib.Benchmark) -> None:
+  """A benchmark without eval sources would end with ``metrics: {}``: say so before training, not after."""
+  if not benchmark.eval_sources:
+    logging.warning('Benchmark %r has no eval source for the trained tasks %s: the run will end with no metrics '
+                    '(results.json "metrics": {}). Pass eval_sources=[...] to data.make_benchmark to evaluate.',
+                    benchmark.name, list(benchmark.tasks))
 
 
 def _jsonable(value):
@@ -588,7 +607,10 @@ def _check_workdir(workdir: str) -> None:
       f.write('ok')
       f.flush()
       os.fsync(f.fileno())
-    os.remove(probe)
+    try:
+      os.remove(probe)
+    except FileNotFoundError:   # another host of this run probed the same shared workdir at the same moment
+      pass
     free = shutil.disk_usage(workdir).free
   except OSError as e:
     raise ValueError(f'workdir {workdir!r}: cannot write there ({e.strerror or e}); expected a writable directory '

@@ -1,5 +1,6 @@
 """Experiments layer: sweep driver (skip-finished, commands, table), report statistics against hand numbers, one real
-smoke run through the driver (+ its linear probe from the checkpoint), and the Colab notebook end to end."""
+smoke run through the driver (+ its linear probe from the checkpoint), a fake sweep's report (relative paths, each
+row's command), and the notebooks end to end."""
 from __future__ import annotations
 
 import json
@@ -174,28 +175,62 @@ def test_real_smoke_run_through_the_driver_and_its_linear_probe(tmp_path):
   assert any(tag.startswith('loss/task/') for tag in report.read_scalars(run.workdir))
 
 
-def test_compose_losses_notebook_runs_end_to_end(tmp_path, monkeypatch):
+NOTEBOOK_PARAMS = {
+    'compose_losses': {'STEPS': 12, 'BATCH': 16, 'NUM_EXPRESSIONS': 256, 'NUM_AUS': 128, 'NUM_TEST': 96},
+    'own_data': {'STEPS': 4, 'NUM_TRAIN': 128, 'NUM_TEST': 64},
+}
+NOTEBOOK_CHECKS = {'compose_losses': ("'expression_accuracy'", "'dgr'"),
+                   'own_data': ("mtl {'", "dm {'", "'count': ", 'test.npz', 'first example: shape probabilities')}
+
+
+@pytest.mark.parametrize('name', sorted(NOTEBOOK_PARAMS))
+def test_notebook_runs_end_to_end_and_is_stored_with_outputs(name):
+  pytest.importorskip('nbclient')
   nbformat = pytest.importorskip('nbformat')
-  nbclient = pytest.importorskip('nbclient')
-  # A kernelspec for *this* interpreter (the venv's), found through JUPYTER_PATH, so a fresh `make test` works.
-  spec_dir = tmp_path / 'jupyter' / 'kernels' / 'mtlmatch-test'
-  spec_dir.mkdir(parents=True)
-  (spec_dir / 'kernel.json').write_text(json.dumps({
-      'argv': [sys.executable, '-m', 'ipykernel_launcher', '-f', '{connection_file}'],
-      'display_name': 'mtlmatch test', 'language': 'python'}))
-  monkeypatch.setenv('JUPYTER_PATH', str(tmp_path / 'jupyter'))
-  for key, value in {'STEPS': '12', 'BATCH': '16', 'NUM_EXPRESSIONS': '256', 'NUM_AUS': '128',
-                     'NUM_TEST': '96'}.items():
-    monkeypatch.setenv(f'MTLMATCH_NB_{key}', value)
-  monkeypatch.setenv('PYTHONPATH', REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  nb = nbformat.read(os.path.join(REPO, 'experiments', 'compose_losses.ipynb'), as_version=4)
-  nbclient.NotebookClient(nb, kernel_name='mtlmatch-test', timeout=240,
-                          resources={'metadata': {'path': str(tmp_path)}}).execute()
+  from experiments import notebooks
+  nb = notebooks.execute(name, params=NOTEBOOK_PARAMS[name], timeout=400)
   outputs = [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', [])]
   assert not [o for o in outputs if o.output_type == 'error']
   text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
-  assert "'expression_accuracy'" in text and "'dgr'" in text
+  assert all(needle in text for needle in NOTEBOOK_CHECKS[name]), text[-3000:]
   assert any('image/png' in o.get('data', {}) for o in outputs if o.output_type == 'display_data')
+  stored = nbformat.read(os.path.join(REPO, 'experiments', f'{name}.ipynb'), as_version=4)
+  stored_outputs = [o for c in stored.cells if c.cell_type == 'code' for o in c.get('outputs', [])]
+  assert all(c.execution_count for c in stored.cells if c.cell_type == 'code'), 'stored without running it'
+  assert all(needle in ''.join(o.get('text', '') for o in stored_outputs) for needle in NOTEBOOK_CHECKS[name])
+  assert any('image/png' in o.get('data', {}) for o in stored_outputs if o.output_type == 'display_data')
+  stored_text = ''.join(str(o) for o in stored_outputs)
+  assert REPO not in stored_text and '<this repository>' not in ''.join(c.source for c in stored.cells)
+
+
+def test_fake_sweep_report_has_relative_paths_and_each_rows_command():
+  """Item 9 of issue #18 on a fake sweep inside the repository: no absolute path in the tables or REPORT.md, and
+  each row's exact command (its config file and overrides)."""
+  import shutil
+  import uuid
+  root = os.path.join(REPO, 'workdirs', f'_test_fake_sweep_{uuid.uuid4().hex[:8]}')
+  try:
+    grid = [Variant('st_expression', 'experiments/cpu_config.py:affect:single=expression', {'total_steps': 250}),
+            Variant('mtl', 'experiments/cpu_config.py:affect:mtl', {'encoder.kwargs.widths': (32, 64, 128)})]
+    runs = sweep.expand(grid, seeds=(0, 1), root=root)
+    for run in runs:
+      _fake_results(run.workdir, {'expression': {'accuracy': 0.5 + 0.1 * run.seed, 'count': 3},
+                                  **({'aus': {'mean_f1': 0.4, 'count': 3}} if run.variant.name == 'mtl' else {})})
+    rel = os.path.relpath(root, REPO)
+    assert runs[0].command('python')[4] == f'--workdir={rel}/st_expression/seed_0'
+    rows = sweep.collect(runs)
+    assert {r['workdir'] for r in rows} == {f'{rel}/{n}/seed_{s}' for n in ('st_expression', 'mtl') for s in (0, 1)}
+    out = os.path.join(root, 'report')
+    report.write_report('affect', runs, out, tasks=['expression'], command='python experiments/case_studies.py '
+                        'affect', probe=False)
+    text = open(os.path.join(out, 'REPORT.md')).read()
+    assert REPO not in text and REPO not in open(os.path.join(out, 'summary.json')).read()
+    assert (f'| mtl | `XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m mtlmatch.main '
+            f'--config=experiments/cpu_config.py:affect:mtl --workdir={rel}/mtl/seed_0 --config.seed=0 '
+            "'--config.encoder.kwargs.widths=(32,64,128)'` |") in text
+    assert f'| st_expression | `XLA_FLAGS=' in text and '--config.total_steps=250' in text
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_overall_summary_verdicts(tmp_path):

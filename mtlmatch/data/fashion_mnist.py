@@ -26,6 +26,7 @@ from typing import Mapping, Optional
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mtlmatch.data._quiet import log_generation
 from mtlmatch.data.sources import Benchmark, Source, TfdsReader, default_data_dir, make_benchmark
 from mtlmatch.tasks import TaskSpec
 
@@ -122,6 +123,7 @@ class MtlmatchFashionMnist(tfds.core.GeneratorBasedBuilder):
   # TFDS 4.9.10 locates a packaged builder's code with `importlib_resources` (installed only on Python < 3.9);
   # these builders ship no checksum or metadata files, so declare no code path, as for a builder made in Colab.
   code_path = None
+  _log_download_bytes = log_generation  # generated locally: no "Downloading ... Unknown size" line
   RELEASE_NOTES = {'1.0.0': 'item, group, attributes derived from the item; from Debian dataset-fashion-mnist.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (f'`apt-get install dataset-fashion-mnist`, then use manual_dir={DEBIAN_IDX_DIR} '
                                   f'(it must hold {sorted(f for v in IDX_FILES.values() for f in v)}).')
@@ -246,6 +248,7 @@ class MtlmatchMultiFashion(tfds.core.GeneratorBasedBuilder):
   # TFDS 4.9.10 locates a packaged builder's code with `importlib_resources` (installed only on Python < 3.9);
   # these builders ship no checksum or metadata files, so declare no code path, as for a builder made in Colab.
   code_path = None
+  _log_download_bytes = log_generation  # generated locally: no "Downloading ... Unknown size" line
   RELEASE_NOTES = {'1.0.0': 'Pairs drawn from the same IDX split; item 1 top-left, item 2 bottom-right, max.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = MtlmatchFashionMnist.MANUAL_DOWNLOAD_INSTRUCTIONS
 

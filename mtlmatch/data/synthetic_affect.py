@@ -29,6 +29,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mtlmatch.data._quiet import log_generation
 from mtlmatch.data.sources import Benchmark, Source, TfdsReader, default_data_dir, make_benchmark
 from mtlmatch.priors import load_prior
 from mtlmatch.tasks import TaskSpec
@@ -200,6 +201,7 @@ class MtlmatchSyntheticAffect(tfds.core.GeneratorBasedBuilder):
   # TFDS 4.9.10 locates a packaged builder's code with `importlib_resources` (installed only on Python < 3.9);
   # these builders ship no checksum or metadata files, so declare no code path, as for a builder made in Colab.
   code_path = None
+  _log_download_bytes = log_generation  # generated locally: no "Downloading ... Unknown size" line
   RELEASE_NOTES = {'1.0.0': 'Faces = base + AU templates; AUs from the softened expressions→AUs prior.'}
 
   def _info(self):
