@@ -125,7 +125,7 @@ def mtlmatch_rows(args) -> list[bench.Prepared]:
   from mtlmatch import train  # pylint: disable=import-outside-toplevel
   base = bench.base_config(args)
   base.optimizer.clip_norm = 0.0   # plain Adam, as the PyTorch step
-  base.encoder.conv_impl = args.conv_impl
+  base.encoder.kwargs.conv_impl = args.conv_impl
   benchmark = bench.random_benchmark(NUM_TASKS, args.num_examples, image_shape=IMAGE_SHAPE)
   rows, initial, batch = [], None, None
   for method in args.methods:
@@ -204,7 +204,7 @@ def parse_args(argv=None):
   parser.add_argument('--threads', type=int, default=os.cpu_count(), help='PyTorch intra-op threads')
   parser.add_argument('--num_examples', type=int, default=512, help='random training examples for mtlmatch')
   parser.add_argument('--conv_impl', default='auto', choices=('auto', 'native', 'gemm'),
-                      help="mtlmatch's config.encoder.conv_impl (native: XLA's own conv / max-pool backward)")
+                      help="mtlmatch's config.encoder.kwargs.conv_impl (native: XLA's own conv / max-pool backward)")
   parser.add_argument('--breakdown', action='store_true',
                       help='also time forward alone and forward + backward, of both PyTorch and mtlmatch')
   parser.add_argument('--fast_compile', action='store_true', help='tests only: quicker XLA compiles, slower steps')

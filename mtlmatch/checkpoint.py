@@ -44,7 +44,7 @@ from etils import epath
 # init_heads are read only when a run starts (a resumed run continues from its own checkpoint).
 SAFE_TO_CHANGE = frozenset({'total_steps', 'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
                             'eval_batch_size', 'nonfinite', 'early_stopping_patience', 'data.data_dir',
-                            'data.options.idx_dir', 'encoder.conv_impl', 'init_from', 'init_heads'})
+                            'data.options.idx_dir', 'encoder.kwargs.conv_impl', 'init_from', 'init_heads'})
 
 CORRUPT_DIR = 'checkpoints_corrupt'
 

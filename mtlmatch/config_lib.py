@@ -57,9 +57,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.augment = False
 
   c.encoder = ml_collections.ConfigDict({'name': 'cnn', 'kwargs': encoder_kwargs('cnn')})
-  # How convolutions and max-pools are differentiated (models.cpu_ops): 'auto' = a GEMM backward on CPU, the lax ops
-  # on GPU/TPU; 'native' / 'gemm' force one. Same values and gradients, so it may change on resume.
-  c.encoder.conv_impl = 'auto'
   c.head = ml_collections.ConfigDict({'name': 'linear', 'kwargs': ml_collections.ConfigDict()})
 
   c.optimizer = ml_collections.ConfigDict()

@@ -98,16 +98,6 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   return optax.chain(optax.clip_by_global_norm(opt.clip_norm), base) if opt.clip_norm else base
 
 
-def encoder_kwargs(config: ml_collections.ConfigDict) -> dict:
-  """``config.encoder.kwargs`` plus ``conv_impl=config.encoder.conv_impl`` for encoders with convolutions (a
-  ``conv_impl`` in the kwargs themselves wins)."""
-  kwargs = dict(config.encoder.kwargs)
-  fields = {f.name for f in dataclasses.fields(models.ENCODERS[config.encoder.name])}
-  if 'conv_impl' in fields:
-    kwargs.setdefault('conv_impl', config.encoder.get('conv_impl', 'auto'))
-  return kwargs
-
-
 def select_tasks(benchmark: data_lib.Benchmark, names) -> data_lib.Benchmark:
   """Restricts a benchmark to the trained tasks (e.g. a single-task baseline); sources keep only those tasks and a
   source left with none is dropped."""
@@ -428,7 +418,7 @@ def build_experiment(config: ml_collections.ConfigDict, mesh: Optional[jax.shard
   benchmark = select_tasks(benchmark, config.tasks)
   benchmark = data_lib.with_validation(benchmark, config.data.get('validation_fraction', 0.0), seed=config.data.seed)
   validate_sources(benchmark)
-  model = models.build_model(benchmark.tasks, encoder=config.encoder.name, encoder_kwargs=encoder_kwargs(config),
+  model = models.build_model(benchmark.tasks, encoder=config.encoder.name, encoder_kwargs=dict(config.encoder.kwargs),
                              head=config.head.name, head_kwargs=dict(config.head.kwargs))
   relatedness = {}
   env = objective_lib.Env(
@@ -662,9 +652,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f'{data_lib.pipeline.AUGMENTATIONS}')
   if config.encoder.name not in models.ENCODERS:
     raise ValueError(f'config.encoder.name: got {config.encoder.name!r}, expected one of {sorted(models.ENCODERS)}')
-  if config.encoder.get('conv_impl', 'auto') not in models.cpu_ops.IMPLS:
-    raise ValueError(f'config.encoder.conv_impl: got {config.encoder.conv_impl!r}, expected one of '
-                     f'{list(models.cpu_ops.IMPLS)}')
   if config.head.name not in models.HEADS:
     raise ValueError(f'config.head.name: got {config.head.name!r}, expected one of {sorted(models.HEADS)}')
   if config.weighting.name not in weighting.METHODS:

@@ -14,6 +14,7 @@ import pytest
 from jax import lax
 
 from mtlmatch.models import build_encoder, cpu_ops
+from mtlmatch.tasks import TaskSpec
 
 DN = ('NHWC', 'HWIO', 'NHWC')
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -109,7 +110,7 @@ def test_impl_resolution_and_errors():
   assert cpu_ops.conv_fn('gemm') is cpu_ops.conv_general_dilated_gemm
   with pytest.raises(ValueError, match=r"conv_impl: got 'fast', expected one of \['auto', 'native', 'gemm'\]"):
     cpu_ops.use_gemm('fast')
-  with pytest.raises(ValueError, match=r"CNNEncoder.conv_impl: got 'fast', expected one of"):
+  with pytest.raises(ValueError, match=r"encoder 'cnn' conv_impl: got 'fast', expected one of"):
     build_encoder('cnn', conv_impl='fast')
   with pytest.raises(ValueError, match=r'max_pool_2x2: got input shape \(4, 4, 1\), expected \[N, H, W, C\]'):
     cpu_ops.max_pool_2x2(jnp.zeros((4, 4, 1)))
@@ -190,19 +191,18 @@ def test_encoders_gemm_equal_native(name, kwargs, shape):
 
 
 def test_config_key_reaches_conv_encoders_and_is_checked():
-  from mtlmatch import config_lib, train  # pylint: disable=import-outside-toplevel
+  # conv_impl is a field of every conv encoder, so it is the key encoder.kwargs.conv_impl (default 'auto').
+  from mtlmatch import config_lib, models  # pylint: disable=import-outside-toplevel
+  for name in ('cnn', 'resnet18', 'vit_tiny'):
+    assert config_lib.encoder_kwargs(name)['conv_impl'] == 'auto'
+  assert 'conv_impl' not in config_lib.encoder_kwargs('mlp')
   config = config_lib.base_config()
-  assert config.encoder.conv_impl == 'auto'
-  config.encoder.conv_impl = 'native'
-  assert train.encoder_kwargs(config)['conv_impl'] == 'native'
-  config.encoder.kwargs = {'conv_impl': 'gemm'}   # the encoder's own kwarg wins
-  assert train.encoder_kwargs(config)['conv_impl'] == 'gemm'
-  config.encoder.name, config.encoder.kwargs = 'mlp', {}   # no convolutions: nothing passed
-  assert 'conv_impl' not in train.encoder_kwargs(config)
-  config.data.name, config.encoder.conv_impl = 'synthetic_affect', 'fast'
-  with pytest.raises(ValueError, match=r"config.encoder.conv_impl: got 'fast', expected one of \['auto', 'native', "
-                                       r"'gemm'\]"):
-    train.validate_config(config)
+  config.encoder.kwargs.conv_impl = 'native'
+  model = models.build_model({'t': TaskSpec('t', 'multiclass', 3)}, encoder='cnn',
+                             encoder_kwargs=dict(config.encoder.kwargs))
+  assert model.encoder.conv_impl == 'native'
+  with pytest.raises(ValueError, match=r"encoder 'cnn' conv_impl: got 'fast', expected one of"):
+    models.build_model({'t': TaskSpec('t', 'multiclass', 3)}, encoder='cnn', encoder_kwargs={'conv_impl': 'fast'})
 
 
 def test_cnn_pool_then_relu_equals_relu_then_pool():

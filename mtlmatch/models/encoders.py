@@ -70,6 +70,8 @@ def _construct(registry: Mapping[str, Callable[..., nn.Module]], what: str, name
     raise ValueError(f'{what} {name!r} kwargs: got unknown {unknown}, expected a subset of {allowed}')
   # Lists from configs become tuples: Linen modules are hashed (e.g. as static jit arguments).
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  if 'conv_impl' in kwargs:
+    cpu_ops.check_impl(f'{what} {name!r} conv_impl', kwargs['conv_impl'])
   if isinstance(kwargs.get('dtype'), str):
     _check_dtype(f'{what} {name!r}', kwargs['dtype'])
     kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
