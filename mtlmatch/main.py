@@ -83,6 +83,13 @@ def _fmt(name: str, value) -> str:
   return str(int(value)) if name == 'count' or isinstance(value, int) else f'{value:.4f}'
 
 
+def _print_metrics(metrics) -> None:
+  # Per-label F1s, per-class recalls and the prediction entropy are in results.json.
+  for task, values in metrics.items():
+    shown = {k: v for k, v in values.items() if not k.startswith(('f1_', 'recall_')) and k != 'mean_entropy'}
+    print(f'  {task:>14s}: ' + '  '.join(f'{k} {_fmt(k, v)}' for k, v in shown.items()))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -117,9 +124,12 @@ def main(argv):
           f'{FLAGS.workdir}/results.json:')
     if not results['metrics']:
       print('  none: the benchmark has no eval source')
-    for task, metrics in results['metrics'].items():
-      shown = {k: v for k, v in metrics.items() if not k.startswith('f1_')}  # per-label F1s are in results.json
-      print(f'  {task:>14s}: ' + '  '.join(f'{k} {_fmt(k, v)}' for k, v in shown.items()))
+    _print_metrics(results['metrics'])
+    selection = results.get('selection') or {}
+    if selection.get('best_step') is not None and selection['best_step'] != results['step']:
+      print(f'Test metrics at the best-validation step {selection["best_step"]} (validation score '
+            f'{selection["best_score"]:.4f}):')
+      _print_metrics(selection['metrics'])
 
 
 if __name__ == '__main__':

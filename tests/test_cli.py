@@ -83,7 +83,7 @@ def test_every_documented_hyperparameter_is_a_dotted_key():
   partial.encoder.kwargs = {'widths': (8,)}
   assert dict(config_lib.resolved(partial).encoder.kwargs) == dict(config_lib.encoder_kwargs('cnn', widths=(8,)))
   with pytest.raises(ValueError, match=r"config.encoder.kwargs: got \['hidden'\] for encoder 'cnn', expected some "
-                                       r"of \['dtype', 'features', 'widths'\] \(config_lib.set_encoder"):
+                                       r"of \['conv_impl', 'dtype', 'features', 'widths'\] \(config_lib.set_encoder"):
     partial.encoder.kwargs = {'hidden': (8,)}
     config_lib.resolved(partial)
 
@@ -103,7 +103,7 @@ def test_misspelt_keys_and_help(tmp_path):
   code, out, err = cli('--help')
   assert code == 0, err
   for needle in ('--mode', '--source', 'single=<task>', 'encoder=<name>', 'smoke',
-                 'vit_tiny   depth=4, dim=192', 'dwa         temperature=2.0 (float > 0; softmax temperature τ)',
+                 "vit_tiny   conv_impl='auto', depth=4, dim=192", 'dwa         temperature=2.0 (float > 0; softmax temperature τ)',
                  'encoder.kwargs.widths = (16, 32, 64)', 'objective.terms.dm.divergence = ', 'init_from = '):
     assert needle in out, needle
   for method, specs in ((m, weighting.hparam_specs(m)) for m in weighting.METHODS):
