@@ -158,6 +158,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument('--workdirs', default=os.path.join('workdirs', 'experiments'))
   parser.add_argument('--results', default=os.path.join('experiments', 'results'))
   parser.add_argument('--no-probe', action='store_true', help='skip the linear probes of the shared features')
+  parser.add_argument('--probe-dgr-only', action='store_true',
+                      help='linear probes only of the variants in a without/with-DGR pair (what the DGR claim reads)')
   parser.add_argument('--readme', default='', help='summary: also rewrite the generated block of this README')
   parser.add_argument('--report-only', action='store_true', help='table and report the finished runs only')
   args = parser.parse_args(argv)
@@ -185,6 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     command += ('   # runs the sweep (finished runs skipped) and writes this report; this report came from the same '
                 '+ --report-only after the runs')
   report.write_report(args.study, runs, out, tasks=TASKS[args.study], command=command, probe=not args.no_probe,
+                      probe_dgr_only=args.probe_dgr_only,
                       notes=CPU_CUTS[args.study] if args.grid == 'cpu' else 'The full grid.',
                       sweep_seconds=None if args.report_only else time.time() - start)
   print(f'report: {os.path.join(out, "REPORT.md")}')

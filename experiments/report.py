@@ -461,7 +461,8 @@ def render_markdown(study: str, summary: dict, task_kinds: Mapping[str, str], *,
 
 
 def write_report(study: str, runs: Sequence[sweep.Run], out: str, *, tasks: Sequence[str], command: str,
-                 probe: bool = True, notes: str = '', sweep_seconds: Optional[float] = None) -> dict:
+                 probe: bool = True, notes: str = '', sweep_seconds: Optional[float] = None,
+                 probe_dgr_only: bool = False) -> dict:
   """Tables + plots + REPORT.md (+ summary.json) for ``runs`` in ``out``; returns the summary."""
   os.makedirs(out, exist_ok=True)
   rows = sweep.collect(runs)
@@ -474,7 +475,13 @@ def write_report(study: str, runs: Sequence[sweep.Run], out: str, *, tasks: Sequ
   if missing:
     raise ValueError(f'tasks: got {missing} that no finished run evaluated, expected tasks of {sorted(kinds)}')
   kinds = {t: kinds[t] for t in tasks}
-  probes = linear_probes(runs) if probe else None
+  if probe and probe_dgr_only:   # the probe is what the DGR claim reads: only the pairs without → with DGR need it
+    names = {r.variant.name for r in runs}
+    paired = {n for pair in _dgr_pairs({'variants': dict.fromkeys(names)}) for n in pair}
+    runs_to_probe = [r for r in runs if r.variant.name in paired]
+  else:
+    runs_to_probe = runs
+  probes = linear_probes(runs_to_probe) if probe else None
   summary = summarize(rows, kinds, probes)
   with open(os.path.join(out, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=1)

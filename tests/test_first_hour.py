@@ -63,7 +63,9 @@ def test_reused_workdir_on_other_data_is_refused(tmp_path, caplog, capfd):
     train.train_and_evaluate(config, workdir, benchmark=bench(with_eval=False, reimage=True))
   meta = ckpt_lib.Checkpointer(workdir).restore_latest(
       ckpt_lib.abstract_like(train.build_experiment(config, benchmark=bench(with_eval=False)).init_state()))[1]
-  assert meta['data']['train/src_a']['examples'] == 32 and meta['data']['train/src_b']['tasks'] == ['b']
+  # 32 examples, 10 % of them held out for validation (config.data.validation_fraction).
+  assert meta['data']['train/src_a']['examples'] == 29 and meta['data']['validation/src_a']['examples'] == 3
+  assert meta['data']['train/src_b']['tasks'] == ['b']
 
 
 def test_warm_start_eval_and_predict(tmp_path):

@@ -507,14 +507,6 @@ def load_examples(source: Source, tasks: Mapping[str, TaskSpec], *, image_shape:
     raise ValueError(f'Source {source.name!r}: got {total} examples for process_count={process_count} hosts, '
                      'expected at least one example per host')
   raw = source.reader.read(source.split, process_index, process_count)
-  mask = source.part_mask()
-  if mask is not None:
-    keep = mask[raw.positions]
-    if not keep.any():
-      raise ValueError(f'Source {source.name!r} ({source.holdout.part} part): host {process_index} of '
-                       f'{process_count} holds none of its examples, expected at least one per host (a larger source '
-                       'or validation fraction)')
-    raw = Examples(raw.images[keep], {t: y[keep] for t, y in raw.labels.items()}, raw.positions[keep])
   images = _as_uint8_images(raw.images, where=f'source {source.name!r}')
   if image_shape is not None and tuple(images.shape[1:]) != tuple(image_shape):
     raise ValueError(f'Source {source.name!r} images: got shape {tuple(images.shape[1:])}, expected '
@@ -528,7 +520,15 @@ def load_examples(source: Source, tasks: Mapping[str, TaskSpec], *, image_shape:
       labels[name] = validate_labels(spec, raw.labels[name], where=f'source {source.name!r}')
     else:
       labels[name] = missing_labels(spec, len(images))
-  return Examples(images, labels, raw.positions)
+  mask = source.part_mask()   # a held-out part: selected after the checks, so errors describe the whole split
+  if mask is None:
+    return Examples(images, labels, raw.positions)
+  keep = mask[raw.positions]
+  if not keep.any():
+    raise ValueError(f'Source {source.name!r} ({source.holdout.part} part): host {process_index} of {process_count} '
+                     'holds none of its examples, expected at least one per host (a larger source or validation '
+                     'fraction)')
+  return Examples(images[keep], {t: y[keep] for t, y in labels.items()}, raw.positions[keep])
 
 
 def source_labels(source: Source, tasks: Mapping[str, TaskSpec]) -> dict[str, np.ndarray]:
