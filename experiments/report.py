@@ -636,6 +636,8 @@ DEFAULT_CHOICES = (('dm', 'dm_uniform', 'DM prior: `model` vs `uniform`'),
                    ('coann', 'coann_uniform', 'co-annotation prior: `model` vs `uniform`'),
                    ('dm', 'dm_a_to_b', 'DM direction: `both` vs `a_to_b`'),
                    ('dm', 'dm_b_to_a', 'DM direction: `both` vs `b_to_a`'))
+# A default is changed only on at least this many seeds of both variants in every study compared.
+MIN_SEEDS_TO_DECIDE = 3
 # A cell "collapses" when a task's primary test metric is below plain MTL's by more than this (absolute).
 COLLAPSE_MARGIN = 0.05
 _DM_ORDER = ('HELD', 'PARTLY', 'NOT', 'no NT to prevent')
@@ -651,17 +653,28 @@ def _defaults_lines(loaded: Mapping[str, dict]) -> list[str]:
   lines = ['| option | ' + ' | '.join(f'{s}: default → alternative' for s in loaded) + ' | decision |',
            '|---|' + '---|' * len(loaded) + '---|']
   for default, alternative, what in DEFAULT_CHOICES:
-    cells, wins, compared = [], 0, 0
+    cells, better, worse, compared, seeds = [], 0, 0, 0, []
     for study, summary in loaded.items():
       a, b = _validation_score(summary, default), _validation_score(summary, alternative)
       if a is None or b is None:
         cells.append('—')
         continue
       compared += 1
-      wins += int(a[0] >= b[0])
+      seeds.append(min(a[2], b[2]))
+      margin = max(a[1], b[1])
+      better += int(b[0] - a[0] > margin)
+      worse += int(a[0] - b[0] > margin)
       cells.append(f'{a[0]:.4f} ± {a[1]:.4f} → {b[0]:.4f} ± {b[1]:.4f} (n={min(a[2], b[2])})')
-    decision = ('not run' if not compared else f'keep `{default}`\'s setting ({wins} of {compared})'
-                if 2 * wins >= compared else f'switch to `{alternative}`\'s setting ({compared - wins} of {compared})')
+    if not compared:
+      decision = 'not run'
+    elif min(seeds) < MIN_SEEDS_TO_DECIDE:
+      decision = (f'undecided: fewer than {MIN_SEEDS_TO_DECIDE} seeds (the default stays; the alternative better '
+                  f'beyond one std on {better}, worse on {worse}, of {compared})')
+    elif 2 * better >= compared and not worse:
+      decision = f'switch to `{alternative}`\'s setting (better beyond one std on {better} of {compared})'
+    else:
+      decision = (f'keep `{default}`\'s setting (the alternative better beyond one std on {better}, worse on '
+                  f'{worse}, of {compared})')
     lines.append(f'| {what} | ' + ' | '.join(cells) + f' | {decision} |')
   return lines
 
@@ -732,7 +745,9 @@ def write_overall_summary(results_dir: str, preamble: str = '') -> str:
   lines += ['', '## Defaults decided on validation data', '',
             'Rule: for each option, the mean over seeds of the best validation score (the mean over tasks of the '
             'primary validation metric, never a test number) of the default variant against the alternative, per '
-            'study; the default stays when it is at least as good on at least half of the studies that ran both.',
+            'study; the default is switched only when the alternative is better by more than one std (the larger '
+            'of the two) on at least half of the studies that ran both and worse beyond one std on none, and '
+            f'only on at least {MIN_SEEDS_TO_DECIDE} seeds of each.',
             ''] + _defaults_lines(loaded)
   lines += ['', '## Collapse check', '',
             f'Rule: a variant collapses when a task\'s primary test metric is below plain MTL\'s by more than '
