@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import set_keys
 from mtlmatch import checkpoint as ckpt_lib
 from mtlmatch import config_lib, data, modes, progress, train, warm_start
 from mtlmatch.tasks import TaskSpec
@@ -34,13 +35,7 @@ def tiny_config(**overrides):
   config_lib.set_encoder(config, 'mlp', hidden=(8,))
   config.total_steps, config.batch_size, config.eval_batch_size = 2, 16, 16
   config.log_every, config.checkpoint_every, config.optimizer.warmup_steps = 1, 2, 1
-  for key, value in overrides.items():
-    *path, last = key.split('.')
-    target = config
-    for part in path:
-      target = target[part]
-    target[last] = value
-  return config
+  return set_keys(config, **overrides)
 
 
 def test_reused_workdir_on_other_data_is_refused(tmp_path, caplog, capfd):
