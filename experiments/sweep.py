@@ -128,6 +128,18 @@ def launch(run: Run, *, env: Optional[Mapping[str, str]] = None, python: str = s
       return -9
 
 
+def check_variants(variants: Sequence[Variant]) -> None:
+  """Builds and validates each variant's config (spec + overrides, as the CLI would) before any run starts, so a
+  misspelt key or a bad value stops the sweep with one message instead of failing run after run."""
+  from mtlmatch import config_lib  # pylint: disable=g-import-not-at-top  (imports JAX; only when launching)
+  for variant in variants:
+    try:
+      spec = config_lib.cli_spec(variant.spec, {k: str(v) for k, v in variant.overrides.items()})
+      config_lib.validate_config(config_lib.set_keys(config_lib.load_config(spec), variant.overrides))
+    except ValueError as e:
+      raise ValueError(f'sweep variant {variant.name!r} ({variant.spec}): {e}') from None
+
+
 def run_all(runs: Sequence[Run], *, jobs: int = 1, env: Optional[Mapping[str, str]] = None,
             python: str = sys.executable, timeout: Optional[float] = None,
             launcher: Optional[Callable[[Run], int]] = None, echo: Callable[[str], None] = print) -> dict[str, int]:
@@ -136,6 +148,8 @@ def run_all(runs: Sequence[Run], *, jobs: int = 1, env: Optional[Mapping[str, st
   if not isinstance(jobs, int) or jobs < 1:
     raise ValueError(f'jobs: got {jobs!r}, expected an int >= 1')
   todo = [r for r in runs if not r.finished]
+  if launcher is None:
+    check_variants({r.variant.name: r.variant for r in todo}.values())
   echo(f'{len(runs) - len(todo)} of {len(runs)} runs already finished; running {len(todo)} with {jobs} job(s)')
   launcher = launcher or (lambda r: launch(r, env=env, python=python, timeout=timeout))
   codes: dict[str, int] = {}

@@ -357,3 +357,61 @@ def _expected(spec) -> str:
   if isinstance(spec.kind, tuple):
     return 'one of ' + '|'.join(spec.kind)
   return f'{spec.kind}{" " + spec.expected if spec.expected else ""}'
+
+
+REQUIRED_KEYS = ('seed', 'total_steps', 'batch_size', 'eval_batch_size', 'log_every', 'eval_every',
+                 'checkpoint_every', 'keep_checkpoints', 'data', 'tasks', 'encoder', 'head', 'optimizer', 'objective',
+                 'weighting', 'nonfinite')
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Top-level checks of the config, before anything is built or written: the one place a config is checked, for
+  the CLI, `train.build_experiment` (notebooks) and the sweep driver alike. Term options, encoder kwargs and
+  weighting hparams are checked where they are bound (`objective`, `models`, `weighting`)."""
+  from mtlmatch.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: only when validating)
+  for key in REQUIRED_KEYS:
+    if key not in config:
+      raise ValueError(f'config.{key}: missing, expected it to be set (see configs/affect.py for a full config)')
+  for key in ('total_steps', 'batch_size', 'eval_batch_size', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
+    if not isinstance(config[key], int) or config[key] < 1:
+      raise ValueError(f'config.{key}: got {config[key]!r}, expected an int >= 1')
+  patience = config.get('early_stopping_patience', 0)
+  if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+    raise ValueError(f'config.early_stopping_patience: got {patience!r}, expected an int >= 0 (evaluations without '
+                     'a better validation score before stopping; 0 = never stop early)')
+  if not isinstance(config.eval_every, int) or config.eval_every < 0:
+    raise ValueError(f'config.eval_every: got {config.eval_every!r}, expected an int >= 0 (0 = only at the end)')
+  if config.nonfinite not in ('halt', 'skip'):
+    raise ValueError(f'config.nonfinite: got {config.nonfinite!r}, expected \'halt\' or \'skip\'')
+  if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+    raise ValueError(f'config.seed: got {config.seed!r}, expected an int >= 0')
+  if config.data.get('mixing', 'weights') not in pipeline.MIXING:
+    raise ValueError(f'config.data.mixing: got {config.data.mixing!r}, expected one of {pipeline.MIXING}')
+  augment = config.data.get('augment', False)
+  if not (isinstance(augment, bool) or set((augment,) if isinstance(augment, str) else augment) <=
+          set(pipeline.AUGMENTATIONS)):
+    raise ValueError(f'config.data.augment: got {augment!r}, expected a bool or a subset of '
+                     f'{pipeline.AUGMENTATIONS}')
+  if config.encoder.name not in models.ENCODERS:
+    raise ValueError(f'config.encoder.name: got {config.encoder.name!r}, expected one of {sorted(models.ENCODERS)}')
+  if config.head.name not in models.HEADS:
+    raise ValueError(f'config.head.name: got {config.head.name!r}, expected one of {sorted(models.HEADS)}')
+  if config.weighting.name not in weighting.METHODS:
+    raise ValueError(f'config.weighting.name: got {config.weighting.name!r}, expected one of '
+                     f'{sorted(weighting.METHODS)}')
+
+
+def set_keys(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """``config`` with dotted-key ``overrides`` set in place (``{'weighting.hparams.temperature': 3.0}``), like
+  ``--config.<key>=<value>``; a key the config lacks raises the CLI's one-line error."""
+  for key, value in overrides.items():
+    target, (*path, last) = config, key.split('.')
+    try:
+      for part in path:
+        target = target[part]
+      if last not in target:
+        raise KeyError(last)
+    except (KeyError, TypeError, AttributeError):
+      raise ValueError(f'--config.{key}: no such key (python -m mtlmatch.main --help lists every key)') from None
+    target[last] = value
+  return config

@@ -405,7 +405,7 @@ def build_experiment(config: ml_collections.ConfigDict, mesh: Optional[jax.shard
 
   ``benchmark``: your own (``data.make_benchmark`` of in-memory or TFDS sources) instead of ``config.data.name``.
   """
-  validate_config(config)
+  config_lib.validate_config(config)
   config = config_lib.resolved(config)   # every field of the chosen encoder and weighting method
   mesh = mesh or make_mesh()
   if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
@@ -618,45 +618,6 @@ def _write_atomically(path: str, text: str) -> None:
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
-
-
-REQUIRED_KEYS = ('seed', 'total_steps', 'batch_size', 'eval_batch_size', 'log_every', 'eval_every',
-                 'checkpoint_every', 'keep_checkpoints', 'data', 'tasks', 'encoder', 'head', 'optimizer', 'objective',
-                 'weighting', 'nonfinite')
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Top-level checks of the config, before anything is built or written."""
-  for key in REQUIRED_KEYS:
-    if key not in config:
-      raise ValueError(f'config.{key}: missing, expected it to be set (see configs/affect.py for a full config)')
-  for key in ('total_steps', 'batch_size', 'eval_batch_size', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
-    if not isinstance(config[key], int) or config[key] < 1:
-      raise ValueError(f'config.{key}: got {config[key]!r}, expected an int >= 1')
-  patience = config.get('early_stopping_patience', 0)
-  if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-    raise ValueError(f'config.early_stopping_patience: got {patience!r}, expected an int >= 0 (evaluations without '
-                     'a better validation score before stopping; 0 = never stop early)')
-  if not isinstance(config.eval_every, int) or config.eval_every < 0:
-    raise ValueError(f'config.eval_every: got {config.eval_every!r}, expected an int >= 0 (0 = only at the end)')
-  if config.nonfinite not in ('halt', 'skip'):
-    raise ValueError(f'config.nonfinite: got {config.nonfinite!r}, expected \'halt\' or \'skip\'')
-  if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
-    raise ValueError(f'config.seed: got {config.seed!r}, expected an int >= 0')
-  if config.data.get('mixing', 'weights') not in data_lib.MIXING:
-    raise ValueError(f'config.data.mixing: got {config.data.mixing!r}, expected one of {data_lib.MIXING}')
-  augment = config.data.get('augment', False)
-  if not (isinstance(augment, bool) or set((augment,) if isinstance(augment, str) else augment) <=
-          set(data_lib.pipeline.AUGMENTATIONS)):
-    raise ValueError(f'config.data.augment: got {augment!r}, expected a bool or a subset of '
-                     f'{data_lib.pipeline.AUGMENTATIONS}')
-  if config.encoder.name not in models.ENCODERS:
-    raise ValueError(f'config.encoder.name: got {config.encoder.name!r}, expected one of {sorted(models.ENCODERS)}')
-  if config.head.name not in models.HEADS:
-    raise ValueError(f'config.head.name: got {config.head.name!r}, expected one of {sorted(models.HEADS)}')
-  if config.weighting.name not in weighting.METHODS:
-    raise ValueError(f'config.weighting.name: got {config.weighting.name!r}, expected one of '
-                     f'{sorted(weighting.METHODS)}')
 
 
 def validate_sources(benchmark: data_lib.Benchmark) -> None:

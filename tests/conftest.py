@@ -46,11 +46,6 @@ def tfds_dir(tmp_path_factory) -> str:
 
 
 def set_keys(config, **overrides):
-  """``set_keys(config, **{'weighting.name': 'pcgrad'})``: dotted-key overrides, like --config.x.y=v."""
-  for key, value in overrides.items():
-    target = config
-    *path, last = key.split('.')
-    for part in path:
-      target = target[part]
-    target[last] = value
-  return config
+  """``set_keys(config, **{'weighting.name': 'pcgrad'})``: `config_lib.set_keys` with keyword overrides."""
+  from mtlmatch import config_lib  # pylint: disable=g-import-not-at-top  (after the device flags above)
+  return config_lib.set_keys(config, overrides)

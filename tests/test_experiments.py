@@ -69,6 +69,17 @@ def test_sweep_runs_only_unfinished_and_tables_them(tmp_path):
     sweep.run_all(runs, jobs=0)
 
 
+def test_sweep_checks_every_variant_before_any_run(tmp_path):
+  typo = [Variant('ok', 'configs/affect.py:mtl', {'total_steps': 5}),
+          Variant('typo', 'configs/affect.py:dm', {'objective.terms.dm.priorr': 'model'})]
+  with pytest.raises(ValueError, match=r"sweep variant 'typo' .*--config.objective.terms.dm.priorr: no such key"):
+    sweep.run_all(sweep.expand(typo, seeds=(0,), root=str(tmp_path)), echo=lambda s: None)
+  zero = [Variant('zero', 'configs/affect.py:mtl', {'total_steps': 0})]
+  with pytest.raises(ValueError, match=r"sweep variant 'zero' .*config.total_steps: got 0, expected an int >= 1"):
+    sweep.run_all(sweep.expand(zero, seeds=(0,), root=str(tmp_path)), echo=lambda s: None)
+  assert not os.listdir(tmp_path)   # nothing was launched or written
+
+
 def test_delta_m_and_negative_transfer_hand_numbers():
   # Δm = ((0.84 − 0.8)/0.8 + (0.45 − 0.5)/0.5) / 2 × 100 = (5 − 10) / 2 = −2.5
   assert report.delta_m({'a': 0.84, 'b': 0.45}, {'a': 0.8, 'b': 0.5}) == pytest.approx(-2.5)
