@@ -7,7 +7,7 @@ training example is labelled for both. Relatedness: the expert prior expressions
   python -m mtlmatch.main --config=configs/affect.py:dm --workdir=workdirs/affect_dm
 
 Variants (comma-separated): ``mtl``, ``dm``, ``coann``, ``dm+coann``, ``dgr`` (combine with '+'),
-``single=expression``, ``single=aus``, ``encoder=<name>``, ``weighting=<name>``, ``smoke``.
+``single=expression``, ``single=aus``, ``encoder=<name>``, ``weighting=<name>``, ``smoke``, ``cpu``.
 
 Measured before the validation hold-out, the revised DM and the CPU speed-up (``:dm``, 1,000 steps of 128, 1 CPU
 device): 4 min 13 s wall for ``make run`` on this 2-core machine (load ≈ 4), peak RSS 1.4 GB; test expression accuracy

@@ -9,7 +9,7 @@ Needs Debian's Fashion-MNIST files (``apt-get install dataset-fashion-mnist``) o
   python -m mtlmatch.main --config=configs/multi_fashion.py:mtl --workdir=workdirs/mf_ew --config.weighting.name=ew
 
 Variants: ``mtl``, ``dm``, ``coann``, ``dgr`` (combine with '+'), ``single=left``, ``single=right``,
-``encoder=<name>``, ``weighting=<name>``, ``smoke``.
+``encoder=<name>``, ``weighting=<name>``, ``smoke``, ``cpu``.
 """
 from mtlmatch import config_lib
 
@@ -27,4 +27,4 @@ def get_config(arg=None):
 
   smoke_data = {'num_train': 256, 'num_test': 96, 'annotation': 'full', 'num_coannotated': 64}
   return config_lib.apply_variant(config, arg, pairs=(('left', 'right'),), relatedness=RELATEDNESS,
-                                  smoke_data=smoke_data)
+                                  smoke_data=smoke_data, cpu_data={'num_train': 20000, 'num_test': 2000})

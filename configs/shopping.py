@@ -9,7 +9,7 @@ Needs Debian's Fashion-MNIST files (``apt-get install dataset-fashion-mnist``) o
   python -m mtlmatch.main --config=configs/shopping.py:dm+coann --workdir=workdirs/shopping_dm_coann
 
 Variants: ``mtl``, ``dm``, ``coann``, ``dgr`` (combine with '+'), ``single=item``, ``single=group``,
-``single=attributes``, ``encoder=<name>``, ``weighting=<name>``, ``smoke``.
+``single=attributes``, ``encoder=<name>``, ``weighting=<name>``, ``smoke``, ``cpu``.
 """
 from mtlmatch import config_lib
 

@@ -80,7 +80,7 @@ def full_grid(study: str) -> list[Variant]:
 # What the committed CPU results ran (2 cores, one sweep of 2 parallel runs per study). Every cell is trained until
 # its validation score (the mean over tasks of the primary validation metric, on 10 % held out of each training
 # source) has not improved for EARLY_STOP evaluations (one every EVAL_EVERY steps), or CPU_STEPS steps; the reports
-# use the test metrics of the best-validation step. Model: experiments/cpu_config.py's CPU-sized CNN (widths (16, 32),
+# use the test metrics of the best-validation step. Model: the `cpu` config variant's CNN (widths (16, 32),
 # 64 features, batch 64) with lr 3e-3.
 EVAL_EVERY, EARLY_STOP = 50, 4
 CPU_STEPS = {'affect': 600, 'shopping': 400, 'multi_fashion': 400}
@@ -118,7 +118,7 @@ def _term_overrides(study: str, kind: str, **options) -> dict:
 
 def cpu_grid(study: str) -> list[Variant]:
   """The cut grid of :data:`CPU_CUTS`."""
-  spec_of = lambda v: f'experiments/cpu_config.py:{study}:{v}'  # noqa: E731
+  spec_of = lambda v: f'configs/{study}.py:{v},cpu'  # noqa: E731
   steps = CPU_STEPS[study]
   if study == 'multi_fashion':
     grid = multi_fashion_grid(spec_of, methods=('ew',), encoders=('cnn',), dgr=((0.01, 1),))

@@ -10,7 +10,9 @@ relatedness, then calls :func:`apply_variant`. The ``arg`` after the colon is a 
   ``--config.encoder.name=<name>`` does the same, so ``--config.encoder.kwargs.<field>=...`` then names its fields);
 * ``weighting=<name>`` — another weighting method, ``weighting.hparams`` filled with its defaults (the same for
   ``--config.weighting.name=<name>``);
-* ``smoke`` — shrink everything so the run takes seconds (tests, CI), for whichever encoder is chosen.
+* ``smoke`` — shrink everything so the run takes seconds (tests, CI), for whichever encoder is chosen;
+* ``cpu`` — the size of the case studies on a 2-core CPU (``experiments/case_studies.py``): a small CNN (another
+  encoder keeps its defaults), batch 64, 300 steps, and the config file's ``cpu_data`` data options (fewer images).
 
 ``python -m mtlmatch.main --config=configs/affect.py:dm+coann,smoke --workdir=/tmp/x``. Any key can then be
 overridden on the command line, e.g. ``--config.total_steps=300``.
@@ -174,6 +176,22 @@ def shrink_for_smoke(config: ml_collections.ConfigDict, data_options: Mapping[st
     config.data.options[key] = value
 
 
+def shrink_for_cpu(config: ml_collections.ConfigDict, data_options: Mapping[str, object]) -> None:
+  """A run of minutes on a 2-core CPU: batch 64, 300 steps, a small CNN (other encoders keep their defaults), one
+  kept checkpoint, ``data_options`` merged into the data options."""
+  config.total_steps = 300
+  config.batch_size = 64
+  config.eval_batch_size = 512
+  config.log_every = 25
+  config.checkpoint_every = 300
+  config.keep_checkpoints = 1
+  config.optimizer.warmup_steps = 20
+  if config.encoder.name == 'cnn':
+    set_encoder(config, 'cnn', widths=(16, 32), features=64)
+  for key, value in data_options.items():
+    config.data.options[key] = value
+
+
 TERM_KINDS = {'dm': 'distribution_matching', 'coann': 'co_annotation'}
 
 
@@ -196,15 +214,21 @@ def pair_terms(token: str, pairs: Sequence[tuple[str, str]], relatedness: str) -
 
 
 def apply_variant(config: ml_collections.ConfigDict, arg: Optional[str], *, pairs: Sequence[tuple[str, str]],
-                  relatedness: str, smoke_data: Mapping[str, object]) -> ml_collections.ConfigDict:
+                  relatedness: str, smoke_data: Mapping[str, object],
+                  cpu_data: Optional[Mapping[str, object]] = None) -> ml_collections.ConfigDict:
   """Applies the tokens of ``arg`` (see module docstring). ``dm``/``coann`` relate each (task_a, task_b) of
-  ``pairs`` through ``relatedness``; ``smoke`` shrinks the run and uses ``smoke_data`` as the data options. The
-  ``encoder=`` and ``weighting=`` tokens apply first and ``smoke`` last, whatever their order."""
+  ``pairs`` through ``relatedness``; ``smoke`` shrinks the run and uses ``smoke_data`` as the data options; ``cpu``
+  sizes it for a CPU and merges ``cpu_data`` into them. The ``encoder=`` and ``weighting=`` tokens apply first and
+  ``cpu`` / ``smoke`` last, whatever their order; they exclude each other."""
   tokens = [t for t in (arg or '').split(',') if t]
-  tokens.sort(key=lambda t: 0 if t.startswith(('encoder=', 'weighting=')) else 2 if t == 'smoke' else 1)
+  if {'cpu', 'smoke'} <= set(tokens):
+    raise ValueError(f'config variant: got {arg!r}, expected at most one of \'cpu\' and \'smoke\' (two sizes)')
+  tokens.sort(key=lambda t: 0 if t.startswith(('encoder=', 'weighting=')) else 2 if t in ('smoke', 'cpu') else 1)
   for token in tokens:
     if token == 'smoke':
       shrink_for_smoke(config, smoke_data)
+    elif token == 'cpu':
+      shrink_for_cpu(config, cpu_data or {})
     elif token.startswith('encoder='):
       if token[len('encoder='):] != config.encoder.name:
         set_encoder(config, token[len('encoder='):])
@@ -217,7 +241,7 @@ def apply_variant(config: ml_collections.ConfigDict, arg: Optional[str], *, pair
       parts = token.split('+')
       unknown = [p for p in parts if p not in METHOD_TOKENS]
       if unknown:
-        raise ValueError(f'config variant: got {token!r}, expected \'smoke\', \'single=<task>\', '
+        raise ValueError(f'config variant: got {token!r}, expected \'smoke\', \'cpu\', \'single=<task>\', '
                          f'\'encoder=<name>\', \'weighting=<name>\' or a +-joined set of {METHOD_TOKENS}')
       for part in parts:
         if part in TERM_KINDS:

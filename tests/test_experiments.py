@@ -69,6 +69,22 @@ def test_sweep_runs_only_unfinished_and_tables_them(tmp_path):
     sweep.run_all(runs, jobs=0)
 
 
+def test_cpu_variant_sizes_the_run_and_keeps_the_rest():
+  from mtlmatch import config_lib  # pylint: disable=g-import-not-at-top
+  base, cpu = (config_lib.load_config(f'configs/multi_fashion.py:mtl+dgr{t}') for t in ('', ',cpu'))
+  assert (cpu.total_steps, cpu.batch_size, cpu.keep_checkpoints, cpu.optimizer.warmup_steps) == (300, 64, 1, 20)
+  assert (tuple(cpu.encoder.kwargs.widths), cpu.encoder.kwargs.features) == ((16, 32), 64)
+  assert (cpu.data.options.num_train, cpu.data.options.num_test) == (20000, 2000)
+  for key in ('objective', 'weighting', 'head'):
+    assert config_lib.to_json(cpu[key]) == config_lib.to_json(base[key]), key
+  assert (cpu.tasks, cpu.seed) == (base.tasks, base.seed)
+  resnet = config_lib.load_config('configs/affect.py:encoder=resnet18,dm,cpu')
+  assert config_lib.to_json(resnet.encoder) == config_lib.to_json(config_lib.load_config(
+      'configs/affect.py:encoder=resnet18,dm').encoder)   # another encoder keeps its own sizes
+  with pytest.raises(ValueError, match="at most one of 'cpu' and 'smoke'"):
+    config_lib.load_config('configs/affect.py:dm,cpu,smoke')
+
+
 def test_sweep_checks_every_variant_before_any_run(tmp_path):
   typo = [Variant('ok', 'configs/affect.py:mtl', {'total_steps': 5}),
           Variant('typo', 'configs/affect.py:dm', {'objective.terms.dm.priorr': 'model'})]
@@ -221,8 +237,8 @@ def test_fake_sweep_report_has_relative_paths_and_each_rows_command():
   import uuid
   root = os.path.join(REPO, 'workdirs', f'_test_fake_sweep_{uuid.uuid4().hex[:8]}')
   try:
-    grid = [Variant('st_expression', 'experiments/cpu_config.py:affect:single=expression', {'total_steps': 250}),
-            Variant('mtl', 'experiments/cpu_config.py:affect:mtl', {'encoder.kwargs.widths': (32, 64, 128)})]
+    grid = [Variant('st_expression', 'configs/affect.py:single=expression,cpu', {'total_steps': 250}),
+            Variant('mtl', 'configs/affect.py:mtl,cpu', {'encoder.kwargs.widths': (32, 64, 128)})]
     runs = sweep.expand(grid, seeds=(0, 1), root=root)
     for run in runs:
       _fake_results(run.workdir, {'expression': {'accuracy': 0.5 + 0.1 * run.seed, 'count': 3},
@@ -237,7 +253,7 @@ def test_fake_sweep_report_has_relative_paths_and_each_rows_command():
     text = open(os.path.join(out, 'REPORT.md')).read()
     assert REPO not in text and REPO not in open(os.path.join(out, 'summary.json')).read()
     assert (f'| mtl | `XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m mtlmatch.main '
-            f'--config=experiments/cpu_config.py:affect:mtl --workdir={rel}/mtl/seed_0 --config.seed=0 '
+            f'--config=configs/affect.py:mtl,cpu --workdir={rel}/mtl/seed_0 --config.seed=0 '
             "'--config.encoder.kwargs.widths=(32,64,128)'` |") in text
     assert f'| st_expression | `XLA_FLAGS=' in text and '--config.total_steps=250' in text
   finally:
