@@ -51,10 +51,14 @@ def _data(seed=0, b=16, c=5, scale=3.0):
   return z, y, ym
 
 
-def test_softmax_xent_matches_reference():
-  z, y, _ = _data()
-  per, w = losses.softmax_xent(z, y)
-  ref_per, ref_w = _np_softmax_xent(z, y)
+@pytest.mark.parametrize('loss, reference, labels', [(losses.softmax_xent, _np_softmax_xent, 1),
+                                                     (losses.sigmoid_xent, _np_sigmoid_xent, 2)],
+                         ids=['softmax', 'sigmoid'])
+def test_task_loss_matches_reference(loss, reference, labels):
+  data = _data()
+  z, y = data[0], data[labels]
+  per, w = loss(z, y)
+  ref_per, ref_w = reference(z, y)
   np.testing.assert_allclose(per, ref_per, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(w, ref_w)
   np.testing.assert_allclose(losses.masked_mean(per, w), _np_masked_mean(ref_per, ref_w), rtol=1e-5)
@@ -64,14 +68,6 @@ def test_softmax_xent_docstring_example():
   per, w = losses.softmax_xent(jnp.zeros((2, 4)), jnp.array([1, -1]))
   np.testing.assert_allclose(per, [np.log(4), 0], rtol=1e-6)
   np.testing.assert_array_equal(w, [1, 0])
-
-
-def test_sigmoid_xent_matches_reference():
-  z, _, ym = _data()
-  per, w = losses.sigmoid_xent(z, ym)
-  ref_per, ref_w = _np_sigmoid_xent(z, ym)
-  np.testing.assert_allclose(per, ref_per, rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(w, ref_w)
 
 
 def test_missing_labels_have_zero_value_and_gradient():
