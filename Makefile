@@ -1,7 +1,9 @@
 # Two entry points for a fresh machine with Python 3.11 (see README.md):
 #   make run    set up .venv and run the main job on the embedded synthetic default (no download)
-#   make test   set up .venv and run the test suite on 8 fake CPU devices (without the tests marked slow)
+#   make test   set up .venv, lint (ruff + pyink) and run the test suite and the docstring examples of mtlmatch/ on
+#               8 fake CPU devices (without the tests marked slow)
 #   make test-all   the same with the slow tests (the 20-kill fault test, ...)
+#   make lint   the linter and the formatter check alone; make format rewrites the code in the house style
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -21,10 +23,10 @@ run: setup
 	$(PY) -m mtlmatch.main --config=configs/affect.py:dm --workdir=$(WORKDIR)
 
 test: setup
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -m "not slow" tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -m "not slow" --doctest-modules tests mtlmatch
 
 test-all: setup
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q --doctest-modules tests mtlmatch
 
 clean:
 	rm -rf $(VENV) workdirs

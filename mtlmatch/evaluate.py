@@ -28,13 +28,21 @@ labelled entries: a label with no labelled entries, or whose labelled entries ar
 positive, is left out (its ``f1_<k>`` is NaN); sklearn's ``zero_division`` would instead score such a label 0 (or 1).
 A metric with nothing to average over (no evaluated examples) is NaN.
 
-Usage::
+Usage (in the train loop ``task_statistics`` runs jitted per eval batch; here one batch counted twice). Two of the
+three labelled examples are right; class 1 has F1 2·2 / (2·2 + 2) = 2/3 and class 2 (never predicted) F1 0, so
+macro F1 = (1 + 2/3 + 0) / 3:
 
-    total = None
-    for batch in eval_batches:
-      stats = eval_step(...)                          # jit: task_statistics(task, logits, labels, mask)
-      total = accumulate(total, jax.device_get(stats))
-    metrics = finalize(task, total)                   # {'accuracy': ..., 'macro_f1': ..., 'count': ...}
+>>> import jax, numpy as np
+>>> from mtlmatch.tasks import TaskSpec
+>>> task = TaskSpec('expression', 'multiclass', 3)
+>>> logits = np.array([[2, 0, 0], [0, 2, 0], [0, 2, 0], [0, 0, 2]], np.float32)
+>>> labels = np.array([0, 1, 2, -1])                      # the last example has no label
+>>> total = None
+>>> for _ in range(2):
+...   total = accumulate(total, jax.device_get(task_statistics(task, logits, labels)))
+>>> metrics = finalize(task, total)
+>>> {k: round(metrics[k], 4) for k in ('accuracy', 'macro_f1', 'count')}
+{'accuracy': 0.6667, 'macro_f1': 0.5556, 'count': 6}
 """
 from __future__ import annotations
 

@@ -355,6 +355,15 @@ def array_source(name: str, images, labels: Mapping[str, Any], *, tasks: Optiona
 
   Labels are ``[N]`` (multiclass) or ``[N, C]`` (multilabel). ``tasks`` defaults to the keys of ``labels``. An
   empty array is refused here (ValueError).
+
+  Example (a source that annotates only the expression task; a benchmark of several such sources is built with
+  :func:`make_benchmark`):
+
+  >>> import numpy as np
+  >>> images = np.zeros((10, 32, 32, 3), np.uint8)
+  >>> source = array_source('faces', images, {'expression': np.arange(10) % 7})
+  >>> source.tasks, source.reader.num_examples('train')
+  (('expression',), 10)
   """
   reader = ArrayReader({split: (images, labels)}, description=name)
   if reader.num_examples(split) == 0:

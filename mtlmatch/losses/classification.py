@@ -34,7 +34,12 @@ def softmax_xent(logits, labels) -> tuple[jax.Array, jax.Array]:
   Returns:
     ``(per_example [B], weight [B])`` in the logits' float dtype.
 
-  Example: ``softmax_xent(jnp.zeros((2, 4)), jnp.array([1, -1]))`` → ``([log 4, 0], [1, 0])``.
+  Example (uniform logits over 4 classes cost log 4 = 1.3863; a missing label costs nothing and weighs 0):
+
+  >>> import jax.numpy as jnp
+  >>> per_example, weight = softmax_xent(jnp.zeros((2, 4)), jnp.array([1, -1]))
+  >>> [round(float(v), 4) for v in per_example], weight.tolist()
+  ([1.3863, 0.0], [1.0, 0.0])
   """
   logits = _checks.float_array(logits, 'logits')
   labels = _checks.int_labels(labels, 'labels')
@@ -61,6 +66,13 @@ def sigmoid_xent(logits, labels) -> tuple[jax.Array, jax.Array]:
     ``(per_example [B], weight [B])``.
 
   Reference: big_vision ``utils.sigmoid_xent``, with the per-entry missing mask of AU datasets.
+
+  Example (logit 0 costs log 2 = 0.6931 per labelled entry; the second example has none labelled):
+
+  >>> import jax.numpy as jnp
+  >>> per_example, weight = sigmoid_xent(jnp.zeros((2, 3)), jnp.array([[1, 0, -1], [-1, -1, -1]]))
+  >>> [round(float(v), 4) for v in per_example], weight.tolist()
+  ([0.6931, 0.0], [1.0, 0.0])
   """
   logits = _checks.float_array(logits, 'logits')
   labels = _checks.int_labels(labels, 'labels')
@@ -85,6 +97,12 @@ def masked_mean(values, weights) -> jax.Array:
 
   Returns:
     A scalar.
+
+  Example (the NaN has weight 0, so it never reaches the mean of 1 and 3):
+
+  >>> import jax.numpy as jnp
+  >>> float(masked_mean(jnp.array([1.0, 3.0, jnp.nan]), jnp.array([1.0, 1.0, 0.0])))
+  2.0
   """
   values = _checks.float_array(values, 'values', min_ndim=0)
   weights = jnp.asarray(weights)

@@ -11,12 +11,21 @@ differences; here ``jax.grad`` of :func:`dummy_gradient_norm` w.r.t. the feature
 them) is exact, by double backprop. The trainer multiplies by λ, sums over the regularised tasks and adds the
 penalty's gradient on top of the combined task gradient.
 
-Usage::
+Usage (a linear head on all-zero features: only the bias gradient is non-zero; it is mean(softmax(0) − onehot(y))
+= (−0.5, 0.5) for two classes and label 0, whatever the random kernels, so the penalty is 0.25 + 0.25 = 0.5):
 
-    head = nn.Dense(num_classes)                      # or the task's own head module
-    dummies = init_dummy_params(head, rng, features, num_dummies=4)     # leaves [K, ...]
-    penalty = dummy_gradient_norm(features, labels, dummies,
-                                  head_apply=lambda p, f: head.apply({'params': p}, f), loss_fn=softmax_xent)
+>>> import flax.linen as nn
+>>> import jax, jax.numpy as jnp
+>>> from mtlmatch.losses import softmax_xent
+>>> head = nn.Dense(2)                                                # or the task's own head module
+>>> features, labels = jnp.zeros((8, 16)), jnp.zeros(8, jnp.int32)
+>>> dummies = init_dummy_params(head, jax.random.key(0), features, num_dummies=4)    # leaves [K, ...]
+>>> dummies['kernel'].shape
+(4, 16, 2)
+>>> penalty = dummy_gradient_norm(features, labels, dummies, loss_fn=softmax_xent,
+...                               head_apply=lambda p, f: head.apply({'params': p}, f))
+>>> round(float(penalty), 4)
+0.5
 
 Pure maths: the module imports no models; a head enters only through its ``init``/``apply``. Jittable with the
 keyword arguments bound statically (``functools.partial``). Checks (``norm``, the K axis) are static and always run.

@@ -13,11 +13,18 @@ What it implies, for model probabilities ``p_A = softmax(z_A)`` and ``p_B``:
 * :func:`implied_a`: ``q_A`` from ``p_B`` by the ``bayes`` rule (virtual evidence, default) or the FaceBehaviorNet
   ``prototype`` rule, times a prior π_A (uniform, a vector, or per example).
 
-Usage::
+Usage (2 expression classes, 2 AUs; -1 = missing. With smoothing α = 1 toward the AU marginals π = (2/4, 2/3),
+R[0, 0] = (2 + 0.5) / (2 + 1) and R[0, 1] = (0 + 2/3) / (1 + 1): expression 0 was seen with AU 1 labelled once):
 
-    r = estimate_relatedness(expr_labels, au_labels, num_classes_a=7, num_classes_b=17, b_kind='multilabel')
-    q_b = implied_b(jax.nn.softmax(logits_expr), r)                       # [B, 17]
-    q_a = implied_a(jax.nn.sigmoid(logits_au), r, b_kind='multilabel')    # [B, 7]
+>>> import jax, numpy as np
+>>> expression = np.array([0, 0, 1, 1])
+>>> aus = np.array([[1, 0], [1, -1], [0, 1], [0, 1]])
+>>> r = estimate_relatedness(expression, aus, num_classes_a=2, num_classes_b=2, b_kind='multilabel')
+>>> np.round(r.astype(float), 4).tolist()
+[[0.8333, 0.3333], [0.1667, 0.8889]]
+>>> q_b = implied_b(jax.nn.softmax(np.array([[10.0, -10.0]])), r)      # A is sure of class 0: q_B = R[0]
+>>> [round(float(v), 4) for v in q_b[0]]
+[0.8333, 0.3333]
 
 :func:`validate_relatedness` and :func:`estimate_relatedness` are numpy, eager-only (data preparation; not jittable).
 :func:`implied_b` and :func:`implied_a` are jittable and vmappable with the keyword options bound statically; their
