@@ -272,23 +272,53 @@ def plot_validation_curves(runs: Sequence[sweep.Run], path: str) -> None:
   plt.close(fig)
 
 
-def plot_bars(agg, names: Sequence[str], columns: Sequence[str], path: str, title: str) -> None:
-  """Grouped bars: one group per column (task metric), one bar per variant, error bars = std over seeds."""
+# Method families, one colour each (checked in order: a name with `dgr` is a DGR variant whatever else it has).
+FAMILIES = (('DGR', lambda parts: 'dgr' in parts, 'tab:purple'),
+            ('DM + co-annotation', lambda parts: 'dm' in parts and 'coann' in parts, 'tab:red'),
+            ('DM', lambda parts: 'dm' in parts, 'tab:orange'),
+            ('co-annotation', lambda parts: 'coann' in parts, 'tab:green'),
+            ('plain MTL', lambda parts: True, 'tab:blue'))
+
+
+def family(name: str) -> tuple[str, str]:
+  """``(family, colour)`` of a variant name, from its ``_``-separated parts (``scarce_dm_coann`` → DM + co-ann.)."""
+  parts = set(name.split('_'))
+  return next((label, colour) for label, test, colour in FAMILIES if test(parts))
+
+
+def plot_differences(summary: Mapping, tasks: Sequence[str], path: str, title: str, *, key: str = 'metrics') -> None:
+  """A forest plot: one panel per task, one row per variant, the dot at (variant − its single-task baseline) of the
+  task's primary metric (seed means), the bar ± the two stds combined (√(s_v² + s_b²)), a zero line, one colour per
+  method family. ``key='probe'`` plots the linear-probe scores instead. The absolute numbers are REPORT.md's tables."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) * len(columns) / 2), 4))
-  width = 0.8 / len(names)
-  for i, name in enumerate(names):
-    means = [agg.get(name, {}).get(c, (np.nan, 0, 0))[0] for c in columns]
-    stds = [agg.get(name, {}).get(c, (np.nan, 0, 0))[1] for c in columns]
-    ax.bar(np.arange(len(columns)) + i * width, means, width, yerr=stds, capsize=2, label=name)
-  ax.set_xticks(np.arange(len(columns)) + 0.4 - width / 2)
-  ax.set_xticklabels(columns)
-  ax.set_title(title)
-  ax.legend(fontsize=7, ncol=2)
+  variants = summary['variants']
+  names = [n for n in variants if not is_baseline(n, tasks) and variants[n].get('baselines')]
+  fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks) + 2.6, 0.32 * len(names) + 1.6),
+                           sharey=True, squeeze=False)
+  for ax, task in zip(axes[0], tasks):
+    column = summary['primary'][task] if key == 'metrics' else task
+    for row, name in enumerate(names):
+      base = variants[name]['baselines'].get(task)
+      mine = variants[name].get(key, {}).get(column)
+      ref = variants.get(base, {}).get(key, {}).get(column) if base else None
+      if mine is None or ref is None:
+        continue
+      ax.errorbar(mine[0] - ref[0], row, xerr=np.hypot(mine[1], ref[1]), fmt='o', color=family(name)[1],
+                  capsize=2, markersize=5)
+    ax.axvline(0.0, color='0.4', linestyle='--', linewidth=1)
+    ax.set_title(f'{task}: Δ {summary["primary"][task].split("/")[1]} vs single-task', fontsize=9)
+    ax.grid(axis='x', alpha=0.3)
+  axes[0][0].set_yticks(range(len(names)))
+  axes[0][0].set_yticklabels(names, fontsize=8)
+  axes[0][0].invert_yaxis()
+  seen = dict.fromkeys(family(n) for n in names)
+  handles = [plt.Line2D([], [], marker='o', linestyle='', color=colour, label=label) for label, colour in seen]
+  fig.legend(handles=handles, loc='center left', bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+  fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, bbox_inches='tight')
   plt.close(fig)
 
 
@@ -354,10 +384,11 @@ def summarize(rows: Sequence[Mapping], task_kinds: Mapping[str, str],
   out = {'primary': primary, 'variants': {}}
   for name, cols in agg.items():
     entry = {'metrics': {c: list(v) for c, v in cols.items()}}
-    baselines = {t: agg[f'{baseline_prefix(name, prefixes[t])}st_{t}'][primary[t]] for t in task_kinds
-                 if prefixes[t] and primary[t] in agg.get(f'{baseline_prefix(name, prefixes[t])}st_{t}', {})}
+    baseline_names = {t: f'{baseline_prefix(name, prefixes[t])}st_{t}' for t in task_kinds if prefixes[t]}
+    baselines = {t: agg[b][primary[t]] for t, b in baseline_names.items() if primary[t] in agg.get(b, {})}
     if (not is_baseline(name, task_kinds) and len(baselines) == len(task_kinds)
         and all(primary[t] in cols for t in task_kinds)):
+      entry['baselines'] = {t: baseline_names[t] for t in task_kinds}
       entry['delta_m'] = delta_m({t: cols[primary[t]][0] for t in task_kinds},
                                  {t: b[0] for t, b in baselines.items()})
       # A std from one seed is 0, which would flag any difference: no flag (None) unless both have >= 2 seeds.
@@ -381,7 +412,8 @@ def render_markdown(study: str, summary: dict, task_kinds: Mapping[str, str], *,
                     run_commands: Mapping[str, str] = {}) -> str:
   primary = summary['primary']
   variants = summary['variants']
-  lines = [f'# Case study: {study}', '', 'Generated by `experiments/report.py` from the runs\' `results.json`, event files '
+  lines = [f'# Case study: {study}', '',
+           'Generated by `experiments/report.py` from the runs\' `results.json`, event files '
            'and checkpoints; no number here is edited by hand.', '', '## Command', '', f'```\n{command}\n```', '']
   if notes:
     lines += ['## What ran (and what was cut)', '', notes, '']
@@ -437,9 +469,9 @@ def render_markdown(study: str, summary: dict, task_kinds: Mapping[str, str], *,
         cells.append(' '.join(f'{r:.2f}' for _, r in recalls) or '—')
     lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
   lines += ['', '## Plots', '', '![validation curves](validation_curves.png)', '', '![training curves](curves.png)',
-            '', '![primary metrics](bars.png)', '']
+            '', '![difference to the single-task model per task](differences.png)', '']
   if any('probe' in v for v in variants.values()):
-    lines += ['![linear probes](probe_bars.png)', '']
+    lines += ['![linear probes: difference to the single-task model](probe_differences.png)', '']
   if run_commands:
     lines += ['## The command of each row', '', 'Run from the repository root, these reproduce a row\'s first seed '
               'exactly (its config file and overrides, which may differ in size from `configs/*.py`); the other '
@@ -485,17 +517,13 @@ def write_report(study: str, runs: Sequence[sweep.Run], out: str, *, tasks: Sequ
   summary = summarize(rows, kinds, probes)
   with open(os.path.join(out, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=1)
-  names = list(summary['variants'])
-  agg = {n: {c: tuple(v) for c, v in summary['variants'][n]['metrics'].items()} for n in names}
-  primary_cols = [summary['primary'][t] for t in tasks]
   plot_curves(runs, tasks, os.path.join(out, 'curves.png'))
   plot_validation_curves(runs, os.path.join(out, 'validation_curves.png'))
-  plot_bars(agg, names, primary_cols, os.path.join(out, 'bars.png'), f'{study}: primary metric, mean ± std')
+  plot_differences(summary, tasks, os.path.join(out, 'differences.png'),
+                   f'{study}: test metric at the best-validation step, minus the single-task model (seed means)')
   if probes:
-    pagg = {n: {summary['primary'][t]: tuple(v) for t, v in summary['variants'][n].get('probe', {}).items()
-                if t in summary['primary']}
-            for n in names}
-    plot_bars(pagg, names, primary_cols, os.path.join(out, 'probe_bars.png'), f'{study}: linear probe, mean ± std')
+    plot_differences(summary, tasks, os.path.join(out, 'probe_differences.png'),
+                     f'{study}: linear probe of the shared features, minus the single-task model', key='probe')
   seeds = sorted({r.seed for r in runs})
   with open(os.path.join(out, 'REPORT.md'), 'w') as f:
     import shlex
@@ -540,7 +568,8 @@ def _dm_claim(study: str, summary: dict, plain: str, matched: Sequence[str]) -> 
   if mtl is None or 'delta_m' not in mtl:
     return [f'* {study}: plain MTL or a single-task baseline did not finish; no verdict.'], []
   lines = [f'* {study}: plain MTL (`{plain}`) Δm = {mtl["delta_m"]:+.2f} %, negative transfer on: {_nt_list(mtl)}'
-           + (' (fewer than 2 seeds somewhere: flags incomplete).' if None in mtl['negative_transfer'].values() else '.')]
+           + (' (fewer than 2 seeds somewhere: flags incomplete).' if None in mtl['negative_transfer'].values()
+              else '.')]
   control = _get(summary, f'{plain}_equal_exposure')
   if control and 'delta_m' in control:
     lines.append(f'  * control `{plain}_equal_exposure` (plain MTL trained until each task has seen as many labelled '
@@ -654,7 +683,7 @@ def _defaults_lines(loaded: Mapping[str, dict]) -> list[str]:
            '|---|' + '---|' * len(loaded) + '---|']
   for default, alternative, what in DEFAULT_CHOICES:
     cells, better, worse, compared, seeds = [], 0, 0, 0, []
-    for study, summary in loaded.items():
+    for summary in loaded.values():
       a, b = _validation_score(summary, default), _validation_score(summary, alternative)
       if a is None or b is None:
         cells.append('—')

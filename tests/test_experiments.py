@@ -96,6 +96,13 @@ def test_sweep_checks_every_variant_before_any_run(tmp_path):
   assert not os.listdir(tmp_path)   # nothing was launched or written
 
 
+def test_method_families_colour_the_difference_plot():
+  assert [report.family(n)[0] for n in ('mtl', 'cnn_ew', 'scarce_coann', 'dm_uniform', 'scarce_dm_coann',
+                                          'mtl_dgr_unbiased', 'cnn_ew_dgr_l0.01_k1')] == [
+      'plain MTL', 'plain MTL', 'co-annotation', 'DM', 'DM + co-annotation', 'DGR', 'DGR']
+  assert len({colour for _, _, colour in report.FAMILIES}) == len(report.FAMILIES)   # no two families share one
+
+
 def test_delta_m_and_negative_transfer_hand_numbers():
   # Δm = ((0.84 − 0.8)/0.8 + (0.45 − 0.5)/0.5) / 2 × 100 = (5 − 10) / 2 = −2.5
   assert report.delta_m({'a': 0.84, 'b': 0.45}, {'a': 0.8, 'b': 0.5}) == pytest.approx(-2.5)
@@ -255,7 +262,7 @@ def test_fake_sweep_report_has_relative_paths_and_each_rows_command():
     assert (f'| mtl | `XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m mtlmatch.main '
             f'--config=configs/affect.py:mtl,cpu --workdir={rel}/mtl/seed_0 --config.seed=0 '
             "'--config.encoder.kwargs.widths=(32,64,128)'` |") in text
-    assert f'| st_expression | `XLA_FLAGS=' in text and '--config.total_steps=250' in text
+    assert '| st_expression | `XLA_FLAGS=' in text and '--config.total_steps=250' in text
   finally:
     shutil.rmtree(root, ignore_errors=True)
 
@@ -282,8 +289,8 @@ def test_overall_summary_verdicts(tmp_path):
   assert 'single-task run): Δm = -0.50 %, negative transfer on: none.' in text
   assert '`coann`: Δm = -2.50 %, negative transfer on: expression, aus — claim did NOT hold: negative transfer ' \
          'remains and appears on aus.' in text
-  assert ('| affect | `mtl`: expression; `mtl_equal_exposure`: none | HELD 1, PARTLY 1, NOT 1 (of 3) | worse 1 (of 1) | '
-          'better 1 (of 1) |') in text
+  assert ('| affect | `mtl`: expression; `mtl_equal_exposure`: none | HELD 1, PARTLY 1, NOT 1 (of 3) | '
+          'worse 1 (of 1) | better 1 (of 1) |') in text
   assert '`dm_coann`: Δm = +1.00 %, negative transfer on: none — claim HELD' in text
   assert ('`mtl` → `mtl_dgr`: task scores expression 0.800 → 0.750 (-0.050, beyond 1 std); Δm -3.00 → -2.00 % — '
           'worse. Linear probe: expression 0.600 → 0.650 (+0.050, beyond 1 std); aus 0.500 → 0.500 (+0.000, '
