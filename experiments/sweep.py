@@ -2,8 +2,9 @@
 
 A run lives in ``<root>/<name>/seed_<k>/`` and keeps everything needed to read or repeat it: ``command.txt`` (the
 exact command line, run from the repository root), ``log.txt`` (its stdout + stderr), and what the train loop writes
-(``config.json``, checkpoints, TensorBoard event files, ``results.json``). A run whose ``results.json`` exists is finished and is
-skipped, so re-running a sweep only runs what is missing (an interrupted run resumes from its checkpoint).
+(``config.json``, checkpoints, TensorBoard event files, ``results.json``). A run whose ``results.json`` exists is
+finished and is skipped, so re-running a sweep only runs what is missing (an interrupted run resumes from its
+checkpoint).
 
 Usage::
 

@@ -355,7 +355,8 @@ def help_text(spec: Optional[str] = None) -> str:
            '  single=<task>      the single-task baseline of one task',
            '  encoder=<name>     another encoder with its defaults (= --config.encoder.name=<name>)',
            '  weighting=<name>   another weighting method with its defaults (= --config.weighting.name=<name>)',
-           '  smoke              a seconds-long run (tiny data and encoder)', '',
+           '  smoke              a seconds-long run (tiny data and encoder)',
+           '  cpu                the case studies\' size for a CPU: a small CNN, batch 64, 300 steps', '',
            'Encoders (--config.encoder.name; fields: --config.encoder.kwargs.<field>=...):']
   for name in sorted(models.ENCODERS):
     fields = flat_keys(encoder_kwargs(name))

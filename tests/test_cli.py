@@ -7,12 +7,11 @@ import re
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 from conftest import REPO
-from mtlmatch import config_lib, models, train, weighting
+from mtlmatch import config_lib, models, weighting
 
 CONFIGS = ('affect', 'shopping', 'multi_fashion')
 
@@ -103,7 +102,8 @@ def test_misspelt_keys_and_help(tmp_path):
   code, out, err = cli('--help')
   assert code == 0, err
   for needle in ('--mode', '--source', 'single=<task>', 'encoder=<name>', 'smoke',
-                 "vit_tiny   conv_impl='auto', depth=4, dim=192", 'dwa         temperature=2.0 (float > 0; softmax temperature τ)',
+                 "vit_tiny   conv_impl='auto', depth=4, dim=192",
+                 'dwa         temperature=2.0 (float > 0; softmax temperature τ)',
                  'encoder.kwargs.widths = (16, 32, 64)', 'objective.terms.dm.divergence = ', 'init_from = '):
     assert needle in out, needle
   for method, specs in ((m, weighting.hparam_specs(m)) for m in weighting.METHODS):

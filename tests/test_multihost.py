@@ -1,4 +1,5 @@
-"""Two processes on 127.0.0.1 (jax.distributed, gloo CPU collectives) train like one process on the same global batch."""
+"""Two processes on 127.0.0.1 (jax.distributed, gloo CPU collectives) train like one process on the same global
+batch."""
 import os
 import socket
 import subprocess

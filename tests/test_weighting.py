@@ -152,7 +152,7 @@ def dwa_reference(loss_seq, window, temperature):
   loss_seq = np.asarray(loss_seq, np.float64)
   T = loss_seq.shape[1]
   averages, out = [], []
-  for k, losses in enumerate(loss_seq):
+  for k in range(len(loss_seq)):
     if len(averages) >= 2:
       last, before = averages[-1], averages[-2]
       r = np.where((last > 0) & (before > 0), last / np.where(before > 0, before, 1), 1.0)
