@@ -1,4 +1,4 @@
-"""Documented switches that work (issue #18): every encoder with every config file, every hyper-parameter as a
+"""Documented switches that work: every encoder with every config file, every hyper-parameter as a
 dotted key, one line for a misspelt key, ``--help`` and README listing every switch, and the CLI's modes run for
 real in subprocesses (smoke configs, a few steps)."""
 import json

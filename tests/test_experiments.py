@@ -238,7 +238,7 @@ def test_notebook_runs_end_to_end_and_is_stored_with_outputs(name):
 
 
 def test_fake_sweep_report_has_relative_paths_and_each_rows_command():
-  """Item 9 of issue #18 on a fake sweep inside the repository: no absolute path in the tables or REPORT.md, and
+  """On a fake sweep inside the repository: no absolute path in the tables or REPORT.md, and
   each row's exact command (its config file and overrides)."""
   import shutil
   import uuid

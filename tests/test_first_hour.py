@@ -1,4 +1,4 @@
-"""A researcher's first hour (issue #18), from Python: no stale results on other data, warm starts, eval and
+"""A researcher's first hour, from Python: no stale results on other data, warm starts, eval and
 predict modes, a progress line without logging set up, the interval rate, a warning when nothing is evaluated."""
 import json
 import logging
