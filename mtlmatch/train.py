@@ -147,6 +147,12 @@ def make_relatedness_resolver(benchmark: data_lib.Benchmark, log: dict):
   return resolve
 
 
+def weighting_init(method, num_combined: int, params) -> dict:
+  """The weighting method's initial state; methods that track gradients get P = the shared encoder's size."""
+  num_params = int(ravel_pytree(params['encoder'])[0].size) if method.needs_num_params else None
+  return weighting.init_state(method, num_combined, num_params)
+
+
 def init_state(model, objective, method, tx, num_combined: int, image_shape, rng) -> TrainState:
   init_rng, dummy_rng, state_rng = jax.random.split(rng, 3)
   images = jnp.zeros((2, *image_shape), jnp.float32)
@@ -155,7 +161,7 @@ def init_state(model, objective, method, tx, num_combined: int, image_shape, rng
   features, _ = model.encode(variables, images, train=False)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get('batch_stats', {}),
-      opt_state=tx.init(params), weighting_state=method.init(num_combined),
+      opt_state=tx.init(params), weighting_state=weighting_init(method, num_combined, params),
       dummy_params=objective.draw_dummies(dummy_rng, features, mode='fixed'), rng=state_rng,
       skipped=jnp.zeros((), jnp.int32))
 
