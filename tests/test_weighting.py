@@ -13,6 +13,10 @@ import pytest
 from mtlmatch import weighting as W
 
 ALL = sorted(W.METHODS)
+# The generic contract tests below compile every method; those added with issue 14 run theirs in
+# test_weighting_zoo.py (1 and 8 devices, absent task, no task present), so they are compiled once there.
+BEFORE_ZOO = ('ew', 'uw', 'dwa', 'rlw', 'gradnorm', 'famo', 'mgda', 'mgda_ub', 'pcgrad', 'cagrad', 'nash_mtl', 'imtl',
+              'aligned_mtl')
 KEY = jax.random.key(0)
 
 
@@ -86,7 +90,7 @@ def test_other_hparam_values_reuse_the_compiled_apply():
   np.testing.assert_allclose(weights, 1.0)  # window 10: no complete window yet
 
 
-@pytest.mark.parametrize('name', ALL)
+@pytest.mark.parametrize('name', BEFORE_ZOO)
 def test_every_method_jits_is_finite_with_a_zero_row_and_keeps_a_state_of_arrays(name):
   rng = np.random.default_rng(1)
   grads = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32).at[1].set(0.0)  # task 1: no labels in the batch
@@ -108,7 +112,7 @@ def test_every_method_jits_is_finite_with_a_zero_row_and_keeps_a_state_of_arrays
     assert float(weights[1]) == 0.0  # absent task left out
 
 
-@pytest.mark.parametrize('name', ALL)
+@pytest.mark.parametrize('name', BEFORE_ZOO)
 def test_all_zero_grads_and_losses_give_zero_update_and_finite_weights(name):
   method = W.METHODS[name]
   update, weights, state = jitted(name)(W.init_state(method, 3, 4), jnp.zeros((3, 4)), jnp.zeros(3), KEY)  # same compile
