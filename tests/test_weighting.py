@@ -115,7 +115,8 @@ def test_every_method_jits_is_finite_with_a_zero_row_and_keeps_a_state_of_arrays
 @pytest.mark.parametrize('name', BEFORE_ZOO)
 def test_all_zero_grads_and_losses_give_zero_update_and_finite_weights(name):
   method = W.METHODS[name]
-  update, weights, state = jitted(name)(W.init_state(method, 3, 4), jnp.zeros((3, 4)), jnp.zeros(3), KEY)  # same compile
+  # The same compile as the test above.
+  update, weights, state = jitted(name)(W.init_state(method, 3, 4), jnp.zeros((3, 4)), jnp.zeros(3), KEY)
   assert np.all(update == 0) and np.all(np.isfinite(weights))
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state))
 

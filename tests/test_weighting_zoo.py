@@ -355,7 +355,7 @@ def test_rgw_random_softmax_weights_on_present_tasks():
   assert w[1] == 0
 
 
-# ---- every new method: absent task, finiteness, 1 device vs 8 ----------------------------------------------------------
+# ---- every new method: absent task, finiteness, 1 device vs 8 -------------------------------------------------------
 @pytest.mark.parametrize('name', NEW)
 def test_one_device_equals_eight_with_an_absent_task(name):
   method = W.METHODS[name]

@@ -2,13 +2,14 @@
 
 EW, UW (Kendall et al. 2018), DWA (Liu et al. 2019), RLW (Lin et al. 2022), GradNorm (Chen et al. 2018), FAMO
 (Liu et al. 2023), TorchJD's Sum / Mean / Constant, GLS (Chennupati et al. 2019), IMTL-L (Liu et al. 2021), STCH
-(Lin et al. 2024) and GO4Align (Shen et al. 2024). All follow the contract of `base.WeightingMethod`; use them through `mtlmatch.weighting`::
+(Lin et al. 2024) and GO4Align (Shen et al. 2024). All follow the contract of `base.WeightingMethod`; use them through
+`mtlmatch.weighting`::
 
     method = get_method('dwa', window=50)
     state = method.init(num_tasks=3)
     update, weights, state = method.apply(state, grads, losses, key)
 
-Except GradNorm, their weights do not depend on ``grads``: a train loop may skip the per-task Jacobian, call
+Except GradNorm (and ExcessMTL, in `stochastic_methods`), their weights do not depend on ``grads``: a train loop may skip the per-task Jacobian, call
 ``apply(state, jnp.zeros((T, 0)), losses, key)`` for the weights and differentiate Σ_t w_t L_t (e.g. through one
 ``jax.vjp`` of the per-task losses with the weights as cotangent). Absent tasks (loss exactly 0: no labelled example in
 the batch) are handled as each docstring says; their gradient row is zero, so their weight never moves the update.
