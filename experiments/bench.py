@@ -247,9 +247,13 @@ def bench_tasks(num_tasks: int, methods: list[str], args, base) -> list[dict]:
       initial = jax.device_get(init_state(exp, args))
       batch = first_batch(exp, args.batch_size)
     combined, _ = train.loss_names(exp.objective, exp.config)
+    try:
+      weighting_state = train.weighting_init(exp.method, len(combined), initial.params)
+    except ValueError as e:   # e.g. Krum needs T >= 3: no row, and say why
+      print(f'{method}_t{num_tasks}: skipped ({e})', file=sys.stderr, flush=True)
+      continue
     # Fresh host copies: the step donates its state, and two leaves sharing one buffer cannot both be donated.
-    state = jax.device_put(jax.tree.map(np.array, initial.replace(weighting_state=exp.method.init(len(combined)))),
-                           exp.replicated)
+    state = jax.device_put(jax.tree.map(np.array, initial.replace(weighting_state=weighting_state)), exp.replicated)
     prepared.append(prepare(f'{method}_t{num_tasks}', f't{num_tasks}', exp, state, batch, args))
   return time_rounds(prepared, args)
 

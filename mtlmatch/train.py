@@ -10,11 +10,12 @@ not depend on the number of devices or hosts). The state is donated; randomness 
 
 Gradients: the objective yields a vector of named losses ``[T']`` (tasks, plus DM/co-annotation terms when
 ``config.weighting.terms_as_tasks``) and an additive part (DGR always; the other terms otherwise). One forward pass
-gives a VJP; a loss-weighting method (EW, UW, DWA, RLW, FAMO) needs one backward pass with its weights as cotangent, a
-gradient method (MGDA, PCGrad, CAGrad, Nash-MTL, IMTL, Aligned-MTL, GradNorm) gets the per-loss Jacobian rows from the
-same VJP (vmapped on accelerators; row by row on XLA:CPU, where that measured 2-4x faster), combines the
-shared-encoder rows, and gives every head the sum of its rows (a head only receives gradient from the losses that use
-it; GradNorm, a loss weighting, gives the heads its weighted sum Σ_t w_t ∇L_t as its paper does). MGDA-UB takes the
+gives a VJP; a loss-weighting method (EW, UW, DWA, RLW, FAMO, GLS, STCH, ...) needs one backward pass with its weights
+as cotangent, a method that needs G (`weighting.is_gradient_method`: the gradient methods, GradNorm, ExcessMTL) gets
+the per-loss Jacobian rows from the same VJP (vmapped on accelerators; row by row on XLA:CPU, where that measured 2-4x
+faster), combines the shared-encoder rows, and gives every head the sum of its rows (a head only receives gradient
+from the losses that use it; GradNorm and ExcessMTL, loss weightings, give the heads their weighted sum Σ_t w_t ∇L_t
+as their papers do). MGDA-UB takes the
 rows with respect to the shared features instead (a backward pass through the heads only) and backpropagates the
 combined feature gradient through the encoder once. The additive part's gradient is added on top of the combined
 gradient.
@@ -147,6 +148,12 @@ def make_relatedness_resolver(benchmark: data_lib.Benchmark, log: dict):
   return resolve
 
 
+def weighting_init(method, num_combined: int, params) -> dict:
+  """The weighting method's initial state; methods that track gradients get P = the shared encoder's size."""
+  num_params = int(ravel_pytree(params['encoder'])[0].size) if method.needs_num_params else None
+  return weighting.init_state(method, num_combined, num_params)
+
+
 def init_state(model, objective, method, tx, num_combined: int, image_shape, rng) -> TrainState:
   init_rng, dummy_rng, state_rng = jax.random.split(rng, 3)
   images = jnp.zeros((2, *image_shape), jnp.float32)
@@ -155,7 +162,7 @@ def init_state(model, objective, method, tx, num_combined: int, image_shape, rng
   features, _ = model.encode(variables, images, train=False)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get('batch_stats', {}),
-      opt_state=tx.init(params), weighting_state=method.init(num_combined),
+      opt_state=tx.init(params), weighting_state=weighting_init(method, num_combined, params),
       dummy_params=objective.draw_dummies(dummy_rng, features, mode='fixed'), rng=state_rng,
       skipped=jnp.zeros((), jnp.int32))
 
@@ -225,7 +232,7 @@ def train_step(state: TrainState, batch: Mapping[str, Any], *, model, objective,
                                                     method_rng)
     if additive:
       update = update + flat_rows[num_tasks]
-    # Heads: a loss-weighting method that needs G (GradNorm) weights its losses everywhere, heads included
+    # Heads: a loss-weighting method that needs G (GradNorm, ExcessMTL) weights its losses everywhere, heads included
     # (Σ_t w_t ∇L_t, as in the paper); a gradient method gives each head its own task's gradient (the sum of rows).
     if method.name in weighting.LOSS_WEIGHTING:
       head_coefficients = jnp.concatenate([jax.lax.stop_gradient(weights), jnp.ones((len(cotangents) - num_tasks,))])

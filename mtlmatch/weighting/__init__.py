@@ -6,7 +6,8 @@ Every method is an object with ``init(num_tasks, **hparams) -> state`` and
 * ``grads`` [T, P]: per-task gradients of the shared parameters, flattened (`task_jacobian`, `flatten_grads`);
 * ``losses`` [T]: per-task losses (0 for a task with no labelled example in the batch; its gradient row is 0 too);
 * ``update`` [P]: the combined direction to DESCEND, scaled like the plain sum Σ_t G_t (EW's update);
-* ``weights`` [T]: effective task weights, update = weights @ grads for every method here;
+* ``weights`` [T]: effective task weights, update = weights @ grads for every method with ``linear`` True (GradDrop,
+  trimmed mean, MoCo and DB-MTL are not: their docstrings say what their weights report);
 * ``state``: a dict of arrays (step counter, hyper-parameters as 0-d arrays, method variables) — a jit-friendly,
   orbax-checkpointable pytree; `apply` is jittable.
 
@@ -19,32 +20,45 @@ Usage::
     update, weights, state = jax.jit(method.apply)(state, G, losses, key)
     shared_grad = weighting.unflatten_grads(update, shared_params)
 
-Names: loss weighting 'ew', 'uw', 'dwa', 'rlw', 'gradnorm', 'famo'; gradient methods 'mgda', 'mgda_ub', 'pcgrad',
-'cagrad', 'nash_mtl', 'imtl', 'aligned_mtl' ('mgda_ub' combines gradients w.r.t. the shared features: its
-``grads_wrt`` is 'features'). `is_gradient_method(name)` says whether the train loop must compute G (True for
-the gradient methods and GradNorm, which needs per-task gradient norms); for the others the weights depend on the
-losses only and the loop may differentiate Σ_t w_t L_t instead (see `jacobian`).
+Names (`LOSS_WEIGHTING`, `GRADIENT_METHODS`): loss weighting 'ew', 'sum', 'mean', 'constant', 'uw', 'dwa', 'rlw',
+'gls', 'imtl_l', 'stch', 'go4align', 'famo', 'gradnorm', 'excess_mtl'; gradient methods 'mgda', 'mgda_ub', 'pcgrad',
+'cagrad', 'nash_mtl', 'fairgrad', 'imtl', 'aligned_mtl', 'upgrad', 'dualproj', 'config', 'gradvac', 'graddrop',
+'krum', 'trimmed_mean', 'rgw', 'moco', 'modo', 'sdmgrad', 'cr_mogm', 'db_mtl' ('mgda_ub' combines gradients w.r.t.
+the shared features: its ``grads_wrt`` is 'features'). `is_gradient_method(name)` says whether the train loop must
+compute G (True for the gradient methods and for GradNorm and ExcessMTL, loss weightings that read gradient norms);
+for the others the weights depend on the losses only and the loop may differentiate Σ_t w_t L_t instead (see
+`jacobian`). MoCo, DB-MTL and ExcessMTL track gradients: their `init` needs ``num_params`` (`init_state`).
 """
 from __future__ import annotations
 
 from typing import Mapping
 
+from mtlmatch.weighting.aggregators import (RGW, ConFIG, DualProj, GradDrop, GradVac, Krum, TrimmedMean, UPGrad,
+                                            dual_cone_weights, gradvac_coefficients)
 from mtlmatch.weighting.base import ABSENT_SQ_NORM, HParam, WeightingMethod
-from mtlmatch.weighting.gradient_methods import (CAGrad, IMTL, MGDA, MGDAUB, AlignedMTL, NashMTL, PCGrad,
-                                                 aligned_weights,
-                                                 cagrad_weights, imtl_weights, min_norm_weights, nash_weights,
-                                                 pcgrad_weights)
+from mtlmatch.weighting.gradient_methods import (CAGrad, FairGrad, IMTL, MGDA, MGDAUB, AlignedMTL, NashMTL, PCGrad,
+                                                 aligned_weights, cagrad_weights, fairgrad_weights, imtl_weights,
+                                                 min_norm_weights, nash_weights, nonneg_qp, pcgrad_weights,
+                                                 project_simplex)
 from mtlmatch.weighting.jacobian import (cosine_similarity_matrix, flatten_grads, flatten_task_grads, task_jacobian,
                                          unflatten_grads)
-from mtlmatch.weighting.loss_weighting import DWA, EW, FAMO, RLW, UW, GradNorm
+from mtlmatch.weighting.loss_weighting import (DWA, EW, FAMO, GLS, IMTLL, RLW, STCH, UW, Constant, GO4Align,
+                                               GradNorm, Mean, Sum, kmeans_1d)
+from mtlmatch.weighting.stochastic_methods import CRMOGM, DBMTL, ExcessMTL, MoCo, MoDo, SDMGrad
 
-LOSS_WEIGHTING = ('ew', 'uw', 'dwa', 'rlw', 'gradnorm', 'famo')
-GRADIENT_METHODS = ('mgda', 'mgda_ub', 'pcgrad', 'cagrad', 'nash_mtl', 'imtl', 'aligned_mtl')
+LOSS_WEIGHTING = ('ew', 'sum', 'mean', 'constant', 'uw', 'dwa', 'rlw', 'gls', 'imtl_l', 'stch', 'go4align', 'famo',
+                  'gradnorm', 'excess_mtl')
+GRADIENT_METHODS = ('mgda', 'mgda_ub', 'pcgrad', 'cagrad', 'nash_mtl', 'fairgrad', 'imtl', 'aligned_mtl', 'upgrad',
+                    'dualproj', 'config', 'gradvac', 'graddrop', 'krum', 'trimmed_mean', 'rgw', 'moco', 'modo',
+                    'sdmgrad', 'cr_mogm', 'db_mtl')
 
 METHODS: Mapping[str, WeightingMethod] = {
-    cls.name: cls() for cls in (EW, UW, DWA, RLW, GradNorm, FAMO, MGDA, MGDAUB, PCGrad, CAGrad, NashMTL, IMTL,
-                                AlignedMTL)
+    cls.name: cls() for cls in (EW, Sum, Mean, Constant, UW, DWA, RLW, GLS, IMTLL, STCH, GO4Align, FAMO, GradNorm,
+                                ExcessMTL, MGDA, MGDAUB, PCGrad, CAGrad, NashMTL, FairGrad, IMTL, AlignedMTL, UPGrad,
+                                DualProj, ConFIG, GradVac, GradDrop, Krum, TrimmedMean, RGW, MoCo, MoDo, SDMGrad,
+                                CRMOGM, DBMTL)
 }
+assert set(METHODS) == set(LOSS_WEIGHTING) | set(GRADIENT_METHODS)
 
 
 def _check_name(name: str) -> str:
@@ -59,9 +73,14 @@ def get_method(name: str, **hparams) -> WeightingMethod:
 
 
 def is_gradient_method(name: str) -> bool:
-  """True when the method needs the per-task gradient matrix G (gradient methods and GradNorm); False when its
-  weights depend on the losses only (EW, UW, DWA, RLW, FAMO), so the train loop can skip the Jacobian."""
+  """True when the method needs the per-task gradient matrix G (gradient methods, GradNorm, ExcessMTL); False when
+  its weights depend on the losses only (EW, UW, DWA, RLW, FAMO, ...), so the train loop can skip the Jacobian."""
   return METHODS[_check_name(name)].needs_grads
+
+
+def init_state(method: WeightingMethod, num_tasks: int, num_params: int, **hparams):
+  """`method.init` with ``num_params`` passed only to the methods that track gradients (``needs_num_params``)."""
+  return method.init(num_tasks, num_params if method.needs_num_params else None, **hparams)
 
 
 def hparam_specs(name: str) -> Mapping[str, HParam]:
@@ -70,10 +89,12 @@ def hparam_specs(name: str) -> Mapping[str, HParam]:
 
 
 __all__ = [
-    'ABSENT_SQ_NORM', 'AlignedMTL', 'CAGrad', 'DWA', 'EW', 'FAMO', 'GRADIENT_METHODS', 'GradNorm', 'HParam', 'IMTL',
-    'LOSS_WEIGHTING', 'MGDA', 'MGDAUB', 'METHODS', 'NashMTL', 'PCGrad', 'RLW', 'UW', 'WeightingMethod',
-    'aligned_weights',
-    'cagrad_weights', 'cosine_similarity_matrix', 'flatten_grads', 'flatten_task_grads', 'get_method',
-    'hparam_specs', 'imtl_weights', 'is_gradient_method', 'min_norm_weights', 'nash_weights', 'pcgrad_weights',
-    'task_jacobian', 'unflatten_grads',
+    'ABSENT_SQ_NORM', 'AlignedMTL', 'CAGrad', 'CRMOGM', 'ConFIG', 'Constant', 'DBMTL', 'DWA', 'DualProj', 'EW',
+    'ExcessMTL', 'FAMO', 'FairGrad', 'GLS', 'GO4Align', 'GRADIENT_METHODS', 'GradDrop', 'GradNorm', 'GradVac', 'HParam',
+    'IMTL', 'IMTLL', 'Krum', 'LOSS_WEIGHTING', 'MGDA', 'MGDAUB', 'METHODS', 'Mean', 'MoCo', 'MoDo', 'NashMTL',
+    'PCGrad', 'RGW', 'RLW', 'SDMGrad', 'STCH', 'Sum', 'TrimmedMean', 'UPGrad', 'UW', 'WeightingMethod',
+    'aligned_weights', 'cagrad_weights', 'cosine_similarity_matrix', 'dual_cone_weights', 'fairgrad_weights',
+    'flatten_grads', 'flatten_task_grads', 'get_method', 'gradvac_coefficients', 'hparam_specs', 'imtl_weights',
+    'init_state', 'is_gradient_method', 'kmeans_1d', 'min_norm_weights', 'nash_weights', 'nonneg_qp',
+    'pcgrad_weights', 'project_simplex', 'task_jacobian', 'unflatten_grads',
 ]

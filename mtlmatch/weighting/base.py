@@ -2,15 +2,17 @@
 
 A method is a frozen dataclass instance (hashable, so it can be closed over by `jax.jit`) with
 
-* ``init(num_tasks, **hparams) -> state``: a dict of arrays (orbax-checkpointable). It always holds ``'step'``
-  (int32 scalar, the number of `apply` calls so far) and, when the method has hyper-parameters, ``'hparams'``: every
-  hyper-parameter as a 0-d array (floats float32, ints int32, a choice among strings as the int32 index of the
-  choice in the spec). Keeping them in the state makes `apply` a pure function of its arguments, lets one compiled
-  step serve a sweep, and makes a restored checkpoint resume with the values it was trained with.
+* ``init(num_tasks, num_params=None, **hparams) -> state``: a dict of arrays (orbax-checkpointable). It always holds
+  ``'step'`` (int32 scalar, the number of `apply` calls so far) and, when the method has hyper-parameters,
+  ``'hparams'``: every hyper-parameter as an array (floats float32, ints int32, a choice among strings as the int32
+  index of the choice in the spec, a 'floats' vector as a float32 vector). Keeping them in the state makes `apply` a pure function of its arguments, lets one compiled
+  step serve a sweep, and makes a restored checkpoint resume with the values it was trained with. Methods that track
+  gradients across steps (``needs_num_params``: MoCo, DB-MTL, ExcessMTL) keep [T, P] arrays and need ``num_params``.
 * ``apply(state, grads, losses, key=None) -> (update, weights, new_state)`` with ``grads`` ``[T, P]`` (per-task
   gradients of the shared parameters, flattened), ``losses`` ``[T]``, ``update`` ``[P]``: the direction to DESCEND,
   scaled like the plain sum of task gradients Σ_t G_t (what EW returns), and ``weights`` ``[T]``: the effective task
-  weights (``update = weights @ grads`` for every method here).
+  weights (``update = weights @ grads`` for every method with ``linear = True``; the few others — coordinate-wise
+  rules and directions built from tracked gradients — say in their docstring what their weights report).
 
 Hyper-parameters come from three places, later ones winning: the spec's defaults, the values bound by
 ``get_method(name, **hparams)`` (see ``__init__``), and the keywords of ``init``. Unknown names or bad values raise
@@ -51,6 +53,16 @@ class HParam:
 
   def validate(self, method: str, name: str, value: Any) -> Any:
     where = f'{method} hparam {name!r}'
+    if self.kind == 'floats':   # a vector of finite floats (e.g. fixed task weights); its length is checked at init
+      try:
+        value = tuple(float(v) for v in value)
+        ok = all(math.isfinite(v) for v in value)
+      except (TypeError, ValueError):
+        ok = False
+      if not ok or (self.check is not None and not self.check(value)):
+        raise ValueError(f'{where}: got {value!r}, expected a sequence of finite floats'
+                         f'{" " + self.expected if self.expected else ""}')
+      return value
     if isinstance(self.kind, tuple):
       if value not in self.kind:
         raise ValueError(f'{where}: got {value!r}, expected one of {self.kind}')
@@ -72,6 +84,8 @@ class HParam:
     return value
 
   def to_array(self, value: Any) -> jax.Array:
+    if self.kind == 'floats':
+      return jnp.asarray(value, jnp.float32).reshape(-1)
     if isinstance(self.kind, tuple):
       return jnp.asarray(self.kind.index(value), jnp.int32)
     return jnp.asarray(value, jnp.int32 if self.kind == 'int' else jnp.float32)
@@ -100,6 +114,11 @@ class WeightingMethod:
   # What the rows of ``grads`` are gradients of the losses with respect to: 'params' (the shared encoder's
   # parameters) or 'features' (the shared representation, MGDA-UB's cheap bound); the train loop reads it.
   grads_wrt: ClassVar[str] = 'params'
+  # False when the update is not ``weights @ grads`` (coordinate-wise rules, directions built from tracked state):
+  # the method then implements `_apply_update`. The train loop only ever uses the returned update for such methods.
+  linear: ClassVar[bool] = True
+  # True when the state holds per-parameter arrays [T, P] (tracked gradients): `init` then needs ``num_params`` = P.
+  needs_num_params: ClassVar[bool] = False
   HPARAMS: ClassVar[Mapping[str, HParam]] = {}
 
   # ---- hyper-parameters -------------------------------------------------------------------------------------------
@@ -125,15 +144,22 @@ class WeightingMethod:
     return self.HPARAMS[name].kind.index(value)
 
   # ---- contract -----------------------------------------------------------------------------------------------------
-  def init(self, num_tasks: int, **hparams) -> State:
-    """Initial state for `num_tasks` tasks: a dict of arrays (see the module docstring)."""
+  def init(self, num_tasks: int, num_params: Optional[int] = None, **hparams) -> State:
+    """Initial state for `num_tasks` tasks: a dict of arrays (see the module docstring).
+
+    ``num_params`` (P, the length of a gradient row) is required by the methods with ``needs_num_params`` (their
+    state tracks gradients) and ignored by the others.
+    """
     if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
       raise ValueError(f'{self.name}.init num_tasks: got {num_tasks!r}, expected an int >= 1')
+    if self.needs_num_params and (not isinstance(num_params, int) or isinstance(num_params, bool) or num_params < 1):
+      raise ValueError(f'{self.name}.init num_params: got {num_params!r}, expected an int >= 1 (the length P of a '
+                       f'gradient row: the method tracks gradients in its state)')
     hp = self.resolve_hparams(**hparams)
     state = {'step': jnp.zeros((), jnp.int32)}
     if hp:
       state['hparams'] = {k: self.HPARAMS[k].to_array(v) for k, v in hp.items()}
-    state.update(self._init(num_tasks, hp))
+    state.update(self._init_tracked(num_tasks, num_params, hp) if self.needs_num_params else self._init(num_tasks, hp))
     return state
 
   def apply(self, state: State, grads: jax.Array, losses: jax.Array,
@@ -153,15 +179,24 @@ class WeightingMethod:
       if k not in ('step', 'hparams') and getattr(v, 'ndim', 0) >= 1 and v.shape[0] != num_tasks:
         raise ValueError(f'{self.name}.apply state[{k!r}]: got shape {v.shape}, expected leading dim T='
                          f'{num_tasks} (state was initialised for another number of tasks)')
+      if k not in ('step', 'hparams') and getattr(v, 'ndim', 0) == 2 and self.needs_num_params and \
+          v.shape[1] != grads.shape[1]:
+        raise ValueError(f'{self.name}.apply state[{k!r}]: got shape {v.shape}, expected [T, P] = '
+                         f'{grads.shape} (state was initialised for another num_params)')
     hp = state.get('hparams', {})
     missing = sorted(set(self.HPARAMS) - set(hp))
     if missing:
       raise ValueError(f'{self.name}.apply state["hparams"]: got no {missing}, expected the state returned by init')
     g32 = grads.astype(jnp.float32)
     l32 = jax.lax.stop_gradient(losses.astype(jnp.float32))
-    weights, new = self._apply(state, hp, g32, l32, key)
-    weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
-    update = combine(weights, g32).astype(grads.dtype)
+    if self.linear:
+      weights, new = self._apply(state, hp, g32, l32, key)
+      weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
+      update = combine(weights, g32).astype(grads.dtype)
+    else:
+      update, weights, new = self._apply_update(state, hp, g32, l32, key)
+      weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
+      update = jax.lax.stop_gradient(update).astype(grads.dtype)
     new = dict(new)
     new['step'] = state['step'] + 1
     if 'hparams' in state:
@@ -172,9 +207,18 @@ class WeightingMethod:
   def _init(self, num_tasks: int, hp: dict) -> dict:
     return {}
 
+  def _init_tracked(self, num_tasks: int, num_params: int, hp: dict) -> dict:
+    """`_init` of the methods with ``needs_num_params``."""
+    raise NotImplementedError
+
   def _apply(self, state: State, hp: Mapping[str, jax.Array], grads: jax.Array, losses: jax.Array,
              key: Optional[jax.Array]) -> tuple[jax.Array, dict]:
     """Returns (weights [T], method-specific part of the new state). The update is weights @ grads."""
+    raise NotImplementedError
+
+  def _apply_update(self, state: State, hp: Mapping[str, jax.Array], grads: jax.Array, losses: jax.Array,
+                    key: Optional[jax.Array]) -> tuple[jax.Array, jax.Array, dict]:
+    """Methods with ``linear = False``: returns (update [P], weights [T], method-specific part of the new state)."""
     raise NotImplementedError
 
   def _require_key(self, key):

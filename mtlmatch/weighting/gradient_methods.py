@@ -47,6 +47,13 @@ def _scaled_gram(g: jax.Array, present: jax.Array) -> tuple[jax.Array, jax.Array
   return g / scale, scale
 
 
+def clip_weights_to_norm(weights: jax.Array, g: jax.Array, max_norm: jax.Array | float) -> jax.Array:
+  """weights scaled so that ‖weightsᵀG‖ ≤ max_norm (‖·‖² = wᵀ(G Gᵀ)w); max_norm = 0 leaves them unchanged."""
+  norm = jnp.sqrt(jnp.maximum(weights @ g @ weights, 0.0))
+  scale = jnp.where((max_norm > 0) & (norm > max_norm), safe_div(max_norm, norm, 1.0), 1.0)
+  return weights * scale
+
+
 def _face_masks(num_tasks: int) -> np.ndarray:
   """All non-empty subsets of range(T) as a float32 [2^T − 1, T] 0/1 array (static)."""
   idx = np.arange(1, 2 ** num_tasks)
@@ -114,6 +121,59 @@ def min_norm_weights(g: jax.Array, present: jax.Array, fw_steps: jax.Array | int
 
     alpha = jax.lax.fori_loop(0, fw_steps, body, alpha0)
   return jnp.where(present & (n_present > 0), alpha, 0.0)
+
+
+def nonneg_qp(a_mat: jax.Array, b: jax.Array, present: jax.Array, steps: jax.Array | int = 500) -> jax.Array:
+  """argmin_{s ≥ 0} ½ sᵀ A s + bᵀ s over the present coordinates (s = 0 on absent ones), for each column of b.
+
+  a_mat [T, T] positive definite on the present tasks; b [T, K]; returns s [T, K].
+  T ≤ 8: exact. On a face S (the coordinates with s > 0) the optimum solves A_SS s_S = −b_S; every feasible face
+  candidate (s_S ≥ 0) and s = 0 are scored with the objective and the least wins (the optimum is the face optimum
+  of its support). T > 8: `steps` steps of accelerated projected gradient (FISTA, step 1/tr A) from s = 0.
+  """
+  num_tasks = a_mat.shape[0]
+  pf = present.astype(a_mat.dtype)
+  a_mat = jnp.where(present[:, None] & present[None, :], a_mat, jnp.eye(num_tasks))
+  b = b * pf[:, None]
+
+  def objective(s):  # s [..., T, K] → [..., K]
+    return 0.5 * jnp.einsum('...ik,ij,...jk->...k', s, a_mat, s) + jnp.einsum('...ik,ik->...k', s, b)
+
+  if num_tasks <= EXACT_MAX_TASKS:
+    m, valid, x = _face_solves(a_mat, -b, present)                       # x [F, T, K]
+    ok = valid[:, None] & jnp.all((x >= -_FACE_TOL) | (m[:, :, None] == 0), axis=1) & jnp.all(jnp.isfinite(x), axis=1)
+    x = jnp.where(ok[:, None, :], jnp.clip(x, 0.0, None) * m[:, :, None], 0.0)
+    obj = jnp.where(ok, objective(x), jnp.inf)                          # [F, K]
+    best = jnp.argmin(obj, axis=0)                                      # [K]
+    s = jnp.take_along_axis(x, best[None, None, :], axis=0)[0]          # [T, K]
+    s = jnp.where((jnp.min(obj, axis=0) < 0.0)[None, :], s, 0.0)        # s = 0 (objective 0) when nothing beats it
+  else:
+    lip = jnp.maximum(jnp.trace(a_mat), 1e-30)
+
+    def body(k, carry):
+      s, y = carry
+      s_new = jnp.clip(y - (a_mat @ y + b) / lip, 0.0, None) * pf[:, None]
+      return s_new, s_new + (k / (k + 3.0)) * (s_new - s)
+
+    s, _ = jax.lax.fori_loop(0, steps, body, (jnp.zeros_like(b), jnp.zeros_like(b)))
+  return s * pf[:, None]
+
+
+def project_simplex(v: jax.Array, present: jax.Array) -> jax.Array:
+  """Euclidean projection of v [T] onto the simplex of the present coordinates (0 on absent ones; 0 if none).
+
+  The sort-based algorithm (Duchi et al. 2008): θ = (Σ_{i ≤ ρ} u_i − 1)/ρ with u the present values sorted
+  decreasingly and ρ the largest i with u_i > (Σ_{j ≤ i} u_j − 1)/i; the projection is max(v − θ, 0).
+  """
+  num_tasks = v.shape[0]
+  u = -jnp.sort(-jnp.where(present, v, -jnp.inf))
+  finite = jnp.isfinite(u)
+  css = jnp.cumsum(jnp.where(finite, u, 0.0))
+  idx = jnp.arange(1, num_tasks + 1, dtype=v.dtype)
+  cond = finite & (u - (css - 1.0) / idx > 0)
+  rho = jnp.max(jnp.where(cond, jnp.arange(num_tasks), 0))
+  theta = (css[rho] - 1.0) / (rho + 1.0)
+  return jnp.where(present & jnp.any(present), jnp.maximum(v - theta, 0.0), 0.0)
 
 
 def cagrad_weights(g: jax.Array, present: jax.Array, c: jax.Array | float,
@@ -237,6 +297,48 @@ def nash_weights(g: jax.Array, present: jax.Array, ridge: jax.Array | float = 1e
 
   beta = jax.lax.fori_loop(0, steps, body, jnp.ones(num_tasks))
   return jnp.where(present, beta / root, 0.0)
+
+
+def fairgrad_weights(g: jax.Array, present: jax.Array, alpha: jax.Array | float, ridge: jax.Array | float = 1e-6,
+                     steps: jax.Array | int = 40) -> jax.Array:
+  """FairGrad weights: x > 0 with (M + ridge·diag M) x = x^(−1/α) (elementwise), M = G Gᵀ / ‖G Gᵀ‖_F (present tasks).
+
+  Solved in β_t = x_t √M_tt, where the system reads (C + ridge·I) β = c ⊙ β^(−1/α) with C the cosine matrix and
+  c_t = M_tt^((1/α − 1)/2): the stationarity condition of the strictly convex φ(β) = ½ βᵀ(C + ridge·I)β − Σ c_t h(β_t),
+  h(b) = log b (α = 1) or b^(1−1/α) / (1 − 1/α), minimised by damped Newton (step 1/(1 + λ) while the Newton
+  decrement λ > 1/4, halved until φ decreases and β stays positive) from β = 1. α = 1 is `nash_weights`' system.
+  """
+  num_tasks = g.shape[0]
+  both = present[:, None] & present[None, :]
+  fro = jnp.sqrt(jnp.sum(jnp.square(jnp.where(both, g, 0.0))))
+  m = safe_div(g, fro, 0.0)
+  diag = jnp.where(present, jnp.maximum(jnp.diagonal(m), 0.0), 1.0)
+  root = jnp.sqrt(diag)
+  cos = jnp.where(both, m / (root[:, None] * root[None, :]), jnp.eye(num_tasks)) + ridge * jnp.eye(num_tasks)
+  inv_a = 1.0 / alpha
+  c = jnp.where(present, jnp.power(diag, 0.5 * (inv_a - 1.0)), 1.0)
+  is_log = jnp.abs(inv_a - 1.0) < 1e-6
+
+  def phi(beta):
+    h = jnp.where(is_log, jnp.log(beta), jnp.power(beta, 1.0 - inv_a) / jnp.where(is_log, 1.0, 1.0 - inv_a))
+    return 0.5 * beta @ cos @ beta - jnp.sum(c * h)
+
+  def body(_, beta):
+    grad = cos @ beta - c * jnp.power(beta, -inv_a)
+    hess = cos + jnp.diag(c * inv_a * jnp.power(beta, -inv_a - 1.0))
+    step = jnp.linalg.solve(hess, grad)
+    dec = jnp.sqrt(jnp.maximum(grad @ step, 0.0))
+    t0 = jnp.where(dec > 0.25, 1.0 / (1.0 + dec), 1.0)
+    ts = t0 * 0.5 ** jnp.arange(12.0)
+    cand = beta[None, :] - ts[:, None] * step[None, :]
+    pos = jnp.all(cand > 0, axis=1)
+    vals = jax.vmap(phi)(jnp.where(pos[:, None], cand, 1.0))
+    ok = pos & jnp.isfinite(vals) & (vals <= phi(beta) + 1e-6 * jnp.abs(phi(beta)))
+    first = jnp.argmax(ok)
+    return jnp.where(ok[first], cand[first], beta)
+
+  beta = jax.lax.fori_loop(0, steps, body, jnp.ones(num_tasks))
+  return jnp.where(present & jnp.all(jnp.isfinite(beta)), beta / root, 0.0)
 
 
 def imtl_weights(g: jax.Array, present: jax.Array) -> jax.Array:
@@ -390,17 +492,57 @@ class NashMTL(WeightingMethod):
   the Gram matrix is first divided by its Frobenius norm, so T_p identical gradients give α = 1 (the EW update), and
   the update is Σ_t α_t G_t (weights = α). Solved by damped Newton on a convex potential with a small ridge
   (`nash_weights`; no cvxpy). Absent tasks get α = 0 and are left out of the system and of the normalisation.
-  hparams: ridge (1e-6, relative to each task's squared norm; the relative error it adds), steps (40 Newton steps).
+  The authors' two options: ``update_every`` k re-solves α every k-th step only and reuses the last α in between
+  (state ``alpha``; a task absent now gets 0 that step; here G is computed every step anyway, the train loop needs it
+  for the update, so the saving is the small solve only), and ``max_norm`` > 0 rescales the update to norm ≤
+  max_norm (the authors clip the shared gradient's norm to 1.0; 0, the default here, turns it off).
+  hparams: ridge (1e-6, relative to each task's squared norm; the relative error it adds), steps (40 Newton steps),
+  update_every (1), max_norm (0.0).
   """
   name: ClassVar[str] = 'nash_mtl'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
+      'ridge': HParam(1e-6, 'float', **positive(), doc='relative ridge on the Gram matrix'),
+      'steps': HParam(40, 'int', check=lambda v: v >= 1, expected='>= 1', doc='damped Newton steps'),
+      'update_every': HParam(1, 'int', check=lambda v: v >= 1, expected='>= 1', doc='re-solve every k steps'),
+      'max_norm': HParam(0.0, 'float', check=lambda v: v >= 0, expected='>= 0 (0: no clipping)',
+                         doc='largest update norm'),
+  }
+
+  def _init(self, num_tasks, hp):
+    return {'alpha': jnp.ones((num_tasks,), jnp.float32)}
+
+  def _apply(self, state, hp, grads, losses, key):
+    g = gram(grads)
+    present = _present(g)
+    solve = state['step'] % hp['update_every'] == 0
+    alpha = jax.lax.cond(solve, lambda: nash_weights(g, present, hp['ridge'], hp['steps']),
+                         lambda: jnp.where(present, state['alpha'], 0.0))
+    return clip_weights_to_norm(alpha, g, hp['max_norm']), {'alpha': jnp.where(solve, alpha, state['alpha'])}
+
+
+@dataclasses.dataclass(frozen=True)
+class FairGrad(WeightingMethod):
+  """FairGrad (Ban & Ji, ICML 2024, "Fair Resource Allocation in Multi-Task Learning").
+
+  α-fair utility maximisation over the update: max_d Σ_t (G_t·d)^(1−α)/(1−α) (Σ_t log(G_t·d) for α = 1) in a ball;
+  with d = Σ_t x_t G_t its optimality condition is (G Gᵀ) x = x^(−1/α) elementwise, x > 0. α = 1 is Nash-MTL's
+  proportional fairness; α → ∞ approaches max-min fairness (MGDA-like). The authors solve the system with
+  scipy's least_squares on the raw G Gᵀ; here the Gram matrix is first divided by its Frobenius norm (Nash-MTL's
+  convention, so that T_p identical gradients give x = 1, the EW update; on the raw Gram the update's norm does not
+  depend on the gradients' scale) and the system is solved by damped Newton on its convex potential
+  (`fairgrad_weights`). update = Σ_t x_t G_t, weights = x. Absent tasks get x = 0 and are left out.
+  hparams: alpha (1.0, > 0), ridge (1e-6), steps (40).
+  """
+  name: ClassVar[str] = 'fairgrad'
+  HPARAMS: ClassVar[Mapping[str, HParam]] = {
+      'alpha': HParam(1.0, 'float', **positive(), doc='fairness α'),
       'ridge': HParam(1e-6, 'float', **positive(), doc='relative ridge on the Gram matrix'),
       'steps': HParam(40, 'int', check=lambda v: v >= 1, expected='>= 1', doc='damped Newton steps'),
   }
 
   def _apply(self, state, hp, grads, losses, key):
     g = gram(grads)
-    return nash_weights(g, _present(g), hp['ridge'], hp['steps']), {}
+    return fairgrad_weights(g, _present(g), hp['alpha'], hp['ridge'], hp['steps']), {}
 
 
 @dataclasses.dataclass(frozen=True)

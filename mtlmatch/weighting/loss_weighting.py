@@ -1,13 +1,15 @@
 """Loss-weighting methods: the update is Σ_t w_t G_t with weights from the losses (and, for GradNorm, gradient norms).
 
-EW, UW (Kendall et al. 2018), DWA (Liu et al. 2019), RLW (Lin et al. 2022), GradNorm (Chen et al. 2018) and FAMO
-(Liu et al. 2023). All follow the contract of `base.WeightingMethod`; use them through `mtlmatch.weighting`::
+EW, UW (Kendall et al. 2018), DWA (Liu et al. 2019), RLW (Lin et al. 2022), GradNorm (Chen et al. 2018), FAMO
+(Liu et al. 2023), TorchJD's Sum / Mean / Constant, GLS (Chennupati et al. 2019), IMTL-L (Liu et al. 2021), STCH
+(Lin et al. 2024) and GO4Align (Shen et al. 2024). All follow the contract of `base.WeightingMethod`; use them through
+`mtlmatch.weighting`::
 
     method = get_method('dwa', window=50)
     state = method.init(num_tasks=3)
     update, weights, state = method.apply(state, grads, losses, key)
 
-Except GradNorm, their weights do not depend on ``grads``: a train loop may skip the per-task Jacobian, call
+Except GradNorm (and ExcessMTL, in `stochastic_methods`), their weights do not depend on ``grads``: a train loop may skip the per-task Jacobian, call
 ``apply(state, jnp.zeros((T, 0)), losses, key)`` for the weights and differentiate Σ_t w_t L_t (e.g. through one
 ``jax.vjp`` of the per-task losses with the weights as cotangent). Absent tasks (loss exactly 0: no labelled example in
 the batch) are handled as each docstring says; their gradient row is zero, so their weight never moves the update.
@@ -251,3 +253,212 @@ class FAMO(WeightingMethod):
     weights = n_present.astype(jnp.float32) * probs
     new = {'logits': xi_new, 'prev_losses': jnp.where(present, losses, 0.0), **adam}
     return weights, new
+
+
+# ---- trivial aggregations (TorchJD's Sum, Mean, Constant) ------------------------------------------------------------
+def _present_losses(losses):
+  return present_from_losses(losses)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sum(WeightingMethod):
+  """Sum (TorchJD's ``Sum``): w_t = 1 for present tasks, 0 for absent ones (L_t = 0). The update is EW's; only the
+  reported weight of an absent task differs (EW reports 1). State: only ``step``.
+  """
+  name: ClassVar[str] = 'sum'
+  needs_grads: ClassVar[bool] = False
+
+  def _apply(self, state, hp, grads, losses, key):
+    return _present_losses(losses).astype(jnp.float32), {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mean(WeightingMethod):
+  """Mean (TorchJD's ``Mean``) of the present tasks' gradients, on the EW scale: w_t = T / T_p for the T_p present
+  tasks, 0 for absent ones. With every task present it is EW; when tasks are missing from a batch the update keeps
+  its size (the mean of the present gradients × T) instead of shrinking like the sum. State: only ``step``.
+  """
+  name: ClassVar[str] = 'mean'
+  needs_grads: ClassVar[bool] = False
+
+  def _apply(self, state, hp, grads, losses, key):
+    present = _present_losses(losses)
+    return jnp.where(present, safe_div(jnp.float32(losses.shape[0]), jnp.sum(present).astype(jnp.float32)), 0.0), {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Constant(WeightingMethod):
+  """Fixed task weights (TorchJD's ``Constant``; linear scalarisation): update = Σ_t c_t G_t with c = ``weights``
+  (one float per task, checked at init; empty, the default, means all ones). Absent tasks get 0. State: ``step``.
+  hparams: weights (()).
+  """
+  name: ClassVar[str] = 'constant'
+  needs_grads: ClassVar[bool] = False
+  HPARAMS: ClassVar[Mapping[str, HParam]] = {
+      'weights': HParam((), 'floats', doc='one weight per task (empty: all ones)'),
+  }
+
+  def _init(self, num_tasks, hp):
+    if len(hp['weights']) not in (0, num_tasks):
+      raise ValueError(f'constant hparam \'weights\': got {len(hp["weights"])} values {hp["weights"]}, expected '
+                       f'num_tasks={num_tasks} (or none, for all ones)')
+    return {}
+
+  def init(self, num_tasks, num_params=None, **hparams):
+    state = super().init(num_tasks, num_params, **hparams)
+    if state['hparams']['weights'].shape[0] == 0:   # stored as T ones: zero-size arrays cannot be checkpointed
+      state['hparams'] = {**state['hparams'], 'weights': jnp.ones((num_tasks,), jnp.float32)}
+    return state
+
+  def _apply(self, state, hp, grads, losses, key):
+    return jnp.where(_present_losses(losses), hp['weights'], 0.0), {}
+
+
+# ---- loss transforms ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class GLS(WeightingMethod):
+  """Geometric loss strategy (Chennupati, Sistu, Yogamani, Rawashdeh, CVPR Workshops 2019, "MultiNet++: Multi-Stream
+  Feature Aggregation and Geometric Loss Strategy for Multi-Task Learning").
+
+  Minimises the geometric mean of the losses, L_GLS = (Π_t L_t)^(1/T); ∂L_GLS/∂L_t = L_GLS / (T L_t). Here
+  w_t = L_GLS / L_t over the T_p present tasks (T_p × LibMTL's weights, so equal losses give w = 1, the EW update);
+  computed in log space. The geometric mean needs positive losses: tasks with L_t ≤ 0 (absent ones included) are left
+  out (w = 0). State: only ``step``.
+  """
+  name: ClassVar[str] = 'gls'
+  needs_grads: ClassVar[bool] = False
+
+  def _apply(self, state, hp, grads, losses, key):
+    present = present_from_losses(losses) & (losses > 0)
+    logs = jnp.log(jnp.where(present, losses, 1.0))
+    mean_log = safe_div(jnp.sum(jnp.where(present, logs, 0.0)), jnp.sum(present).astype(jnp.float32), 0.0)
+    return jnp.where(present, jnp.exp(mean_log - logs), 0.0), {}
+
+
+@dataclasses.dataclass(frozen=True)
+class IMTLL(WeightingMethod):
+  """IMTL-L, the loss part of IMTL (Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang, ICLR 2021, "Towards Impartial
+  Multi-task Learning").
+
+  Learned scales s_t (state ``log_scale`` [T], init 0) and the objective Σ_t e^{s_t} L_t − s_t, whose minimum over s
+  makes every scaled loss e^{s_t} L_t equal to 1. Weights w_t = e^{s_t} (with this step's s), then an SGD step on s:
+  s_t ← s_t − lr (e^{s_t} L_t − 1) (LibMTL trains s with the model's optimizer; here, as UW, the method takes its own
+  step), s clipped to [−20, 20]. Absent tasks (L_t = 0) keep their s and get weight 0. hparams: lr (0.01).
+  """
+  name: ClassVar[str] = 'imtl_l'
+  needs_grads: ClassVar[bool] = False
+  HPARAMS: ClassVar[Mapping[str, HParam]] = {
+      'lr': HParam(0.01, 'float', **positive(), doc='SGD step size on the log-scales'),
+  }
+
+  def _init(self, num_tasks, hp):
+    return {'log_scale': jnp.zeros((num_tasks,), jnp.float32)}
+
+  def _apply(self, state, hp, grads, losses, key):
+    s = state['log_scale']
+    weights = jnp.exp(s)
+    present = present_from_losses(losses)
+    grad_s = jnp.where(present, weights * jnp.where(present, losses, 0.0) - 1.0, 0.0)
+    s_new = jnp.clip(s - hp['lr'] * grad_s, -_UW_LOG_VAR_BOUND, _UW_LOG_VAR_BOUND)
+    return jnp.where(present, weights, 0.0), {'log_scale': s_new}
+
+
+@dataclasses.dataclass(frozen=True)
+class STCH(WeightingMethod):
+  """Smooth Tchebycheff scalarisation (Lin, Zhang, Yang, Zhang, Zhang, ICML 2024, "Smooth Tchebycheff Scalarization
+  for Multi-Objective Optimization"), as the authors' MTL code (in LibMTL).
+
+  After a warm-up the objective is the smooth maximum of the log losses relative to a nadir point z:
+  f = μ log Σ_t exp(log(L_t / z_t) / μ), so ∂f/∂L_t = softmax_t(log(L/z)/μ) / L_t: the worst task (relative to z)
+  gets the most weight, more sharply as μ → 0. During the first ``warmup_steps`` steps the objective is Σ_t log L_t
+  (∂/∂L_t = 1/L_t) and z accumulates the mean loss of each task over them (the authors: over the last warm-up
+  epoch). Weights are normalised to sum to T_p (the authors' raw weights scale with 1/L; the normalisation keeps
+  the EW scale and the ratios between tasks). Tasks with L_t ≤ 0 (absent ones included) get weight 0 and do not
+  count toward z. State: ``loss_sum``, ``loss_count`` [T]. hparams: mu (1.0), warmup_steps (100).
+  """
+  name: ClassVar[str] = 'stch'
+  needs_grads: ClassVar[bool] = False
+  HPARAMS: ClassVar[Mapping[str, HParam]] = {
+      'mu': HParam(1.0, 'float', **positive(), doc='smoothing μ'),
+      'warmup_steps': HParam(100, 'int', check=lambda v: v >= 1, expected='>= 1', doc='steps that set the nadir z'),
+  }
+
+  def _init(self, num_tasks, hp):
+    zeros = jnp.zeros((num_tasks,), jnp.float32)
+    return {'loss_sum': zeros, 'loss_count': zeros}
+
+  def _apply(self, state, hp, grads, losses, key):
+    present = present_from_losses(losses) & (losses > 0)
+    safe = jnp.where(present, losses, 1.0)
+    warm = state['step'] < hp['warmup_steps']
+    nadir = safe_div(state['loss_sum'], state['loss_count'], 1.0)
+    nadir = jnp.where(nadir > 0, nadir, 1.0)   # a task never present during the warm-up: z = 1
+    rel = jnp.where(present, jnp.log(safe / nadir) / hp['mu'], -jnp.inf)
+    soft = jnp.where(present, jax.nn.softmax(jnp.where(jnp.any(present), rel, 0.0)), 0.0)
+    raw = jnp.where(warm, jnp.where(present, 1.0, 0.0), soft) / safe
+    weights = jnp.sum(present) * safe_div(raw, jnp.sum(raw), 0.0)
+    add = warm & present
+    new = {'loss_sum': state['loss_sum'] + jnp.where(add, losses, 0.0),
+           'loss_count': state['loss_count'] + add.astype(jnp.float32)}
+    return jnp.where(present, weights, 0.0), new
+
+
+def kmeans_1d(values: jax.Array, present: jax.Array, k: jax.Array | int, iters: jax.Array | int = 20) -> jax.Array:
+  """Lloyd's k-means of the present scalars `values` [T] into min(k, T_p) groups; returns each value's group centre
+  (0 for absent entries). Centres start at evenly spaced order statistics of the present values (deterministic)."""
+  num_tasks = values.shape[0]
+  n_present = jnp.sum(present)
+  k = jnp.clip(k, 1, jnp.maximum(n_present, 1))
+  ordered = jnp.sort(jnp.where(present, values, jnp.inf))
+  slots = jnp.arange(num_tasks)
+  pos = jnp.where(k > 1, slots * (n_present - 1) // jnp.maximum(k - 1, 1), 0)
+  active = slots < k
+  centres = jnp.where(active, ordered[jnp.clip(pos, 0, num_tasks - 1)], 0.0)
+  centres = jnp.where((k == 1) & (slots == 0), safe_div(jnp.sum(jnp.where(present, values, 0.0)), n_present, 0.0),
+                      centres)
+
+  def assign(c):
+    return jnp.argmin(jnp.where(active[None, :], jnp.abs(values[:, None] - c[None, :]), jnp.inf), axis=1)
+
+  def body(_, c):
+    member = (assign(c)[:, None] == slots[None, :]) & present[:, None]
+    total = jnp.sum(jnp.where(member, values[:, None], 0.0), axis=0)
+    count = jnp.sum(member, axis=0)
+    return jnp.where(active & (count > 0), safe_div(total, count.astype(values.dtype), 0.0), c)
+
+  centres = jax.lax.fori_loop(0, iters, body, centres)
+  return jnp.where(present, centres[assign(centres)], 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class GO4Align(WeightingMethod):
+  """GO4Align (Shen, Wang, Cao, Zhen, Snoek, Tan, NeurIPS 2024, "GO4Align: Group Optimization for Multi-Task
+  Alignment"), as the authors' code.
+
+  Risk-guided indicators r_t = (Σ_s L_s / L_t) p_t with p ← p ⊙ exp(−η L), p ← p / Σ p (state ``probs`` [T], init
+  1/T; η = ``step_size``), then dynamical group assignment: the r_t are clustered into ``num_groups`` groups
+  (k-means in one dimension) and every task takes its group's mean indicator as its weight. The authors run
+  kmeans_pytorch (random initialisation); here Lloyd's iterations (``kmeans_iters``) start from evenly spaced order
+  statistics, so the grouping is deterministic. Equal losses and probabilities give w = 1 (EW). Absent tasks
+  (L_t ≤ 0) are left out of Σ L, the p step, the clustering, and get weight 0.
+  hparams: num_groups (2), step_size (1e-4), kmeans_iters (20).
+  """
+  name: ClassVar[str] = 'go4align'
+  needs_grads: ClassVar[bool] = False
+  HPARAMS: ClassVar[Mapping[str, HParam]] = {
+      'num_groups': HParam(2, 'int', check=lambda v: v >= 1, expected='>= 1', doc='number of task groups'),
+      'step_size': HParam(1e-4, 'float', **non_negative(), doc='η of the probability update'),
+      'kmeans_iters': HParam(20, 'int', check=lambda v: v >= 1, expected='>= 1', doc="Lloyd's iterations"),
+  }
+
+  def _init(self, num_tasks, hp):
+    return {'probs': jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32)}
+
+  def _apply(self, state, hp, grads, losses, key):
+    present = present_from_losses(losses) & (losses > 0)
+    safe = jnp.where(present, losses, 1.0)
+    p = state['probs'] * jnp.where(present, jnp.exp(-hp['step_size'] * safe), 1.0)
+    p = p / jnp.sum(p)
+    p_present = safe_div(jnp.where(present, p, 0.0), jnp.sum(jnp.where(present, p, 0.0)), 0.0)
+    r = jnp.where(present, jnp.sum(jnp.where(present, losses, 0.0)) / safe * p_present, 0.0)
+    return kmeans_1d(r, present, hp['num_groups'], hp['kmeans_iters']), {'probs': p}

@@ -1,0 +1,310 @@
+"""Projection and robust aggregators: UPGrad, DualProj, ConFIG, GradVac, GradDrop, Krum, trimmed mean, RGW.
+
+UPGrad and DualProj (Quinton & Rey 2024, TorchJD), ConFIG (Liu et al. 2024), GradVac (Wang et al. 2021), GradDrop
+(Chen et al. 2020), TorchJD's robust aggregators Krum and trimmed mean, and random gradient weighting (RGW, Lin et
+al. 2022). Same contract as `gradient_methods`: T_p identical task gradients give T_p · g (the EW update), absent tasks
+(zero gradient row) get weight 0 and are left out of the combination. UPGrad, DualProj, ConFIG, GradVac, Krum and
+RGW work on the Gram matrix G Gᵀ [T, T] (update = weights @ G); GradDrop and the trimmed mean act coordinate by
+coordinate on G ([T, P] work, ``linear = False``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from mtlmatch.weighting.base import HParam, WeightingMethod, gram, non_negative, safe_div
+from mtlmatch.weighting.gradient_methods import _present, nonneg_qp
+
+
+def _normalised_gram(g: jax.Array, present: jax.Array, reg: jax.Array | float) -> jax.Array:
+  """TorchJD's normalise-then-regularise: G Gᵀ / tr(G Gᵀ) + reg·I over the present tasks (scale-free)."""
+  both = present[:, None] & present[None, :]
+  g = jnp.where(both, g, 0.0)
+  return safe_div(g, jnp.trace(g), 0.0) + reg * jnp.eye(g.shape[0])
+
+
+def dual_cone_weights(g: jax.Array, present: jax.Array, u: jax.Array, reg: jax.Array | float = 1e-4,
+                      steps: jax.Array | int = 500) -> jax.Array:
+  """Coefficients v [T, K] of the projections of the combinations uᵀG (u [T, K]) onto the dual cone {d : G d ≥ 0}.
+
+  The projection of Gᵀu is Gᵀv with v = argmin_{v ≥ u} vᵀ A v (A = the normalised, regularised Gram matrix; the
+  dual of min ‖d − Gᵀu‖² s.t. G d ≥ 0, Quinton & Rey 2024, Prop. 1), solved as v = u + s, s = `nonneg_qp`(A, A u).
+  """
+  a_mat = _normalised_gram(g, present, reg)
+  u = u * present[:, None]
+  return u + nonneg_qp(a_mat, a_mat @ u, present, steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class UPGrad(WeightingMethod):
+  """UPGrad (Quinton & Rey 2024, "Jacobian Descent for Multi-Objective Optimization"; TorchJD's ``UPGrad``).
+
+  Each task gradient is projected onto the dual cone of the rows, {d : G_s·d ≥ 0 ∀s}, and the projections are
+  summed: update = Σ_t π(G_t) (TorchJD averages them with its default ``Mean`` preference; the sum puts the update on
+  the EW scale, the projection being positively homogeneous). So the update never conflicts with any task
+  (G_s·update ≥ 0) and equals EW when no pair conflicts. Through the dual, π(G_t) = Gᵀ v_t with
+  v_t = argmin_{v ≥ e_t} vᵀ A v, A = G Gᵀ / tr(G Gᵀ) + reg·I (TorchJD's normalisation and ``reg_eps``); weights =
+  Σ_t v_t. Solver: exact face enumeration for T ≤ 8 (`nonneg_qp`; TorchJD calls quadprog), accelerated projected
+  gradient (``steps``) beyond. Absent tasks are neither projected nor constraints.
+  hparams: reg (1e-4), steps (500, T > 8 only).
+  """
+  name: ClassVar[str] = 'upgrad'
+  HPARAMS: ClassVar[Mapping[str, HParam]] = {
+      'reg': HParam(1e-4, 'float', **non_negative(), doc='ridge on the trace-normalised Gram matrix'),
+      'steps': HParam(500, 'int', check=lambda v: v >= 1, expected='>= 1', doc='projected-gradient steps (T > 8)'),
+  }
+
+  def _apply(self, state, hp, grads, losses, key):
+    g = gram(grads)
+    present = _present(g)
+    v = dual_cone_weights(g, present, jnp.eye(g.shape[0]), hp['reg'], hp['steps'])
+    return jnp.where(present, jnp.sum(v * present[None, :], axis=1), 0.0), {}
+
+
+@dataclasses.dataclass(frozen=True)
+class DualProj(UPGrad):
+  """DualProj (Quinton & Rey 2024; TorchJD's ``DualProj``): the sum of the task gradients projected once onto the dual
+  cone {d : G_s·d ≥ 0 ∀s}: update = π(Σ_t G_t) = Gᵀv, v = argmin_{v ≥ 1} vᵀ A v (TorchJD projects the mean; the
+  sum is its EW-scaled version). Equals EW when the sum already conflicts with no task. Solver and hparams as UPGrad.
+  """
+  name: ClassVar[str] = 'dualproj'
+
+  def _apply(self, state, hp, grads, losses, key):
+    g = gram(grads)
+    present = _present(g)
+    v = dual_cone_weights(g, present, jnp.ones((g.shape[0], 1)), hp['reg'], hp['steps'])
+    return jnp.where(present, v[:, 0], 0.0), {}
+
+
+@dataclasses.dataclass(frozen=True)
+class ConFIG(WeightingMethod):
+  """ConFIG (Liu, Chu, Thuerey 2024, "ConFIG: Towards Conflict-free Training of Physics Informed Neural Networks";
+  TorchJD's ``ConFIG``).
+
+  The direction with equal cosine to every task gradient: d = U⁺ 1 with U the unit task gradients as rows (the
+  least-norm d with u_t·d = 1 ∀t), rescaled to the summed projections: update = (Σ_t G_t·d̂) d̂, d̂ = d/‖d‖.
+  In Gram space U⁺1 = Σ_t c_t u_t with c = C⁺1, C the cosine matrix (pseudo-inverse with relative cut-off
+  ``rtol``); so weights_t = a_t (1ᵀ G Gᵀ a)/(aᵀ G Gᵀ a), a_t = c_t/‖G_t‖. Identical gradients give the EW update;
+  whenever C is invertible every task gets the same positive cosine with the update. Absent tasks are left out.
+  hparams: rtol (1e-5, the pseudo-inverse's cut-off relative to C's largest eigenvalue).
+  """
+  name: ClassVar[str] = 'config'
+  HPARAMS: ClassVar[Mapping[str, HParam]] = {
+      'rtol': HParam(1e-5, 'float', check=lambda v: 0 < v < 1, expected='in (0, 1)', doc='pseudo-inverse cut-off'),
+  }
+
+  def _apply(self, state, hp, grads, losses, key):
+    g = gram(grads)
+    present = _present(g)
+    both = present[:, None] & present[None, :]
+    scale = jnp.max(jnp.where(present, jnp.diagonal(g), 0.0))
+    gs = safe_div(jnp.where(both, g, 0.0), scale, 0.0)   # scale-free: the weights below are invariant to it
+    norms = jnp.where(present, jnp.sqrt(jnp.maximum(jnp.diagonal(gs), 0.0)), 1.0)
+    cos = jnp.where(both, gs / (norms[:, None] * norms[None, :]), 0.0)
+    c = jnp.linalg.pinv(cos, rtol=hp['rtol'], hermitian=True) @ present.astype(jnp.float32)
+    a = jnp.where(present, c / norms, 0.0)
+    ga = gs @ a
+    weights = a * safe_div(jnp.sum(ga), a @ ga, 0.0)
+    return jnp.where(present & jnp.all(jnp.isfinite(weights)), weights, 0.0), {}
+
+
+def gradvac_coefficients(g: jax.Array, present: jax.Array, targets: jax.Array, beta: jax.Array | float,
+                         key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """GradVac on the Gram matrix: returns (coefficients c [T, T] with g'_i = c_iᵀG, new targets [T, T]).
+
+  For each i, g'_i starts at G_i and, for j ≠ i in a random order (a permutation per i from `key`), with
+  ρ = cos(g'_i, G_j) and target φ = targets[i, j]: if ρ < φ, g'_i += ‖g'_i‖ (φ√(1−ρ²) − ρ√(1−φ²)) / (‖G_j‖√(1−φ²)) G_j
+  (which makes cos(g'_i, G_j) = φ) and targets[i, j] ← (1 − β) φ + β ρ. Tracked as coefficients like `pcgrad_weights`.
+  """
+  num_tasks = g.shape[0]
+  perms = jax.vmap(lambda k: jax.random.permutation(k, num_tasks))(jax.random.split(key, num_tasks))
+  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(g), 0.0))
+
+  def one(i, perm, row):
+    def body(k, carry):
+      coef, row = carry
+      j = perm[k]
+      ni = jnp.sqrt(jnp.maximum(coef @ g @ coef, 0.0))
+      rho = jnp.clip(safe_div(coef @ g[:, j], ni * norms[j], 0.0), -1.0, 1.0)
+      phi = row[j]
+      act = (rho < phi) & (j != i) & present[j] & present[i]
+      w = safe_div(ni * (phi * jnp.sqrt(1 - rho ** 2) - rho * jnp.sqrt(jnp.maximum(1 - phi ** 2, 0.0))),
+                   norms[j] * jnp.sqrt(jnp.maximum(1 - phi ** 2, 0.0)), 0.0)
+      coef = coef + jnp.where(act, w, 0.0) * jax.nn.one_hot(j, num_tasks)
+      row = row.at[j].set(jnp.where(act, (1 - beta) * phi + beta * rho, phi))
+      return coef, row
+
+    return jax.lax.fori_loop(0, num_tasks, body, (jax.nn.one_hot(i, num_tasks), row))
+
+  coefs, new_targets = jax.vmap(one)(jnp.arange(num_tasks), perms, targets)
+  return jnp.where(present[:, None], coefs, 0.0), new_targets
+
+
+@dataclasses.dataclass(frozen=True)
+class GradVac(WeightingMethod):
+  """Gradient Vaccine (Wang, Tsvetkov, Firat, Cao, ICLR 2021, "Gradient Vaccine: Investigating and Improving
+  Multi-task Optimization in Massively Multilingual Models").
+
+  PCGrad generalised to a positive similarity goal: for each pair (i, j) an EMA target φ_ij of cos(g_i, g_j) (state
+  ``targets`` [T, T], init 0); whenever g'_i's cosine with G_j is below φ_ij, G_j is added to g'_i with the
+  coefficient that lifts the cosine exactly to φ_ij (`gradvac_coefficients`); update = Σ_i g'_i. As LibMTL's code
+  (the reference implementation; the paper has none): whole-model granularity, a fresh random order per task and
+  step, and the target only moves, φ ← (1 − β) φ + β ρ, when the pair was adjusted. With φ = 0 the first steps are
+  PCGrad's projection. Absent tasks neither adjust nor are adjusted, and their targets stay. hparams: beta (0.5).
+  """
+  name: ClassVar[str] = 'gradvac'
+  HPARAMS: ClassVar[Mapping[str, HParam]] = {
+      'beta': HParam(0.5, 'float', check=lambda v: 0 <= v <= 1, expected='in [0, 1]', doc='EMA rate of the targets'),
+  }
+
+  def _init(self, num_tasks, hp):
+    return {'targets': jnp.zeros((num_tasks, num_tasks), jnp.float32)}
+
+  def _apply(self, state, hp, grads, losses, key):
+    key = self._require_key(key)
+    g = gram(grads)
+    present = _present(g)
+    coefs, targets = gradvac_coefficients(g, present, state['targets'], hp['beta'], key)
+    return jnp.where(present, jnp.sum(coefs, axis=0), 0.0), {'targets': targets}
+
+
+def _kept_share(kept: jax.Array, grads: jax.Array) -> jax.Array:
+  """Σ_p kept_tp G_tp² / ‖G_t‖² [T]: the share of each task's gradient (squared) that a coordinate-wise rule kept."""
+  sq = jnp.square(grads)
+  return safe_div(jnp.sum(kept * sq, axis=1), jnp.sum(sq, axis=1), 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class GradDrop(WeightingMethod):
+  """GradDrop (Chen, Ngiam, Huang, Luong, Kretzschmar, Chai, Anguelov, NeurIPS 2020, "Just Pick a Sign: Optimizing
+  Deep Multitask Models with Gradient Sign Dropout").
+
+  Per coordinate p, the sign purity P_p = ½(1 + Σ_t G_tp / Σ_t |G_tp|) and U_p ~ Uniform(0, 1) (from ``key``);
+  task t keeps G_tp when (P_p > U_p and G_tp > 0) or (P_p < U_p and G_tp < 0):
+  update_p = Σ_t (leak + (1 − leak) M_tp) G_tp. As TorchJD's ``GradDrop`` it acts on the gradients of the shared
+  parameters (the paper and LibMTL apply it to the gradients w.r.t. a shared activation layer, summed over the batch
+  after multiplying by the sign of the input). Without sign conflicts it is EW. ``linear = False``: the reported
+  weights are the shares kept, leak + (1 − leak) Σ_p M_tp G_tp² / ‖G_t‖² (1: nothing dropped; 0 for absent tasks).
+  hparams: leak (0.0, in [0, 1]).
+  """
+  name: ClassVar[str] = 'graddrop'
+  linear: ClassVar[bool] = False
+  HPARAMS: ClassVar[Mapping[str, HParam]] = {
+      'leak': HParam(0.0, 'float', check=lambda v: 0 <= v <= 1, expected='in [0, 1]', doc='share always kept'),
+  }
+
+  def _apply_update(self, state, hp, grads, losses, key):
+    key = self._require_key(key)
+    present = _present(gram(grads))
+    purity = 0.5 * (1.0 + safe_div(jnp.sum(grads, axis=0), jnp.sum(jnp.abs(grads), axis=0), 0.0))
+    u = jax.random.uniform(key, (grads.shape[1],))
+    mask = ((purity > u)[None, :] & (grads > 0)) | ((purity < u)[None, :] & (grads < 0))
+    keep = hp['leak'] + (1.0 - hp['leak']) * mask.astype(jnp.float32)
+    update = jnp.sum(keep * grads, axis=0)
+    weights = jnp.where(present, hp['leak'] + (1.0 - hp['leak']) * _kept_share(mask, grads), 0.0)
+    return update, weights, {}
+
+
+def _check_num_tasks(method: WeightingMethod, num_tasks: int, needed: int, what: str):
+  if num_tasks < needed:
+    raise ValueError(f'{method.name}.init num_tasks: got {num_tasks}, expected >= {needed} ({what})')
+
+
+@dataclasses.dataclass(frozen=True)
+class Krum(WeightingMethod):
+  """Krum (Blanchard, El Mhamdi, Guerraoui, Stainer, NeurIPS 2017, "Machine Learning with Adversaries: Byzantine
+  Tolerant Gradient Descent"), as TorchJD's ``Krum`` aggregator.
+
+  Each task's score is the sum of its Euclidean distances to its T − f − 2 nearest other task gradients
+  (f = ``n_byzantine``; TorchJD uses distances, Krum's paper squared distances); the ``n_selected`` m tasks of least
+  score are averaged: update = T_p · mean of the selected rows (×T_p: identical gradients give the EW update),
+  weights T_p/m on them, 0 elsewhere. Distances come from the Gram matrix. Needs T ≥ f + 3 and T ≥ m (checked at
+  init). Absent tasks are neither candidates nor neighbours; with T_p present tasks the neighbour count is
+  clip(T_p − f − 2, 1, T_p − 1) and m is min(m, T_p). Ties go to the lower task index.
+  hparams: n_byzantine (0; TorchJD requires it), n_selected (1).
+  """
+  name: ClassVar[str] = 'krum'
+  HPARAMS: ClassVar[Mapping[str, HParam]] = {
+      'n_byzantine': HParam(0, 'int', check=lambda v: v >= 0, expected='>= 0', doc='tolerated adversarial tasks f'),
+      'n_selected': HParam(1, 'int', check=lambda v: v >= 1, expected='>= 1', doc='rows averaged m'),
+  }
+
+  def _init(self, num_tasks, hp):
+    _check_num_tasks(self, num_tasks, hp['n_byzantine'] + 3, f'n_byzantine + 3 with n_byzantine={hp["n_byzantine"]}')
+    _check_num_tasks(self, num_tasks, hp['n_selected'], f'n_selected={hp["n_selected"]}')
+    return {}
+
+  def _apply(self, state, hp, grads, losses, key):
+    g = gram(grads)
+    present = _present(g)
+    num_tasks = g.shape[0]
+    n_present = jnp.sum(present)
+    d = jnp.diagonal(g)
+    dist = jnp.sqrt(jnp.maximum(d[:, None] + d[None, :] - 2 * g, 0.0))
+    others = present[None, :] & ~jnp.eye(num_tasks, dtype=bool)
+    nearest = jnp.sort(jnp.where(others, dist, jnp.inf), axis=1)
+    k = jnp.clip(n_present - hp['n_byzantine'] - 2, 1, jnp.maximum(n_present - 1, 0))
+    scores = jnp.sum(jnp.where(jnp.arange(num_tasks)[None, :] < k, nearest, 0.0), axis=1)
+    scores = jnp.where(present, scores, jnp.inf)
+    m = jnp.minimum(hp['n_selected'], n_present)
+    rank = jnp.argsort(jnp.argsort(scores, stable=True), stable=True)
+    chosen = present & (rank < m)
+    return jnp.where(chosen, safe_div(n_present.astype(jnp.float32), m.astype(jnp.float32), 0.0), 0.0), {}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrimmedMean(WeightingMethod):
+  """Coordinate-wise trimmed mean (Yin, Chen, Kannan, Bartlett, ICML 2018, "Byzantine-Robust Distributed Learning"),
+  as TorchJD's ``TrimmedMean``: per coordinate the ``trim_number`` k largest and k smallest task values are dropped
+  and the rest averaged; update = T_p · that mean (×T_p: the EW scale). Needs T ≥ 2k + 1 (checked at init). Absent
+  tasks take no part; with T_p present tasks k is min(k, ⌊(T_p − 1)/2⌋) (at least one value kept per coordinate).
+  ``linear = False``: weights_t = T_p/(T_p − 2k) · Σ_p kept_tp G_tp² / ‖G_t‖² (the share of G_t kept, rescaled).
+  hparams: trim_number (1).
+  """
+  name: ClassVar[str] = 'trimmed_mean'
+  linear: ClassVar[bool] = False
+  HPARAMS: ClassVar[Mapping[str, HParam]] = {
+      'trim_number': HParam(1, 'int', check=lambda v: v >= 0, expected='>= 0', doc='values dropped at each end'),
+  }
+
+  def _init(self, num_tasks, hp):
+    _check_num_tasks(self, num_tasks, 2 * hp['trim_number'] + 1, f'2 * trim_number + 1, trim_number='
+                     f'{hp["trim_number"]}')
+    return {}
+
+  def _apply_update(self, state, hp, grads, losses, key):
+    present = _present(gram(grads))
+    n_present = jnp.sum(present)
+    k = jnp.minimum(hp['trim_number'], jnp.maximum(n_present - 1, 0) // 2)
+    values = jnp.where(present[:, None], grads, jnp.inf)          # absent rows sort last
+    rank = jnp.argsort(jnp.argsort(values, axis=0, stable=True), axis=0, stable=True)
+    kept = present[:, None] & (rank >= k) & (rank < n_present - k)
+    scale = safe_div(n_present.astype(jnp.float32), (n_present - 2 * k).astype(jnp.float32), 0.0)
+    update = scale * jnp.sum(jnp.where(kept, grads, 0.0), axis=0)
+    weights = jnp.where(present, scale * _kept_share(kept, grads), 0.0)
+    return update, weights, {}
+
+
+@dataclasses.dataclass(frozen=True)
+class RGW(WeightingMethod):
+  """Random gradient weighting (Lin, Ye, Xu, Shi, Zhang, TMLR 2022, "Reasonable Effectiveness of Random Weighting: A
+  Litmus Test for Multi-Task Learning"), RLW's twin on the gradients: the shared update is Σ_t w_t G_t with fresh
+  random w = T_p · softmax(ε) over the present tasks, ε ~ N(0, I) from ``key`` (LibMTL's RGW: softmax weights; ×T_p for
+  the EW scale). Unlike RLW (a loss weighting: every parameter, heads included, gets Σ_t w_t ∇L_t) the heads here get
+  their own task's gradient unweighted, as for every gradient method. Absent tasks get weight 0.
+  """
+  name: ClassVar[str] = 'rgw'
+
+  def _apply(self, state, hp, grads, losses, key):
+    key = self._require_key(key)
+    present = _present(gram(grads))
+    eps = jax.random.normal(key, (grads.shape[0],))
+    probs = jax.nn.softmax(jnp.where(present, eps, -jnp.inf))
+    return jnp.where(present, jnp.sum(present) * probs, 0.0), {}
+
+
+__all__ = ['ConFIG', 'DualProj', 'GradDrop', 'GradVac', 'Krum', 'RGW', 'TrimmedMean', 'UPGrad', 'dual_cone_weights',
+           'gradvac_coefficients']
