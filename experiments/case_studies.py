@@ -6,9 +6,9 @@
   python experiments/case_studies.py summary         # experiments/results/SUMMARY.md from the three reports
   python experiments/case_studies.py summary --readme README.md   # ... and README's generated "Results" block
 
-Options: ``--grid=full`` (the whole grid the studies were designed with; hours on a GPU) or ``--grid=cpu`` (default: the cut grid run
-for ``experiments/results/``, listed in :data:`CPU_GRIDS` with what was cut), ``--seeds=0,1,2``, ``--jobs=2``,
-``--workdirs=workdirs/experiments`` (checkpoints, logs, event files; not committed), ``--results=experiments/results``.
+Options: ``--grid=full`` (the whole grid the studies were designed with; hours on a GPU) or ``--grid=cpu`` (default: the
+cut grid run for ``experiments/results/``, listed in :data:`CPU_GRIDS` with what was cut), ``--seeds=0,1,2``,
+``--jobs=2``, ``--workdirs=workdirs/experiments`` (checkpoints, logs, event files; not committed), ``--results=experiments/results``.
 Every grid has the single-task baselines of every task (variants named ``st_<task>``), which the report's Δm and
 negative-transfer flags need.
 """

@@ -44,9 +44,9 @@ def steps(name, grads_seq, losses_seq, keys=None, **hparams):
   """Runs apply on each (grads, losses); returns [(update, weights)] in float64 and the final state."""
   state = W.init_state(W.get_method(name, **hparams), len(losses_seq[0]), P)
   out = []
-  for k, (g, l) in enumerate(zip(grads_seq, losses_seq)):
+  for k, (g, loss) in enumerate(zip(grads_seq, losses_seq)):
     key = KEY if keys is None else keys[k]
-    update, weights, state = jitted(name)(state, np.asarray(g, np.float32), np.asarray(l, np.float32), key)
+    update, weights, state = jitted(name)(state, np.asarray(g, np.float32), np.asarray(loss, np.float32), key)
     out.append((np.asarray(update, np.float64), np.asarray(weights, np.float64)))
   return out, state
 
@@ -81,9 +81,9 @@ def test_imtl_l_scales_move_toward_inverse_losses():
   losses = [LOSSES] * 3
   outs, state = steps('imtl_l', [RANDOM] * 3, losses, lr=0.5)
   s = np.zeros(3)
-  for (_, w), l in zip(outs, losses):
+  for (_, w), loss in zip(outs, losses):
     np.testing.assert_allclose(w, np.exp(s), rtol=1e-5)
-    s = s - 0.5 * (np.exp(s) * l - 1.0)
+    s = s - 0.5 * (np.exp(s) * loss - 1.0)
   np.testing.assert_allclose(state['log_scale'], s, rtol=1e-5)
   assert np.all(np.sign(s) == np.sign(-np.log(LOSSES)))   # toward e^s = 1/L
 
@@ -91,8 +91,8 @@ def test_imtl_l_scales_move_toward_inverse_losses():
 def test_stch_warmup_then_smooth_max_of_relative_log_losses():
   seq = [np.array([1.0, 2.0, 4.0]), np.array([3.0, 2.0, 2.0]), np.array([1.0, 4.0, 1.5])]
   outs, _ = steps('stch', [RANDOM] * 3, seq, mu=0.5, warmup_steps=2)
-  for (_, w), l in zip(outs[:2], seq[:2]):   # warm-up: ∝ 1/L, normalised to sum T
-    np.testing.assert_allclose(w, 3 * (1 / l) / np.sum(1 / l), rtol=1e-5)
+  for (_, w), loss in zip(outs[:2], seq[:2]):   # warm-up: ∝ 1/L, normalised to sum T
+    np.testing.assert_allclose(w, 3 * (1 / loss) / np.sum(1 / loss), rtol=1e-5)
   nadir = (seq[0] + seq[1]) / 2
   rel = np.log(seq[2] / nadir) / 0.5
   soft = np.exp(rel - rel.max()) / np.sum(np.exp(rel - rel.max()))
@@ -116,10 +116,10 @@ def test_go4align_groups_risk_guided_indicators(groups):
   seq = [np.array([0.5, 2.0, 1.8]), np.array([0.4, 2.2, 1.5])]
   outs, _ = steps('go4align', [RANDOM] * 2, seq, num_groups=groups, step_size=0.3)
   p = np.full(3, 1 / 3)
-  for (_, w), l in zip(outs, seq):
-    p = p * np.exp(-0.3 * l)
+  for (_, w), loss in zip(outs, seq):
+    p = p * np.exp(-0.3 * loss)
     p /= p.sum()
-    r = l.sum() / l * p
+    r = loss.sum() / loss * p
     np.testing.assert_allclose(w, kmeans_ref(r, groups), rtol=1e-5)
   assert len(set(np.round(outs[-1][1], 6))) == groups
 

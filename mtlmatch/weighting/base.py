@@ -5,9 +5,10 @@ A method is a frozen dataclass instance (hashable, so it can be closed over by `
 * ``init(num_tasks, num_params=None, **hparams) -> state``: a dict of arrays (orbax-checkpointable). It always holds
   ``'step'`` (int32 scalar, the number of `apply` calls so far) and, when the method has hyper-parameters,
   ``'hparams'``: every hyper-parameter as an array (floats float32, ints int32, a choice among strings as the int32
-  index of the choice in the spec, a 'floats' vector as a float32 vector). Keeping them in the state makes `apply` a pure function of its arguments, lets one compiled
-  step serve a sweep, and makes a restored checkpoint resume with the values it was trained with. Methods that track
-  gradients across steps (``needs_num_params``: MoCo, DB-MTL, ExcessMTL) keep [T, P] arrays and need ``num_params``.
+  index of the choice in the spec, a 'floats' vector as a float32 vector). Keeping them in the state makes `apply` a
+  pure function of its arguments, lets one compiled step serve a sweep, and makes a restored checkpoint resume with the
+  values it was trained with. Methods that track gradients across steps (``needs_num_params``: MoCo, DB-MTL,
+  ExcessMTL) keep [T, P] arrays and need ``num_params``.
 * ``apply(state, grads, losses, key=None) -> (update, weights, new_state)`` with ``grads`` ``[T, P]`` (per-task
   gradients of the shared parameters, flattened), ``losses`` ``[T]``, ``update`` ``[P]``: the direction to DESCEND,
   scaled like the plain sum of task gradients Σ_t G_t (what EW returns), and ``weights`` ``[T]``: the effective task

@@ -572,8 +572,9 @@ class AlignedMTL(WeightingMethod):
   eigendecomposition G Gᵀ = V Λ Vᵀ restricted to its numerical rank (read off the cosine matrix's eigenvalues
   > rtol·max; the authors cut G Gᵀ's own eigenvalues at T·eps·λ_max, which in float32 drops tasks whose gradient
   norm is ~1000× smaller than the largest), σ² = the smallest (``scale_mode='min'``, default), median or mean
-  ('rmse') kept eigenvalue; update = Σ_t G̃_t = αᵀG with α = W 1 (`aligned_weights`). Orthogonal equal-norm gradients and identical gradients both give the EW update; opposing
-  equal-norm gradients give 0. Absent tasks lie in the dropped null space: α_t = 0.
+  ('rmse') kept eigenvalue; update = Σ_t G̃_t = αᵀG with α = W 1 (`aligned_weights`). Orthogonal equal-norm gradients
+  and identical gradients both give the EW update; opposing equal-norm gradients give 0. Absent tasks lie in the dropped
+  null space: α_t = 0.
   hparams: scale_mode ('min' | 'median' | 'rmse'), rtol (1e-4: directions whose independent part is below ~1% of
   a unit gradient count as collinear; float32 noise on those eigenvalues is ~1e-6).
   """
