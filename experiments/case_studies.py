@@ -8,9 +8,9 @@
 
 Options: ``--grid=full`` (the whole grid the studies were designed with; hours on a GPU) or ``--grid=cpu`` (default: the
 cut grid run for ``experiments/results/``, listed in :data:`CPU_GRIDS` with what was cut), ``--seeds=0,1,2``,
-``--jobs=2``, ``--workdirs=workdirs/experiments`` (checkpoints, logs, event files; not committed), ``--results=experiments/results``.
-Every grid has the single-task baselines of every task (variants named ``st_<task>``), which the report's Δm and
-negative-transfer flags need.
+``--jobs=2``, ``--workdirs=workdirs/experiments`` (checkpoints, logs, event files; not committed),
+``--results=experiments/results``. Every grid has the single-task baselines of every task (variants named
+``st_<task>``), which the report's Δm and negative-transfer flags need.
 """
 from __future__ import annotations
 

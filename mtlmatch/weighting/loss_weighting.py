@@ -10,9 +10,10 @@ EW, UW (Kendall et al. 2018), DWA (Liu et al. 2019), RLW (Lin et al. 2022), Grad
     update, weights, state = method.apply(state, grads, losses, key)
 
 Except GradNorm (and ExcessMTL, in `stochastic_methods`), their weights do not depend on ``grads``: a train loop may
-skip the per-task Jacobian, call ``apply(state, jnp.zeros((T, 0)), losses, key)`` for the weights and differentiate
-Σ_t w_t L_t (e.g. through one ``jax.vjp`` of the per-task losses with the weights as cotangent). Absent tasks (loss exactly 0: no labelled example in
-the batch) are handled as each docstring says; their gradient row is zero, so their weight never moves the update.
+skip the per-task Jacobian, call ``apply(state, jnp.zeros((T, 0)), losses, key)`` for the weights and differentiate Σ_t
+w_t L_t (e.g. through one ``jax.vjp`` of the per-task losses with the weights as cotangent). Absent tasks (loss exactly
+0: no labelled example in the batch) are handled as each docstring says; their gradient row is zero, so their weight
+never moves the update.
 """
 from __future__ import annotations
 
