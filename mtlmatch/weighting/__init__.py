@@ -11,14 +11,24 @@ Every method is an object with ``init(num_tasks, **hparams) -> state`` and
 * ``state``: a dict of arrays (step counter, hyper-parameters as 0-d arrays, method variables) — a jit-friendly,
   orbax-checkpointable pytree; `apply` is jittable.
 
-Usage::
+Usage, on two conflicting task gradients (G_0 · G_1 = −1): EW's plain sum makes no progress on task 0, PCGrad
+removes each gradient's component along the other before summing, MGDA takes the min-norm point of the convex hull
+(0.6 G_0 + 0.4 G_1, times T = 2 to be scaled like the sum), which improves both tasks equally:
 
-    from mtlmatch import weighting
-    method = weighting.get_method('cagrad', c=0.4)          # or weighting.METHODS['cagrad'] with defaults
-    state = method.init(num_tasks=3)                        # hparams may also be given here
-    losses, G = weighting.task_jacobian(loss_fn, shared_params, batch)
-    update, weights, state = jax.jit(method.apply)(state, G, losses, key)
-    shared_grad = weighting.unflatten_grads(update, shared_params)
+>>> import jax, jax.numpy as jnp
+>>> from mtlmatch import weighting
+>>> G = jnp.array([[1.0, 0.0], [-1.0, 1.0]])                  # [T, P]: per-task gradients of the shared parameters
+>>> losses = jnp.array([0.5, 0.7])
+>>> for name in ('ew', 'pcgrad', 'mgda'):
+...   method = weighting.get_method(name)                       # hparams by keyword: get_method('cagrad', c=0.4)
+...   update, weights, state = jax.jit(method.apply)(method.init(2), G, losses, jax.random.key(0))
+...   print(name, [round(float(u), 3) for u in update], 'G @ update:', [round(float(v), 3) for v in G @ update])
+ew [0.0, 1.0] G @ update: [0.0, 1.0]
+pcgrad [0.5, 1.5] G @ update: [0.5, 1.0]
+mgda [0.4, 0.8] G @ update: [0.4, 0.4]
+
+In a model, ``losses, G = weighting.task_jacobian(loss_fn, shared_params, batch)`` gives the inputs and
+``weighting.unflatten_grads(update, shared_params)`` the gradient pytree to hand to the optimizer.
 
 Names (`LOSS_WEIGHTING`, `GRADIENT_METHODS`): loss weighting 'ew', 'sum', 'mean', 'constant', 'uw', 'dwa', 'rlw',
 'gls', 'imtl_l', 'stch', 'go4align', 'famo', 'gradnorm', 'excess_mtl'; gradient methods 'mgda', 'mgda_ub', 'pcgrad',
