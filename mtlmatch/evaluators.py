@@ -417,10 +417,19 @@ def fit_logistic(features, labels, task: TaskSpec, *, c: float = 1.0, max_steps:
   else:
     targets, weights = (y == 1).astype(np.float32), (y != MISSING).astype(np.float32)
     present = np.ones(task.num_classes, bool)
-  params, steps = _fit(z, targets, weights, present, jnp.float32(c), jnp.float32(tol),
-                       multiclass=task.kind == 'multiclass', max_steps=int(max_steps))
-  b = np.where(present, np.asarray(params['b']), np.float32(-1e30)).astype(np.float32)
-  return Logistic(mean.astype(np.float32), scale.astype(np.float32), np.asarray(params['w']), b, int(steps))
+  # Zero-padded to power-of-two sizes (at least 64 rows, 32 features, 32 classes) so that probes of similar sizes
+  # share one compilation: padded rows have weight 0, padded features are 0 (their weights stay 0 under the
+  # penalty), padded classes are absent (multiclass) or unweighted (multilabel).
+  (n, d), k = z.shape, targets.shape[1]
+  size = lambda m, least: max(least, 1 << (m - 1).bit_length())  # noqa: E731
+  pad = lambda a, *shape: np.pad(a, [(0, s - m) for s, m in zip(shape, a.shape)])  # noqa: E731
+  rows, cols, classes = size(n, 64), size(d, 32), size(k, 32)
+  params, steps = _fit(pad(z, rows, cols), pad(targets, rows, classes), pad(weights, rows, classes),
+                       pad(present, classes), jnp.float32(c), jnp.float32(tol), multiclass=task.kind == 'multiclass',
+                       max_steps=int(max_steps))
+  w, b = np.asarray(params['w'])[:d, :k], np.asarray(params['b'])[:k]
+  b = np.where(present, b, np.float32(-1e30)).astype(np.float32)
+  return Logistic(mean.astype(np.float32), scale.astype(np.float32), w, b, int(steps))
 
 
 def probe_metrics(task: TaskSpec, train: tuple, test: tuple, *, c: float = 1.0, max_steps: int = 500) -> dict:
