@@ -381,6 +381,12 @@ def help_text(spec: Optional[str] = None) -> str:
     specs = weighting.hparam_specs(name)
     parts = [f'{k}={_show(s.default)} ({_expected(s)}{"; " + s.doc if s.doc else ""})' for k, s in specs.items()]
     lines.append(f'  {name:<12s}' + ('; '.join(parts) if parts else '(no hyper-parameters)'))
+  from mtlmatch import evaluators  # pylint: disable=g-import-not-at-top  (JAX and the data layer: only here)
+  lines += ['', 'Evaluators (--config.evals.<name>.kind; each entry: every = steps, None = eval_every, 0 = end only; '
+            'enabled):']
+  for kind, cls in sorted(evaluators.EVALUATORS.items()):
+    options = ', '.join(f'{k}={_show(v)}' for k, v in cls.OPTIONS.items())
+    lines.append(f'  {kind:<15s} ' + ' '.join(p for p in (options, f'({cls.HELP})' if cls.HELP else '') if p))
   if spec:
     lines += ['', f'Config keys of {spec} (--config.<key>=<value>):']
     lines += [f'  {k} = {_show(v)}' for k, v in flat_keys(load_config(spec)).items()]

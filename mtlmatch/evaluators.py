@@ -100,8 +100,11 @@ class At:
 # The evaluators.
 
 class Evaluator:
-  """The interface. ``name``: its key in ``config.evals``; ``every``: its interval in steps (0 = only at the end)."""
+  """The interface. ``name``: its key in ``config.evals``; ``every``: its interval in steps (0 = only at the end);
+  ``options``: its entry's values of ``OPTIONS`` (the kind's options with their defaults); ``HELP``: one line for
+  ``--help``."""
   OPTIONS: Mapping[str, Any] = {}
+  HELP = ''
 
   def __init__(self, name: str, entry: Mapping[str, Any], exp):
     del exp
@@ -121,6 +124,7 @@ class Evaluator:
 class Classification(Evaluator):
   """Per-task metrics on one split, per source and pooled (see the module docstring for tags and keys)."""
   OPTIONS = {'split': 'test'}
+  HELP = "'test' = the eval sources, 'validation' = the parts held out of the training sources"
 
   def run(self, at: At, record: Any) -> Report:
     del record
@@ -141,6 +145,8 @@ class Selection(Evaluator):
   since the best, and the history of both curves. Without validation sources the score is NaN and the best step is
   the last one evaluated. A step already in the history (a run resumed after evaluating it) is not added again.
   """
+
+  HELP = 'the best-validation step; stops after early_stopping_patience evaluations without a better score'
 
   def __init__(self, name, entry, exp):
     super().__init__(name, entry, exp)
@@ -181,6 +187,7 @@ def select(tasks: Mapping[str, TaskSpec], record: Optional[dict], step: int, tes
 class LinearProbe(Evaluator):
   """A linear probe of the frozen shared features per task (:func:`probe_sources`, :func:`probe_metrics`)."""
   OPTIONS = {'train_examples': 2000, 'test_examples': 2000, 'c': 1.0, 'max_steps': 500, 'seed': 0}
+  HELP = 'c: inverse L2 strength; max_steps: LBFGS'
 
   def __init__(self, name, entry, exp):
     super().__init__(name, entry, exp)

@@ -1,7 +1,8 @@
 """The one train loop: ``train_and_evaluate(config, workdir)``.
 
 Reads top to bottom: build sources → (estimate relatedness) → model → objective → state → restore if a checkpoint
-exists → loop (train step, log, checkpoint, eval) → final eval → results.json.
+exists → loop (train step, the evaluators of ``config.evals`` that are due, log, checkpoint) → every evaluator at the
+last step → results.json. What is evaluated, and how often, is ``mtlmatch/evaluators.py``'s business.
 
 The train step is a pure function ``(state, batch) -> (state, metrics)``, jitted over a 1-D device mesh with the
 global batch sharded on the ``data`` axis and the state replicated (the data-parallel step; XLA inserts the
