@@ -163,13 +163,24 @@ def test_probe_hand_cases():
   assert np.isnan(metrics['f1_1']) and metrics['f1_0'] == metrics['mean_f1'] == 1.0
 
 
-def test_each_evaluator_runs_at_its_own_interval_and_at_the_end(tfds_dir, tmp_path):
-  config = config_lib.load_config(f'{REPO}/configs/affect.py:mtl,smoke')
+class Confidence(evaluators.Evaluator):
+  """README's example of an evaluator of one's own: the mean prediction entropy on the test sources."""
+  OPTIONS = {}
+
+  def run(self, at, record):
+    entropy = {t: m['mean_entropy'] for t, m in at.classification('test')['metrics'].items()}
+    return evaluators.Report(scalars={f'{self.name}/{t}': v for t, v in entropy.items()}, results={self.name: entropy})
+
+
+def test_each_evaluator_runs_at_its_own_interval_and_at_the_end(tfds_dir, tmp_path, monkeypatch):
+  monkeypatch.setitem(evaluators.EVALUATORS, 'confidence', Confidence)
+  config = config_lib.load_config(f'{REPO}/configs/affect.py:mtl,encoder=mlp,smoke')   # the cheapest to compile
   config.data.data_dir = tfds_dir
   config.total_steps, config.eval_every = 6, 0
   config.evals.test.every = 2
   config.evals.validation.every = 3          # the selection follows eval_every = 0: only at the end
   config.evals.linear_probe.update(enabled=True, every=4, train_examples=64, test_examples=48)
+  config.evals.confidence = {'kind': 'confidence', 'every': 5}
   results = train.train_and_evaluate(config, str(tmp_path))
   scalars = report.read_scalars(str(tmp_path))
   steps = lambda tag: scalars[tag][0].tolist()  # noqa: E731
@@ -177,8 +188,10 @@ def test_each_evaluator_runs_at_its_own_interval_and_at_the_end(tfds_dir, tmp_pa
   assert steps('validation/expression/accuracy') == [3, 6]
   assert steps('linear_probe/expression/accuracy') == [4, 6] and steps('linear_probe/aus/mean_f1') == [4, 6]
   assert [h['step'] for h in results['selection']['history']] == [6]
+  assert steps('confidence/expression') == [5, 6]
   assert set(results) == {'step', 'wall_time_s', 'metrics', 'per_source', 'validation', 'selection', 'stopped_early',
-                          'linear_probe'}
+                          'linear_probe', 'confidence'}
+  assert results['confidence']['aus'] == results['metrics']['aus']['mean_entropy']
   assert results['metrics']['aus']['mean_f1'] == pytest.approx(scalars['eval/aus/mean_f1'][1][-1])
   probe = results['linear_probe']
   assert set(probe) == {'expression', 'aus'} and 0 <= probe['expression']['accuracy'] <= 1
