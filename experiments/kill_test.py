@@ -322,6 +322,7 @@ def _child(config_spec: str, workdir: str, overrides: dict, dump: Optional[str])
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mtlmatch import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from mtlmatch import config_lib  # pylint: disable=g-import-not-at-top
+  from mtlmatch import evaluators  # pylint: disable=g-import-not-at-top
   from mtlmatch import train  # pylint: disable=g-import-not-at-top
 
   phase = {'now': 'start', 'step': 0}
@@ -366,7 +367,7 @@ def _child(config_spec: str, workdir: str, overrides: dict, dump: Optional[str])
     handler(self, signum, frame)
 
   train.build_experiment = build_marked
-  train.run_eval = around('eval', train.run_eval, lambda *a, **k: phase['step'])
+  evaluators.classification_metrics = around('eval', evaluators.classification_metrics, lambda *a, **k: phase['step'])
   ckpt_lib.Checkpointer.save = around('save', ckpt_lib.Checkpointer.save, lambda self, step, *a, **k: step)
   ckpt_lib.Checkpointer.restore_latest = restore_marked
   train._Preemption._handler = handler_marked  # pylint: disable=protected-access

@@ -13,8 +13,10 @@ Conventions (also stated in every report):
   by more than one standard deviation (sample std over seeds, ddof = 1) of either.
 * **Linear probe**: features of the final checkpoint's encoder (frozen, eval mode) on up to ``probe_train`` training
   examples labelled for the task (from the train sources that annotate it) and ``probe_test`` test examples;
-  standardised, then scikit-learn ``LogisticRegression`` (one per label for multilabel tasks); scored with the task's
-  primary metric. This is the representation-quality measure of the DGR paper.
+  standardised, then an L2-regularised logistic regression (one per label for multilabel tasks) scored with the
+  task's primary metric: the library's ``linear_probe`` evaluator code (``mtlmatch/evaluators.py``, JAX; the
+  objective of scikit-learn's ``LogisticRegression(C=1)``, which reports before this change used). This is the
+  representation-quality measure of the DGR paper.
 
   python experiments/case_studies.py affect --report-only     # re-table and re-plot the finished runs
 """
@@ -38,7 +40,7 @@ PRIMARY = {'multiclass': 'accuracy', 'multilabel': 'mean_f1'}
 # Result folders SUMMARY.md reads.
 STUDY_DIRS = ('affect', 'shopping', 'multi_fashion')
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'tensorflow-cpu', 'tensorflow-datasets',
-            'ml-collections', 'clu', 'numpy', 'scikit-learn', 'matplotlib')
+            'ml-collections', 'clu', 'numpy', 'matplotlib')
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,61 +105,25 @@ def _restore_raw(workdir: str):
   return checkpointer.restore(path, target)
 
 
-class _ProbeData:
-  """Train/test images and labels per task of one benchmark configuration, loaded once and reused across runs."""
-
-  def __init__(self, config, probe_train: int, probe_test: int, seed: int = 0):
-    from mtlmatch import data as data_lib
-    bench = data_lib.get_benchmark(config.data.name, data_dir=config.data.data_dir, seed=config.data.seed,
-                                   **config.data.options.to_dict())
-    self.tasks = bench.tasks
-    rng = np.random.default_rng(seed)
-    self.split = {}
-    for task in bench.tasks:
-      for part, sources, cap in (('train', bench.train_sources, probe_train), ('test', bench.eval_sources, probe_test)):
-        imgs, labs = [], []
-        for s in sources:
-          if task in s.tasks:
-            ex = data_lib.load_examples(s, bench.tasks)
-            lab = np.asarray(ex.labels[task])
-            keep = (lab != -1) if lab.ndim == 1 else (lab != -1).any(axis=1)
-            imgs.append(np.asarray(ex.images)[keep])
-            labs.append(lab[keep])
-        images, labels = np.concatenate(imgs), np.concatenate(labs)
-        idx = np.sort(rng.permutation(len(images))[:cap])
-        images = images[idx].reshape((-1, *bench.image_shape))  # as the train pipeline feeds them
-        self.split[(task, part)] = (images.astype(np.float32) / 127.5 - 1.0, labels[idx])
-
-
-def _probe_score(kind: str, f_train, y_train, f_test, y_test) -> float:
-  from sklearn.linear_model import LogisticRegression
-  from sklearn.preprocessing import StandardScaler
-  scaler = StandardScaler().fit(f_train)
-  f_train, f_test = scaler.transform(f_train), scaler.transform(f_test)
-  if kind == 'multiclass':
-    clf = LogisticRegression(max_iter=500).fit(f_train, y_train)
-    return float(np.mean(clf.predict(f_test) == y_test))
-  f1s = []
-  for k in range(y_train.shape[1]):
-    tr, te = y_train[:, k] != -1, y_test[:, k] != -1
-    if len(np.unique(y_train[tr, k])) < 2 or not te.any():
-      continue
-    pred = LogisticRegression(max_iter=500).fit(f_train[tr], y_train[tr, k]).predict(f_test[te])
-    y = y_test[te, k]
-    tp, fp, fn = np.sum((pred == 1) & (y == 1)), np.sum((pred == 1) & (y == 0)), np.sum((pred == 0) & (y == 1))
-    if tp + fp + fn > 0:
-      f1s.append(2 * tp / (2 * tp + fp + fn))
-  return float(np.mean(f1s)) if f1s else float('nan')
-
-
 def linear_probes(runs: Sequence[sweep.Run], *, probe_train: int = 2000, probe_test: int = 2000,
                   echo=print) -> dict[str, dict[str, float]]:
   """``{workdir: {task: probe score}}`` (workdir as ``sweep.display_path``) for every finished run with a
-  checkpoint, every task of the benchmark."""
+  checkpoint, every task of the benchmark.
+
+  The probe is the library's (the ``linear_probe`` evaluator's code in ``mtlmatch/evaluators.py``): up to
+  ``probe_train`` / ``probe_test`` labelled examples per task (``probe_sources``: the benchmark's training sources →
+  its eval sources, a seeded draw), the final checkpoint's frozen encoder features, and an L2-regularised logistic
+  regression in JAX (``fit_logistic``: scikit-learn's ``LogisticRegression(C=1)`` objective, standardised features,
+  LBFGS) scored with the task's primary metric (``probe_metrics``).
+  """
+  import functools
   import jax
   import ml_collections
+  from mtlmatch import data as data_lib
+  from mtlmatch import evaluate
+  from mtlmatch import evaluators
   from mtlmatch import models
-  cache: dict[str, _ProbeData] = {}
+  cache: dict[str, tuple] = {}
   out = {}
   for run in runs:
     if not run.finished:
@@ -165,24 +131,22 @@ def linear_probes(runs: Sequence[sweep.Run], *, probe_train: int = 2000, probe_t
     with open(os.path.join(run.workdir, 'config.json')) as f:
       config = ml_collections.ConfigDict(json.load(f))
     key = json.dumps(config.data.to_dict(), sort_keys=True)
-    if key not in cache:
-      cache[key] = _ProbeData(config, probe_train, probe_test)
-    data = cache[key]
+    if key not in cache:   # the probe examples of one benchmark configuration, drawn once for all its runs
+      bench = data_lib.get_benchmark(config.data.name, data_dir=config.data.data_dir, seed=config.data.seed,
+                                     **config.data.options.to_dict())
+      cache[key] = bench.tasks, evaluators.probe_sources(bench, train_examples=probe_train, test_examples=probe_test)
+    tasks, sources = cache[key]
     state = _restore_raw(run.workdir)
-    trained = {t: data.tasks[t] for t in (config.tasks or data.tasks)}
+    trained = {t: tasks[t] for t in (config.tasks or tasks)}
     model = models.build_model(trained, encoder=config.encoder.name, encoder_kwargs=config.encoder.kwargs.to_dict(),
                                head=config.head.name, head_kwargs=config.head.kwargs.to_dict())
-    variables = {'params': state['params'], 'batch_stats': state.get('batch_stats') or {}}
-    encode = jax.jit(lambda v, x: model.encode(v, x, train=False)[0])
-
-    def features(images):
-      return np.concatenate([np.asarray(encode(variables, images[i:i + 500])) for i in range(0, len(images), 500)])
-
+    outputs = jax.jit(functools.partial(evaluators.probe_outputs, model=model))
+    fn = functools.partial(outputs, state['params'], state.get('batch_stats') or {})
     key = sweep.display_path(run.workdir)
     out[key] = {}
-    for task, spec in data.tasks.items():
-      (x_tr, y_tr), (x_te, y_te) = data.split[(task, 'train')], data.split[(task, 'test')]
-      out[key][task] = _probe_score(spec.kind, features(x_tr), y_tr, features(x_te), y_te)
+    for task, (train_source, test_source) in sources.items():
+      train, test = (evaluators.probe_features(fn, s, tasks[task], batch_size=500) for s in (train_source, test_source))
+      out[key][task] = evaluators.probe_metrics(tasks[task], train, test)[evaluate.PRIMARY_METRIC[tasks[task].kind]]
     echo(f'  probe {run.variant.name} seed {run.seed}: ' + ', '.join(f'{t} {v:.3f}' for t, v in out[key].items()))
   return out
 
@@ -423,7 +387,8 @@ def render_markdown(study: str, summary: dict, task_kinds: Mapping[str, str], *,
             '* Δm (%) = (1/T) Σ_t (−1)^{l_t} (M_t − M_ST,t) / M_ST,t × 100, l_t = 0 (higher is better) for every '
             'primary metric; M = seed mean; M_ST,t from the variant `st_<t>` (`<encoder>_st_<t>` for `<encoder>_…`).',
             '* NT (negative transfer) on t: M_ST,t − M_t > max(std_ST,t, std_t) (sample std over seeds).',
-            '* Probe: logistic regression (scikit-learn) on the frozen encoder features of the final checkpoint, '
+            '* Probe: L2-regularised logistic regression (mtlmatch.evaluators, JAX; scikit-learn\'s C=1 objective) on '
+            'the frozen encoder features of the final checkpoint, '
             'train examples labelled for t → test set, scored by the primary metric.',
             '* **Model selection**: every test metric here is the one at the run\'s best-validation step (the mean '
             'over tasks of the primary metric on the validation parts held out of the training sources); the test '

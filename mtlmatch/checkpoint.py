@@ -41,10 +41,11 @@ from etils import epath
 # the rest of data.* (the data stream), optimizer.*, encoder, head, objective, weighting and tasks (the maths).
 # total_steps is safe in this sense but not neutral: the cosine schedule spans total_steps, so training longer
 # changes the learning rate from the resumed step on (the steps already taken are kept as they are). init_from and
-# init_heads are read only when a run starts (a resumed run continues from its own checkpoint).
+# init_heads are read only when a run starts (a resumed run continues from its own checkpoint). evals (what is
+# measured) never changes a step; an evaluator added on resume starts its record afresh, a removed one's is dropped.
 SAFE_TO_CHANGE = frozenset({'total_steps', 'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
                             'eval_batch_size', 'nonfinite', 'early_stopping_patience', 'data.data_dir',
-                            'data.options.idx_dir', 'encoder.kwargs.conv_impl', 'init_from', 'init_heads'})
+                            'data.options.idx_dir', 'encoder.kwargs.conv_impl', 'init_from', 'init_heads', 'evals'})
 
 CORRUPT_DIR = 'checkpoints_corrupt'
 

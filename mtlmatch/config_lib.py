@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 128                 # global, over all devices and hosts
   c.eval_batch_size = 512
   c.log_every = 100
-  c.eval_every = 0                   # 0: evaluate only at the end
+  c.eval_every = 0                   # the interval of every evaluator whose `every` is None; 0: only at the end
   c.early_stopping_patience = 0      # stop after this many evaluations without a better validation score; 0 = never
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
@@ -82,7 +82,23 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.init_from = ''                   # a workdir or checkpoint directory whose encoder starts this run (fine-tuning)
   c.init_heads = False               # with init_from: also the heads of the tasks both runs have
+
+  # What the loop measures (mtlmatch/evaluators.py): named entries, each run every `every` steps (None: eval_every;
+  # 0: only at the end) and at the end. The defaults: test and validation metrics and the best-validation selection.
+  c.evals = ml_collections.ConfigDict()
+  c.evals.test = evaluator('classification', split='test')
+  c.evals.validation = evaluator('classification', split='validation')
+  c.evals.selection = evaluator('selection')
+  c.evals.linear_probe = evaluator('linear_probe', every=0, enabled=False, train_examples=2000, test_examples=2000,
+                                   c=1.0, max_steps=500, seed=0)
   return c
+
+
+def evaluator(kind: str, *, every: Optional[int] = None, enabled: bool = True, **options) -> ml_collections.ConfigDict:
+  """A ``config.evals`` entry: evaluator ``kind`` (``evaluators.EVALUATORS``) run every ``every`` steps (None:
+  ``config.eval_every``; 0: only at the end) and at the end, if ``enabled``, with its ``options``."""
+  return ml_collections.ConfigDict({'kind': kind, 'every': ml_collections.FieldReference(every, field_type=int),
+                                    'enabled': enabled, **options})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -366,6 +382,12 @@ def help_text(spec: Optional[str] = None) -> str:
     specs = weighting.hparam_specs(name)
     parts = [f'{k}={_show(s.default)} ({_expected(s)}{"; " + s.doc if s.doc else ""})' for k, s in specs.items()]
     lines.append(f'  {name:<12s}' + ('; '.join(parts) if parts else '(no hyper-parameters)'))
+  from mtlmatch import evaluators  # pylint: disable=g-import-not-at-top  (JAX and the data layer: only here)
+  lines += ['', 'Evaluators (--config.evals.<name>.kind; each entry: every = steps, None = eval_every, 0 = end only; '
+            'enabled):']
+  for kind, cls in sorted(evaluators.EVALUATORS.items()):
+    options = ', '.join(f'{k}={_show(v)}' for k, v in cls.OPTIONS.items())
+    lines.append(f'  {kind:<15s} ' + ' '.join(p for p in (options, f'({cls.HELP})' if cls.HELP else '') if p))
   if spec:
     lines += ['', f'Config keys of {spec} (--config.<key>=<value>):']
     lines += [f'  {k} = {_show(v)}' for k, v in flat_keys(load_config(spec)).items()]
@@ -386,7 +408,7 @@ def _expected(spec) -> str:
 
 REQUIRED_KEYS = ('seed', 'total_steps', 'batch_size', 'eval_batch_size', 'log_every', 'eval_every',
                  'checkpoint_every', 'keep_checkpoints', 'data', 'tasks', 'encoder', 'head', 'optimizer', 'objective',
-                 'weighting', 'nonfinite')
+                 'weighting', 'nonfinite', 'evals')
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -406,6 +428,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      'a better validation score before stopping; 0 = never stop early)')
   if not isinstance(config.eval_every, int) or config.eval_every < 0:
     raise ValueError(f'config.eval_every: got {config.eval_every!r}, expected an int >= 0 (0 = only at the end)')
+  from mtlmatch import evaluators  # pylint: disable=g-import-not-at-top  (JAX and the data layer: only when validating)
+  evaluators.validate(config.evals)
   if config.nonfinite not in ('halt', 'skip'):
     raise ValueError(f'config.nonfinite: got {config.nonfinite!r}, expected \'halt\' or \'skip\'')
   if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:

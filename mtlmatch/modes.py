@@ -22,6 +22,7 @@ import numpy as np
 from mtlmatch import checkpoint as ckpt_lib
 from mtlmatch import config_lib
 from mtlmatch import data as data_lib
+from mtlmatch import evaluators
 from mtlmatch import train
 
 
@@ -50,7 +51,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   exp = train.build_experiment(config, benchmark=benchmark)
   train.warn_if_no_eval(exp.benchmark)
   state = _restore(exp, workdir)
-  evaluation = train.run_eval(exp.eval_fn, state, exp.benchmark, exp.config, exp.data_sharding)
+  evaluation = evaluators.classification_metrics(exp, state, 'test')
   results = {'step': int(state.step), 'wall_time_s': time.time() - t_start, **evaluation}
   if jax.process_index() == 0:
     train._write_atomically(os.path.join(workdir, 'results.json'),  # pylint: disable=protected-access

@@ -1,7 +1,8 @@
 """The one train loop: ``train_and_evaluate(config, workdir)``.
 
 Reads top to bottom: build sources → (estimate relatedness) → model → objective → state → restore if a checkpoint
-exists → loop (train step, log, checkpoint, eval) → final eval → results.json.
+exists → loop (train step, the evaluators of ``config.evals`` that are due, log, checkpoint) → every evaluator at the
+last step → results.json. What is evaluated, and how often, is ``mtlmatch/evaluators.py``'s business.
 
 The train step is a pure function ``(state, batch) -> (state, metrics)``, jitted over a 1-D device mesh with the
 global batch sharded on the ``data`` axis and the state replicated (the data-parallel step; XLA inserts the
@@ -45,7 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mtlmatch import checkpoint as ckpt_lib
 from mtlmatch import config_lib
 from mtlmatch import data as data_lib
-from mtlmatch import evaluate
+from mtlmatch import evaluators
 from mtlmatch import losses
 from mtlmatch import models
 from mtlmatch import objective as objective_lib
@@ -270,60 +271,6 @@ def train_step(state: TrainState, batch: Mapping[str, Any], *, model, objective,
   return new_state, metrics
 
 
-def eval_step(params, batch_stats, batch, *, model, tasks):
-  """Additive metric statistics of one (padded) eval batch; summed over the global batch."""
-  outputs, _ = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'], train=False)
-  return {name: evaluate.task_statistics(task, outputs['logits'][name], batch['labels'][name], batch['mask'])
-          for name, task in tasks.items()}
-
-
-def run_eval(eval_fn, state, benchmark, config, sharding, sources=None) -> dict:
-  """Metrics per source and over the sources together (default: the eval sources; pass
-  ``benchmark.validation_sources`` for validation), every example counted exactly once."""
-  per_source, totals = {}, None
-  for source in benchmark.eval_sources if sources is None else sources:
-    stats = None
-    for batch in data_lib.eval_iterator(source, benchmark.tasks, global_batch_size=config.eval_batch_size,
-                                        sharding=sharding):
-      batch_stats = jax.device_get(eval_fn(state.params, state.batch_stats, batch))
-      stats = batch_stats if stats is None else evaluate.accumulate(stats, batch_stats)
-    if stats is None:
-      continue
-    per_source[source.name] = {t: evaluate.finalize(benchmark.tasks[t], s) for t, s in stats.items()}
-    totals = stats if totals is None else evaluate.accumulate(totals, stats)
-  metrics = {t: evaluate.finalize(benchmark.tasks[t], s) for t, s in (totals or {}).items()}
-  return {'metrics': metrics, 'per_source': per_source}
-
-
-def evaluate_and_select(eval_fn, state, exp, step: int, selection: Optional[dict]) -> tuple[dict, dict, dict]:
-  """Test and validation metrics at ``step``; returns ``(test, validation, updated selection record)``.
-
-  The record (JSON, saved in every checkpoint's metadata so resume continues it) keeps the best step by the
-  validation score (:func:`evaluate.selection_score`: the mean over tasks of each task's primary metric), the
-  validation and **test** metrics at that step (the test set is only recorded, never used to choose), the number of
-  evaluations since the best, and the history of both curves. Without validation sources the score is NaN and the
-  best step is the last one evaluated.
-  """
-  benchmark, config = exp.benchmark, exp.config
-  test = run_eval(eval_fn, state, benchmark, config, exp.data_sharding)
-  validation = run_eval(eval_fn, state, benchmark, config, exp.data_sharding, sources=benchmark.validation_sources)
-  score = evaluate.selection_score(benchmark.tasks, validation['metrics'])
-  primary = {t: evaluate.PRIMARY_METRIC[spec.kind] for t, spec in benchmark.tasks.items()}
-  selection = dict(selection or {'metric': primary, 'best_step': None, 'best_score': None, 'evals_since_best': 0,
-                                 'history': []})
-  curve = lambda metrics: {t: metrics[t][m] for t, m in primary.items() if t in metrics}
-  selection['history'] = selection['history'] + [{'step': step, 'score': score, 'validation':
-                                                  curve(validation['metrics']), 'test': curve(test['metrics'])}]
-  best = selection['best_score']
-  # Strictly better (the earliest of equal scores wins); without a validation score, the latest step.
-  if not np.isfinite(score) or best is None or not np.isfinite(best) or score > best:
-    selection.update(best_step=step, best_score=score, evals_since_best=0, validation=validation['metrics'],
-                     metrics=test['metrics'], per_source=test['per_source'])
-  else:
-    selection['evals_since_best'] += 1
-  return test, validation, selection
-
-
 class _Preemption:
   """Turns SIGTERM (what a preempted cloud VM receives) into a flag the loop checks after each step."""
 
@@ -441,7 +388,7 @@ def build_experiment(config: ml_collections.ConfigDict, mesh: Optional[jax.shard
                         gradient_method=weighting.is_gradient_method(config.weighting.name), combined=combined,
                         additive=additive, skip_nonfinite=config.nonfinite == 'skip'),
       in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, model=model, tasks=benchmark.tasks),
+  eval_fn = jax.jit(functools.partial(evaluators.eval_step, model=model, tasks=benchmark.tasks),
                     in_shardings=(replicated, replicated, data_sharding), out_shardings=replicated)
   return Experiment(config, mesh, benchmark, model, objective, method, tx, relatedness, step_fn, eval_fn)
 
@@ -469,12 +416,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   state = exp.init_state()
   restored = checkpointer.restore_latest(
       ckpt_lib.abstract_like(state), check_meta=lambda meta: ckpt_lib.check_config_drift(meta['config'], config_json))
-  selection = None   # the best-validation record (see evaluate_and_select), continued from the checkpoint
+  evals = evaluators.build(config, exp)
+  records = {}   # the evaluators' records (e.g. the best-validation selection), continued from the checkpoint
   if restored is not None:
     # After the config and layout checks: a resume, or a cached result, of other data is refused too.
     fingerprint_lib.check(restored[1].get('data'), data_fingerprint, where=f'the checkpoint in {workdir!r}')
     state, meta = restored
-    selection = meta.get('selection')
+    records = evaluators.records_from_meta(evals, meta)
     logging.info('Resumed from step %d in %s', int(state.step), workdir)
   elif config.get('init_from'):
     state = warm_start.apply(state, config)
@@ -485,7 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     if exp.relatedness:
       with open(os.path.join(workdir, 'relatedness.json'), 'w') as f:
         json.dump(exp.relatedness, f, indent=1)
-  step_fn, eval_fn = exp.step_fn, exp.eval_fn
+  step_fn = exp.step_fn
 
   # 5. The loop.
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main, asynchronous=False)
@@ -493,14 +441,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
 
   def save(step):
     checkpointer.save(step, state, {'step': step, 'data_position': {'start_step': step}, 'config': config_json,
-                                    'data': data_fingerprint, 'selection': selection})
+                                    'data': data_fingerprint, 'evals': records})
 
-  def write_eval(step, evaluation, prefix='eval'):
-    writer.write_scalars(step, {f'{prefix}/{t}/{m}': v for t, ms in evaluation.items() for m, v in ms.items()
-                                if np.ndim(v) == 0})
+  def evaluate(chosen, step) -> dict:
+    """Runs the ``chosen`` evaluators on the current state, writes their scalars, keeps their records."""
+    nonlocal records
+    reports, records = evaluators.run(chosen, evaluators.At(exp, state, step), records)
+    writer.write_scalars(step, {k: v for report in reports.values() for k, v in report.scalars.items()})
+    return reports
 
-  patience = config.get('early_stopping_patience', 0)
-  stopped = lambda: bool(patience and selection and selection['evals_since_best'] >= patience)
+  stop_reason = lambda: evaluators.stop_reason(evals, records)  # noqa: E731
 
   # XLA:CPU meets the threads of all fake devices at each collective on a shared thread pool; with a second step
   # already dispatched, its blocked participants can starve the first step's (seen here as a rendezvous abort after
@@ -510,23 +460,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   meter = progress_lib.RateMeter(start_step)
   progress = progress_lib.Progress(config.total_steps, start_step, enabled=is_main)
   with _Preemption() as preemption:
-    while step < config.total_steps and not stopped():
+    while step < config.total_steps and not stop_reason():
       state, metrics = step_fn(state, next(batches))
       if one_step_in_flight:
         jax.block_until_ready(metrics['loss'])
       step += 1
       progress.advance(step)
-      if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
-        # Before the checkpoint of this step, so that its metadata holds this evaluation.
-        evaluation, validation, selection = evaluate_and_select(eval_fn, state, exp, step, selection)
-        write_eval(step, evaluation['metrics'])
-        write_eval(step, validation['metrics'], prefix='validation')
-        if stopped():
-          logging.info('Early stopping at step %d: no better validation score in the last %d evaluations (best '
-                       '%.4f at step %d).', step, patience, selection['best_score'], selection['best_step'])
+      due = evaluators.due(evals, step, config.total_steps)
+      if due:   # before the checkpoint of this step, so that its metadata holds the records of this evaluation
+        evaluate(due, step)
+        if stop_reason():
+          logging.info('Early stopping at step %d: %s.', step, stop_reason())
       log_now = step % config.log_every == 0 or step == config.total_steps
       interrupted = preemption.requested or step == stop_at
-      ckpt_now = step % config.checkpoint_every == 0 or step == config.total_steps or interrupted or stopped()
+      ckpt_now = step % config.checkpoint_every == 0 or step == config.total_steps or interrupted or stop_reason()
       if log_now or ckpt_now:
         fetched = jax.device_get(metrics)   # health scalars leave the device only here
         if not (fetched['finite'] and np.isfinite(fetched['param_norm'])) and config.nonfinite == 'halt':
@@ -540,7 +487,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
           progress.log(step, config.total_steps, float(fetched['loss']), rate)
         if ckpt_now:
           save(step)
-      if interrupted and step < config.total_steps and not stopped():
+      if interrupted and step < config.total_steps and not stop_reason():
         logging.warning('%s: checkpoint saved at step %d; stopping so the run can resume.',
                         'SIGTERM received' if preemption.requested else f'stop_at={stop_at}', step)
         checkpointer.close()
@@ -549,20 +496,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
         return {'step': step, 'interrupted': True}
 
   progress.close()
-  # 6. Final evaluation and results: test metrics at the last step and at the best-validation step.
+  # 6. Every evaluator at the last step; results.json gathers their parts (test metrics at the last and at the
+  # best-validation step, ...).
   if step > start_step or not os.path.exists(os.path.join(workdir, 'results.json')):
-    history = (selection or {}).get('history', [])
-    if history and history[-1]['step'] == step:   # stopped early right after evaluating this step: no new entry
-      evaluation = run_eval(eval_fn, state, benchmark, config, exp.data_sharding)
-      validation = run_eval(eval_fn, state, benchmark, config, exp.data_sharding,
-                            sources=benchmark.validation_sources)
-    else:
-      evaluation, validation, selection = evaluate_and_select(eval_fn, state, exp, step, selection)
-    results = {'step': step, 'wall_time_s': time.time() - t_start, **evaluation,
-               'validation': validation['metrics'], 'stopped_early': stopped(),
-               'selection': {k: v for k, v in selection.items() if k != 'evals_since_best'}}
-    write_eval(step, evaluation['metrics'])
-    write_eval(step, validation['metrics'], prefix='validation')
+    reports = evaluate(evals, step)
+    results = {'step': step, 'wall_time_s': time.time() - t_start,
+               **{k: v for report in reports.values() for k, v in report.results.items()},
+               'stopped_early': bool(stop_reason())}
     if is_main:
       _write_atomically(os.path.join(workdir, 'results.json'), json.dumps(results, indent=1, default=_jsonable))
   else:
