@@ -11,6 +11,7 @@ Needs Debian's Fashion-MNIST files (``apt-get install dataset-fashion-mnist``) o
 Variants: ``mtl``, ``dm``, ``coann``, ``dgr`` (combine with '+'), ``single=left``, ``single=right``,
 ``encoder=<name>``, ``weighting=<name>``, ``smoke``, ``cpu``.
 """
+
 from mtlmatch import config_lib
 
 RELATEDNESS = 'estimate:both'  # the fully labelled train source; 'estimate:coannotated' with annotation='disjoint'
@@ -20,11 +21,17 @@ def get_config(arg=None):
   config = config_lib.base_config()
   config.data.name = 'multi_fashion'
   config.data.options = {'num_train': 60000, 'num_test': 10000, 'annotation': 'full', 'num_coannotated': 1000}
-  config.data.options.idx_dir = config_lib.idx_dir_option()   # None: $MTLMATCH_FASHION_MNIST_DIR or Debian's
+  config.data.options.idx_dir = config_lib.idx_dir_option()  # None: $MTLMATCH_FASHION_MNIST_DIR or Debian's
   config.total_steps = 2000
   config.batch_size = 128
   config_lib.set_encoder(config, 'cnn')
 
   smoke_data = {'num_train': 256, 'num_test': 96, 'annotation': 'full', 'num_coannotated': 64}
-  return config_lib.apply_variant(config, arg, pairs=(('left', 'right'),), relatedness=RELATEDNESS,
-                                  smoke_data=smoke_data, cpu_data={'num_train': 20000, 'num_test': 2000})
+  return config_lib.apply_variant(
+      config,
+      arg,
+      pairs=(('left', 'right'),),
+      relatedness=RELATEDNESS,
+      smoke_data=smoke_data,
+      cpu_data={'num_train': 20000, 'num_test': 2000},
+  )

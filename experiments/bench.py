@@ -40,6 +40,7 @@ the task Jacobian (``weighting.is_gradient_method``: the gradient methods and Gr
 loss-weighting methods ≤ 1.05×. On a shared CPU, timing noise of a few per cent is normal: compare ratios from one
 run, and repeat a row with more ``--steps`` before reading much into a 1.06×.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,8 +81,11 @@ AFFECT = {
 NUM_CLASSES = 10  # of each synthetic task in the T-task rows
 # --fast_compile (tests, CI): XLA:CPU without its fusion emitters and at backend optimisation level 0 compiles the
 # step about 3x faster; the steps then run slower, so the numbers are not a benchmark.
-FAST_COMPILE = {'xla_cpu_use_fusion_emitters': False, 'xla_backend_optimization_level': 0,
-                'xla_llvm_disable_expensive_passes': True}
+FAST_COMPILE = {
+    'xla_cpu_use_fusion_emitters': False,
+    'xla_backend_optimization_level': 0,
+    'xla_llvm_disable_expensive_passes': True,
+}
 
 
 def row_names(task_counts) -> list[str]:
@@ -104,6 +108,7 @@ def target(name: str) -> Optional[float]:
 
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def base_config(args) -> Any:
   """configs/affect.py with this run's encoder, dtype, batch size and data size; weighting EW, no terms."""
   config = config_lib.load_config(os.path.join(REPO, 'configs', 'affect.py') + ':mtl')
@@ -119,8 +124,13 @@ def base_config(args) -> Any:
   config.batch_size = config.eval_batch_size = args.batch_size
   config.data.data_dir = args.data_dir
   n = args.num_examples
-  config.data.options = {'num_expressions': n, 'num_aus': max(n // 2, 1), 'num_test': 64, 'num_coannotated': 64,
-                         'coannotated_subsets': ()}
+  config.data.options = {
+      'num_expressions': n,
+      'num_aus': max(n // 2, 1),
+      'num_test': 64,
+      'num_coannotated': 64,
+      'coannotated_subsets': (),
+  }
   return config
 
 
@@ -137,8 +147,8 @@ def peak_mem_mb() -> tuple[float, str]:
   """Process-wide peak so far: device memory where the backend reports it, else the host's peak RSS."""
   stats = jax.devices()[0].memory_stats()
   if stats and 'peak_bytes_in_use' in stats:
-    return stats['peak_bytes_in_use'] / 2 ** 20, 'device_peak'
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'host_max_rss'   # Linux: KiB
+    return stats['peak_bytes_in_use'] / 2**20, 'device_peak'
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'host_max_rss'  # Linux: KiB
 
 
 def compile_lowered(lowered, fast: bool):
@@ -146,7 +156,7 @@ def compile_lowered(lowered, fast: bool):
     try:
       return lowered.compile(compiler_options=FAST_COMPILE)
     except Exception as e:  # pylint: disable=broad-except
-      if 'No such compile option' not in str(e):   # an XLA without these options: compile normally
+      if 'No such compile option' not in str(e):  # an XLA without these options: compile normally
         raise
   return lowered.compile()
 
@@ -167,6 +177,7 @@ def first_batch(exp: train.Experiment, batch_size: int):
 @dataclasses.dataclass
 class Prepared:
   """One compiled row, warm, with its own state, ready for timed rounds."""
+
   name: str
   group: str
   num_tasks: int
@@ -192,9 +203,13 @@ def prepare(name: str, group: str, exp: train.Experiment, state, batch, args) ->
   flops = float(cost.get('flops', 0.0)) * exp.mesh.size if cost else 0.0
   memory = compiled.memory_analysis()
   mem, mem_source = peak_mem_mb()
-  info = {'compile_s': compile_s, 'peak_mem_mb': mem, 'peak_mem_source': mem_source,
-          'step_temp_mb': memory.temp_size_in_bytes / 2 ** 20 if memory is not None else None,
-          'gflop_per_step': flops / 1e9 if flops else None}
+  info = {
+      'compile_s': compile_s,
+      'peak_mem_mb': mem,
+      'peak_mem_source': mem_source,
+      'step_temp_mb': memory.temp_size_in_bytes / 2**20 if memory is not None else None,
+      'gflop_per_step': flops / 1e9 if flops else None,
+  }
   print(f'  {name}: compiled in {compile_s:.1f} s', file=sys.stderr, flush=True)
   return Prepared(name, group, len(exp.benchmark.tasks), compiled, state, batch, info)
 
@@ -214,10 +229,19 @@ def time_rounds(prepared: list[Prepared], args) -> list[dict]:
   for p in prepared:
     step_s = statistics.median(p.times)
     flops = (p.info['gflop_per_step'] or 0.0) * 1e9
-    rows.append({'name': p.name, 'group': p.group, 'num_tasks': p.num_tasks, 'step_ms': 1e3 * step_s,
-                 'step_ms_min': 1e3 * min(p.times), **p.info, 'tflops': flops / step_s / 1e12 if flops else None,
-                 'finite': bool(np.isfinite(float(p.metrics['loss'])))})
-    p.state = p.compiled = None   # free the device memory before the next group
+    rows.append(
+        {
+            'name': p.name,
+            'group': p.group,
+            'num_tasks': p.num_tasks,
+            'step_ms': 1e3 * step_s,
+            'step_ms_min': 1e3 * min(p.times),
+            **p.info,
+            'tflops': flops / step_s / 1e12 if flops else None,
+            'finite': bool(np.isfinite(float(p.metrics['loss']))),
+        }
+    )
+    p.state = p.compiled = None  # free the device memory before the next group
   return rows
 
 
@@ -243,13 +267,13 @@ def bench_tasks(num_tasks: int, methods: list[str], args, base) -> list[dict]:
     config = base.copy_and_resolve_references()
     config.weighting.name = method
     exp = train.build_experiment(config, benchmark=benchmark)
-    if initial is None:   # EW comes first: its initial state serves every method (all but weighting_state)
+    if initial is None:  # EW comes first: its initial state serves every method (all but weighting_state)
       initial = jax.device_get(init_state(exp, args))
       batch = first_batch(exp, args.batch_size)
     combined, _ = train.loss_names(exp.objective, exp.config)
     try:
       weighting_state = train.weighting_init(exp.method, len(combined), initial.params)
-    except ValueError as e:   # e.g. Krum needs T >= 3: no row, and say why
+    except ValueError as e:  # e.g. Krum needs T >= 3: no row, and say why
       print(f'{method}_t{num_tasks}: skipped ({e})', file=sys.stderr, flush=True)
       continue
     # Fresh host copies: the step donates its state, and two leaves sharing one buffer cannot both be donated.
@@ -259,8 +283,7 @@ def bench_tasks(num_tasks: int, methods: list[str], args, base) -> list[dict]:
 
 
 def bench_pipeline(args, base) -> dict:
-  benchmark = data.get_benchmark(base.data.name, data_dir=base.data.data_dir, seed=base.data.seed,
-                                 **base.data.options)
+  benchmark = data.get_benchmark(base.data.name, data_dir=base.data.data_dir, seed=base.data.seed, **base.data.options)
   stream = data.train_iterator(benchmark, global_batch_size=args.batch_size, seed=0)
   for _ in range(2):
     next(stream)
@@ -270,8 +293,15 @@ def bench_pipeline(args, base) -> dict:
     next(stream)
   seconds = (time.perf_counter() - start) / num
   mem, mem_source = peak_mem_mb()
-  return {'name': 'pipeline', 'group': 'affect', 'num_tasks': len(benchmark.tasks), 'step_ms': 1e3 * seconds,
-          'examples_per_s': args.batch_size / seconds, 'peak_mem_mb': mem, 'peak_mem_source': mem_source}
+  return {
+      'name': 'pipeline',
+      'group': 'affect',
+      'num_tasks': len(benchmark.tasks),
+      'step_ms': 1e3 * seconds,
+      'examples_per_s': args.batch_size / seconds,
+      'peak_mem_mb': mem,
+      'peak_mem_source': mem_source,
+  }
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
@@ -287,38 +317,54 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
   def num(value, fmt):
     return format(value, fmt) if value is not None else '-'
-  header = (f'{"name":<20} {"T":>2} {"step ms":>9} {"x EW":>6} {"target":>7} {"ok":>3} {"compile s":>9} '
-            f'{"peak MB":>8} {"temp MB":>8} {"GFLOP":>8} {"TFLOP/s":>8}')
+
+  header = (
+      f'{"name":<20} {"T":>2} {"step ms":>9} {"x EW":>6} {"target":>7} {"ok":>3} {"compile s":>9} '
+      f'{"peak MB":>8} {"temp MB":>8} {"GFLOP":>8} {"TFLOP/s":>8}'
+  )
   lines = [header, '-' * len(header)]
   for r in rows:
     ok = {True: 'yes', False: 'NO', None: ''}[r.get('meets_target')]
-    lines.append(f'{r["name"]:<20} {r["num_tasks"]:>2} {r["step_ms"]:>9.2f} {num(r.get("ratio_to_ew"), ".3f"):>6} '
-                 f'{num(r.get("target"), ".2f"):>7} {ok:>3} {num(r.get("compile_s"), ".1f"):>9} '
-                 f'{num(r.get("peak_mem_mb"), ".0f"):>8} {num(r.get("step_temp_mb"), ".1f"):>8} '
-                 f'{num(r.get("gflop_per_step"), ".3f"):>8} {num(r.get("tflops"), ".3f"):>8}')
+    lines.append(
+        f'{r["name"]:<20} {r["num_tasks"]:>2} {r["step_ms"]:>9.2f} {num(r.get("ratio_to_ew"), ".3f"):>6} '
+        f'{num(r.get("target"), ".2f"):>7} {ok:>3} {num(r.get("compile_s"), ".1f"):>9} '
+        f'{num(r.get("peak_mem_mb"), ".0f"):>8} {num(r.get("step_temp_mb"), ".1f"):>8} '
+        f'{num(r.get("gflop_per_step"), ".3f"):>8} {num(r.get("tflops"), ".3f"):>8}'
+    )
     if r['name'] == 'pipeline':
       lines[-1] += f'   ({r["examples_per_s"]:,.0f} examples/s)'
   return '\n'.join(lines)
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  parser = argparse.ArgumentParser(
+      description=__doc__.split('\n', 1)[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+  )
   parser.add_argument('--json', default=None, help='write the rows as a JSON list to this file')
   parser.add_argument('--encoder', default='cnn', help='an encoder of mtlmatch.models.ENCODERS')
-  parser.add_argument('--encoder_kwargs', default=None,
-                      help='JSON, e.g. \'{"widths": [8, 16], "features": 32}\' (default: configs/affect.py\'s for '
-                      'cnn, the model defaults otherwise)')
-  parser.add_argument('--dtype', default='auto', choices=('auto', 'float32', 'bfloat16'),
-                      help='encoder compute dtype; auto = bfloat16 on a GPU/TPU, float32 on CPU')
+  parser.add_argument(
+      '--encoder_kwargs',
+      default=None,
+      help='JSON, e.g. \'{"widths": [8, 16], "features": 32}\' (default: configs/affect.py\'s for '
+      'cnn, the model defaults otherwise)',
+  )
+  parser.add_argument(
+      '--dtype',
+      default='auto',
+      choices=('auto', 'float32', 'bfloat16'),
+      help='encoder compute dtype; auto = bfloat16 on a GPU/TPU, float32 on CPU',
+  )
   parser.add_argument('--batch_size', type=int, default=64, help='global batch (a multiple of the device count)')
   parser.add_argument('--steps', type=int, default=20, help='timed steps per row (median reported)')
   parser.add_argument('--warmup', type=int, default=3, help='untimed steps after compiling')
   parser.add_argument('--tasks', default='2,4,8', help='task counts T of the <method>_t<T> rows')
   parser.add_argument('--only', default=None, help='comma-separated row names (default: all)')
   parser.add_argument('--num_examples', type=int, default=2048, help='training examples per generated source')
-  parser.add_argument('--fast_compile', action='store_true',
-                      help='CPU only, for tests/CI: quicker XLA compiles, slower steps (the numbers are no benchmark)')
+  parser.add_argument(
+      '--fast_compile',
+      action='store_true',
+      help='CPU only, for tests/CI: quicker XLA compiles, slower steps (the numbers are no benchmark)',
+  )
   parser.add_argument('--data_dir', default=None, help='TFDS cache for synthetic affect (default: a temp dir)')
   args = parser.parse_args(argv)
   task_counts = [int(t) for t in args.tasks.split(',') if t]
@@ -345,9 +391,12 @@ def main(argv=None) -> list[dict]:
   if args.data_dir is None:
     args.data_dir = tempfile.mkdtemp(prefix='mtlmatch_bench_')
   base = base_config(args)
-  print(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}); encoder '
-        f'{args.encoder} {base.encoder.kwargs.to_dict()}; batch {args.batch_size}; {args.steps} timed steps',
-        file=sys.stderr, flush=True)
+  print(
+      f'devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}); encoder '
+      f'{args.encoder} {base.encoder.kwargs.to_dict()}; batch {args.batch_size}; {args.steps} timed steps',
+      file=sys.stderr,
+      flush=True,
+  )
   wanted = set(args.only)
   rows = []
   affect = [n for n in AFFECT if n in wanted]

@@ -10,6 +10,7 @@ first batch when resuming at ``--resume_step`` (re-deriving source positions fro
 the 2-core CPU: ≥ 20,000 32×32 examples/s. The builder ``tfds_by_name`` reads the prepared Fashion-MNIST dataset
 through the generic ``tfds_source`` path; ``arrays`` is random in-memory numpy data.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,15 +40,20 @@ def make(name: str, data_dir: str) -> data.Benchmark:
   if name == 'arrays':
     rng = np.random.default_rng(0)
     tasks = [TaskSpec('a', 'multiclass', 10), TaskSpec('b', 'multilabel', 8)]
-    sources = [data.array_source('a', rng.integers(0, 256, (20000, 32, 32, 1), dtype=np.uint8),
-                                 {'a': rng.integers(0, 10, 20000)}),
-               data.array_source('b', rng.integers(0, 256, (5000, 32, 32, 1), dtype=np.uint8),
-                                 {'b': rng.integers(0, 2, (5000, 8))})]
+    sources = [
+        data.array_source(
+            'a', rng.integers(0, 256, (20000, 32, 32, 1), dtype=np.uint8), {'a': rng.integers(0, 10, 20000)}
+        ),
+        data.array_source(
+            'b', rng.integers(0, 256, (5000, 32, 32, 1), dtype=np.uint8), {'b': rng.integers(0, 2, (5000, 8))}
+        ),
+    ]
     return data.make_benchmark('arrays', tasks, sources)
   if name == 'tfds_by_name':
     fashion_mnist.prepare_fashion_mnist(data_dir)
-    source = data.tfds_source('items', 'mtlmatch_fashion_mnist', tasks=['item'], data_dir=data_dir,
-                              labels_fn=lambda ex: {'item': ex['item']})
+    source = data.tfds_source(
+        'items', 'mtlmatch_fashion_mnist', tasks=['item'], data_dir=data_dir, labels_fn=lambda ex: {'item': ex['item']}
+    )
     return data.make_benchmark('tfds_by_name', [TaskSpec('item', 'multiclass', 10)], [source])
   raise ValueError(f'builder: got {name!r}, expected one of {BUILDERS}')
 
@@ -81,8 +87,10 @@ def main(argv=None):
   args = parser.parse_args(argv)
   tfds.disable_progress_bar()
   data_dir = args.data_dir or tempfile.mkdtemp(prefix='mtlmatch_bench_')
-  print(f'cpus={os.cpu_count()} batch_size={args.batch_size} steps={args.steps} runs={args.runs} '
-        f'augment={args.augment} data_dir={data_dir}')
+  print(
+      f'cpus={os.cpu_count()} batch_size={args.batch_size} steps={args.steps} runs={args.runs} '
+      f'augment={args.augment} data_dir={data_dir}'
+  )
   for name in args.builders.split(','):
     start = time.perf_counter()
     try:
@@ -92,9 +100,11 @@ def main(argv=None):
       continue
     prepare = time.perf_counter() - start
     median, rates, resume = bench(benchmark, args)
-    print(f'{name:18s} image={benchmark.image_shape} median {median:,.0f} examples/s '
-          f'(runs: {", ".join(f"{r:,.0f}" for r in rates)}); build {prepare:.1f} s; first batch at step '
-          f'{args.resume_step:,}: {resume:.2f} s')
+    print(
+        f'{name:18s} image={benchmark.image_shape} median {median:,.0f} examples/s '
+        f'(runs: {", ".join(f"{r:,.0f}" for r in rates)}); build {prepare:.1f} s; first batch at step '
+        f'{args.resume_step:,}: {resume:.2f} s'
+    )
 
 
 if __name__ == '__main__':

@@ -29,6 +29,7 @@ in an order rotated every round (``bench.time_rounds``), so load from other proc
 table gives medians, ``x torch`` = step / ``torch_ew`` step, and the target: mtlmatch EW ≤ 1.0×, the per-task-
 gradient methods ≤ (1 + 0.3·T)× PyTorch's EW step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,11 @@ NUM_TASKS = 2
 IMAGE_SHAPE = (36, 36, 1)
 WIDTHS, FEATURES = (32, 64), 128
 LEARNING_RATE = 1e-3
-MISSING_TORCH = ("experiments/bench_torch.py needs PyTorch, which mtlmatch does not depend on; install the optional "
-                 "extra with `pip install -e '.[bench]'` (CPU build: `pip install torch --index-url "
-                 "https://download.pytorch.org/whl/cpu`)")
+MISSING_TORCH = (
+    'experiments/bench_torch.py needs PyTorch, which mtlmatch does not depend on; install the optional '
+    "extra with `pip install -e '.[bench]'` (CPU build: `pip install torch --index-url "
+    'https://download.pytorch.org/whl/cpu`)'
+)
 
 
 def import_torch():
@@ -97,7 +100,7 @@ def torch_rows(args, torch) -> list[bench.Prepared]:
       loss = sum(nn.functional.cross_entropy(head(feats), y) for head, y in zip(heads, ys))
     return state, {'loss': float(loss)}
 
-  def forward_backward(state, batch):   # the step without the optimizer
+  def forward_backward(state, batch):  # the step without the optimizer
     x, ys = batch
     opt.zero_grad(set_to_none=True)
     feats = encoder(x)
@@ -105,15 +108,21 @@ def torch_rows(args, torch) -> list[bench.Prepared]:
     loss.backward()
     return state, {'loss': float(loss.detach())}
 
-  rows = [('torch_ew', step)] + ([('torch_forward', forward), ('torch_fwd_bwd', forward_backward)]
-                                 if args.breakdown else [])
+  rows = [('torch_ew', step)] + (
+      [('torch_forward', forward), ('torch_fwd_bwd', forward_backward)] if args.breakdown else []
+  )
   prepared = []
   for name, fn in rows:
     start = time.perf_counter()
     for _ in range(max(args.warmup, 1)):
       fn(None, (images, labels))
-    info = {'compile_s': time.perf_counter() - start, 'peak_mem_mb': None, 'peak_mem_source': None,
-            'step_temp_mb': None, 'gflop_per_step': None}
+    info = {
+        'compile_s': time.perf_counter() - start,
+        'peak_mem_mb': None,
+        'peak_mem_source': None,
+        'step_temp_mb': None,
+        'gflop_per_step': None,
+    }
     prepared.append(bench.Prepared(name, 'torch', NUM_TASKS, fn, None, (images, labels), info))
   return prepared
 
@@ -123,8 +132,9 @@ def mtlmatch_rows(args) -> list[bench.Prepared]:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from mtlmatch import train  # pylint: disable=import-outside-toplevel
+
   base = bench.base_config(args)
-  base.optimizer.clip_norm = 0.0   # plain Adam, as the PyTorch step
+  base.optimizer.clip_norm = 0.0  # plain Adam, as the PyTorch step
   base.encoder.kwargs.conv_impl = args.conv_impl
   benchmark = bench.random_benchmark(NUM_TASKS, args.num_examples, image_shape=IMAGE_SHAPE)
   rows, initial, batch = [], None, None
@@ -136,8 +146,9 @@ def mtlmatch_rows(args) -> list[bench.Prepared]:
       initial = jax.device_get(bench.init_state(exp, args))
       batch = bench.first_batch(exp, args.batch_size)
     combined, _ = train.loss_names(exp.objective, exp.config)
-    state = jax.device_put(jax.tree.map(np.array, initial.replace(weighting_state=exp.method.init(len(combined)))),
-                           exp.replicated)
+    state = jax.device_put(
+        jax.tree.map(np.array, initial.replace(weighting_state=exp.method.init(len(combined)))), exp.replicated
+    )
     rows.append(bench.prepare(f'mtlmatch_{method}', 'mtlmatch', exp, state, batch, args))
     if args.breakdown and method == args.methods[0]:
       # Own copies of the parameters: the step donates its state, which would delete shared buffers.
@@ -154,8 +165,9 @@ def breakdown_rows(exp, state, batch, args) -> list[bench.Prepared]:
 
   def loss_fn(params, batch):
     outputs, _ = exp.model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True)
-    return sum(losses.masked_mean(*losses.softmax_xent(outputs['logits'][t], batch['labels'][t]))
-               for t in exp.model.tasks)
+    return sum(
+        losses.masked_mean(*losses.softmax_xent(outputs['logits'][t], batch['labels'][t])) for t in exp.model.tasks
+    )
 
   fns = {'jax_forward': jax.jit(loss_fn), 'jax_fwd_bwd': jax.jit(jax.value_and_grad(loss_fn))}
   rows = []
@@ -164,12 +176,18 @@ def breakdown_rows(exp, state, batch, args) -> list[bench.Prepared]:
     compiled = fn.lower(state.params, batch).compile()
 
     def run(params, batch, compiled=compiled):
-      out = compiled(params, batch)   # the loss, or (loss, gradients): all of it is waited for
+      out = compiled(params, batch)  # the loss, or (loss, gradients): all of it is waited for
       return params, {'loss': out[0] if isinstance(out, tuple) else out, 'out': out}
+
     for _ in range(max(args.warmup, 1)):
       jax.block_until_ready(run(state.params, batch))
-    info = {'compile_s': time.perf_counter() - start, 'peak_mem_mb': None, 'peak_mem_source': None,
-            'step_temp_mb': None, 'gflop_per_step': None}
+    info = {
+        'compile_s': time.perf_counter() - start,
+        'peak_mem_mb': None,
+        'peak_mem_source': None,
+        'step_temp_mb': None,
+        'gflop_per_step': None,
+    }
     rows.append(bench.Prepared(name, 'mtlmatch', len(exp.model.tasks), run, state.params, batch, info))
   return rows
 
@@ -178,7 +196,8 @@ def target(name: str):
   if not name.startswith('mtlmatch_'):
     return None
   from mtlmatch import weighting  # pylint: disable=import-outside-toplevel
-  method = name[len('mtlmatch_'):]
+
+  method = name[len('mtlmatch_') :]
   return 1.0 + 0.3 * NUM_TASKS if weighting.is_gradient_method(method) else 1.0
 
 
@@ -188,14 +207,17 @@ def format_table(rows: list[dict]) -> str:
   for r in rows:
     ok = {True: 'yes', False: 'NO', None: ''}[r['meets_target']]
     tgt = f'{r["target"]:.2f}' if r['target'] is not None else '-'
-    lines.append(f'{r["name"]:<18} {r["step_ms"]:>9.1f} {r["step_ms_min"]:>8.1f} {r["ratio_to_torch"]:>8.3f} '
-                 f'{tgt:>7} {ok:>3} {r["compile_s"]:>9.1f}')
+    lines.append(
+        f'{r["name"]:<18} {r["step_ms"]:>9.1f} {r["step_ms_min"]:>8.1f} {r["ratio_to_torch"]:>8.3f} '
+        f'{tgt:>7} {ok:>3} {r["compile_s"]:>9.1f}'
+    )
   return '\n'.join(lines)
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  parser = argparse.ArgumentParser(
+      description=__doc__.split('\n', 1)[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+  )
   parser.add_argument('--json', default=None, help='write the rows as a JSON list to this file')
   parser.add_argument('--methods', default='ew,pcgrad,mgda', help='mtlmatch weighting methods (comma-separated)')
   parser.add_argument('--batch_size', type=int, default=256)
@@ -203,14 +225,22 @@ def parse_args(argv=None):
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--threads', type=int, default=os.cpu_count(), help='PyTorch intra-op threads')
   parser.add_argument('--num_examples', type=int, default=512, help='random training examples for mtlmatch')
-  parser.add_argument('--conv_impl', default='auto', choices=('auto', 'native', 'gemm'),
-                      help="mtlmatch's config.encoder.kwargs.conv_impl (native: XLA's own conv / max-pool backward)")
-  parser.add_argument('--breakdown', action='store_true',
-                      help='also time forward alone and forward + backward, of both PyTorch and mtlmatch')
+  parser.add_argument(
+      '--conv_impl',
+      default='auto',
+      choices=('auto', 'native', 'gemm'),
+      help="mtlmatch's config.encoder.kwargs.conv_impl (native: XLA's own conv / max-pool backward)",
+  )
+  parser.add_argument(
+      '--breakdown',
+      action='store_true',
+      help='also time forward alone and forward + backward, of both PyTorch and mtlmatch',
+  )
   parser.add_argument('--fast_compile', action='store_true', help='tests only: quicker XLA compiles, slower steps')
   args = parser.parse_args(argv)
   args.methods = [m for m in args.methods.split(',') if m]
   from mtlmatch import weighting  # pylint: disable=import-outside-toplevel
+
   unknown = [m for m in args.methods if m not in weighting.METHODS]
   if unknown:
     parser.error(f'--methods: got unknown {unknown}, expected names from {sorted(weighting.METHODS)}')
@@ -226,14 +256,19 @@ def main(argv=None) -> list[dict]:
   args = parse_args(argv)
   # One XLA:CPU device per core, as mtlmatch.main gives a run, unless XLA_FLAGS sets a count (JAX has not started
   # its backend yet: nothing above asked it for a device).
-  os.environ['XLA_FLAGS'] = cpu_devices.xla_flags_with_cores(os.environ.get('XLA_FLAGS'),
-                                                             cpu_devices.available_cores(), (args.batch_size,))
+  os.environ['XLA_FLAGS'] = cpu_devices.xla_flags_with_cores(
+      os.environ.get('XLA_FLAGS'), cpu_devices.available_cores(), (args.batch_size,)
+  )
   torch = import_torch()
   torch.set_num_threads(args.threads)
   import jax  # pylint: disable=import-outside-toplevel
-  print(f'PyTorch {torch.__version__} ({args.threads} threads); JAX {jax.__version__}: {jax.device_count()} x '
-        f'{jax.devices()[0].device_kind} ({jax.default_backend()}); batch {args.batch_size}; load {os.getloadavg()}',
-        file=sys.stderr, flush=True)
+
+  print(
+      f'PyTorch {torch.__version__} ({args.threads} threads); JAX {jax.__version__}: {jax.device_count()} x '
+      f'{jax.devices()[0].device_kind} ({jax.default_backend()}); batch {args.batch_size}; load {os.getloadavg()}',
+      file=sys.stderr,
+      flush=True,
+  )
   prepared = torch_rows(args, torch) + mtlmatch_rows(args)
   rows = bench.time_rounds(prepared, args)
   torch_ms = next(r['step_ms'] for r in rows if r['name'] == 'torch_ew')
@@ -241,7 +276,7 @@ def main(argv=None) -> list[dict]:
     r['ratio_to_torch'] = r['step_ms'] / torch_ms
     r['target'] = target(r['name'])
     r['meets_target'] = r['ratio_to_torch'] <= r['target'] if r['target'] is not None else None
-    r['devices'] = jax.device_count() if r['group'] == 'mtlmatch' else None   # (the forward/backward rows too)
+    r['devices'] = jax.device_count() if r['group'] == 'mtlmatch' else None  # (the forward/backward rows too)
     r['threads'] = args.threads if r['group'] == 'torch' else None
   print(format_table(rows))
   print(f'load after: {os.getloadavg()}', file=sys.stderr)

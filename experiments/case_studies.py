@@ -12,6 +12,7 @@ cut grid run for ``experiments/results/``, listed in :data:`CPU_GRIDS` with what
 ``--results=experiments/results``. Every grid has the single-task baselines of every task (variants named
 ``st_<task>``), which the report's Δm and negative-transfer flags need.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,10 +26,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import sweep  # noqa: E402
 from experiments.sweep import Variant  # noqa: E402
 
-TASKS = {'affect': ('expression', 'aus'), 'shopping': ('item', 'group', 'attributes'),
-         'multi_fashion': ('left', 'right')}
-METHODS = ('ew', 'uw', 'dwa', 'rlw', 'gradnorm', 'famo', 'mgda', 'mgda_ub', 'pcgrad', 'cagrad', 'nash_mtl', 'imtl',
-           'aligned_mtl')
+TASKS = {
+    'affect': ('expression', 'aus'),
+    'shopping': ('item', 'group', 'attributes'),
+    'multi_fashion': ('left', 'right'),
+}
+METHODS = (
+    'ew',
+    'uw',
+    'dwa',
+    'rlw',
+    'gradnorm',
+    'famo',
+    'mgda',
+    'mgda_ub',
+    'pcgrad',
+    'cagrad',
+    'nash_mtl',
+    'imtl',
+    'aligned_mtl',
+)
 
 
 def _relatedness(terms: Sequence[str], spec: str) -> dict:
@@ -48,12 +65,15 @@ def dm_grid(study: str, spec_of, *, dgr: bool = True, extra=()) -> list[Variant]
 def affect_relatedness_variants(spec_of) -> list[Variant]:
   """DM + co-annotation with R estimated from 100 / 1,000 co-annotated examples instead of the expert prior."""
   # The synthetic affect benchmark's aux source `coannotated` has 1,000 examples and `coannotated_100` its first 100.
-  return [Variant('dm_coann_est100', spec_of('dm+coann'), _relatedness(('dm', 'coann'), 'estimate:coannotated_100')),
-          Variant('dm_coann_est1000', spec_of('dm+coann'), _relatedness(('dm', 'coann'), 'estimate:coannotated'))]
+  return [
+      Variant('dm_coann_est100', spec_of('dm+coann'), _relatedness(('dm', 'coann'), 'estimate:coannotated_100')),
+      Variant('dm_coann_est1000', spec_of('dm+coann'), _relatedness(('dm', 'coann'), 'estimate:coannotated')),
+  ]
 
 
-def multi_fashion_grid(spec_of, *, methods=METHODS, encoders=('cnn', 'resnet18'), dgr=((0.01, 1), (0.1, 1),
-                                                                                        (0.01, 4))) -> list[Variant]:
+def multi_fashion_grid(
+    spec_of, *, methods=METHODS, encoders=('cnn', 'resnet18'), dgr=((0.01, 1), (0.1, 1), (0.01, 4))
+) -> list[Variant]:
   """ST left/right per encoder; every method, without DGR and with each (λ, K) of ``dgr``."""
   grid = []
   for enc in encoders:
@@ -62,9 +82,18 @@ def multi_fashion_grid(spec_of, *, methods=METHODS, encoders=('cnn', 'resnet18')
     for m in methods:
       grid.append(Variant(f'{enc}_{m}', spec_of('mtl'), {**enc_over, 'weighting.name': m}))
       for lam, k in dgr:
-        grid.append(Variant(f'{enc}_{m}_dgr_l{lam:g}_k{k}', spec_of('mtl+dgr'),
-                            {**enc_over, 'weighting.name': m, 'objective.terms.dgr.weight': lam,
-                             'objective.terms.dgr.num_dummies': k}))
+        grid.append(
+            Variant(
+                f'{enc}_{m}_dgr_l{lam:g}_k{k}',
+                spec_of('mtl+dgr'),
+                {
+                    **enc_over,
+                    'weighting.name': m,
+                    'objective.terms.dgr.weight': lam,
+                    'objective.terms.dgr.num_dummies': k,
+                },
+            )
+        )
   return grid
 
 
@@ -86,28 +115,29 @@ EVAL_EVERY, EARLY_STOP = 50, 4
 CPU_STEPS = {'affect': 600, 'shopping': 400, 'multi_fashion': 400}
 CPU_CUTS = {
     'affect': 'At most 600 steps (batch 64), early-stopped on validation. Grid: ST ×2; MTL; co-annotation and DM '
-              'with the `model` prior (defaults) and with `uniform`; DM alone `a_to_b` / `b_to_a`; DM + '
-              'co-annotation; MTL + DGR with `sq_l2` and with `sq_l2_unbiased` (λ = 0.01, K = 1). Control '
-              '`mtl_equal_exposure`: plain MTL with twice the step budget (1,200), so that each task can see as many '
-              'labelled examples as its single-task run (the two train sources are mixed 1:1). Dropped from '
-              '--grid=full: DGR on the DM variants, R estimated from co-annotated subsets.',
+    'with the `model` prior (defaults) and with `uniform`; DM alone `a_to_b` / `b_to_a`; DM + '
+    'co-annotation; MTL + DGR with `sq_l2` and with `sq_l2_unbiased` (λ = 0.01, K = 1). Control '
+    '`mtl_equal_exposure`: plain MTL with twice the step budget (1,200), so that each task can see as many '
+    'labelled examples as its single-task run (the two train sources are mixed 1:1). Dropped from '
+    '--grid=full: DGR on the DM variants, R estimated from co-annotated subsets.',
     'shopping': 'At most 400 steps (batch 64), early-stopped on validation. Grid: ST ×3; MTL; co-annotation and DM '
-                'with the `model` prior (defaults) and with `uniform`; DM alone `a_to_b` / `b_to_a`; DM + '
-                'co-annotation; MTL + DGR `sq_l2` / `sq_l2_unbiased`; control `mtl_equal_exposure` (800 steps). '
-                'Scarce item task (`scarce_*`: 100 item images instead of 1,000, so 90 to train on and 10 to '
-                'validate): ST item, MTL, co-annotation, DM, DM + co-annotation (its group/attributes baselines are '
-                'the ST runs above: their sources are unchanged).',
+    'with the `model` prior (defaults) and with `uniform`; DM alone `a_to_b` / `b_to_a`; DM + '
+    'co-annotation; MTL + DGR `sq_l2` / `sq_l2_unbiased`; control `mtl_equal_exposure` (800 steps). '
+    'Scarce item task (`scarce_*`: 100 item images instead of 1,000, so 90 to train on and 10 to '
+    'validate): ST item, MTL, co-annotation, DM, DM + co-annotation (its group/attributes baselines are '
+    'the ST runs above: their sources are unchanged).',
     'multi_fashion': 'At most 400 steps (batch 64), early-stopped on validation, 20k train / 2k test images, CNN '
-                     'only: ST ×2, EW, EW + DGR `sq_l2`, EW + DGR `sq_l2_unbiased` (λ = 0.01, K = 1). The other '
-                     'weighting methods, the λ/K sweep and resnet18 are in --grid=full.',
+    'only: ST ×2, EW, EW + DGR `sq_l2`, EW + DGR `sq_l2_unbiased` (λ = 0.01, K = 1). The other '
+    'weighting methods, the λ/K sweep and resnet18 are in --grid=full.',
 }
 SUMMARY_PREAMBLE = (
     'Scale: these are the cut CPU runs of `--grid=cpu` (a small CNN on a 2-core CPU, each cell trained until its '
     'validation score stopped improving or a step cap, 3 seeds per cell unless n is given; see each REPORT.md for '
     'exactly what ran and what was cut). Every number is the test metric at the best-validation step. They test '
-    'whether the claims show up at this small scale, not whether they hold at the papers\' scale; a claim that did '
+    "whether the claims show up at this small scale, not whether they hold at the papers' scale; a claim that did "
     'not hold here is not refuted by it. Δm divides by the single-task score: where a single-task model barely '
-    'learned Δm is huge and says little; read the per-task columns and NT flags there.')
+    'learned Δm is huge and says little; read the per-task columns and NT flags there.'
+)
 
 
 def _term_overrides(study: str, kind: str, **options) -> dict:
@@ -126,27 +156,36 @@ def cpu_grid(study: str) -> list[Variant]:
   else:
     terms = lambda kind, **o: _term_overrides(study, kind, **o)  # noqa: E731
     grid = [Variant(f'st_{t}', spec_of(f'single={t}')) for t in TASKS[study]]
-    grid += [Variant('mtl', spec_of('mtl')),
-             Variant('mtl_equal_exposure', spec_of('mtl'), {'total_steps': 2 * steps}),
-             Variant('coann', spec_of('coann')),
-             Variant('coann_uniform', spec_of('coann'), terms('coann', prior='uniform')),
-             Variant('dm', spec_of('dm')),
-             Variant('dm_uniform', spec_of('dm'), terms('dm', prior='uniform')),
-             Variant('dm_a_to_b', spec_of('dm'), terms('dm', direction='a_to_b')),
-             Variant('dm_b_to_a', spec_of('dm'), terms('dm', direction='b_to_a')),
-             Variant('dm_coann', spec_of('dm+coann')),
-             Variant('mtl_dgr', spec_of('mtl+dgr')),
-             Variant('mtl_dgr_unbiased', spec_of('mtl+dgr'), {'objective.terms.dgr.norm': 'sq_l2_unbiased'})]
+    grid += [
+        Variant('mtl', spec_of('mtl')),
+        Variant('mtl_equal_exposure', spec_of('mtl'), {'total_steps': 2 * steps}),
+        Variant('coann', spec_of('coann')),
+        Variant('coann_uniform', spec_of('coann'), terms('coann', prior='uniform')),
+        Variant('dm', spec_of('dm')),
+        Variant('dm_uniform', spec_of('dm'), terms('dm', prior='uniform')),
+        Variant('dm_a_to_b', spec_of('dm'), terms('dm', direction='a_to_b')),
+        Variant('dm_b_to_a', spec_of('dm'), terms('dm', direction='b_to_a')),
+        Variant('dm_coann', spec_of('dm+coann')),
+        Variant('mtl_dgr', spec_of('mtl+dgr')),
+        Variant('mtl_dgr_unbiased', spec_of('mtl+dgr'), {'objective.terms.dgr.norm': 'sq_l2_unbiased'}),
+    ]
     if study == 'shopping':
       scarce = {'data.options.num_item': 100}
       grid += [Variant('scarce_st_item', spec_of('single=item'), scarce)]
       grid += [Variant(f'scarce_{v.replace("+", "_")}', spec_of(v), scarce) for v in ('mtl', 'coann', 'dm', 'dm+coann')]
-  over = {'optimizer.learning_rate': 0.003, 'total_steps': steps, 'eval_every': EVAL_EVERY, 'log_every': EVAL_EVERY,
-          'early_stopping_patience': EARLY_STOP}
+  over = {
+      'optimizer.learning_rate': 0.003,
+      'total_steps': steps,
+      'eval_every': EVAL_EVERY,
+      'log_every': EVAL_EVERY,
+      'early_stopping_patience': EARLY_STOP,
+  }
   grid = [Variant(v.name, v.spec, {**over, **v.overrides}) for v in grid]
   # A checkpoint at the end only (for the linear probes); keep one.
-  return [Variant(v.name, v.spec, {**v.overrides, 'checkpoint_every': v.overrides['total_steps'],
-                                   'keep_checkpoints': 1}) for v in grid]
+  return [
+      Variant(v.name, v.spec, {**v.overrides, 'checkpoint_every': v.overrides['total_steps'], 'keep_checkpoints': 1})
+      for v in grid
+  ]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -158,25 +197,31 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument('--workdirs', default=os.path.join('workdirs', 'experiments'))
   parser.add_argument('--results', default=os.path.join('experiments', 'results'))
   parser.add_argument('--no-probe', action='store_true', help='skip the linear probes of the shared features')
-  parser.add_argument('--probe-dgr-only', action='store_true',
-                      help='linear probes only of the variants in a without/with-DGR pair (what the DGR claim reads)')
+  parser.add_argument(
+      '--probe-dgr-only',
+      action='store_true',
+      help='linear probes only of the variants in a without/with-DGR pair (what the DGR claim reads)',
+  )
   parser.add_argument('--readme', default='', help='summary: also rewrite the generated block of this README')
   parser.add_argument('--report-only', action='store_true', help='table and report the finished runs only')
   args = parser.parse_args(argv)
   if args.study == 'summary':
     from experiments import report  # pylint: disable=g-import-not-at-top
+
     text = report.write_overall_summary(args.results, SUMMARY_PREAMBLE if args.grid == 'cpu' else '')
     if args.readme:
       report.update_readme(args.readme, text)
     print(text)
     return
   grid = cpu_grid(args.study) if args.grid == 'cpu' else full_grid(args.study)
-  runs = sweep.expand(grid, seeds=[int(s) for s in args.seeds.split(',')],
-                      root=os.path.join(args.workdirs, args.study), order='seed')
+  runs = sweep.expand(
+      grid, seeds=[int(s) for s in args.seeds.split(',')], root=os.path.join(args.workdirs, args.study), order='seed'
+  )
   start = time.time()
   if not args.report_only:
     sweep.run_all(runs, jobs=args.jobs)
   from experiments import report  # pylint: disable=g-import-not-at-top  (imports JAX/TF; not needed to sweep)
+
   out = os.path.join(args.results, args.study)
   rows = sweep.collect(runs)
   sweep.write_table(rows, os.path.join(out, 'runs.csv'))
@@ -184,12 +229,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   given = list(argv if argv is not None else sys.argv[1:])
   command = 'python experiments/case_studies.py ' + ' '.join(a for a in given if a != '--report-only')
   if args.report_only:
-    command += ('   # runs the sweep (finished runs skipped) and writes this report; this report came from the same '
-                '+ --report-only after the runs')
-  report.write_report(args.study, runs, out, tasks=TASKS[args.study], command=command, probe=not args.no_probe,
-                      probe_dgr_only=args.probe_dgr_only,
-                      notes=CPU_CUTS[args.study] if args.grid == 'cpu' else 'The full grid.',
-                      sweep_seconds=None if args.report_only else time.time() - start)
+    command += (
+        '   # runs the sweep (finished runs skipped) and writes this report; this report came from the same '
+        '+ --report-only after the runs'
+    )
+  report.write_report(
+      args.study,
+      runs,
+      out,
+      tasks=TASKS[args.study],
+      command=command,
+      probe=not args.no_probe,
+      probe_dgr_only=args.probe_dgr_only,
+      notes=CPU_CUTS[args.study] if args.grid == 'cpu' else 'The full grid.',
+      sweep_seconds=None if args.report_only else time.time() - start,
+  )
   print(f'report: {os.path.join(out, "REPORT.md")}')
 
 

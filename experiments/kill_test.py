@@ -27,6 +27,7 @@ resumes from exactly that step. Exit status 0 when all of it holds. The quick CI
 ``tests/test_faults.py::test_kill_restart_is_bitwise_equal`` (3 kills: in a step, a checkpoint write, an evaluation);
 a SIGTERM inside a checkpoint write is tested in-process there too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,6 +57,7 @@ MARK = '@@'
 class Event:
   """One interruption: ``signal`` ('kill' = SIGKILL, 'term' = SIGTERM) sent during the ``occurrence``-th start of
   ``phase`` in a process, ``fraction`` of the phase's shortest observed duration after it began."""
+
   signal: str
   phase: str
   occurrence: int
@@ -65,13 +67,14 @@ class Event:
 @dataclasses.dataclass
 class ChildRun:
   """What one process did: exit code, the markers it printed, where it died, how long it took."""
+
   event: Optional[Event]
   returncode: int
   markers: list
-  restored: Optional[int]            # the step it resumed from (0: fresh start)
-  died_in: str                       # 'step 5', 'save 6', 'eval 4', 'between', or 'finished'/'interrupted 7'
-  sent_during: str                   # the phase (and step) in progress when the signal was sent, or 'between'
-  sigterm_phase: Optional[str]       # the phase the SIGTERM handler saw, if any
+  restored: Optional[int]  # the step it resumed from (0: fresh start)
+  died_in: str  # 'step 5', 'save 6', 'eval 4', 'between', or 'finished'/'interrupted 7'
+  sent_during: str  # the phase (and step) in progress when the signal was sent, or 'between'
+  sigterm_phase: Optional[str]  # the phase the SIGTERM handler saw, if any
   seconds: float
   log: str
 
@@ -104,16 +107,32 @@ def _child_env(cache_dir: str) -> dict:
   return env
 
 
-def run_child(config: str, overrides: dict, workdir: str, *, env: dict, log_path: str, dump: Optional[str] = None,
-              event: Optional[Event] = None, durations: Optional[dict] = None, timeout: float = 600,
-              started: Optional[threading.Event] = None) -> ChildRun:
+def run_child(
+    config: str,
+    overrides: dict,
+    workdir: str,
+    *,
+    env: dict,
+    log_path: str,
+    dump: Optional[str] = None,
+    event: Optional[Event] = None,
+    durations: Optional[dict] = None,
+    timeout: float = 600,
+    started: Optional[threading.Event] = None,
+) -> ChildRun:
   """Runs one training process in ``workdir`` and, if ``event`` is given, interrupts it as planned.
 
   ``started`` is set once the process has built its experiment (its data are prepared) or has ended.
   """
   durations = durations if durations is not None else {}
-  cmd = [sys.executable, os.path.abspath(__file__), '--child', f'--config={config}', f'--workdir={workdir}',
-         f'--overrides={json.dumps(overrides)}'] + ([f'--dump={dump}'] if dump else [])
+  cmd = [
+      sys.executable,
+      os.path.abspath(__file__),
+      '--child',
+      f'--config={config}',
+      f'--workdir={workdir}',
+      f'--overrides={json.dumps(overrides)}',
+  ] + ([f'--dump={dump}'] if dump else [])
   t0 = time.monotonic()
   with open(log_path, 'w') as log:
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1, env=env)
@@ -186,19 +205,36 @@ def _follow(proc, lines, markers, durations, event, workdir, log_path, t0, timeo
 
 def load_dump(path: str) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   with np.load(path) as f:
     return {k: f[k] for k in f.files}
 
 
 def compare_dumps(a: dict, b: dict) -> list[str]:
   """Names of the leaves that differ in any byte (or exist in one dump only)."""
-  return sorted(k for k in set(a) | set(b) if k not in a or k not in b or a[k].dtype != b[k].dtype
-                or a[k].shape != b[k].shape or a[k].tobytes() != b[k].tobytes())
+  return sorted(
+      k
+      for k in set(a) | set(b)
+      if k not in a
+      or k not in b
+      or a[k].dtype != b[k].dtype
+      or a[k].shape != b[k].shape
+      or a[k].tobytes() != b[k].tobytes()
+  )
 
 
-def run_kill_test(*, kills: int = 0, sigterms: int = 0, events: Optional[list[Event]] = None,
-                  config: str = DEFAULT_CONFIG, overrides: Optional[dict] = None, workroot: Optional[str] = None,
-                  seed: int = 0, total_steps: Optional[int] = None, log: Callable[[str], None] = print) -> dict:
+def run_kill_test(
+    *,
+    kills: int = 0,
+    sigterms: int = 0,
+    events: Optional[list[Event]] = None,
+    config: str = DEFAULT_CONFIG,
+    overrides: Optional[dict] = None,
+    workroot: Optional[str] = None,
+    seed: int = 0,
+    total_steps: Optional[int] = None,
+    log: Callable[[str], None] = print,
+) -> dict:
   """The whole test (see the module docstring); returns a summary dict whose ``ok`` says whether everything held.
 
   ``events``: an explicit plan instead of ``plan(kills, sigterms, seed)``.
@@ -220,9 +256,17 @@ def run_kill_test(*, kills: int = 0, sigterms: int = 0, events: Optional[list[Ev
 
   def run_reference():
     data_ready.wait()
-    reference.append(run_child(config, overrides, os.path.join(workroot, 'reference'), env=env,
-                               log_path=os.path.join(workroot, 'logs', 'reference.log'),
-                               dump=os.path.join(workroot, 'reference.npz')))
+    reference.append(
+        run_child(
+            config,
+            overrides,
+            os.path.join(workroot, 'reference'),
+            env=env,
+            log_path=os.path.join(workroot, 'logs', 'reference.log'),
+            dump=os.path.join(workroot, 'reference.npz'),
+        )
+    )
+
   ref_thread = threading.Thread(target=run_reference, daemon=True)
   ref_thread.start()
 
@@ -230,16 +274,27 @@ def run_kill_test(*, kills: int = 0, sigterms: int = 0, events: Optional[list[Ev
   durations: dict = {}
   runs, previous = [], None
   for i, event in enumerate(events + [None]):
-    run = run_child(config, overrides, victim, env=env, log_path=os.path.join(workroot, 'logs', f'victim_{i}.log'),
-                    dump=os.path.join(workroot, 'victim.npz'), event=event, durations=durations,
-                    started=data_ready if i == 0 else None)
+    run = run_child(
+        config,
+        overrides,
+        victim,
+        env=env,
+        log_path=os.path.join(workroot, 'logs', f'victim_{i}.log'),
+        dump=os.path.join(workroot, 'victim.npz'),
+        event=event,
+        durations=durations,
+        started=data_ready if i == 0 else None,
+    )
     runs.append(run)
-    what = ('to the end' if event is None else
-            f'{event.signal} at {event.phase} #{event.occurrence} +{event.fraction:.2f}')
-    log(f'#{i:2d} {what:<30s} resumed from {run.restored!s:>3s}  '
+    what = (
+        'to the end' if event is None else f'{event.signal} at {event.phase} #{event.occurrence} +{event.fraction:.2f}'
+    )
+    log(
+        f'#{i:2d} {what:<30s} resumed from {run.restored!s:>3s}  '
         f'{"" if event is None else "sent during " + run.sent_during:<20s} rc {run.returncode:3d}  '
         f'{"died in" if run.returncode < 0 else "ended"}: {run.died_in:<15s}'
-        f'{"handler ran during " + run.sigterm_phase if run.sigterm_phase else ""}  {run.seconds:5.1f} s')
+        f'{"handler ran during " + run.sigterm_phase if run.sigterm_phase else ""}  {run.seconds:5.1f} s'
+    )
     if previous is not None and previous.event is not None and previous.event.signal == 'term':
       stopped = [int(w[1]) for w in previous.markers if w[0] == 'interrupted']
       if stopped and run.restored != stopped[0]:
@@ -253,8 +308,9 @@ def run_kill_test(*, kills: int = 0, sigterms: int = 0, events: Optional[list[Ev
     elif event.signal == 'kill' and run.returncode != -signal.SIGKILL:
       problems.append(f'run {i}: expected death by SIGKILL, got rc {run.returncode}: {run.log[-2000:]}')
     elif event.signal == 'term' and (run.returncode != 0 or run.died_in.split()[0] != 'interrupted'):
-      problems.append(f'run {i}: expected a clean exit after SIGTERM, got rc {run.returncode}, {run.died_in}: '
-                      f'{run.log[-2000:]}')
+      problems.append(
+          f'run {i}: expected a clean exit after SIGTERM, got rc {run.returncode}, {run.died_in}: ' f'{run.log[-2000:]}'
+      )
     previous = run
 
   ref_thread.join()
@@ -265,18 +321,23 @@ def run_kill_test(*, kills: int = 0, sigterms: int = 0, events: Optional[list[Ev
 
   checkpoints = os.path.join(victim, 'checkpoints')
   leftovers = [n for n in os.listdir(checkpoints) if 'tmp' in n] if os.path.isdir(checkpoints) else []
-  corrupt = sorted(os.listdir(os.path.join(victim, 'checkpoints_corrupt'))) if os.path.isdir(
-      os.path.join(victim, 'checkpoints_corrupt')) else []
+  corrupt = (
+      sorted(os.listdir(os.path.join(victim, 'checkpoints_corrupt')))
+      if os.path.isdir(os.path.join(victim, 'checkpoints_corrupt'))
+      else []
+  )
   if leftovers:
     problems.append(f'temporary checkpoint directories left behind: {leftovers}')
   if corrupt:
     problems.append(f'kills produced unreadable checkpoints (moved aside): {corrupt}')
   mismatched, metrics_equal = ['<no final state>'], False
   if os.path.exists(os.path.join(workroot, 'victim.npz')):
-    mismatched = compare_dumps(load_dump(os.path.join(workroot, 'reference.npz')),
-                               load_dump(os.path.join(workroot, 'victim.npz')))
+    mismatched = compare_dumps(
+        load_dump(os.path.join(workroot, 'reference.npz')), load_dump(os.path.join(workroot, 'victim.npz'))
+    )
     with open(os.path.join(workroot, 'reference', 'results.json')) as f1, open(
-        os.path.join(victim, 'results.json')) as f2:
+        os.path.join(victim, 'results.json')
+    ) as f2:
       metrics_equal = json.load(f1)['metrics'] == json.load(f2)['metrics']
   if mismatched:
     problems.append(f'final train state differs from the reference in {len(mismatched)} leaves: {mismatched[:5]}')
@@ -284,10 +345,16 @@ def run_kill_test(*, kills: int = 0, sigterms: int = 0, events: Optional[list[Ev
     problems.append('final metrics differ from the reference')
 
   interrupted = [r for r in runs if r.event is not None]
-  landed = [r for r in interrupted if (r.returncode == -signal.SIGKILL and r.event.signal == 'kill') or
-            (r.returncode == 0 and r.event.signal == 'term' and r.died_in.startswith('interrupted'))]
+  landed = [
+      r
+      for r in interrupted
+      if (r.returncode == -signal.SIGKILL and r.event.signal == 'kill')
+      or (r.returncode == 0 and r.event.signal == 'term' and r.died_in.startswith('interrupted'))
+  ]
   summary = {
-      'config': config, 'overrides': overrides, 'events_planned': len(events),
+      'config': config,
+      'overrides': overrides,
+      'events_planned': len(events),
       'kills_tried': sum(e.signal == 'kill' for e in events),
       'kills_landed': sum(r.event.signal == 'kill' for r in landed),
       'kills_by_phase_at_death': _count(r.died_in.split()[0] for r in landed if r.event.signal == 'kill'),
@@ -295,10 +362,16 @@ def run_kill_test(*, kills: int = 0, sigterms: int = 0, events: Optional[list[Ev
       'sigterms_clean_exit': sum(r.event.signal == 'term' for r in landed),
       'sigterms_sent_during': _count(r.sent_during.split()[0] for r in landed if r.event.signal == 'term'),
       'sigterm_handler_ran_during': _count(r.sigterm_phase or 'never' for r in landed if r.event.signal == 'term'),
-      'restarts': len(runs) - 1, 'resumed_from': [r.restored for r in runs],
-      'bitwise_equal': not mismatched, 'leaves_compared': len(load_dump(os.path.join(workroot, 'reference.npz'))),
-      'metrics_equal': metrics_equal, 'tmp_dirs_left': leftovers, 'moved_to_corrupt': corrupt,
-      'wall_s': round(time.monotonic() - t_start, 1), 'workroot': workroot, 'problems': problems,
+      'restarts': len(runs) - 1,
+      'resumed_from': [r.restored for r in runs],
+      'bitwise_equal': not mismatched,
+      'leaves_compared': len(load_dump(os.path.join(workroot, 'reference.npz'))),
+      'metrics_equal': metrics_equal,
+      'tmp_dirs_left': leftovers,
+      'moved_to_corrupt': corrupt,
+      'wall_s': round(time.monotonic() - t_start, 1),
+      'workroot': workroot,
+      'problems': problems,
       'ok': not problems,
   }
   return summary
@@ -314,9 +387,11 @@ def _count(items) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # The training process: train_and_evaluate with markers around each phase.
 
+
 def _child(config_spec: str, workdir: str, overrides: dict, dump: Optional[str]) -> int:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   import logging  # pylint: disable=g-import-not-at-top
+
   logging.basicConfig(level=logging.INFO, stream=sys.stderr, format='%(asctime)s %(levelname)s %(message)s')
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -341,6 +416,7 @@ def _child(config_spec: str, workdir: str, overrides: dict, dump: Optional[str])
       mark(name, 'end', step)
       phase['now'] = 'loop'
       return out
+
     return wrapped
 
   build, restore_latest = train.build_experiment, ckpt_lib.Checkpointer.restore_latest
@@ -351,7 +427,8 @@ def _child(config_spec: str, workdir: str, overrides: dict, dump: Optional[str])
     def step_of(state, batch):
       del state, batch
       phase['step'] += 1
-      return phase['step']          # the step this call produces, counted here: no device sync to know it
+      return phase['step']  # the step this call produces, counted here: no device sync to know it
+
     return dataclasses.replace(exp, step_fn=around('step', exp.step_fn, step_of))
 
   def restore_marked(self, *args, **kwargs):
@@ -399,11 +476,17 @@ def main(argv=None) -> int:
   parser.add_argument('--kills', type=int, default=20, help='SIGKILLs, spread over step / save / eval')
   parser.add_argument('--sigterms', type=int, default=2, help='SIGTERMs during checkpoint writes')
   parser.add_argument('--config', default=DEFAULT_CONFIG)
-  parser.add_argument('--set', action='append', default=[], metavar='KEY=JSON',
-                      help=f'config override (default {DEFAULT_SET}), e.g. --set seed=3')
+  parser.add_argument(
+      '--set',
+      action='append',
+      default=[],
+      metavar='KEY=JSON',
+      help=f'config override (default {DEFAULT_SET}), e.g. --set seed=3',
+  )
   parser.add_argument('--total_steps', type=int, default=None, help='default: 3 per event + 6')
-  parser.add_argument('--data_dir', default=None,
-                      help='TFDS data dir (default $MTLMATCH_DATA_DIR or ~/tensorflow_datasets)')
+  parser.add_argument(
+      '--data_dir', default=None, help='TFDS data dir (default $MTLMATCH_DATA_DIR or ~/tensorflow_datasets)'
+  )
   parser.add_argument('--workroot', default=None, help='default: a new temporary directory')
   parser.add_argument('--seed', type=int, default=0, help='seed of the interruption plan')
   parser.add_argument('--json', default=None, help='also write the summary here')
@@ -423,8 +506,15 @@ def main(argv=None) -> int:
       overrides[key] = value
   if args.data_dir:
     overrides['data.data_dir'] = args.data_dir
-  summary = run_kill_test(kills=args.kills, sigterms=args.sigterms, config=args.config, overrides=overrides,
-                          workroot=args.workroot, seed=args.seed, total_steps=args.total_steps)
+  summary = run_kill_test(
+      kills=args.kills,
+      sigterms=args.sigterms,
+      config=args.config,
+      overrides=overrides,
+      workroot=args.workroot,
+      seed=args.seed,
+      total_steps=args.total_steps,
+  )
   print(json.dumps(summary, indent=1))
   if args.json:
     with open(args.json, 'w') as f:

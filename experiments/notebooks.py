@@ -8,6 +8,7 @@ no Jupyter set-up is needed); ``params`` become ``MTLMATCH_NB_<KEY>`` environmen
 parameter cells read (the test suite runs them small). TFDS's data-generation progress bars are dropped from the
 stored outputs (they name a temporary directory); everything else the cells print or plot is kept.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,15 @@ from typing import Mapping, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = ('compose_losses', 'own_data')
-_NOISE = ('Generating ', 'Shuffling ', 'Dataset mtlmatch_', 'Downloading and preparing', 'IProgress not found',
-          'Using custom data configuration', 'FeatureConnector.dtype')
+_NOISE = (
+    'Generating ',
+    'Shuffling ',
+    'Dataset mtlmatch_',
+    'Downloading and preparing',
+    'IProgress not found',
+    'Using custom data configuration',
+    'FeatureConnector.dtype',
+)
 
 
 def _noise(output) -> bool:
@@ -34,6 +42,7 @@ def execute(name: str, *, params: Optional[Mapping[str, object]] = None, timeout
   """The executed notebook ``experiments/<name>.ipynb`` (an nbformat node; the file is not written)."""
   import nbclient  # pylint: disable=g-import-not-at-top
   import nbformat  # pylint: disable=g-import-not-at-top
+
   if name not in NOTEBOOKS:
     raise ValueError(f'notebook: got {name!r}, expected one of {NOTEBOOKS}')
   nb = nbformat.read(os.path.join(REPO, 'experiments', f'{name}.ipynb'), as_version=4)
@@ -42,8 +51,14 @@ def execute(name: str, *, params: Optional[Mapping[str, object]] = None, timeout
     spec_dir = os.path.join(tmp, 'jupyter', 'kernels', 'mtlmatch')
     os.makedirs(spec_dir)
     with open(os.path.join(spec_dir, 'kernel.json'), 'w') as f:
-      json.dump({'argv': [sys.executable, '-m', 'ipykernel_launcher', '-f', '{connection_file}'],
-                 'display_name': 'mtlmatch', 'language': 'python'}, f)
+      json.dump(
+          {
+              'argv': [sys.executable, '-m', 'ipykernel_launcher', '-f', '{connection_file}'],
+              'display_name': 'mtlmatch',
+              'language': 'python',
+          },
+          f,
+      )
     os.environ['JUPYTER_PATH'] = os.path.join(tmp, 'jupyter')
     os.environ['PYTHONPATH'] = REPO + os.pathsep + os.environ.get('PYTHONPATH', '')
     os.environ.setdefault('MTLMATCH_DATA_DIR', os.path.join(tmp, 'tfds'))
@@ -51,8 +66,9 @@ def execute(name: str, *, params: Optional[Mapping[str, object]] = None, timeout
     for key, value in (params or {}).items():
       os.environ[f'MTLMATCH_NB_{key.upper()}'] = str(value)
     try:
-      nbclient.NotebookClient(nb, kernel_name='mtlmatch', timeout=timeout,
-                              resources={'metadata': {'path': tmp}}).execute()
+      nbclient.NotebookClient(
+          nb, kernel_name='mtlmatch', timeout=timeout, resources={'metadata': {'path': tmp}}
+      ).execute()
     finally:
       os.environ.clear()
       os.environ.update(saved)
@@ -65,6 +81,7 @@ def execute(name: str, *, params: Optional[Mapping[str, object]] = None, timeout
 
 def main(argv) -> None:
   import nbformat  # pylint: disable=g-import-not-at-top
+
   for name in argv[1:] or NOTEBOOKS:
     nb = execute(name)
     nbformat.write(nb, os.path.join(REPO, 'experiments', f'{name}.ipynb'))

@@ -20,6 +20,7 @@ Conventions (also stated in every report):
 
   python experiments/case_studies.py affect --report-only     # re-table and re-plot the finished runs
 """
+
 from __future__ import annotations
 
 import glob
@@ -39,12 +40,24 @@ from experiments import sweep  # noqa: E402
 PRIMARY = {'multiclass': 'accuracy', 'multilabel': 'mean_f1'}
 # Result folders SUMMARY.md reads.
 STUDY_DIRS = ('affect', 'shopping', 'multi_fashion')
-PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'tensorflow-cpu', 'tensorflow-datasets',
-            'ml-collections', 'clu', 'numpy', 'matplotlib')
+PACKAGES = (
+    'jax',
+    'jaxlib',
+    'flax',
+    'optax',
+    'orbax-checkpoint',
+    'tensorflow-cpu',
+    'tensorflow-datasets',
+    'ml-collections',
+    'clu',
+    'numpy',
+    'matplotlib',
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Statistics (pure; tested against hand numbers).
+
 
 def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
   """(mean, sample std with ddof=1 (0 for a single value), n) of the finite values."""
@@ -66,8 +79,9 @@ def aggregate(rows: Sequence[Mapping]) -> dict[str, dict[str, tuple[float, float
   return out
 
 
-def delta_m(means: Mapping[str, float], baselines: Mapping[str, float],
-            lower_is_better: Optional[Mapping[str, bool]] = None) -> float:
+def delta_m(
+    means: Mapping[str, float], baselines: Mapping[str, float], lower_is_better: Optional[Mapping[str, bool]] = None
+) -> float:
   """Δm (%) = (1/T) Σ_t (−1)^{l_t} (M_t − M_ST,t) / M_ST,t × 100 over the tasks of ``baselines``."""
   lower_is_better = lower_is_better or {}
   missing = sorted(set(baselines) - set(means))
@@ -86,27 +100,37 @@ def negative_transfer(mtl: tuple[float, float], st: tuple[float, float], *, lowe
 # ---------------------------------------------------------------------------------------------------------------
 # Linear probes of the frozen shared features.
 
+
 def _restore_raw(workdir: str):
   """The newest checkpoint's state as plain nested dicts (no target tree needed)."""
   import orbax.checkpoint as ocp
-  steps = sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, 'checkpoints', '*'))
-                 if os.path.basename(p).isdigit())
+
+  steps = sorted(
+      int(os.path.basename(p))
+      for p in glob.glob(os.path.join(workdir, 'checkpoints', '*'))
+      if os.path.basename(p).isdigit()
+  )
   if not steps:
     raise ValueError(f'workdir {workdir!r}: got no checkpoint, expected checkpoints/<step>/ from a finished run')
   import jax
+
   path = os.path.join(workdir, 'checkpoints', str(steps[-1]), 'state')
   checkpointer = ocp.StandardCheckpointer()
   meta = checkpointer.metadata(path)
   meta = getattr(meta, 'item_metadata', meta)
   # The run saved arrays replicated over its mesh (e.g. 8 fake devices); read them onto this process's first device.
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), meta,
-                        is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
+  target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
+      meta,
+      is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'),
+  )
   return checkpointer.restore(path, target)
 
 
-def linear_probes(runs: Sequence[sweep.Run], *, probe_train: int = 2000, probe_test: int = 2000,
-                  echo=print) -> dict[str, dict[str, float]]:
+def linear_probes(
+    runs: Sequence[sweep.Run], *, probe_train: int = 2000, probe_test: int = 2000, echo=print
+) -> dict[str, dict[str, float]]:
   """``{workdir: {task: probe score}}`` (workdir as ``sweep.display_path``) for every finished run with a
   checkpoint, every task of the benchmark.
 
@@ -123,6 +147,7 @@ def linear_probes(runs: Sequence[sweep.Run], *, probe_train: int = 2000, probe_t
   from mtlmatch import evaluate
   from mtlmatch import evaluators
   from mtlmatch import models
+
   cache: dict[str, tuple] = {}
   out = {}
   for run in runs:
@@ -131,15 +156,21 @@ def linear_probes(runs: Sequence[sweep.Run], *, probe_train: int = 2000, probe_t
     with open(os.path.join(run.workdir, 'config.json')) as f:
       config = ml_collections.ConfigDict(json.load(f))
     key = json.dumps(config.data.to_dict(), sort_keys=True)
-    if key not in cache:   # the probe examples of one benchmark configuration, drawn once for all its runs
-      bench = data_lib.get_benchmark(config.data.name, data_dir=config.data.data_dir, seed=config.data.seed,
-                                     **config.data.options.to_dict())
+    if key not in cache:  # the probe examples of one benchmark configuration, drawn once for all its runs
+      bench = data_lib.get_benchmark(
+          config.data.name, data_dir=config.data.data_dir, seed=config.data.seed, **config.data.options.to_dict()
+      )
       cache[key] = bench.tasks, evaluators.probe_sources(bench, train_examples=probe_train, test_examples=probe_test)
     tasks, sources = cache[key]
     state = _restore_raw(run.workdir)
     trained = {t: tasks[t] for t in (config.tasks or tasks)}
-    model = models.build_model(trained, encoder=config.encoder.name, encoder_kwargs=config.encoder.kwargs.to_dict(),
-                               head=config.head.name, head_kwargs=config.head.kwargs.to_dict())
+    model = models.build_model(
+        trained,
+        encoder=config.encoder.name,
+        encoder_kwargs=config.encoder.kwargs.to_dict(),
+        head=config.head.name,
+        head_kwargs=config.head.kwargs.to_dict(),
+    )
     outputs = jax.jit(functools.partial(evaluators.probe_outputs, model=model))
     fn = functools.partial(outputs, state['params'], state.get('batch_stats') or {})
     key = sweep.display_path(run.workdir)
@@ -154,9 +185,11 @@ def linear_probes(runs: Sequence[sweep.Run], *, probe_train: int = 2000, probe_t
 # ---------------------------------------------------------------------------------------------------------------
 # Curves from the TensorBoard event files.
 
+
 def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """``{tag: (steps, values)}`` from every event file in ``workdir`` (clu writes tensor summaries)."""
   import tensorflow as tf
+
   series: dict[str, dict[int, float]] = {}
   for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
     for event in tf.compat.v1.train.summary_iterator(path):
@@ -174,22 +207,28 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def plot_curves(runs: Sequence[sweep.Run], tasks: Sequence[str], path: str) -> None:
   """One panel per task: the training loss ``loss/task/<t>`` vs step, seed-mean per variant (band = ± std)."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
   names = list(dict.fromkeys(r.variant.name for r in runs))
   scalars = {r.workdir: read_scalars(r.workdir) for r in runs if r.finished}
   for ax, task in zip(axes[0], tasks):
     for name in names:
-      curves = [scalars[r.workdir][f'loss/task/{task}'] for r in runs
-                if r.variant.name == name and r.workdir in scalars and f'loss/task/{task}' in scalars[r.workdir]]
+      curves = [
+          scalars[r.workdir][f'loss/task/{task}']
+          for r in runs
+          if r.variant.name == name and r.workdir in scalars and f'loss/task/{task}' in scalars[r.workdir]
+      ]
       if not curves:
         continue
       n = min(len(c[0]) for c in curves)
       steps, values = curves[0][0][:n], np.stack([c[1][:n] for c in curves])
-      line, = ax.plot(steps, values.mean(0), label=name)
-      ax.fill_between(steps, values.mean(0) - values.std(0), values.mean(0) + values.std(0), alpha=0.15,
-                      color=line.get_color())
+      (line,) = ax.plot(steps, values.mean(0), label=name)
+      ax.fill_between(
+          steps, values.mean(0) - values.std(0), values.mean(0) + values.std(0), alpha=0.15, color=line.get_color()
+      )
     ax.set_title(f'training loss: {task}')
     ax.set_xlabel('step')
     ax.set_yscale('log')
@@ -205,8 +244,10 @@ def plot_validation_curves(runs: Sequence[sweep.Run], path: str) -> None:
   """The validation score (mean primary metric over tasks, from ``results.json``'s selection history) vs step,
   seed-mean per variant; a marker at each run's best step. Shows where each cell converged and stopped."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(9, 5))
   names = list(dict.fromkeys(r.variant.name for r in runs))
   for name in names:
@@ -224,12 +265,12 @@ def plot_validation_curves(runs: Sequence[sweep.Run], path: str) -> None:
     for i, s in enumerate(histories):
       for h in s['history']:
         table[i, steps.index(h['step'])] = h['score'] if h['score'] is not None else np.nan
-    line, = ax.plot(steps, np.nanmean(table, 0), label=name, lw=1.2)
+    (line,) = ax.plot(steps, np.nanmean(table, 0), label=name, lw=1.2)
     for s in histories:
       ax.plot([s['best_step']], [s['best_score']], 'o', ms=3, color=line.get_color())
   ax.set_xlabel('step')
   ax.set_ylabel('validation score (mean primary metric)')
-  ax.set_title('validation curves (seed mean; dots: each run\'s best step)')
+  ax.set_title("validation curves (seed mean; dots: each run's best step)")
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -237,11 +278,13 @@ def plot_validation_curves(runs: Sequence[sweep.Run], path: str) -> None:
 
 
 # Method families, one colour each (checked in order: a name with `dgr` is a DGR variant whatever else it has).
-FAMILIES = (('DGR', lambda parts: 'dgr' in parts, 'tab:purple'),
-            ('DM + co-annotation', lambda parts: 'dm' in parts and 'coann' in parts, 'tab:red'),
-            ('DM', lambda parts: 'dm' in parts, 'tab:orange'),
-            ('co-annotation', lambda parts: 'coann' in parts, 'tab:green'),
-            ('plain MTL', lambda parts: True, 'tab:blue'))
+FAMILIES = (
+    ('DGR', lambda parts: 'dgr' in parts, 'tab:purple'),
+    ('DM + co-annotation', lambda parts: 'dm' in parts and 'coann' in parts, 'tab:red'),
+    ('DM', lambda parts: 'dm' in parts, 'tab:orange'),
+    ('co-annotation', lambda parts: 'coann' in parts, 'tab:green'),
+    ('plain MTL', lambda parts: True, 'tab:blue'),
+)
 
 
 def family(name: str) -> tuple[str, str]:
@@ -255,12 +298,15 @@ def plot_differences(summary: Mapping, tasks: Sequence[str], path: str, title: s
   task's primary metric (seed means), the bar ± the two stds combined (√(s_v² + s_b²)), a zero line, one colour per
   method family. ``key='probe'`` plots the linear-probe scores instead. The absolute numbers are REPORT.md's tables."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+
   variants = summary['variants']
   names = [n for n in variants if not is_baseline(n, tasks) and variants[n].get('baselines')]
-  fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks) + 2.6, 0.32 * len(names) + 1.6),
-                           sharey=True, squeeze=False)
+  fig, axes = plt.subplots(
+      1, len(tasks), figsize=(3.6 * len(tasks) + 2.6, 0.32 * len(names) + 1.6), sharey=True, squeeze=False
+  )
   for ax, task in zip(axes[0], tasks):
     column = summary['primary'][task] if key == 'metrics' else task
     for row, name in enumerate(names):
@@ -269,8 +315,9 @@ def plot_differences(summary: Mapping, tasks: Sequence[str], path: str, title: s
       ref = variants.get(base, {}).get(key, {}).get(column) if base else None
       if mine is None or ref is None:
         continue
-      ax.errorbar(mine[0] - ref[0], row, xerr=np.hypot(mine[1], ref[1]), fmt='o', color=family(name)[1],
-                  capsize=2, markersize=5)
+      ax.errorbar(
+          mine[0] - ref[0], row, xerr=np.hypot(mine[1], ref[1]), fmt='o', color=family(name)[1], capsize=2, markersize=5
+      )
     ax.axvline(0.0, color='0.4', linestyle='--', linewidth=1)
     ax.set_title(f'{task}: Δ {summary["primary"][task].split("/")[1]} vs single-task', fontsize=9)
     ax.grid(axis='x', alpha=0.3)
@@ -289,6 +336,7 @@ def plot_differences(summary: Mapping, tasks: Sequence[str], path: str, title: s
 # ---------------------------------------------------------------------------------------------------------------
 # The report.
 
+
 def machine_description() -> str:
   model = ''
   try:
@@ -296,13 +344,16 @@ def machine_description() -> str:
       model = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), '')
   except OSError:
     pass
-  return (f'{platform.platform()}; Python {platform.python_version()}; {os.cpu_count()} CPU cores visible '
-          f'({model or platform.processor()}), shared with other jobs; JAX backend of this process: {_jax_backend()} '
-          '(each CPU run gets one fake device per core from mtlmatch.main unless XLA_FLAGS sets a count)')
+  return (
+      f'{platform.platform()}; Python {platform.python_version()}; {os.cpu_count()} CPU cores visible '
+      f'({model or platform.processor()}), shared with other jobs; JAX backend of this process: {_jax_backend()} '
+      '(each CPU run gets one fake device per core from mtlmatch.main unless XLA_FLAGS sets a count)'
+  )
 
 
 def _jax_backend() -> str:
   import jax  # pylint: disable=g-import-not-at-top
+
   return f'{jax.default_backend()} ({jax.device_count()} devices)'
 
 
@@ -335,8 +386,9 @@ def baseline_prefix(name: str, prefixes: Sequence[str]) -> str:
   return max((p for p in prefixes if name.startswith(p)), key=len, default='')
 
 
-def summarize(rows: Sequence[Mapping], task_kinds: Mapping[str, str],
-              probes: Optional[Mapping[str, Mapping[str, float]]] = None) -> dict:
+def summarize(
+    rows: Sequence[Mapping], task_kinds: Mapping[str, str], probes: Optional[Mapping[str, Mapping[str, float]]] = None
+) -> dict:
   """Aggregated numbers the report prints: per variant the seed mean ± std of every metric, Δm, negative-transfer
   flags per task and probe scores. Variants ``<prefix>st_<task>`` are the baselines of the variants named
   ``<prefix>…`` (e.g. ``cnn_st_left`` for ``cnn_ew``; prefix '' for ``st_aus``)."""
@@ -344,21 +396,26 @@ def summarize(rows: Sequence[Mapping], task_kinds: Mapping[str, str],
   primary = {t: f'{t}/{PRIMARY[k]}' for t, k in task_kinds.items()}
   # Per task, the prefixes that have its baseline: `scarce_mtl` uses `scarce_st_item` and, for the tasks without a
   # `scarce_` baseline, `st_<t>`.
-  prefixes = {t: {n[:-len(f'st_{t}')] for n in agg if n == f'st_{t}' or n.endswith(f'_st_{t}')} for t in task_kinds}
+  prefixes = {t: {n[: -len(f'st_{t}')] for n in agg if n == f'st_{t}' or n.endswith(f'_st_{t}')} for t in task_kinds}
   out = {'primary': primary, 'variants': {}}
   for name, cols in agg.items():
     entry = {'metrics': {c: list(v) for c, v in cols.items()}}
     baseline_names = {t: f'{baseline_prefix(name, prefixes[t])}st_{t}' for t in task_kinds if prefixes[t]}
     baselines = {t: agg[b][primary[t]] for t, b in baseline_names.items() if primary[t] in agg.get(b, {})}
-    if (not is_baseline(name, task_kinds) and len(baselines) == len(task_kinds)
-        and all(primary[t] in cols for t in task_kinds)):
+    if (
+        not is_baseline(name, task_kinds)
+        and len(baselines) == len(task_kinds)
+        and all(primary[t] in cols for t in task_kinds)
+    ):
       entry['baselines'] = {t: baseline_names[t] for t in task_kinds}
-      entry['delta_m'] = delta_m({t: cols[primary[t]][0] for t in task_kinds},
-                                 {t: b[0] for t, b in baselines.items()})
+      entry['delta_m'] = delta_m({t: cols[primary[t]][0] for t in task_kinds}, {t: b[0] for t, b in baselines.items()})
       # A std from one seed is 0, which would flag any difference: no flag (None) unless both have >= 2 seeds.
       entry['negative_transfer'] = {
           t: negative_transfer(cols[primary[t]][:2], baselines[t][:2])
-          if cols[primary[t]][2] >= 2 and baselines[t][2] >= 2 else None for t in task_kinds}
+          if cols[primary[t]][2] >= 2 and baselines[t][2] >= 2
+          else None
+          for t in task_kinds
+      }
     if probes:
       by_task = {}
       for row in rows:
@@ -370,61 +427,114 @@ def summarize(rows: Sequence[Mapping], task_kinds: Mapping[str, str],
   return out
 
 
-def render_markdown(study: str, summary: dict, task_kinds: Mapping[str, str], *, command: str, notes: str = '',
-                    seeds: Sequence[int] = (), sweep_seconds: Optional[float] = None,
-                    run_seconds: Sequence[float] = (),
-                    run_commands: Mapping[str, str] = {}) -> str:
+def render_markdown(
+    study: str,
+    summary: dict,
+    task_kinds: Mapping[str, str],
+    *,
+    command: str,
+    notes: str = '',
+    seeds: Sequence[int] = (),
+    sweep_seconds: Optional[float] = None,
+    run_seconds: Sequence[float] = (),
+    run_commands: Mapping[str, str] = {},
+) -> str:
   primary = summary['primary']
   variants = summary['variants']
-  lines = [f'# Case study: {study}', '',
-           'Generated by `experiments/report.py` from the runs\' `results.json`, event files '
-           'and checkpoints; no number here is edited by hand.', '', '## Command', '', f'```\n{command}\n```', '']
+  lines = [
+      f'# Case study: {study}',
+      '',
+      "Generated by `experiments/report.py` from the runs' `results.json`, event files "
+      'and checkpoints; no number here is edited by hand.',
+      '',
+      '## Command',
+      '',
+      f'```\n{command}\n```',
+      '',
+  ]
   if notes:
     lines += ['## What ran (and what was cut)', '', notes, '']
-  lines += ['## Definitions', '',
-            '* Primary metric per task: ' + ', '.join(f'`{t}` → `{primary[t].split("/")[1]}`' for t in task_kinds) +
-            ' (multiclass: accuracy; multilabel: mean over labels of per-label F1). All higher is better.',
-            '* Δm (%) = (1/T) Σ_t (−1)^{l_t} (M_t − M_ST,t) / M_ST,t × 100, l_t = 0 (higher is better) for every '
-            'primary metric; M = seed mean; M_ST,t from the variant `st_<t>` (`<encoder>_st_<t>` for `<encoder>_…`).',
-            '* NT (negative transfer) on t: M_ST,t − M_t > max(std_ST,t, std_t) (sample std over seeds).',
-            '* Probe: L2-regularised logistic regression (mtlmatch.evaluators, JAX; scikit-learn\'s C=1 objective) on '
-            'the frozen encoder features of the final checkpoint, '
-            'train examples labelled for t → test set, scored by the primary metric.',
-            '* **Model selection**: every test metric here is the one at the run\'s best-validation step (the mean '
-            'over tasks of the primary metric on the validation parts held out of the training sources); the test '
-            'set never chooses anything. `best_step` and `step` (where training stopped) are in the tables.',
-            f'* Seeds: {list(seeds)} (config.seed: initialisation and data order; the data set is fixed).', '']
+  lines += [
+      '## Definitions',
+      '',
+      '* Primary metric per task: '
+      + ', '.join(f'`{t}` → `{primary[t].split("/")[1]}`' for t in task_kinds)
+      + ' (multiclass: accuracy; multilabel: mean over labels of per-label F1). All higher is better.',
+      '* Δm (%) = (1/T) Σ_t (−1)^{l_t} (M_t − M_ST,t) / M_ST,t × 100, l_t = 0 (higher is better) for every '
+      'primary metric; M = seed mean; M_ST,t from the variant `st_<t>` (`<encoder>_st_<t>` for `<encoder>_…`).',
+      '* NT (negative transfer) on t: M_ST,t − M_t > max(std_ST,t, std_t) (sample std over seeds).',
+      "* Probe: L2-regularised logistic regression (mtlmatch.evaluators, JAX; scikit-learn's C=1 objective) on "
+      'the frozen encoder features of the final checkpoint, '
+      'train examples labelled for t → test set, scored by the primary metric.',
+      "* **Model selection**: every test metric here is the one at the run's best-validation step (the mean "
+      'over tasks of the primary metric on the validation parts held out of the training sources); the test '
+      'set never chooses anything. `best_step` and `step` (where training stopped) are in the tables.',
+      f'* Seeds: {list(seeds)} (config.seed: initialisation and data order; the data set is fixed).',
+      '',
+  ]
   tasks = list(task_kinds)
   header = ['variant'] + [primary[t] for t in tasks] + ['Δm (%)'] + [f'NT {t}' for t in tasks]
-  lines += ['## Primary metrics (mean ± std over seeds)', '', '| ' + ' | '.join(header) + ' |',
-            '|' + '---|' * len(header)]
+  lines += [
+      '## Primary metrics (mean ± std over seeds)',
+      '',
+      '| ' + ' | '.join(header) + ' |',
+      '|' + '---|' * len(header),
+  ]
   for name, v in variants.items():
     m = v['metrics']
     cells = [name] + [_fmt(tuple(m[primary[t]]), len(seeds)) if primary[t] in m else '—' for t in tasks]
     cells.append(f'{v["delta_m"]:+.2f}' if 'delta_m' in v else 'baseline' if is_baseline(name, tasks) else '—')
-    cells += [('n<2' if v['negative_transfer'][t] is None else '**yes**' if v['negative_transfer'][t] else 'no')
-              if 'negative_transfer' in v else '—' for t in tasks]
+    cells += [
+        ('n<2' if v['negative_transfer'][t] is None else '**yes**' if v['negative_transfer'][t] else 'no')
+        if 'negative_transfer' in v
+        else '—'
+        for t in tasks
+    ]
     lines.append('| ' + ' | '.join(cells) + ' |')
-  columns = [c for c in dict.fromkeys(c for v in variants.values() for c in v['metrics'])
-             if '/recall_' not in c and not c.endswith('/mean_entropy')]
-  lines += ['', '## Every metric (mean ± std over seeds)', '', '| variant | ' + ' | '.join(columns) + ' |',
-            '|' + '---|' * (len(columns) + 1)]
+  columns = [
+      c
+      for c in dict.fromkeys(c for v in variants.values() for c in v['metrics'])
+      if '/recall_' not in c and not c.endswith('/mean_entropy')
+  ]
+  lines += [
+      '',
+      '## Every metric (mean ± std over seeds)',
+      '',
+      '| variant | ' + ' | '.join(columns) + ' |',
+      '|' + '---|' * (len(columns) + 1),
+  ]
   for name, v in variants.items():
-    lines.append(f'| {name} | ' + ' | '.join(_fmt(tuple(v['metrics'][c]), len(seeds)) if c in v['metrics'] else '—'
-                                             for c in columns) + ' |')
+    lines.append(
+        f'| {name} | '
+        + ' | '.join(_fmt(tuple(v['metrics'][c]), len(seeds)) if c in v['metrics'] else '—' for c in columns)
+        + ' |'
+    )
   if any('probe' in v for v in variants.values()):
-    lines += ['', '## Linear probe of the frozen shared features (mean ± std over seeds)', '',
-              '| variant | ' + ' | '.join(f'probe {primary[t]}' for t in tasks) + ' |', '|' + '---|' * (len(tasks) + 1)]
+    lines += [
+        '',
+        '## Linear probe of the frozen shared features (mean ± std over seeds)',
+        '',
+        '| variant | ' + ' | '.join(f'probe {primary[t]}' for t in tasks) + ' |',
+        '|' + '---|' * (len(tasks) + 1),
+    ]
     for name, v in variants.items():
       p = v.get('probe', {})
       lines.append(f'| {name} | ' + ' | '.join(_fmt(tuple(p[t]), len(seeds)) if t in p else '—' for t in tasks) + ' |')
-  lines += ['', '## Collapse check: prediction entropy and confusion-matrix diagonal (test, seed means)', '',
-            'Mean entropy of the predictions (nats; multilabel: mean binary entropy per label) and, for multiclass '
-            'tasks, the recall of each class (the diagonal of the row-normalised confusion matrix). A collapsed head '
-            'shows near-zero recalls for most classes; a head pulled toward uniform shows a high entropy.', '',
-            '| variant | ' + ' | '.join(f'{t} entropy' for t in tasks) + ' | ' +
-            ' | '.join(f'{t} diagonal' for t in tasks if task_kinds[t] == 'multiclass') + ' |',
-            '|' + '---|' * (1 + len(tasks) + sum(task_kinds[t] == 'multiclass' for t in tasks))]
+  lines += [
+      '',
+      '## Collapse check: prediction entropy and confusion-matrix diagonal (test, seed means)',
+      '',
+      'Mean entropy of the predictions (nats; multilabel: mean binary entropy per label) and, for multiclass '
+      'tasks, the recall of each class (the diagonal of the row-normalised confusion matrix). A collapsed head '
+      'shows near-zero recalls for most classes; a head pulled toward uniform shows a high entropy.',
+      '',
+      '| variant | '
+      + ' | '.join(f'{t} entropy' for t in tasks)
+      + ' | '
+      + ' | '.join(f'{t} diagonal' for t in tasks if task_kinds[t] == 'multiclass')
+      + ' |',
+      '|' + '---|' * (1 + len(tasks) + sum(task_kinds[t] == 'multiclass' for t in tasks)),
+  ]
   for name, v in variants.items():
     m = v['metrics']
     cells = [f'{m[f"{t}/mean_entropy"][0]:.3f}' if f'{t}/mean_entropy' in m else '—' for t in tasks]
@@ -433,33 +543,65 @@ def render_markdown(study: str, summary: dict, task_kinds: Mapping[str, str], *,
         recalls = sorted((int(c.rsplit('_', 1)[1]), m[c][0]) for c in m if c.startswith(f'{t}/recall_'))
         cells.append(' '.join(f'{r:.2f}' for _, r in recalls) or '—')
     lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
-  lines += ['', '## Plots', '', '![validation curves](validation_curves.png)', '', '![training curves](curves.png)',
-            '', '![difference to the single-task model per task](differences.png)', '']
+  lines += [
+      '',
+      '## Plots',
+      '',
+      '![validation curves](validation_curves.png)',
+      '',
+      '![training curves](curves.png)',
+      '',
+      '![difference to the single-task model per task](differences.png)',
+      '',
+  ]
   if any('probe' in v for v in variants.values()):
     lines += ['![linear probes: difference to the single-task model](probe_differences.png)', '']
   if run_commands:
-    lines += ['## The command of each row', '', 'Run from the repository root, these reproduce a row\'s first seed '
-              'exactly (its config file and overrides, which may differ in size from `configs/*.py`); the other '
-              'seeds differ only in `--config.seed` and `--workdir`. Each run\'s workdir keeps `command.txt`, '
-              '`log.txt`, `config.json`, event files, checkpoints and `results.json`.', '',
-              '| variant | command |', '|---|---|']
+    lines += [
+        '## The command of each row',
+        '',
+        "Run from the repository root, these reproduce a row's first seed "
+        'exactly (its config file and overrides, which may differ in size from `configs/*.py`); the other '
+        "seeds differ only in `--config.seed` and `--workdir`. Each run's workdir keeps `command.txt`, "
+        '`log.txt`, `config.json`, event files, checkpoints and `results.json`.',
+        '',
+        '| variant | command |',
+        '|---|---|',
+    ]
     lines += [f'| {name} | `{command}` |' for name, command in run_commands.items()]
     lines.append('')
-  lines += ['## Environment', '', f'* Machine: {machine_description()}',
-            '* Packages: ' + ', '.join(f'{k} {v}' for k, v in package_versions().items())]
+  lines += [
+      '## Environment',
+      '',
+      f'* Machine: {machine_description()}',
+      '* Packages: ' + ', '.join(f'{k} {v}' for k, v in package_versions().items()),
+  ]
   if sweep_seconds is not None:
-    lines.append(f'* Wall time of the command that wrote this report: {sweep_seconds / 60:.1f} min '
-                 '(runs already finished were skipped).')
+    lines.append(
+        f'* Wall time of the command that wrote this report: {sweep_seconds / 60:.1f} min '
+        '(runs already finished were skipped).'
+    )
   if run_seconds:
-    lines.append(f'* The runs\' own wall times (start-up and compilation included) sum to {sum(run_seconds) / 60:.1f} '
-                 f'min over {len(run_seconds)} runs; median {float(np.median(run_seconds)):.0f} s per run.')
-  lines += ['* Per-run command lines: `command.txt` in each run\'s workdir; every run is listed in `runs.csv`.', '']
+    lines.append(
+        f"* The runs' own wall times (start-up and compilation included) sum to {sum(run_seconds) / 60:.1f} "
+        f'min over {len(run_seconds)} runs; median {float(np.median(run_seconds)):.0f} s per run.'
+    )
+  lines += ["* Per-run command lines: `command.txt` in each run's workdir; every run is listed in `runs.csv`.", '']
   return '\n'.join(lines)
 
 
-def write_report(study: str, runs: Sequence[sweep.Run], out: str, *, tasks: Sequence[str], command: str,
-                 probe: bool = True, notes: str = '', sweep_seconds: Optional[float] = None,
-                 probe_dgr_only: bool = False) -> dict:
+def write_report(
+    study: str,
+    runs: Sequence[sweep.Run],
+    out: str,
+    *,
+    tasks: Sequence[str],
+    command: str,
+    probe: bool = True,
+    notes: str = '',
+    sweep_seconds: Optional[float] = None,
+    probe_dgr_only: bool = False,
+) -> dict:
   """Tables + plots + REPORT.md (+ summary.json) for ``runs`` in ``out``; returns the summary."""
   os.makedirs(out, exist_ok=True)
   rows = sweep.collect(runs)
@@ -472,7 +614,7 @@ def write_report(study: str, runs: Sequence[sweep.Run], out: str, *, tasks: Sequ
   if missing:
     raise ValueError(f'tasks: got {missing} that no finished run evaluated, expected tasks of {sorted(kinds)}')
   kinds = {t: kinds[t] for t in tasks}
-  if probe and probe_dgr_only:   # the probe is what the DGR claim reads: only the pairs without → with DGR need it
+  if probe and probe_dgr_only:  # the probe is what the DGR claim reads: only the pairs without → with DGR need it
     names = {r.variant.name for r in runs}
     paired = {n for pair in _dgr_pairs({'variants': dict.fromkeys(names)}) for n in pair}
     runs_to_probe = [r for r in runs if r.variant.name in paired]
@@ -484,22 +626,42 @@ def write_report(study: str, runs: Sequence[sweep.Run], out: str, *, tasks: Sequ
     json.dump(summary, f, indent=1)
   plot_curves(runs, tasks, os.path.join(out, 'curves.png'))
   plot_validation_curves(runs, os.path.join(out, 'validation_curves.png'))
-  plot_differences(summary, tasks, os.path.join(out, 'differences.png'),
-                   f'{study}: test metric at the best-validation step, minus the single-task model (seed means)')
+  plot_differences(
+      summary,
+      tasks,
+      os.path.join(out, 'differences.png'),
+      f'{study}: test metric at the best-validation step, minus the single-task model (seed means)',
+  )
   if probes:
-    plot_differences(summary, tasks, os.path.join(out, 'probe_differences.png'),
-                     f'{study}: linear probe of the shared features, minus the single-task model', key='probe')
+    plot_differences(
+        summary,
+        tasks,
+        os.path.join(out, 'probe_differences.png'),
+        f'{study}: linear probe of the shared features, minus the single-task model',
+        key='probe',
+    )
   seeds = sorted({r.seed for r in runs})
   with open(os.path.join(out, 'REPORT.md'), 'w') as f:
     import shlex
+
     first = {}
     for r in runs:
       first.setdefault(r.variant.name, r)
-    f.write(render_markdown(study, summary, kinds, command=command, notes=notes, seeds=seeds,
-                            sweep_seconds=sweep_seconds,
-                            run_seconds=[r['wall_time_s'] for r in rows if r.get('wall_time_s')],
-                            run_commands={n: shlex.join([f'XLA_FLAGS={_XLA_FLAGS}', 'python'] + r.command()[1:])
-                                          for n, r in first.items()}))
+    f.write(
+        render_markdown(
+            study,
+            summary,
+            kinds,
+            command=command,
+            notes=notes,
+            seeds=seeds,
+            sweep_seconds=sweep_seconds,
+            run_seconds=[r['wall_time_s'] for r in rows if r.get('wall_time_s')],
+            run_commands={
+                n: shlex.join([f'XLA_FLAGS={_XLA_FLAGS}', 'python'] + r.command()[1:]) for n, r in first.items()
+            },
+        )
+    )
   return summary
 
 
@@ -517,6 +679,7 @@ def _task_kinds(workdir: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------------------
 # SUMMARY.md: each paper's claim checked by a fixed rule against the studies' summary.json (no number typed by hand).
 
+
 def _get(summary: dict, name: str) -> Optional[dict]:
   return summary['variants'].get(name)
 
@@ -532,36 +695,44 @@ def _dm_claim(study: str, summary: dict, plain: str, matched: Sequence[str]) -> 
   mtl = _get(summary, plain)
   if mtl is None or 'delta_m' not in mtl:
     return [f'* {study}: plain MTL or a single-task baseline did not finish; no verdict.'], []
-  lines = [f'* {study}: plain MTL (`{plain}`) Δm = {mtl["delta_m"]:+.2f} %, negative transfer on: {_nt_list(mtl)}'
-           + (' (fewer than 2 seeds somewhere: flags incomplete).' if None in mtl['negative_transfer'].values()
-              else '.')]
+  lines = [
+      f'* {study}: plain MTL (`{plain}`) Δm = {mtl["delta_m"]:+.2f} %, negative transfer on: {_nt_list(mtl)}'
+      + (' (fewer than 2 seeds somewhere: flags incomplete).' if None in mtl['negative_transfer'].values() else '.')
+  ]
   control = _get(summary, f'{plain}_equal_exposure')
   if control and 'delta_m' in control:
-    lines.append(f'  * control `{plain}_equal_exposure` (plain MTL trained until each task has seen as many labelled '
-                 f'examples as its single-task run): Δm = {control["delta_m"]:+.2f} %, negative transfer on: '
-                 f'{_nt_list(control)}.')
+    lines.append(
+        f'  * control `{plain}_equal_exposure` (plain MTL trained until each task has seen as many labelled '
+        f'examples as its single-task run): Δm = {control["delta_m"]:+.2f} %, negative transfer on: '
+        f'{_nt_list(control)}.'
+    )
   keys = []
   for name in matched:
     v = _get(summary, name)
     if v is None or 'delta_m' not in v:
       continue
     if None in mtl['negative_transfer'].values() or None in v['negative_transfer'].values():
-      lines.append(f'  * `{name}`: Δm = {v["delta_m"]:+.2f} % — fewer than 2 seeds of it, plain MTL or a baseline '
-                   'finished: no verdict.')
+      lines.append(
+          f'  * `{name}`: Δm = {v["delta_m"]:+.2f} % — fewer than 2 seeds of it, plain MTL or a baseline '
+          'finished: no verdict.'
+      )
       continue
     nt_before = {t for t, f in mtl['negative_transfer'].items() if f}
     nt_after = {t for t, f in v['negative_transfer'].items() if f}
     if not nt_before:
-      key, verdict = 'no NT to prevent', ('no negative transfer to prevent here; Δm ' +
-                                          ('higher' if v['delta_m'] > mtl['delta_m'] else 'not higher') +
-                                          ' than plain MTL')
+      key, verdict = 'no NT to prevent', (
+          'no negative transfer to prevent here; Δm '
+          + ('higher' if v['delta_m'] > mtl['delta_m'] else 'not higher')
+          + ' than plain MTL'
+      )
     elif not nt_after:
       key, verdict = 'HELD', 'claim HELD: the negative transfer of plain MTL is gone'
     elif nt_after <= nt_before and (nt_after < nt_before or v['delta_m'] > mtl['delta_m']):
       key, verdict = 'PARTLY', 'claim held PARTLY: less negative transfer / higher Δm, but some remains'
     else:
       key, verdict = 'NOT', 'claim did NOT hold: negative transfer remains' + (
-          f' and appears on {", ".join(sorted(nt_after - nt_before))}' if nt_after - nt_before else '')
+          f' and appears on {", ".join(sorted(nt_after - nt_before))}' if nt_after - nt_before else ''
+      )
     keys.append(key)
     lines.append(f'  * `{name}`: Δm = {v["delta_m"]:+.2f} %, negative transfer on: {_nt_list(v)} — {verdict}.')
   return lines, keys
@@ -580,15 +751,22 @@ def _compare(before: Mapping, after: Mapping) -> tuple[str, str]:
     better += int(sig and diff > 0)
     worse += int(sig and diff < 0)
     parts.append(f'{t} {mb:.3f} → {md:.3f} ({diff:+.3f}{", beyond 1 std" if sig else ", within 1 std"})')
-  verdict = ('better' if better and not worse else 'worse' if worse and not better
-             else 'mixed' if better and worse else 'no difference beyond one std')
+  verdict = (
+      'better'
+      if better and not worse
+      else 'worse'
+      if worse and not better
+      else 'mixed'
+      if better and worse
+      else 'no difference beyond one std'
+  )
   return '; '.join(parts), verdict
 
 
 def _dgr_pairs(summary: dict) -> list[tuple[str, str]]:
   """(without, with DGR) variant pairs: ``X_dgr…`` with ``X`` present (``mtl_dgr``, ``cnn_ew_dgr_l0.01_k1``)."""
   names = summary['variants']
-  return [(n[:n.index('_dgr')], n) for n in names if '_dgr' in n and n[:n.index('_dgr')] in names]
+  return [(n[: n.index('_dgr')], n) for n in names if '_dgr' in n and n[: n.index('_dgr')] in names]
 
 
 def _dgr_claim(study: str, summary: dict) -> tuple[list[str], list[str], list[str]]:
@@ -602,7 +780,7 @@ def _dgr_claim(study: str, summary: dict) -> tuple[list[str], list[str], list[st
     task_d = {t: d['metrics'][c] for t, c in primary.items() if c in d['metrics']}
     tasks_text, tasks_verdict = _compare(task_b, task_d)
     task_verdicts.append(tasks_verdict)
-    dm = (f'; Δm {b["delta_m"]:+.2f} → {d["delta_m"]:+.2f} %' if 'delta_m' in b and 'delta_m' in d else '')
+    dm = f'; Δm {b["delta_m"]:+.2f} → {d["delta_m"]:+.2f} %' if 'delta_m' in b and 'delta_m' in d else ''
     line = f'* {study}: `{base}` → `{with_dgr}`: task scores {tasks_text}{dm} — {tasks_verdict}'
     if 'probe' in b and 'probe' in d:
       probe_text, probe_verdict = _compare(b['probe'], d['probe'])
@@ -623,13 +801,17 @@ def _tally(keys: Sequence[str], order: Sequence[str]) -> str:
 PLAIN_MTL = {'affect': 'mtl', 'shopping': 'mtl', 'multi_fashion': 'cnn_ew'}
 _DM_VARIANTS = ('coann', 'coann_uniform', 'dm', 'dm_uniform', 'dm_a_to_b', 'dm_b_to_a', 'dm_coann')
 # (plain MTL, the DM / co-annotation variants judged against it) per study; `scarce_*` has its own plain MTL.
-DM_GROUPS = {'affect': (('mtl', _DM_VARIANTS),),
-             'shopping': (('mtl', _DM_VARIANTS), ('scarce_mtl', ('scarce_coann', 'scarce_dm', 'scarce_dm_coann')))}
+DM_GROUPS = {
+    'affect': (('mtl', _DM_VARIANTS),),
+    'shopping': (('mtl', _DM_VARIANTS), ('scarce_mtl', ('scarce_coann', 'scarce_dm', 'scarce_dm_coann'))),
+}
 # The options whose default the validation data decide: (the default variant, the alternative, what differs).
-DEFAULT_CHOICES = (('dm', 'dm_uniform', 'DM prior: `model` vs `uniform`'),
-                   ('coann', 'coann_uniform', 'co-annotation prior: `model` vs `uniform`'),
-                   ('dm', 'dm_a_to_b', 'DM direction: `both` vs `a_to_b`'),
-                   ('dm', 'dm_b_to_a', 'DM direction: `both` vs `b_to_a`'))
+DEFAULT_CHOICES = (
+    ('dm', 'dm_uniform', 'DM prior: `model` vs `uniform`'),
+    ('coann', 'coann_uniform', 'co-annotation prior: `model` vs `uniform`'),
+    ('dm', 'dm_a_to_b', 'DM direction: `both` vs `a_to_b`'),
+    ('dm', 'dm_b_to_a', 'DM direction: `both` vs `b_to_a`'),
+)
 # A default is changed only on at least this many seeds of both variants in every study compared.
 MIN_SEEDS_TO_DECIDE = 3
 # A cell "collapses" when a task's primary test metric is below plain MTL's by more than this (absolute).
@@ -644,8 +826,10 @@ def _validation_score(summary: dict, name: str) -> Optional[tuple]:
 
 
 def _defaults_lines(loaded: Mapping[str, dict]) -> list[str]:
-  lines = ['| option | ' + ' | '.join(f'{s}: default → alternative' for s in loaded) + ' | decision |',
-           '|---|' + '---|' * len(loaded) + '---|']
+  lines = [
+      '| option | ' + ' | '.join(f'{s}: default → alternative' for s in loaded) + ' | decision |',
+      '|---|' + '---|' * len(loaded) + '---|',
+  ]
   for default, alternative, what in DEFAULT_CHOICES:
     cells, better, worse, compared, seeds = [], 0, 0, 0, []
     for summary in loaded.values():
@@ -662,20 +846,24 @@ def _defaults_lines(loaded: Mapping[str, dict]) -> list[str]:
     if not compared:
       decision = 'not run'
     elif min(seeds) < MIN_SEEDS_TO_DECIDE:
-      decision = (f'undecided: fewer than {MIN_SEEDS_TO_DECIDE} seeds (the default stays; the alternative better '
-                  f'beyond one std on {better}, worse on {worse}, of {compared})')
+      decision = (
+          f'undecided: fewer than {MIN_SEEDS_TO_DECIDE} seeds (the default stays; the alternative better '
+          f'beyond one std on {better}, worse on {worse}, of {compared})'
+      )
     elif 2 * better >= compared and not worse:
-      decision = f'switch to `{alternative}`\'s setting (better beyond one std on {better} of {compared})'
+      decision = f"switch to `{alternative}`'s setting (better beyond one std on {better} of {compared})"
     else:
-      decision = (f'keep `{default}`\'s setting (the alternative better beyond one std on {better}, worse on '
-                  f'{worse}, of {compared})')
+      decision = (
+          f"keep `{default}`'s setting (the alternative better beyond one std on {better}, worse on "
+          f'{worse}, of {compared})'
+      )
     lines.append(f'| {what} | ' + ' | '.join(cells) + f' | {decision} |')
   return lines
 
 
 def _plain_of(study: str, name: str) -> str:
   """The plain MTL variant ``name`` is read against: ``scarce_mtl`` for ``scarce_*``, else the study's own."""
-  scoped = [p for p, _ in DM_GROUPS.get(study, ()) if p.endswith('_mtl') and name.startswith(p[:-len('mtl')])]
+  scoped = [p for p, _ in DM_GROUPS.get(study, ()) if p.endswith('_mtl') and name.startswith(p[: -len('mtl')])]
   return scoped[0] if scoped else PLAIN_MTL[study]
 
 
@@ -688,9 +876,11 @@ def _collapse_lines(loaded: Mapping[str, dict]) -> list[str]:
       base = _get(summary, plain)
       if base is None or name == plain or is_baseline(name, primary):
         continue
-      drops = [f'{t} {base["metrics"][c][0]:.3f} → {v["metrics"][c][0]:.3f}' for t, c in primary.items()
-               if c in v['metrics'] and c in base['metrics']
-               and v['metrics'][c][0] < base['metrics'][c][0] - COLLAPSE_MARGIN]
+      drops = [
+          f'{t} {base["metrics"][c][0]:.3f} → {v["metrics"][c][0]:.3f}'
+          for t, c in primary.items()
+          if c in v['metrics'] and c in base['metrics'] and v['metrics'][c][0] < base['metrics'][c][0] - COLLAPSE_MARGIN
+      ]
       if drops:
         found.append(f'`{name}` vs `{plain}`: ' + ', '.join(drops))
     lines.append(f'* {study}: ' + ('; '.join(found) if found else 'no variant collapsed.'))
@@ -717,40 +907,71 @@ def write_overall_summary(results_dir: str, preamble: str = '') -> str:
       dm_keys += keys
     mtl, ctl = _get(loaded[study], plain), _get(loaded[study], f'{plain}_equal_exposure')
     if mtl and 'negative_transfer' in mtl:
-      nt = f'`{plain}`: {_nt_list(mtl)}' + (f'; `{plain}_equal_exposure`: {_nt_list(ctl)}'
-                                           if ctl and 'negative_transfer' in ctl else '')
+      nt = f'`{plain}`: {_nt_list(mtl)}' + (
+          f'; `{plain}_equal_exposure`: {_nt_list(ctl)}' if ctl and 'negative_transfer' in ctl else ''
+      )
     lines, task_v, probe_v = _dgr_claim(study, loaded[study])
     dgr_lines += lines or [f'* {study}: no DGR pair finished; no verdict.']
-    glance.append(f'| {study} | {nt} | {_tally(dm_keys, _DM_ORDER)} | {_tally(task_v, _DGR_ORDER)} | '
-                  f'{_tally(probe_v, _DGR_ORDER)} |')
-  lines = ['# What held here', '', 'Written by `experiments/report.py` (`write_overall_summary`) from the studies\' '
-           '`summary.json`, by fixed rules stated below; no number is typed by hand.', '']
+    glance.append(
+        f'| {study} | {nt} | {_tally(dm_keys, _DM_ORDER)} | {_tally(task_v, _DGR_ORDER)} | '
+        f'{_tally(probe_v, _DGR_ORDER)} |'
+    )
+  lines = [
+      '# What held here',
+      '',
+      "Written by `experiments/report.py` (`write_overall_summary`) from the studies' "
+      '`summary.json`, by fixed rules stated below; no number is typed by hand.',
+      '',
+  ]
   if preamble:
     lines += [preamble, '']
-  lines += ['## At a glance', '',
-            'Verdict counts by the rules of `experiments/results/SUMMARY.md` (one per DM / co-annotation variant; one '
-            'per pair without → with DGR); NT = negative transfer (worse than the single-task model beyond one std).',
-            '', '| study | NT on | DM / co-annotation vs plain MTL | DGR: task scores | '
-            'DGR: linear probe |', '|---|---|---|---|---|'] + glance
-  lines += ['', '## Distribution matching + co-annotation (Kollias et al., AAAI 2024): prevents negative transfer', '',
-            'Rule: negative transfer (NT) on a task = worse than its single-task model by more than one std over '
-            'seeds; HELD = plain MTL has NT and the variant has none; PARTLY = no task gains NT, and fewer NT tasks '
-            'or a higher Δm; NOT otherwise.', ''] + dm_lines
-  lines += ['', '## Defaults decided on validation data', '',
-            'Rule: for each option, the mean over seeds of the best validation score (the mean over tasks of the '
-            'primary validation metric, never a test number) of the default variant against the alternative, per '
-            'study; the default is switched only when the alternative is better by more than one std (the larger '
-            'of the two) on at least half of the studies that ran both and worse beyond one std on none, and '
-            f'only on at least {MIN_SEEDS_TO_DECIDE} seeds of each.',
-            ''] + _defaults_lines(loaded)
-  lines += ['', '## Collapse check', '',
-            f'Rule: a variant collapses when a task\'s primary test metric is below plain MTL\'s by more than '
-            f'{COLLAPSE_MARGIN} (absolute; seed means). Mean prediction entropy and the confusion-matrix diagonal of '
-            'every variant are in each REPORT.md.', ''] + _collapse_lines(loaded)
-  lines += ['', '## DGR (Shin et al., ECCV 2024): better shared representation (linear probe) and task scores', '',
-            'Rule: per pair (variant without → with DGR), a task counts as better / worse when its score moves by more '
-            'than one std (the larger of the two); a pair is better = better on some task and worse on none (worse '
-            'likewise); the probe claim HELD = the probe is better.', ''] + dgr_lines
+  lines += [
+      '## At a glance',
+      '',
+      'Verdict counts by the rules of `experiments/results/SUMMARY.md` (one per DM / co-annotation variant; one '
+      'per pair without → with DGR); NT = negative transfer (worse than the single-task model beyond one std).',
+      '',
+      '| study | NT on | DM / co-annotation vs plain MTL | DGR: task scores | ' 'DGR: linear probe |',
+      '|---|---|---|---|---|',
+  ] + glance
+  lines += [
+      '',
+      '## Distribution matching + co-annotation (Kollias et al., AAAI 2024): prevents negative transfer',
+      '',
+      'Rule: negative transfer (NT) on a task = worse than its single-task model by more than one std over '
+      'seeds; HELD = plain MTL has NT and the variant has none; PARTLY = no task gains NT, and fewer NT tasks '
+      'or a higher Δm; NOT otherwise.',
+      '',
+  ] + dm_lines
+  lines += [
+      '',
+      '## Defaults decided on validation data',
+      '',
+      'Rule: for each option, the mean over seeds of the best validation score (the mean over tasks of the '
+      'primary validation metric, never a test number) of the default variant against the alternative, per '
+      'study; the default is switched only when the alternative is better by more than one std (the larger '
+      'of the two) on at least half of the studies that ran both and worse beyond one std on none, and '
+      f'only on at least {MIN_SEEDS_TO_DECIDE} seeds of each.',
+      '',
+  ] + _defaults_lines(loaded)
+  lines += [
+      '',
+      '## Collapse check',
+      '',
+      f"Rule: a variant collapses when a task's primary test metric is below plain MTL's by more than "
+      f'{COLLAPSE_MARGIN} (absolute; seed means). Mean prediction entropy and the confusion-matrix diagonal of '
+      'every variant are in each REPORT.md.',
+      '',
+  ] + _collapse_lines(loaded)
+  lines += [
+      '',
+      '## DGR (Shin et al., ECCV 2024): better shared representation (linear probe) and task scores',
+      '',
+      'Rule: per pair (variant without → with DGR), a task counts as better / worse when its score moves by more '
+      'than one std (the larger of the two); a pair is better = better on some task and worse on none (worse '
+      'likewise); the probe claim HELD = the probe is better.',
+      '',
+  ] + dgr_lines
   missing = sorted(set(STUDY_DIRS) - set(loaded))
   if missing:
     lines += ['', f'Not run here (no results): {", ".join(missing)}.']

@@ -18,6 +18,7 @@ Usage::
   python experiments/sweep.py --root=/tmp/sweep --spec=configs/affect.py:dm --name=dm --seeds=0,1,2 \\
       --set total_steps=300 --jobs=2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,6 +52,7 @@ def resolve_path(path: str) -> str:
 class Variant:
   """One grid point: ``name`` (a directory name), ``spec`` (``--config=``) and ``overrides`` ``{key: value}``
   passed as ``--config.<key>=<value>``."""
+
   name: str
   spec: str
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -59,7 +61,7 @@ class Variant:
     if not self.name or '/' in self.name or self.name.startswith('.'):
       raise ValueError(f'Variant.name: got {self.name!r}, expected a non-empty directory name without "/"')
     if ':' not in self.spec and not self.spec.endswith('.py'):
-      raise ValueError(f'Variant.spec: got {self.spec!r}, expected \'<config file>.py[:<variant>]\'')
+      raise ValueError(f"Variant.spec: got {self.spec!r}, expected '<config file>.py[:<variant>]'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +82,14 @@ class Run:
     """The ``mtlmatch.main`` command line, run from the repository root (the workdir is relative to it when inside
     it); ``seed`` sets ``config.seed`` (init and data order; the data set itself is fixed by ``config.data.seed``)."""
     overrides = {'seed': self.seed, **self.variant.overrides}
-    return [python, '-m', 'mtlmatch.main', f'--config={self.variant.spec}', f'--workdir={display_path(self.workdir)}',
-            *[f'--config.{k}={_flag_value(v)}' for k, v in overrides.items()]]
+    return [
+        python,
+        '-m',
+        'mtlmatch.main',
+        f'--config={self.variant.spec}',
+        f'--workdir={display_path(self.workdir)}',
+        *[f'--config.{k}={_flag_value(v)}' for k, v in overrides.items()],
+    ]
 
 
 def _flag_value(value: Any) -> str:
@@ -107,8 +115,9 @@ def expand(grid: Sequence[Variant], *, seeds: Sequence[int], root: str, order: s
   return sorted(runs, key=lambda r: r.seed) if order == 'seed' else runs  # sorted() is stable: grid order kept
 
 
-def launch(run: Run, *, env: Optional[Mapping[str, str]] = None, python: str = sys.executable,
-           timeout: Optional[float] = None) -> int:
+def launch(
+    run: Run, *, env: Optional[Mapping[str, str]] = None, python: str = sys.executable, timeout: Optional[float] = None
+) -> int:
   """Runs one run to completion in a subprocess (cwd = the repository root); returns its exit code. The command
   goes to ``command.txt``, stdout + stderr to ``log.txt`` (appended, so a resumed run keeps its history)."""
   os.makedirs(run.workdir, exist_ok=True)
@@ -122,8 +131,9 @@ def launch(run: Run, *, env: Optional[Mapping[str, str]] = None, python: str = s
     log.write(f'# {time.strftime("%Y-%m-%d %H:%M:%S")} {shlex.join(cmd)}\n')
     log.flush()
     try:
-      return subprocess.run(cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                            timeout=timeout).returncode
+      return subprocess.run(
+          cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout
+      ).returncode
     except subprocess.TimeoutExpired:
       log.write(f'# killed after {timeout} s\n')
       return -9
@@ -133,6 +143,7 @@ def check_variants(variants: Sequence[Variant]) -> None:
   """Builds and validates each variant's config (spec + overrides, as the CLI would) before any run starts, so a
   misspelt key or a bad value stops the sweep with one message instead of failing run after run."""
   from mtlmatch import config_lib  # pylint: disable=g-import-not-at-top  (imports JAX; only when launching)
+
   for variant in variants:
     try:
       spec = config_lib.cli_spec(variant.spec, {k: str(v) for k, v in variant.overrides.items()})
@@ -141,9 +152,16 @@ def check_variants(variants: Sequence[Variant]) -> None:
       raise ValueError(f'sweep variant {variant.name!r} ({variant.spec}): {e}') from None
 
 
-def run_all(runs: Sequence[Run], *, jobs: int = 1, env: Optional[Mapping[str, str]] = None,
-            python: str = sys.executable, timeout: Optional[float] = None,
-            launcher: Optional[Callable[[Run], int]] = None, echo: Callable[[str], None] = print) -> dict[str, int]:
+def run_all(
+    runs: Sequence[Run],
+    *,
+    jobs: int = 1,
+    env: Optional[Mapping[str, str]] = None,
+    python: str = sys.executable,
+    timeout: Optional[float] = None,
+    launcher: Optional[Callable[[Run], int]] = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, int]:
   """Runs every unfinished run, ``jobs`` at a time; returns ``{workdir: exit code}`` of those launched (finished
   runs are skipped and absent). ``launcher`` replaces :func:`launch` (tests)."""
   if not isinstance(jobs, int) or jobs < 1:
@@ -182,9 +200,16 @@ def collect(runs: Sequence[Run]) -> list[dict]:
     with open(run.results_path) as f:
       results = json.load(f)
     selection = results.get('selection') or {}
-    row = {'name': run.variant.name, 'spec': run.variant.spec, 'seed': run.seed, 'workdir': display_path(run.workdir),
-           'step': results.get('step'), 'best_step': selection.get('best_step'),
-           'wall_time_s': results.get('wall_time_s'), 'validation/score': selection.get('best_score')}
+    row = {
+        'name': run.variant.name,
+        'spec': run.variant.spec,
+        'seed': run.seed,
+        'workdir': display_path(run.workdir),
+        'step': results.get('step'),
+        'best_step': selection.get('best_step'),
+        'wall_time_s': results.get('wall_time_s'),
+        'validation/score': selection.get('best_score'),
+    }
     for task, metrics in sorted(selection.get('metrics', results.get('metrics', {})).items()):
       for metric, value in metrics.items():
         if metric != 'count' and not metric.startswith('f1_'):
@@ -216,8 +241,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='config override, all specs')
   parser.add_argument('--jobs', type=int, default=1)
   args = parser.parse_args(argv)
-  names = args.name or [s.split(':', 1)[-1].replace('+', '_').replace('=', '_').replace(',', '_') or 'default'
-                        for s in args.spec]
+  names = args.name or [
+      s.split(':', 1)[-1].replace('+', '_').replace('=', '_').replace(',', '_') or 'default' for s in args.spec
+  ]
   if len(names) != len(args.spec):
     raise ValueError(f'--name: got {len(names)} names for {len(args.spec)} specs, expected one per --spec')
   overrides = dict(kv.split('=', 1) for kv in args.set)

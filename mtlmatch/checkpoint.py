@@ -22,6 +22,7 @@ What survives what (tested in tests/test_faults.py, experiments/kill_test.py):
   this run builds raises a ValueError naming the first differing leaves — e.g. a custom benchmark with another
   number of classes under an identical config. Neither is treated as damage.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,9 +44,24 @@ from etils import epath
 # changes the learning rate from the resumed step on (the steps already taken are kept as they are). init_from and
 # init_heads are read only when a run starts (a resumed run continues from its own checkpoint). evals (what is
 # measured) never changes a step; an evaluator added on resume starts its record afresh, a removed one's is dropped.
-SAFE_TO_CHANGE = frozenset({'total_steps', 'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
-                            'eval_batch_size', 'nonfinite', 'early_stopping_patience', 'data.data_dir',
-                            'data.options.idx_dir', 'encoder.kwargs.conv_impl', 'init_from', 'init_heads', 'evals'})
+SAFE_TO_CHANGE = frozenset(
+    {
+        'total_steps',
+        'log_every',
+        'eval_every',
+        'checkpoint_every',
+        'keep_checkpoints',
+        'eval_batch_size',
+        'nonfinite',
+        'early_stopping_patience',
+        'data.data_dir',
+        'data.options.idx_dir',
+        'encoder.kwargs.conv_impl',
+        'init_from',
+        'init_heads',
+        'evals',
+    }
+)
 
 CORRUPT_DIR = 'checkpoints_corrupt'
 
@@ -59,8 +75,10 @@ class Checkpointer:
     self.corrupt_directory = os.path.join(self.workdir, CORRUPT_DIR)
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
-                                             cleanup_tmp_directories=True))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True
+        ),
+    )
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -70,12 +88,14 @@ class Checkpointer:
     return steps[-1] if steps else None
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     meta=ocp.args.JsonSave(meta)), force=True)
+    self._manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+    )
     self._manager.wait_until_finished()
 
-  def restore_latest(self, abstract_state: Any, *, check_meta: Optional[Callable[[dict], None]] = None
-                     ) -> Optional[tuple[Any, dict]]:
+  def restore_latest(
+      self, abstract_state: Any, *, check_meta: Optional[Callable[[dict], None]] = None
+  ) -> Optional[tuple[Any, dict]]:
     """Newest restorable ``(state, meta)``, moving unreadable steps aside; None if no step is usable.
 
     ``check_meta(meta)`` runs on a step's metadata before its state is read (e.g. the config-drift check); what it
@@ -95,8 +115,9 @@ class Checkpointer:
           check_meta(meta)
         check_state_layout(saved_layout, abstract_state, where=f'checkpoint step {step} in {self.directory}')
         try:
-          restored = self._manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state)))
+          restored = self._manager.restore(
+              step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+          )
           return restored['state'], meta
         except Exception as e:  # pylint: disable=broad-except
           moved |= self._set_aside(step, e)
@@ -113,8 +134,9 @@ class Checkpointer:
     reason = f'{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ""}'
     source = self._step_dir(step)
     if jax.process_index() != 0 or not os.path.exists(source):
-      logging.warning('Checkpoint step %d at %s cannot be restored (%s); trying the previous step.', step, source,
-                      reason)
+      logging.warning(
+          'Checkpoint step %d at %s cannot be restored (%s); trying the previous step.', step, source, reason
+      )
       return False
     os.makedirs(self.corrupt_directory, exist_ok=True)
     stamp = time.strftime('%Y%m%d-%H%M%S')
@@ -123,8 +145,14 @@ class Checkpointer:
       n += 1
       target = os.path.join(self.corrupt_directory, f'{step}-{stamp}-{n}')
     shutil.move(source, target)
-    logging.warning('Checkpoint step %d at %s cannot be restored (%s); moved it to %s (kept for inspection, not '
-                    'deleted) and trying the previous step.', step, source, reason, target)
+    logging.warning(
+        'Checkpoint step %d at %s cannot be restored (%s); moved it to %s (kept for inspection, not '
+        'deleted) and trying the previous step.',
+        step,
+        source,
+        reason,
+        target,
+    )
     return True
 
   def close(self) -> None:
@@ -141,22 +169,29 @@ def check_state_layout(saved: Any, abstract_state: Any, *, where: str = 'checkpo
 
   ``saved``: orbax's tree metadata of the state item (nested dicts/lists of leaves with ``.shape``/``.dtype``).
   """
+
   def layout(tree) -> dict[str, tuple]:
-    return {'.'.join(_key_name(k) for k in path): (tuple(getattr(leaf, 'shape', ())),
-                                                   str(getattr(leaf, 'dtype', type(leaf).__name__)))
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        '.'.join(_key_name(k) for k in path): (
+            tuple(getattr(leaf, 'shape', ())),
+            str(getattr(leaf, 'dtype', type(leaf).__name__)),
+        )
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
   old, new = layout(saved), layout(abstract_state)
   diffs = []
-  for path in sorted(set(old) | set(new), key=lambda p: (not p.startswith('params.'), p)):   # params first
+  for path in sorted(set(old) | set(new), key=lambda p: (not p.startswith('params.'), p)):  # params first
     if old.get(path) != new.get(path):
       show = lambda v: 'absent' if v is None else f'shape {v[0]} {v[1]}'  # noqa: E731
       diffs.append(f'{path}: saved {show(old.get(path))}, now {show(new.get(path))}')
   if diffs:
-    raise ValueError(f'{where} holds a train state of another layout than this run builds '
-                     f'({len(diffs)} differences: {"; ".join(diffs[:4])}{"; ..." if len(diffs) > 4 else ""}). '
-                     'Expected the same model, tasks and optimizer; resume with the code, config and data that '
-                     'wrote it, or use a new --workdir.')
+    raise ValueError(
+        f'{where} holds a train state of another layout than this run builds '
+        f'({len(diffs)} differences: {"; ".join(diffs[:4])}{"; ..." if len(diffs) > 4 else ""}). '
+        'Expected the same model, tasks and optimizer; resume with the code, config and data that '
+        'wrote it, or use a new --workdir.'
+    )
 
 
 def _key_name(key) -> str:
@@ -169,13 +204,19 @@ def _key_name(key) -> str:
 def check_config_drift(saved: dict, current: dict) -> None:
   """Refuses to resume when the saved config differs from the new one outside :data:`SAFE_TO_CHANGE`."""
   flat_saved, flat_current = _flatten(saved), _flatten(current)
-  changed = sorted(k for k in set(flat_saved) | set(flat_current)
-                   if not _is_safe(k) and flat_saved.get(k, '<absent>') != flat_current.get(k, '<absent>'))
+  changed = sorted(
+      k
+      for k in set(flat_saved) | set(flat_current)
+      if not _is_safe(k) and flat_saved.get(k, '<absent>') != flat_current.get(k, '<absent>')
+  )
   if changed:
-    details = '; '.join(f'{k}: saved {flat_saved.get(k, "<absent>")}, now {flat_current.get(k, "<absent>")}'
-                        for k in changed[:8])
-    raise ValueError(f'config differs from the one the checkpoint in the workdir was trained with ({details}). '
-                     f'Only {sorted(SAFE_TO_CHANGE)} may change on resume; use a new --workdir for a new run.')
+    details = '; '.join(
+        f'{k}: saved {flat_saved.get(k, "<absent>")}, now {flat_current.get(k, "<absent>")}' for k in changed[:8]
+    )
+    raise ValueError(
+        f'config differs from the one the checkpoint in the workdir was trained with ({details}). '
+        f'Only {sorted(SAFE_TO_CHANGE)} may change on resume; use a new --workdir for a new run.'
+    )
 
 
 def _is_safe(key: str) -> bool:

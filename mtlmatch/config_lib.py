@@ -17,6 +17,7 @@ relatedness, then calls :func:`apply_variant`. The ``arg`` after the colon is a 
 ``python -m mtlmatch.main --config=configs/affect.py:dm+coann,smoke --workdir=/tmp/x``. Any key can then be
 overridden on the command line, e.g. ``--config.total_steps=300``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,23 +40,23 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_steps = 1000
-  c.batch_size = 128                 # global, over all devices and hosts
+  c.batch_size = 128  # global, over all devices and hosts
   c.eval_batch_size = 512
   c.log_every = 100
-  c.eval_every = 0                   # the interval of every evaluator whose `every` is None; 0: only at the end
-  c.early_stopping_patience = 0      # stop after this many evaluations without a better validation score; 0 = never
+  c.eval_every = 0  # the interval of every evaluator whose `every` is None; 0: only at the end
+  c.early_stopping_patience = 0  # stop after this many evaluations without a better validation score; 0 = never
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
-  c.nonfinite = 'halt'               # or 'skip': skip (and count) non-finite updates
-  c.tasks = ()                       # the tasks to train: () = all of the benchmark's, or a tuple of names
+  c.nonfinite = 'halt'  # or 'skip': skip (and count) non-finite updates
+  c.tasks = ()  # the tasks to train: () = all of the benchmark's, or a tuple of names
 
   c.data = ml_collections.ConfigDict()
   c.data.name = ''
   c.data.data_dir = ml_collections.config_dict.placeholder(str)
-  c.data.seed = 0                    # generation seed of synthetic data / annotation splits / validation hold-out
-  c.data.validation_fraction = 0.1   # held out of every training source for model selection; 0 = none
+  c.data.seed = 0  # generation seed of synthetic data / annotation splits / validation hold-out
+  c.data.validation_fraction = 0.1  # held out of every training source for model selection; 0 = none
   c.data.options = ml_collections.ConfigDict()
-  c.data.mixing = 'weights'          # or 'equal_per_task'
+  c.data.mixing = 'weights'  # or 'equal_per_task'
   c.data.augment = False
 
   c.encoder = ml_collections.ConfigDict({'name': 'cnn', 'kwargs': encoder_kwargs('cnn')})
@@ -80,8 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.weighting.hparams = weighting_hparams('ew')
   c.weighting.terms_as_tasks = False  # DM / co-annotation: extra "tasks" for the method, or added on top
 
-  c.init_from = ''                   # a workdir or checkpoint directory whose encoder starts this run (fine-tuning)
-  c.init_heads = False               # with init_from: also the heads of the tasks both runs have
+  c.init_from = ''  # a workdir or checkpoint directory whose encoder starts this run (fine-tuning)
+  c.init_heads = False  # with init_from: also the heads of the tasks both runs have
 
   # What the loop measures (mtlmatch/evaluators.py): named entries, each run every `every` steps (None: eval_every;
   # 0: only at the end) and at the end. The defaults: test and validation metrics and the best-validation selection.
@@ -89,20 +90,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.evals.test = evaluator('classification', split='test')
   c.evals.validation = evaluator('classification', split='validation')
   c.evals.selection = evaluator('selection')
-  c.evals.linear_probe = evaluator('linear_probe', every=0, enabled=False, train_examples=2000, test_examples=2000,
-                                   c=1.0, max_steps=500, seed=0)
+  c.evals.linear_probe = evaluator(
+      'linear_probe', every=0, enabled=False, train_examples=2000, test_examples=2000, c=1.0, max_steps=500, seed=0
+  )
   return c
 
 
 def evaluator(kind: str, *, every: Optional[int] = None, enabled: bool = True, **options) -> ml_collections.ConfigDict:
   """A ``config.evals`` entry: evaluator ``kind`` (``evaluators.EVALUATORS``) run every ``every`` steps (None:
   ``config.eval_every``; 0: only at the end) and at the end, if ``enabled``, with its ``options``."""
-  return ml_collections.ConfigDict({'kind': kind, 'every': ml_collections.FieldReference(every, field_type=int),
-                                    'enabled': enabled, **options})
+  return ml_collections.ConfigDict(
+      {'kind': kind, 'every': ml_collections.FieldReference(every, field_type=int), 'enabled': enabled, **options}
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Encoder kwargs and weighting hyper-parameters follow the chosen name: every field exists as a dotted key.
+
 
 def encoder_kwargs(name: str, **overrides) -> ml_collections.ConfigDict:
   """Every field of encoder ``name`` with its default (``dtype`` as a string), then ``overrides``."""
@@ -151,8 +155,10 @@ def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   try:
     config.encoder.kwargs = encoder_kwargs(config.encoder.name, **given)
   except ValueError as e:
-    raise ValueError(f'{e} (config_lib.set_encoder(config, {config.encoder.name!r}) resets them to its defaults; '
-                     f'on the command line --config.encoder.name does)') from None
+    raise ValueError(
+        f'{e} (config_lib.set_encoder(config, {config.encoder.name!r}) resets them to its defaults; '
+        f'on the command line --config.encoder.name does)'
+    ) from None
   hparams = weighting_hparams(config.weighting.name)
   with hparams.unlocked():
     hparams.update(dict(config.weighting.hparams))
@@ -165,15 +171,27 @@ def idx_dir_option():
   Debian's directory; a typed placeholder, so --config.data.options.idx_dir=DIR can set it."""
   return ml_collections.config_dict.placeholder(str)
 
+
 # Per encoder, the sizes of the ``smoke`` variant: a run of seconds.
-SMOKE_ENCODERS = {'cnn': {'widths': (8, 16), 'features': 32}, 'mlp': {'hidden': (32,)},
-                  'resnet18': {'width': 4, 'stage_sizes': (1, 1, 1, 1)},
-                  'vit_tiny': {'patch_size': 8, 'dim': 16, 'depth': 1, 'num_heads': 2}}
+SMOKE_ENCODERS = {
+    'cnn': {'widths': (8, 16), 'features': 32},
+    'mlp': {'hidden': (32,)},
+    'resnet18': {'width': 4, 'stage_sizes': (1, 1, 1, 1)},
+    'vit_tiny': {'patch_size': 8, 'dim': 16, 'depth': 1, 'num_heads': 2},
+}
 
 
 def dgr_term(weight: float = 0.01, num_dummies: int = 1, mode: str = 'fixed') -> dict:
-  return dict(kind='dgr', weight=weight, tasks='all', num_dummies=num_dummies, mode=mode, norm='sq_l2',
-              head='task', init_scale=1.0)
+  return dict(
+      kind='dgr',
+      weight=weight,
+      tasks='all',
+      num_dummies=num_dummies,
+      mode=mode,
+      norm='sq_l2',
+      head='task',
+      init_scale=1.0,
+  )
 
 
 def shrink_for_smoke(config: ml_collections.ConfigDict, data_options: Mapping[str, object]) -> None:
@@ -185,7 +203,7 @@ def shrink_for_smoke(config: ml_collections.ConfigDict, data_options: Mapping[st
   config.checkpoint_every = 3
   config.optimizer.warmup_steps = 2
   set_encoder(config, config.encoder.name, **SMOKE_ENCODERS[config.encoder.name])
-  kept = {k: config.data.options[k] for k in ('idx_dir',) if k in config.data.options}   # where, not how much
+  kept = {k: config.data.options[k] for k in ('idx_dir',) if k in config.data.options}  # where, not how much
   config.data.options = dict(data_options)
   for key, value in kept.items():
     config.data.options[key] = idx_dir_option()
@@ -217,28 +235,41 @@ def _defaults(fn, names: Sequence[str]) -> dict:
 
 
 # Every option of a term kind, with the loss's default (docs/maths.md), so that each can be set with --config.<key>=...
-TERM_OPTIONS = {'dm': _defaults(losses.distribution_matching, losses.matching.OPTIONS),
-                'coann': _defaults(losses.co_annotation, losses.matching.CO_ANNOTATION_OPTIONS)}
+TERM_OPTIONS = {
+    'dm': _defaults(losses.distribution_matching, losses.matching.OPTIONS),
+    'coann': _defaults(losses.co_annotation, losses.matching.CO_ANNOTATION_OPTIONS),
+}
 
 
 def pair_terms(token: str, pairs: Sequence[tuple[str, str]], relatedness: str) -> dict:
   """The ``token`` ('dm' or 'coann') terms for each (task_a, task_b) pair: named ``token`` for a single pair, else
   ``<token>_<task_b>`` (e.g. 'dm_group', 'dm_attributes')."""
-  return {token if len(pairs) == 1 else f'{token}_{b}': dict(kind=TERM_KINDS[token], weight=1.0, task_a=a, task_b=b,
-                                                               relatedness=relatedness, **TERM_OPTIONS[token])
-          for a, b in pairs}
+  return {
+      token
+      if len(pairs) == 1
+      else f'{token}_{b}': dict(
+          kind=TERM_KINDS[token], weight=1.0, task_a=a, task_b=b, relatedness=relatedness, **TERM_OPTIONS[token]
+      )
+      for a, b in pairs
+  }
 
 
-def apply_variant(config: ml_collections.ConfigDict, arg: Optional[str], *, pairs: Sequence[tuple[str, str]],
-                  relatedness: str, smoke_data: Mapping[str, object],
-                  cpu_data: Optional[Mapping[str, object]] = None) -> ml_collections.ConfigDict:
+def apply_variant(
+    config: ml_collections.ConfigDict,
+    arg: Optional[str],
+    *,
+    pairs: Sequence[tuple[str, str]],
+    relatedness: str,
+    smoke_data: Mapping[str, object],
+    cpu_data: Optional[Mapping[str, object]] = None,
+) -> ml_collections.ConfigDict:
   """Applies the tokens of ``arg`` (see module docstring). ``dm``/``coann`` relate each (task_a, task_b) of
   ``pairs`` through ``relatedness``; ``smoke`` shrinks the run and uses ``smoke_data`` as the data options; ``cpu``
   sizes it for a CPU and merges ``cpu_data`` into them. The ``encoder=`` and ``weighting=`` tokens apply first and
   ``cpu`` / ``smoke`` last, whatever their order; they exclude each other."""
   tokens = [t for t in (arg or '').split(',') if t]
   if {'cpu', 'smoke'} <= set(tokens):
-    raise ValueError(f'config variant: got {arg!r}, expected at most one of \'cpu\' and \'smoke\' (two sizes)')
+    raise ValueError(f"config variant: got {arg!r}, expected at most one of 'cpu' and 'smoke' (two sizes)")
   tokens.sort(key=lambda t: 0 if t.startswith(('encoder=', 'weighting=')) else 2 if t in ('smoke', 'cpu') else 1)
   for token in tokens:
     if token == 'smoke':
@@ -246,19 +277,21 @@ def apply_variant(config: ml_collections.ConfigDict, arg: Optional[str], *, pair
     elif token == 'cpu':
       shrink_for_cpu(config, cpu_data or {})
     elif token.startswith('encoder='):
-      if token[len('encoder='):] != config.encoder.name:
-        set_encoder(config, token[len('encoder='):])
+      if token[len('encoder=') :] != config.encoder.name:
+        set_encoder(config, token[len('encoder=') :])
     elif token.startswith('weighting='):
-      if token[len('weighting='):] != config.weighting.name:
-        set_weighting(config, token[len('weighting='):])
+      if token[len('weighting=') :] != config.weighting.name:
+        set_weighting(config, token[len('weighting=') :])
     elif token.startswith('single='):
-      config.tasks = (token[len('single='):],)
+      config.tasks = (token[len('single=') :],)
     else:
       parts = token.split('+')
       unknown = [p for p in parts if p not in METHOD_TOKENS]
       if unknown:
-        raise ValueError(f'config variant: got {token!r}, expected \'smoke\', \'cpu\', \'single=<task>\', '
-                         f'\'encoder=<name>\', \'weighting=<name>\' or a +-joined set of {METHOD_TOKENS}')
+        raise ValueError(
+            f"config variant: got {token!r}, expected 'smoke', 'cpu', 'single=<task>', "
+            f"'encoder=<name>', 'weighting=<name>' or a +-joined set of {METHOD_TOKENS}"
+        )
       for part in parts:
         if part in TERM_KINDS:
           config.objective.terms.update(pair_terms(part, pairs, relatedness))
@@ -310,6 +343,7 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, 
 def _get_config_fn(path: str):
   import importlib.util
   import os
+
   if not os.path.isfile(path):
     raise ValueError(f'config file: got {path!r}, expected an existing file such as configs/affect.py')
   module_spec = importlib.util.spec_from_file_location(f'_mtlmatch_config_{abs(hash(path))}', path)
@@ -366,14 +400,17 @@ def key_error(spec: str, key: str, config: Optional[ml_collections.ConfigDict] =
 def help_text(spec: Optional[str] = None) -> str:
   """The CLI's ``--help`` body (also README's "Every switch"): variants, encoders with their fields, weighting
   methods with their hyper-parameters, and every config key of ``spec`` with its value there."""
-  lines = ['Config variants (after the colon, comma-separated; e.g. configs/affect.py:dm+coann,smoke):',
-           f'  {" ".join(METHOD_TOKENS)}  joined by +: plain MTL, distribution matching, co-annotation, DGR',
-           '  single=<task>      the single-task baseline of one task',
-           '  encoder=<name>     another encoder with its defaults (= --config.encoder.name=<name>)',
-           '  weighting=<name>   another weighting method with its defaults (= --config.weighting.name=<name>)',
-           '  smoke              a seconds-long run (tiny data and encoder)',
-           '  cpu                the case studies\' size for a CPU: a small CNN, batch 64, 300 steps', '',
-           'Encoders (--config.encoder.name; fields: --config.encoder.kwargs.<field>=...):']
+  lines = [
+      'Config variants (after the colon, comma-separated; e.g. configs/affect.py:dm+coann,smoke):',
+      f'  {" ".join(METHOD_TOKENS)}  joined by +: plain MTL, distribution matching, co-annotation, DGR',
+      '  single=<task>      the single-task baseline of one task',
+      '  encoder=<name>     another encoder with its defaults (= --config.encoder.name=<name>)',
+      '  weighting=<name>   another weighting method with its defaults (= --config.weighting.name=<name>)',
+      '  smoke              a seconds-long run (tiny data and encoder)',
+      "  cpu                the case studies' size for a CPU: a small CNN, batch 64, 300 steps",
+      '',
+      'Encoders (--config.encoder.name; fields: --config.encoder.kwargs.<field>=...):',
+  ]
   for name in sorted(models.ENCODERS):
     fields = flat_keys(encoder_kwargs(name))
     lines.append(f'  {name:<10s} ' + ', '.join(f'{k}={_show(v)}' for k, v in fields.items()))
@@ -383,8 +420,12 @@ def help_text(spec: Optional[str] = None) -> str:
     parts = [f'{k}={_show(s.default)} ({_expected(s)}{"; " + s.doc if s.doc else ""})' for k, s in specs.items()]
     lines.append(f'  {name:<12s}' + ('; '.join(parts) if parts else '(no hyper-parameters)'))
   from mtlmatch import evaluators  # pylint: disable=g-import-not-at-top  (JAX and the data layer: only here)
-  lines += ['', 'Evaluators (--config.evals.<name>.kind; each entry: every = steps, None = eval_every, 0 = end only; '
-            'enabled):']
+
+  lines += [
+      '',
+      'Evaluators (--config.evals.<name>.kind; each entry: every = steps, None = eval_every, 0 = end only; '
+      'enabled):',
+  ]
   for kind, cls in sorted(evaluators.EVALUATORS.items()):
     options = ', '.join(f'{k}={_show(v)}' for k, v in cls.OPTIONS.items())
     lines.append(f'  {kind:<15s} ' + ' '.join(p for p in (options, f'({cls.HELP})' if cls.HELP else '') if p))
@@ -406,9 +447,25 @@ def _expected(spec) -> str:
   return f'{spec.kind}{" " + spec.expected if spec.expected else ""}'
 
 
-REQUIRED_KEYS = ('seed', 'total_steps', 'batch_size', 'eval_batch_size', 'log_every', 'eval_every',
-                 'checkpoint_every', 'keep_checkpoints', 'data', 'tasks', 'encoder', 'head', 'optimizer', 'objective',
-                 'weighting', 'nonfinite', 'evals')
+REQUIRED_KEYS = (
+    'seed',
+    'total_steps',
+    'batch_size',
+    'eval_batch_size',
+    'log_every',
+    'eval_every',
+    'checkpoint_every',
+    'keep_checkpoints',
+    'data',
+    'tasks',
+    'encoder',
+    'head',
+    'optimizer',
+    'objective',
+    'weighting',
+    'nonfinite',
+    'evals',
+)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -416,6 +473,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   the CLI, `train.build_experiment` (notebooks) and the sweep driver alike. Term options, encoder kwargs and
   weighting hparams are checked where they are bound (`objective`, `models`, `weighting`)."""
   from mtlmatch.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: only when validating)
+
   for key in REQUIRED_KEYS:
     if key not in config:
       raise ValueError(f'config.{key}: missing, expected it to be set (see configs/affect.py for a full config)')
@@ -424,30 +482,37 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'config.{key}: got {config[key]!r}, expected an int >= 1')
   patience = config.get('early_stopping_patience', 0)
   if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-    raise ValueError(f'config.early_stopping_patience: got {patience!r}, expected an int >= 0 (evaluations without '
-                     'a better validation score before stopping; 0 = never stop early)')
+    raise ValueError(
+        f'config.early_stopping_patience: got {patience!r}, expected an int >= 0 (evaluations without '
+        'a better validation score before stopping; 0 = never stop early)'
+    )
   if not isinstance(config.eval_every, int) or config.eval_every < 0:
     raise ValueError(f'config.eval_every: got {config.eval_every!r}, expected an int >= 0 (0 = only at the end)')
   from mtlmatch import evaluators  # pylint: disable=g-import-not-at-top  (JAX and the data layer: only when validating)
+
   evaluators.validate(config.evals)
   if config.nonfinite not in ('halt', 'skip'):
-    raise ValueError(f'config.nonfinite: got {config.nonfinite!r}, expected \'halt\' or \'skip\'')
+    raise ValueError(f"config.nonfinite: got {config.nonfinite!r}, expected 'halt' or 'skip'")
   if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
     raise ValueError(f'config.seed: got {config.seed!r}, expected an int >= 0')
   if config.data.get('mixing', 'weights') not in pipeline.MIXING:
     raise ValueError(f'config.data.mixing: got {config.data.mixing!r}, expected one of {pipeline.MIXING}')
   augment = config.data.get('augment', False)
-  if not (isinstance(augment, bool) or set((augment,) if isinstance(augment, str) else augment) <=
-          set(pipeline.AUGMENTATIONS)):
-    raise ValueError(f'config.data.augment: got {augment!r}, expected a bool or a subset of '
-                     f'{pipeline.AUGMENTATIONS}')
+  if not (
+      isinstance(augment, bool)
+      or set((augment,) if isinstance(augment, str) else augment) <= set(pipeline.AUGMENTATIONS)
+  ):
+    raise ValueError(
+        f'config.data.augment: got {augment!r}, expected a bool or a subset of ' f'{pipeline.AUGMENTATIONS}'
+    )
   if config.encoder.name not in models.ENCODERS:
     raise ValueError(f'config.encoder.name: got {config.encoder.name!r}, expected one of {sorted(models.ENCODERS)}')
   if config.head.name not in models.HEADS:
     raise ValueError(f'config.head.name: got {config.head.name!r}, expected one of {sorted(models.HEADS)}')
   if config.weighting.name not in weighting.METHODS:
-    raise ValueError(f'config.weighting.name: got {config.weighting.name!r}, expected one of '
-                     f'{sorted(weighting.METHODS)}')
+    raise ValueError(
+        f'config.weighting.name: got {config.weighting.name!r}, expected one of ' f'{sorted(weighting.METHODS)}'
+    )
 
 
 def set_keys(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:

@@ -11,6 +11,7 @@ Used by ``mtlmatch.main`` (from the parsed config, before importing JAX) and by 
 run's subprocess, which makes ``experiments/case_studies.py`` use it too). Pure: both build the new ``XLA_FLAGS``
 string here and set it themselves.
 """
+
 from __future__ import annotations
 
 import os

@@ -44,6 +44,7 @@ macro F1 = (1 + 2/3 + 0) / 3:
 >>> {k: round(metrics[k], 4) for k in ('accuracy', 'macro_f1', 'count')}
 {'accuracy': 0.6667, 'macro_f1': 0.5556, 'count': 6}
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Optional
@@ -70,8 +71,9 @@ def _check_shapes(task: TaskSpec, logits, labels, mask) -> None:
     raise ValueError(f'mask: got shape {mask.shape}, expected [{b}]')
 
 
-def task_statistics(task: TaskSpec, logits: jax.Array, labels: jax.Array,
-                    mask: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+def task_statistics(
+    task: TaskSpec, logits: jax.Array, labels: jax.Array, mask: Optional[jax.Array] = None
+) -> dict[str, jax.Array]:
   """Additive statistics of one batch for one task (int32 counts, a float32 entropy sum; jittable; shapes are checked,
   values are not).
 
@@ -121,8 +123,12 @@ def task_statistics(task: TaskSpec, logits: jax.Array, labels: jax.Array,
   }
 
 
-def tasks_statistics(tasks: Mapping[str, TaskSpec], logits: Mapping[str, jax.Array],
-                     labels: Mapping[str, jax.Array], mask: Optional[jax.Array] = None) -> dict[str, dict]:
+def tasks_statistics(
+    tasks: Mapping[str, TaskSpec],
+    logits: Mapping[str, jax.Array],
+    labels: Mapping[str, jax.Array],
+    mask: Optional[jax.Array] = None,
+) -> dict[str, dict]:
   """``{task: task_statistics(tasks[task], logits[task], labels[task], mask)}`` for every task in ``tasks``."""
   missing = sorted(set(tasks) - set(logits)) or sorted(set(tasks) - set(labels))
   if missing:
@@ -146,8 +152,10 @@ def accumulate(a, b):
   if a is None:
     return b
   if jax.tree.structure(a) != jax.tree.structure(b):
-    raise ValueError(f'accumulate: got statistics with structures {jax.tree.structure(a)} and '
-                     f'{jax.tree.structure(b)}, expected the same structure')
+    raise ValueError(
+        f'accumulate: got statistics with structures {jax.tree.structure(a)} and '
+        f'{jax.tree.structure(b)}, expected the same structure'
+    )
   return jax.tree.map(lambda x, y: x + y, a, b)
 
 
@@ -186,10 +194,19 @@ def finalize(task: TaskSpec, stats: Mapping[str, jax.Array]) -> dict[str, float]
   mean_entropy = _ratio(stats['entropy'], stats['count'])
   if task.kind == 'multiclass':
     recall = {f'recall_{k}': _ratio(tp, tp + fn) for k, (tp, fn) in enumerate(zip(stats['tp'], stats['fn']))}
-    return {'accuracy': _ratio(stats['correct'], stats['count']), 'macro_f1': _mean_defined(f1),
-            'count': int(stats['count']), 'mean_entropy': mean_entropy, **recall}
-  metrics = {'accuracy': _ratio(stats['correct_entries'], stats['labelled_entries']), 'mean_f1': _mean_defined(f1),
-             'count': int(stats['count']), 'mean_entropy': mean_entropy}
+    return {
+        'accuracy': _ratio(stats['correct'], stats['count']),
+        'macro_f1': _mean_defined(f1),
+        'count': int(stats['count']),
+        'mean_entropy': mean_entropy,
+        **recall,
+    }
+  metrics = {
+      'accuracy': _ratio(stats['correct_entries'], stats['labelled_entries']),
+      'mean_f1': _mean_defined(f1),
+      'count': int(stats['count']),
+      'mean_entropy': mean_entropy,
+  }
   metrics.update({f'f1_{k}': float(v) for k, v in enumerate(f1)})
   return metrics
 

@@ -25,6 +25,7 @@ them). A :class:`Report` holds the TensorBoard scalars, the evaluator's part of 
 JSON-able state handed back to the next ``run`` and saved in checkpoint metadata (``evals.<name>``); an evaluator
 that can stop training says why in ``stop_reason(record)``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,25 +44,29 @@ from mtlmatch.tasks import MISSING, TaskSpec
 
 # split -> (the Benchmark attribute with its sources, the TensorBoard prefix of its metrics)
 SPLITS = {'test': ('eval_sources', 'eval'), 'validation': ('validation_sources', 'validation')}
-COMMON_KEYS = {'kind': None, 'every': None, 'enabled': True}   # every entry's keys besides its kind's OPTIONS
+COMMON_KEYS = {'kind': None, 'every': None, 'enabled': True}  # every entry's keys besides its kind's OPTIONS
 
 
 @dataclasses.dataclass(frozen=True)
 class Report:
   """What one evaluator measured at one step."""
-  scalars: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # TensorBoard tag -> value
-  results: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # its part of results.json (at the end)
-  record: Any = None                                                     # its new record (None: it keeps none)
+
+  scalars: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # TensorBoard tag -> value
+  results: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # its part of results.json (at the end)
+  record: Any = None  # its new record (None: it keeps none)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Classification metrics of a split: one jitted statistics step per eval batch, summed exactly.
 
+
 def eval_step(params, batch_stats, batch, *, model, tasks):
   """Additive metric statistics of one (padded) eval batch; summed over the global batch."""
   outputs, _ = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'], train=False)
-  return {name: evaluate.task_statistics(task, outputs['logits'][name], batch['labels'][name], batch['mask'])
-          for name, task in tasks.items()}
+  return {
+      name: evaluate.task_statistics(task, outputs['logits'][name], batch['labels'][name], batch['mask'])
+      for name, task in tasks.items()
+  }
 
 
 def classification_metrics(exp, state, split: str = 'test') -> dict:
@@ -71,8 +76,9 @@ def classification_metrics(exp, state, split: str = 'test') -> dict:
   per_source, totals = {}, None
   for source in getattr(benchmark, SPLITS[split][0]):
     stats = None
-    for batch in data_lib.eval_iterator(source, benchmark.tasks, global_batch_size=exp.config.eval_batch_size,
-                                        sharding=exp.data_sharding):
+    for batch in data_lib.eval_iterator(
+        source, benchmark.tasks, global_batch_size=exp.config.eval_batch_size, sharding=exp.data_sharding
+    ):
       batch_stats = jax.device_get(exp.eval_fn(state.params, state.batch_stats, batch))
       stats = batch_stats if stats is None else evaluate.accumulate(stats, batch_stats)
     if stats is None:
@@ -99,10 +105,12 @@ class At:
 # ---------------------------------------------------------------------------------------------------------------
 # The evaluators.
 
+
 class Evaluator:
   """The interface. ``name``: its key in ``config.evals``; ``every``: its interval in steps (0 = only at the end);
   ``options``: its entry's values of ``OPTIONS`` (the kind's options with their defaults); ``HELP``: one line for
   ``--help``."""
+
   OPTIONS: Mapping[str, Any] = {}
   HELP = ''
 
@@ -123,6 +131,7 @@ class Evaluator:
 
 class Classification(Evaluator):
   """Per-task metrics on one split, per source and pooled (see the module docstring for tags and keys)."""
+
   OPTIONS = {'split': 'test'}
   HELP = "'test' = the eval sources, 'validation' = the parts held out of the training sources"
 
@@ -161,24 +170,34 @@ class Selection(Evaluator):
   def stop_reason(self, record: Optional[dict]) -> Optional[str]:
     if not (self.patience and record and record['evals_since_best'] >= self.patience):
       return None
-    return (f'no better validation score in the last {self.patience} evaluations (best {record["best_score"]:.4f} '
-            f'at step {record["best_step"]})')
+    return (
+        f'no better validation score in the last {self.patience} evaluations (best {record["best_score"]:.4f} '
+        f'at step {record["best_step"]})'
+    )
 
 
 def select(tasks: Mapping[str, TaskSpec], record: Optional[dict], step: int, test: dict, validation: dict) -> dict:
   """The selection record updated with the ``test`` and ``validation`` classification metrics at ``step``."""
   score = evaluate.selection_score(tasks, validation['metrics'])
   primary = {t: evaluate.PRIMARY_METRIC[spec.kind] for t, spec in tasks.items()}
-  record = dict(record or {'metric': primary, 'best_step': None, 'best_score': None, 'evals_since_best': 0,
-                           'history': []})
+  record = dict(
+      record or {'metric': primary, 'best_step': None, 'best_score': None, 'evals_since_best': 0, 'history': []}
+  )
   curve = lambda metrics: {t: metrics[t][m] for t, m in primary.items() if t in metrics}  # noqa: E731
-  record['history'] = record['history'] + [{'step': step, 'score': score, 'validation': curve(validation['metrics']),
-                                            'test': curve(test['metrics'])}]
+  record['history'] = record['history'] + [
+      {'step': step, 'score': score, 'validation': curve(validation['metrics']), 'test': curve(test['metrics'])}
+  ]
   best = record['best_score']
   # Strictly better (the earliest of equal scores wins); without a validation score, the latest step.
   if not np.isfinite(score) or best is None or not np.isfinite(best) or score > best:
-    record.update(best_step=step, best_score=score, evals_since_best=0, validation=validation['metrics'],
-                  metrics=test['metrics'], per_source=test['per_source'])
+    record.update(
+        best_step=step,
+        best_score=score,
+        evals_since_best=0,
+        validation=validation['metrics'],
+        metrics=test['metrics'],
+        per_source=test['per_source'],
+    )
   else:
     record['evals_since_best'] += 1
   return record
@@ -186,6 +205,7 @@ def select(tasks: Mapping[str, TaskSpec], record: Optional[dict], step: int, tes
 
 class LinearProbe(Evaluator):
   """A linear probe of the frozen shared features per task (:func:`probe_sources`, :func:`probe_metrics`)."""
+
   OPTIONS = {'train_examples': 2000, 'test_examples': 2000, 'c': 1.0, 'max_steps': 500, 'seed': 0}
   HELP = 'c: inverse L2 strength; max_steps: LBFGS'
 
@@ -193,12 +213,15 @@ class LinearProbe(Evaluator):
     super().__init__(name, entry, exp)
     o = self.options
     self.tasks = exp.benchmark.tasks
-    self.sources = probe_sources(exp.benchmark, train_examples=o['train_examples'], test_examples=o['test_examples'],
-                                 seed=o['seed'])
+    self.sources = probe_sources(
+        exp.benchmark, train_examples=o['train_examples'], test_examples=o['test_examples'], seed=o['seed']
+    )
     self.batch_size, self.sharding = exp.config.eval_batch_size, exp.data_sharding
-    self.outputs = jax.jit(functools.partial(probe_outputs, model=exp.model),
-                           in_shardings=(exp.replicated, exp.replicated, exp.data_sharding),
-                           out_shardings=exp.replicated)
+    self.outputs = jax.jit(
+        functools.partial(probe_outputs, model=exp.model),
+        in_shardings=(exp.replicated, exp.replicated, exp.data_sharding),
+        out_shardings=exp.replicated,
+    )
 
   def run(self, at: At, record: Any) -> Report:
     del record
@@ -207,8 +230,9 @@ class LinearProbe(Evaluator):
     for task, (train_source, test_source) in self.sources.items():
       train = probe_features(fn, train_source, self.tasks[task], batch_size=self.batch_size, sharding=self.sharding)
       test = probe_features(fn, test_source, self.tasks[task], batch_size=self.batch_size, sharding=self.sharding)
-      metrics[task] = probe_metrics(self.tasks[task], train, test, c=self.options['c'],
-                                    max_steps=self.options['max_steps'])
+      metrics[task] = probe_metrics(
+          self.tasks[task], train, test, c=self.options['c'], max_steps=self.options['max_steps']
+      )
     scalars = {f'{self.name}/{t}/{m}': v for t, ms in metrics.items() for m, v in ms.items() if np.ndim(v) == 0}
     return Report(scalars, {self.name: metrics})
 
@@ -218,6 +242,7 @@ EVALUATORS = {'classification': Classification, 'selection': Selection, 'linear_
 
 # ---------------------------------------------------------------------------------------------------------------
 # What the train loop calls.
+
 
 def build(config: ml_collections.ConfigDict, exp) -> dict[str, Evaluator]:
   """One evaluator per enabled ``config.evals`` entry, in config order; ``every=None`` becomes
@@ -276,8 +301,10 @@ def validate(evals: Any) -> None:
       raise ValueError(f'{where}: got unknown keys {unknown} for kind {kind!r}, expected some of {sorted(allowed)}')
     every = entry.get('every')
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
-      raise ValueError(f'{where}.every: got {every!r}, expected an int >= 0 (steps; 0 = only at the end) or None '
-                       '(= config.eval_every)')
+      raise ValueError(
+          f'{where}.every: got {every!r}, expected an int >= 0 (steps; 0 = only at the end) or None '
+          '(= config.eval_every)'
+      )
     if not isinstance(entry.get('enabled', True), bool):
       raise ValueError(f'{where}.enabled: got {entry["enabled"]!r}, expected True or False')
     if kind == 'classification' and entry.get('split', 'test') not in SPLITS:
@@ -289,14 +316,16 @@ def validate(evals: Any) -> None:
           raise ValueError(f'{where}.{key}: got {value!r}, expected an int >= 1')
       c = entry.get('c', LinearProbe.OPTIONS['c'])
       if isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0:
-        raise ValueError(f'{where}.c: got {c!r}, expected a number > 0 (inverse L2 strength, as scikit-learn\'s C)')
+        raise ValueError(f"{where}.c: got {c!r}, expected a number > 0 (inverse L2 strength, as scikit-learn's C)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The linear probe: data, features and an L2-regularised logistic regression in JAX.
 
-def probe_sources(benchmark: data_lib.Benchmark, *, train_examples: int, test_examples: int,
-                  seed: int = 0) -> dict[str, tuple[data_lib.Source, data_lib.Source]]:
+
+def probe_sources(
+    benchmark: data_lib.Benchmark, *, train_examples: int, test_examples: int, seed: int = 0
+) -> dict[str, tuple[data_lib.Source, data_lib.Source]]:
   """``{task: (train source, test source)}``: up to ``train_examples`` labelled examples of each task from the
   training sources that annotate it and up to ``test_examples`` from the eval sources, a seeded draw kept in read
   order, as in-memory sources. Every host holds the same draw. A task without a labelled example in either part is
@@ -305,8 +334,10 @@ def probe_sources(benchmark: data_lib.Benchmark, *, train_examples: int, test_ex
   out = {}
   for task in benchmark.tasks:
     parts = []
-    for part, sources, cap in (('train', benchmark.train_sources, train_examples),
-                               ('test', benchmark.eval_sources, test_examples)):
+    for part, sources, cap in (
+        ('train', benchmark.train_sources, train_examples),
+        ('test', benchmark.eval_sources, test_examples),
+    ):
       images, labels = [], []
       for source in sources:
         if task in source.tasks:
@@ -320,8 +351,11 @@ def probe_sources(benchmark: data_lib.Benchmark, *, train_examples: int, test_ex
         parts.append(None)
         continue
       idx = np.sort(rng.permutation(n)[:cap])
-      parts.append(data_lib.array_source(f'probe_{part}/{task}', np.concatenate(images)[idx],
-                                         {task: np.concatenate(labels)[idx]}))
+      parts.append(
+          data_lib.array_source(
+              f'probe_{part}/{task}', np.concatenate(images)[idx], {task: np.concatenate(labels)[idx]}
+          )
+      )
     if all(p is not None for p in parts):
       out[task] = tuple(parts)
   return out
@@ -333,8 +367,9 @@ def probe_outputs(params, batch_stats, batch, *, model):
   return {'features': features, 'labels': batch['labels'], 'mask': batch['mask']}
 
 
-def probe_features(fn, source: data_lib.Source, task: TaskSpec, *, batch_size: int,
-                   sharding=None) -> tuple[np.ndarray, np.ndarray]:
+def probe_features(
+    fn, source: data_lib.Source, task: TaskSpec, *, batch_size: int, sharding=None
+) -> tuple[np.ndarray, np.ndarray]:
   """``(features [N, D], labels of task)`` of every example of ``source``; ``fn(batch)`` is :func:`probe_outputs`
   with the model's variables bound (jitted; with ``sharding``, replicated outputs)."""
   features, labels = [], []
@@ -349,11 +384,12 @@ def probe_features(fn, source: data_lib.Source, task: TaskSpec, *, batch_size: i
 @dataclasses.dataclass(frozen=True)
 class Logistic:
   """A fitted probe: ``logits = ((x − mean) / scale) @ w + b``."""
-  mean: np.ndarray    # [D]
-  scale: np.ndarray   # [D]
-  w: np.ndarray       # [D, C]
-  b: np.ndarray       # [C]; multiclass: −1e30 for a class absent from the training labels (never predicted)
-  steps: int          # LBFGS iterations taken
+
+  mean: np.ndarray  # [D]
+  scale: np.ndarray  # [D]
+  w: np.ndarray  # [D, C]
+  b: np.ndarray  # [C]; multiclass: −1e30 for a class absent from the training labels (never predicted)
+  steps: int  # LBFGS iterations taken
 
   def logits(self, features) -> np.ndarray:
     return ((np.asarray(features, np.float32) - self.mean) / self.scale) @ self.w + self.b
@@ -386,14 +422,17 @@ def _fit(z, targets, weights, present, c, tol, *, multiclass: bool, max_steps: i
     count = optax.tree.get(state, 'count')
     return (count == 0) | ((count < max_steps) & (optax.tree.norm(optax.tree.get(state, 'grad')) >= tol))
 
-  params = {'w': jnp.zeros((z.shape[1], targets.shape[1]), jnp.float32),
-            'b': jnp.zeros((targets.shape[1],), jnp.float32)}
+  params = {
+      'w': jnp.zeros((z.shape[1], targets.shape[1]), jnp.float32),
+      'b': jnp.zeros((targets.shape[1],), jnp.float32),
+  }
   params, state = jax.lax.while_loop(going, step, (params, solver.init(params)))
   return params, optax.tree.get(state, 'count')
 
 
-def fit_logistic(features, labels, task: TaskSpec, *, c: float = 1.0, max_steps: int = 500,
-                 tol: float = 1e-6) -> Logistic:
+def fit_logistic(
+    features, labels, task: TaskSpec, *, c: float = 1.0, max_steps: int = 500, tol: float = 1e-6
+) -> Logistic:
   """An L2-regularised logistic regression of ``labels`` (``-1`` = missing) on standardised ``features``.
 
   Minimises ``C · Σ_i loss_i + ½‖W‖²`` (the intercept is not penalised), as scikit-learn's ``LogisticRegression(C=c)``
@@ -431,9 +470,16 @@ def fit_logistic(features, labels, task: TaskSpec, *, c: float = 1.0, max_steps:
   size = lambda m, least: max(least, 1 << (m - 1).bit_length())  # noqa: E731
   pad = lambda a, *shape: np.pad(a, [(0, s - m) for s, m in zip(shape, a.shape)])  # noqa: E731
   rows, cols, classes = size(n, 64), size(d, 32), size(k, 32)
-  params, steps = _fit(pad(z, rows, cols), pad(targets, rows, classes), pad(weights, rows, classes),
-                       pad(present, classes), jnp.float32(c), jnp.float32(tol), multiclass=task.kind == 'multiclass',
-                       max_steps=int(max_steps))
+  params, steps = _fit(
+      pad(z, rows, cols),
+      pad(targets, rows, classes),
+      pad(weights, rows, classes),
+      pad(present, classes),
+      jnp.float32(c),
+      jnp.float32(tol),
+      multiclass=task.kind == 'multiclass',
+      max_steps=int(max_steps),
+  )
   w, b = np.asarray(params['w'])[:d, :k], np.asarray(params['b'])[:k]
   b = np.where(present, b, np.float32(-1e30)).astype(np.float32)
   return Logistic(mean.astype(np.float32), scale.astype(np.float32), w, b, int(steps))
@@ -447,8 +493,7 @@ def probe_metrics(task: TaskSpec, train: tuple, test: tuple, *, c: float = 1.0, 
   y_test = np.asarray(test[1])
   if task.kind == 'multilabel':
     y_train = np.asarray(train[1])
-    both = np.array([{0, 1} <= set(y_train[:, k][y_train[:, k] != MISSING].tolist())
-                     for k in range(task.num_classes)])
+    both = np.array([{0, 1} <= set(y_train[:, k][y_train[:, k] != MISSING].tolist()) for k in range(task.num_classes)])
     y_test = np.where(both[None, :], y_test, MISSING)
   stats = evaluate.task_statistics(task, probe.logits(test[0]), y_test)
   return evaluate.finalize(task, jax.device_get(stats))

@@ -11,6 +11,7 @@ sets ``--xla_force_host_platform_device_count``.
 Multi-host: add ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` on every process (each process
 reads its own slice of every source; the global batch is ``config.batch_size``).
 """
+
 from __future__ import annotations
 
 import os
@@ -25,12 +26,15 @@ from ml_collections import config_flags  # noqa: E402
 from mtlmatch import cpu_devices  # noqa: E402  (imports no JAX)
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/affect.py:dm.',
-                                lock_config=True)
+config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/affect.py:dm.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, config.json and results.json.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'],
-                  'train (resume if the workdir has checkpoints) | eval (the newest checkpoint on every eval source, '
-                  'results.json afresh) | predict (probabilities per example into predictions/<source>.npz).')
+flags.DEFINE_enum(
+    'mode',
+    'train',
+    ['train', 'eval', 'predict'],
+    'train (resume if the workdir has checkpoints) | eval (the newest checkpoint on every eval source, '
+    'results.json afresh) | predict (probabilities per example into predictions/<source>.npz).',
+)
 flags.DEFINE_string('source', None, 'predict: the source to predict (default: every eval source).')
 flags.DEFINE_string('coordinator_address', None, 'Multi-host: HOST:PORT of process 0.')
 flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
@@ -43,19 +47,25 @@ def prepare_argv(argv: list[str]) -> list[str]:
   ``--config.weighting.name`` choose the encoder / method before its fields are overridden; a misspelt
   ``--config.<key>`` exits with one line (the key, the closest valid names, the variant that creates it)."""
   from mtlmatch import config_lib  # pylint: disable=g-import-not-at-top
+
   spec_at = next((i for i, a in enumerate(argv) if re.match(r'^--?config(=|$)', a)), None)
   spec = None
   if spec_at is not None:
-    spec = argv[spec_at].split('=', 1)[1] if '=' in argv[spec_at] else (argv[spec_at + 1:] or [None])[0]
+    spec = argv[spec_at].split('=', 1)[1] if '=' in argv[spec_at] else (argv[spec_at + 1 :] or [None])[0]
   if any(a in ('-h', '--help', '--helpshort', '-?') for a in argv[1:]):
     flag_lines = [line for line in FLAGS.main_module_help().splitlines() if line.startswith(' ')]
-    print(__doc__.strip() + '\n\nFlags:\n' + '\n'.join(flag_lines) + '\n\n' +
-          config_lib.help_text(spec or 'configs/affect.py:dm+coann+dgr'))
+    print(
+        __doc__.strip()
+        + '\n\nFlags:\n'
+        + '\n'.join(flag_lines)
+        + '\n\n'
+        + config_lib.help_text(spec or 'configs/affect.py:dm+coann+dgr')
+    )
     sys.exit(0)
   overrides = {}
   for i, arg in enumerate(argv):
     match = re.match(r'^--?config\.([^=]+)(?:=(.*))?$', arg)
-    if match:   # --config.k=v, or --config.k v
+    if match:  # --config.k=v, or --config.k v
       value = match.group(2)
       if value is None and i + 1 < len(argv) and not argv[i + 1].startswith('-'):
         value = argv[i + 1]
@@ -94,22 +104,34 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from mtlmatch import progress  # pylint: disable=g-import-not-at-top
+
   progress.quiet_libraries()
   if not (FLAGS.coordinator_address or FLAGS.num_processes):
     # Every core on CPU: one fake device per core (dividing the batch sizes), set before JAX's backend starts;
     # an XLA_FLAGS device count of the user's wins. (Multi-host runs keep their per-host setting.)
     os.environ['XLA_FLAGS'] = cpu_devices.xla_flags_with_cores(
-        os.environ.get('XLA_FLAGS'), cpu_devices.available_cores(),
-        (FLAGS.config.batch_size, FLAGS.config.eval_batch_size))
+        os.environ.get('XLA_FLAGS'),
+        cpu_devices.available_cores(),
+        (FLAGS.config.batch_size, FLAGS.config.eval_batch_size),
+    )
   import tensorflow as tf  # TF only feeds data: keep it off every accelerator.
+
   tf.config.set_visible_devices([], 'GPU')
   import jax
+
   if FLAGS.coordinator_address or FLAGS.num_processes:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
-                               process_id=FLAGS.process_id)
+    jax.distributed.initialize(
+        coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes, process_id=FLAGS.process_id
+    )
   from mtlmatch import modes, train
-  logging.info('JAX devices: %d global, %d local (process %d of %d)', jax.device_count(), jax.local_device_count(),
-               jax.process_index(), jax.process_count())
+
+  logging.info(
+      'JAX devices: %d global, %d local (process %d of %d)',
+      jax.device_count(),
+      jax.local_device_count(),
+      jax.process_index(),
+      jax.process_count(),
+  )
   if FLAGS.mode == 'predict':
     paths = modes.predict(FLAGS.config, FLAGS.workdir, source=FLAGS.source)
     if jax.process_index() == 0:
@@ -120,15 +142,19 @@ def main(argv):
   else:
     results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if jax.process_index() == 0 and 'metrics' in results:
-    print(f'Final metrics at step {results["step"]} ({results["wall_time_s"]:.0f} s), written to '
-          f'{FLAGS.workdir}/results.json:')
+    print(
+        f'Final metrics at step {results["step"]} ({results["wall_time_s"]:.0f} s), written to '
+        f'{FLAGS.workdir}/results.json:'
+    )
     if not results['metrics']:
       print('  none: the benchmark has no eval source')
     _print_metrics(results['metrics'])
     selection = results.get('selection') or {}
     if selection.get('best_step') is not None and selection['best_step'] != results['step']:
-      print(f'Test metrics at the best-validation step {selection["best_step"]} (validation score '
-            f'{selection["best_score"]:.4f}):')
+      print(
+          f'Test metrics at the best-validation step {selection["best_step"]} (validation score '
+          f'{selection["best_score"]:.4f}):'
+      )
       _print_metrics(selection['metrics'])
 
 

@@ -7,6 +7,7 @@
   source's read order), ``<task>`` (probabilities ``[N, C]``: softmax for multiclass, sigmoid for multilabel) and
   ``labels/<task>`` (``-1`` = missing), for any training, eval or auxiliary source.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,14 +30,16 @@ from mtlmatch import train
 def _restore(exp: train.Experiment, workdir: str):
   """The newest restorable train state of ``workdir`` under ``exp``'s config; a ValueError if there is none."""
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise ValueError(f'workdir {workdir!r}: got no checkpoints/, expected the workdir of a trained run '
-                     '(--mode=train first)')
+    raise ValueError(
+        f'workdir {workdir!r}: got no checkpoints/, expected the workdir of a trained run ' '(--mode=train first)'
+    )
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=exp.config.keep_checkpoints)
   try:
     current = json.loads(config_lib.to_json(exp.config))
-    restored = checkpointer.restore_latest(ckpt_lib.abstract_like(exp.init_state()),
-                                           check_meta=lambda meta: ckpt_lib.check_config_drift(meta['config'],
-                                                                                               current))
+    restored = checkpointer.restore_latest(
+        ckpt_lib.abstract_like(exp.init_state()),
+        check_meta=lambda meta: ckpt_lib.check_config_drift(meta['config'], current),
+    )
   finally:
     checkpointer.close()
   if restored is None:
@@ -44,8 +47,9 @@ def _restore(exp: train.Experiment, workdir: str):
   return restored[0]
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
-                        benchmark: Optional[data_lib.Benchmark] = None) -> dict:
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str, *, benchmark: Optional[data_lib.Benchmark] = None
+) -> dict:
   """Metrics of the newest checkpoint on every eval source, written to ``results.json`` (replacing it)."""
   t_start = time.time()
   exp = train.build_experiment(config, benchmark=benchmark)
@@ -54,37 +58,53 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   evaluation = evaluators.classification_metrics(exp, state, 'test')
   results = {'step': int(state.step), 'wall_time_s': time.time() - t_start, **evaluation}
   if jax.process_index() == 0:
-    train._write_atomically(os.path.join(workdir, 'results.json'),  # pylint: disable=protected-access
-                            json.dumps(results, indent=1, default=train._jsonable))  # pylint: disable=protected-access
+    train._write_atomically(
+        os.path.join(workdir, 'results.json'),  # pylint: disable=protected-access
+        json.dumps(results, indent=1, default=train._jsonable),
+    )  # pylint: disable=protected-access
   return results
 
 
 def _probabilities(params, batch_stats, batch, *, model, tasks):
   outputs, _ = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'], train=False)
-  probs = {t: (jax.nn.softmax(outputs['logits'][t]) if spec.kind == 'multiclass' else
-               jax.nn.sigmoid(outputs['logits'][t])) for t, spec in tasks.items()}
+  probs = {
+      t: (jax.nn.softmax(outputs['logits'][t]) if spec.kind == 'multiclass' else jax.nn.sigmoid(outputs['logits'][t]))
+      for t, spec in tasks.items()
+  }
   return {'probs': probs, 'mask': batch['mask'], 'labels': batch['labels']}
 
 
-def predict(config: ml_collections.ConfigDict, workdir: str, *, source: Optional[str] = None,
-            benchmark: Optional[data_lib.Benchmark] = None) -> list[str]:
+def predict(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    source: Optional[str] = None,
+    benchmark: Optional[data_lib.Benchmark] = None,
+) -> list[str]:
   """Writes ``<workdir>/predictions/<source>.npz`` for ``source`` (default: every eval source); returns the paths."""
   exp = train.build_experiment(config, benchmark=benchmark)
   bench = exp.benchmark
-  every = {**{s.name: s for s in bench.train_sources}, **dict(bench.aux_sources),
-           **{s.name: s for s in bench.eval_sources}}
+  every = {
+      **{s.name: s for s in bench.train_sources},
+      **dict(bench.aux_sources),
+      **{s.name: s for s in bench.eval_sources},
+  }
   if source is None:
     chosen: Sequence = bench.eval_sources
     if not chosen:
-      raise ValueError(f'--source: benchmark {bench.name!r} has no eval source, expected a source name from '
-                       f'{sorted(every)}')
+      raise ValueError(
+          f'--source: benchmark {bench.name!r} has no eval source, expected a source name from ' f'{sorted(every)}'
+      )
   elif source in every:
     chosen = (every[source],)
   else:
     raise ValueError(f'--source: got {source!r}, expected one of {sorted(every)}')
   state = _restore(exp, workdir)
-  fn = jax.jit(functools.partial(_probabilities, model=exp.model, tasks=bench.tasks),
-               in_shardings=(exp.replicated, exp.replicated, exp.data_sharding), out_shardings=exp.replicated)
+  fn = jax.jit(
+      functools.partial(_probabilities, model=exp.model, tasks=bench.tasks),
+      in_shardings=(exp.replicated, exp.replicated, exp.data_sharding),
+      out_shardings=exp.replicated,
+  )
   out_dir = os.path.join(workdir, 'predictions')
   paths = []
   for src in chosen:
@@ -92,9 +112,12 @@ def predict(config: ml_collections.ConfigDict, workdir: str, *, source: Optional
     slices = [data_lib.host_slice(src.num_examples(), h, hosts) for h in range(hosts)]
     per_host = exp.config.eval_batch_size // hosts
     probs, labels, positions = {t: [] for t in bench.tasks}, {t: [] for t in bench.tasks}, []
-    for k, batch in enumerate(data_lib.eval_iterator(src, bench.tasks, global_batch_size=exp.config.eval_batch_size,
-                                                     sharding=exp.data_sharding)):
-      got = jax.device_get(fn(state.params, state.batch_stats, batch))   # replicated: the whole global batch
+    for k, batch in enumerate(
+        data_lib.eval_iterator(
+            src, bench.tasks, global_batch_size=exp.config.eval_batch_size, sharding=exp.data_sharding
+        )
+    ):
+      got = jax.device_get(fn(state.params, state.batch_stats, batch))  # replicated: the whole global batch
       mask = np.asarray(got['mask']) > 0
       rows = np.concatenate([start + k * per_host + np.arange(per_host) for start, _ in slices])
       positions.append(rows[mask])

@@ -23,6 +23,7 @@ The objective returns *named, weighted* scalar losses (``task/<name>``, ``term/<
 them to a weighting method as separate "tasks" or add them up (``config.weighting.terms_as_tasks``). DGR is always
 added on top of the combined gradient, as its authors do (Shin et al., ECCV 2024).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,12 +44,13 @@ Array = jax.Array
 @dataclasses.dataclass(frozen=True)
 class Context:
   """What a term function may read. ``logits[task]`` is [B, C]; ``labels[task]`` follows docs/maths.md §1."""
+
   tasks: Mapping[str, TaskSpec]
-  features: Array                      # [B, D] shared features
+  features: Array  # [B, D] shared features
   logits: Mapping[str, Array]
   labels: Mapping[str, Array]
-  dummies: Any                         # this term's dummy parameters ({task: stacked params}) or None
-  rng: Array                           # this step's key for this term
+  dummies: Any  # this term's dummy parameters ({task: stacked params}) or None
+  rng: Array  # this step's key for this term
 
 
 def task_loss(task: TaskSpec, logits: Array, labels: Array) -> tuple[Array, Array]:
@@ -59,13 +61,15 @@ def task_loss(task: TaskSpec, logits: Array, labels: Array) -> tuple[Array, Arra
 # ----------------------------------------------------------------------------------------------------------------
 # Term functions: fn(ctx, **options) -> scalar (unweighted).
 
+
 def distribution_matching_term(ctx: Context, *, task_a: str, task_b: str, relatedness, **options) -> Array:
   """Distribution matching between two tasks' predictions on every example (Kollias et al., AAAI 2024).
 
   ``options``: any of ``losses.matching.OPTIONS`` (direction, mode, stop_gradient_target, divergence, prior); the
   loss's own defaults apply to the others."""
   per_example, weight = losses.distribution_matching(
-      ctx.logits[task_a], ctx.logits[task_b], relatedness, b_kind=ctx.tasks[task_b].kind, **options)
+      ctx.logits[task_a], ctx.logits[task_b], relatedness, b_kind=ctx.tasks[task_b].kind, **options
+  )
   return losses.masked_mean(per_example, weight)
 
 
@@ -74,13 +78,26 @@ def co_annotation_term(ctx: Context, *, task_a: str, task_b: str, relatedness, *
 
   ``options``: ``prior`` (``losses.matching.CO_ANNOTATION_OPTIONS``)."""
   per_example, weight = losses.co_annotation(
-      ctx.logits[task_a], ctx.logits[task_b], ctx.labels[task_a], ctx.labels[task_b], relatedness,
-      b_kind=ctx.tasks[task_b].kind, **options)
+      ctx.logits[task_a],
+      ctx.logits[task_b],
+      ctx.labels[task_a],
+      ctx.labels[task_b],
+      relatedness,
+      b_kind=ctx.tasks[task_b].kind,
+      **options,
+  )
   return losses.masked_mean(per_example, weight)
 
 
-def dgr_term(ctx: Context, *, heads: Mapping[str, Any], norm: str = 'sq_l2', num_dummies: int = 1,
-             mode: str = 'fixed', init_scale: float = 1.0) -> Array:
+def dgr_term(
+    ctx: Context,
+    *,
+    heads: Mapping[str, Any],
+    norm: str = 'sq_l2',
+    num_dummies: int = 1,
+    mode: str = 'fixed',
+    init_scale: float = 1.0,
+) -> Array:
   """Dummy Gradient norm Regularization (Shin et al., ECCV 2024), docs/maths.md §5.
 
   R = Σ_t (1/K) Σ_k ‖∇_φ L_t(φ_t^(k); f)‖², with never-trained dummy heads φ on the shared features f; JAX
@@ -90,50 +107,64 @@ def dgr_term(ctx: Context, *, heads: Mapping[str, Any], norm: str = 'sq_l2', num
   total = jnp.zeros((), jnp.float32)
   for task, head in heads.items():
     total = total + losses.dummy_gradient_norm(
-        ctx.features, ctx.labels[task], ctx.dummies[task],
+        ctx.features,
+        ctx.labels[task],
+        ctx.dummies[task],
         head_apply=lambda phi, f, head=head: head.apply({'params': phi}, f),
-        loss_fn=functools.partial(task_loss, ctx.tasks[task]), norm=norm)
+        loss_fn=functools.partial(task_loss, ctx.tasks[task]),
+        norm=norm,
+    )
   return total
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Preparation: validate a term's options once, outside jit, and resolve what needs data or modules.
 
+
 @dataclasses.dataclass(frozen=True)
 class Env:
   """What preparation may use: the task specs, a relatedness resolver and a dummy-head builder."""
+
   tasks: Mapping[str, TaskSpec]
-  resolve_relatedness: Callable[[Any, str, str], np.ndarray]   # (spec, task_a, task_b) -> R[C_A, C_B]
-  build_dummy_head: Callable[[str, str], Any]                   # (task, 'task' | 'linear') -> Linen head
+  resolve_relatedness: Callable[[Any, str, str], np.ndarray]  # (spec, task_a, task_b) -> R[C_A, C_B]
+  build_dummy_head: Callable[[str, str], Any]  # (task, 'task' | 'linear') -> Linen head
 
 
 def _check_task(name: str, value, env: Env) -> str:
   if value not in env.tasks:
-    raise ValueError(f'objective term {name!r}: got task {value!r}, expected one of the trained tasks '
-                     f'{list(env.tasks)}')
+    raise ValueError(
+        f'objective term {name!r}: got task {value!r}, expected one of the trained tasks ' f'{list(env.tasks)}'
+    )
   return value
 
 
 def _prepare_pair(name: str, options: dict, env: Env) -> dict:
   for key in ('task_a', 'task_b'):
     if key not in options:
-      raise ValueError(f'objective term {name!r}: missing option {key!r} (expected a task name from '
-                       f'{list(env.tasks)})')
+      raise ValueError(
+          f'objective term {name!r}: missing option {key!r} (expected a task name from ' f'{list(env.tasks)})'
+      )
     _check_task(name, options[key], env)
   if env.tasks[options['task_a']].kind != 'multiclass':
-    raise ValueError(f'objective term {name!r}: task_a={options["task_a"]!r} is '
-                     f'{env.tasks[options["task_a"]].kind}, expected a multiclass task')
+    raise ValueError(
+        f'objective term {name!r}: task_a={options["task_a"]!r} is '
+        f'{env.tasks[options["task_a"]].kind}, expected a multiclass task'
+    )
   if options['task_a'] == options['task_b']:
-    raise ValueError(f'objective term {name!r}: task_a and task_b are both {options["task_a"]!r}, expected two '
-                     'different tasks')
+    raise ValueError(
+        f'objective term {name!r}: task_a and task_b are both {options["task_a"]!r}, expected two ' 'different tasks'
+    )
   if 'relatedness' not in options:
-    raise ValueError(f'objective term {name!r}: missing option \'relatedness\' (expected \'prior:<name>\', '
-                     '\'estimate:<source>\' or a nested list [C_A][C_B])')
+    raise ValueError(
+        f"objective term {name!r}: missing option 'relatedness' (expected 'prior:<name>', "
+        "'estimate:<source>' or a nested list [C_A][C_B])"
+    )
   task_a, task_b = env.tasks[options['task_a']], env.tasks[options['task_b']]
   table = env.resolve_relatedness(options['relatedness'], task_a.name, task_b.name)
   try:
-    table = losses.validate_relatedness(table, b_kind=task_b.kind, num_classes_a=task_a.num_classes,
-                                        num_classes_b=task_b.num_classes)
+    table = losses.validate_relatedness(
+        table, b_kind=task_b.kind, num_classes_a=task_a.num_classes, num_classes_b=task_b.num_classes
+    )
   except ValueError as e:
     raise ValueError(f'objective term {name!r} (relatedness={_short(options["relatedness"])}): {e}') from None
   return {**options, 'relatedness': jnp.asarray(table)}
@@ -153,11 +184,12 @@ def _prepare_dgr(name: str, options: dict, env: Env) -> dict:
   tasks = options.pop('tasks', 'all')
   tasks = list(env.tasks) if tasks == 'all' else [_check_task(name, t, env) for t in _as_list(tasks)]
   if not tasks:
-    raise ValueError(f'objective term {name!r}: got tasks=[], expected \'all\' or a non-empty list of tasks')
+    raise ValueError(f"objective term {name!r}: got tasks=[], expected 'all' or a non-empty list of tasks")
   head = options.pop('head', 'task')
   if head not in ('task', 'linear'):
-    raise ValueError(f'objective term {name!r}: got head={head!r}, expected \'task\' (the task head\'s '
-                     'architecture) or \'linear\'')
+    raise ValueError(
+        f"objective term {name!r}: got head={head!r}, expected 'task' (the task head's " "architecture) or 'linear'"
+    )
   k = options.get('num_dummies', 1)
   if not isinstance(k, int) or k < 1:
     raise ValueError(f'objective term {name!r}: got num_dummies={k!r}, expected an int >= 1')
@@ -174,6 +206,7 @@ def _prepare_dgr(name: str, options: dict, env: Env) -> dict:
 class Term:
   """A regularizer kind: its function, its preparation, whether it has dummy heads, and the options it passes on
   to its loss through ``**options`` (accepted besides the function's named keywords)."""
+
   fn: Callable[..., Array]
   prepare: Callable[[str, dict, Env], dict] = lambda name, options, env: options
   has_dummies: bool = False
@@ -181,14 +214,14 @@ class Term:
 
 
 TERMS: dict[str, Term] = {
-    'distribution_matching': Term(distribution_matching_term, _prepare_matching,
-                                  options=losses.matching.OPTIONS),
+    'distribution_matching': Term(distribution_matching_term, _prepare_matching, options=losses.matching.OPTIONS),
     'co_annotation': Term(co_annotation_term, _prepare_matching, options=losses.matching.CO_ANNOTATION_OPTIONS),
     'dgr': Term(dgr_term, _prepare_dgr, has_dummies=True),
 }
 
 
 # ----------------------------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class BoundTerm:
@@ -205,19 +238,27 @@ class BoundTerm:
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """Per-task losses + weighted terms. Call it on model outputs to get ``{loss name: weighted scalar}``."""
+
   tasks: Mapping[str, TaskSpec]
   task_weights: Mapping[str, float]
   terms: tuple[BoundTerm, ...]
 
-  def __call__(self, outputs: Mapping[str, Any], labels: Mapping[str, Array], *, dummies: Mapping[str, Any],
-               rng: Array) -> dict[str, Array]:
+  def __call__(
+      self, outputs: Mapping[str, Any], labels: Mapping[str, Array], *, dummies: Mapping[str, Any], rng: Array
+  ) -> dict[str, Array]:
     named = {}
     for name, task in self.tasks.items():
       per_example, weight = task_loss(task, outputs['logits'][name], labels[name])
       named[f'task/{name}'] = self.task_weights[name] * losses.masked_mean(per_example, weight)
     for i, bound in enumerate(self.terms):
-      ctx = Context(self.tasks, outputs['features'], outputs['logits'], labels, dummies.get(bound.name),
-                    jax.random.fold_in(rng, i))
+      ctx = Context(
+          self.tasks,
+          outputs['features'],
+          outputs['logits'],
+          labels,
+          dummies.get(bound.name),
+          jax.random.fold_in(rng, i),
+      )
       named[f'term/{bound.name}'] = bound.weight * bound.term.fn(ctx, **bound.options)
     return named
 
@@ -233,9 +274,15 @@ class Objective:
         continue
       keys = jax.random.split(jax.random.fold_in(rng, i), len(bound.options['heads']))
       out[bound.name] = {
-          task: losses.init_dummy_params(head, key, features, num_dummies=bound.options.get('num_dummies', 1),
-                                         scale=bound.options.get('init_scale', 1.0))
-          for key, (task, head) in zip(keys, bound.options['heads'].items())}
+          task: losses.init_dummy_params(
+              head,
+              key,
+              features,
+              num_dummies=bound.options.get('num_dummies', 1),
+              scale=bound.options.get('init_scale', 1.0),
+          )
+          for key, (task, head) in zip(keys, bound.options['heads'].items())
+      }
     return out
 
   def additive_names(self, terms_as_tasks: bool) -> tuple[str, ...]:
@@ -270,8 +317,10 @@ def build_objective(config: Mapping[str, Any], env: Env) -> Objective:
     accepted |= set(TERMS[kind].options)
     accepted |= {'tasks', 'head'} if TERMS[kind].has_dummies else set()
     if set(options) - accepted:
-      raise ValueError(f'config.objective.terms.{name}: unknown options {sorted(set(options) - accepted)} for '
-                       f'kind {kind!r}, expected some of {sorted(accepted)}')
+      raise ValueError(
+          f'config.objective.terms.{name}: unknown options {sorted(set(options) - accepted)} for '
+          f'kind {kind!r}, expected some of {sorted(accepted)}'
+      )
     bound.append(BoundTerm(name, kind, float(weight), TERMS[kind].prepare(name, options, env)))
   return Objective(dict(env.tasks), task_weights, tuple(bound))
 

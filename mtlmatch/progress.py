@@ -5,6 +5,7 @@ notebook, where INFO is not shown unless logging is configured, it is a tqdm bar
 ``train_and_evaluate`` never runs silently. :func:`quiet_libraries` drops the INFO lines of orbax, TFDS and JAX
 (which go through absl's logger) in both cases; their warnings and errors pass.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,8 +50,17 @@ class Progress:
     self._bar = None
     if enabled and not logging.getLogger().isEnabledFor(logging.INFO):
       import tqdm  # pylint: disable=g-import-not-at-top
-      self._bar = tqdm.tqdm(total=total, initial=start, desc='train', unit='step', file=sys.stderr, leave=True,
-                            dynamic_ncols=True, mininterval=1.0)
+
+      self._bar = tqdm.tqdm(
+          total=total,
+          initial=start,
+          desc='train',
+          unit='step',
+          file=sys.stderr,
+          leave=True,
+          dynamic_ncols=True,
+          mininterval=1.0,
+      )
 
   def advance(self, step: int) -> None:
     if self._bar is not None:
@@ -61,8 +71,9 @@ class Progress:
       self._bar.set_postfix_str(f'loss {loss:.4f}, {rate:.2f} steps/s', refresh=False)
       self.advance(step)
     else:
-      logging.info('step %d/%d  loss %.4f  %.2f steps/s  ETA %s', step, total, loss, rate,
-                   eta((total - step) / max(rate, 1e-9)))
+      logging.info(
+          'step %d/%d  loss %.4f  %.2f steps/s  ETA %s', step, total, loss, rate, eta((total - step) / max(rate, 1e-9))
+      )
 
   def close(self) -> None:
     if self._bar is not None:

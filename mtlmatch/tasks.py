@@ -12,6 +12,7 @@ Usage::
     validate_labels(expr, np.array([0, 6, -1]))      # ok
     missing_labels(expr, 4)                          # array([-1, -1, -1, -1], dtype=int32)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,7 @@ MISSING = -1
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
   """One classification task: ``name``, ``kind`` in {'multiclass', 'multilabel'}, ``num_classes`` C."""
+
   name: str
   kind: str
   num_classes: int
@@ -35,15 +37,22 @@ class TaskSpec:
     if not isinstance(self.name, str) or not self.name:
       raise ValueError(f'TaskSpec.name: got {self.name!r}, expected a non-empty string')
     check_kind(self.kind, arg=f'TaskSpec({self.name!r}).kind')
-    if not isinstance(self.num_classes, (int, np.integer)) or isinstance(self.num_classes, bool) or (
-        self.num_classes < (2 if self.kind == 'multiclass' else 1)):
-      raise ValueError(f'TaskSpec({self.name!r}).num_classes: got {self.num_classes!r}, expected an int >= '
-                       f'{2 if self.kind == "multiclass" else 1}')
+    if (
+        not isinstance(self.num_classes, (int, np.integer))
+        or isinstance(self.num_classes, bool)
+        or (self.num_classes < (2 if self.kind == 'multiclass' else 1))
+    ):
+      raise ValueError(
+          f'TaskSpec({self.name!r}).num_classes: got {self.num_classes!r}, expected an int >= '
+          f'{2 if self.kind == "multiclass" else 1}'
+      )
     if self.class_names is not None:
       object.__setattr__(self, 'class_names', tuple(self.class_names))
       if len(self.class_names) != self.num_classes:
-        raise ValueError(f'TaskSpec({self.name!r}).class_names: got {len(self.class_names)} names, expected '
-                         f'num_classes={self.num_classes}')
+        raise ValueError(
+            f'TaskSpec({self.name!r}).class_names: got {len(self.class_names)} names, expected '
+            f'num_classes={self.num_classes}'
+        )
 
   def label_shape(self, batch_size: int) -> tuple[int, ...]:
     return (batch_size,) if self.kind == 'multiclass' else (batch_size, self.num_classes)
@@ -64,22 +73,28 @@ def validate_labels(task: TaskSpec, labels, *, where: str = '') -> np.ndarray:
   """Checks labels of one task against the conventions; returns them as int32 numpy. Raises one ValueError."""
   ctx = f' in {where}' if where else ''
   labels = np.asarray(labels)
-  if labels.ndim == 0 or (task.kind == 'multiclass' and labels.ndim != 1) or (
-      task.kind == 'multilabel' and (labels.ndim != 2 or labels.shape[1] != task.num_classes)):
+  if (
+      labels.ndim == 0
+      or (task.kind == 'multiclass' and labels.ndim != 1)
+      or (task.kind == 'multilabel' and (labels.ndim != 2 or labels.shape[1] != task.num_classes))
+  ):
     expected = '[B]' if task.kind == 'multiclass' else f'[B, {task.num_classes}]'
-    raise ValueError(f'labels of task {task.name!r}{ctx}: got shape {labels.shape}, expected {expected} '
-                     f'({task.kind})')
+    raise ValueError(
+        f'labels of task {task.name!r}{ctx}: got shape {labels.shape}, expected {expected} ' f'({task.kind})'
+    )
   if labels.size and not np.issubdtype(labels.dtype, np.integer):
     if not np.all(np.equal(np.mod(labels, 1), 0)):
-      raise ValueError(f'labels of task {task.name!r}{ctx}: got non-integer values (dtype {labels.dtype}), '
-                       'expected integers')
+      raise ValueError(
+          f'labels of task {task.name!r}{ctx}: got non-integer values (dtype {labels.dtype}), ' 'expected integers'
+      )
   hi = task.num_classes if task.kind == 'multiclass' else 2
   bad = (labels < MISSING) | (labels >= hi)
   if np.any(bad):
     value = labels[bad].flat[0]
     expected = f'[-1, {hi})' if task.kind == 'multiclass' else '{-1, 0, 1}'
-    raise ValueError(f'labels of task {task.name!r}{ctx}: got value {value}, expected values in {expected} '
-                     '(-1 = missing)')
+    raise ValueError(
+        f'labels of task {task.name!r}{ctx}: got value {value}, expected values in {expected} ' '(-1 = missing)'
+    )
   return labels.astype(np.int32)
 
 

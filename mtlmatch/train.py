@@ -21,6 +21,7 @@ rows with respect to the shared features instead (a backward pass through the he
 combined feature gradient through the encoder once. The additive part's gradient is added on top of the combined
 gradient.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,18 +60,19 @@ from mtlmatch.data import fingerprint as fingerprint_lib
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array                 # int32 scalar: steps taken = the data position
-  params: Any                     # {'encoder': ..., 'heads': {task: ...}}
-  batch_stats: Any                # BatchNorm statistics ({} for encoders without BN)
+  step: jax.Array  # int32 scalar: steps taken = the data position
+  params: Any  # {'encoder': ..., 'heads': {task: ...}}
+  batch_stats: Any  # BatchNorm statistics ({} for encoders without BN)
   opt_state: Any
-  weighting_state: Any            # explicit state of the weighting method
-  dummy_params: Any               # fixed DGR dummy heads {term: {task: stacked params}}, never trained
-  rng: jax.Array                  # base key; each step uses fold_in(rng, step)
-  skipped: jax.Array              # int32 count of non-finite updates skipped (config.nonfinite='skip')
+  weighting_state: Any  # explicit state of the weighting method
+  dummy_params: Any  # fixed DGR dummy heads {term: {task: stacked params}}, never trained
+  rng: jax.Array  # base key; each step uses fold_in(rng, step)
+  skipped: jax.Array  # int32 count of non-finite updates skipped (config.nonfinite='skip')
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Building blocks, each a small pure function of the config.
+
 
 def make_mesh() -> jax.sharding.Mesh:
   # Auto axes: with jax 0.10.2 the grad-of-grad (DGR) step failed with a ShardingTypeError under Explicit axes.
@@ -81,14 +83,20 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   """adam / adamw / sgd (+momentum) with linear warmup + cosine decay and optional global-norm clipping."""
   opt = config.optimizer
   if opt.schedule == 'cosine':
-    lr = optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, opt.warmup_steps,
-                                            max(config.total_steps, opt.warmup_steps + 1),
-                                            end_value=opt.learning_rate * opt.final_lr_fraction)
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0,
+        opt.learning_rate,
+        opt.warmup_steps,
+        max(config.total_steps, opt.warmup_steps + 1),
+        end_value=opt.learning_rate * opt.final_lr_fraction,
+    )
   elif opt.schedule == 'constant':
-    lr = optax.join_schedules([optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps),
-                               optax.constant_schedule(opt.learning_rate)], [opt.warmup_steps])
+    lr = optax.join_schedules(
+        [optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps), optax.constant_schedule(opt.learning_rate)],
+        [opt.warmup_steps],
+    )
   else:
-    raise ValueError(f'config.optimizer.schedule: got {opt.schedule!r}, expected \'cosine\' or \'constant\'')
+    raise ValueError(f"config.optimizer.schedule: got {opt.schedule!r}, expected 'cosine' or 'constant'")
   if opt.name == 'adam':
     base = optax.adam(lr)
   elif opt.name == 'adamw':
@@ -96,7 +104,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   elif opt.name == 'sgd':
     base = optax.sgd(lr, momentum=opt.momentum or None, nesterov=bool(opt.get('nesterov', False)))
   else:
-    raise ValueError(f'config.optimizer.name: got {opt.name!r}, expected one of [\'adam\', \'adamw\', \'sgd\']')
+    raise ValueError(f"config.optimizer.name: got {opt.name!r}, expected one of ['adam', 'adamw', 'sgd']")
   return optax.chain(optax.clip_by_global_norm(opt.clip_norm), base) if opt.clip_norm else base
 
 
@@ -106,46 +114,61 @@ def select_tasks(benchmark: data_lib.Benchmark, names) -> data_lib.Benchmark:
   names = list(names or benchmark.tasks)
   for name in names:
     if name not in benchmark.tasks:
-      raise ValueError(f'config.tasks: got task {name!r}, expected names from benchmark {benchmark.name!r}: '
-                       f'{list(benchmark.tasks)}')
+      raise ValueError(
+          f'config.tasks: got task {name!r}, expected names from benchmark {benchmark.name!r}: '
+          f'{list(benchmark.tasks)}'
+      )
 
   def keep(sources):
-    kept = (dataclasses.replace(s, tasks=tuple(t for t in s.tasks if t in names)) for s in sources
-            if set(s.tasks) & set(names))
+    kept = (
+        dataclasses.replace(s, tasks=tuple(t for t in s.tasks if t in names))
+        for s in sources
+        if set(s.tasks) & set(names)
+    )
     return {s.name: s for s in kept}
 
-  return dataclasses.replace(benchmark, tasks={n: benchmark.tasks[n] for n in names},
-                             train_sources=tuple(keep(benchmark.train_sources).values()),
-                             eval_sources=tuple(keep(benchmark.eval_sources).values()),
-                             aux_sources=keep(benchmark.aux_sources.values()))
+  return dataclasses.replace(
+      benchmark,
+      tasks={n: benchmark.tasks[n] for n in names},
+      train_sources=tuple(keep(benchmark.train_sources).values()),
+      eval_sources=tuple(keep(benchmark.eval_sources).values()),
+      aux_sources=keep(benchmark.aux_sources.values()),
+  )
 
 
 def make_relatedness_resolver(benchmark: data_lib.Benchmark, log: dict):
   """``(spec, task_a, task_b) -> R``: 'prior:<name>', 'estimate:<source>' or a literal nested list."""
+
   def resolve(spec, task_a: str, task_b: str) -> np.ndarray:
     ta, tb = benchmark.tasks[task_a], benchmark.tasks[task_b]
     if isinstance(spec, str) and spec.startswith('prior:'):
-      prior = priors.load_prior(spec[len('prior:'):])
+      prior = priors.load_prior(spec[len('prior:') :])
       if (prior.task_a.num_classes, prior.task_b.num_classes) != (ta.num_classes, tb.num_classes):
-        raise ValueError(f'relatedness {spec!r}: the prior relates {prior.task_a.num_classes} x '
-                         f'{prior.task_b.num_classes} classes, expected {ta.num_classes} x {tb.num_classes} for '
-                         f'tasks {task_a!r} -> {task_b!r}')
+        raise ValueError(
+            f'relatedness {spec!r}: the prior relates {prior.task_a.num_classes} x '
+            f'{prior.task_b.num_classes} classes, expected {ta.num_classes} x {tb.num_classes} for '
+            f'tasks {task_a!r} -> {task_b!r}'
+        )
       table = prior.relatedness
     elif isinstance(spec, str) and spec.startswith('estimate:'):
-      name = spec[len('estimate:'):]
+      name = spec[len('estimate:') :]
       sources = {**{s.name: s for s in benchmark.train_sources}, **dict(benchmark.aux_sources)}
       if name not in sources:
         raise ValueError(f'relatedness {spec!r}: no source {name!r}, expected one of {sorted(sources)}')
       labels = data_lib.source_labels(sources[name], benchmark.tasks)
-      table = losses.estimate_relatedness(labels[task_a], labels[task_b], num_classes_a=ta.num_classes,
-                                          num_classes_b=tb.num_classes, b_kind=tb.kind)
+      table = losses.estimate_relatedness(
+          labels[task_a], labels[task_b], num_classes_a=ta.num_classes, num_classes_b=tb.num_classes, b_kind=tb.kind
+      )
     elif isinstance(spec, (list, tuple, np.ndarray)):
       table = np.asarray(spec, np.float32)
     else:
-      raise ValueError(f'relatedness: got {spec!r}, expected \'prior:<name>\' (one of '
-                       f'{priors.available_priors()}), \'estimate:<source>\' or a nested list [C_A][C_B]')
+      raise ValueError(
+          f"relatedness: got {spec!r}, expected 'prior:<name>' (one of "
+          f"{priors.available_priors()}), 'estimate:<source>' or a nested list [C_A][C_B]"
+      )
     log[f'{task_a}->{task_b} ({spec if isinstance(spec, str) else "literal"})'] = np.asarray(table).tolist()
     return np.asarray(table, np.float32)
+
   return resolve
 
 
@@ -162,22 +185,40 @@ def init_state(model, objective, method, tx, num_combined: int, image_shape, rng
   params = variables['params']
   features, _ = model.encode(variables, images, train=False)
   return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get('batch_stats', {}),
-      opt_state=tx.init(params), weighting_state=weighting_init(method, num_combined, params),
-      dummy_params=objective.draw_dummies(dummy_rng, features, mode='fixed'), rng=state_rng,
-      skipped=jnp.zeros((), jnp.int32))
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get('batch_stats', {}),
+      opt_state=tx.init(params),
+      weighting_state=weighting_init(method, num_combined, params),
+      dummy_params=objective.draw_dummies(dummy_rng, features, mode='fixed'),
+      rng=state_rng,
+      skipped=jnp.zeros((), jnp.int32),
+  )
 
 
 def loss_names(objective: objective_lib.Objective, config) -> tuple[tuple[str, ...], tuple[str, ...]]:
   """(names of the losses the weighting method combines, names added on top)."""
   additive = objective.additive_names(config.weighting.terms_as_tasks)
-  combined = tuple([f'task/{t}' for t in objective.tasks] +
-                   [f'term/{b.name}' for b in objective.terms if f'term/{b.name}' not in additive])
+  combined = tuple(
+      [f'task/{t}' for t in objective.tasks]
+      + [f'term/{b.name}' for b in objective.terms if f'term/{b.name}' not in additive]
+  )
   return combined, additive
 
 
-def train_step(state: TrainState, batch: Mapping[str, Any], *, model, objective, tx, method, gradient_method: bool,
-               combined: tuple[str, ...], additive: tuple[str, ...], skip_nonfinite: bool):
+def train_step(
+    state: TrainState,
+    batch: Mapping[str, Any],
+    *,
+    model,
+    objective,
+    tx,
+    method,
+    gradient_method: bool,
+    combined: tuple[str, ...],
+    additive: tuple[str, ...],
+    skip_nonfinite: bool,
+):
   """One data-parallel step. Pure: ``(state, batch) -> (state, metrics)``; metrics stay on device."""
   rng = jax.random.fold_in(state.rng, state.step)
   dummy_rng, term_rng, method_rng = jax.random.split(rng, 3)
@@ -186,8 +227,12 @@ def train_step(state: TrainState, batch: Mapping[str, Any], *, model, objective,
     """The loss vector [T' + 1] (combined losses, then the additive part) from shared features and head params."""
     logits = {t: model.apply_head(t, head_params[t], features) for t in model.heads}
     resampled = objective.draw_dummies(dummy_rng, jax.lax.stop_gradient(features), mode='resample')
-    named = objective({'features': features, 'logits': logits}, batch['labels'],
-                      dummies={**state.dummy_params, **resampled}, rng=term_rng)
+    named = objective(
+        {'features': features, 'logits': logits},
+        batch['labels'],
+        dummies={**state.dummy_params, **resampled},
+        rng=term_rng,
+    )
     extra = sum((named[n] for n in additive), jnp.zeros((), jnp.float32))
     return jnp.stack([named[n] for n in combined] + [extra]), named
 
@@ -209,14 +254,17 @@ def train_step(state: TrainState, batch: Mapping[str, Any], *, model, objective,
     features, encoder_vjp, batch_stats = jax.vjp(encode, state.params, has_aux=True)
     rows, rows_vjp, named = jax.vjp(rows_from_features, features, state.params['heads'], has_aux=True)
     task_losses = rows[:-1]
-    d_features, d_heads = jax.vmap(rows_vjp)(cotangents)        # [R, B, D], head leaves [R, ...]
+    d_features, d_heads = jax.vmap(rows_vjp)(cotangents)  # [R, B, D], head leaves [R, ...]
     flat_rows = d_features.reshape(d_features.shape[0], -1)
-    update, weights, weighting_state = method.apply(state.weighting_state, flat_rows[:num_tasks], task_losses,
-                                                    method_rng)
+    update, weights, weighting_state = method.apply(
+        state.weighting_state, flat_rows[:num_tasks], task_losses, method_rng
+    )
     if additive:
       update = update + flat_rows[num_tasks]
-    grads = {'encoder': encoder_vjp(update.reshape(features.shape))[0]['encoder'],
-             'heads': jax.tree.map(lambda g: g.sum(0), d_heads)}
+    grads = {
+        'encoder': encoder_vjp(update.reshape(features.shape))[0]['encoder'],
+        'heads': jax.tree.map(lambda g: g.sum(0), d_heads),
+    }
     cosine = weighting.cosine_similarity_matrix(flat_rows[:num_tasks])
   elif gradient_method:
     rows, vjp_fn, (named, batch_stats) = jax.vjp(loss_rows, state.params, has_aux=True)
@@ -226,11 +274,12 @@ def train_step(state: TrainState, batch: Mapping[str, Any], *, model, objective,
       # (experiments/bench.py, CNN, T=2/4: 3.0x/5.5x EW vs 1.4x/2.7x); the rows still share the one forward pass.
       jac = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[vjp_fn(c)[0] for c in cotangents])
     else:
-      jac = jax.vmap(vjp_fn)(cotangents)[0]   # leaves [rows, ...]
+      jac = jax.vmap(vjp_fn)(cotangents)[0]  # leaves [rows, ...]
     flat_rows = jax.vmap(lambda tree: ravel_pytree(tree)[0])(jac['encoder'])
     unravel = ravel_pytree(state.params['encoder'])[1]
-    update, weights, weighting_state = method.apply(state.weighting_state, flat_rows[:num_tasks], task_losses,
-                                                    method_rng)
+    update, weights, weighting_state = method.apply(
+        state.weighting_state, flat_rows[:num_tasks], task_losses, method_rng
+    )
     if additive:
       update = update + flat_rows[num_tasks]
     # Heads: a loss-weighting method that needs G (GradNorm, ExcessMTL) weights its losses everywhere, heads included
@@ -239,31 +288,47 @@ def train_step(state: TrainState, batch: Mapping[str, Any], *, model, objective,
       head_coefficients = jnp.concatenate([jax.lax.stop_gradient(weights), jnp.ones((len(cotangents) - num_tasks,))])
     else:
       head_coefficients = jnp.ones((len(cotangents),))
-    grads = {'encoder': unravel(update),
-             'heads': jax.tree.map(lambda g: jnp.tensordot(head_coefficients, g, axes=1), jac['heads'])}
+    grads = {
+        'encoder': unravel(update),
+        'heads': jax.tree.map(lambda g: jnp.tensordot(head_coefficients, g, axes=1), jac['heads']),
+    }
     cosine = weighting.cosine_similarity_matrix(flat_rows[:num_tasks])
   else:
     rows, vjp_fn, (named, batch_stats) = jax.vjp(loss_rows, state.params, has_aux=True)
     task_losses = rows[:-1]
     # The weights of loss-weighting methods depend on losses and state only: G is not needed (a [T, 1] stand-in).
     _, weights, weighting_state = method.apply(
-        state.weighting_state, jnp.zeros((task_losses.shape[0], 1), rows.dtype), task_losses, method_rng)
+        state.weighting_state, jnp.zeros((task_losses.shape[0], 1), rows.dtype), task_losses, method_rng
+    )
     grads = vjp_fn(jnp.concatenate([jax.lax.stop_gradient(weights), jnp.ones((1,), rows.dtype)]))[0]
     cosine = None
   total = jnp.dot(jax.lax.stop_gradient(weights), task_losses) + rows[-1]
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            batch_stats=batch_stats, opt_state=opt_state, weighting_state=weighting_state)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=optax.apply_updates(state.params, updates),
+      batch_stats=batch_stats,
+      opt_state=opt_state,
+      weighting_state=weighting_state,
+  )
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
   if skip_nonfinite:
     # Keep everything but the step (and the data position) when this update is non-finite.
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
-                             state.replace(step=state.step + 1, skipped=state.skipped + 1))
-  metrics = {'loss': total, 'grad_norm': grad_norm, 'param_norm': optax.tree.norm(new_state.params),
-             'finite': finite, 'skipped': new_state.skipped,
-             **{f'loss/{n}': v for n, v in named.items()},
-             **{f'weight/{n}': w for n, w in zip(combined, weights)}}
+    new_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        new_state,
+        state.replace(step=state.step + 1, skipped=state.skipped + 1),
+    )
+  metrics = {
+      'loss': total,
+      'grad_norm': grad_norm,
+      'param_norm': optax.tree.norm(new_state.params),
+      'finite': finite,
+      'skipped': new_state.skipped,
+      **{f'loss/{n}': v for n, v in named.items()},
+      **{f'weight/{n}': w for n, w in zip(combined, weights)},
+  }
   if cosine is not None:
     for i, a in enumerate(combined):
       for j in range(i + 1, len(combined)):
@@ -300,15 +365,20 @@ def _health_error(step: int, metrics: Mapping[str, Any], last_checkpoint: Option
   bad = []
   for key, value in metrics.items():
     if key.startswith('loss/') and not np.all(np.isfinite(value)):
-      kind, _, name = key[len('loss/'):].partition('/')   # 'task/expression' or 'term/dm'
+      kind, _, name = key[len('loss/') :].partition('/')  # 'task/expression' or 'term/dm'
       bad.append(f'{kind} {name!r} = {value}')
   norms = f'loss = {metrics["loss"]}, grad_norm = {metrics["grad_norm"]}, param_norm = {metrics["param_norm"]}'
   what = f'non-finite {", ".join(bad)} ({norms})' if bad else f'non-finite update ({norms})'
-  kept = (f'the last good checkpoint, step {last_checkpoint}, is kept' if last_checkpoint is not None else
-          'no checkpoint had been written yet')
-  return (f'non-finite training at step {step}: {what}. Health is checked at log and checkpoint steps, so it may '
-          f'have begun after the previous check; {kept}. Lower the learning rate, check the inputs, or set '
-          'config.nonfinite=\'skip\' to skip such updates.')
+  kept = (
+      f'the last good checkpoint, step {last_checkpoint}, is kept'
+      if last_checkpoint is not None
+      else 'no checkpoint had been written yet'
+  )
+  return (
+      f'non-finite training at step {step}: {what}. Health is checked at log and checkpoint steps, so it may '
+      f'have begun after the previous check; {kept}. Lower the learning rate, check the inputs, or set '
+      "config.nonfinite='skip' to skip such updates."
+  )
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -317,10 +387,12 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   """Everything a config determines besides the train state: sources, model, objective, optimizer, weighting
   method and the compiled step functions over ``mesh``."""
+
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
   benchmark: data_lib.Benchmark
@@ -328,9 +400,9 @@ class Experiment:
   objective: objective_lib.Objective
   method: Any
   tx: optax.GradientTransformation
-  relatedness: dict                  # the resolved tables, for the record
-  step_fn: Any                       # jitted (state, batch) -> (state, metrics), state donated
-  eval_fn: Any                       # jitted (params, batch_stats, batch) -> metric statistics
+  relatedness: dict  # the resolved tables, for the record
+  step_fn: Any  # jitted (state, batch) -> (state, metrics), state donated
+  eval_fn: Any  # jitted (params, batch_stats, batch) -> metric statistics
 
   @property
   def data_sharding(self) -> NamedSharding:
@@ -343,58 +415,101 @@ class Experiment:
   def init_state(self) -> TrainState:
     """The fresh train state, created directly with a replicated sharding (works across hosts)."""
     combined, _ = loss_names(self.objective, self.config)
-    return jax.jit(functools.partial(init_state, self.model, self.objective, self.method, self.tx, len(combined),
-                                     self.benchmark.image_shape),
-                   out_shardings=self.replicated)(jax.random.PRNGKey(self.config.seed))
+    return jax.jit(
+        functools.partial(
+            init_state, self.model, self.objective, self.method, self.tx, len(combined), self.benchmark.image_shape
+        ),
+        out_shardings=self.replicated,
+    )(jax.random.PRNGKey(self.config.seed))
 
   def train_batches(self, start_step: int):
-    return data_lib.train_iterator(self.benchmark, global_batch_size=self.config.batch_size, seed=self.config.seed,
-                                   start_step=start_step, sharding=self.data_sharding,
-                                   mixing=self.config.data.mixing, augment=self.config.data.augment)
+    return data_lib.train_iterator(
+        self.benchmark,
+        global_batch_size=self.config.batch_size,
+        seed=self.config.seed,
+        start_step=start_step,
+        sharding=self.data_sharding,
+        mixing=self.config.data.mixing,
+        augment=self.config.data.augment,
+    )
 
 
-def build_experiment(config: ml_collections.ConfigDict, mesh: Optional[jax.sharding.Mesh] = None, *,
-                     benchmark: Optional[data_lib.Benchmark] = None) -> Experiment:
+def build_experiment(
+    config: ml_collections.ConfigDict,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    *,
+    benchmark: Optional[data_lib.Benchmark] = None,
+) -> Experiment:
   """Validates ``config`` and builds sources → (relatedness) → model → objective → optimizer → step functions.
 
   ``benchmark``: your own (``data.make_benchmark`` of in-memory or TFDS sources) instead of ``config.data.name``.
   """
   config_lib.validate_config(config)
-  config = config_lib.resolved(config)   # every field of the chosen encoder and weighting method
+  config = config_lib.resolved(config)  # every field of the chosen encoder and weighting method
   mesh = mesh or make_mesh()
   if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
-    raise ValueError(f'config.batch_size={config.batch_size} / eval_batch_size={config.eval_batch_size}: expected '
-                     f'multiples of the device count {mesh.size}')
+    raise ValueError(
+        f'config.batch_size={config.batch_size} / eval_batch_size={config.eval_batch_size}: expected '
+        f'multiples of the device count {mesh.size}'
+    )
   data_sharding, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
   if benchmark is None:
-    benchmark = data_lib.get_benchmark(config.data.name, data_dir=config.data.data_dir, seed=config.data.seed,
-                                       **config.data.options)
+    benchmark = data_lib.get_benchmark(
+        config.data.name, data_dir=config.data.data_dir, seed=config.data.seed, **config.data.options
+    )
   benchmark = select_tasks(benchmark, config.tasks)
   benchmark = data_lib.with_validation(benchmark, config.data.get('validation_fraction', 0.0), seed=config.data.seed)
   validate_sources(benchmark)
-  model = models.build_model(benchmark.tasks, encoder=config.encoder.name, encoder_kwargs=dict(config.encoder.kwargs),
-                             head=config.head.name, head_kwargs=dict(config.head.kwargs))
+  model = models.build_model(
+      benchmark.tasks,
+      encoder=config.encoder.name,
+      encoder_kwargs=dict(config.encoder.kwargs),
+      head=config.head.name,
+      head_kwargs=dict(config.head.kwargs),
+  )
   relatedness = {}
   env = objective_lib.Env(
-      benchmark.tasks, make_relatedness_resolver(benchmark, relatedness),
-      lambda task, kind: model.heads[task] if kind == 'task' else models.build_head(
-          'linear', benchmark.tasks[task].num_classes))
+      benchmark.tasks,
+      make_relatedness_resolver(benchmark, relatedness),
+      lambda task, kind: model.heads[task]
+      if kind == 'task'
+      else models.build_head('linear', benchmark.tasks[task].num_classes),
+  )
   objective = objective_lib.build_objective(config.objective.to_dict(), env)
   combined, additive = loss_names(objective, config)
   method = weighting.get_method(config.weighting.name, **config.weighting.hparams)
   tx = make_optimizer(config)
   step_fn = jax.jit(
-      functools.partial(train_step, model=model, objective=objective, tx=tx, method=method,
-                        gradient_method=weighting.is_gradient_method(config.weighting.name), combined=combined,
-                        additive=additive, skip_nonfinite=config.nonfinite == 'skip'),
-      in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(evaluators.eval_step, model=model, tasks=benchmark.tasks),
-                    in_shardings=(replicated, replicated, data_sharding), out_shardings=replicated)
+      functools.partial(
+          train_step,
+          model=model,
+          objective=objective,
+          tx=tx,
+          method=method,
+          gradient_method=weighting.is_gradient_method(config.weighting.name),
+          combined=combined,
+          additive=additive,
+          skip_nonfinite=config.nonfinite == 'skip',
+      ),
+      in_shardings=(replicated, data_sharding),
+      out_shardings=(replicated, replicated),
+      donate_argnums=0,
+  )
+  eval_fn = jax.jit(
+      functools.partial(evaluators.eval_step, model=model, tasks=benchmark.tasks),
+      in_shardings=(replicated, replicated, data_sharding),
+      out_shardings=replicated,
+  )
   return Experiment(config, mesh, benchmark, model, objective, method, tx, relatedness, step_fn, eval_fn)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_at: Optional[int] = None,
-                       benchmark: Optional[data_lib.Benchmark] = None) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    stop_at: Optional[int] = None,
+    benchmark: Optional[data_lib.Benchmark] = None,
+) -> dict:
   """Trains ``config`` in ``workdir`` (resuming from its checkpoints) and returns the final results dict.
 
   ``stop_at``: checkpoint and return after that step, as a preemption would (to cut a long run into jobs of bounded
@@ -415,9 +530,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
   state = exp.init_state()
   restored = checkpointer.restore_latest(
-      ckpt_lib.abstract_like(state), check_meta=lambda meta: ckpt_lib.check_config_drift(meta['config'], config_json))
+      ckpt_lib.abstract_like(state), check_meta=lambda meta: ckpt_lib.check_config_drift(meta['config'], config_json)
+  )
   evals = evaluators.build(config, exp)
-  records = {}   # the evaluators' records (e.g. the best-validation selection), continued from the checkpoint
+  records = {}  # the evaluators' records (e.g. the best-validation selection), continued from the checkpoint
   if restored is not None:
     # After the config and layout checks: a resume, or a cached result, of other data is refused too.
     fingerprint_lib.check(restored[1].get('data'), data_fingerprint, where=f'the checkpoint in {workdir!r}')
@@ -440,8 +556,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   batches = exp.train_batches(start_step)
 
   def save(step):
-    checkpointer.save(step, state, {'step': step, 'data_position': {'start_step': step}, 'config': config_json,
-                                    'data': data_fingerprint, 'evals': records})
+    checkpointer.save(
+        step,
+        state,
+        {
+            'step': step,
+            'data_position': {'start_step': step},
+            'config': config_json,
+            'data': data_fingerprint,
+            'evals': records,
+        },
+    )
 
   def evaluate(chosen, step) -> dict:
     """Runs the ``chosen`` evaluators on the current state, writes their scalars, keeps their records."""
@@ -467,7 +592,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
       step += 1
       progress.advance(step)
       due = evaluators.due(evals, step, config.total_steps)
-      if due:   # before the checkpoint of this step, so that its metadata holds the records of this evaluation
+      if due:  # before the checkpoint of this step, so that its metadata holds the records of this evaluation
         evaluate(due, step)
         if stop_reason():
           logging.info('Early stopping at step %d: %s.', step, stop_reason())
@@ -475,21 +600,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
       interrupted = preemption.requested or step == stop_at
       ckpt_now = step % config.checkpoint_every == 0 or step == config.total_steps or interrupted or stop_reason()
       if log_now or ckpt_now:
-        fetched = jax.device_get(metrics)   # health scalars leave the device only here
+        fetched = jax.device_get(metrics)  # health scalars leave the device only here
         if not (fetched['finite'] and np.isfinite(fetched['param_norm'])) and config.nonfinite == 'halt':
           last_checkpoint = checkpointer.latest_step()
           checkpointer.close()
           progress.close()
           raise FloatingPointError(_health_error(step, fetched, last_checkpoint))
         if log_now:
-          rate = meter.rate(step)   # over the last interval, not since the start (which counts compilation)
+          rate = meter.rate(step)  # over the last interval, not since the start (which counts compilation)
           writer.write_scalars(step, {**_scalars(fetched), 'steps_per_sec': rate})
           progress.log(step, config.total_steps, float(fetched['loss']), rate)
         if ckpt_now:
           save(step)
       if interrupted and step < config.total_steps and not stop_reason():
-        logging.warning('%s: checkpoint saved at step %d; stopping so the run can resume.',
-                        'SIGTERM received' if preemption.requested else f'stop_at={stop_at}', step)
+        logging.warning(
+            '%s: checkpoint saved at step %d; stopping so the run can resume.',
+            'SIGTERM received' if preemption.requested else f'stop_at={stop_at}',
+            step,
+        )
         checkpointer.close()
         progress.close()
         writer.flush()
@@ -500,9 +628,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
   # best-validation step, ...).
   if step > start_step or not os.path.exists(os.path.join(workdir, 'results.json')):
     reports = evaluate(evals, step)
-    results = {'step': step, 'wall_time_s': time.time() - t_start,
-               **{k: v for report in reports.values() for k, v in report.results.items()},
-               'stopped_early': bool(stop_reason())}
+    results = {
+        'step': step,
+        'wall_time_s': time.time() - t_start,
+        **{k: v for report in reports.values() for k, v in report.results.items()},
+        'stopped_early': bool(stop_reason()),
+    }
     if is_main:
       _write_atomically(os.path.join(workdir, 'results.json'), json.dumps(results, indent=1, default=_jsonable))
   else:
@@ -516,9 +647,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
 def warn_if_no_eval(benchmark: data_lib.Benchmark) -> None:
   """A benchmark without eval sources would end with ``metrics: {}``: say so before training, not after."""
   if not benchmark.eval_sources:
-    logging.warning('Benchmark %r has no eval source for the trained tasks %s: the run will end with no metrics '
-                    '(results.json "metrics": {}). Pass eval_sources=[...] to data.make_benchmark to evaluate.',
-                    benchmark.name, list(benchmark.tasks))
+    logging.warning(
+        'Benchmark %r has no eval source for the trained tasks %s: the run will end with no metrics '
+        '(results.json "metrics": {}). Pass eval_sources=[...] to data.make_benchmark to evaluate.',
+        benchmark.name,
+        list(benchmark.tasks),
+    )
 
 
 def _jsonable(value):
@@ -531,7 +665,7 @@ def _jsonable(value):
 
 # Below this much free space on the workdir's filesystem a run is refused at start (a floor, not a capacity plan:
 # a full disk otherwise shows up as a failed checkpoint write hours later; the previous checkpoint survives that).
-MIN_FREE_BYTES = 64 * 2 ** 20
+MIN_FREE_BYTES = 64 * 2**20
 
 
 def _check_workdir(workdir: str) -> None:
@@ -546,15 +680,18 @@ def _check_workdir(workdir: str) -> None:
       os.fsync(f.fileno())
     try:
       os.remove(probe)
-    except FileNotFoundError:   # another host of this run probed the same shared workdir at the same moment
+    except FileNotFoundError:  # another host of this run probed the same shared workdir at the same moment
       pass
     free = shutil.disk_usage(workdir).free
   except OSError as e:
-    raise ValueError(f'workdir {workdir!r}: cannot write there ({e.strerror or e}); expected a writable directory '
-                     'with free space') from None
+    raise ValueError(
+        f'workdir {workdir!r}: cannot write there ({e.strerror or e}); expected a writable directory ' 'with free space'
+    ) from None
   if free < MIN_FREE_BYTES:
-    raise ValueError(f'workdir {workdir!r}: {free / 2 ** 20:.1f} MiB free on its filesystem, expected at least '
-                     f'{MIN_FREE_BYTES / 2 ** 20:.0f} MiB for checkpoints')
+    raise ValueError(
+        f'workdir {workdir!r}: {free / 2 ** 20:.1f} MiB free on its filesystem, expected at least '
+        f'{MIN_FREE_BYTES / 2 ** 20:.0f} MiB for checkpoints'
+    )
 
 
 def _write_atomically(path: str, text: str) -> None:
@@ -571,7 +708,16 @@ def validate_sources(benchmark: data_lib.Benchmark) -> None:
   """Reads and checks every source this host uses — training, evaluation and auxiliary — before anything is written
   (labels in range, at least one example, one image shape): a bad test set fails now, not at the first evaluation
   hours later. Readers cache what they read, so the input pipelines do not read again."""
-  for source in (*benchmark.train_sources, *benchmark.validation_sources, *benchmark.eval_sources,
-                 *benchmark.aux_sources.values()):
-    data_lib.load_examples(source, benchmark.tasks, image_shape=benchmark.image_shape,
-                           process_index=jax.process_index(), process_count=jax.process_count())
+  for source in (
+      *benchmark.train_sources,
+      *benchmark.validation_sources,
+      *benchmark.eval_sources,
+      *benchmark.aux_sources.values(),
+  ):
+    data_lib.load_examples(
+        source,
+        benchmark.tasks,
+        image_shape=benchmark.image_shape,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )

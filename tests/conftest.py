@@ -1,12 +1,15 @@
 """Test set-up: 8 fake CPU devices before JAX starts, and TensorFlow kept off any GPU."""
+
 import os
 import tempfile
 
 # XLA:CPU runs each fake device on its own thread and meets them at every collective; on an oversubscribed 2-core
 # host a thread can be starved past the default 40 s, which aborts the process. Allow 10 minutes instead.
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-                           ' --xla_cpu_collective_call_terminate_timeout_seconds=600'
-                           ' --xla_cpu_collective_call_warn_stuck_timeout_seconds=60').strip()
+os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+    ' --xla_cpu_collective_call_terminate_timeout_seconds=600'
+    ' --xla_cpu_collective_call_warn_stuck_timeout_seconds=60'
+).strip()
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -58,6 +61,7 @@ def tfds_dir(tmp_path_factory) -> str:
 def set_keys(config, **overrides):
   """``set_keys(config, **{'weighting.name': 'pcgrad'})``: `config_lib.set_keys` with keyword overrides."""
   from mtlmatch import config_lib  # pylint: disable=g-import-not-at-top  (after the device flags above)
+
   return config_lib.set_keys(config, overrides)
 
 

@@ -1,4 +1,5 @@
 """experiments/bench.py end to end at a tiny size: the rows asked for, the JSON schema, the printed table."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,7 +15,7 @@ from conftest import REPO
 def _load_bench():
   spec = importlib.util.spec_from_file_location('mtlmatch_bench', REPO / 'experiments' / 'bench.py')
   module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module   # dataclasses look their module up there
+  sys.modules[spec.name] = module  # dataclasses look their module up there
   spec.loader.exec_module(module)
   return module
 
@@ -23,9 +24,27 @@ def test_bench_writes_the_json_schema(tmp_path, capsys):
   bench = _load_bench()
   out = tmp_path / 'bench.json'
   # In-process (JAX and TF are already imported here; 8 fake devices, so batch 16): the CLI minus process start-up.
-  bench.main(['--steps', '2', '--warmup', '0', '--only', 'ew,dm', '--json', str(out), '--batch_size', '16',
-              '--encoder_kwargs', '{"widths": [4], "features": 8}', '--num_examples', '32', '--fast_compile',
-              '--data_dir', str(tmp_path / 'tfds')])
+  bench.main(
+      [
+          '--steps',
+          '2',
+          '--warmup',
+          '0',
+          '--only',
+          'ew,dm',
+          '--json',
+          str(out),
+          '--batch_size',
+          '16',
+          '--encoder_kwargs',
+          '{"widths": [4], "features": 8}',
+          '--num_examples',
+          '32',
+          '--fast_compile',
+          '--data_dir',
+          str(tmp_path / 'tfds'),
+      ]
+  )
   rows = json.loads(out.read_text())
   assert [r['name'] for r in rows] == ['ew', 'dm']
   for r in rows:
@@ -35,7 +54,7 @@ def test_bench_writes_the_json_schema(tmp_path, capsys):
   np.testing.assert_allclose(rows[1]['ratio_to_ew'], rows[1]['step_ms'] / rows[0]['step_ms'])
   assert rows[1]['target'] == 1.05 and rows[1]['meets_target'] == (rows[1]['ratio_to_ew'] <= 1.05)
   printed = capsys.readouterr().out
-  table = printed[printed.index('name '):].splitlines()
+  table = printed[printed.index('name ') :].splitlines()
   assert table[0].split()[:3] == ['name', 'T', 'step']
   assert [line.split()[0] for line in table[2:]] == ['ew', 'dm']
 
@@ -51,9 +70,12 @@ def _load_bench_torch():
 
 def test_bench_torch_exits_with_a_clear_message_without_torch(monkeypatch):
   bench_torch = _load_bench_torch()
-  monkeypatch.setitem(sys.modules, 'torch', None)   # `import torch` now raises ImportError
-  with pytest.raises(SystemExit, match=r"needs PyTorch, which mtlmatch does not depend on; install the optional "
-                                       r"extra with `pip install -e '\.\[bench\]'`"):
+  monkeypatch.setitem(sys.modules, 'torch', None)  # `import torch` now raises ImportError
+  with pytest.raises(
+      SystemExit,
+      match=r'needs PyTorch, which mtlmatch does not depend on; install the optional '
+      r"extra with `pip install -e '\.\[bench\]'`",
+  ):
     bench_torch.import_torch()
 
 
@@ -61,8 +83,25 @@ def test_bench_torch_table_and_json(tmp_path, capsys):
   pytest.importorskip('torch')
   bench_torch = _load_bench_torch()
   out = tmp_path / 'bench_torch.json'
-  bench_torch.main(['--steps', '1', '--warmup', '0', '--methods', 'ew', '--batch_size', '16', '--threads', '1',
-                    '--num_examples', '32', '--fast_compile', '--json', str(out)])
+  bench_torch.main(
+      [
+          '--steps',
+          '1',
+          '--warmup',
+          '0',
+          '--methods',
+          'ew',
+          '--batch_size',
+          '16',
+          '--threads',
+          '1',
+          '--num_examples',
+          '32',
+          '--fast_compile',
+          '--json',
+          str(out),
+      ]
+  )
   rows = json.loads(out.read_text())
   assert [r['name'] for r in rows] == ['torch_ew', 'mtlmatch_ew']
   assert rows[0]['ratio_to_torch'] == 1.0 and rows[1]['target'] == 1.0 and all(r['finite'] for r in rows)

@@ -1,6 +1,7 @@
 """Documented switches that work: every encoder with every config file, every hyper-parameter as a
 dotted key, one line for a misspelt key, ``--help`` and README listing every switch, and the CLI's modes run for
 real in subprocesses (smoke configs, a few steps)."""
+
 import json
 import os
 import re
@@ -19,8 +20,14 @@ CONFIGS = ('affect', 'shopping', 'multi_fashion')
 def cli(*args, env=None, timeout=600):
   """``python -m mtlmatch.main ARGS`` on one CPU device; (exit code, stdout, stderr)."""
   full_env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu', **(env or {})}
-  done = subprocess.run([sys.executable, '-m', 'mtlmatch.main', *args], cwd=REPO, env=full_env, capture_output=True,
-                        text=True, timeout=timeout)
+  done = subprocess.run(
+      [sys.executable, '-m', 'mtlmatch.main', *args],
+      cwd=REPO,
+      env=full_env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
   return done.returncode, done.stdout, done.stderr
 
 
@@ -54,9 +61,14 @@ for name in configs:
 def test_every_encoder_with_every_config_file(tfds_dir, fashion_idx_dir):
   """What ``--config=configs/<name>.py:dm+coann+dgr,smoke --config.encoder.name=<encoder>`` builds: the encoder's
   own kwargs (the config files' CNN sizes do not follow it) and a model that initialises."""
-  done = subprocess.run([sys.executable, '-c', _MATRIX, ','.join(CONFIGS), tfds_dir, fashion_idx_dir], cwd=REPO,
-                        env={**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'}, capture_output=True, text=True,
-                        timeout=600)
+  done = subprocess.run(
+      [sys.executable, '-c', _MATRIX, ','.join(CONFIGS), tfds_dir, fashion_idx_dir],
+      cwd=REPO,
+      env={**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'},
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   lines = [line for line in done.stdout.splitlines() if line.startswith('OK ')]
   assert len(lines) == len(CONFIGS) * len(models.ENCODERS), done.stdout
@@ -72,63 +84,90 @@ def test_every_documented_hyperparameter_is_a_dotted_key():
     for key, spec in weighting.hparam_specs(method).items():
       assert config_lib.key_error('configs/affect.py:mtl', f'weighting.hparams.{key}', config) is None
       assert config.weighting.hparams[key] == spec.default
-    weighting.get_method(method, **config.weighting.hparams)     # the defaults validate
+    weighting.get_method(method, **config.weighting.hparams)  # the defaults validate
   for encoder in models.ENCODERS:
     config = config_lib.load_config(config_lib.cli_spec(f'{REPO}/configs/affect.py', {'encoder.name': encoder}))
     assert 'dtype' in config.encoder.kwargs
-    models.build_encoder(encoder, **config.encoder.kwargs)       # the defaults build
+    models.build_encoder(encoder, **config.encoder.kwargs)  # the defaults build
   # A config naming only some fields equals one naming all (config.json records every field; resume compares them).
   partial = config_lib.base_config()
   partial.encoder.kwargs = {'widths': (8,)}
   assert dict(config_lib.resolved(partial).encoder.kwargs) == dict(config_lib.encoder_kwargs('cnn', widths=(8,)))
-  with pytest.raises(ValueError, match=r"config.encoder.kwargs: got \['hidden'\] for encoder 'cnn', expected some "
-                                       r"of \['conv_impl', 'dtype', 'features', 'widths'\] \(config_lib.set_encoder"):
+  with pytest.raises(
+      ValueError,
+      match=r"config.encoder.kwargs: got \['hidden'\] for encoder 'cnn', expected some "
+      r"of \['conv_impl', 'dtype', 'features', 'widths'\] \(config_lib.set_encoder",
+  ):
     partial.encoder.kwargs = {'hidden': (8,)}
     config_lib.resolved(partial)
 
 
 def test_misspelt_keys_and_help(tmp_path):
-  code, out, err = cli('--config=configs/affect.py:mtl,smoke', f'--workdir={tmp_path}',
-                       '--config.weighting.hparams.temperature=2.0', '--config.objective.terms.dm.divergence=kl',
-                       '--config.encoder.kwargs.widht=3')
+  code, out, err = cli(
+      '--config=configs/affect.py:mtl,smoke',
+      f'--workdir={tmp_path}',
+      '--config.weighting.hparams.temperature=2.0',
+      '--config.objective.terms.dm.divergence=kl',
+      '--config.encoder.kwargs.widht=3',
+  )
   lines = err.strip().splitlines()
   assert code != 0 and len(lines) == 3 and 'Traceback' not in err, err
-  assert lines[0].startswith('error: --config.weighting.hparams.temperature: no such key in configs/affect.py:mtl,'
-                             'smoke; it exists with --config.weighting.name=dwa')
+  assert lines[0].startswith(
+      'error: --config.weighting.hparams.temperature: no such key in configs/affect.py:mtl,'
+      'smoke; it exists with --config.weighting.name=dwa'
+  )
   assert 'it exists with the `dm` variant (--config=configs/affect.py:mtl,smoke,dm)' in lines[1]
   assert 'closest valid: encoder.kwargs.widths' in lines[2]
   assert not os.listdir(tmp_path)
 
   code, out, err = cli('--help')
   assert code == 0, err
-  for needle in ('--mode', '--source', 'single=<task>', 'encoder=<name>', 'smoke',
-                 "vit_tiny   conv_impl='auto', depth=4, dim=192",
-                 'dwa         temperature=2.0 (float > 0; softmax temperature τ)',
-                 'encoder.kwargs.widths = (16, 32, 64)', 'objective.terms.dm.divergence = ', 'init_from = '):
+  for needle in (
+      '--mode',
+      '--source',
+      'single=<task>',
+      'encoder=<name>',
+      'smoke',
+      "vit_tiny   conv_impl='auto', depth=4, dim=192",
+      'dwa         temperature=2.0 (float > 0; softmax temperature τ)',
+      'encoder.kwargs.widths = (16, 32, 64)',
+      'objective.terms.dm.divergence = ',
+      'init_from = ',
+  ):
     assert needle in out, needle
   for method, specs in ((m, weighting.hparam_specs(m)) for m in weighting.METHODS):
     assert all(f'{k}=' in out for k in specs), method
   # README carries the same table.
   readme = open(os.path.join(REPO, 'README.md')).read()
   block = re.search(r'<!-- switches:begin.*?-->\n```\n(.*?)```\n<!-- switches:end -->', readme, re.S)
-  assert block and block.group(1).strip() == config_lib.help_text('configs/affect.py:dm+coann+dgr').strip(), (
-      'README "Every switch" is stale: paste the tail of `python -m mtlmatch.main --help` there')
+  assert (
+      block and block.group(1).strip() == config_lib.help_text('configs/affect.py:dm+coann+dgr').strip()
+  ), 'README "Every switch" is stale: paste the tail of `python -m mtlmatch.main --help` there'
 
 
 def test_train_eval_predict_from_the_cli(tmp_path, tfds_dir):
   """README's switches and the three modes, one subprocess each."""
   workdir = tmp_path / 'vit'
-  common = ['--config=configs/affect.py:mtl,smoke', f'--workdir={workdir}', f'--config.data.data_dir={tfds_dir}',
-            '--config.encoder.name=vit_tiny', '--config.encoder.kwargs.dtype=bfloat16', '--config.weighting.name=dwa',
-            '--config.weighting.hparams.temperature=3.0', '--config.total_steps=2']
+  common = [
+      '--config=configs/affect.py:mtl,smoke',
+      f'--workdir={workdir}',
+      f'--config.data.data_dir={tfds_dir}',
+      '--config.encoder.name=vit_tiny',
+      '--config.encoder.kwargs.dtype=bfloat16',
+      '--config.weighting.name=dwa',
+      '--config.weighting.hparams.temperature=3.0',
+      '--config.total_steps=2',
+  ]
   code, out, err = cli(*common)
   assert code == 0, err[-3000:]
-  assert re.search(r'expression: accuracy \d\.\d{4}  macro_f1 \d\.\d{4}  count 96\n', out), out   # an int count
+  assert re.search(r'expression: accuracy \d\.\d{4}  macro_f1 \d\.\d{4}  count 96\n', out), out  # an int count
   assert 'Downloading and preparing' not in out + err and 'orbax' not in err.lower().replace('orbax-checkpoint', '')
   saved = json.loads((workdir / 'config.json').read_text())
   assert saved['encoder'] == {'name': 'vit_tiny', 'kwargs': {**saved['encoder']['kwargs'], 'dtype': 'bfloat16'}}
-  assert saved['encoder']['kwargs']['dim'] == 16 and saved['weighting']['hparams'] == {'temperature': 3.0,
-                                                                                        'window': 100}
+  assert saved['encoder']['kwargs']['dim'] == 16 and saved['weighting']['hparams'] == {
+      'temperature': 3.0,
+      'window': 100,
+  }
   trained = json.loads((workdir / 'results.json').read_text())
   steps = sorted(os.listdir(workdir / 'checkpoints'))
 
@@ -137,7 +176,7 @@ def test_train_eval_predict_from_the_cli(tmp_path, tfds_dir):
   assert code == 0, err[-3000:]
   evaluated = json.loads((workdir / 'results.json').read_text())
   assert evaluated['step'] == 2 and evaluated['metrics'] == trained['metrics']
-  assert sorted(os.listdir(workdir / 'checkpoints')) == steps     # nothing trained, nothing saved
+  assert sorted(os.listdir(workdir / 'checkpoints')) == steps  # nothing trained, nothing saved
 
   code, out, err = cli(*common, '--mode=predict', '--source=test')
   assert code == 0, err[-3000:]

@@ -1,5 +1,6 @@
 """Tests of mtlmatch.cpu_devices: one CPU device per core dividing the batch, the user's XLA_FLAGS count wins, and
 the CLI starting JAX with it."""
+
 from __future__ import annotations
 
 import os
@@ -33,14 +34,26 @@ def test_xla_flags_keep_the_users_count_and_other_flags():
   assert cpu_devices.available_cores() >= 1
 
 
-@pytest.mark.slow   # a whole CLI process (~1 min on 2 busy cores); `make test-all` runs it
+@pytest.mark.slow  # a whole CLI process (~1 min on 2 busy cores); `make test-all` runs it
 def test_cli_starts_jax_with_one_device_per_core(tmp_path):
   """``python -m mtlmatch.main`` without XLA_FLAGS: as many devices as cores (dividing batch 16 / eval 64)."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  out = subprocess.run([sys.executable, '-m', 'mtlmatch.main', '--config=configs/affect.py:mtl,smoke',
-                        f'--workdir={tmp_path / "run"}', f'--config.data.data_dir={tmp_path / "tfds"}',
-                        '--config.total_steps=1'],
-                       cwd=REPO, env={**env, 'JAX_PLATFORMS': 'cpu'}, capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'mtlmatch.main',
+          '--config=configs/affect.py:mtl,smoke',
+          f'--workdir={tmp_path / "run"}',
+          f'--config.data.data_dir={tmp_path / "tfds"}',
+          '--config.total_steps=1',
+      ],
+      cwd=REPO,
+      env={**env, 'JAX_PLATFORMS': 'cpu'},
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   expected = cpu_devices.device_count_for(cpu_devices.available_cores(), (16, 64))
   assert f'JAX devices: {expected} global' in out.stderr

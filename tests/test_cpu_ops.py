@@ -4,6 +4,7 @@ and the encoders built with conv_impl='gemm' equal those built with 'native' (sa
 
 Shapes are small: on CPU most of the time is compiling each case once.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -29,8 +30,7 @@ def _native(x, w, strides, padding, dilation=(1, 1)):
 
 
 def _gemm(x, w, strides, padding, dilation=(1, 1)):
-  return cpu_ops.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=DN,
-                                      impl='gemm')
+  return cpu_ops.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=DN, impl='gemm')
 
 
 # (input shape, kernel shape, strides, padding, kernel dilation): strides 1 and 2, SAME / explicit / VALID, odd
@@ -38,12 +38,12 @@ def _gemm(x, w, strides, padding, dilation=(1, 1)):
 CASES = [
     ((2, 9, 7, 3), (3, 3, 3, 4), (1, 1), 'SAME', (1, 1)),
     ((2, 9, 7, 3), (3, 3, 3, 4), (2, 2), 'SAME', (1, 1)),
-    ((2, 8, 11, 17), (3, 3, 17, 5), (1, 1), 'SAME', (1, 1)),          # 153 columns: one GEMM per kernel row
+    ((2, 8, 11, 17), (3, 3, 17, 5), (1, 1), 'SAME', (1, 1)),  # 153 columns: one GEMM per kernel row
     ((2, 11, 8, 17), (3, 3, 17, 5), (2, 2), ((1, 1), (1, 1)), (1, 1)),
     ((2, 7, 9, 2), (3, 2, 2, 3), (2, 1), ((0, 2), (1, 0)), (1, 1)),
-    ((2, 9, 9, 3), (4, 4, 3, 6), (4, 4), 'VALID', (1, 1)),             # ViT patch embedding (border dropped)
-    ((2, 7, 7, 4), (1, 1, 4, 6), (2, 2), 'VALID', (1, 1)),             # ResNet shortcut
-    ((2, 10, 9, 2), (3, 3, 2, 3), (1, 2), 'SAME', (2, 2)),             # kernel dilation
+    ((2, 9, 9, 3), (4, 4, 3, 6), (4, 4), 'VALID', (1, 1)),  # ViT patch embedding (border dropped)
+    ((2, 7, 7, 4), (1, 1, 4, 6), (2, 2), 'VALID', (1, 1)),  # ResNet shortcut
+    ((2, 10, 9, 2), (3, 3, 2, 3), (1, 2), 'SAME', (2, 2)),  # kernel dilation
 ]
 
 
@@ -52,7 +52,7 @@ def test_conv_value_and_grads_match_native(xs, ws, strides, padding, dilation):
   x, w = _normal(xs, 0), _normal(ws, 1)
   y_native = _native(x, w, strides, padding, dilation)
   y_gemm = jax.jit(_gemm, static_argnums=(2, 3, 4))(x, w, strides, padding, dilation)
-  np.testing.assert_array_equal(y_gemm, y_native)   # the forward *is* the native op
+  np.testing.assert_array_equal(y_gemm, y_native)  # the forward *is* the native op
   g = _normal(y_native.shape, 2)
   _, vjp_native = jax.vjp(lambda x, w: _native(x, w, strides, padding, dilation), x, w)
   _, vjp_gemm = jax.vjp(lambda x, w: _gemm(x, w, strides, padding, dilation), x, w)
@@ -84,7 +84,8 @@ def test_conv_grad_of_grad_matches_native(strides, padding):
 
     def penalty(w, x):
       gw, gx = jax.grad(inner, argnums=(0, 1))(w, x)
-      return jnp.sum(gw ** 2) + jnp.sum(jnp.sin(gx))
+      return jnp.sum(gw**2) + jnp.sum(jnp.sin(gx))
+
     return jax.grad(penalty, argnums=(0, 1))(w, x)
 
   for a, b in zip(outer(_gemm), outer(_native)):
@@ -93,14 +94,16 @@ def test_conv_grad_of_grad_matches_native(strides, padding):
 
 def test_conv_unsupported_cases_fall_back_to_native():
   x, w = _normal((2, 6, 6, 4), 0), _normal((3, 3, 2, 4), 1)
-  grouped = cpu_ops.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=DN, feature_group_count=2,
-                                         impl='gemm')
-  np.testing.assert_array_equal(grouped, lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=DN,
-                                                                  feature_group_count=2))
-  xt = jnp.transpose(x, (0, 3, 1, 2))   # NCHW, lax's default layout
+  grouped = cpu_ops.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=DN, feature_group_count=2, impl='gemm')
+  np.testing.assert_array_equal(
+      grouped, lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=DN, feature_group_count=2)
+  )
+  xt = jnp.transpose(x, (0, 3, 1, 2))  # NCHW, lax's default layout
   wt = jnp.transpose(_normal((3, 3, 4, 2), 2), (3, 2, 0, 1))
-  np.testing.assert_array_equal(cpu_ops.conv_general_dilated(xt, wt, (1, 1), 'SAME', impl='gemm'),
-                                lax.conv_general_dilated(xt, wt, (1, 1), 'SAME'))
+  np.testing.assert_array_equal(
+      cpu_ops.conv_general_dilated(xt, wt, (1, 1), 'SAME', impl='gemm'),
+      lax.conv_general_dilated(xt, wt, (1, 1), 'SAME'),
+  )
 
 
 def test_impl_resolution_and_errors():
@@ -119,6 +122,7 @@ def test_impl_resolution_and_errors():
 # ---------------------------------------------------------------------------------------------------------------
 # Max-pooling.
 
+
 def _native_pool(x):
   return nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
 
@@ -131,7 +135,7 @@ def _pool(x):
 @pytest.mark.parametrize('tied', [False, True])
 def test_max_pool_value_and_grad_match_native(shape, tied):
   x = _normal(shape, 0)
-  if tied:   # coarse values: many windows hold several equal maxima (and the native op picks the first)
+  if tied:  # coarse values: many windows hold several equal maxima (and the native op picks the first)
     x = jnp.round(x)
   y = _pool(x)
   np.testing.assert_array_equal(y, _native_pool(x))
@@ -148,58 +152,69 @@ def test_max_pool_all_ties_go_to_the_first_position():
 
 
 def test_max_pool_vmap_jvp_and_grad_of_grad_match_native():
-  x = jnp.round(_normal((3, 2, 6, 5, 2), 0) * 2) / 2   # ties included
+  x = jnp.round(_normal((3, 2, 6, 5, 2), 0) * 2) / 2  # ties included
   gs = _normal((3, 2, 3, 3, 2), 1)
-  np.testing.assert_array_equal(jax.vmap(lambda x, g: jax.vjp(_pool, x)[1](g)[0])(x, gs),
-                                jax.vmap(lambda x, g: jax.vjp(_native_pool, x)[1](g)[0])(x, gs))
+  np.testing.assert_array_equal(
+      jax.vmap(lambda x, g: jax.vjp(_pool, x)[1](g)[0])(x, gs),
+      jax.vmap(lambda x, g: jax.vjp(_native_pool, x)[1](g)[0])(x, gs),
+  )
   t = _normal(x.shape[1:], 2)
   np.testing.assert_array_equal(jax.jvp(_pool, (x[0],), (t,))[1], jax.jvp(_native_pool, (x[0],), (t,))[1])
 
   def outer(pool):
     return jax.grad(lambda x: jnp.sum(jnp.sin(jax.grad(lambda x: jnp.sum(pool(x) ** 3))(x))))(x[0])
+
   np.testing.assert_allclose(outer(_pool), outer(_native_pool), rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Encoders: 'gemm' and 'native' build the same parameters and compute the same features and gradients.
 
-@pytest.mark.parametrize('name,kwargs,shape', [
-    ('cnn', dict(widths=(4, 8), features=8), (9, 9, 1)),
-    ('resnet18', dict(width=2, stage_sizes=(1, 1)), (9, 9, 3)),
-    ('vit_tiny', dict(dim=8, depth=1, num_heads=2), (9, 9, 1)),
-])
+
+@pytest.mark.parametrize(
+    'name,kwargs,shape',
+    [
+        ('cnn', dict(widths=(4, 8), features=8), (9, 9, 1)),
+        ('resnet18', dict(width=2, stage_sizes=(1, 1)), (9, 9, 3)),
+        ('vit_tiny', dict(dim=8, depth=1, num_heads=2), (9, 9, 1)),
+    ],
+)
 def test_encoders_gemm_equal_native(name, kwargs, shape):
   x = _normal((4, *shape), 0)
   enc_native = build_encoder(name, conv_impl='native', **kwargs)
   enc_gemm = build_encoder(name, conv_impl='gemm', **kwargs)
   variables = enc_native.init(jax.random.PRNGKey(0), x, train=False)
   assert jax.tree.structure(enc_gemm.init(jax.random.PRNGKey(0), x, train=False)) == jax.tree.structure(variables)
-  assert jax.tree.map(jnp.shape, enc_gemm.init(jax.random.PRNGKey(0), x, train=False)) == \
-      jax.tree.map(jnp.shape, variables)
+  assert jax.tree.map(jnp.shape, enc_gemm.init(jax.random.PRNGKey(0), x, train=False)) == jax.tree.map(
+      jnp.shape, variables
+  )
 
   def loss(enc):
     def f(params):
       out = enc.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])[0]
       return jnp.sum(jnp.tanh(out))
+
     return jax.jit(jax.value_and_grad(f))(variables['params'])
 
   (v_gemm, g_gemm), (v_native, g_native) = loss(enc_gemm), loss(enc_native)
   np.testing.assert_allclose(v_gemm, v_native, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_gemm, g_native)
-  assert enc_gemm == build_encoder(name, conv_impl='gemm', **kwargs)   # hashable, equal: a static jit argument
+  assert enc_gemm == build_encoder(name, conv_impl='gemm', **kwargs)  # hashable, equal: a static jit argument
   assert hash(enc_gemm) == hash(build_encoder(name, conv_impl='gemm', **kwargs))
 
 
 def test_config_key_reaches_conv_encoders_and_is_checked():
   # conv_impl is a field of every conv encoder, so it is the key encoder.kwargs.conv_impl (default 'auto').
   from mtlmatch import config_lib, models  # pylint: disable=import-outside-toplevel
+
   for name in ('cnn', 'resnet18', 'vit_tiny'):
     assert config_lib.encoder_kwargs(name)['conv_impl'] == 'auto'
   assert 'conv_impl' not in config_lib.encoder_kwargs('mlp')
   config = config_lib.base_config()
   config.encoder.kwargs.conv_impl = 'native'
-  model = models.build_model({'t': TaskSpec('t', 'multiclass', 3)}, encoder='cnn',
-                             encoder_kwargs=dict(config.encoder.kwargs))
+  model = models.build_model(
+      {'t': TaskSpec('t', 'multiclass', 3)}, encoder='cnn', encoder_kwargs=dict(config.encoder.kwargs)
+  )
   assert model.encoder.conv_impl == 'native'
   with pytest.raises(ValueError, match=r"encoder 'cnn' conv_impl: got 'fast', expected one of"):
     models.build_model({'t': TaskSpec('t', 'multiclass', 3)}, encoder='cnn', encoder_kwargs={'conv_impl': 'fast'})

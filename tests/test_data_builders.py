@@ -1,5 +1,6 @@
 """Dataset builders: synthetic affect (prior statistics, caching), Fashion-MNIST from IDX fixtures, Multi-Fashion,
 the generic TFDS path, and the registry. Every dataset is generated into a tmp data_dir; nothing is downloaded."""
+
 from __future__ import annotations
 
 import gzip
@@ -70,7 +71,9 @@ def test_synthetic_affect_benchmark_via_tfds(tmp_path):
   bench = data.get_benchmark('synthetic_affect', data_dir=str(tmp_path), seed=3, **options)
   assert list(bench.tasks) == ['expression', 'aus'] and bench.image_shape == (32, 32, 1)
   assert [(s.name, s.tasks, s.num_examples()) for s in bench.train_sources] == [
-      ('expressions', ('expression',), 200), ('aus', ('aus',), 120)]
+      ('expressions', ('expression',), 200),
+      ('aus', ('aus',), 120),
+  ]
   assert [(s.name, s.num_examples()) for s in bench.eval_sources] == [('test', 64)]
   assert sorted(bench.aux_sources) == ['coannotated', 'coannotated_10']
   # The TFDS copy holds the generator's output (TFDS reorders records; match them by content).
@@ -91,8 +94,9 @@ def test_synthetic_affect_benchmark_via_tfds(tmp_path):
   batch = next(data.train_iterator(bench, global_batch_size=32, seed=0))
   assert batch['image'].shape == (32, 32, 32, 1)
   # The smoke options of configs/affect.py: no default subset larger than the co-annotated split.
-  smoke = data.get_benchmark('synthetic_affect', data_dir=str(tmp_path), num_expressions=64, num_aus=32,
-                             num_test=16, num_coannotated=24)
+  smoke = data.get_benchmark(
+      'synthetic_affect', data_dir=str(tmp_path), num_expressions=64, num_aus=32, num_test=16, num_coannotated=24
+  )
   assert sorted(smoke.aux_sources) == ['coannotated']
   with pytest.raises(ValueError, match=r"options of benchmark 'synthetic_affect': got unknown \['num_faces'\]"):
     data.get_benchmark('synthetic_affect', data_dir=str(tmp_path), num_faces=3)
@@ -103,14 +107,30 @@ def test_synthetic_affect_benchmark_via_tfds(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Fashion-MNIST from an IDX fixture.
 
-GROUP = {0: 'tops', 1: 'bottoms', 2: 'tops', 3: 'dresses', 4: 'tops', 5: 'footwear', 6: 'tops', 7: 'footwear',
-         8: 'bags', 9: 'footwear'}
+GROUP = {
+    0: 'tops',
+    1: 'bottoms',
+    2: 'tops',
+    3: 'dresses',
+    4: 'tops',
+    5: 'footwear',
+    6: 'tops',
+    7: 'footwear',
+    8: 'bags',
+    9: 'footwear',
+}
 ATTRS = {  # item -> attribute names that hold (written independently of fashion_mnist.ITEM_ATTRIBUTES)
-    0: {'upper_body', 'has_sleeves', 'worn'}, 1: {'lower_body', 'worn'},
-    2: {'upper_body', 'has_sleeves', 'long_sleeves', 'worn'}, 3: {'upper_body', 'lower_body', 'worn'},
-    4: {'upper_body', 'has_sleeves', 'long_sleeves', 'worn'}, 5: {'footwear', 'worn'},
-    6: {'upper_body', 'has_sleeves', 'long_sleeves', 'worn'}, 7: {'footwear', 'worn'}, 8: set(),
-    9: {'footwear', 'worn'}}
+    0: {'upper_body', 'has_sleeves', 'worn'},
+    1: {'lower_body', 'worn'},
+    2: {'upper_body', 'has_sleeves', 'long_sleeves', 'worn'},
+    3: {'upper_body', 'lower_body', 'worn'},
+    4: {'upper_body', 'has_sleeves', 'long_sleeves', 'worn'},
+    5: {'footwear', 'worn'},
+    6: {'upper_body', 'has_sleeves', 'long_sleeves', 'worn'},
+    7: {'footwear', 'worn'},
+    8: set(),
+    9: {'footwear', 'worn'},
+}
 
 
 def write_idx(path, array):
@@ -152,8 +172,9 @@ def test_read_idx_round_trip(idx_dir):
 
 
 def test_shopping_derived_labels_and_splits(idx_dir, tmp_path):
-  bench = data.get_benchmark('shopping', data_dir=str(tmp_path / 'tfds'), idx_dir=idx_dir, num_item=6,
-                             num_group=25, num_coannotated=5)
+  bench = data.get_benchmark(
+      'shopping', data_dir=str(tmp_path / 'tfds'), idx_dir=idx_dir, num_item=6, num_group=25, num_coannotated=5
+  )
   assert list(bench.tasks) == ['item', 'group', 'attributes'] and bench.image_shape == (28, 28, 1)
   assert bench.tasks['attributes'].kind == 'multilabel'
   groups = list(bench.tasks['group'].class_names)
@@ -162,8 +183,12 @@ def test_shopping_derived_labels_and_splits(idx_dir, tmp_path):
   _, test_items = fixture_split(12, 3)
   sources = {s.name: s for s in bench.train_sources + bench.eval_sources + tuple(bench.aux_sources.values())}
   assert sorted(sources) == ['coannotated', 'group_attributes', 'item', 'test']
-  annotated = {'item': {'item'}, 'group_attributes': {'group', 'attributes'},
-               'coannotated': {'item', 'group', 'attributes'}, 'test': {'item', 'group', 'attributes'}}
+  annotated = {
+      'item': {'item'},
+      'group_attributes': {'group', 'attributes'},
+      'coannotated': {'item', 'group', 'attributes'},
+      'test': {'item', 'group', 'attributes'},
+  }
   indices = {}
   for name, source in sources.items():
     ex = data.load_examples(source, bench.tasks)
@@ -184,8 +209,9 @@ def test_shopping_derived_labels_and_splits(idx_dir, tmp_path):
   assert sum(len(s) for s in train_sets) == len(set().union(*train_sets))  # disjoint slices of train
   assert indices['test'] == set(range(12))
   # Two hosts on a sliced TFDS split (train[6:31]): tfds.even_splits agrees with host_slice; disjoint and covering.
-  halves = [data.load_examples(sources['group_attributes'], bench.tasks, process_index=h, process_count=2)
-            for h in (0, 1)]
+  halves = [
+      data.load_examples(sources['group_attributes'], bench.tasks, process_index=h, process_count=2) for h in (0, 1)
+  ]
   assert [len(h) for h in halves] == [13, 12]
   assert set(decode_index(halves[0].images)) | set(decode_index(halves[1].images)) == indices['group_attributes']
   with pytest.raises(ValueError, match='expected at most the 40 training images'):
@@ -201,11 +227,21 @@ def test_missing_idx_files_say_how_to_get_them(tmp_path):
 
 
 def test_multi_fashion_overlays_two_items(idx_dir, tmp_path):
-  bench = data.get_benchmark('multi_fashion', data_dir=str(tmp_path / 'tfds'), idx_dir=idx_dir, seed=1,
-                             num_train=30, num_test=8, annotation='disjoint', num_coannotated=6)
+  bench = data.get_benchmark(
+      'multi_fashion',
+      data_dir=str(tmp_path / 'tfds'),
+      idx_dir=idx_dir,
+      seed=1,
+      num_train=30,
+      num_test=8,
+      annotation='disjoint',
+      num_coannotated=6,
+  )
   assert bench.image_shape == (36, 36, 1) and list(bench.tasks) == ['left', 'right']
   assert [(s.name, s.tasks, s.num_examples()) for s in bench.train_sources] == [
-      ('left_only', ('left',), 12), ('right_only', ('right',), 12)]
+      ('left_only', ('left',), 12),
+      ('right_only', ('right',), 12),
+  ]
   assert bench.aux_sources['coannotated'].num_examples() == 6
   train_images, train_items = fixture_split(40, 0)
   builder = fm.prepare_multi_fashion(str(tmp_path / 'tfds'), idx_dir, seed=1, num_train=30, num_test=8)
@@ -218,8 +254,15 @@ def test_multi_fashion_overlays_two_items(idx_dir, tmp_path):
     canvas[8:, 8:] = np.maximum(canvas[8:, 8:], train_images[right[i]])
     np.testing.assert_array_equal(ex['image'][..., 0], canvas)
     assert (ex['left'], ex['right']) == (train_items[left[i]], train_items[right[i]])
-  full = data.get_benchmark('multi_fashion', data_dir=str(tmp_path / 'tfds'), idx_dir=idx_dir, seed=1,
-                            num_train=30, num_test=8, num_coannotated=6)
+  full = data.get_benchmark(
+      'multi_fashion',
+      data_dir=str(tmp_path / 'tfds'),
+      idx_dir=idx_dir,
+      seed=1,
+      num_train=30,
+      num_test=8,
+      num_coannotated=6,
+  )
   labels = data.source_labels(full.train_sources[0], full.tasks)
   assert labels['left'].shape == (30,) and np.all(labels['left'] >= 0) and np.all(labels['right'] >= 0)
   co = data.source_labels(full.aux_sources['coannotated'], full.tasks)
@@ -229,8 +272,14 @@ def test_multi_fashion_overlays_two_items(idx_dir, tmp_path):
 def test_generic_tfds_source_by_name(idx_dir, tmp_path):
   tfds_dir = str(tmp_path / 'tfds')
   fm.prepare_fashion_mnist(tfds_dir, idx_dir)
-  src = data.tfds_source('items', 'mtlmatch_fashion_mnist', tasks=['item'], split='test', data_dir=tfds_dir,
-                         labels_fn=lambda ex: {'item': ex['item']})
+  src = data.tfds_source(
+      'items',
+      'mtlmatch_fashion_mnist',
+      tasks=['item'],
+      split='test',
+      data_dir=tfds_dir,
+      labels_fn=lambda ex: {'item': ex['item']},
+  )
   bench = data.make_benchmark('user', [TaskSpec('item', 'multiclass', 10)], [src])
   assert bench.image_shape == (28, 28, 1)
   ex = data.load_examples(src, bench.tasks)
@@ -239,8 +288,14 @@ def test_generic_tfds_source_by_name(idx_dir, tmp_path):
   got = np.concatenate([decode_index(h.images) for h in halves])
   np.testing.assert_array_equal(np.sort(got), np.arange(12))  # two hosts: disjoint, covering
   with pytest.raises(ValueError, match="'mtlmatch_synthetic_affect' is not prepared"):
-    data.tfds_source('x', 'mtlmatch_synthetic_affect', tasks=['expression'], data_dir=tfds_dir,
-                     labels_fn=lambda ex: {}, builder_kwargs={'config': sa.make_config(num_expressions=5)})
+    data.tfds_source(
+        'x',
+        'mtlmatch_synthetic_affect',
+        tasks=['expression'],
+        data_dir=tfds_dir,
+        labels_fn=lambda ex: {},
+        builder_kwargs={'config': sa.make_config(num_expressions=5)},
+    )
 
 
 def test_default_data_dir(monkeypatch):

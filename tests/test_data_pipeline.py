@@ -3,6 +3,7 @@
 Each image carries (source id, example index) in its first pixels, so the tests can tell exactly which example of
 which source landed in each slot and compare against independent numpy references.
 """
+
 from __future__ import annotations
 
 import collections
@@ -72,7 +73,10 @@ def test_mixing_proportions_and_missing_labels():
   assert b0['image'].dtype == np.float32 and b0['image'].shape == (500, 4, 4, 1)
   assert b0['source'].dtype == np.int32 and b0['source'].shape == (500,)
   assert {t: (v.dtype, v.shape) for t, v in b0['labels'].items()} == {
-      'a': (np.int32, (500,)), 'b': (np.int32, (500, 4)), 'c': (np.int32, (500,))}
+      'a': (np.int32, (500,)),
+      'b': (np.int32, (500, 4)),
+      'c': (np.int32, (500,)),
+  }
   source = np.concatenate([b['source'] for b in batches])
   np.testing.assert_allclose(np.bincount(source, minlength=3) / source.size, np.array([1, 2, 5]) / 8, atol=0.02)
   for b in batches:
@@ -92,8 +96,9 @@ def test_equal_share_per_task():
   bench, _ = toy_benchmark()
   # a is annotated by sources 0 and 2, b by 1, c by 2: p ∝ (1/6, 1/3, 1/6 + 1/3).
   expected = np.array([1 / 6, 1 / 3, 1 / 2])
-  np.testing.assert_allclose(data.mixing_probabilities(bench.train_sources, bench.tasks, 'equal_per_task'),
-                             expected, rtol=1e-12)
+  np.testing.assert_allclose(
+      data.mixing_probabilities(bench.train_sources, bench.tasks, 'equal_per_task'), expected, rtol=1e-12
+  )
   batches = take(data.train_iterator(bench, global_batch_size=500, seed=0, mixing='equal_per_task'), 100)
   source = np.concatenate([b['source'] for b in batches])
   np.testing.assert_allclose(np.bincount(source, minlength=3) / source.size, expected, atol=0.02)
@@ -133,8 +138,12 @@ def test_augment_flips_and_crops_deterministically():
   batch = next(data.train_iterator(bench, global_batch_size=64, seed=0, augment=True))
   x = np.rint((batch['image'][..., 0] + 1) * 127.5).astype(np.int64)
   padded = np.pad(images[0, ..., 0].astype(np.int64), 1)  # pad = max(1, 8 // 8) = 1, black
-  candidates = [np.fliplr(padded)[dy:dy + 8, dx:dx + 8] if flip else padded[dy:dy + 8, dx:dx + 8]
-                for flip in (0, 1) for dy in range(3) for dx in range(3)]
+  candidates = [
+      np.fliplr(padded)[dy : dy + 8, dx : dx + 8] if flip else padded[dy : dy + 8, dx : dx + 8]
+      for flip in (0, 1)
+      for dy in range(3)
+      for dx in range(3)
+  ]
   seen = set()
   for img in x:  # each augmented image is one of the 18 flip/crop variants
     matches = [j for j, c in enumerate(candidates) if np.array_equal(img, c)]
@@ -191,8 +200,9 @@ def test_eval_covers_every_example_once_on_1_and_8_devices():
   assert batches[0]['mask'].sharding.is_equivalent_to(sharding, 1)
   assert eval_ids(batches) == {i: 1 for i in range(37)}
   # Two simulated hosts: each yields the same number of batches; together they cover the set once.
-  host_batches = [list(data.eval_iterator(test, bench.tasks, global_batch_size=8, process_index=h, process_count=2))
-                  for h in (0, 1)]
+  host_batches = [
+      list(data.eval_iterator(test, bench.tasks, global_batch_size=8, process_index=h, process_count=2)) for h in (0, 1)
+  ]
   assert len(host_batches[0]) == len(host_batches[1]) == data.num_eval_batches(37, 8, 2) == 5
   assert eval_ids(host_batches[0] + host_batches[1]) == {i: 1 for i in range(37)}
 

@@ -1,4 +1,5 @@
 """Dummy gradient norm (DGR, docs/maths.md): closed form for a linear head, double backprop, dummy initialisation."""
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -48,11 +49,12 @@ def _np_dummy_grads(f, labels, w, b, select):
 def test_unbiased_norm_closed_form_on_the_two_halves():
   # sq_l2_unbiased = ⟨g_1, g_2⟩, g_h the dummy gradient of half h of the labelled examples in batch order.
   features, labels, dummies = _problem(seed=3, b=11)
-  got = losses.dummy_gradient_norm(features, labels, dummies, head_apply=_linear, loss_fn=losses.softmax_xent,
-                                   norm='sq_l2_unbiased')
+  got = losses.dummy_gradient_norm(
+      features, labels, dummies, head_apply=_linear, loss_fn=losses.softmax_xent, norm='sq_l2_unbiased'
+  )
   labelled = np.flatnonzero(labels != -1)
   first = np.zeros(len(labels), bool)
-  first[labelled[:len(labelled) // 2]] = True
+  first[labelled[: len(labelled) // 2]] = True
   second = (labels != -1) & ~first
   f = np.asarray(features, np.float64)
   values = []
@@ -72,16 +74,24 @@ def test_unbiased_norm_is_unbiased_and_sq_l2_is_not():
   w, b = rng.standard_normal((d, c)) * 0.3, np.zeros(c)
   all_rows = np.ones(n, bool)
   gw, gb = _np_dummy_grads(f, labels, w, b, all_rows)
-  true_sq = np.sum(gw ** 2) + np.sum(gb ** 2)
-  per_example = [np.concatenate([x.ravel() for x in _np_dummy_grads(f[i:i + 1], labels[i:i + 1], w, b,
-                                                                    np.ones(1, bool))]) for i in range(n)]
-  trace_cov = np.sum(np.var(np.stack(per_example), axis=0))   # population covariance (draws with replacement)
+  true_sq = np.sum(gw**2) + np.sum(gb**2)
+  per_example = [
+      np.concatenate([x.ravel() for x in _np_dummy_grads(f[i : i + 1], labels[i : i + 1], w, b, np.ones(1, bool))])
+      for i in range(n)
+  ]
+  trace_cov = np.sum(np.var(np.stack(per_example), axis=0))  # population covariance (draws with replacement)
   dummies = {'w': w[None].astype(np.float32), 'b': b[None].astype(np.float32)}
   idx = rng.integers(0, n, (draws, batch))
 
   def penalty(rows, norm):
-    return losses.dummy_gradient_norm(jnp.asarray(f, jnp.float32)[rows], jnp.asarray(labels)[rows], dummies,
-                                      head_apply=_linear, loss_fn=losses.softmax_xent, norm=norm)
+    return losses.dummy_gradient_norm(
+        jnp.asarray(f, jnp.float32)[rows],
+        jnp.asarray(labels)[rows],
+        dummies,
+        head_apply=_linear,
+        loss_fn=losses.softmax_xent,
+        norm=norm,
+    )
 
   results = {}
   for norm in ('sq_l2', 'sq_l2_unbiased'):
@@ -91,7 +101,7 @@ def test_unbiased_norm_is_unbiased_and_sq_l2_is_not():
   mean_sq, se_sq = results['sq_l2']
   assert abs(mean_unbiased - true_sq) < 4 * se_unbiased, (mean_unbiased, true_sq, se_unbiased)
   assert abs(mean_sq - (true_sq + trace_cov / batch)) < 4 * se_sq, (mean_sq, true_sq + trace_cov / batch, se_sq)
-  assert mean_sq - true_sq > 10 * se_sq   # the bias is real and visible at this batch size
+  assert mean_sq - true_sq > 10 * se_sq  # the bias is real and visible at this batch size
 
 
 def _problem(seed=0, b=8, d=6, c=4, k=3):
@@ -99,16 +109,19 @@ def _problem(seed=0, b=8, d=6, c=4, k=3):
   features = rng.standard_normal((b, d)).astype(np.float32)
   labels = rng.integers(0, c, b).astype(np.int32)
   labels[rng.random(b) < 0.3] = -1
-  dummies = {'w': rng.standard_normal((k, d, c)).astype(np.float32) * 0.5,
-             'b': rng.standard_normal((k, c)).astype(np.float32) * 0.1}
+  dummies = {
+      'w': rng.standard_normal((k, d, c)).astype(np.float32) * 0.5,
+      'b': rng.standard_normal((k, c)).astype(np.float32) * 0.1,
+  }
   return features, labels, dummies
 
 
 @pytest.mark.parametrize('norm', ['sq_l2', 'l2'])
 def test_linear_head_closed_form(norm):
   features, labels, dummies = _problem()
-  got = losses.dummy_gradient_norm(features, labels, dummies, head_apply=_linear, loss_fn=losses.softmax_xent,
-                                   norm=norm)
+  got = losses.dummy_gradient_norm(
+      features, labels, dummies, head_apply=_linear, loss_fn=losses.softmax_xent, norm=norm
+  )
   np.testing.assert_allclose(got, _ref_penalty(features, labels, dummies, norm), rtol=1e-5)
 
 
@@ -117,28 +130,36 @@ def test_double_backprop_matches_finite_differences():
   with jax.enable_x64(True):
     dummies64 = jax.tree_util.tree_map(lambda x: x.astype(np.float64), dummies)
     for norm in ('sq_l2', 'l2', 'sq_l2_unbiased'):
-      f = jax.jit(lambda feats: losses.dummy_gradient_norm(feats, labels, dummies64, head_apply=_linear,
-                                                           loss_fn=losses.softmax_xent, norm=norm))
+      f = jax.jit(
+          lambda feats: losses.dummy_gradient_norm(
+              feats, labels, dummies64, head_apply=_linear, loss_fn=losses.softmax_xent, norm=norm
+          )
+      )
       check_grads(f, (features.astype(np.float64),), order=1, modes=['rev'], atol=1e-6, rtol=1e-5)
     # And for a multilabel task with sigmoid_xent.
     ym = np.random.default_rng(2).integers(-1, 2, (5, 3)).astype(np.int32)
-    g = jax.jit(lambda feats: losses.dummy_gradient_norm(feats, ym, dummies64, head_apply=_linear,
-                                                         loss_fn=losses.sigmoid_xent))
+    g = jax.jit(
+        lambda feats: losses.dummy_gradient_norm(feats, ym, dummies64, head_apply=_linear, loss_fn=losses.sigmoid_xent)
+    )
     check_grads(g, (features.astype(np.float64),), order=1, modes=['rev'], atol=1e-6, rtol=1e-5)
 
 
 def test_dummies_are_never_trained_and_zero_gradient_is_safe():
   features, labels, dummies = _problem()
-  f = lambda feats, d, norm: losses.dummy_gradient_norm(feats, labels, d, head_apply=_linear,
-                                                        loss_fn=losses.softmax_xent, norm=norm)
+  f = lambda feats, d, norm: losses.dummy_gradient_norm(
+      feats, labels, d, head_apply=_linear, loss_fn=losses.softmax_xent, norm=norm
+  )
   g = jax.grad(f, argnums=1)(features, dummies, 'sq_l2')
   for leaf in jax.tree_util.tree_leaves(g):
     np.testing.assert_array_equal(leaf, 0)
   # All labels missing: the dummy loss is 0, its gradient is 0, and the l2 norm's gradient stays finite (0).
   none = np.full_like(labels, -1)
   for norm in ('sq_l2', 'l2'):
-    value, grad = jax.value_and_grad(lambda x: losses.dummy_gradient_norm(
-        x, none, dummies, head_apply=_linear, loss_fn=losses.softmax_xent, norm=norm))(features)
+    value, grad = jax.value_and_grad(
+        lambda x: losses.dummy_gradient_norm(
+            x, none, dummies, head_apply=_linear, loss_fn=losses.softmax_xent, norm=norm
+        )
+    )(features)
     assert float(value) == 0.0
     np.testing.assert_array_equal(grad, 0)
 
@@ -156,8 +177,9 @@ def test_init_dummy_params_uses_the_head_initializer():
   assert not np.allclose(dummies['kernel'][0], dummies['kernel'][1])
   # The Flax head plugs into the penalty unchanged.
   apply = lambda p, f: head.apply({'params': p}, f)
-  value = losses.dummy_gradient_norm(features, jnp.array([1, -1]), dummies, head_apply=apply,
-                                     loss_fn=losses.softmax_xent)
+  value = losses.dummy_gradient_norm(
+      features, jnp.array([1, -1]), dummies, head_apply=apply, loss_fn=losses.softmax_xent
+  )
   assert np.isfinite(value) and value > 0
 
 
@@ -166,23 +188,28 @@ def test_sharded_batch_matches_unsharded():
 
   @jax.jit
   def value_and_grad(feats, labels):
-    return jax.value_and_grad(lambda x: losses.dummy_gradient_norm(
-        x, labels, dummies, head_apply=_linear, loss_fn=losses.softmax_xent))(feats)
+    return jax.value_and_grad(
+        lambda x: losses.dummy_gradient_norm(x, labels, dummies, head_apply=_linear, loss_fn=losses.softmax_xent)
+    )(feats)
 
-  eager = jax.value_and_grad(lambda x: losses.dummy_gradient_norm(
-      x, labels, dummies, head_apply=_linear, loss_fn=losses.softmax_xent))(features)
+  eager = jax.value_and_grad(
+      lambda x: losses.dummy_gradient_norm(x, labels, dummies, head_apply=_linear, loss_fn=losses.softmax_xent)
+  )(features)
   mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
   shard = NamedSharding(mesh, P('data'))
-  for out in (value_and_grad(features, labels),
-              value_and_grad(jax.device_put(features, shard), jax.device_put(labels, shard))):
+  for out in (
+      value_and_grad(features, labels),
+      value_and_grad(jax.device_put(features, shard), jax.device_put(labels, shard)),
+  ):
     np.testing.assert_allclose(out[0], eager[0], rtol=1e-5)
     np.testing.assert_allclose(out[1], eager[1], rtol=1e-4, atol=1e-7)
 
 
 def test_validation_errors():
   features, labels, dummies = _problem()
-  call = lambda d, **kw: losses.dummy_gradient_norm(features, labels, d, head_apply=_linear,
-                                                    loss_fn=losses.softmax_xent, **kw)
+  call = lambda d, **kw: losses.dummy_gradient_norm(
+      features, labels, d, head_apply=_linear, loss_fn=losses.softmax_xent, **kw
+  )
   with pytest.raises(ValueError, match=r"norm: got 'l1'"):
     call(dummies, norm='l1')
   with pytest.raises(ValueError, match=r'dummy_params: got leaves with leading dimensions'):

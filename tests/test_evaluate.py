@@ -1,5 +1,6 @@
 """Tests of mtlmatch.evaluate against scikit-learn and numpy references: random data with missing labels and
 padding masks, chunked accumulation = one pass, sharded over 8 devices = unsharded, the F1 edge cases, errors."""
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from sklearn.metrics import accuracy_score, f1_score
 
-from mtlmatch.evaluate import (accumulate, finalize, finalize_tasks, task_statistics, tasks_statistics,
-                               zero_statistics)
+from mtlmatch.evaluate import (accumulate, finalize, finalize_tasks, task_statistics, tasks_statistics, zero_statistics)
 from mtlmatch.tasks import TaskSpec
 
 # Jitted (as in the eval step): one compile per input shape instead of one per primitive.
@@ -23,7 +23,7 @@ ML = TaskSpec('au', 'multilabel', 6)
 
 def _multiclass_data(rng, b=64):
   logits = rng.normal(size=(b, 6)).astype(np.float32)
-  logits[:, 5] -= 100.  # class 5: never predicted ...
+  logits[:, 5] -= 100.0  # class 5: never predicted ...
   labels = rng.integers(0, 5, size=b).astype(np.int32)  # ... and never labelled: F1 undefined, left out
   labels[rng.random(b) < 0.25] = -1
   mask = (rng.random(b) < 0.8).astype(np.float32)
@@ -34,11 +34,11 @@ def _multilabel_data(rng, b=64):
   logits = rng.normal(size=(b, 6)).astype(np.float32)
   labels = rng.integers(0, 2, size=(b, 6)).astype(np.int32)
   labels[rng.random((b, 6)) < 0.3] = -1
-  labels[:, 3] = -1                                   # label 3: never annotated
-  labels[:, 4] = np.where(labels[:, 4] == -1, -1, 0)   # label 4: all negative ...
-  logits[:, 4] = -5.                                  # ... and never predicted: undefined F1
+  labels[:, 3] = -1  # label 3: never annotated
+  labels[:, 4] = np.where(labels[:, 4] == -1, -1, 0)  # label 4: all negative ...
+  logits[:, 4] = -5.0  # ... and never predicted: undefined F1
   labels[:, 5] = np.where(rng.random(b) < 0.5, -1, 0)  # label 5: all negative, some false positives: F1 = 0
-  labels[:2] = -1                                     # examples with no labelled entry do not count
+  labels[:2] = -1  # examples with no labelled entry do not count
   mask = (rng.random(b) < 0.8).astype(np.float32)
   return logits, labels, mask
 
@@ -72,7 +72,7 @@ def test_multilabel_matches_sklearn_per_label():
       assert math.isclose(metrics[f'f1_{k}'], f1s[k], rel_tol=1e-12, abs_tol=1e-15), k
     else:
       assert math.isnan(metrics[f'f1_{k}']), k
-  assert sorted(f1s) == [0, 1, 2, 5] and f1s[5] == 0.
+  assert sorted(f1s) == [0, 1, 2, 5] and f1s[5] == 0.0
   assert math.isclose(metrics['mean_f1'], np.mean(list(f1s.values())), rel_tol=1e-12)
   assert math.isclose(metrics['accuracy'], np.mean(pred[valid] == labels[valid]), rel_tol=1e-12)
   assert metrics['count'] == np.sum(valid.any(axis=1))
@@ -159,7 +159,7 @@ def test_entropy_and_recall_match_numpy():
   y, pred = labels[keep], logits[keep].argmax(-1)
   for c in range(5):
     assert math.isclose(metrics[f'recall_{c}'], np.mean(pred[y == c] == c), rel_tol=1e-12)
-  assert math.isnan(metrics['recall_5'])   # never labelled
+  assert math.isnan(metrics['recall_5'])  # never labelled
   logits, labels, mask = _multilabel_data(rng)
   metrics = finalize(ML, stats_fn(ML, logits, labels, mask))
   counted = np.any((labels != -1) & (mask[:, None] > 0), axis=1)

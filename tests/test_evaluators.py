@@ -1,6 +1,7 @@
 """The evaluator seam (mtlmatch/evaluators.py): the registry and config.evals errors, classification metrics against
 numpy, the JAX linear probe against scikit-learn and hand numbers, and evaluators at their own intervals in a smoke
 run (the resume of the selection record is tests/test_model_selection.py)."""
+
 import os
 import sys
 
@@ -23,26 +24,39 @@ def test_registry_and_the_default_entries():
   config = config_lib.base_config()
   config_lib.validate_config(config)
   assert {n: e.kind for n, e in config.evals.items()} == {
-      'test': 'classification', 'validation': 'classification', 'selection': 'selection',
-      'linear_probe': 'linear_probe'}
+      'test': 'classification',
+      'validation': 'classification',
+      'selection': 'selection',
+      'linear_probe': 'linear_probe',
+  }
   assert config.evals.test.every is None and not config.evals.linear_probe.enabled
-  config.evals.test.every = 5                      # an int, e.g. --config.evals.test.every=5
+  config.evals.test.every = 5  # an int, e.g. --config.evals.test.every=5
   config_lib.validate_config(config)
 
 
-@pytest.mark.parametrize('entry, message', [
-    ({'kind': 'magic'}, r"config\.evals\.x\.kind: got 'magic', expected one of \['classification', 'linear_probe', "
-                        r"'selection'\]"),
-    ({'kind': 'classification', 'every': -1}, r'config\.evals\.x\.every: got -1, expected an int >= 0'),
-    ({'kind': 'selection', 'every': True}, r'config\.evals\.x\.every: got True, expected an int >= 0'),
-    ({'kind': 'classification', 'split': 'train'},
-     r"config\.evals\.x\.split: got 'train', expected one of \['test', 'validation'\]"),
-    ({'kind': 'classification', 'splt': 'test'},
-     r"config\.evals\.x: got unknown keys \['splt'\] for kind 'classification', expected some of"),
-    ({'kind': 'selection', 'enabled': 'yes'}, r"config\.evals\.x\.enabled: got 'yes', expected True or False"),
-    ({'kind': 'linear_probe', 'c': 0.0}, r'config\.evals\.x\.c: got 0\.0, expected a number > 0'),
-    ({'kind': 'linear_probe', 'train_examples': 0}, r'config\.evals\.x\.train_examples: got 0, expected an int'),
-])
+@pytest.mark.parametrize(
+    'entry, message',
+    [
+        (
+            {'kind': 'magic'},
+            r"config\.evals\.x\.kind: got 'magic', expected one of \['classification', 'linear_probe', "
+            r"'selection'\]",
+        ),
+        ({'kind': 'classification', 'every': -1}, r'config\.evals\.x\.every: got -1, expected an int >= 0'),
+        ({'kind': 'selection', 'every': True}, r'config\.evals\.x\.every: got True, expected an int >= 0'),
+        (
+            {'kind': 'classification', 'split': 'train'},
+            r"config\.evals\.x\.split: got 'train', expected one of \['test', 'validation'\]",
+        ),
+        (
+            {'kind': 'classification', 'splt': 'test'},
+            r"config\.evals\.x: got unknown keys \['splt'\] for kind 'classification', expected some of",
+        ),
+        ({'kind': 'selection', 'enabled': 'yes'}, r"config\.evals\.x\.enabled: got 'yes', expected True or False"),
+        ({'kind': 'linear_probe', 'c': 0.0}, r'config\.evals\.x\.c: got 0\.0, expected a number > 0'),
+        ({'kind': 'linear_probe', 'train_examples': 0}, r'config\.evals\.x\.train_examples: got 0, expected an int'),
+    ],
+)
 def test_config_evals_errors_name_the_value_and_what_was_expected(entry, message):
   config = config_lib.base_config()
   config.evals.x = entry
@@ -54,7 +68,7 @@ def test_records_come_back_from_checkpoint_metadata_old_and_new():
   evals = {'selection': evaluators.Selection.__new__(evaluators.Selection), 'test': object()}
   record = {'best_step': 2, 'history': []}
   assert evaluators.records_from_meta(evals, {'evals': {'selection': record, 'gone': {}}}) == {'selection': record}
-  assert evaluators.records_from_meta(evals, {'selection': record}) == {'selection': record}   # before the seam
+  assert evaluators.records_from_meta(evals, {'selection': record}) == {'selection': record}  # before the seam
   assert evaluators.records_from_meta(evals, {'selection': None}) == {}
 
 
@@ -97,8 +111,10 @@ def test_classification_metrics_equal_numpy_per_source_and_pooled():
       tp, fp, fn = (np.sum((y != -1) & c) for c in (p & (y == 1), p & (y == 0), ~p & (y == 1)))
       if tp + fp + fn:
         f1.append(2 * tp / (2 * tp + fp + fn))
-    return {'a': {'accuracy': accuracy, 'count': int(labelled.sum())},
-            'b': {'mean_f1': np.mean(f1) if f1 else np.nan, 'count': int(np.sum((yb != -1).any(1)))}}
+    return {
+        'a': {'accuracy': accuracy, 'count': int(labelled.sum())},
+        'b': {'mean_f1': np.mean(f1) if f1 else np.nan, 'count': int(np.sum((yb != -1).any(1)))},
+    }
 
   for split, sources in (('test', exp.benchmark.eval_sources), ('validation', exp.benchmark.validation_sources)):
     got = evaluators.classification_metrics(exp, state, split)
@@ -120,7 +136,7 @@ def _blobs(rng, n, k, d=5, noise=1.5):
 def test_probe_matches_scikit_learn_logistic_regression():
   linear_model = pytest.importorskip('sklearn.linear_model')
   rng = np.random.default_rng(0)
-  x, y = _blobs(rng, 104, 4)            # 64 to fit (the probe's smallest padded size: one compilation here)
+  x, y = _blobs(rng, 104, 4)  # 64 to fit (the probe's smallest padded size: one compilation here)
   x_test, y_test = x[64:], y[64:]
   x, y = x[:64], y[:64]
   mean, std = x.mean(0), x.std(0)
@@ -137,8 +153,9 @@ def test_probe_matches_scikit_learn_logistic_regression():
   ours = evaluators.fit_logistic(x, labels, TaskSpec('m', 'multilabel', 3))
   for k in range(3):
     keep = labels[:, k] != -1
-    theirs = linear_model.LogisticRegression(C=1.0, tol=1e-10, max_iter=5000).fit(((x - mean) / std)[keep],
-                                                                                  labels[keep, k])
+    theirs = linear_model.LogisticRegression(C=1.0, tol=1e-10, max_iter=5000).fit(
+        ((x - mean) / std)[keep], labels[keep, k]
+    )
     np.testing.assert_allclose(ours.w[:, k], theirs.coef_[0], atol=1e-4)
     np.testing.assert_allclose(ours.b[k], theirs.intercept_[0], atol=1e-4)
 
@@ -154,8 +171,12 @@ def test_probe_hand_cases():
   assert metrics['accuracy'] == pytest.approx(3 / 5) and metrics['recall_2'] == 0.0
   # Separable along one feature: every test example right.
   x = np.array([[-2.0], [-1.0], [-0.5], [0.5], [1.0], [2.0]])
-  assert evaluators.probe_metrics(task, (x, np.array([0, 0, 0, 1, 1, 1])),
-                                  (np.array([[-3.0], [3.0]]), np.array([0, 1])))['accuracy'] == 1.0
+  assert (
+      evaluators.probe_metrics(task, (x, np.array([0, 0, 0, 1, 1, 1])), (np.array([[-3.0], [3.0]]), np.array([0, 1])))[
+          'accuracy'
+      ]
+      == 1.0
+  )
   # Multilabel: a label with one value in training is left out of the score (F1 NaN), the others count.
   ml = TaskSpec('m', 'multilabel', 2)
   y_train = np.array([[0, 0], [0, 0], [1, 0], [1, 0]])
@@ -165,6 +186,7 @@ def test_probe_hand_cases():
 
 class Confidence(evaluators.Evaluator):
   """README's example of an evaluator of one's own: the mean prediction entropy on the test sources."""
+
   OPTIONS = {}
 
   def run(self, at, record):
@@ -174,11 +196,11 @@ class Confidence(evaluators.Evaluator):
 
 def test_each_evaluator_runs_at_its_own_interval_and_at_the_end(tfds_dir, tmp_path, monkeypatch):
   monkeypatch.setitem(evaluators.EVALUATORS, 'confidence', Confidence)
-  config = config_lib.load_config(f'{REPO}/configs/affect.py:mtl,encoder=mlp,smoke')   # the cheapest to compile
+  config = config_lib.load_config(f'{REPO}/configs/affect.py:mtl,encoder=mlp,smoke')  # the cheapest to compile
   config.data.data_dir = tfds_dir
   config.total_steps, config.eval_every = 6, 0
   config.evals.test.every = 2
-  config.evals.validation.every = 3          # the selection follows eval_every = 0: only at the end
+  config.evals.validation.every = 3  # the selection follows eval_every = 0: only at the end
   config.evals.linear_probe.update(enabled=True, every=4, train_examples=64, test_examples=48)
   config.evals.confidence = {'kind': 'confidence', 'every': 5}
   results = train.train_and_evaluate(config, str(tmp_path))
@@ -189,8 +211,17 @@ def test_each_evaluator_runs_at_its_own_interval_and_at_the_end(tfds_dir, tmp_pa
   assert steps('linear_probe/expression/accuracy') == [4, 6] and steps('linear_probe/aus/mean_f1') == [4, 6]
   assert [h['step'] for h in results['selection']['history']] == [6]
   assert steps('confidence/expression') == [5, 6]
-  assert set(results) == {'step', 'wall_time_s', 'metrics', 'per_source', 'validation', 'selection', 'stopped_early',
-                          'linear_probe', 'confidence'}
+  assert set(results) == {
+      'step',
+      'wall_time_s',
+      'metrics',
+      'per_source',
+      'validation',
+      'selection',
+      'stopped_early',
+      'linear_probe',
+      'confidence',
+  }
   assert results['confidence']['aus'] == results['metrics']['aus']['mean_entropy']
   assert results['metrics']['aus']['mean_f1'] == pytest.approx(scalars['eval/aus/mean_f1'][1][-1])
   probe = results['linear_probe']

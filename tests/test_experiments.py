@@ -1,6 +1,7 @@
 """Experiments layer: sweep driver (skip-finished, commands, table), report statistics against hand numbers, one real
 smoke run through the driver (+ its linear probe from the checkpoint), a fake sweep's report (relative paths, each
 row's command), and the notebooks end to end."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,10 @@ def _fake_results(workdir, metrics):
 
 
 def test_sweep_runs_only_unfinished_and_tables_them(tmp_path):
-  grid = [Variant('a', 'configs/affect.py:mtl', {'total_steps': 5, 'encoder.kwargs.widths': (8, 16)}),
-          Variant('b', 'configs/affect.py:dm')]
+  grid = [
+      Variant('a', 'configs/affect.py:mtl', {'total_steps': 5, 'encoder.kwargs.widths': (8, 16)}),
+      Variant('b', 'configs/affect.py:dm'),
+  ]
   runs = sweep.expand(grid, seeds=(0, 1), root=str(tmp_path))
   assert [(r.variant.name, r.seed) for r in runs] == [('a', 0), ('a', 1), ('b', 0), ('b', 1)]
   assert runs[1].workdir == os.path.join(str(tmp_path), 'a', 'seed_1')
@@ -34,15 +37,24 @@ def test_sweep_runs_only_unfinished_and_tables_them(tmp_path):
   assert [(r.variant.name, r.seed) for r in by_seed] == [('a', 0), ('b', 0), ('a', 1), ('b', 1)]
   cmd = runs[1].command('py')
   assert cmd[:4] == ['py', '-m', 'mtlmatch.main', '--config=configs/affect.py:mtl']
-  assert cmd[4:] == [f'--workdir={runs[1].workdir}', '--config.seed=1', '--config.total_steps=5',
-                     '--config.encoder.kwargs.widths=(8,16)']
+  assert cmd[4:] == [
+      f'--workdir={runs[1].workdir}',
+      '--config.seed=1',
+      '--config.total_steps=5',
+      '--config.encoder.kwargs.widths=(8,16)',
+  ]
   _fake_results(runs[2].workdir, {'expression': {'accuracy': 0.5, 'count': 3.0}})
   launched = []
 
   def fake_launch(run):
     launched.append((run.variant.name, run.seed))
-    _fake_results(run.workdir, {'expression': {'accuracy': 0.25 * (1 + run.seed), 'macro_f1': 0.1, 'count': 3.0},
-                                'aus': {'mean_f1': 0.3, 'f1_0': 0.2, 'accuracy': 0.9, 'count': 3.0}})
+    _fake_results(
+        run.workdir,
+        {
+            'expression': {'accuracy': 0.25 * (1 + run.seed), 'macro_f1': 0.1, 'count': 3.0},
+            'aus': {'mean_f1': 0.3, 'f1_0': 0.2, 'accuracy': 0.9, 'count': 3.0},
+        },
+    )
     return 0
 
   codes = sweep.run_all(runs, jobs=2, launcher=fake_launch, echo=lambda s: None)
@@ -59,8 +71,14 @@ def test_sweep_runs_only_unfinished_and_tables_them(tmp_path):
   assert len(lines) == 5 and lines[0].startswith('name,spec,seed,workdir,step,best_step,wall_time_s,validation/score')
   # A run with a selection record is tabled with the test metrics of its best-validation step, not the final ones.
   with open(runs[0].results_path, 'w') as f:
-    json.dump({'step': 10, 'metrics': {'expression': {'accuracy': 0.6}},
-               'selection': {'best_step': 4, 'best_score': 0.7, 'metrics': {'expression': {'accuracy': 0.8}}}}, f)
+    json.dump(
+        {
+            'step': 10,
+            'metrics': {'expression': {'accuracy': 0.6}},
+            'selection': {'best_step': 4, 'best_score': 0.7, 'metrics': {'expression': {'accuracy': 0.8}}},
+        },
+        f,
+    )
   row = sweep.collect(runs[:1])[0]
   assert (row['expression/accuracy'], row['best_step'], row['step'], row['validation/score']) == (0.8, 4, 10, 0.7)
   with pytest.raises(ValueError, match='duplicate'):
@@ -71,6 +89,7 @@ def test_sweep_runs_only_unfinished_and_tables_them(tmp_path):
 
 def test_cpu_variant_sizes_the_run_and_keeps_the_rest():
   from mtlmatch import config_lib  # pylint: disable=g-import-not-at-top
+
   base, cpu = (config_lib.load_config(f'configs/multi_fashion.py:mtl+dgr{t}') for t in ('', ',cpu'))
   assert (cpu.total_steps, cpu.batch_size, cpu.keep_checkpoints, cpu.optimizer.warmup_steps) == (300, 64, 1, 20)
   assert (tuple(cpu.encoder.kwargs.widths), cpu.encoder.kwargs.features) == ((16, 32), 64)
@@ -79,28 +98,40 @@ def test_cpu_variant_sizes_the_run_and_keeps_the_rest():
     assert config_lib.to_json(cpu[key]) == config_lib.to_json(base[key]), key
   assert (cpu.tasks, cpu.seed) == (base.tasks, base.seed)
   resnet = config_lib.load_config('configs/affect.py:encoder=resnet18,dm,cpu')
-  assert config_lib.to_json(resnet.encoder) == config_lib.to_json(config_lib.load_config(
-      'configs/affect.py:encoder=resnet18,dm').encoder)   # another encoder keeps its own sizes
+  assert config_lib.to_json(resnet.encoder) == config_lib.to_json(
+      config_lib.load_config('configs/affect.py:encoder=resnet18,dm').encoder
+  )  # another encoder keeps its own sizes
   with pytest.raises(ValueError, match="at most one of 'cpu' and 'smoke'"):
     config_lib.load_config('configs/affect.py:dm,cpu,smoke')
 
 
 def test_sweep_checks_every_variant_before_any_run(tmp_path):
-  typo = [Variant('ok', 'configs/affect.py:mtl', {'total_steps': 5}),
-          Variant('typo', 'configs/affect.py:dm', {'objective.terms.dm.priorr': 'model'})]
+  typo = [
+      Variant('ok', 'configs/affect.py:mtl', {'total_steps': 5}),
+      Variant('typo', 'configs/affect.py:dm', {'objective.terms.dm.priorr': 'model'}),
+  ]
   with pytest.raises(ValueError, match=r"sweep variant 'typo' .*--config.objective.terms.dm.priorr: no such key"):
     sweep.run_all(sweep.expand(typo, seeds=(0,), root=str(tmp_path)), echo=lambda s: None)
   zero = [Variant('zero', 'configs/affect.py:mtl', {'total_steps': 0})]
   with pytest.raises(ValueError, match=r"sweep variant 'zero' .*config.total_steps: got 0, expected an int >= 1"):
     sweep.run_all(sweep.expand(zero, seeds=(0,), root=str(tmp_path)), echo=lambda s: None)
-  assert not os.listdir(tmp_path)   # nothing was launched or written
+  assert not os.listdir(tmp_path)  # nothing was launched or written
 
 
 def test_method_families_colour_the_difference_plot():
-  assert [report.family(n)[0] for n in ('mtl', 'cnn_ew', 'scarce_coann', 'dm_uniform', 'scarce_dm_coann',
-                                          'mtl_dgr_unbiased', 'cnn_ew_dgr_l0.01_k1')] == [
-      'plain MTL', 'plain MTL', 'co-annotation', 'DM', 'DM + co-annotation', 'DGR', 'DGR']
-  assert len({colour for _, _, colour in report.FAMILIES}) == len(report.FAMILIES)   # no two families share one
+  assert [
+      report.family(n)[0]
+      for n in (
+          'mtl',
+          'cnn_ew',
+          'scarce_coann',
+          'dm_uniform',
+          'scarce_dm_coann',
+          'mtl_dgr_unbiased',
+          'cnn_ew_dgr_l0.01_k1',
+      )
+  ] == ['plain MTL', 'plain MTL', 'co-annotation', 'DM', 'DM + co-annotation', 'DGR', 'DGR']
+  assert len({colour for _, _, colour in report.FAMILIES}) == len(report.FAMILIES)  # no two families share one
 
 
 def test_delta_m_and_negative_transfer_hand_numbers():
@@ -108,13 +139,14 @@ def test_delta_m_and_negative_transfer_hand_numbers():
   assert report.delta_m({'a': 0.84, 'b': 0.45}, {'a': 0.8, 'b': 0.5}) == pytest.approx(-2.5)
   # a lower-is-better metric flips its sign: error 0.45 vs 0.5 is a 10 % improvement → (5 + 10) / 2
   assert report.delta_m({'a': 0.84, 'b': 0.45}, {'a': 0.8, 'b': 0.5}, {'b': True}) == pytest.approx(7.5)
-  assert report.negative_transfer((0.45, 0.01), (0.5, 0.02))           # gap 0.05 > 0.02
-  assert not report.negative_transfer((0.49, 0.02), (0.5, 0.015))      # gap 0.01 < 0.02
-  assert not report.negative_transfer((0.40, 0.12), (0.5, 0.02))       # gap 0.10 < MTL's std 0.12
+  assert report.negative_transfer((0.45, 0.01), (0.5, 0.02))  # gap 0.05 > 0.02
+  assert not report.negative_transfer((0.49, 0.02), (0.5, 0.015))  # gap 0.01 < 0.02
+  assert not report.negative_transfer((0.40, 0.12), (0.5, 0.02))  # gap 0.10 < MTL's std 0.12
   assert report.negative_transfer((0.6, 0.01), (0.5, 0.02), lower_is_better=True)
   m, s, n = report.mean_std([1.0, 2.0, 4.0, float('nan')])
-  assert (m, n) == (pytest.approx(7 / 3), 3) and s == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 +
-                                                                                 (4 - 7 / 3) ** 2) / 2))
+  assert (m, n) == (pytest.approx(7 / 3), 3) and s == pytest.approx(
+      math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
+  )
   with pytest.raises(ValueError, match='means'):
     report.delta_m({'a': 1.0}, {'a': 1.0, 'b': 1.0})
 
@@ -122,24 +154,30 @@ def test_delta_m_and_negative_transfer_hand_numbers():
 def test_summarize_over_seeds_matches_numpy():
   st_e, st_a = [0.80, 0.82, 0.78], [0.40, 0.42, 0.41]
   mtl_e, mtl_a = [0.70, 0.72, 0.71], [0.45, 0.44, 0.46]
-  rows = ([{'name': 'st_expression', 'seed': s, 'workdir': f'e{s}', 'expression/accuracy': v}
-           for s, v in enumerate(st_e)] +
-          [{'name': 'st_aus', 'seed': s, 'workdir': f'a{s}', 'aus/mean_f1': v} for s, v in enumerate(st_a)] +
-          [{'name': 'mtl', 'seed': s, 'workdir': f'm{s}', 'expression/accuracy': e, 'aus/mean_f1': a}
-           for s, (e, a) in enumerate(zip(mtl_e, mtl_a))])
+  rows = (
+      [{'name': 'st_expression', 'seed': s, 'workdir': f'e{s}', 'expression/accuracy': v} for s, v in enumerate(st_e)]
+      + [{'name': 'st_aus', 'seed': s, 'workdir': f'a{s}', 'aus/mean_f1': v} for s, v in enumerate(st_a)]
+      + [
+          {'name': 'mtl', 'seed': s, 'workdir': f'm{s}', 'expression/accuracy': e, 'aus/mean_f1': a}
+          for s, (e, a) in enumerate(zip(mtl_e, mtl_a))
+      ]
+  )
   probes = {f'm{s}': {'expression': 0.5 + s / 10, 'aus': 0.3} for s in range(3)}
   out = report.summarize(rows, {'expression': 'multiclass', 'aus': 'multilabel'}, probes)
   assert out['primary'] == {'expression': 'expression/accuracy', 'aus': 'aus/mean_f1'}
   mtl = out['variants']['mtl']
-  assert mtl['metrics']['expression/accuracy'][:2] == [pytest.approx(np.mean(mtl_e)),
-                                                      pytest.approx(np.std(mtl_e, ddof=1))]
+  assert mtl['metrics']['expression/accuracy'][:2] == [
+      pytest.approx(np.mean(mtl_e)),
+      pytest.approx(np.std(mtl_e, ddof=1)),
+  ]
   want = 100 * ((np.mean(mtl_e) - np.mean(st_e)) / np.mean(st_e) + (np.mean(mtl_a) - np.mean(st_a)) / np.mean(st_a)) / 2
   assert mtl['delta_m'] == pytest.approx(want)
   assert mtl['negative_transfer'] == {'expression': True, 'aus': False}
   assert mtl['probe']['expression'][:2] == [pytest.approx(0.6), pytest.approx(0.1)]
   assert 'delta_m' not in out['variants']['st_aus']
-  text = report.render_markdown('affect', out, {'expression': 'multiclass', 'aus': 'multilabel'}, command='c',
-                                seeds=(0, 1, 2))
+  text = report.render_markdown(
+      'affect', out, {'expression': 'multiclass', 'aus': 'multilabel'}, command='c', seeds=(0, 1, 2)
+  )
   assert f'| mtl | {np.mean(mtl_e):.4f} ± {np.std(mtl_e, ddof=1):.4f} |' in text and f'{want:+.2f}' in text
   assert '**yes**' in text and 'Δm (%) = (1/T)' in text
 
@@ -153,10 +191,17 @@ def test_summarize_compares_each_encoder_with_its_own_baselines():
   for enc in st:
     for s in range(2):
       jitter = 0.001 * s
-      rows += [{'name': f'{enc}_st_left', 'seed': s, 'workdir': f'{enc}l{s}', 'left/accuracy': st[enc][0] + jitter},
-               {'name': f'{enc}_st_right', 'seed': s, 'workdir': f'{enc}r{s}', 'right/accuracy': st[enc][1] + jitter},
-               {'name': f'{enc}_ew', 'seed': s, 'workdir': f'{enc}m{s}', 'left/accuracy': mtl[enc][0] + jitter,
-                'right/accuracy': mtl[enc][1] + jitter}]
+      rows += [
+          {'name': f'{enc}_st_left', 'seed': s, 'workdir': f'{enc}l{s}', 'left/accuracy': st[enc][0] + jitter},
+          {'name': f'{enc}_st_right', 'seed': s, 'workdir': f'{enc}r{s}', 'right/accuracy': st[enc][1] + jitter},
+          {
+              'name': f'{enc}_ew',
+              'seed': s,
+              'workdir': f'{enc}m{s}',
+              'left/accuracy': mtl[enc][0] + jitter,
+              'right/accuracy': mtl[enc][1] + jitter,
+          },
+      ]
   out = report.summarize(rows, kinds)
   for enc in st:
     want = 100 * sum((m - b) / (b + 0.0005) for m, b in zip(mtl[enc], st[enc])) / 2  # seed means carry +0.0005
@@ -168,6 +213,7 @@ def test_summarize_compares_each_encoder_with_its_own_baselines():
 
 def test_case_study_grids_have_baselines_and_valid_methods():
   from mtlmatch import weighting
+
   assert set(case_studies.METHODS) == set(weighting.METHODS)
   for study, tasks in case_studies.TASKS.items():
     for grid in (case_studies.full_grid(study), case_studies.cpu_grid(study)):
@@ -179,6 +225,7 @@ def test_case_study_grids_have_baselines_and_valid_methods():
   assert {v.overrides.get('encoder.name', 'cnn') for v in full} == {'cnn', 'resnet18'}
   # Every override must name a key of its config (absl refuses unknown keys only when the run starts).
   from mtlmatch import config_lib
+
   loaded = {}
   for study in case_studies.TASKS:
     for v in case_studies.full_grid(study) + case_studies.cpu_grid(study):
@@ -213,8 +260,10 @@ NOTEBOOK_PARAMS = {
     'compose_losses': {'STEPS': 12, 'BATCH': 16, 'NUM_EXPRESSIONS': 256, 'NUM_AUS': 128, 'NUM_TEST': 96},
     'own_data': {'STEPS': 4, 'NUM_TRAIN': 128, 'NUM_TEST': 64},
 }
-NOTEBOOK_CHECKS = {'compose_losses': ("'expression_accuracy'", "'dgr'"),
-                   'own_data': ("mtl {'", "dm {'", "'count': ", 'test.npz', 'first example: shape probabilities')}
+NOTEBOOK_CHECKS = {
+    'compose_losses': ("'expression_accuracy'", "'dgr'"),
+    'own_data': ("mtl {'", "dm {'", "'count': ", 'test.npz', 'first example: shape probabilities'),
+}
 
 
 @pytest.mark.parametrize('name', sorted(NOTEBOOK_PARAMS))
@@ -222,6 +271,7 @@ def test_notebook_runs_end_to_end_and_is_stored_with_outputs(name):
   pytest.importorskip('nbclient')
   nbformat = pytest.importorskip('nbformat')
   from experiments import notebooks
+
   nb = notebooks.execute(name, params=NOTEBOOK_PARAMS[name], timeout=400)
   outputs = [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', [])]
   assert not [o for o in outputs if o.output_type == 'error']
@@ -242,26 +292,37 @@ def test_fake_sweep_report_has_relative_paths_and_each_rows_command():
   each row's exact command (its config file and overrides)."""
   import shutil
   import uuid
+
   root = os.path.join(REPO, 'workdirs', f'_test_fake_sweep_{uuid.uuid4().hex[:8]}')
   try:
-    grid = [Variant('st_expression', 'configs/affect.py:single=expression,cpu', {'total_steps': 250}),
-            Variant('mtl', 'configs/affect.py:mtl,cpu', {'encoder.kwargs.widths': (32, 64, 128)})]
+    grid = [
+        Variant('st_expression', 'configs/affect.py:single=expression,cpu', {'total_steps': 250}),
+        Variant('mtl', 'configs/affect.py:mtl,cpu', {'encoder.kwargs.widths': (32, 64, 128)}),
+    ]
     runs = sweep.expand(grid, seeds=(0, 1), root=root)
     for run in runs:
-      _fake_results(run.workdir, {'expression': {'accuracy': 0.5 + 0.1 * run.seed, 'count': 3},
-                                  **({'aus': {'mean_f1': 0.4, 'count': 3}} if run.variant.name == 'mtl' else {})})
+      _fake_results(
+          run.workdir,
+          {
+              'expression': {'accuracy': 0.5 + 0.1 * run.seed, 'count': 3},
+              **({'aus': {'mean_f1': 0.4, 'count': 3}} if run.variant.name == 'mtl' else {}),
+          },
+      )
     rel = os.path.relpath(root, REPO)
     assert runs[0].command('python')[4] == f'--workdir={rel}/st_expression/seed_0'
     rows = sweep.collect(runs)
     assert {r['workdir'] for r in rows} == {f'{rel}/{n}/seed_{s}' for n in ('st_expression', 'mtl') for s in (0, 1)}
     out = os.path.join(root, 'report')
-    report.write_report('affect', runs, out, tasks=['expression'], command='python experiments/case_studies.py '
-                        'affect', probe=False)
+    report.write_report(
+        'affect', runs, out, tasks=['expression'], command='python experiments/case_studies.py ' 'affect', probe=False
+    )
     text = open(os.path.join(out, 'REPORT.md')).read()
     assert REPO not in text and REPO not in open(os.path.join(out, 'summary.json')).read()
-    assert (f'| mtl | `XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m mtlmatch.main '
-            f'--config=configs/affect.py:mtl,cpu --workdir={rel}/mtl/seed_0 --config.seed=0 '
-            "'--config.encoder.kwargs.widths=(32,64,128)'` |") in text
+    assert (
+        f'| mtl | `XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m mtlmatch.main '
+        f'--config=configs/affect.py:mtl,cpu --workdir={rel}/mtl/seed_0 --config.seed=0 '
+        "'--config.encoder.kwargs.widths=(32,64,128)'` |"
+    ) in text
     assert '| st_expression | `XLA_FLAGS=' in text and '--config.total_steps=250' in text
   finally:
     shutil.rmtree(root, ignore_errors=True)
@@ -273,28 +334,45 @@ def test_overall_summary_verdicts(tmp_path):
     if probe:
       v['probe'] = probe
     return v
-  summary = {'primary': {'expression': 'expression/accuracy'}, 'variants': {
-      'mtl': variant(-3.0, {'expression': True, 'aus': False}, {'expression': [0.60, 0.01, 3], 'aus': [0.5, 0.01, 3]}),
-      'dm': variant(-1.0, {'expression': True, 'aus': False}),
-      'mtl_equal_exposure': variant(-0.5, {'expression': False, 'aus': False}),
-      'dm_coann': variant(1.0, {'expression': False, 'aus': False}),
-      'coann': variant(-2.5, {'expression': True, 'aus': True}),  # higher Δm, but NT appears on aus: NOT
-      'mtl_dgr': variant(-2.0, {'expression': True, 'aus': False},
-                         {'expression': [0.65, 0.01, 3], 'aus': [0.5, 0.02, 3]}, expression=(0.75, 0.02, 3))}}
+
+  summary = {
+      'primary': {'expression': 'expression/accuracy'},
+      'variants': {
+          'mtl': variant(
+              -3.0, {'expression': True, 'aus': False}, {'expression': [0.60, 0.01, 3], 'aus': [0.5, 0.01, 3]}
+          ),
+          'dm': variant(-1.0, {'expression': True, 'aus': False}),
+          'mtl_equal_exposure': variant(-0.5, {'expression': False, 'aus': False}),
+          'dm_coann': variant(1.0, {'expression': False, 'aus': False}),
+          'coann': variant(-2.5, {'expression': True, 'aus': True}),  # higher Δm, but NT appears on aus: NOT
+          'mtl_dgr': variant(
+              -2.0,
+              {'expression': True, 'aus': False},
+              {'expression': [0.65, 0.01, 3], 'aus': [0.5, 0.02, 3]},
+              expression=(0.75, 0.02, 3),
+          ),
+      },
+  }
   os.makedirs(tmp_path / 'affect')
   with open(tmp_path / 'affect' / 'summary.json', 'w') as f:
     json.dump(summary, f)
   text = report.write_overall_summary(str(tmp_path), 'pre')
   assert '`dm`: Δm = -1.00 %, negative transfer on: expression — claim held PARTLY' in text
   assert 'single-task run): Δm = -0.50 %, negative transfer on: none.' in text
-  assert '`coann`: Δm = -2.50 %, negative transfer on: expression, aus — claim did NOT hold: negative transfer ' \
-         'remains and appears on aus.' in text
-  assert ('| affect | `mtl`: expression; `mtl_equal_exposure`: none | HELD 1, PARTLY 1, NOT 1 (of 3) | '
-          'worse 1 (of 1) | better 1 (of 1) |') in text
+  assert (
+      '`coann`: Δm = -2.50 %, negative transfer on: expression, aus — claim did NOT hold: negative transfer '
+      'remains and appears on aus.' in text
+  )
+  assert (
+      '| affect | `mtl`: expression; `mtl_equal_exposure`: none | HELD 1, PARTLY 1, NOT 1 (of 3) | '
+      'worse 1 (of 1) | better 1 (of 1) |'
+  ) in text
   assert '`dm_coann`: Δm = +1.00 %, negative transfer on: none — claim HELD' in text
-  assert ('`mtl` → `mtl_dgr`: task scores expression 0.800 → 0.750 (-0.050, beyond 1 std); Δm -3.00 → -2.00 % — '
-          'worse. Linear probe: expression 0.600 → 0.650 (+0.050, beyond 1 std); aus 0.500 → 0.500 (+0.000, '
-          'within 1 std) — claim HELD.') in text
+  assert (
+      '`mtl` → `mtl_dgr`: task scores expression 0.800 → 0.750 (-0.050, beyond 1 std); Δm -3.00 → -2.00 % — '
+      'worse. Linear probe: expression 0.600 → 0.650 (+0.050, beyond 1 std); aus 0.500 → 0.500 (+0.000, '
+      'within 1 std) — claim HELD.'
+  ) in text
   assert 'Not run here (no results): multi_fashion, shopping.' in text
   assert (tmp_path / 'SUMMARY.md').read_text() == text
   readme = tmp_path / 'README.md'

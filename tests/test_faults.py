@@ -6,6 +6,7 @@ The kill test runs real training processes (experiments/kill_test.py); its long 
 :func:`fast_builds` (``train.build_experiment`` memoized per config, the initial state per model): what they test is
 the loop's saving, restoring and halting, not compilation, and each compile costs seconds on a 2-core CPU.
 """
+
 import copy
 import dataclasses
 import functools
@@ -38,11 +39,12 @@ pytestmark = [
     pytest.mark.filterwarnings('ignore:Exception ignored in. None:pytest.PytestUnraisableExceptionWarning'),
 ]
 
-CONFIG = 'configs/affect.py:dm,smoke'   # two tasks and a distribution-matching term: every kind of named loss
+CONFIG = 'configs/affect.py:dm,smoke'  # two tasks and a distribution-matching term: every kind of named loss
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers.
+
 
 def smoke(tfds_dir, spec=CONFIG, **overrides):
   config = config_lib.load_config(f'{REPO}/{spec}')
@@ -60,17 +62,22 @@ _real_build = train.build_experiment
 def _init_key(config) -> str:
   """What the initial train state depends on (not the learning-rate schedule, the step counts or nonfinite)."""
   c = json.loads(config.to_json_best_effort())
-  c['optimizer'] = {k: v for k, v in c['optimizer'].items()
-                    if k not in ('learning_rate', 'warmup_steps', 'final_lr_fraction', 'schedule')}
+  c['optimizer'] = {
+      k: v
+      for k, v in c['optimizer'].items()
+      if k not in ('learning_rate', 'warmup_steps', 'final_lr_fraction', 'schedule')
+  }
   c['data'] = {k: c['data'][k] for k in ('name', 'options')}
-  return json.dumps({k: c[k] for k in ('seed', 'tasks', 'data', 'encoder', 'head', 'optimizer', 'objective',
-                                       'weighting')}, sort_keys=True)
+  return json.dumps(
+      {k: c[k] for k in ('seed', 'tasks', 'data', 'encoder', 'head', 'optimizer', 'objective', 'weighting')},
+      sort_keys=True,
+  )
 
 
 def _cached_init(exp, key):
   if key not in _INITS:
     _INITS[key] = jax.device_get(train.Experiment.init_state(exp))
-  return jax.tree.map(lambda x: jax.device_put(x, exp.replicated), _INITS[key])   # fresh buffers: they are donated
+  return jax.tree.map(lambda x: jax.device_put(x, exp.replicated), _INITS[key])  # fresh buffers: they are donated
 
 
 def fast_build(config, mesh=None, *, benchmark=None):
@@ -93,6 +100,7 @@ def fast_builds(monkeypatch):
 
 def poisoned(build, at_steps):
   """A builder whose step function gets a NaN image batch when it computes one of ``at_steps`` (1-based)."""
+
   def build_poisoned(*args, **kwargs):
     exp = build(*args, **kwargs)
     step_fn = exp.step_fn
@@ -101,7 +109,9 @@ def poisoned(build, at_steps):
       if int(jax.device_get(state.step)) + 1 in at_steps:
         batch = {**batch, 'image': batch['image'] * jnp.float32(np.nan)}
       return step_fn(state, batch)
+
     return dataclasses.replace(exp, step_fn=step)
+
   return build_poisoned
 
 
@@ -111,8 +121,11 @@ def snapshot(root) -> dict:
   for path in sorted(glob.glob(os.path.join(str(root), '**'), recursive=True)):
     if os.path.isfile(path):
       with open(path, 'rb') as f:
-        out[os.path.relpath(path, root)] = (os.path.getsize(path), os.stat(path).st_mtime_ns,
-                                            hashlib.sha1(f.read()).hexdigest())
+        out[os.path.relpath(path, root)] = (
+            os.path.getsize(path),
+            os.stat(path).st_mtime_ns,
+            hashlib.sha1(f.read()).hexdigest(),
+        )
   return out
 
 
@@ -157,10 +170,11 @@ def copy_of(base, path):
 # ----------------------------------------------------------------------------------------------------------------
 # 1. kill -9 and SIGTERM at chosen moments of a real run → bitwise equal to an uninterrupted run.
 
+
 def _kill_test_module():
   spec = importlib.util.spec_from_file_location('kill_test', os.path.join(REPO, 'experiments', 'kill_test.py'))
   module = importlib.util.module_from_spec(spec)
-  sys.modules['kill_test'] = module   # dataclasses look their module up there
+  sys.modules['kill_test'] = module  # dataclasses look their module up there
   spec.loader.exec_module(module)
   return module
 
@@ -170,9 +184,14 @@ def test_kill_restart_is_bitwise_equal(tfds_dir, tmp_path):
   Event = kill_test.Event
   # The first start of each phase in a process is the longest (compilation, orbax set-up): the kills land inside.
   events = [Event('kill', 'step', 1, 0.5), Event('kill', 'save', 1, 0.5), Event('kill', 'eval', 1, 0.5)]
-  summary = kill_test.run_kill_test(events=events, config='configs/affect.py:mtl,smoke',
-                                    overrides={'data.data_dir': tfds_dir}, total_steps=8,
-                                    workroot=str(tmp_path), log=print)
+  summary = kill_test.run_kill_test(
+      events=events,
+      config='configs/affect.py:mtl,smoke',
+      overrides={'data.data_dir': tfds_dir},
+      total_steps=8,
+      workroot=str(tmp_path),
+      log=print,
+  )
   assert summary['ok'], summary['problems']
   assert summary['bitwise_equal'] and summary['metrics_equal'] and summary['leaves_compared'] > 20
   assert summary['kills_landed'] == 3
@@ -180,8 +199,9 @@ def test_kill_restart_is_bitwise_equal(tfds_dir, tmp_path):
   assert summary['tmp_dirs_left'] == [] and summary['moved_to_corrupt'] == []
 
 
-def test_sigterm_during_a_checkpoint_write_saves_and_the_rerun_continues_bitwise(base, tmp_path, monkeypatch,
-                                                                                 caplog, fast_builds):
+def test_sigterm_during_a_checkpoint_write_saves_and_the_rerun_continues_bitwise(
+    base, tmp_path, monkeypatch, caplog, fast_builds
+):
   """SIGTERM arrives (from another thread, as from the VM's agent) while step 2's checkpoint is being written: the
   write completes, step 3 is trained and saved, the run returns; the rerun resumes from 3 and reaches the same
   state at step 4 as the uninterrupted run. (kill_test.py does the same with real processes: --sigterms.)"""
@@ -204,7 +224,7 @@ def test_sigterm_during_a_checkpoint_write_saves_and_the_rerun_continues_bitwise
   monkeypatch.setattr(train._Preemption, '_handler', handler_recording)  # pylint: disable=protected-access
   with caplog.at_level(logging.WARNING):
     assert train.train_and_evaluate(base['config'], str(workdir)) == {'step': 3, 'interrupted': True}
-  assert seen == [([2], False)], seen      # handled inside the write of step 2, before it was committed
+  assert seen == [([2], False)], seen  # handled inside the write of step 2, before it was committed
   assert 'SIGTERM received: checkpoint saved at step 3' in caplog.text
   assert ckpt_lib.Checkpointer(str(workdir)).all_steps() == [2, 3]
   monkeypatch.setattr(ckpt_lib.Checkpointer, 'save', save)
@@ -215,14 +235,16 @@ def test_sigterm_during_a_checkpoint_write_saves_and_the_rerun_continues_bitwise
 @pytest.mark.slow
 def test_kill_restart_long(tmp_path, tfds_dir):
   """12 kills and 2 SIGTERMs at random moments of the DM + co-annotation + DGR config with FAMO weighting."""
-  summary = _kill_test_module().run_kill_test(kills=12, sigterms=2, seed=1, overrides={'data.data_dir': tfds_dir},
-                                              workroot=str(tmp_path), log=print)
+  summary = _kill_test_module().run_kill_test(
+      kills=12, sigterms=2, seed=1, overrides={'data.data_dir': tfds_dir}, workroot=str(tmp_path), log=print
+  )
   assert summary['ok'], summary['problems']
   assert summary['kills_landed'] == 12 and summary['bitwise_equal']
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Damaged checkpoints: fall back to the previous step, move the bad one aside with a warning naming it.
+
 
 def _truncate(path, fraction=0.5):
   with open(path, 'r+b') as f:
@@ -253,8 +275,9 @@ CORRUPTIONS = {
     'truncated meta JSON': lambda d: _truncate(os.path.join(d, 'meta', 'metadata')),
     'state item deleted': lambda d: shutil.rmtree(os.path.join(d, 'state')),
     'empty step directory': lambda d: [shutil.rmtree(d), os.makedirs(d)],
-    'every file emptied': lambda d: [_truncate(p, 0) for p in glob.glob(os.path.join(d, '**'), recursive=True)
-                                     if os.path.isfile(p)],
+    'every file emptied': lambda d: [
+        _truncate(p, 0) for p in glob.glob(os.path.join(d, '**'), recursive=True) if os.path.isfile(p)
+    ],
 }
 
 
@@ -270,7 +293,7 @@ def test_damaged_latest_step_falls_back_and_is_moved_aside(damage, base, tmp_pat
   assert_same_state(jax.device_get(state), base['good3'])
   moved = sorted((workdir / 'checkpoints_corrupt').iterdir())
   assert len(moved) == 1 and moved[0].name.startswith('4-'), moved
-  assert content(moved[0]) == damaged            # kept as it was, not repaired, not deleted
+  assert content(moved[0]) == damaged  # kept as it was, not repaired, not deleted
   assert not bad.exists() and ckpt_lib.Checkpointer(str(workdir)).all_steps() == [3]
   warning = caplog.text
   assert f'Checkpoint step 4 at {bad} cannot be restored' in warning and f'moved it to {moved[0]}' in warning
@@ -287,8 +310,9 @@ def test_training_resumes_past_a_damaged_step_and_ends_bitwise_equal(base, tmp_p
   assert 'Checkpoint step 4 at' in caplog.text and 'Resumed from step 3' in caplog.text
   # It trained through step 4 again and saved a new step 4 (orbax refuses a step whose directory exists).
   assert [p.name.split('-')[0] for p in (workdir / 'checkpoints_corrupt').iterdir()] == ['4']
-  assert_same_state(jax.device_get(restore(workdir, base['config'])[0]),
-                    jax.device_get(restore(reference, base['config'])[0]))
+  assert_same_state(
+      jax.device_get(restore(workdir, base['config'])[0]), jax.device_get(restore(reference, base['config'])[0])
+  )
   assert results['metrics'] == json.loads((reference / 'results.json').read_text())['metrics']
 
 
@@ -315,11 +339,15 @@ def test_leftover_temporary_directory_of_a_killed_write_is_ignored_and_cleaned(b
 # ----------------------------------------------------------------------------------------------------------------
 # 3. A workdir that cannot take a run: a clear error before training, nothing written.
 
+
 def test_workdir_under_a_regular_file(base, tmp_path, fast_builds):
   blocker = tmp_path / 'not_a_dir'
   blocker.write_text('a file')
-  with pytest.raises(ValueError, match=r"workdir '.*not_a_dir/run': cannot write there \(Not a directory\); "
-                                       r'expected a writable directory with free space'):
+  with pytest.raises(
+      ValueError,
+      match=r"workdir '.*not_a_dir/run': cannot write there \(Not a directory\); "
+      r'expected a writable directory with free space',
+  ):
     train.train_and_evaluate(base['config'], str(blocker / 'run'))
   assert blocker.read_text() == 'a file'
 
@@ -340,7 +368,7 @@ def test_disk_full_on_the_probe_write(base, tmp_path, fast_builds):
 def test_too_little_free_space(base, tmp_path, monkeypatch, fast_builds):
   """The filesystem reports 5 MiB free (statvfs faked): refused before training, below the 64 MiB floor."""
   real = shutil.disk_usage
-  monkeypatch.setattr(shutil, 'disk_usage', lambda path: real(path)._replace(free=5 * 2 ** 20))
+  monkeypatch.setattr(shutil, 'disk_usage', lambda path: real(path)._replace(free=5 * 2**20))
   workdir = tmp_path / 'run'
   with pytest.raises(ValueError, match=r"workdir '.*run': 5\.0 MiB free on its filesystem, expected at least 64 MiB"):
     train.train_and_evaluate(base['config'], str(workdir))
@@ -362,8 +390,8 @@ def test_read_only_workdir(base, tmp_path, fast_builds):
 # ----------------------------------------------------------------------------------------------------------------
 # 4. Non-finite losses: 'halt' names the step and the losses and keeps the last good checkpoint; 'skip' skips.
 
-def test_nonfinite_halts_naming_step_tasks_and_term_and_keeps_the_checkpoint(base, tmp_path, monkeypatch,
-                                                                              fast_builds):
+
+def test_nonfinite_halts_naming_step_tasks_and_term_and_keeps_the_checkpoint(base, tmp_path, monkeypatch, fast_builds):
   workdir = copy_of(base, tmp_path / 'run')
   before = snapshot(workdir / 'checkpoints')
   monkeypatch.setattr(train, 'build_experiment', poisoned(fast_build, {5}))
@@ -374,7 +402,7 @@ def test_nonfinite_halts_naming_step_tasks_and_term_and_keeps_the_checkpoint(bas
   for name in ("task 'expression' = nan", "task 'aus' = nan", "term 'dm' = nan", 'grad_norm = nan'):
     assert name in message, message
   assert 'the last good checkpoint, step 4, is kept' in message and "config.nonfinite='skip'" in message
-  assert snapshot(workdir / 'checkpoints') == before      # nothing written, nothing removed
+  assert snapshot(workdir / 'checkpoints') == before  # nothing written, nothing removed
   monkeypatch.setattr(train, 'build_experiment', fast_build)
   state, meta = restore(workdir, base['config'])
   assert meta['step'] == 4
@@ -390,7 +418,7 @@ def test_skip_leaves_the_state_unchanged_and_counts(base, fast_builds):
   history = []
   for step in range(1, 5):
     batch = next(batches)
-    if step in (2, 3):   # two poisoned batches in a row
+    if step in (2, 3):  # two poisoned batches in a row
       batch = {**batch, 'image': batch['image'] * jnp.float32(np.nan)}
     before = jax.device_get(state)
     state, metrics = exp.step_fn(state, batch)
@@ -400,7 +428,7 @@ def test_skip_leaves_the_state_unchanged_and_counts(base, fast_builds):
     skipped = step in (2, 3)
     assert bool(metrics['finite']) is not skipped
     assert int(after.step) == step and int(after.skipped) == int(metrics['skipped']) == min(max(step - 1, 0), 2)
-    if skipped:   # everything but the two counters is bitwise what it was
+    if skipped:  # everything but the two counters is bitwise what it was
       assert np.isnan(metrics['loss'])
       assert_same_state(after.replace(step=before.step, skipped=before.skipped), before)
     else:
@@ -413,6 +441,7 @@ def test_skip_leaves_the_state_unchanged_and_counts(base, fast_builds):
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Config drift on resume: safe keys may change, anything else is refused before a byte is written.
 
+
 def test_safe_change_resumes(base, tmp_path, caplog, fast_builds):
   workdir = copy_of(base, tmp_path / 'run')
   config = copy.deepcopy(base['config'])
@@ -424,11 +453,14 @@ def test_safe_change_resumes(base, tmp_path, caplog, fast_builds):
   assert ckpt_lib.Checkpointer(str(workdir)).all_steps() == [4, 6, 8]
 
 
-@pytest.mark.parametrize('key, value, message', [
-    ('optimizer.learning_rate', 0.002, r'optimizer\.learning_rate: saved 0\.001, now 0\.002'),
-    ('batch_size', 24, r'batch_size: saved 16, now 24'),
-    ('data.mixing', 'equal_per_task', r'data\.mixing: saved "weights", now "equal_per_task"'),
-])
+@pytest.mark.parametrize(
+    'key, value, message',
+    [
+        ('optimizer.learning_rate', 0.002, r'optimizer\.learning_rate: saved 0\.001, now 0\.002'),
+        ('batch_size', 24, r'batch_size: saved 16, now 24'),
+        ('data.mixing', 'equal_per_task', r'data\.mixing: saved "weights", now "equal_per_task"'),
+    ],
+)
 def test_unsafe_change_is_refused_and_writes_nothing(key, value, message, base, tmp_path, fast_builds):
   workdir = copy_of(base, tmp_path / 'run')
   before = snapshot(workdir)
@@ -438,24 +470,48 @@ def test_unsafe_change_is_refused_and_writes_nothing(key, value, message, base, 
   for part in path:
     target = target[part]
   target[last] = value
-  with pytest.raises(ValueError, match=r'config differs from the one the checkpoint in the workdir was trained with '
-                                       rf'\({message}\)\. Only \[.*\] may change on resume'):
+  with pytest.raises(
+      ValueError,
+      match=r'config differs from the one the checkpoint in the workdir was trained with '
+      rf'\({message}\)\. Only \[.*\] may change on resume',
+  ):
     train.train_and_evaluate(config, str(workdir))
   assert snapshot(workdir) == before
 
 
 def test_config_drift_rules():
-  saved = {'total_steps': 10, 'seed': 0, 'data': {'data_dir': '/a', 'seed': 0, 'options': {'idx_dir': '/x', 'n': 1}},
-           'optimizer': {'learning_rate': 0.1}}
-  ckpt_lib.check_config_drift(saved, {**saved, 'total_steps': 20, 'log_every': 5,
-                                      'data': {**saved['data'], 'data_dir': '/b', 'options': {'idx_dir': '/y',
-                                                                                             'n': 1}}})
-  for changed, key in [({'seed': 1}, 'seed'), ({'data': {**saved['data'], 'seed': 2}}, r'data\.seed'),
-                       ({'data': {**saved['data'], 'options': {'idx_dir': '/x', 'n': 2}}}, r'data\.options\.n'),
-                       ({'optimizer': {}}, r'optimizer\.learning_rate: saved 0\.1, now <absent>')]:
+  saved = {
+      'total_steps': 10,
+      'seed': 0,
+      'data': {'data_dir': '/a', 'seed': 0, 'options': {'idx_dir': '/x', 'n': 1}},
+      'optimizer': {'learning_rate': 0.1},
+  }
+  ckpt_lib.check_config_drift(
+      saved,
+      {
+          **saved,
+          'total_steps': 20,
+          'log_every': 5,
+          'data': {**saved['data'], 'data_dir': '/b', 'options': {'idx_dir': '/y', 'n': 1}},
+      },
+  )
+  for changed, key in [
+      ({'seed': 1}, 'seed'),
+      ({'data': {**saved['data'], 'seed': 2}}, r'data\.seed'),
+      ({'data': {**saved['data'], 'options': {'idx_dir': '/x', 'n': 2}}}, r'data\.options\.n'),
+      ({'optimizer': {}}, r'optimizer\.learning_rate: saved 0\.1, now <absent>'),
+  ]:
     with pytest.raises(ValueError, match=key):
       ckpt_lib.check_config_drift(saved, {**saved, **changed})
-  assert {'total_steps', 'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints', 'eval_batch_size',
-          'nonfinite'} <= ckpt_lib.SAFE_TO_CHANGE
+  assert {
+      'total_steps',
+      'log_every',
+      'eval_every',
+      'checkpoint_every',
+      'keep_checkpoints',
+      'eval_batch_size',
+      'nonfinite',
+  } <= ckpt_lib.SAFE_TO_CHANGE
   assert not {'batch_size', 'seed', 'data', 'optimizer', 'encoder', 'objective', 'weighting', 'tasks'} & (
-      ckpt_lib.SAFE_TO_CHANGE)
+      ckpt_lib.SAFE_TO_CHANGE
+  )

@@ -1,5 +1,6 @@
 """A researcher's first hour, from Python: no stale results on other data, warm starts, eval and
 predict modes, a progress line without logging set up, the interval rate, a warning when nothing is evaluated."""
+
 import json
 import logging
 
@@ -21,13 +22,16 @@ def bench(seed=0, *, with_eval=True, relabel=False, reimage=False):
   x = rng.integers(0, 256, (96, 8, 8, 1), dtype=np.uint8)
   a, b = rng.integers(0, 3, 96), rng.integers(0, 2, (96, 2))
   if relabel:
-    a = (a + 1) % 3            # same shapes, other labels: what the layout check cannot see
+    a = (a + 1) % 3  # same shapes, other labels: what the layout check cannot see
   if reimage:
-    x = 255 - x                # same labels, other images
+    x = 255 - x  # same labels, other images
   evals = [data.array_source('test', x[64:], {'a': a[64:], 'b': b[64:]})] if with_eval else []
-  return data.make_benchmark('toy', TASKS, [data.array_source('src_a', x[:32], {'a': a[:32]}),
-                                            data.array_source('src_b', x[32:64], {'b': b[32:64]})],
-                             eval_sources=evals)
+  return data.make_benchmark(
+      'toy',
+      TASKS,
+      [data.array_source('src_a', x[:32], {'a': a[:32]}), data.array_source('src_b', x[32:64], {'b': b[32:64]})],
+      eval_sources=evals,
+  )
 
 
 def tiny_config(**overrides):
@@ -44,11 +48,11 @@ def test_reused_workdir_on_other_data_is_refused(tmp_path, caplog, capfd):
   workdir = str(tmp_path / 'run')
   with caplog.at_level(logging.WARNING):
     results = train.train_and_evaluate(config, workdir, benchmark=bench(with_eval=False))
-  assert results['metrics'] == {} and "Benchmark 'toy' has no eval source" in caplog.text   # item 10
+  assert results['metrics'] == {} and "Benchmark 'toy' has no eval source" in caplog.text  # item 10
   err = capfd.readouterr().err
-  assert 'train' in err and '2/2' in err, err                          # item 6: a progress bar, logging not set up
+  assert 'train' in err and '2/2' in err, err  # item 6: a progress bar, logging not set up
   saved = json.loads((tmp_path / 'run' / 'config.json').read_text())
-  np.testing.assert_allclose(saved['objective']['terms']['dm']['relatedness'], R)   # numbers, not "unserializable"
+  np.testing.assert_allclose(saved['objective']['terms']['dm']['relatedness'], R)  # numbers, not "unserializable"
   # The same data (rebuilt from the same arrays): the cached result comes back.
   assert train.train_and_evaluate(config, workdir, benchmark=bench(with_eval=False))['step'] == 2
   # Other labels of the same shapes, then other images: refused, naming the source; nothing is written.
@@ -57,7 +61,8 @@ def test_reused_workdir_on_other_data_is_refused(tmp_path, caplog, capfd):
   with pytest.raises(ValueError, match=r"source 'train/src_a' differs \(images: saved [0-9a-f]+, now [0-9a-f]+\)"):
     train.train_and_evaluate(config, workdir, benchmark=bench(with_eval=False, reimage=True))
   meta = ckpt_lib.Checkpointer(workdir).restore_latest(
-      ckpt_lib.abstract_like(train.build_experiment(config, benchmark=bench(with_eval=False)).init_state()))[1]
+      ckpt_lib.abstract_like(train.build_experiment(config, benchmark=bench(with_eval=False)).init_state())
+  )[1]
   # 32 examples, 10 % of them held out for validation (config.data.validation_fraction).
   assert meta['data']['train/src_a']['examples'] == 29 and meta['data']['validation/src_a']['examples'] == 3
   assert meta['data']['train/src_b']['tasks'] == ['b']
@@ -79,8 +84,9 @@ def test_warm_start_eval_and_predict(tmp_path):
   assert path.endswith('predictions/test.npz')
   np.testing.assert_array_equal(pred['positions'], np.arange(32))
   assert pred['a'].shape == (32, 3) and np.allclose(pred['a'].sum(1), 1, atol=1e-5)
-  np.testing.assert_array_equal(pred['labels/a'], np.asarray(bench().eval_sources[0].reader.read('train', 0, 1)
-                                                              .labels['a']))
+  np.testing.assert_array_equal(
+      pred['labels/a'], np.asarray(bench().eval_sources[0].reader.read('train', 0, 1).labels['a'])
+  )
   # src_b annotates no trained task, so it is not a source of this run.
   with pytest.raises(ValueError, match=r"--source: got 'nope', expected one of \['src_a', 'test'\]"):
     modes.predict(single, source_dir, source='nope', benchmark=bench())
@@ -92,19 +98,22 @@ def test_warm_start_eval_and_predict(tmp_path):
   started = jax.device_get(warm_start.apply(fresh, exp.config))
   for got, want in zip(jax.tree.leaves(started.params['encoder']), jax.tree.leaves(trained['encoder'])):
     np.testing.assert_array_equal(got, want)
-  np.testing.assert_array_equal(started.params['heads']['a']['out']['kernel'],
-                                trained['heads']['a']['out']['kernel'])
-  np.testing.assert_array_equal(started.params['heads']['b']['out']['kernel'],
-                                jax.device_get(fresh.params['heads']['b']['out']['kernel']))
+  np.testing.assert_array_equal(started.params['heads']['a']['out']['kernel'], trained['heads']['a']['out']['kernel'])
+  np.testing.assert_array_equal(
+      started.params['heads']['b']['out']['kernel'], jax.device_get(fresh.params['heads']['b']['out']['kernel'])
+  )
   assert train.train_and_evaluate(multi, str(tmp_path / 'multi'), benchmark=bench())['step'] == 2
 
   # Another encoder size: one clear error naming the leaves.
   other = tiny_config(init_from=source_dir, **{'encoder.kwargs.hidden': (16,)})
   exp = train.build_experiment(other, benchmark=bench())
-  with pytest.raises(ValueError, match=r"config.init_from='.*single': params.encoder does not match this run \(2 "
-                                       r"differences: params.encoder.dense_0.bias: saved shape \(8,\), now shape "
-                                       r"\(16,\); params.encoder.dense_0.kernel: saved shape \(64, 8\), now shape "
-                                       r"\(64, 16\)\); expected the same encoder"):
+  with pytest.raises(
+      ValueError,
+      match=r"config.init_from='.*single': params.encoder does not match this run \(2 "
+      r'differences: params.encoder.dense_0.bias: saved shape \(8,\), now shape '
+      r'\(16,\); params.encoder.dense_0.kernel: saved shape \(64, 8\), now shape '
+      r'\(64, 16\)\); expected the same encoder',
+  ):
     warm_start.apply(exp.init_state(), exp.config)
   with pytest.raises(ValueError, match=r"config.init_from: got '.*nowhere', expected a workdir with checkpoints"):
     warm_start.resolve(str(tmp_path / 'nowhere'))
@@ -112,5 +121,5 @@ def test_warm_start_eval_and_predict(tmp_path):
 
 def test_rate_is_over_the_last_interval():
   meter = progress.RateMeter(0, now=0.0)
-  assert meter.rate(10, now=100.0) == pytest.approx(0.1)    # the first interval includes compilation
-  assert meter.rate(20, now=101.0) == pytest.approx(10.0)   # a running mean since the start would say 0.198
+  assert meter.rate(10, now=100.0) == pytest.approx(0.1)  # the first interval includes compilation
+  assert meter.rate(20, now=101.0) == pytest.approx(10.0)  # a running mean since the start would say 0.198

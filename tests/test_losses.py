@@ -1,4 +1,5 @@
 """softmax_xent, sigmoid_xent and masked_mean against hand-written numpy references (docs/maths.md §1)."""
+
 from __future__ import annotations
 
 import jax
@@ -29,8 +30,11 @@ def _np_sigmoid_xent(z, y):
   z = np.asarray(z, np.float64)
   per, w = np.zeros(len(y)), np.zeros(len(y))
   for n in range(len(y)):
-    terms = [np.logaddexp(0, -z[n, k]) if y[n, k] == 1 else np.logaddexp(0, z[n, k])
-             for k in range(z.shape[1]) if y[n, k] != -1]
+    terms = [
+        np.logaddexp(0, -z[n, k]) if y[n, k] == 1 else np.logaddexp(0, z[n, k])
+        for k in range(z.shape[1])
+        if y[n, k] != -1
+    ]
     if terms:
       per[n], w[n] = np.mean(terms), 1
   return per, w
@@ -51,9 +55,11 @@ def _data(seed=0, b=16, c=5, scale=3.0):
   return z, y, ym
 
 
-@pytest.mark.parametrize('loss, reference, labels', [(losses.softmax_xent, _np_softmax_xent, 1),
-                                                     (losses.sigmoid_xent, _np_sigmoid_xent, 2)],
-                         ids=['softmax', 'sigmoid'])
+@pytest.mark.parametrize(
+    'loss, reference, labels',
+    [(losses.softmax_xent, _np_softmax_xent, 1), (losses.sigmoid_xent, _np_sigmoid_xent, 2)],
+    ids=['softmax', 'sigmoid'],
+)
 def test_task_loss_matches_reference(loss, reference, labels):
   data = _data()
   z, y = data[0], data[labels]
@@ -82,8 +88,9 @@ def test_missing_labels_have_zero_value_and_gradient():
 @pytest.mark.parametrize('which', ['softmax', 'sigmoid'])
 def test_all_missing_batch_is_zero_with_finite_gradient(which):
   z, y, ym = _data()
-  fn, labels = (losses.softmax_xent, np.full_like(y, -1)) if which == 'softmax' else (
-      losses.sigmoid_xent, np.full_like(ym, -1))
+  fn, labels = (
+      (losses.softmax_xent, np.full_like(y, -1)) if which == 'softmax' else (losses.sigmoid_xent, np.full_like(ym, -1))
+  )
   f = lambda z: losses.masked_mean(*fn(z, labels))
   value, g = jax.value_and_grad(f)(z)
   assert float(value) == 0.0
@@ -139,17 +146,22 @@ def test_jit_and_sharded_batch_match_eager():
       np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize('call, match', [
-    (lambda: losses.softmax_xent(np.zeros((4, 3)), np.array([0, 1, 3, -1])), r'labels: got value 3.*\[-1, 3\)'),
-    (lambda: losses.softmax_xent(np.zeros((4, 3)), np.array([0, 1, -2, -1])), r'labels: got value -2'),
-    (lambda: losses.softmax_xent(np.zeros((4, 3)), np.array([0, 1, 2])), r'labels: got shape \(3,\).*\(4,\)'),
-    (lambda: losses.softmax_xent(np.zeros((4, 3)), np.zeros(4, np.float32)), r'labels: got dtype float32'),
-    (lambda: losses.sigmoid_xent(np.zeros((2, 3)), np.array([[0, 1, 2], [0, 0, 0]])),
-     r'labels: got value 2.*\{-1, 0, 1\}'),
-    (lambda: losses.sigmoid_xent(np.zeros((2, 3)), np.zeros((2, 4), np.int32)), r'labels: got shape \(2, 4\)'),
-    (lambda: losses.masked_mean(np.zeros(3), np.zeros(4)), r'weights: got shape \(4,\)'),
-    (lambda: losses.softmax_xent(np.zeros(()), np.zeros((), np.int32)), r'logits: got shape \(\)'),
-])
+@pytest.mark.parametrize(
+    'call, match',
+    [
+        (lambda: losses.softmax_xent(np.zeros((4, 3)), np.array([0, 1, 3, -1])), r'labels: got value 3.*\[-1, 3\)'),
+        (lambda: losses.softmax_xent(np.zeros((4, 3)), np.array([0, 1, -2, -1])), r'labels: got value -2'),
+        (lambda: losses.softmax_xent(np.zeros((4, 3)), np.array([0, 1, 2])), r'labels: got shape \(3,\).*\(4,\)'),
+        (lambda: losses.softmax_xent(np.zeros((4, 3)), np.zeros(4, np.float32)), r'labels: got dtype float32'),
+        (
+            lambda: losses.sigmoid_xent(np.zeros((2, 3)), np.array([[0, 1, 2], [0, 0, 0]])),
+            r'labels: got value 2.*\{-1, 0, 1\}',
+        ),
+        (lambda: losses.sigmoid_xent(np.zeros((2, 3)), np.zeros((2, 4), np.int32)), r'labels: got shape \(2, 4\)'),
+        (lambda: losses.masked_mean(np.zeros(3), np.zeros(4)), r'weights: got shape \(4,\)'),
+        (lambda: losses.softmax_xent(np.zeros(()), np.zeros((), np.int32)), r'logits: got shape \(\)'),
+    ],
+)
 def test_validation_errors(call, match):
   with pytest.raises(ValueError, match=match):
     call()

@@ -1,4 +1,5 @@
 """Distribution matching and soft co-annotation against hand-written numpy references (docs/maths.md §2–§4)."""
+
 from __future__ import annotations
 
 import functools
@@ -46,7 +47,7 @@ def _q_a(pb, logpb, log1mpb, r, kind, mode, log_prior=0.0):
       rt = np.clip(r[i], EPS, 1 - EPS)
       if kind == 'multilabel':  # Π_k P(observing p_k | a = i) = Π_k (p_k R_ik + (1 − p_k)(1 − R_ik))
         s[i] = np.sum(np.log(pb * rt + (1 - pb) * (1 - rt)))
-      else:                     # P(observing p | a = i) = Σ_k p_k R_ik
+      else:  # P(observing p | a = i) = Σ_k p_k R_ik
         s[i] = np.log(np.sum(pb * rt))
     else:
       members = r[i] >= 0.5
@@ -119,7 +120,7 @@ def _problem(kind, seed=0, b=8, ca=4, cb=5, scale=3.0):
   ya = rng.integers(0, ca, b)
   ya[rng.random(b) < 0.4] = -1
   ya[0] = -1  # neither labelled
-  ya[1] = 2   # A only
+  ya[1] = 2  # A only
   return za, zb, r.astype(np.float32), ya.astype(np.int32), yb.astype(np.int32)
 
 
@@ -127,11 +128,13 @@ def _problem(kind, seed=0, b=8, ca=4, cb=5, scale=3.0):
 def test_distribution_matching_matches_reference(kind):
   za, zb, r, _, _ = _problem(kind)
   vector = np.random.default_rng(1).dirichlet(np.ones(r.shape[0]))
-  for direction, mode, divergence, prior in itertools.product(('a_to_b', 'b_to_a', 'both'), ('bayes', 'prototype'),
-                                                              ('xent', 'kl'), ('model', 'uniform', 'vector')):
+  for direction, mode, divergence, prior in itertools.product(
+      ('a_to_b', 'b_to_a', 'both'), ('bayes', 'prototype'), ('xent', 'kl'), ('model', 'uniform', 'vector')
+  ):
     prior = vector if prior == 'vector' else prior
-    per, w = losses.distribution_matching(za, zb, r, b_kind=kind, direction=direction, mode=mode,
-                                          divergence=divergence, prior=prior)
+    per, w = losses.distribution_matching(
+        za, zb, r, b_kind=kind, direction=direction, mode=mode, divergence=divergence, prior=prior
+    )
     ref = _ref_dm(za, zb, r.astype(np.float64), kind, direction, mode, divergence, prior)
     np.testing.assert_allclose(per, ref, rtol=2e-4, atol=2e-5, err_msg=f'{direction} {mode} {divergence} {prior}')
     np.testing.assert_array_equal(w, 1)
@@ -140,28 +143,33 @@ def test_distribution_matching_matches_reference(kind):
 def test_defaults_are_stopped_targets_virtual_evidence_and_model_prior():
   za, zb, r, ya, yb = _problem('multilabel', seed=3)
   per, _ = losses.distribution_matching(za, zb, r, b_kind='multilabel')
-  np.testing.assert_allclose(per, _ref_dm(za, zb, r.astype(np.float64), 'multilabel', 'both', 'bayes', 'xent',
-                                          'model'), rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(
+      per, _ref_dm(za, zb, r.astype(np.float64), 'multilabel', 'both', 'bayes', 'xent', 'model'), rtol=2e-4, atol=2e-5
+  )
   # Stopped targets by default: the A→B term reaches logits_a only through q_B, so no gradient there.
-  g = jax.grad(lambda za: jnp.sum(losses.distribution_matching(za, zb, r, b_kind='multilabel',
-                                                               direction='a_to_b')[0]))(za)
+  g = jax.grad(lambda za: jnp.sum(losses.distribution_matching(za, zb, r, b_kind='multilabel', direction='a_to_b')[0]))(
+      za
+  )
   np.testing.assert_array_equal(g, 0)
   per, _ = losses.co_annotation(za, zb, ya, yb, r, b_kind='multilabel')
-  np.testing.assert_allclose(per, _ref_co(za, zb, ya, yb, r.astype(np.float64), 'multilabel', 'model')[0],
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+      per, _ref_co(za, zb, ya, yb, r.astype(np.float64), 'multilabel', 'model')[0], rtol=1e-4, atol=1e-5
+  )
 
 
 def test_uninformative_b_implies_the_prior_not_a_confident_class():
   # The old expected-log-likelihood rule put 0.96 on "sad" for every face when the AU head said 0.5 everywhere; the
   # virtual-evidence rule returns π_A (uniform, or the model's own prediction).
   from mtlmatch.priors import load_prior
+
   r = load_prior('expressions_to_aus').relatedness
   q = losses.implied_a(np.full((2, 17), 0.5, np.float32), r, b_kind='multilabel')
   np.testing.assert_allclose(q, 1 / 7, atol=1e-6)
   za = np.random.default_rng(0).standard_normal((2, 7)).astype(np.float32)
-  per, _ = losses.distribution_matching(za, np.zeros((2, 17), np.float32), r, b_kind='multilabel',
-                                        direction='b_to_a', divergence='kl')
-  np.testing.assert_allclose(per, 0, atol=1e-5)   # target = the model's own p_A: nothing to change
+  per, _ = losses.distribution_matching(
+      za, np.zeros((2, 17), np.float32), r, b_kind='multilabel', direction='b_to_a', divergence='kl'
+  )
+  np.testing.assert_allclose(per, 0, atol=1e-5)  # target = the model's own p_A: nothing to change
 
 
 def test_model_prior_keeps_a_fine_head_within_a_coarse_group():
@@ -179,9 +187,15 @@ def test_model_prior_keeps_a_fine_head_within_a_coarse_group():
   q_uniform = _q_a(np.exp(logp_b), logp_b, None, r.astype(np.float64), 'multiclass', 'bayes')
   q_model = _q_a(np.exp(logp_b), logp_b, None, r.astype(np.float64), 'multiclass', 'bayes', _log_softmax(za[0]))
   assert abs(q_uniform[0] - q_uniform[1]) < 1e-3 and q_model[0] > 0.9
-  g = {p: jax.grad(lambda z, p=p: losses.distribution_matching(z, zb, r, b_kind='multiclass', direction='b_to_a',
-                                                               prior=p)[0].sum())(za) for p in ('uniform', 'model')}
-  assert g['uniform'][0, 0] > 0.3 and g['model'][0, 0] <= 0.05   # uniform pushes class 0 down; model hardly
+  g = {
+      p: jax.grad(
+          lambda z, p=p: losses.distribution_matching(z, zb, r, b_kind='multiclass', direction='b_to_a', prior=p)[
+              0
+          ].sum()
+      )(za)
+      for p in ('uniform', 'model')
+  }
+  assert g['uniform'][0, 0] > 0.3 and g['model'][0, 0] <= 0.05  # uniform pushes class 0 down; model hardly
 
 
 @pytest.mark.parametrize('kind', ['multilabel', 'multiclass'])
@@ -209,8 +223,9 @@ def test_distribution_matching_mask_and_stop_gradient():
   g = jax.grad(lambda za: jnp.sum(losses.distribution_matching(za, zb, r, b_kind='multilabel', mask=mask)[0]))(za)
   np.testing.assert_array_equal(g[~mask], 0)
   # With the target stopped, the A→B term H(q_B, p_B) reaches logits_a only through q_B: no gradient there.
-  a_to_b = lambda za, sg: jnp.sum(losses.distribution_matching(
-      za, zb, r, b_kind='multilabel', direction='a_to_b', stop_gradient_target=sg)[0])
+  a_to_b = lambda za, sg: jnp.sum(
+      losses.distribution_matching(za, zb, r, b_kind='multilabel', direction='a_to_b', stop_gradient_target=sg)[0]
+  )
   np.testing.assert_array_equal(jax.grad(a_to_b)(za, True), 0)
   assert np.abs(jax.grad(a_to_b)(za, False)).max() > 1e-3  # unstopped: the target's task is trained too
 
@@ -229,8 +244,11 @@ def test_gradient_vanishes_at_agreement(kind):
     zb = np.log(q) - np.log1p(-q)  # sigmoid(zb) = p_A R
   r, zb = r.astype(np.float32), zb.astype(np.float32)
   for divergence in ('xent', 'kl'):
-    f = lambda zb: jnp.sum(losses.distribution_matching(za, zb, r, b_kind=kind, direction='a_to_b',
-                                                        stop_gradient_target=True, divergence=divergence)[0])
+    f = lambda zb: jnp.sum(
+        losses.distribution_matching(
+            za, zb, r, b_kind=kind, direction='a_to_b', stop_gradient_target=True, divergence=divergence
+        )[0]
+    )
     assert np.abs(jax.grad(f)(zb)).max() < 1e-5
   kl, _ = losses.distribution_matching(za, zb, r, b_kind=kind, direction='a_to_b', divergence='kl')
   np.testing.assert_allclose(kl, 0, atol=1e-5)
@@ -259,13 +277,15 @@ def test_all_missing_and_huge_logits(kind):
   value, grads = jax.value_and_grad(co, (0, 1))(za, zb, ya, yb)
   assert np.isfinite(value) and all(np.all(np.isfinite(g)) for g in grads)
   for mode, divergence, sg in itertools.product(('bayes', 'prototype'), ('xent', 'kl'), (False, True)):
-    dm = lambda za, zb: losses.masked_mean(*losses.distribution_matching(
-        za, zb, r, b_kind=kind, mode=mode, divergence=divergence, stop_gradient_target=sg))
+    dm = lambda za, zb: losses.masked_mean(
+        *losses.distribution_matching(za, zb, r, b_kind=kind, mode=mode, divergence=divergence, stop_gradient_target=sg)
+    )
     value, grads = jax.value_and_grad(dm, (0, 1))(za, zb)
     assert np.isfinite(value) and all(np.all(np.isfinite(g)) for g in grads), (mode, divergence, sg)
   # Masked-out everything: 0 with zero gradients.
-  dm0 = lambda za, zb: losses.masked_mean(*losses.distribution_matching(
-      za, zb, r, b_kind=kind, mask=np.zeros(len(za), bool)))
+  dm0 = lambda za, zb: losses.masked_mean(
+      *losses.distribution_matching(za, zb, r, b_kind=kind, mask=np.zeros(len(za), bool))
+  )
   value, grads = jax.value_and_grad(dm0, (0, 1))(za, zb)
   assert float(value) == 0.0 and all(np.all(g == 0) for g in grads)
 
@@ -277,8 +297,11 @@ def test_gradients_match_finite_differences():
     for kind, mode, divergence in (('multilabel', 'bayes', 'xent'), ('multiclass', 'prototype', 'kl')):
       za, zb, r, ya, yb = _problem(kind, seed=6, b=4, ca=3, cb=4, scale=1.5)
       za, zb, r = za.astype(np.float64), zb.astype(np.float64), r.astype(np.float64)
-      f = lambda za, zb: losses.masked_mean(*losses.distribution_matching(
-          za, zb, r, b_kind=kind, mode=mode, divergence=divergence, stop_gradient_target=False, prior='uniform'))
+      f = lambda za, zb: losses.masked_mean(
+          *losses.distribution_matching(
+              za, zb, r, b_kind=kind, mode=mode, divergence=divergence, stop_gradient_target=False, prior='uniform'
+          )
+      )
       check_grads(jax.jit(f), (za, zb), order=1, modes=['rev'], atol=1e-5, rtol=1e-5)
       ya[:] = [2, -1, 0, -1]
       yb[:] = -1
@@ -294,7 +317,7 @@ def test_stopped_target_gradient_is_the_fixed_target_cross_entropy(kind):
   za, zb, r, _, _ = _problem(kind, seed=8, b=3, ca=3, cb=4, scale=1.5)
   za, zb, r = za.astype(np.float64), zb.astype(np.float64), r.astype(np.float64)
 
-  def ref(za_now, zb_now):   # Σ_n H(q_B(z₀), p_B(z)) + H(q_A(z₀), p_A(z))
+  def ref(za_now, zb_now):  # Σ_n H(q_B(z₀), p_B(z)) + H(q_A(z₀), p_A(z))
     total = 0.0
     for n in range(len(za)):
       logpa0 = _log_softmax(za[n])
@@ -369,8 +392,10 @@ def test_validation_errors():
       (lambda: losses.co_annotation(za, zb, ya, yb[:, :4], r, b_kind='multilabel'), r'labels_b: got shape'),
       (lambda: losses.co_annotation(za, zb, ya + 4, yb, r, b_kind='multilabel'), r'labels_a: got value \d'),
       (lambda: losses.co_annotation(za, zb, ya, yb + 2, r, b_kind='multilabel'), r'labels_b: got value \d'),
-      (lambda: losses.co_annotation(za, zb, ya, yb, r / r.sum(1, keepdims=True), b_kind='multiclass'),
-       r'labels_b: got shape \(8, 5\), expected \(8,\)'),
+      (
+          lambda: losses.co_annotation(za, zb, ya, yb, r / r.sum(1, keepdims=True), b_kind='multiclass'),
+          r'labels_b: got shape \(8, 5\), expected \(8,\)',
+      ),
   ]
   for call, match in cases:
     with pytest.raises(ValueError, match=match):

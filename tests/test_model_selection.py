@@ -1,4 +1,5 @@
 """Validation hold-out of every training source and best-validation-step model selection (results.json)."""
+
 import json
 
 import numpy as np
@@ -22,8 +23,12 @@ def _toy_benchmark(n=50):
 
 
 def _positions(source, tasks, process_count):
-  return np.concatenate([data.load_examples(source, tasks, process_index=h, process_count=process_count).positions
-                         for h in range(process_count)])
+  return np.concatenate(
+      [
+          data.load_examples(source, tasks, process_index=h, process_count=process_count).positions
+          for h in range(process_count)
+      ]
+  )
 
 
 def test_holdout_is_deterministic_disjoint_and_independent_of_hosts():
@@ -34,11 +39,12 @@ def test_holdout_is_deterministic_disjoint_and_independent_of_hosts():
     rest = _positions(train_part, bench.tasks, 1)
     assert len(val) == val_part.num_examples() == 10 and len(rest) == train_part.num_examples() == 40
     assert set(val).isdisjoint(rest) and set(val) | set(rest) == set(range(50))
-    for hosts in (2, 3):   # each host reads its slice; together they hold exactly the same parts
+    for hosts in (2, 3):  # each host reads its slice; together they hold exactly the same parts
       np.testing.assert_array_equal(np.sort(_positions(val_part, bench.tasks, hosts)), np.sort(val))
       np.testing.assert_array_equal(np.sort(_positions(train_part, bench.tasks, hosts)), np.sort(rest))
-      sizes = [len(data.load_examples(val_part, bench.tasks, process_index=h, process_count=hosts))
-               for h in range(hosts)]
+      sizes = [
+          len(data.load_examples(val_part, bench.tasks, process_index=h, process_count=hosts)) for h in range(hosts)
+      ]
       assert val_part.max_host_examples(hosts) == max(sizes)
   # Same seed → same split; another seed or another source name → another split.
   again = data.with_validation(_toy_benchmark(), 0.2, seed=3)
@@ -58,7 +64,7 @@ def test_eval_iterator_over_a_validation_part_counts_every_example_once():
   counts = []
   for h in range(3):
     batches = list(data.eval_iterator(source, bench.tasks, global_batch_size=6, process_index=h, process_count=3))
-    assert len(batches) == -(-source.max_host_examples(3) // 2)   # every host runs the same number of steps
+    assert len(batches) == -(-source.max_host_examples(3) // 2)  # every host runs the same number of steps
     counts.append(sum(float(b['mask'].sum()) for b in batches))
   assert sum(counts) == source.num_examples() == 15
 
@@ -87,7 +93,7 @@ def test_results_report_test_metrics_at_the_best_validation_step_and_resume_keep
   assert [h['step'] for h in selection['history']] == [2, 4, 6, 8]
   assert selection['metric'] == {'expression': 'accuracy', 'aus': 'mean_f1'}
   scores = [h['score'] for h in selection['history']]
-  best = selection['history'][int(np.argmax(scores))]      # argmax: the earliest of equal scores
+  best = selection['history'][int(np.argmax(scores))]  # argmax: the earliest of equal scores
   assert selection['best_step'] == best['step'] and selection['best_score'] == max(scores)
   for task, metric in selection['metric'].items():
     assert selection['metrics'][task][metric] == best['test'][task]

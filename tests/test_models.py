@@ -4,6 +4,7 @@
 Widths are tiny and most calls run eagerly: on CPU the cost is compiling each primitive (parameter initialisers
 included) once per shape, so the tests reuse one batch size (8) and the shapes of the first test where they can.
 """
+
 from __future__ import annotations
 
 import jax
@@ -98,8 +99,13 @@ def test_batchnorm_train_updates_running_stats_with_momentum_and_eval_uses_them(
   enc = build_encoder('resnet18', width=4, stage_sizes=(1, 1))
   x = _images((8, 8, 1))
   variables = enc.init(jax.random.key(1), x, train=False)
-  _, state = enc.apply(variables, x, train=True, mutable=['batch_stats', 'intermediates'],
-                       capture_intermediates=lambda mdl, _: mdl.name == 'stem_conv')
+  _, state = enc.apply(
+      variables,
+      x,
+      train=True,
+      mutable=['batch_stats', 'intermediates'],
+      capture_intermediates=lambda mdl, _: mdl.name == 'stem_conv',
+  )
   conv_out = np.asarray(state['intermediates']['stem_conv']['__call__'][0], np.float64)
   bn = state['batch_stats']['stem_bn']
   # running ← 0.9·running + 0.1·batch, starting from mean 0, var 1 (flax uses the biased batch variance)
@@ -148,8 +154,9 @@ def test_multitask_model_layout_and_apply(encoder):
     assert outputs['features'].shape == (8, d)
     assert {k: v.shape for k, v in outputs['logits'].items()} == {'expr': (8, 7), 'au': (8, 5)}
     assert jax.tree.structure(stats) == jax.tree.structure(variables['batch_stats'])
-    changed = any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(stats),
-                                                           jax.tree.leaves(variables['batch_stats'])))
+    changed = any(
+        not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(variables['batch_stats']))
+    )
     assert changed == (train and has_bn)
     # encode + apply_head give the same logits as apply
     feats, stats2 = model.encode(variables, x, train=train)
@@ -158,8 +165,13 @@ def test_multitask_model_layout_and_apply(encoder):
     logits = model.apply_head('au', variables['params']['heads']['au'], feats)
     np.testing.assert_array_equal(logits, outputs['logits']['au'])
   # heads: deterministic init independent of the dict order
-  swapped = build_model({'au': TASKS['au'], 'expr': TASKS['expr']}, encoder=encoder, encoder_kwargs=kwargs,
-                        head='mlp', head_kwargs={'hidden': 6}).init(jax.random.key(0), x)
+  swapped = build_model(
+      {'au': TASKS['au'], 'expr': TASKS['expr']},
+      encoder=encoder,
+      encoder_kwargs=kwargs,
+      head='mlp',
+      head_kwargs={'hidden': 6},
+  ).init(jax.random.key(0), x)
   jax.tree.map(np.testing.assert_array_equal, swapped, variables)
   hash(model)  # usable as a static jit argument
 

@@ -1,5 +1,6 @@
 """Two processes on 127.0.0.1 (jax.distributed, gloo CPU collectives) train like one process on the same global
 batch."""
+
 import os
 import socket
 import subprocess
@@ -28,14 +29,31 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tfds_dir, tm
   data.get_benchmark(config.data.name, data_dir=tfds_dir, **config.data.options)  # prepare once, before the race
   port, workdir = _free_port(), tmp_path / 'two_hosts'
   # 4 CPU devices per process: 8 global devices, like the reference mesh below.
-  flags = os.environ['XLA_FLAGS'].replace('--xla_force_host_platform_device_count=8',
-                                          '--xla_force_host_platform_device_count=4')
+  flags = os.environ['XLA_FLAGS'].replace(
+      '--xla_force_host_platform_device_count=8', '--xla_force_host_platform_device_count=4'
+  )
   env = {**os.environ, 'XLA_FLAGS': flags, 'JAX_PLATFORMS': 'cpu'}
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'mtlmatch.main', f'--config=configs/affect.py:{VARIANT},smoke', f'--workdir={workdir}',
-       f'--config.data.data_dir={tfds_dir}', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-       f'--process_id={i}'], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+  procs = [
+      subprocess.Popen(
+          [
+              sys.executable,
+              '-m',
+              'mtlmatch.main',
+              f'--config=configs/affect.py:{VARIANT},smoke',
+              f'--workdir={workdir}',
+              f'--config.data.data_dir={tfds_dir}',
+              f'--coordinator_address=127.0.0.1:{port}',
+              '--num_processes=2',
+              f'--process_id={i}',
+          ],
+          cwd=REPO,
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
+      for i in range(2)
+  ]
   outputs = [p.communicate(timeout=400)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-4000:]
@@ -45,8 +63,12 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tfds_dir, tm
   mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
   exp = train.build_experiment(config, mesh)
   state = exp.init_state()
-  hosts = [data.train_iterator(exp.benchmark, global_batch_size=config.batch_size, seed=config.seed,
-                               process_index=i, process_count=2) for i in range(2)]
+  hosts = [
+      data.train_iterator(
+          exp.benchmark, global_batch_size=config.batch_size, seed=config.seed, process_index=i, process_count=2
+      )
+      for i in range(2)
+  ]
   for _ in range(config.total_steps):
     local = [next(h) for h in hosts]
     batch = jax.tree.map(lambda *parts: np.concatenate(parts), *local)

@@ -1,4 +1,5 @@
 """Relatedness tables: validation, estimation from data, implied distributions (docs/maths.md §2–§4)."""
+
 from __future__ import annotations
 
 import jax
@@ -122,18 +123,25 @@ def test_estimate_soft_counts():
   np.testing.assert_allclose(rc.sum(-1), 1, atol=1e-5)
 
 
-@pytest.mark.parametrize('kwargs, match', [
-    (dict(labels_a=np.array([0, 3]), labels_b=np.array([0, 1])), r'labels_a: got value 3'),
-    (dict(labels_a=np.array([0, 1]), labels_b=np.array([0, 1, 1])), r'labels_b: got 3 examples'),
-    (dict(labels_a=np.array([-1, -1]), labels_b=np.array([0, 1])), r'no example labelled for both'),
-    (dict(labels_a=np.array([0, 1]), labels_b=np.array([0, 1]), smoothing=-1.0), r'smoothing: got -1.0'),
-    (dict(labels_a=np.array([0, 1]), labels_b=np.array([0, 1]), prior=np.array([0.2, 0.2, 0.2])),
-     r'prior: got values summing to 0.6'),
-    (dict(labels_a=np.array([[0.5, 0.6, 0.0], [1.0, 0, 0]]), labels_b=np.array([0, 1])),
-     r'labels_a: got a probability row summing to 1.1'),
-    (dict(labels_a=np.array([0.0, 1.0]), labels_b=np.array([0, 1])), r'labels_a: got float array of shape \(2,\)'),
-    (dict(labels_a=np.array([0, 1]), labels_b=np.array([0, 1]), b_kind='binary'), r'b_kind: got \'binary\''),
-])
+@pytest.mark.parametrize(
+    'kwargs, match',
+    [
+        (dict(labels_a=np.array([0, 3]), labels_b=np.array([0, 1])), r'labels_a: got value 3'),
+        (dict(labels_a=np.array([0, 1]), labels_b=np.array([0, 1, 1])), r'labels_b: got 3 examples'),
+        (dict(labels_a=np.array([-1, -1]), labels_b=np.array([0, 1])), r'no example labelled for both'),
+        (dict(labels_a=np.array([0, 1]), labels_b=np.array([0, 1]), smoothing=-1.0), r'smoothing: got -1.0'),
+        (
+            dict(labels_a=np.array([0, 1]), labels_b=np.array([0, 1]), prior=np.array([0.2, 0.2, 0.2])),
+            r'prior: got values summing to 0.6',
+        ),
+        (
+            dict(labels_a=np.array([[0.5, 0.6, 0.0], [1.0, 0, 0]]), labels_b=np.array([0, 1])),
+            r'labels_a: got a probability row summing to 1.1',
+        ),
+        (dict(labels_a=np.array([0.0, 1.0]), labels_b=np.array([0, 1])), r'labels_a: got float array of shape \(2,\)'),
+        (dict(labels_a=np.array([0, 1]), labels_b=np.array([0, 1]), b_kind='binary'), r'b_kind: got \'binary\''),
+    ],
+)
 def test_estimate_validation_errors(kwargs, match):
   kwargs = {'num_classes_a': 3, 'num_classes_b': 3, 'b_kind': 'multiclass', **kwargs}
   with pytest.raises(ValueError, match=match):
@@ -199,7 +207,7 @@ def test_implied_a_and_b_match_reference(b_kind, mode):
   q = losses.implied_a(pb.astype(np.float32), r.astype(np.float32), b_kind=b_kind, mode=mode)
   np.testing.assert_allclose(q, _np_implied_a(pb, r, b_kind, mode), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(np.sum(q, -1), 1, atol=1e-5)
-  for prior in (rng.dirichlet(np.ones(ca)), rng.dirichlet(np.ones(ca), n)):   # [C_A] and per example [B, C_A]
+  for prior in (rng.dirichlet(np.ones(ca)), rng.dirichlet(np.ones(ca), n)):  # [C_A] and per example [B, C_A]
     q = losses.implied_a(pb, r, b_kind=b_kind, mode=mode, prior=prior)
     np.testing.assert_allclose(q, _np_implied_a(pb, r, b_kind, mode, prior), rtol=1e-4, atol=1e-6)
 
@@ -210,8 +218,7 @@ def test_implied_a_bayes_is_bayes_rule_for_hard_labels():
   b = np.array([[1.0, 0.0]])
   prior = np.array([0.5, 0.3, 0.2])
   like = np.prod(np.where(b == 1, r, 1 - r), -1) * prior
-  np.testing.assert_allclose(losses.implied_a(b, r, b_kind='multilabel', prior=prior)[0], like / like.sum(),
-                             rtol=1e-5)
+  np.testing.assert_allclose(losses.implied_a(b, r, b_kind='multilabel', prior=prior)[0], like / like.sum(), rtol=1e-5)
 
 
 def test_implied_errors_and_jit():
@@ -230,5 +237,4 @@ def test_implied_errors_and_jit():
     losses.implied_a(np.full((1, 2), 1.5), r, b_kind='multilabel')
   pb = jnp.array([[0.2, 0.7]])
   jitted = jax.jit(lambda p, r: losses.implied_a(p, r, b_kind='multilabel', mode='prototype'))
-  np.testing.assert_allclose(jitted(pb, r), losses.implied_a(pb, r, b_kind='multilabel', mode='prototype'),
-                             rtol=1e-6)
+  np.testing.assert_allclose(jitted(pb, r), losses.implied_a(pb, r, b_kind='multilabel', mode='prototype'), rtol=1e-6)

@@ -1,4 +1,5 @@
 """The train loop end to end: smoke runs, 1 vs 8 devices, no recompiles, resume, SIGTERM, config errors."""
+
 import json
 import os
 import signal
@@ -40,8 +41,11 @@ def test_smoke_run_of_each_config(name, tfds_dir, fashion_idx_dir, tmp_path):
   on_disk = json.loads((tmp_path / 'results.json').read_text())
   assert set(on_disk) >= {'step', 'wall_time_s', 'metrics', 'per_source'}
   for task, metrics in on_disk['metrics'].items():
-    names = {'accuracy', 'macro_f1'} if task in ('expression', 'item', 'group', 'left', 'right') else {
-        'accuracy', 'mean_f1'}
+    names = (
+        {'accuracy', 'macro_f1'}
+        if task in ('expression', 'item', 'group', 'left', 'right')
+        else {'accuracy', 'mean_f1'}
+    )
     assert names <= set(metrics), (task, metrics)
     assert all(np.isfinite(metrics[m]) and 0 <= metrics[m] <= 1 for m in names)
   assert (tmp_path / 'config.json').exists() and (tmp_path / 'relatedness.json').exists()
@@ -94,15 +98,19 @@ def test_resume_with_changed_model_is_refused(tfds_dir, tmp_path):
 
 
 def _main(workdir, *flags, env=None):
-  cmd = [sys.executable, '-m', 'mtlmatch.main', '--config=configs/affect.py:mtl,smoke', f'--workdir={workdir}',
-         *flags]
-  return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**os.environ, **(env or {})})
+  cmd = [sys.executable, '-m', 'mtlmatch.main', '--config=configs/affect.py:mtl,smoke', f'--workdir={workdir}', *flags]
+  return subprocess.Popen(
+      cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+  )
 
 
 def test_sigterm_saves_a_checkpoint_exits_zero_and_the_rerun_resumes(tfds_dir, tmp_path):
-  flags = [f'--config.data.data_dir={tfds_dir}', '--config.total_steps=100000', '--config.log_every=1',
-           '--config.checkpoint_every=100000']
+  flags = [
+      f'--config.data.data_dir={tfds_dir}',
+      '--config.total_steps=100000',
+      '--config.log_every=1',
+      '--config.checkpoint_every=100000',
+  ]
   proc = _main(tmp_path, *flags)
   lines = []
   deadline = time.time() + 240
@@ -117,25 +125,38 @@ def test_sigterm_saves_a_checkpoint_exits_zero_and_the_rerun_resumes(tfds_dir, t
   assert 'SIGTERM received' in log
   steps = ckpt_lib.Checkpointer(str(tmp_path)).all_steps()
   assert len(steps) == 1 and 3 <= steps[0] < 100000, steps
-  rerun = _main(tmp_path, *flags[:1], f'--config.total_steps={steps[0] + 2}', '--config.log_every=1',
-                '--config.checkpoint_every=100000')
+  rerun = _main(
+      tmp_path,
+      *flags[:1],
+      f'--config.total_steps={steps[0] + 2}',
+      '--config.log_every=1',
+      '--config.checkpoint_every=100000',
+  )
   out, _ = rerun.communicate(timeout=240)
   assert rerun.returncode == 0, out[-3000:]
   assert f'Resumed from step {steps[0]}' in out
   assert json.loads((tmp_path / 'results.json').read_text())['step'] == steps[0] + 2
 
 
-@pytest.mark.parametrize('change, message', [
-    ({'encoder.name': 'transformer'}, r"config\.encoder\.name: got 'transformer', expected one of"),
-    ({'objective.terms.dm.kind': 'magic'}, r"config\.objective\.terms\.dm\.kind: got 'magic'"),
-    ({'objective.terms.dm.task_b': 'pose'}, r"objective term 'dm': got task 'pose', expected one of"),
-    ({'tasks': ('expression', 'pose')}, r"config\.tasks: got task 'pose'"),
-    ({'objective.terms.dm': dict(kind='distribution_matching', task_a='expression', task_b='aus',
-                                 relatedness=[[0.5] * 17] * 6)},
-     r"objective term 'dm' \(relatedness=.*shape"),
-    ({'weighting.name': 'magic'}, r"config\.weighting\.name: got 'magic'"),
-    ({'batch_size': 12}, r'batch_size=12.*multiples of the device count'),
-])
+@pytest.mark.parametrize(
+    'change, message',
+    [
+        ({'encoder.name': 'transformer'}, r"config\.encoder\.name: got 'transformer', expected one of"),
+        ({'objective.terms.dm.kind': 'magic'}, r"config\.objective\.terms\.dm\.kind: got 'magic'"),
+        ({'objective.terms.dm.task_b': 'pose'}, r"objective term 'dm': got task 'pose', expected one of"),
+        ({'tasks': ('expression', 'pose')}, r"config\.tasks: got task 'pose'"),
+        (
+            {
+                'objective.terms.dm': dict(
+                    kind='distribution_matching', task_a='expression', task_b='aus', relatedness=[[0.5] * 17] * 6
+                )
+            },
+            r"objective term 'dm' \(relatedness=.*shape",
+        ),
+        ({'weighting.name': 'magic'}, r"config\.weighting\.name: got 'magic'"),
+        ({'batch_size': 12}, r'batch_size=12.*multiples of the device count'),
+    ],
+)
 def test_config_errors_fail_before_training_and_write_nothing(change, message, tfds_dir, tmp_path):
   config = smoke_config('affect', 'dm', tfds_dir)
   with config.unlocked():
@@ -171,7 +192,12 @@ def test_dm_options_are_config_keys_that_reach_the_loss(tfds_dir, tmp_path):
   loss's defaults: stopped targets, the virtual-evidence rule and the model prior."""
   config = smoke_config('affect', 'dm+coann', tfds_dir)
   assert {k: config.objective.terms.dm[k] for k in losses.matching.OPTIONS} == {
-      'direction': 'both', 'mode': 'bayes', 'stop_gradient_target': True, 'divergence': 'xent', 'prior': 'model'}
+      'direction': 'both',
+      'mode': 'bayes',
+      'stop_gradient_target': True,
+      'divergence': 'xent',
+      'prior': 'model',
+  }
   assert config.objective.terms.coann.prior == 'model'
   config.objective.terms.coann.prior = 'uniform'
   config.objective.terms.dm.divergence = 'kl'

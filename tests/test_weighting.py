@@ -1,6 +1,7 @@
 """Tests of mtlmatch.weighting: the contract every method keeps, the loss-weighting methods against hand-worked /
 numpy references, and the task Jacobian against T separate `jax.grad` calls. Gradient methods have their own file.
 """
+
 from __future__ import annotations
 
 import functools
@@ -15,8 +16,21 @@ from mtlmatch import weighting as W
 ALL = sorted(W.METHODS)
 # The generic contract tests below compile every method; those added with issue 14 run theirs in
 # test_weighting_zoo.py (1 and 8 devices, absent task, no task present), so they are compiled once there.
-BEFORE_ZOO = ('ew', 'uw', 'dwa', 'rlw', 'gradnorm', 'famo', 'mgda', 'mgda_ub', 'pcgrad', 'cagrad', 'nash_mtl', 'imtl',
-              'aligned_mtl')
+BEFORE_ZOO = (
+    'ew',
+    'uw',
+    'dwa',
+    'rlw',
+    'gradnorm',
+    'famo',
+    'mgda',
+    'mgda_ub',
+    'pcgrad',
+    'cagrad',
+    'nash_mtl',
+    'imtl',
+    'aligned_mtl',
+)
 KEY = jax.random.key(0)
 
 
@@ -28,10 +42,43 @@ def jitted(name):
 
 # ---- contract -----------------------------------------------------------------------------------------------------
 def test_registry_names_and_kinds():
-  assert set(W.METHODS) == {'ew', 'uw', 'dwa', 'rlw', 'gradnorm', 'famo', 'mgda', 'mgda_ub', 'pcgrad', 'cagrad',
-                            'nash_mtl', 'imtl', 'aligned_mtl', 'sum', 'mean', 'constant', 'gls', 'imtl_l', 'stch',
-                            'go4align', 'excess_mtl', 'fairgrad', 'upgrad', 'dualproj', 'config', 'gradvac',
-                            'graddrop', 'krum', 'trimmed_mean', 'rgw', 'moco', 'modo', 'sdmgrad', 'cr_mogm', 'db_mtl'}
+  assert set(W.METHODS) == {
+      'ew',
+      'uw',
+      'dwa',
+      'rlw',
+      'gradnorm',
+      'famo',
+      'mgda',
+      'mgda_ub',
+      'pcgrad',
+      'cagrad',
+      'nash_mtl',
+      'imtl',
+      'aligned_mtl',
+      'sum',
+      'mean',
+      'constant',
+      'gls',
+      'imtl_l',
+      'stch',
+      'go4align',
+      'excess_mtl',
+      'fairgrad',
+      'upgrad',
+      'dualproj',
+      'config',
+      'gradvac',
+      'graddrop',
+      'krum',
+      'trimmed_mean',
+      'rgw',
+      'moco',
+      'modo',
+      'sdmgrad',
+      'cr_mogm',
+      'db_mtl',
+  }
   assert len(W.METHODS) >= 30
   for name in ('ew', 'uw', 'dwa', 'rlw', 'famo', 'sum', 'mean', 'constant', 'gls', 'imtl_l', 'stch', 'go4align'):
     assert not W.is_gradient_method(name)
@@ -170,7 +217,7 @@ def dwa_reference(loss_seq, window, temperature):
     else:
       out.append(np.ones(T))
     if (k + 1) % window == 0:
-      chunk = loss_seq[k + 1 - window:k + 1]
+      chunk = loss_seq[k + 1 - window : k + 1]
       count = (chunk != 0).sum(0)
       averages.append(np.where(count > 0, chunk.sum(0) / np.maximum(count, 1), 0.0))
   return np.array(out)
@@ -247,8 +294,10 @@ def test_famo_weights_and_logit_step():
 # ---- Jacobian helpers ---------------------------------------------------------------------------------------------
 def _mlp_params(key):
   k1, k2, k3 = jax.random.split(key, 3)
-  return {'hidden': {'w': jax.random.normal(k1, (4, 6)), 'b': jnp.zeros(6)},
-          'out': {'w': jax.random.normal(k2, (6, 3)), 'b': jax.random.normal(k3, (3,))}}
+  return {
+      'hidden': {'w': jax.random.normal(k1, (4, 6)), 'b': jnp.zeros(6)},
+      'out': {'w': jax.random.normal(k2, (6, 3)), 'b': jax.random.normal(k3, (3,))},
+  }
 
 
 def _task_losses(params, x, y):
@@ -271,12 +320,16 @@ def test_task_jacobian_matches_separate_grads():
     back = W.unflatten_grads(grads[t], params)
     for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(g_t)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  aux = jax.jit(lambda p: W.task_jacobian(
-      lambda q: (jnp.stack([q['out']['b'][0] ** 2, q['out']['b'].sum()]), {'aux': q['out']['b']}), p,
-      has_aux=True))(params)
+  aux = jax.jit(
+      lambda p: W.task_jacobian(
+          lambda q: (jnp.stack([q['out']['b'][0] ** 2, q['out']['b'].sum()]), {'aux': q['out']['b']}), p, has_aux=True
+      )
+  )(params)
   zeros = jax.tree.map(jnp.zeros_like, params)
-  expected = [{**zeros, 'out': {**zeros['out'], 'b': jnp.array([2 * params['out']['b'][0], 0.0, 0.0])}},
-              {**zeros, 'out': {**zeros['out'], 'b': jnp.ones(3)}}]
+  expected = [
+      {**zeros, 'out': {**zeros['out'], 'b': jnp.array([2 * params['out']['b'][0], 0.0, 0.0])}},
+      {**zeros, 'out': {**zeros['out'], 'b': jnp.ones(3)}},
+  ]
   np.testing.assert_allclose(aux[1], np.stack([W.flatten_grads(e) for e in expected]), rtol=1e-6)
   np.testing.assert_array_equal(aux[2]['aux'], params['out']['b'])
   with pytest.raises(ValueError, match='vector'):

@@ -3,6 +3,7 @@ independent numpy references (grids over the simplex / the CAGrad ball, optimali
 
 Every case goes through the jitted `apply` (one compile per method and shape); the T = 2 cases all use [2, 2].
 """
+
 from __future__ import annotations
 
 import functools
@@ -90,6 +91,7 @@ def test_mgda_ub_is_the_min_norm_rule_on_feature_gradients():
   # MGDA-UB's rows are gradients w.r.t. the shared features (the train loop supplies them); the rule is MGDA's,
   # checked on the two-task closed form, and the method says where its rows come from.
   from mtlmatch import weighting
+
   assert weighting.METHODS['mgda_ub'].grads_wrt == 'features' and weighting.METHODS['mgda'].grads_wrt == 'params'
   rng = np.random.default_rng(1)
   for _ in range(3):
@@ -130,7 +132,7 @@ def test_mgda_frank_wolfe_beyond_eight_tasks():
   norms = np.linspace(0.5, 2.0, 9)
   grads = np.diag(norms).astype(np.float32)  # orthogonal: α ∝ 1/‖g_t‖²
   _, weights = run('mgda', grads)
-  expected = (1 / norms ** 2) / np.sum(1 / norms ** 2)
+  expected = (1 / norms**2) / np.sum(1 / norms**2)
   d, d_star = (weights / 9) @ grads, expected @ grads
   assert d @ d <= (d_star @ d_star) * (1 + 1e-3)
   np.testing.assert_allclose(weights / 9, expected, atol=0.02)
@@ -173,8 +175,7 @@ def test_pcgrad_hand_cases():
 def test_pcgrad_random_order_from_the_key():
   grads = np.array([[1.0, 0.0], [-1.0, 1.0], [-1.0, -0.6]], np.float32)
   g64 = grads.astype(np.float64)
-  possible = [pcgrad_reference(g64, orders)
-              for orders in itertools.product(itertools.permutations(range(3)), repeat=3)]
+  possible = [pcgrad_reference(g64, orders) for orders in itertools.product(itertools.permutations(range(3)), repeat=3)]
   seen = []
   for k in range(8):
     update, _ = run('pcgrad', grads, key=jax.random.key(k))
@@ -269,8 +270,8 @@ def test_cagrad_mirror_descent_beyond_eight_tasks():
 def test_nash_hand_cases():
   # M = diag(1, 4)/√17: α_t² M_tt = 1 → α = 17^¼ (1, ½); the update 17^¼ (1, 1) has equal projections.
   update, weights = run('nash_mtl', ORTHOGONAL)
-  np.testing.assert_allclose(weights, 17 ** 0.25 * np.array([1.0, 0.5]), rtol=1e-4)
-  np.testing.assert_allclose(update, 17 ** 0.25 * np.ones(2), rtol=1e-4)
+  np.testing.assert_allclose(weights, 17**0.25 * np.array([1.0, 0.5]), rtol=1e-4)
+  np.testing.assert_allclose(update, 17**0.25 * np.ones(2), rtol=1e-4)
   # Opposing: no bargaining solution (a positive combination is 0); the ridge keeps α finite, the update is ~0.
   for grads in (OPPOSING_EQUAL, OPPOSING):
     update, weights = run('nash_mtl', grads)

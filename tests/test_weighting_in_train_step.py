@@ -17,6 +17,7 @@ one pair of batches; the step is compiled with XLA:CPU's fusion emitters off and
 (about a third of the default compile time; the traced program is ``exp.step_fn``'s own — same shardings and
 donation — only the code generation differs).
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,17 +33,22 @@ from mtlmatch import data
 from mtlmatch import train
 from mtlmatch import weighting
 
-FAST_COMPILE = {'xla_cpu_use_fusion_emitters': False, 'xla_backend_optimization_level': 0,
-                'xla_llvm_disable_expensive_passes': True}
+FAST_COMPILE = {
+    'xla_cpu_use_fusion_emitters': False,
+    'xla_backend_optimization_level': 0,
+    'xla_llvm_disable_expensive_passes': True,
+}
 
 
 def _compile(lowered):
   try:
     return lowered.compile(compiler_options=FAST_COMPILE)
   except Exception as e:  # pylint: disable=broad-except
-    if 'No such compile option' not in str(e):   # an XLA without these options: compile as the train loop does
+    if 'No such compile option' not in str(e):  # an XLA without these options: compile as the train loop does
       raise
     return lowered.compile()
+
+
 NUM_STEPS = 2
 
 # Objective per method: 'mtl' (two task losses) or 'dm+dgr' (DM as a third combined loss, terms_as_tasks=True, and
@@ -51,9 +57,21 @@ NUM_STEPS = 2
 # (tracked [T, P] state with an update that is not weights @ G: MoCo; a loss weighting that reads gradients and tracks
 # [T, P] state: ExcessMTL); tests/test_weighting_zoo.py checks every method's `apply` on 1 and 8 devices.
 OBJECTIVE = {
-    'ew': 'dm+dgr', 'uw': 'dm+dgr', 'dwa': 'mtl', 'rlw': 'mtl', 'gradnorm': 'dm+dgr', 'famo': 'mtl',
-    'mgda': 'dm+dgr', 'mgda_ub': 'dm+dgr', 'pcgrad': 'dm+dgr', 'cagrad': 'dm+dgr', 'nash_mtl': 'mtl', 'imtl': 'mtl',
-    'aligned_mtl': 'mtl', 'moco': 'mtl', 'excess_mtl': 'dm+dgr',
+    'ew': 'dm+dgr',
+    'uw': 'dm+dgr',
+    'dwa': 'mtl',
+    'rlw': 'mtl',
+    'gradnorm': 'dm+dgr',
+    'famo': 'mtl',
+    'mgda': 'dm+dgr',
+    'mgda_ub': 'dm+dgr',
+    'pcgrad': 'dm+dgr',
+    'cagrad': 'dm+dgr',
+    'nash_mtl': 'mtl',
+    'imtl': 'mtl',
+    'aligned_mtl': 'mtl',
+    'moco': 'mtl',
+    'excess_mtl': 'dm+dgr',
 }
 COMBINED = {'mtl': ('task/expression', 'task/aus'), 'dm+dgr': ('task/expression', 'task/aus', 'term/dm')}
 
@@ -124,11 +142,13 @@ METHODS = sorted(OBJECTIVE)
 
 def test_every_mechanism_is_covered():
   assert set(OBJECTIVE) <= set(weighting.METHODS)
-  for attr in ('needs_grads', 'grads_wrt', 'linear', 'needs_num_params'):   # every value of every switch the loop reads
-    assert {getattr(m, attr) for m in weighting.METHODS.values()} == {getattr(weighting.METHODS[n], attr)
-                                                                      for n in OBJECTIVE}, attr
+  for attr in ('needs_grads', 'grads_wrt', 'linear', 'needs_num_params'):  # every value of every switch the loop reads
+    assert {getattr(m, attr) for m in weighting.METHODS.values()} == {
+        getattr(weighting.METHODS[n], attr) for n in OBJECTIVE
+    }, attr
   assert {(weighting.is_gradient_method(n), n in weighting.LOSS_WEIGHTING) for n in weighting.METHODS} == {
-      (weighting.is_gradient_method(n), n in weighting.LOSS_WEIGHTING) for n in OBJECTIVE}
+      (weighting.is_gradient_method(n), n in weighting.LOSS_WEIGHTING) for n in OBJECTIVE
+  }
   assert {m for m, o in OBJECTIVE.items() if o != 'mtl' and weighting.is_gradient_method(m)}, 'DM as a task'
 
 
@@ -143,8 +163,9 @@ def test_method_trains_with_finite_loss_and_one_device_equals_eight(method, tfds
   assert int(one['state'].step) == int(eight['state'].step) == NUM_STEPS
   for a, b in zip(jax.tree.leaves(one['state'].params), jax.tree.leaves(eight['state'].params), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  for a, b in zip(jax.tree.leaves(one['state'].weighting_state), jax.tree.leaves(eight['state'].weighting_state),
-                  strict=True):
+  for a, b in zip(
+      jax.tree.leaves(one['state'].weighting_state), jax.tree.leaves(eight['state'].weighting_state), strict=True
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   for m1, m8 in zip(one['metrics'], eight['metrics'], strict=True):
     assert set(m1) == set(m8)
@@ -179,7 +200,7 @@ def test_metrics_log_weights_and_gradient_cosines(method, tfds_dir):
   assert {k for k in m if k.startswith('weight/')} == {f'weight/{name}' for name in combined}
   cosines = {k for k in m if k.startswith('cosine/')}
   if weighting.is_gradient_method(method):
-    pairs = {f'cosine/{a}|{b}' for i, a in enumerate(combined) for b in combined[i + 1:]}
+    pairs = {f'cosine/{a}|{b}' for i, a in enumerate(combined) for b in combined[i + 1 :]}
     assert cosines == pairs
     assert all(-1.0 <= m[k] <= 1.0 for k in pairs)
   else:
@@ -187,7 +208,7 @@ def test_metrics_log_weights_and_gradient_cosines(method, tfds_dir):
   if method == 'ew':
     np.testing.assert_array_equal([m[f'weight/{name}'] for name in combined], 1.0)
   if OBJECTIVE[method] != 'mtl':
-    assert 'weight/term/dgr' not in m and 'loss/term/dgr' in m   # DGR is added on top, never weighted
+    assert 'weight/term/dgr' not in m and 'loss/term/dgr' in m  # DGR is added on top, never weighted
 
 
 @pytest.mark.parametrize('method', ['cagrad', 'imtl', 'mgda_ub', 'gradnorm'])
@@ -201,7 +222,7 @@ def test_first_step_gradient_matches_an_independent_jacobian(method, tfds_dir):
   state = _initial_state(objective, tfds_dir)
   combined = COMBINED[objective]
   init = train.weighting_init(exp.method, len(combined), state.params)
-  if method == 'gradnorm':   # unequal weights, so that weighting the heads' gradients is visible in grad_norm
+  if method == 'gradnorm':  # unequal weights, so that weighting the heads' gradients is visible in grad_norm
     init = {**init, 'weights': jnp.array([0.5, 2.0, 0.5], jnp.float32)}
 
   def reference(params, batch):
@@ -211,8 +232,12 @@ def test_first_step_gradient_matches_an_independent_jacobian(method, tfds_dir):
     def losses_from(features, heads):
       logits = {t: exp.model.apply_head(t, heads[t], features) for t in exp.model.heads}
       # Fixed DGR dummies come from the state; neither DM nor fixed DGR draws randomness.
-      return exp.objective({'features': features, 'logits': logits}, batch['labels'], dummies=state.dummy_params,
-                           rng=jax.random.PRNGKey(0))
+      return exp.objective(
+          {'features': features, 'logits': logits},
+          batch['labels'],
+          dummies=state.dummy_params,
+          rng=jax.random.PRNGKey(0),
+      )
 
     named_losses = lambda p: losses_from(features_of(p), p['heads'])  # noqa: E731
     losses, jac = named_losses(params), jax.jacrev(named_losses)(params)
@@ -226,8 +251,9 @@ def test_first_step_gradient_matches_an_independent_jacobian(method, tfds_dir):
       update, weights, _ = exp.method.apply(init, jnp.stack([flat[n] for n in combined]), task_losses)
     encoder = update + sum((flat[n] for n in losses if n not in combined), jnp.zeros_like(update))
     coefficient = {n: weights[combined.index(n)] if method == 'gradnorm' and n in combined else 1.0 for n in losses}
-    head_sum = jax.tree.map(lambda *g: sum(g), *[jax.tree.map(lambda x, n=n: coefficient[n] * x, jac[n]['heads'])
-                                                 for n in losses])
+    head_sum = jax.tree.map(
+        lambda *g: sum(g), *[jax.tree.map(lambda x, n=n: coefficient[n] * x, jac[n]['heads']) for n in losses]
+    )
     heads = sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(head_sum))
     return jnp.sqrt(jnp.sum(jnp.square(encoder)) + heads), weights
 

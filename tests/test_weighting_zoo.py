@@ -7,6 +7,7 @@ task is present (the contract tests of test_weighting.py cover the methods that 
 
 Every case goes through the jitted `apply` (one compile per method and shape: T = 3 tasks, P = 16 parameters).
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,8 +32,30 @@ CONFLICT[2, 1:3] = [0.2, 0.1]
 ABSENT = RANDOM.copy()
 ABSENT[1] = 0.0
 LOSSES = np.array([0.7, 1.9, 1.2], np.float32)
-NEW = ('sum', 'mean', 'constant', 'gls', 'imtl_l', 'stch', 'go4align', 'excess_mtl', 'fairgrad', 'upgrad', 'dualproj',
-       'config', 'gradvac', 'graddrop', 'krum', 'trimmed_mean', 'rgw', 'moco', 'modo', 'sdmgrad', 'cr_mogm', 'db_mtl')
+NEW = (
+    'sum',
+    'mean',
+    'constant',
+    'gls',
+    'imtl_l',
+    'stch',
+    'go4align',
+    'excess_mtl',
+    'fairgrad',
+    'upgrad',
+    'dualproj',
+    'config',
+    'gradvac',
+    'graddrop',
+    'krum',
+    'trimmed_mean',
+    'rgw',
+    'moco',
+    'modo',
+    'sdmgrad',
+    'cr_mogm',
+    'db_mtl',
+)
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,7 +84,7 @@ def present_of(grads):
 
 # ---- loss weightings ----------------------------------------------------------------------------------------------
 def test_sum_mean_constant_gls():
-  losses = np.array([0.5, 0.0, 2.0], np.float32)   # task 1 absent
+  losses = np.array([0.5, 0.0, 2.0], np.float32)  # task 1 absent
   g = ABSENT
   _, w = one('sum', g, losses)
   np.testing.assert_array_equal(w, [1, 0, 1])
@@ -85,20 +108,20 @@ def test_imtl_l_scales_move_toward_inverse_losses():
     np.testing.assert_allclose(w, np.exp(s), rtol=1e-5)
     s = s - 0.5 * (np.exp(s) * loss - 1.0)
   np.testing.assert_allclose(state['log_scale'], s, rtol=1e-5)
-  assert np.all(np.sign(s) == np.sign(-np.log(LOSSES)))   # toward e^s = 1/L
+  assert np.all(np.sign(s) == np.sign(-np.log(LOSSES)))  # toward e^s = 1/L
 
 
 def test_stch_warmup_then_smooth_max_of_relative_log_losses():
   seq = [np.array([1.0, 2.0, 4.0]), np.array([3.0, 2.0, 2.0]), np.array([1.0, 4.0, 1.5])]
   outs, _ = steps('stch', [RANDOM] * 3, seq, mu=0.5, warmup_steps=2)
-  for (_, w), loss in zip(outs[:2], seq[:2]):   # warm-up: ∝ 1/L, normalised to sum T
+  for (_, w), loss in zip(outs[:2], seq[:2]):  # warm-up: ∝ 1/L, normalised to sum T
     np.testing.assert_allclose(w, 3 * (1 / loss) / np.sum(1 / loss), rtol=1e-5)
   nadir = (seq[0] + seq[1]) / 2
   rel = np.log(seq[2] / nadir) / 0.5
   soft = np.exp(rel - rel.max()) / np.sum(np.exp(rel - rel.max()))
   ref = soft / seq[2]
   np.testing.assert_allclose(outs[2][1], 3 * ref / ref.sum(), rtol=1e-5)
-  assert np.argmax(outs[2][1]) == 1   # the task furthest above its nadir (4 vs 2) dominates
+  assert np.argmax(outs[2][1]) == 1  # the task furthest above its nadir (4 vs 2) dominates
 
 
 def kmeans_ref(r, k, iters=20):
@@ -130,7 +153,7 @@ def test_excess_mtl_follows_adagrad_excess_risks():
   acc, lw, init = np.zeros((3, P)), np.ones(3), None
   for (update, w), g in zip(outs, gs):
     g = g.astype(np.float64)
-    acc += g ** 2
+    acc += g**2
     e = np.sum(g * g / np.sqrt(acc + 1e-7), axis=1)
     if init is None:
       init = e
@@ -148,7 +171,7 @@ def test_db_mtl_balances_log_loss_gradient_emas():
   buf = np.zeros((3, P))
   for k, ((update, w), g) in enumerate(zip(outs, gs), start=1):
     gl = g.astype(np.float64) / (LOSSES[:, None].astype(np.float64) + 1e-8)
-    buf = gl + 0.9 / k ** 0.5 * (buf - gl)
+    buf = gl + 0.9 / k**0.5 * (buf - gl)
     n = np.linalg.norm(buf, axis=1)
     np.testing.assert_allclose(w, n.max() / n, rtol=1e-5)
     np.testing.assert_allclose(update, (n.max() / n) @ buf, rtol=1e-4, atol=1e-5)
@@ -159,8 +182,8 @@ def moco_ref(gs, losses, n, beta=0.5, gamma=0.1, rho=0.0):
   for k in range(1, n + 1):
     g = gs.astype(np.float64)
     gh = g / np.linalg.norm(g, axis=1, keepdims=True) * losses[:, None]
-    y = y - beta / k ** 0.5 * (y - gh)
-    z = lam - gamma / k ** 0.5 * (y @ y.T + rho * np.eye(3)) @ lam
+    y = y - beta / k**0.5 * (y - gh)
+    z = lam - gamma / k**0.5 * (y @ y.T + rho * np.eye(3)) @ lam
     lam = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
     out.append((3 * lam @ y, 3 * lam, y))
   return out
@@ -210,8 +233,14 @@ def test_modo_sdmgrad_cr_mogm_against_their_weight_updates():
   lam = None
   for (_, w), a in zip(outs, a_seq):
     cons = {'type': 'eq', 'fun': lambda x: x.sum() - 1}
-    best = optimize.minimize(lambda x, a=a: x @ a @ x, np.full(3, 1 / 3), bounds=[(0, 1)] * 3, constraints=cons,
-                             method='SLSQP', options={'ftol': 1e-14}).x
+    best = optimize.minimize(
+        lambda x, a=a: x @ a @ x,
+        np.full(3, 1 / 3),
+        bounds=[(0, 1)] * 3,
+        constraints=cons,
+        method='SLSQP',
+        options={'ftol': 1e-14},
+    ).x
     lam = best if lam is None else 0.8 * lam + 0.2 * best
     np.testing.assert_allclose(w, 3 * lam, atol=2e-3)
 
@@ -232,8 +261,9 @@ def test_fairgrad_alpha_one_is_nash_and_orthogonal_closed_form():
   # Random gradients, α = 2: the system (M + ridge·diag M) x = x^(−1/α) (scipy's least_squares, the authors' solver).
   a = g64 @ g64.T
   a = a / np.linalg.norm(a) + 1e-6 * np.diag(np.diag(a / np.linalg.norm(a)))
-  ref = optimize.least_squares(lambda x: a @ x - x ** -0.5, np.ones(3), bounds=(1e-9, np.inf), xtol=1e-15,
-                               ftol=1e-15, gtol=1e-15).x
+  ref = optimize.least_squares(
+      lambda x: a @ x - x**-0.5, np.ones(3), bounds=(1e-9, np.inf), xtol=1e-15, ftol=1e-15, gtol=1e-15
+  ).x
   _, w = one('fairgrad', RANDOM, alpha=2.0)
   np.testing.assert_allclose(w, ref, rtol=1e-4)
 
@@ -241,9 +271,9 @@ def test_fairgrad_alpha_one_is_nash_and_orthogonal_closed_form():
 def test_nash_update_every_and_max_norm():
   outs, _ = steps('nash_mtl', [RANDOM, CONFLICT, RANDOM * 3], [LOSSES] * 3, update_every=2)
   _, w0 = one('nash_mtl', RANDOM)
-  np.testing.assert_allclose(outs[1][1], w0, rtol=1e-6)       # step 1 reuses step 0's weights
+  np.testing.assert_allclose(outs[1][1], w0, rtol=1e-6)  # step 1 reuses step 0's weights
   _, w2 = one('nash_mtl', RANDOM * 3)
-  np.testing.assert_allclose(outs[2][1], w2, rtol=1e-5)       # step 2 solves again
+  np.testing.assert_allclose(outs[2][1], w2, rtol=1e-5)  # step 2 solves again
   update, _ = one('nash_mtl', RANDOM, max_norm=0.5)
   np.testing.assert_allclose(np.linalg.norm(update), 0.5, rtol=1e-5)
 
@@ -251,9 +281,14 @@ def test_nash_update_every_and_max_norm():
 # ---- projections and aggregators -------------------------------------------------------------------------------------
 def dual_cone_projection(g, x):
   """argmin_d ‖d − x‖² s.t. G d ≥ 0 (scipy SLSQP in the primal)."""
-  res = optimize.minimize(lambda d: np.sum((d - x) ** 2), x, jac=lambda d: 2 * (d - x), method='SLSQP',
-                          constraints={'type': 'ineq', 'fun': lambda d: g @ d, 'jac': lambda d: g},
-                          options={'ftol': 1e-15, 'maxiter': 500})
+  res = optimize.minimize(
+      lambda d: np.sum((d - x) ** 2),
+      x,
+      jac=lambda d: 2 * (d - x),
+      method='SLSQP',
+      constraints={'type': 'ineq', 'fun': lambda d: g @ d, 'jac': lambda d: g},
+      options={'ftol': 1e-15, 'maxiter': 500},
+  )
   return res.x
 
 
@@ -271,7 +306,7 @@ def test_upgrad_and_dualproj_project_onto_the_dual_cone(grads):
 
 
 def test_upgrad_without_conflict_is_ew():
-  g = np.abs(RANDOM)   # all pairwise dot products positive
+  g = np.abs(RANDOM)  # all pairwise dot products positive
   update, _ = one('upgrad', g)
   np.testing.assert_allclose(update, g.sum(0), rtol=1e-4)
 
@@ -308,13 +343,16 @@ def test_gradvac_matches_the_sequential_rule_and_updates_targets():
         rho = gi @ g[j] / (np.linalg.norm(gi) * np.linalg.norm(g[j]))
         phi = targets[i, j]
         if rho < phi:
-          w = np.linalg.norm(gi) * (phi * np.sqrt(1 - rho ** 2) - rho * np.sqrt(1 - phi ** 2)) / (
-              np.linalg.norm(g[j]) * np.sqrt(1 - phi ** 2))
+          w = (
+              np.linalg.norm(gi)
+              * (phi * np.sqrt(1 - rho**2) - rho * np.sqrt(1 - phi**2))
+              / (np.linalg.norm(g[j]) * np.sqrt(1 - phi**2))
+          )
           new[i] = gi + w * g[j]
           targets[i, j] = 0.5 * phi + 0.5 * rho
     np.testing.assert_allclose(update, new.sum(0), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(state['targets'], targets, atol=1e-5)
-  assert np.any(targets < 0)   # the conflicting pair moved its target
+  assert np.any(targets < 0)  # the conflicting pair moved its target
 
 
 def test_graddrop_keeps_one_sign_per_coordinate():
@@ -324,20 +362,20 @@ def test_graddrop_keeps_one_sign_per_coordinate():
   u = np.asarray(jax.random.uniform(KEY, (P,)))
   mask = ((purity > u) & (g > 0)) | ((purity < u) & (g < 0))
   np.testing.assert_allclose(update, np.sum(mask * g, axis=0), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(w, np.sum(mask * g ** 2, 1) / np.sum(g ** 2, 1), rtol=1e-5)
-  update, _ = one('graddrop', RANDOM, leak=1.0)   # leak 1: nothing dropped
+  np.testing.assert_allclose(w, np.sum(mask * g**2, 1) / np.sum(g**2, 1), rtol=1e-5)
+  update, _ = one('graddrop', RANDOM, leak=1.0)  # leak 1: nothing dropped
   np.testing.assert_allclose(update, g.sum(0), rtol=1e-5, atol=1e-6)
 
 
 def test_krum_and_trimmed_mean():
-  g4 = np.concatenate([RANDOM, 10 * RANDOM[:1]]).astype(np.float32)   # 4 tasks, one far away
+  g4 = np.concatenate([RANDOM, 10 * RANDOM[:1]]).astype(np.float32)  # 4 tasks, one far away
   g = g4.astype(np.float64)
   update, w = steps('krum', [g4], [np.ones(4)], n_byzantine=1, n_selected=2)[0][0]
   dist = np.linalg.norm(g[:, None] - g[None], axis=-1)
-  scores = np.array([np.sort(np.delete(dist[i], i))[:1].sum() for i in range(4)])   # T − f − 2 = 1 neighbour
+  scores = np.array([np.sort(np.delete(dist[i], i))[:1].sum() for i in range(4)])  # T − f − 2 = 1 neighbour
   chosen = np.argsort(scores, kind='stable')[:2]
   np.testing.assert_allclose(update, 4 * g[chosen].mean(0), rtol=1e-5, atol=1e-6)
-  assert w[3] == 0   # the outlier is never chosen
+  assert w[3] == 0  # the outlier is never chosen
   with pytest.raises(ValueError, match='n_byzantine'):
     W.get_method('krum', n_byzantine=1).init(3)
 

@@ -14,6 +14,7 @@ Modules: ``sources`` (Source, readers, Benchmark, validation), ``pipeline`` (mix
 iterators), ``sharding`` (hosts, devices, global arrays), ``synthetic_affect``, ``fashion_mnist``, ``benchmarks``.
 Importing this package hides every GPU from TensorFlow so that tf.data never takes accelerator memory from JAX.
 """
+
 import tensorflow as tf
 
 try:
@@ -23,15 +24,57 @@ except RuntimeError:  # TF already initialised its devices (someone imported and
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from mtlmatch.data.benchmarks import BUILDERS, get_benchmark
-from mtlmatch.data.pipeline import (MIXING, MixingSchedule, checkpoint_state, eval_iterator, mixing_probabilities,
-                                    num_eval_batches, train_iterator)
+from mtlmatch.data.pipeline import (
+    MIXING,
+    MixingSchedule,
+    checkpoint_state,
+    eval_iterator,
+    mixing_probabilities,
+    num_eval_batches,
+    train_iterator,
+)
 from mtlmatch.data.sharding import prefetch_to_device, to_global
-from mtlmatch.data.sources import (ArrayReader, Benchmark, Examples, Holdout, Source, TfdsReader, array_source,
-                                   default_data_dir, host_slice, load_examples, make_benchmark, source_labels,
-                                   tfds_source, with_validation)
+from mtlmatch.data.sources import (
+    ArrayReader,
+    Benchmark,
+    Examples,
+    Holdout,
+    Source,
+    TfdsReader,
+    array_source,
+    default_data_dir,
+    host_slice,
+    load_examples,
+    make_benchmark,
+    source_labels,
+    tfds_source,
+    with_validation,
+)
 
-__all__ = ['ArrayReader', 'BUILDERS', 'Benchmark', 'Examples', 'Holdout', 'MIXING', 'MixingSchedule', 'Source',
-           'TfdsReader', 'array_source', 'checkpoint_state', 'default_data_dir', 'eval_iterator', 'get_benchmark',
-           'host_slice',
-           'load_examples', 'make_benchmark', 'mixing_probabilities', 'num_eval_batches', 'prefetch_to_device',
-           'source_labels', 'tfds_source', 'to_global', 'train_iterator', 'with_validation']
+__all__ = [
+    'ArrayReader',
+    'BUILDERS',
+    'Benchmark',
+    'Examples',
+    'Holdout',
+    'MIXING',
+    'MixingSchedule',
+    'Source',
+    'TfdsReader',
+    'array_source',
+    'checkpoint_state',
+    'default_data_dir',
+    'eval_iterator',
+    'get_benchmark',
+    'host_slice',
+    'load_examples',
+    'make_benchmark',
+    'mixing_probabilities',
+    'num_eval_batches',
+    'prefetch_to_device',
+    'source_labels',
+    'tfds_source',
+    'to_global',
+    'train_iterator',
+    'with_validation',
+]

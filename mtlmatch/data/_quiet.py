@@ -1,5 +1,6 @@
 """The one line a generated TFDS builder prints when it prepares its data (instead of TFDS's "Downloading and
 preparing dataset Unknown size (download: Unknown size, ...)", which is wrong: nothing is downloaded)."""
+
 import logging
 
 

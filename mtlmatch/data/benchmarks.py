@@ -6,6 +6,7 @@ Fashion-MNIST IDX files. ``options`` are the keyword arguments of the builder fu
 ``data_dir=None`` means ``$MTLMATCH_DATA_DIR`` or ``~/tensorflow_datasets`` (:func:`default_data_dir`), where the
 generated TFDS datasets are cached. User data: ``make_benchmark`` with ``array_source`` / ``tfds_source``.
 """
+
 from __future__ import annotations
 
 import inspect

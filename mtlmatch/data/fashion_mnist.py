@@ -16,6 +16,7 @@ TFDS dataset (uint8 tensors, no PNG); both store ``index`` = the example's posit
 Without the IDX files the error says how to get them; TFDS's own ``fashion_mnist`` (online) works through
 ``tfds_source('items', 'fashion_mnist', tasks=['item'], labels_fn=lambda ex: {'item': ex['label']})``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,37 +37,43 @@ IDX_FILES = {
     'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
     'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
 }
-ITEM_NAMES = ('t-shirt/top', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag',
-              'ankle boot')
+ITEM_NAMES = ('t-shirt/top', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'ankle boot')
 GROUP_NAMES = ('tops', 'bottoms', 'dresses', 'footwear', 'bags')
 ITEM_TO_GROUP = np.array([0, 1, 0, 2, 0, 3, 0, 3, 4, 3], np.int32)
 ATTRIBUTE_NAMES = ('upper_body', 'lower_body', 'has_sleeves', 'long_sleeves', 'footwear', 'worn')
 # One row per item, columns ATTRIBUTE_NAMES. A dress covers upper and lower body and is counted sleeveless; shirts,
 # pullovers and coats in Fashion-MNIST are mostly long-sleeved; a bag is the only item not worn.
-ITEM_ATTRIBUTES = np.array([
-    [1, 0, 1, 0, 0, 1],  # t-shirt/top
-    [0, 1, 0, 0, 0, 1],  # trouser
-    [1, 0, 1, 1, 0, 1],  # pullover
-    [1, 1, 0, 0, 0, 1],  # dress
-    [1, 0, 1, 1, 0, 1],  # coat
-    [0, 0, 0, 0, 1, 1],  # sandal
-    [1, 0, 1, 1, 0, 1],  # shirt
-    [0, 0, 0, 0, 1, 1],  # sneaker
-    [0, 0, 0, 0, 0, 0],  # bag
-    [0, 0, 0, 0, 1, 1],  # ankle boot
-], np.int32)
+ITEM_ATTRIBUTES = np.array(
+    [
+        [1, 0, 1, 0, 0, 1],  # t-shirt/top
+        [0, 1, 0, 0, 0, 1],  # trouser
+        [1, 0, 1, 1, 0, 1],  # pullover
+        [1, 1, 0, 0, 0, 1],  # dress
+        [1, 0, 1, 1, 0, 1],  # coat
+        [0, 0, 0, 0, 1, 1],  # sandal
+        [1, 0, 1, 1, 0, 1],  # shirt
+        [0, 0, 0, 0, 1, 1],  # sneaker
+        [0, 0, 0, 0, 0, 0],  # bag
+        [0, 0, 0, 0, 1, 1],  # ankle boot
+    ],
+    np.int32,
+)
 MULTI_SIZE = 36  # Multi-Fashion canvas; item 1 at [0:28, 0:28], item 2 at [8:36, 8:36]
 
 
 def shopping_tasks() -> dict[str, TaskSpec]:
-  return {'item': TaskSpec('item', 'multiclass', 10, ITEM_NAMES),
-          'group': TaskSpec('group', 'multiclass', 5, GROUP_NAMES),
-          'attributes': TaskSpec('attributes', 'multilabel', len(ATTRIBUTE_NAMES), ATTRIBUTE_NAMES)}
+  return {
+      'item': TaskSpec('item', 'multiclass', 10, ITEM_NAMES),
+      'group': TaskSpec('group', 'multiclass', 5, GROUP_NAMES),
+      'attributes': TaskSpec('attributes', 'multilabel', len(ATTRIBUTE_NAMES), ATTRIBUTE_NAMES),
+  }
 
 
 def multi_fashion_tasks() -> dict[str, TaskSpec]:
-  return {'left': TaskSpec('left', 'multiclass', 10, ITEM_NAMES),
-          'right': TaskSpec('right', 'multiclass', 10, ITEM_NAMES)}
+  return {
+      'left': TaskSpec('left', 'multiclass', 10, ITEM_NAMES),
+      'right': TaskSpec('right', 'multiclass', 10, ITEM_NAMES),
+  }
 
 
 def resolve_idx_dir(idx_dir: Optional[str] = None) -> str:
@@ -79,7 +86,8 @@ def resolve_idx_dir(idx_dir: Optional[str] = None) -> str:
         f'`apt-get install dataset-fashion-mnist` (files land in {DEBIAN_IDX_DIR}/), or pass idx_dir= (or set '
         f'${IDX_DIR_ENV}) to a directory holding {sorted(f for v in IDX_FILES.values() for f in v)}. With network, '
         "TFDS's own 'fashion_mnist' works too: tfds_source(..., 'fashion_mnist', labels_fn=lambda ex: "
-        "{'item': ex['label']}, download=True).")
+        "{'item': ex['label']}, download=True)."
+    )
   return idx_dir
 
 
@@ -105,8 +113,10 @@ def read_split(idx_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   images = read_idx(os.path.join(idx_dir, image_file))
   items = read_idx(os.path.join(idx_dir, label_file)).astype(np.int32)
   if images.ndim != 3 or images.dtype != np.uint8 or items.shape != images.shape[:1]:
-    raise ValueError(f'Fashion-MNIST {split} in {idx_dir!r}: got images {images.shape} {images.dtype} and labels '
-                     f'{items.shape}, expected uint8 [N, H, W] and [N]')
+    raise ValueError(
+        f'Fashion-MNIST {split} in {idx_dir!r}: got images {images.shape} {images.dtype} and labels '
+        f'{items.shape}, expected uint8 [N, H, W] and [N]'
+    )
   if items.size and (items.min() < 0 or items.max() >= len(ITEM_NAMES)):
     raise ValueError(f'Fashion-MNIST {split} labels: got values in [{items.min()}, {items.max()}], expected [0, 10)')
   return images, items
@@ -125,22 +135,27 @@ class MtlmatchFashionMnist(tfds.core.GeneratorBasedBuilder):
   code_path = None
   _log_download_bytes = log_generation  # generated locally: no "Downloading ... Unknown size" line
   RELEASE_NOTES = {'1.0.0': 'item, group, attributes derived from the item; from Debian dataset-fashion-mnist.'}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = (f'`apt-get install dataset-fashion-mnist`, then use manual_dir={DEBIAN_IDX_DIR} '
-                                  f'(it must hold {sorted(f for v in IDX_FILES.values() for f in v)}).')
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      f'`apt-get install dataset-fashion-mnist`, then use manual_dir={DEBIAN_IDX_DIR} '
+      f'(it must hold {sorted(f for v in IDX_FILES.values() for f in v)}).'
+  )
 
   def _info(self):
     return tfds.core.DatasetInfo(
         builder=self,
         description='Fashion-MNIST (Xiao, Rasul, Vollgraf 2017) with derived group and attribute tasks.',
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8, encoding='bytes'),
-            'item': tfds.features.Tensor(shape=(), dtype=np.int32),
-            'group': tfds.features.Tensor(shape=(), dtype=np.int32),
-            'attributes': tfds.features.Tensor(shape=(len(ATTRIBUTE_NAMES),), dtype=np.int32),
-            'index': tfds.features.Tensor(shape=(), dtype=np.int64),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                'image': tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8, encoding='bytes'),
+                'item': tfds.features.Tensor(shape=(), dtype=np.int32),
+                'group': tfds.features.Tensor(shape=(), dtype=np.int32),
+                'attributes': tfds.features.Tensor(shape=(len(ATTRIBUTE_NAMES),), dtype=np.int32),
+                'index': tfds.features.Tensor(shape=(), dtype=np.int64),
+            }
+        ),
         homepage='https://github.com/zalandoresearch/fashion-mnist',
-        citation='H. Xiao, K. Rasul, R. Vollgraf. Fashion-MNIST. arXiv:1708.07747, 2017.')
+        citation='H. Xiao, K. Rasul, R. Vollgraf. Fashion-MNIST. arXiv:1708.07747, 2017.',
+    )
 
   def _split_generators(self, dl_manager):
     idx_dir = resolve_idx_dir(os.fspath(dl_manager.manual_dir))
@@ -149,8 +164,13 @@ class MtlmatchFashionMnist(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, idx_dir, split):
     images, items = read_split(idx_dir, split)
     for i in range(len(items)):
-      yield i, {'image': images[i, :, :, None], 'item': items[i], 'group': ITEM_TO_GROUP[items[i]],
-                'attributes': ITEM_ATTRIBUTES[items[i]], 'index': np.int64(i)}
+      yield i, {
+          'image': images[i, :, :, None],
+          'item': items[i],
+          'group': ITEM_TO_GROUP[items[i]],
+          'attributes': ITEM_ATTRIBUTES[items[i]],
+          'index': np.int64(i),
+      }
 
 
 def prepare_fashion_mnist(data_dir: Optional[str] = None, idx_dir: Optional[str] = None) -> MtlmatchFashionMnist:
@@ -174,14 +194,22 @@ def _check_sizes(**sizes):
 def _check_weights(weights, names):
   weights = dict(weights or {})
   if set(weights) - set(names):
-    raise ValueError(f'weights: got unknown source names {sorted(set(weights) - set(names))}, expected names from '
-                     f'{list(names)}')
+    raise ValueError(
+        f'weights: got unknown source names {sorted(set(weights) - set(names))}, expected names from ' f'{list(names)}'
+    )
   return weights
 
 
-def shopping_benchmark(*, data_dir: Optional[str] = None, seed: int = 0, idx_dir: Optional[str] = None,
-                       num_item: int = 1000, num_group: int = 50000, num_coannotated: int = 1000,
-                       weights: Optional[Mapping[str, float]] = None) -> Benchmark:
+def shopping_benchmark(
+    *,
+    data_dir: Optional[str] = None,
+    seed: int = 0,
+    idx_dir: Optional[str] = None,
+    num_item: int = 1000,
+    num_group: int = 50000,
+    num_coannotated: int = 1000,
+    weights: Optional[Mapping[str, float]] = None,
+) -> Benchmark:
   """Fashion-MNIST "shopping": source ``item`` = ``train[:num_item]`` annotating ``item`` only; source
   ``group_attributes`` = the next ``num_group`` annotating ``group`` + ``attributes`` only; aux ``coannotated`` = the
   next ``num_coannotated`` with all three (omitted if 0); eval ``test`` (10k, all three).
@@ -197,20 +225,31 @@ def shopping_benchmark(*, data_dir: Optional[str] = None, seed: int = 0, idx_dir
   builder = prepare_fashion_mnist(data_dir, idx_dir)
   available = builder.info.splits['train'].num_examples
   if num_item + num_group + num_coannotated > available:
-    raise ValueError(f'num_item + num_group + num_coannotated: got {num_item} + {num_group} + {num_coannotated}, '
-                     f'expected at most the {available} training images (the slices are disjoint)')
+    raise ValueError(
+        f'num_item + num_group + num_coannotated: got {num_item} + {num_group} + {num_coannotated}, '
+        f'expected at most the {available} training images (the slices are disjoint)'
+    )
   reader = TfdsReader(builder, labels_fn=_shopping_labels, description='fashion_mnist')
   a, b = num_item, num_item + num_group
-  train = (Source('item', reader, ('item',), f'train[:{a}]', weights.get('item', 1.0)),
-           Source('group_attributes', reader, ('group', 'attributes'), f'train[{a}:{b}]',
-                  weights.get('group_attributes', 1.0)))
+  train = (
+      Source('item', reader, ('item',), f'train[:{a}]', weights.get('item', 1.0)),
+      Source(
+          'group_attributes', reader, ('group', 'attributes'), f'train[{a}:{b}]', weights.get('group_attributes', 1.0)
+      ),
+  )
   aux = {}
   if num_coannotated:
-    aux['coannotated'] = Source('coannotated', reader, ('item', 'group', 'attributes'),
-                                f'train[{b}:{b + num_coannotated}]')
-  return make_benchmark('shopping', shopping_tasks(), train,
-                        eval_sources=(Source('test', reader, ('item', 'group', 'attributes'), 'test'),),
-                        aux_sources=aux, image_shape=(28, 28, 1))
+    aux['coannotated'] = Source(
+        'coannotated', reader, ('item', 'group', 'attributes'), f'train[{b}:{b + num_coannotated}]'
+    )
+  return make_benchmark(
+      'shopping',
+      shopping_tasks(),
+      train,
+      eval_sources=(Source('test', reader, ('item', 'group', 'attributes'), 'test'),),
+      aux_sources=aux,
+      image_shape=(28, 28, 1),
+  )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -229,7 +268,7 @@ def overlay(left: np.ndarray, right: np.ndarray) -> np.ndarray:
   n, h, w = left.shape
   canvas = np.zeros((n, MULTI_SIZE, MULTI_SIZE), np.uint8)
   canvas[:, :h, :w] = left
-  canvas[:, MULTI_SIZE - h:, MULTI_SIZE - w:] = np.maximum(canvas[:, MULTI_SIZE - h:, MULTI_SIZE - w:], right)
+  canvas[:, MULTI_SIZE - h :, MULTI_SIZE - w :] = np.maximum(canvas[:, MULTI_SIZE - h :, MULTI_SIZE - w :], right)
   return canvas[..., None]
 
 
@@ -256,19 +295,25 @@ class MtlmatchMultiFashion(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description='Two Fashion-MNIST items per image (top-left, bottom-right), MultiMNIST-style.',
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(MULTI_SIZE, MULTI_SIZE, 1), dtype=np.uint8, encoding='bytes'),
-            'left': tfds.features.Tensor(shape=(), dtype=np.int32),
-            'right': tfds.features.Tensor(shape=(), dtype=np.int32),
-            'index': tfds.features.Tensor(shape=(), dtype=np.int64),
-        }),
-        citation='S. Sabour, N. Frosst, G. Hinton. Dynamic routing between capsules. NeurIPS 2017 (MultiMNIST).')
+        features=tfds.features.FeaturesDict(
+            {
+                'image': tfds.features.Tensor(shape=(MULTI_SIZE, MULTI_SIZE, 1), dtype=np.uint8, encoding='bytes'),
+                'left': tfds.features.Tensor(shape=(), dtype=np.int32),
+                'right': tfds.features.Tensor(shape=(), dtype=np.int32),
+                'index': tfds.features.Tensor(shape=(), dtype=np.int64),
+            }
+        ),
+        citation='S. Sabour, N. Frosst, G. Hinton. Dynamic routing between capsules. NeurIPS 2017 (MultiMNIST).',
+    )
 
   def _split_generators(self, dl_manager):
     idx_dir = resolve_idx_dir(os.fspath(dl_manager.manual_dir))
     c = self.builder_config
-    return {split: self._generate_examples(idx_dir, split, n)
-            for split, n in (('train', c.num_train), ('test', c.num_test)) if n > 0}
+    return {
+        split: self._generate_examples(idx_dir, split, n)
+        for split, n in (('train', c.num_train), ('test', c.num_test))
+        if n > 0
+    }
 
   def _generate_examples(self, idx_dir, split, n):
     images, items = read_split(idx_dir, split)
@@ -278,23 +323,37 @@ class MtlmatchMultiFashion(tfds.core.GeneratorBasedBuilder):
       yield i, {'image': canvas[i], 'left': items[left[i]], 'right': items[right[i]], 'index': np.int64(i)}
 
 
-def prepare_multi_fashion(data_dir: Optional[str] = None, idx_dir: Optional[str] = None, *, seed: int = 0,
-                          num_train: int = 60000, num_test: int = 10000) -> MtlmatchMultiFashion:
+def prepare_multi_fashion(
+    data_dir: Optional[str] = None,
+    idx_dir: Optional[str] = None,
+    *,
+    seed: int = 0,
+    num_train: int = 60000,
+    num_test: int = 10000,
+) -> MtlmatchMultiFashion:
   _check_sizes(seed=seed, num_train=num_train, num_test=num_test)
   if num_train < 1 or num_test < 1:
     raise ValueError(f'num_train, num_test: got {num_train}, {num_test}, expected both >= 1')
-  config = MultiFashionConfig(name=f's{seed}_tr{num_train}_te{num_test}', seed=int(seed), num_train=int(num_train),
-                              num_test=int(num_test))
+  config = MultiFashionConfig(
+      name=f's{seed}_tr{num_train}_te{num_test}', seed=int(seed), num_train=int(num_train), num_test=int(num_test)
+  )
   builder = MtlmatchMultiFashion(config=config, data_dir=default_data_dir(data_dir))
   if not builder.is_prepared():
     builder.download_and_prepare(download_config=_manual_download_config(resolve_idx_dir(idx_dir)))
   return builder
 
 
-def multi_fashion_benchmark(*, data_dir: Optional[str] = None, seed: int = 0, idx_dir: Optional[str] = None,
-                            num_train: int = 60000, num_test: int = 10000, annotation: str = 'full',
-                            num_coannotated: Optional[int] = None,
-                            weights: Optional[Mapping[str, float]] = None) -> Benchmark:
+def multi_fashion_benchmark(
+    *,
+    data_dir: Optional[str] = None,
+    seed: int = 0,
+    idx_dir: Optional[str] = None,
+    num_train: int = 60000,
+    num_test: int = 10000,
+    annotation: str = 'full',
+    num_coannotated: Optional[int] = None,
+    weights: Optional[Mapping[str, float]] = None,
+) -> Benchmark:
   """Multi-Fashion with tasks ``left`` and ``right``.
 
   ``annotation='full'``: one train source ``both`` (the classic fully-labelled MultiMNIST setting); aux
@@ -309,8 +368,9 @@ def multi_fashion_benchmark(*, data_dir: Optional[str] = None, seed: int = 0, id
     num_coannotated = min(1000, int(num_train) // 2)
   _check_sizes(num_coannotated=num_coannotated)
   builder = prepare_multi_fashion(data_dir, idx_dir, seed=seed, num_train=num_train, num_test=num_test)
-  reader = TfdsReader(builder, labels_fn=lambda ex: {'left': ex['left'], 'right': ex['right']},
-                      description='multi_fashion')
+  reader = TfdsReader(
+      builder, labels_fn=lambda ex: {'left': ex['left'], 'right': ex['right']}, description='multi_fashion'
+  )
   aux = {}
   if annotation == 'full':
     weights = _check_weights(weights, ('both',))
@@ -323,13 +383,22 @@ def multi_fashion_benchmark(*, data_dir: Optional[str] = None, seed: int = 0, id
     weights = _check_weights(weights, ('left_only', 'right_only'))
     c = int(num_coannotated)
     if num_train - c < 2:
-      raise ValueError(f'num_coannotated: got {c} of num_train={num_train}, expected at least 2 images left to split '
-                       'between left_only and right_only')
+      raise ValueError(
+          f'num_coannotated: got {c} of num_train={num_train}, expected at least 2 images left to split '
+          'between left_only and right_only'
+      )
     mid = c + (num_train - c) // 2
-    train = (Source('left_only', reader, ('left',), f'train[{c}:{mid}]', weights.get('left_only', 1.0)),
-             Source('right_only', reader, ('right',), f'train[{mid}:]', weights.get('right_only', 1.0)))
+    train = (
+        Source('left_only', reader, ('left',), f'train[{c}:{mid}]', weights.get('left_only', 1.0)),
+        Source('right_only', reader, ('right',), f'train[{mid}:]', weights.get('right_only', 1.0)),
+    )
     if c:
       aux['coannotated'] = Source('coannotated', reader, ('left', 'right'), f'train[:{c}]')
-  return make_benchmark('multi_fashion', multi_fashion_tasks(), train,
-                        eval_sources=(Source('test', reader, ('left', 'right'), 'test'),), aux_sources=aux,
-                        image_shape=(MULTI_SIZE, MULTI_SIZE, 1))
+  return make_benchmark(
+      'multi_fashion',
+      multi_fashion_tasks(),
+      train,
+      eval_sources=(Source('test', reader, ('left', 'right'), 'test'),),
+      aux_sources=aux,
+      image_shape=(MULTI_SIZE, MULTI_SIZE, 1),
+  )

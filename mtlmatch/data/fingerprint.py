@@ -9,6 +9,7 @@ this costs one pass over the labels and a few hundred images.
 :func:`check` compares a saved fingerprint with the current one and raises one ValueError naming the first source
 that differs and how.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,8 +50,9 @@ def _images_hash(positions: np.ndarray, images: np.ndarray, stride: int) -> int:
 
 
 def _host_sums(source: Source, tasks, image_shape) -> list[int]:
-  examples = load_examples(source, tasks, image_shape=image_shape, process_index=jax.process_index(),
-                           process_count=jax.process_count())
+  examples = load_examples(
+      source, tasks, image_shape=image_shape, process_index=jax.process_index(), process_count=jax.process_count()
+  )
   stride = max(1, -(-source.num_examples() // IMAGE_SAMPLE))
   sums = [_labels_hash(examples.positions, examples.labels[t]) for t in source.tasks]
   return sums + [_images_hash(examples.positions, examples.images, stride)]
@@ -61,6 +63,7 @@ def _sum_over_hosts(sums: list[int]) -> list[int]:
   if jax.process_count() == 1:
     return sums
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   limbs = np.array([[(s >> (16 * k)) & 0xFFFF for k in range(4)] for s in sums], np.int32)
   gathered = np.asarray(multihost_utils.process_allgather(limbs)).astype(np.int64).sum(axis=0)
   return [sum(int(v) << (16 * k) for k, v in enumerate(row)) & _MASK for row in gathered]
@@ -68,8 +71,12 @@ def _sum_over_hosts(sums: list[int]) -> list[int]:
 
 def benchmark_fingerprint(benchmark: Benchmark) -> dict:
   """``{'<group>/<source>': {split, tasks, examples, labels, images}}`` over every source of ``benchmark``."""
-  groups = (('train', benchmark.train_sources), ('validation', benchmark.validation_sources),
-            ('eval', benchmark.eval_sources), ('aux', tuple(benchmark.aux_sources.values())))
+  groups = (
+      ('train', benchmark.train_sources),
+      ('validation', benchmark.validation_sources),
+      ('eval', benchmark.eval_sources),
+      ('aux', tuple(benchmark.aux_sources.values())),
+  )
   entries, sums = [], []
   for group, sources in groups:
     for source in sources:
@@ -78,10 +85,15 @@ def benchmark_fingerprint(benchmark: Benchmark) -> dict:
   flat = _sum_over_hosts([s for row in sums for s in row])
   out, k = {}, 0
   for (key, source), row in zip(entries, sums):
-    values = flat[k:k + len(row)]
+    values = flat[k : k + len(row)]
     k += len(row)
-    out[key] = {'split': source.split, 'tasks': list(source.tasks), 'examples': source.num_examples(),
-                'labels': {t: f'{v:016x}' for t, v in zip(source.tasks, values)}, 'images': f'{values[-1]:016x}'}
+    out[key] = {
+        'split': source.split,
+        'tasks': list(source.tasks),
+        'examples': source.num_examples(),
+        'labels': {t: f'{v:016x}' for t, v in zip(source.tasks, values)},
+        'images': f'{values[-1]:016x}',
+    }
   return out
 
 
@@ -98,5 +110,7 @@ def check(saved: Optional[Mapping], current: Mapping, *, where: str) -> None:
     else:
       fields = [f for f in ('split', 'tasks', 'examples', 'labels', 'images') if old.get(f) != new.get(f)]
       what = '; '.join(f'{f}: saved {old.get(f)}, now {new.get(f)}' for f in fields)
-    raise ValueError(f'{where} was trained on other data: source {key!r} differs ({what}). Expected the data it was '
-                     'trained on; resume or evaluate with those, or use a new --workdir for a new run.')
+    raise ValueError(
+        f'{where} was trained on other data: source {key!r} differs ({what}). Expected the data it was '
+        'trained on; resume or evaluate with those, or use a new --workdir for a new run.'
+    )

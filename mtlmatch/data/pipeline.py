@@ -29,6 +29,7 @@ the first batch at step 100,000 came in ≈0.2 s here), so **the checkpoint only
 (:func:`checkpoint_state`). Same seed → same batches; ``train_iterator(start_step=s)`` yields batch ``s + k`` of the
 uninterrupted run as its ``k``-th batch.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,7 +47,7 @@ from mtlmatch.tasks import MISSING, TaskSpec
 MIXING = ('weights', 'equal_per_task')
 AUGMENTATIONS = ('flip', 'crop')
 CHUNK_STEPS = 64  # steps drawn together by the mixing schedule (one generator per chunk)
-_END_STEP = 2 ** 62
+_END_STEP = 2**62
 # Distinct stream tags so the mixing, permutation and augmentation randomness never share a key.
 _MIX, _PERM, _AUG = 0x6D6978, 0x7065726D, 0x617567
 
@@ -56,7 +57,7 @@ def checkpoint_state(step: int) -> dict:
   return {'step': int(step)}
 
 
-def _check_int(value, *, arg: str, low: int = 0, high: int = 2 ** 63) -> int:
+def _check_int(value, *, arg: str, low: int = 0, high: int = 2**63) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value < high:
     raise ValueError(f'{arg}: got {value!r}, expected an int in [{low}, {high})')
   return int(value)
@@ -72,8 +73,9 @@ def _task_specs(tasks) -> dict[str, TaskSpec]:
   return specs
 
 
-def mixing_probabilities(sources: Sequence[Source], tasks: Mapping[str, TaskSpec],
-                         mixing: str = 'weights') -> np.ndarray:
+def mixing_probabilities(
+    sources: Sequence[Source], tasks: Mapping[str, TaskSpec], mixing: str = 'weights'
+) -> np.ndarray:
   """Normalised mixture ``p`` float64 ``[S]``.
 
   ``'weights'``: ``p_s = w_s / Σ w``. ``'equal_per_task'``: with ``T`` the tasks annotated by some source and
@@ -103,13 +105,14 @@ class MixingSchedule:
   the same answer for any ``t``.
   """
 
-  def __init__(self, sizes: Sequence[int], probs: Sequence[float], batch_size: int, seed: int,
-               process_index: int = 0):
+  def __init__(self, sizes: Sequence[int], probs: Sequence[float], batch_size: int, seed: int, process_index: int = 0):
     self.sizes = np.asarray(sizes, np.int64)
     self.probs = np.asarray(probs, np.float64)
     if self.sizes.ndim != 1 or self.sizes.shape != self.probs.shape or np.any(self.sizes < 1):
-      raise ValueError(f'MixingSchedule sizes: got {self.sizes.tolist()} for probs {self.probs.tolist()}, expected '
-                       'one size >= 1 per source')
+      raise ValueError(
+          f'MixingSchedule sizes: got {self.sizes.tolist()} for probs {self.probs.tolist()}, expected '
+          'one size >= 1 per source'
+      )
     self.batch_size = int(batch_size)
     self.seed = int(seed)
     self.process_index = int(process_index)
@@ -220,10 +223,19 @@ def _maybe_global(dataset: tf.data.Dataset, sharding: Optional[NamedSharding]) -
   return batches if sharding is None else sharding_lib.prefetch_to_device(batches, sharding, size=2)
 
 
-def train_iterator(benchmark: Benchmark, *, global_batch_size: int, seed: int, start_step: int = 0,
-                   sharding: Optional[NamedSharding] = None, mixing: str = 'weights',
-                   augment: Union[bool, Sequence[str]] = False, process_index: Optional[int] = None,
-                   process_count: Optional[int] = None, prefetch: int = 2) -> Iterator[dict]:
+def train_iterator(
+    benchmark: Benchmark,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    sharding: Optional[NamedSharding] = None,
+    mixing: str = 'weights',
+    augment: Union[bool, Sequence[str]] = False,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+    prefetch: int = 2,
+) -> Iterator[dict]:
   """Endless iterator of training batches (see the module docstring for the exact law and resume contract).
 
   Without ``sharding``: host-local numpy batches of ``global_batch_size / process_count`` examples. With a
@@ -239,8 +251,10 @@ def train_iterator(benchmark: Benchmark, *, global_batch_size: int, seed: int, s
   b = sharding_lib.per_host_batch_size(global_batch_size, count, sharding)
   tasks = benchmark.tasks
   probs = mixing_probabilities(benchmark.train_sources, tasks, mixing)
-  examples = [load_examples(s, tasks, image_shape=benchmark.image_shape, process_index=index, process_count=count)
-              for s in benchmark.train_sources]
+  examples = [
+      load_examples(s, tasks, image_shape=benchmark.image_shape, process_index=index, process_count=count)
+      for s in benchmark.train_sources
+  ]
   images, labels, offsets = _concat(examples, list(tasks))
   schedule = MixingSchedule([len(e) for e in examples], probs, b, seed, index)
 
@@ -276,9 +290,16 @@ def num_eval_batches(num_examples: int, global_batch_size: int, process_count: i
   return max(1, math.ceil(math.ceil(num_examples / process_count) / (global_batch_size // process_count)))
 
 
-def eval_iterator(source: Source, tasks, *, global_batch_size: int, sharding: Optional[NamedSharding] = None,
-                  process_index: Optional[int] = None, process_count: Optional[int] = None,
-                  image_shape: Optional[Sequence[int]] = None) -> Iterator[dict]:
+def eval_iterator(
+    source: Source,
+    tasks,
+    *,
+    global_batch_size: int,
+    sharding: Optional[NamedSharding] = None,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+    image_shape: Optional[Sequence[int]] = None,
+) -> Iterator[dict]:
   """Finite iterator over ``source`` once, in order, padded so no example is dropped or counted twice.
 
   Batches: ``{'image', 'labels', 'mask'}``; ``mask`` float32 ``[B]`` is 1 for real examples and 0 for padding (whose

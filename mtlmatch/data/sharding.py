@@ -8,6 +8,7 @@ Each host produces ``global_batch_size / process_count`` examples per step from 
     sharding = NamedSharding(mesh, PartitionSpec('data'))
     for batch in prefetch_to_device(numpy_batches, sharding, size=2): ...
 """
+
 from __future__ import annotations
 
 import collections
@@ -33,8 +34,9 @@ def resolve_process(process_index: Optional[int], process_count: Optional[int]) 
 def batch_sharding(sharding: NamedSharding) -> NamedSharding:
   """The sharding every batch leaf gets: its leading (batch) axis split like ``sharding.spec[0]``, the rest whole."""
   if not isinstance(sharding, NamedSharding):
-    raise ValueError(f'sharding: got {type(sharding).__name__}, expected a jax.sharding.NamedSharding over a 1-D '
-                     "'data' mesh")
+    raise ValueError(
+        f'sharding: got {type(sharding).__name__}, expected a jax.sharding.NamedSharding over a 1-D ' "'data' mesh"
+    )
   spec = tuple(sharding.spec)
   return NamedSharding(sharding.mesh, PartitionSpec(spec[0] if spec else None))
 
@@ -48,23 +50,31 @@ def batch_devices(sharding: NamedSharding) -> int:
   return math.prod(sharding.mesh.shape[a] for a in axes)
 
 
-def per_host_batch_size(global_batch_size: int, process_count: int,
-                        sharding: Optional[NamedSharding] = None) -> int:
+def per_host_batch_size(global_batch_size: int, process_count: int, sharding: Optional[NamedSharding] = None) -> int:
   """``global_batch_size / process_count`` after checking it splits evenly over hosts and devices (else ValueError)."""
-  if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, (int, np.integer)) or (
-      global_batch_size < 1):
+  if (
+      isinstance(global_batch_size, bool)
+      or not isinstance(global_batch_size, (int, np.integer))
+      or (global_batch_size < 1)
+  ):
     raise ValueError(f'global_batch_size: got {global_batch_size!r}, expected an int >= 1')
   if global_batch_size % process_count:
-    raise ValueError(f'global_batch_size: got {global_batch_size}, expected a multiple of process_count='
-                     f'{process_count} (each host reads global_batch_size / process_count examples)')
+    raise ValueError(
+        f'global_batch_size: got {global_batch_size}, expected a multiple of process_count='
+        f'{process_count} (each host reads global_batch_size / process_count examples)'
+    )
   if sharding is not None:
     devices = batch_devices(sharding)
     if global_batch_size % devices:
-      raise ValueError(f'global_batch_size: got {global_batch_size}, expected a multiple of the {devices} devices '
-                       'the batch is sharded over')
+      raise ValueError(
+          f'global_batch_size: got {global_batch_size}, expected a multiple of the {devices} devices '
+          'the batch is sharded over'
+      )
     if process_count != jax.process_count():
-      raise ValueError(f'process_count: got {process_count} with a sharding, expected jax.process_count()='
-                       f'{jax.process_count()} (simulated hosts only work without a sharding)')
+      raise ValueError(
+          f'process_count: got {process_count} with a sharding, expected jax.process_count()='
+          f'{jax.process_count()} (simulated hosts only work without a sharding)'
+      )
   return int(global_batch_size // process_count)
 
 

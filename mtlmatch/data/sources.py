@@ -22,6 +22,7 @@ auxiliary sources (e.g. co-annotated subsets for estimating relatedness; never m
     b = array_source('parity', images_b, {'parity': y_b}, weight=0.5)     # annotates 'parity' only
     bench = make_benchmark('toy', tasks, [a, b], eval_sources=[array_source('test', x_t, {'digit': .., 'parity': ..})])
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,6 +57,7 @@ class Examples:
   ``images`` uint8 ``[N, H, W, C]``; ``labels`` {task: int32 ``[N]`` or ``[N, C]``}; ``positions`` int64 ``[N]``:
   each example's position in the split's (deterministic) read order, so hosts' slices can be compared.
   """
+
   images: np.ndarray
   labels: Mapping[str, np.ndarray]
   positions: np.ndarray
@@ -78,8 +80,11 @@ def host_slice(num_examples: int, process_index: int, process_count: int) -> tup
 def check_process(process_index: int, process_count: int) -> None:
   if not isinstance(process_count, (int, np.integer)) or isinstance(process_count, bool) or process_count < 1:
     raise ValueError(f'process_count: got {process_count!r}, expected an int >= 1')
-  if not isinstance(process_index, (int, np.integer)) or isinstance(process_index, bool) or not (
-      0 <= process_index < process_count):
+  if (
+      not isinstance(process_index, (int, np.integer))
+      or isinstance(process_index, bool)
+      or not (0 <= process_index < process_count)
+  ):
     raise ValueError(f'process_index: got {process_index!r}, expected an int in [0, {process_count})')
 
 
@@ -94,8 +99,10 @@ def _as_uint8_images(images, *, where: str) -> np.ndarray:
     return images
   if np.issubdtype(images.dtype, np.floating):
     if images.size and not (np.all(np.isfinite(images)) and images.min() >= 0 and images.max() <= 1):
-      raise ValueError(f'images of {where}: got float values in [{images.min()}, {images.max()}], expected uint8 '
-                       'or floats in [0, 1]')
+      raise ValueError(
+          f'images of {where}: got float values in [{images.min()}, {images.max()}], expected uint8 '
+          'or floats in [0, 1]'
+      )
     return np.round(images * 255).astype(np.uint8)
   raise ValueError(f'images of {where}: got dtype {images.dtype}, expected uint8 (or float in [0, 1])')
 
@@ -122,21 +129,25 @@ class ArrayReader:
 
   def __init__(self, splits: Mapping[str, tuple[Any, Mapping[str, Any]]], description: str = 'arrays'):
     if not isinstance(splits, Mapping) or not splits:
-      raise ValueError(f'ArrayReader splits: got {type(splits).__name__}, expected a non-empty '
-                       '{split: (images, labels)} mapping')
+      raise ValueError(
+          f'ArrayReader splits: got {type(splits).__name__}, expected a non-empty ' '{split: (images, labels)} mapping'
+      )
     self.description = description
     self._splits = {}
     for split, value in splits.items():
       if not isinstance(value, (tuple, list)) or len(value) != 2 or not isinstance(value[1], Mapping):
-        raise ValueError(f'ArrayReader split {split!r}: got {type(value).__name__}, expected (images, {{task: '
-                         'labels}})')
+        raise ValueError(
+            f'ArrayReader split {split!r}: got {type(value).__name__}, expected (images, {{task: ' 'labels}})'
+        )
       images = _as_uint8_images(value[0], where=f'{description}/{split}')
       labels = {}
       for task, y in value[1].items():
         y = np.asarray(y)
         if y.ndim == 0 or y.shape[0] != images.shape[0]:
-          raise ValueError(f'labels {task!r} of {description}/{split}: got shape {y.shape}, expected a leading '
-                           f'axis of {images.shape[0]} (one label per image)')
+          raise ValueError(
+              f'labels {task!r} of {description}/{split}: got shape {y.shape}, expected a leading '
+              f'axis of {images.shape[0]} (one label per image)'
+          )
         labels[task] = y
       self._splits[split] = (images, labels)
 
@@ -157,8 +168,9 @@ class ArrayReader:
   def read(self, split: str, process_index: int, process_count: int) -> Examples:
     images, labels = self._get(split)
     start, stop = host_slice(images.shape[0], process_index, process_count)
-    return Examples(images[start:stop], {t: y[start:stop] for t, y in labels.items()},
-                    np.arange(start, stop, dtype=np.int64))
+    return Examples(
+        images[start:stop], {t: y[start:stop] for t, y in labels.items()}, np.arange(start, stop, dtype=np.int64)
+    )
 
 
 def _to_labels_dict(value) -> dict:
@@ -175,10 +187,17 @@ class TfdsReader:
   slices are read with ``tfds.even_splits``; a slice is read once and cached on this reader.
   """
 
-  def __init__(self, builder, *, labels_fn: Callable[[Mapping[str, tf.Tensor]], Mapping[str, tf.Tensor]],
-               image_key: str = 'image', image_fn: Optional[Callable[[tf.Tensor], tf.Tensor]] = None,
-               description: Optional[str] = None):
+  def __init__(
+      self,
+      builder,
+      *,
+      labels_fn: Callable[[Mapping[str, tf.Tensor]], Mapping[str, tf.Tensor]],
+      image_key: str = 'image',
+      image_fn: Optional[Callable[[tf.Tensor], tf.Tensor]] = None,
+      description: Optional[str] = None,
+  ):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
     if not isinstance(builder, tfds.core.DatasetBuilder):
       raise ValueError(f'TfdsReader builder: got {type(builder).__name__}, expected a tfds DatasetBuilder')
     if not callable(labels_fn):
@@ -197,8 +216,10 @@ class TfdsReader:
     try:
       return self.builder.info.splits[split]
     except Exception as e:  # TFDS raises KeyError/ValueError/AssertionError depending on the spec
-      raise ValueError(f'split of {self.description}: got {split!r}, expected a split of '
-                       f'{sorted(self.builder.info.splits)} (TFDS slicing allowed, e.g. "train[:1000]")') from e
+      raise ValueError(
+          f'split of {self.description}: got {split!r}, expected a split of '
+          f'{sorted(self.builder.info.splits)} (TFDS slicing allowed, e.g. "train[:1000]")'
+      ) from e
 
   def num_examples(self, split: str) -> int:
     return int(self._check_split(split).num_examples)
@@ -212,18 +233,22 @@ class TfdsReader:
         image = image[..., None]
       labels = {t: tf.cast(y, tf.int32) for t, y in _to_labels_dict(self.labels_fn(example)).items()}
       return {'image': tf.cast(image, tf.uint8) if image.dtype != tf.uint8 else image, 'labels': labels}
+
     return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
   def image_shape(self, split: str) -> tuple[int, int, int]:
     self._check_split(split)
     spec = self._mapped(self.builder.as_dataset(split=split, shuffle_files=False)).element_spec['image']
     if not spec.shape.is_fully_defined() or spec.shape.rank != 3:
-      raise ValueError(f'images of {self.description}/{split}: got shape {spec.shape}, expected a fixed [H, W, C] '
-                       '(pass image_fn to resize)')
+      raise ValueError(
+          f'images of {self.description}/{split}: got shape {spec.shape}, expected a fixed [H, W, C] '
+          '(pass image_fn to resize)'
+      )
     return tuple(int(d) for d in spec.shape)
 
   def read(self, split: str, process_index: int, process_count: int) -> Examples:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
     key = (split, process_index, process_count)
     if key not in self._cache:
       n = self.num_examples(split)
@@ -237,8 +262,10 @@ class TfdsReader:
       else:
         images, labels = np.zeros((0,) + self.image_shape(split), np.uint8), {}
       if images.shape[0] != stop - start:
-        raise ValueError(f'{self.description}/{split}: host {process_index}/{process_count} read {images.shape[0]} '
-                         f'examples, expected {stop - start} (TFDS metadata and files disagree?)')
+        raise ValueError(
+            f'{self.description}/{split}: host {process_index}/{process_count} read {images.shape[0]} '
+            f'examples, expected {stop - start} (TFDS metadata and files disagree?)'
+        )
       self._cache[key] = Examples(images, labels, np.arange(start, stop, dtype=np.int64))
     return self._cache[key]
 
@@ -248,8 +275,11 @@ class TfdsReader:
 
 
 def _check_weight(weight, *, arg: str) -> float:
-  if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer, np.floating)) or not (
-      math.isfinite(float(weight)) and float(weight) > 0):
+  if (
+      isinstance(weight, bool)
+      or not isinstance(weight, (int, float, np.integer, np.floating))
+      or not (math.isfinite(float(weight)) and float(weight) > 0)
+  ):
     raise ValueError(f'{arg}: got {weight!r}, expected a finite number > 0')
   return float(weight)
 
@@ -264,17 +294,17 @@ class Holdout:
   ``'train'`` = the rest. The draw depends only on ``(seed, key, N)`` (``key``: the source's name), never on the
   number of hosts or devices, so every host agrees on it and sources annotating different tasks get their own
   (disjoint per-task) validation sets."""
+
   fraction: float
   part: str
   seed: int
   key: str
 
   def __post_init__(self):
-    if not (isinstance(self.fraction, (int, float)) and not isinstance(self.fraction, bool)
-            and 0 < self.fraction < 1):
+    if not (isinstance(self.fraction, (int, float)) and not isinstance(self.fraction, bool) and 0 < self.fraction < 1):
       raise ValueError(f'validation fraction: got {self.fraction!r}, expected a number in (0, 1)')
     if self.part not in ('train', 'validation'):
-      raise ValueError(f'Holdout.part: got {self.part!r}, expected \'train\' or \'validation\'')
+      raise ValueError(f"Holdout.part: got {self.part!r}, expected 'train' or 'validation'")
 
   def mask(self, num_examples: int) -> np.ndarray:
     """bool ``[N]``: which positions of the split belong to this part. The validation part has
@@ -295,6 +325,7 @@ class Source:
   come from (:class:`ArrayReader`, :class:`TfdsReader`); ``split``: which of the reader's splits. ``holdout``: only
   that part of the split (see :func:`with_validation`); None = all of it.
   """
+
   name: str
   reader: Reader
   tasks: tuple[str, ...]
@@ -314,8 +345,10 @@ class Source:
     object.__setattr__(self, 'weight', _check_weight(self.weight, arg=f'Source({self.name!r}).weight'))
     for method in ('num_examples', 'image_shape', 'read'):
       if not callable(getattr(self.reader, method, None)):
-        raise ValueError(f'Source({self.name!r}).reader: got {self.reader!r}, expected a reader with num_examples, '
-                         'image_shape and read (ArrayReader, TfdsReader)')
+        raise ValueError(
+            f'Source({self.name!r}).reader: got {self.reader!r}, expected a reader with num_examples, '
+            'image_shape and read (ArrayReader, TfdsReader)'
+        )
 
   def split_size(self) -> int:
     """Examples in the reader's split (before any hold-out)."""
@@ -327,8 +360,10 @@ class Source:
       return None
     n = self.split_size()
     if n < 2:
-      raise ValueError(f'Source {self.name!r}: got {n} example(s) in split {self.split!r}, expected at least 2 to hold '
-                       'out a validation part (or set config.data.validation_fraction=0)')
+      raise ValueError(
+          f'Source {self.name!r}: got {n} example(s) in split {self.split!r}, expected at least 2 to hold '
+          'out a validation part (or set config.data.validation_fraction=0)'
+      )
     return self.holdout.mask(n)
 
   def num_examples(self) -> int:
@@ -349,8 +384,15 @@ class Source:
     return dataclasses.replace(self, **changes)
 
 
-def array_source(name: str, images, labels: Mapping[str, Any], *, tasks: Optional[Sequence[str]] = None,
-                 split: str = 'train', weight: float = 1.0) -> Source:
+def array_source(
+    name: str,
+    images,
+    labels: Mapping[str, Any],
+    *,
+    tasks: Optional[Sequence[str]] = None,
+    split: str = 'train',
+    weight: float = 1.0,
+) -> Source:
   """A source from in-memory arrays: images uint8 ``[N,H,W(,C)]`` (or float in [0, 1]); labels {task: labels}.
 
   Labels are ``[N]`` (multiclass) or ``[N, C]`` (multilabel). ``tasks`` defaults to the keys of ``labels``. An
@@ -371,10 +413,20 @@ def array_source(name: str, images, labels: Mapping[str, Any], *, tasks: Optiona
   return Source(name, reader, tuple(labels) if tasks is None else tuple(tasks), split, weight)
 
 
-def tfds_source(name: str, dataset: str, *, tasks: Sequence[str], labels_fn: Callable, split: str = 'train',
-                weight: float = 1.0, data_dir: Optional[str] = None, image_key: str = 'image',
-                image_fn: Optional[Callable] = None, download: bool = False,
-                builder_kwargs: Optional[Mapping[str, Any]] = None) -> Source:
+def tfds_source(
+    name: str,
+    dataset: str,
+    *,
+    tasks: Sequence[str],
+    labels_fn: Callable,
+    split: str = 'train',
+    weight: float = 1.0,
+    data_dir: Optional[str] = None,
+    image_key: str = 'image',
+    image_fn: Optional[Callable] = None,
+    download: bool = False,
+    builder_kwargs: Optional[Mapping[str, Any]] = None,
+) -> Source:
   """A source from a TFDS dataset by name, e.g. ``celeb_a``, ``fashion_mnist``, ``cifar100`` in a prepared data_dir.
 
   ``labels_fn(example) -> {task: label}`` maps TFDS features to this project's tasks, e.g. for fashion_mnist
@@ -384,6 +436,7 @@ def tfds_source(name: str, dataset: str, *, tasks: Sequence[str], labels_fn: Cal
   network: the dataset must already be prepared in ``data_dir`` (default: see :func:`default_data_dir`).
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   data_dir = default_data_dir(data_dir)
   try:
     builder = tfds.builder(dataset, data_dir=data_dir, **dict(builder_kwargs or {}))
@@ -392,9 +445,11 @@ def tfds_source(name: str, dataset: str, *, tasks: Sequence[str], labels_fn: Cal
   if download:
     builder.download_and_prepare()
   elif not builder.is_prepared():
-    raise ValueError(f'tfds_source({name!r}) dataset: {dataset!r} is not prepared in data_dir={data_dir!r}; prepare '
-                     f'it once (`tfds build {dataset} --data_dir={data_dir}` where there is network) or pass '
-                     'download=True')
+    raise ValueError(
+        f'tfds_source({name!r}) dataset: {dataset!r} is not prepared in data_dir={data_dir!r}; prepare '
+        f'it once (`tfds build {dataset} --data_dir={data_dir}` where there is network) or pass '
+        'download=True'
+    )
   reader = TfdsReader(builder, labels_fn=labels_fn, image_key=image_key, image_fn=image_fn, description=dataset)
   return Source(name, reader, tuple(tasks), split, weight)
 
@@ -412,6 +467,7 @@ class Benchmark:
   before training and are never mixed in. ``validation_sources``: parts held out of the training sources for model
   selection (:func:`with_validation`). ``image_shape`` ``(H, W, C)`` is shared by every source.
   """
+
   name: str
   tasks: dict[str, TaskSpec]
   train_sources: tuple[Source, ...]
@@ -425,8 +481,10 @@ class Benchmark:
     if not isinstance(tasks, Mapping):
       tasks = {t.name: t for t in tasks} if all(isinstance(t, TaskSpec) for t in tasks) else None
     if not tasks or not all(isinstance(s, TaskSpec) and s.name == k for k, s in tasks.items()):
-      raise ValueError(f'Benchmark({self.name!r}).tasks: got {self.tasks!r}, expected a non-empty {{name: TaskSpec}} '
-                       'with keys equal to the specs\' names')
+      raise ValueError(
+          f'Benchmark({self.name!r}).tasks: got {self.tasks!r}, expected a non-empty {{name: TaskSpec}} '
+          "with keys equal to the specs' names"
+      )
     object.__setattr__(self, 'tasks', dict(tasks))
     object.__setattr__(self, 'train_sources', tuple(self.train_sources))
     object.__setattr__(self, 'eval_sources', tuple(self.eval_sources))
@@ -434,30 +492,43 @@ class Benchmark:
     object.__setattr__(self, 'validation_sources', tuple(self.validation_sources))
     if not self.train_sources:
       raise ValueError(f'Benchmark({self.name!r}).train_sources: got none, expected at least one Source')
-    groups = (('train_sources', self.train_sources), ('eval_sources', self.eval_sources),
-              ('aux_sources', tuple(self.aux_sources.values())), ('validation_sources', self.validation_sources))
+    groups = (
+        ('train_sources', self.train_sources),
+        ('eval_sources', self.eval_sources),
+        ('aux_sources', tuple(self.aux_sources.values())),
+        ('validation_sources', self.validation_sources),
+    )
     for group, sources in groups:
       names = [s.name for s in sources if isinstance(s, Source)]
       if len(names) != len(sources):
-        raise ValueError(f'Benchmark({self.name!r}).{group}: got {[type(s).__name__ for s in sources]}, expected '
-                         'Source objects')
+        raise ValueError(
+            f'Benchmark({self.name!r}).{group}: got {[type(s).__name__ for s in sources]}, expected ' 'Source objects'
+        )
       if len(set(names)) != len(names):
         raise ValueError(f'Benchmark({self.name!r}).{group}: got duplicate names {names}, expected unique names')
       for s in sources:
         unknown = [t for t in s.tasks if t not in self.tasks]
         if unknown:
-          raise ValueError(f'Source {s.name!r} tasks: got unknown task names {unknown}, expected names from '
-                           f'{list(self.tasks)}')
+          raise ValueError(
+              f'Source {s.name!r} tasks: got unknown task names {unknown}, expected names from ' f'{list(self.tasks)}'
+          )
     shape = tuple(self.image_shape) if isinstance(self.image_shape, (tuple, list)) else None
     if shape is None or len(shape) != 3 or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
-      raise ValueError(f'Benchmark({self.name!r}).image_shape: got {self.image_shape!r}, expected (H, W, C) of '
-                       'positive ints')
+      raise ValueError(
+          f'Benchmark({self.name!r}).image_shape: got {self.image_shape!r}, expected (H, W, C) of ' 'positive ints'
+      )
     object.__setattr__(self, 'image_shape', tuple(int(d) for d in shape))
 
 
-def make_benchmark(name: str, tasks, train_sources: Sequence[Source], *, eval_sources: Sequence[Source] = (),
-                   aux_sources: Optional[Mapping[str, Source]] = None,
-                   image_shape: Optional[Sequence[int]] = None) -> Benchmark:
+def make_benchmark(
+    name: str,
+    tasks,
+    train_sources: Sequence[Source],
+    *,
+    eval_sources: Sequence[Source] = (),
+    aux_sources: Optional[Mapping[str, Source]] = None,
+    image_shape: Optional[Sequence[int]] = None,
+) -> Benchmark:
   """A :class:`Benchmark` from user sources (``array_source`` / ``tfds_source``).
 
   ``tasks``: TaskSpecs (a sequence, in the order heads are built) or {name: TaskSpec}. ``image_shape`` defaults to
@@ -468,12 +539,20 @@ def make_benchmark(name: str, tasks, train_sources: Sequence[Source], *, eval_so
     raise ValueError(f'make_benchmark({name!r}) train_sources: got none, expected at least one Source')
   if image_shape is None and isinstance(train_sources[0], Source):
     image_shape = train_sources[0].image_shape()
-  bench = Benchmark(name, tasks, train_sources, tuple(eval_sources), dict(aux_sources or {}),
-                    tuple(image_shape) if image_shape is not None else image_shape)
+  bench = Benchmark(
+      name,
+      tasks,
+      train_sources,
+      tuple(eval_sources),
+      dict(aux_sources or {}),
+      tuple(image_shape) if image_shape is not None else image_shape,
+  )
   for s in bench.train_sources + bench.eval_sources + tuple(bench.aux_sources.values()):
     if tuple(s.image_shape()) != bench.image_shape:
-      raise ValueError(f'Source {s.name!r} images: got shape {tuple(s.image_shape())}, expected {bench.image_shape} '
-                       'like the other sources (resize them, e.g. with tfds_source(image_fn=...))')
+      raise ValueError(
+          f'Source {s.name!r} images: got shape {tuple(s.image_shape())}, expected {bench.image_shape} '
+          'like the other sources (resize them, e.g. with tfds_source(image_fn=...))'
+      )
   return bench
 
 
@@ -486,20 +565,31 @@ def with_validation(benchmark: Benchmark, fraction: float, *, seed: int) -> Benc
   = 0`` returns the benchmark unchanged (no validation). A benchmark that already has validation sources is refused.
   """
   if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
-    raise ValueError(f'config.data.validation_fraction: got {fraction!r}, expected a number in [0, 1) (0 = no '
-                     'validation split)')
+    raise ValueError(
+        f'config.data.validation_fraction: got {fraction!r}, expected a number in [0, 1) (0 = no ' 'validation split)'
+    )
   if fraction == 0:
     return benchmark
   if benchmark.validation_sources:
-    raise ValueError(f'Benchmark({benchmark.name!r}) already has validation sources '
-                     f'{[s.name for s in benchmark.validation_sources]}, expected none before with_validation')
-  parts = {part: tuple(s.replace(holdout=Holdout(float(fraction), part, int(seed), s.name))
-                       for s in benchmark.train_sources) for part in ('train', 'validation')}
+    raise ValueError(
+        f'Benchmark({benchmark.name!r}) already has validation sources '
+        f'{[s.name for s in benchmark.validation_sources]}, expected none before with_validation'
+    )
+  parts = {
+      part: tuple(s.replace(holdout=Holdout(float(fraction), part, int(seed), s.name)) for s in benchmark.train_sources)
+      for part in ('train', 'validation')
+  }
   return dataclasses.replace(benchmark, train_sources=parts['train'], validation_sources=parts['validation'])
 
 
-def load_examples(source: Source, tasks: Mapping[str, TaskSpec], *, image_shape: Optional[Sequence[int]] = None,
-                  process_index: int = 0, process_count: int = 1) -> Examples:
+def load_examples(
+    source: Source,
+    tasks: Mapping[str, TaskSpec],
+    *,
+    image_shape: Optional[Sequence[int]] = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Examples:
   """A host's slice of ``source`` with labels for every task in ``tasks`` (the unannotated ones all ``-1``).
 
   Validates (one ValueError each): unknown task names, tasks the reader has no labels for, an empty source, labels
@@ -507,36 +597,45 @@ def load_examples(source: Source, tasks: Mapping[str, TaskSpec], *, image_shape:
   """
   unknown = [t for t in source.tasks if t not in tasks]
   if unknown:
-    raise ValueError(f'Source {source.name!r} tasks: got unknown task names {unknown}, expected names from '
-                     f'{list(tasks)}')
+    raise ValueError(
+        f'Source {source.name!r} tasks: got unknown task names {unknown}, expected names from ' f'{list(tasks)}'
+    )
   total = source.split_size()
   if total == 0:
     raise ValueError(f'Source {source.name!r}: got 0 examples in split {source.split!r}, expected at least one')
   if total < process_count:
-    raise ValueError(f'Source {source.name!r}: got {total} examples for process_count={process_count} hosts, '
-                     'expected at least one example per host')
+    raise ValueError(
+        f'Source {source.name!r}: got {total} examples for process_count={process_count} hosts, '
+        'expected at least one example per host'
+    )
   raw = source.reader.read(source.split, process_index, process_count)
   images = _as_uint8_images(raw.images, where=f'source {source.name!r}')
   if image_shape is not None and tuple(images.shape[1:]) != tuple(image_shape):
-    raise ValueError(f'Source {source.name!r} images: got shape {tuple(images.shape[1:])}, expected '
-                     f'{tuple(image_shape)} like the other sources')
+    raise ValueError(
+        f'Source {source.name!r} images: got shape {tuple(images.shape[1:])}, expected '
+        f'{tuple(image_shape)} like the other sources'
+    )
   labels = {}
   for name, spec in tasks.items():
     if name in source.tasks:
       if name not in raw.labels:
-        raise ValueError(f'Source {source.name!r} annotates task {name!r}, but its reader has labels only for '
-                         f'{sorted(raw.labels)}')
+        raise ValueError(
+            f'Source {source.name!r} annotates task {name!r}, but its reader has labels only for '
+            f'{sorted(raw.labels)}'
+        )
       labels[name] = validate_labels(spec, raw.labels[name], where=f'source {source.name!r}')
     else:
       labels[name] = missing_labels(spec, len(images))
-  mask = source.part_mask()   # a held-out part: selected after the checks, so errors describe the whole split
+  mask = source.part_mask()  # a held-out part: selected after the checks, so errors describe the whole split
   if mask is None:
     return Examples(images, labels, raw.positions)
   keep = mask[raw.positions]
   if not keep.any():
-    raise ValueError(f'Source {source.name!r} ({source.holdout.part} part): host {process_index} of {process_count} '
-                     'holds none of its examples, expected at least one per host (a larger source or validation '
-                     'fraction)')
+    raise ValueError(
+        f'Source {source.name!r} ({source.holdout.part} part): host {process_index} of {process_count} '
+        'holds none of its examples, expected at least one per host (a larger source or validation '
+        'fraction)'
+    )
   return Examples(images[keep], {t: y[keep] for t, y in labels.items()}, raw.positions[keep])
 
 
@@ -548,6 +647,20 @@ def source_labels(source: Source, tasks: Mapping[str, TaskSpec]) -> dict[str, np
   return dict(load_examples(source, tasks).labels)
 
 
-__all__ = ['ArrayReader', 'Benchmark', 'Examples', 'Holdout', 'MISSING', 'Source', 'TfdsReader', 'array_source',
-           'default_data_dir', 'host_slice', 'load_examples', 'make_benchmark', 'source_labels', 'tfds_source',
-           'with_validation']
+__all__ = [
+    'ArrayReader',
+    'Benchmark',
+    'Examples',
+    'Holdout',
+    'MISSING',
+    'Source',
+    'TfdsReader',
+    'array_source',
+    'default_data_dir',
+    'host_slice',
+    'load_examples',
+    'make_benchmark',
+    'source_labels',
+    'tfds_source',
+    'with_validation',
+]

@@ -21,6 +21,7 @@ Usage::
     bench = synthetic_affect_benchmark(data_dir='/tmp/tfds', seed=0)       # generates once (seconds), then cached
     S = softened_prior()                                                   # float32 [7, 17]
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,23 +45,23 @@ MAX_SHIFT = 2
 # AU → Gaussian blobs (row, col, sigma, sign·weight) on a 32×32 face centred at (16.5, 16): brows ≈ rows 7–10,
 # eyes 11–13, nose 14–20, mouth 21–25, chin 28–30. Paired blobs are left/right symmetric.
 AU_BLOBS = {
-    'AU1': [(7.5, 13.0, 1.2, 1.0), (7.5, 19.0, 1.2, 1.0)],                         # inner brow raiser
-    'AU2': [(7.0, 9.0, 1.2, 1.0), (7.0, 23.0, 1.2, 1.0)],                          # outer brow raiser
+    'AU1': [(7.5, 13.0, 1.2, 1.0), (7.5, 19.0, 1.2, 1.0)],  # inner brow raiser
+    'AU2': [(7.0, 9.0, 1.2, 1.0), (7.0, 23.0, 1.2, 1.0)],  # outer brow raiser
     'AU4': [(9.5, 14.0, 1.3, -1.0), (9.5, 18.0, 1.3, -1.0), (8.5, 16.0, 1.0, -0.7)],  # brow lowerer
-    'AU5': [(11.0, 10.5, 0.9, 1.0), (11.0, 21.5, 0.9, 1.0)],                        # upper lid raiser
-    'AU6': [(16.0, 8.0, 1.8, 0.8), (16.0, 24.0, 1.8, 0.8)],                         # cheek raiser
-    'AU7': [(13.0, 10.5, 1.0, -1.0), (13.0, 21.5, 1.0, -1.0)],                      # lid tightener
-    'AU9': [(14.5, 14.5, 1.0, -1.0), (14.5, 17.5, 1.0, -1.0)],                      # nose wrinkler
-    'AU10': [(20.0, 13.5, 1.1, 1.0), (20.0, 18.5, 1.1, 1.0)],                       # upper lip raiser
-    'AU11': [(19.0, 11.0, 1.0, -1.0), (19.0, 21.0, 1.0, -1.0)],                     # nasolabial deepener
-    'AU12': [(21.5, 10.5, 1.1, 1.0), (21.5, 21.5, 1.1, 1.0)],                       # lip corner puller
-    'AU15': [(25.0, 11.0, 1.1, -1.0), (25.0, 21.0, 1.1, -1.0)],                     # lip corner depressor
-    'AU17': [(28.0, 16.0, 1.6, 1.0)],                                               # chin raiser
-    'AU20': [(23.0, 8.5, 1.0, -1.0), (23.0, 23.5, 1.0, -1.0)],                      # lip stretcher
-    'AU23': [(22.5, 16.0, 0.8, 1.0)],                                               # lip tightener
-    'AU24': [(23.5, 14.0, 0.9, 1.0), (23.5, 18.0, 0.9, 1.0)],                       # lip pressor
-    'AU25': [(23.0, 14.5, 0.9, -1.0), (23.0, 17.5, 0.9, -1.0)],                     # lips part
-    'AU26': [(26.0, 16.0, 1.4, -1.0), (29.5, 16.0, 1.2, 0.6)],                      # jaw drop
+    'AU5': [(11.0, 10.5, 0.9, 1.0), (11.0, 21.5, 0.9, 1.0)],  # upper lid raiser
+    'AU6': [(16.0, 8.0, 1.8, 0.8), (16.0, 24.0, 1.8, 0.8)],  # cheek raiser
+    'AU7': [(13.0, 10.5, 1.0, -1.0), (13.0, 21.5, 1.0, -1.0)],  # lid tightener
+    'AU9': [(14.5, 14.5, 1.0, -1.0), (14.5, 17.5, 1.0, -1.0)],  # nose wrinkler
+    'AU10': [(20.0, 13.5, 1.1, 1.0), (20.0, 18.5, 1.1, 1.0)],  # upper lip raiser
+    'AU11': [(19.0, 11.0, 1.0, -1.0), (19.0, 21.0, 1.0, -1.0)],  # nasolabial deepener
+    'AU12': [(21.5, 10.5, 1.1, 1.0), (21.5, 21.5, 1.1, 1.0)],  # lip corner puller
+    'AU15': [(25.0, 11.0, 1.1, -1.0), (25.0, 21.0, 1.1, -1.0)],  # lip corner depressor
+    'AU17': [(28.0, 16.0, 1.6, 1.0)],  # chin raiser
+    'AU20': [(23.0, 8.5, 1.0, -1.0), (23.0, 23.5, 1.0, -1.0)],  # lip stretcher
+    'AU23': [(22.5, 16.0, 0.8, 1.0)],  # lip tightener
+    'AU24': [(23.5, 14.0, 0.9, 1.0), (23.5, 18.0, 0.9, 1.0)],  # lip pressor
+    'AU25': [(23.0, 14.5, 0.9, -1.0), (23.0, 17.5, 0.9, -1.0)],  # lips part
+    'AU26': [(26.0, 16.0, 1.4, -1.0), (29.5, 16.0, 1.2, 0.6)],  # jaw drop
 }
 
 
@@ -86,8 +87,8 @@ def _blob(r, c, sigma, size: int = IMAGE_SIZE) -> np.ndarray:
   """
   r, c, sigma = np.broadcast_arrays(*(np.asarray(v, np.float32) for v in (r, c, sigma)))
   grid = np.arange(size, dtype=np.float32)
-  gy = np.exp(-(grid - r[..., None]) ** 2 / (2 * sigma[..., None] ** 2))
-  gx = np.exp(-(grid - c[..., None]) ** 2 / (2 * sigma[..., None] ** 2))
+  gy = np.exp(-((grid - r[..., None]) ** 2) / (2 * sigma[..., None] ** 2))
+  gx = np.exp(-((grid - c[..., None]) ** 2) / (2 * sigma[..., None] ** 2))
   return gy[..., :, None] * gx[..., None, :]
 
 
@@ -108,8 +109,7 @@ def sample_labels(rng: np.random.Generator, n: int, table: np.ndarray) -> tuple[
   return expression, aus
 
 
-def render_faces(rng: np.random.Generator, aus: np.ndarray, size: int = IMAGE_SIZE,
-                 chunk: int = 4096) -> np.ndarray:
+def render_faces(rng: np.random.Generator, aus: np.ndarray, size: int = IMAGE_SIZE, chunk: int = 4096) -> np.ndarray:
   """uint8 ``[n, size, size, 1]`` faces showing the active AUs (see the module docstring for the model).
 
   Drawn in face coordinates (centre (16.5, 16)), then translated as a whole by an integer shift, then noised.
@@ -125,14 +125,20 @@ def render_faces(rng: np.random.Generator, aus: np.ndarray, size: int = IMAGE_SI
     brightness = rng.uniform(0.45, 0.65, m).astype(np.float32)[:, None, None]
     inside = (((grid - 16.5) / ry) ** 2)[:, :, None] + (((grid - 16.0) / rx) ** 2)[:, None, :]
     face = background + (brightness - background) / (1.0 + np.exp(8.0 * (inside.astype(np.float32) - 1.0)))
-    for r, c, sigma, w in ((12.0, 10.5, 1.0, -0.2), (12.0, 21.5, 1.0, -0.2),    # eyes
-                           (9.0, 10.0, 1.2, -0.1), (9.0, 22.0, 1.2, -0.1),      # brows
-                           (23.0, 14.0, 1.0, -0.12), (23.0, 16.0, 1.0, -0.12), (23.0, 18.0, 1.0, -0.12)):  # mouth
+    for r, c, sigma, w in (
+        (12.0, 10.5, 1.0, -0.2),
+        (12.0, 21.5, 1.0, -0.2),  # eyes
+        (9.0, 10.0, 1.2, -0.1),
+        (9.0, 22.0, 1.2, -0.1),  # brows
+        (23.0, 14.0, 1.0, -0.12),
+        (23.0, 16.0, 1.0, -0.12),
+        (23.0, 18.0, 1.0, -0.12),
+    ):  # mouth
       face += w * _blob(r, c, sigma, size)
     for _ in range(4):  # identity: low-frequency blobs anywhere on the face
       r, c = rng.uniform(6, 27, (2, m))
       face += rng.normal(0, 0.05, m).astype(np.float32)[:, None, None] * _blob(r, c, rng.uniform(1.5, 3.0, m), size)
-    intensity = (aus[lo:lo + m] * rng.uniform(*INTENSITY_RANGE, size=(m, aus.shape[1]))).astype(np.float32)
+    intensity = (aus[lo : lo + m] * rng.uniform(*INTENSITY_RANGE, size=(m, aus.shape[1]))).astype(np.float32)
     face += (AU_AMPLITUDE * intensity @ templates).reshape(m, size, size)
     # Translate the whole face by (dy, dx) in [-MAX_SHIFT, MAX_SHIFT]^2, filling with background.
     shift = rng.integers(-MAX_SHIFT, MAX_SHIFT + 1, size=(m, 2))
@@ -141,12 +147,13 @@ def render_faces(rng: np.random.Generator, aus: np.ndarray, size: int = IMAGE_SI
     cols = np.arange(size)[None, :] + MAX_SHIFT - shift[:, 1:]
     face = padded[np.arange(m)[:, None, None], rows[:, :, None], cols[:, None, :]]
     face += NOISE_STD * rng.standard_normal(face.shape, dtype=np.float32)
-    out[lo:lo + m, ..., 0] = np.round(np.clip(face, 0.0, 1.0) * 255)
+    out[lo : lo + m, ..., 0] = np.round(np.clip(face, 0.0, 1.0) * 255)
   return out
 
 
-def generate_split(seed: int, split: str, n: int, *, high: float = 0.9, low: float = 0.03,
-                   render: bool = True) -> dict[str, np.ndarray]:
+def generate_split(
+    seed: int, split: str, n: int, *, high: float = 0.9, low: float = 0.03, render: bool = True
+) -> dict[str, np.ndarray]:
   """One split as numpy: ``expression`` [n], ``aus`` [n, 17], ``image`` uint8 [n, 32, 32, 1] (if ``render``).
 
   Labels are drawn before the images, so ``render=False`` gives the same labels cheaply.
@@ -176,8 +183,16 @@ class SyntheticAffectConfig(tfds.core.BuilderConfig):
   prior_low: float = 0.03
 
 
-def make_config(*, seed: int = 0, num_expressions: int = 20000, num_aus: int = 3000, num_coannotated: int = 1000,
-                num_test: int = 2000, prior_high: float = 0.9, prior_low: float = 0.03) -> SyntheticAffectConfig:
+def make_config(
+    *,
+    seed: int = 0,
+    num_expressions: int = 20000,
+    num_aus: int = 3000,
+    num_coannotated: int = 1000,
+    num_test: int = 2000,
+    prior_high: float = 0.9,
+    prior_low: float = 0.03,
+) -> SyntheticAffectConfig:
   """A builder config whose name encodes every generation parameter (so each variant is cached separately)."""
   for arg, v in (('num_expressions', num_expressions), ('num_aus', num_aus), ('num_test', num_test)):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -187,11 +202,19 @@ def make_config(*, seed: int = 0, num_expressions: int = 20000, num_aus: int = 3
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
     raise ValueError(f'seed: got {seed!r}, expected an int >= 0')
   softened_prior(prior_high, prior_low)  # validates
-  name = (f's{seed}_e{num_expressions}_a{num_aus}_c{num_coannotated}_t{num_test}_'
-          f'h{prior_high:g}_l{prior_low:g}').replace('.', 'p')
-  return SyntheticAffectConfig(name=name, seed=int(seed), num_expressions=int(num_expressions), num_aus=int(num_aus),
-                               num_coannotated=int(num_coannotated), num_test=int(num_test),
-                               prior_high=float(prior_high), prior_low=float(prior_low))
+  name = (
+      f's{seed}_e{num_expressions}_a{num_aus}_c{num_coannotated}_t{num_test}_' f'h{prior_high:g}_l{prior_low:g}'
+  ).replace('.', 'p')
+  return SyntheticAffectConfig(
+      name=name,
+      seed=int(seed),
+      num_expressions=int(num_expressions),
+      num_aus=int(num_aus),
+      num_coannotated=int(num_coannotated),
+      num_test=int(num_test),
+      prior_high=float(prior_high),
+      prior_low=float(prior_low),
+  )
 
 
 class MtlmatchSyntheticAffect(tfds.core.GeneratorBasedBuilder):
@@ -208,27 +231,33 @@ class MtlmatchSyntheticAffect(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), dtype=np.uint8, encoding='bytes'),
-            'expression': tfds.features.Tensor(shape=(), dtype=np.int32),
-            'aus': tfds.features.Tensor(shape=(17,), dtype=np.int32),
-            'index': tfds.features.Tensor(shape=(), dtype=np.int64),
-        }),
-        citation=load_prior('expressions_to_aus').citation)
+        features=tfds.features.FeaturesDict(
+            {
+                'image': tfds.features.Tensor(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), dtype=np.uint8, encoding='bytes'),
+                'expression': tfds.features.Tensor(shape=(), dtype=np.int32),
+                'aus': tfds.features.Tensor(shape=(17,), dtype=np.int32),
+                'index': tfds.features.Tensor(shape=(), dtype=np.int64),
+            }
+        ),
+        citation=load_prior('expressions_to_aus').citation,
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
     c = self.builder_config
-    sizes = {'expressions': c.num_expressions, 'aus': c.num_aus, 'coannotated': c.num_coannotated,
-             'test': c.num_test}
+    sizes = {'expressions': c.num_expressions, 'aus': c.num_aus, 'coannotated': c.num_coannotated, 'test': c.num_test}
     return {split: self._generate_examples(split, n) for split, n in sizes.items() if n > 0}
 
   def _generate_examples(self, split, n):
     c = self.builder_config
     data = generate_split(c.seed, split, n, high=c.prior_high, low=c.prior_low)
     for i in range(n):
-      yield i, {'image': data['image'][i], 'expression': data['expression'][i], 'aus': data['aus'][i],
-                'index': np.int64(i)}
+      yield i, {
+          'image': data['image'][i],
+          'expression': data['expression'][i],
+          'aus': data['aus'][i],
+          'index': np.int64(i),
+      }
 
 
 def prepare(data_dir: Optional[str] = None, **config) -> MtlmatchSyntheticAffect:
@@ -242,10 +271,19 @@ def _labels_fn(example):
   return {'expression': example['expression'], 'aus': example['aus']}
 
 
-def synthetic_affect_benchmark(*, data_dir: Optional[str] = None, seed: int = 0, num_expressions: int = 20000,
-                               num_aus: int = 3000, num_test: int = 2000, num_coannotated: int = 1000,
-                               coannotated_subsets: Optional[Sequence[int]] = None, prior_high: float = 0.9,
-                               prior_low: float = 0.03, weights: Optional[Mapping[str, float]] = None) -> Benchmark:
+def synthetic_affect_benchmark(
+    *,
+    data_dir: Optional[str] = None,
+    seed: int = 0,
+    num_expressions: int = 20000,
+    num_aus: int = 3000,
+    num_test: int = 2000,
+    num_coannotated: int = 1000,
+    coannotated_subsets: Optional[Sequence[int]] = None,
+    prior_high: float = 0.9,
+    prior_low: float = 0.03,
+    weights: Optional[Mapping[str, float]] = None,
+) -> Benchmark:
   """Train sources ``expressions`` (expression only) and ``aus`` (AUs only), eval ``test`` (both), aux
   ``coannotated`` (both, ``num_coannotated``) and ``coannotated_<n>`` (its first n) for each n in
   ``coannotated_subsets`` (default: 100 if ``num_coannotated`` > 100). ``weights``: {source name: mixing weight}
@@ -253,24 +291,42 @@ def synthetic_affect_benchmark(*, data_dir: Optional[str] = None, seed: int = 0,
   weights = dict(weights or {})
   unknown = set(weights) - {'expressions', 'aus'}
   if unknown:
-    raise ValueError(f'weights: got unknown source names {sorted(unknown)}, expected names from '
-                     "['expressions', 'aus']")
+    raise ValueError(
+        f'weights: got unknown source names {sorted(unknown)}, expected names from ' "['expressions', 'aus']"
+    )
   if coannotated_subsets is None:
     coannotated_subsets = tuple(n for n in (100,) if n < num_coannotated)
   subsets = tuple(int(n) for n in coannotated_subsets)
   if any(not 0 < n <= num_coannotated for n in subsets):
-    raise ValueError(f'coannotated_subsets: got {tuple(coannotated_subsets)}, expected sizes in [1, '
-                     f'num_coannotated={num_coannotated}]')
-  builder = prepare(data_dir, seed=seed, num_expressions=num_expressions, num_aus=num_aus,
-                    num_coannotated=num_coannotated, num_test=num_test, prior_high=prior_high, prior_low=prior_low)
+    raise ValueError(
+        f'coannotated_subsets: got {tuple(coannotated_subsets)}, expected sizes in [1, '
+        f'num_coannotated={num_coannotated}]'
+    )
+  builder = prepare(
+      data_dir,
+      seed=seed,
+      num_expressions=num_expressions,
+      num_aus=num_aus,
+      num_coannotated=num_coannotated,
+      num_test=num_test,
+      prior_high=prior_high,
+      prior_low=prior_low,
+  )
   reader = TfdsReader(builder, labels_fn=_labels_fn, description='synthetic_affect')
-  train = (Source('expressions', reader, ('expression',), 'expressions', weights.get('expressions', 1.0)),
-           Source('aus', reader, ('aus',), 'aus', weights.get('aus', 1.0)))
+  train = (
+      Source('expressions', reader, ('expression',), 'expressions', weights.get('expressions', 1.0)),
+      Source('aus', reader, ('aus',), 'aus', weights.get('aus', 1.0)),
+  )
   aux = {}
   if num_coannotated:
     aux['coannotated'] = Source('coannotated', reader, ('expression', 'aus'), 'coannotated')
     for n in subsets:
       aux[f'coannotated_{n}'] = Source(f'coannotated_{n}', reader, ('expression', 'aus'), f'coannotated[:{n}]')
-  return make_benchmark('synthetic_affect', tasks(), train,
-                        eval_sources=(Source('test', reader, ('expression', 'aus'), 'test'),),
-                        aux_sources=aux, image_shape=(IMAGE_SIZE, IMAGE_SIZE, 1))
+  return make_benchmark(
+      'synthetic_affect',
+      tasks(),
+      train,
+      eval_sources=(Source('test', reader, ('expression', 'aus'), 'test'),),
+      aux_sources=aux,
+      image_shape=(IMAGE_SIZE, IMAGE_SIZE, 1),
+  )

@@ -16,16 +16,33 @@ Keyword options (``b_kind``, ``mode``, ...) are Python values: bind them with ``
 them) before ``jax.jit``. Shape and option checks always run; value checks (label ranges, relatedness range and row
 sums, probabilities) run only on concrete arrays, not on tracers inside ``jit``/``vmap``.
 """
+
 from __future__ import annotations
 
 from mtlmatch.losses.classification import masked_mean, sigmoid_xent, softmax_xent
 from mtlmatch.losses.dgr import dummy_gradient_norm, init_dummy_params
 from mtlmatch.losses.matching import co_annotation, distribution_matching
-from mtlmatch.losses.relatedness import (BAYES_EPS, PROTOTYPE_TAU, estimate_relatedness, implied_a, implied_b,
-                                         validate_relatedness)
+from mtlmatch.losses.relatedness import (
+    BAYES_EPS,
+    PROTOTYPE_TAU,
+    estimate_relatedness,
+    implied_a,
+    implied_b,
+    validate_relatedness,
+)
 
 __all__ = [
-    'BAYES_EPS', 'PROTOTYPE_TAU', 'co_annotation', 'distribution_matching', 'dummy_gradient_norm',
-    'estimate_relatedness', 'implied_a', 'implied_b', 'init_dummy_params', 'masked_mean', 'sigmoid_xent',
-    'softmax_xent', 'validate_relatedness',
+    'BAYES_EPS',
+    'PROTOTYPE_TAU',
+    'co_annotation',
+    'distribution_matching',
+    'dummy_gradient_norm',
+    'estimate_relatedness',
+    'implied_a',
+    'implied_b',
+    'init_dummy_params',
+    'masked_mean',
+    'sigmoid_xent',
+    'softmax_xent',
+    'validate_relatedness',
 ]

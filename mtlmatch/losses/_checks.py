@@ -8,6 +8,7 @@ what was expected.
 * Value checks (label ranges, relatedness range / row sums / finiteness) need the numbers. They run only when the
   array is concrete (a numpy or a committed ``jax.Array``, not a tracer); inside ``jit``/``vmap`` they are skipped.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -67,27 +68,34 @@ def int_labels(x, arg: str) -> jax.Array:
 def check_multiclass_labels(logits: jax.Array, labels: jax.Array, *, logits_arg: str, labels_arg: str) -> None:
   """labels ``[...]`` with values in [-1, C) for logits ``[..., C]``."""
   if labels.shape != logits.shape[:-1]:
-    raise ValueError(f'{labels_arg}: got shape {labels.shape}, expected {logits.shape[:-1]} (the leading shape of '
-                     f'{logits_arg} {logits.shape}; multiclass labels are [B])')
+    raise ValueError(
+        f'{labels_arg}: got shape {labels.shape}, expected {logits.shape[:-1]} (the leading shape of '
+        f'{logits_arg} {logits.shape}; multiclass labels are [B])'
+    )
   value = concrete(labels)
   if value is not None:
     bad = (value < MISSING) | (value >= logits.shape[-1])
     if np.any(bad):
-      raise ValueError(f'{labels_arg}: got value {value[bad].flat[0]}, expected values in [-1, '
-                       f'{logits.shape[-1]}) (-1 = missing)')
+      raise ValueError(
+          f'{labels_arg}: got value {value[bad].flat[0]}, expected values in [-1, '
+          f'{logits.shape[-1]}) (-1 = missing)'
+      )
 
 
 def check_multilabel_labels(logits: jax.Array, labels: jax.Array, *, logits_arg: str, labels_arg: str) -> None:
   """labels ``[..., C]`` with values in {-1, 0, 1} for logits ``[..., C]``."""
   if labels.shape != logits.shape:
-    raise ValueError(f'{labels_arg}: got shape {labels.shape}, expected {logits.shape} (the shape of {logits_arg}; '
-                     'multilabel labels are [B, C])')
+    raise ValueError(
+        f'{labels_arg}: got shape {labels.shape}, expected {logits.shape} (the shape of {logits_arg}; '
+        'multilabel labels are [B, C])'
+    )
   value = concrete(labels)
   if value is not None:
     bad = (value < MISSING) | (value > 1)
     if np.any(bad):
-      raise ValueError(f'{labels_arg}: got value {value[bad].flat[0]}, expected values in {{-1, 0, 1}} '
-                       '(-1 = missing)')
+      raise ValueError(
+          f'{labels_arg}: got value {value[bad].flat[0]}, expected values in {{-1, 0, 1}} ' '(-1 = missing)'
+      )
 
 
 def check_labels(logits, labels, *, kind: str, logits_arg: str, labels_arg: str) -> None:
@@ -111,27 +119,39 @@ def relatedness_value_error(r: np.ndarray, *, b_kind: Optional[str], arg: str = 
     bad_rows = np.abs(sums - 1) > ROW_SUM_TOL
     if np.any(bad_rows):
       i = int(np.argmax(bad_rows))
-      return (f'{arg}: got row {i} summing to {sums[i]:.6g}, expected every row to sum to 1 (tolerance '
-              f'{ROW_SUM_TOL}) because task B is multiclass (row i is p(b | a = i))')
+      return (
+          f'{arg}: got row {i} summing to {sums[i]:.6g}, expected every row to sum to 1 (tolerance '
+          f'{ROW_SUM_TOL}) because task B is multiclass (row i is p(b | a = i))'
+      )
   return None
 
 
-def check_relatedness_shape(shape: tuple, *, num_classes_a: Optional[int], num_classes_b: Optional[int],
-                            arg: str = 'relatedness') -> None:
+def check_relatedness_shape(
+    shape: tuple, *, num_classes_a: Optional[int], num_classes_b: Optional[int], arg: str = 'relatedness'
+) -> None:
   if len(shape) != 2:
     raise ValueError(f'{arg}: got shape {tuple(shape)}, expected a 2-D table [C_A, C_B]')
   if shape[0] < 1 or shape[1] < 1:
     raise ValueError(f'{arg}: got shape {tuple(shape)}, expected a non-empty table [C_A, C_B]')
   if num_classes_a is not None and shape[0] != num_classes_a:
-    raise ValueError(f'{arg}: got shape {tuple(shape)}, expected {num_classes_a} rows (C_A = number of task-A '
-                     'classes)')
+    raise ValueError(
+        f'{arg}: got shape {tuple(shape)}, expected {num_classes_a} rows (C_A = number of task-A ' 'classes)'
+    )
   if num_classes_b is not None and shape[1] != num_classes_b:
-    raise ValueError(f'{arg}: got shape {tuple(shape)}, expected {num_classes_b} columns (C_B = number of task-B '
-                     'classes)')
+    raise ValueError(
+        f'{arg}: got shape {tuple(shape)}, expected {num_classes_b} columns (C_B = number of task-B ' 'classes)'
+    )
 
 
-def relatedness(r, *, b_kind: Optional[str], num_classes_a: Optional[int], num_classes_b: Optional[int],
-                dtype, arg: str = 'relatedness') -> jax.Array:
+def relatedness(
+    r,
+    *,
+    b_kind: Optional[str],
+    num_classes_a: Optional[int],
+    num_classes_b: Optional[int],
+    dtype,
+    arg: str = 'relatedness',
+) -> jax.Array:
   """Checks a relatedness table passed to a loss (shape always, values when concrete); returns it as ``dtype``."""
   r = float_array(r, arg, min_ndim=0)
   check_relatedness_shape(r.shape, num_classes_a=num_classes_a, num_classes_b=num_classes_b, arg=arg)
@@ -154,8 +174,10 @@ def check_probabilities(p, *, kind: str, arg: str) -> None:
   if kind == 'multiclass' and value.size:
     sums = value.astype(np.float64).sum(-1)
     if np.any(np.abs(sums - 1) > 1e-3):
-      raise ValueError(f'{arg}: got a row summing to {sums.flat[int(np.argmax(np.abs(sums - 1)))]:.6g}, expected '
-                       'rows of a categorical distribution summing to 1 (tolerance 1e-3)')
+      raise ValueError(
+          f'{arg}: got a row summing to {sums.flat[int(np.argmax(np.abs(sums - 1)))]:.6g}, expected '
+          'rows of a categorical distribution summing to 1 (tolerance 1e-3)'
+      )
 
 
 def check_leading(x: jax.Array, leading: tuple, *, arg: str, other: str) -> None:

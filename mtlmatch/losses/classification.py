@@ -12,6 +12,7 @@ Shapes: ``[B]`` in the docstrings stands for any leading batch shape (so the fun
 over examples). Shape and dtype checks always run; label-range checks run only when ``labels`` is concrete (not a
 tracer inside ``jit``/``vmap``).
 """
+
 from __future__ import annotations
 
 import jax

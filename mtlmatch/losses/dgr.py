@@ -30,6 +30,7 @@ Usage (a linear head on all-zero features: only the bias gradient is non-zero; i
 Pure maths: the module imports no models; a head enters only through its ``init``/``apply``. Jittable with the
 keyword arguments bound statically (``functools.partial``). Checks (``norm``, the K axis) are static and always run.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -55,8 +56,10 @@ def _num_dummies(dummy_params) -> int:
     raise ValueError('dummy_params: got an empty pytree, expected parameter sets stacked on a leading axis K')
   sizes = {tuple(jnp.shape(x))[:1] for x in leaves}
   if len(sizes) != 1 or () in sizes:
-    raise ValueError(f'dummy_params: got leaves with leading dimensions {sorted(sizes)}, expected every leaf to '
-                     'have the same leading axis K (stacked dummy parameter sets)')
+    raise ValueError(
+        f'dummy_params: got leaves with leading dimensions {sorted(sizes)}, expected every leaf to '
+        'have the same leading axis K (stacked dummy parameter sets)'
+    )
   return int(sizes.pop()[0])
 
 
@@ -64,14 +67,20 @@ def _halves(weight: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Split the weighted (labelled) examples, in batch order, into two halves: masks [B] of the first ⌊n/2⌋ and the
   rest. The batch order is a random draw, so the halves are two independent random subsets."""
   labelled = weight != 0
-  rank = jnp.cumsum(labelled.astype(jnp.int32))          # 1-based rank among the labelled examples
+  rank = jnp.cumsum(labelled.astype(jnp.int32))  # 1-based rank among the labelled examples
   first = labelled & (rank <= jnp.sum(labelled) // 2)
   return first.astype(weight.dtype), (labelled & ~first).astype(weight.dtype)
 
 
-def dummy_gradient_norm(features, labels, dummy_params, *, head_apply: Callable[[Any, jax.Array], jax.Array],
-                        loss_fn: Callable[[jax.Array, Any], tuple[jax.Array, jax.Array]],
-                        norm: str = 'sq_l2') -> jax.Array:
+def dummy_gradient_norm(
+    features,
+    labels,
+    dummy_params,
+    *,
+    head_apply: Callable[[Any, jax.Array], jax.Array],
+    loss_fn: Callable[[jax.Array, Any], tuple[jax.Array, jax.Array]],
+    norm: str = 'sq_l2',
+) -> jax.Array:
   """Mean over K dummy heads of a norm of the dummy gradient ``g = ∇_φ L(φ)``.
 
   ``L(φ) = masked_mean(*loss_fn(head_apply(φ, features), labels))``; ``dummy_params`` go through

@@ -24,6 +24,7 @@ Usage (inside a jitted loss; bind the keyword options statically)::
 Checks: shapes and option strings always; relatedness values (finite, in [0, 1], multiclass rows summing to 1) and
 label ranges only when those arrays are concrete, i.e. not inside ``jax.jit`` / ``jax.vmap``.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -52,8 +53,10 @@ def check_options(**options) -> None:
   for key, value in options.items():
     if key == 'stop_gradient_target':
       if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f'stop_gradient_target: got {value!r}, expected True or False (a Python bool: it changes '
-                         'the traced computation)')
+        raise ValueError(
+            f'stop_gradient_target: got {value!r}, expected True or False (a Python bool: it changes '
+            'the traced computation)'
+        )
     elif key == 'prior':
       if isinstance(value, str):
         _checks.check_choice(value, PRIORS, key)
@@ -119,14 +122,25 @@ def _check_pair(logits_a, logits_b, relatedness, b_kind):
   logits_b = _checks.float_array(logits_b, 'logits_b')
   _checks.check_leading(logits_b, logits_a.shape[:-1], arg='logits_b', other=f'logits_a {logits_a.shape}')
   dtype = jnp.result_type(logits_a.dtype, logits_b.dtype)
-  r = _checks.relatedness(relatedness, b_kind=b_kind, num_classes_a=logits_a.shape[-1],
-                          num_classes_b=logits_b.shape[-1], dtype=dtype)
+  r = _checks.relatedness(
+      relatedness, b_kind=b_kind, num_classes_a=logits_a.shape[-1], num_classes_b=logits_b.shape[-1], dtype=dtype
+  )
   return logits_a.astype(dtype), logits_b.astype(dtype), r
 
 
-def distribution_matching(logits_a, logits_b, relatedness, *, b_kind: str, direction: str = 'both',
-                          mode: str = 'bayes', stop_gradient_target: bool = True, divergence: str = 'xent',
-                          prior='model', mask=None) -> tuple[jax.Array, jax.Array]:
+def distribution_matching(
+    logits_a,
+    logits_b,
+    relatedness,
+    *,
+    b_kind: str,
+    direction: str = 'both',
+    mode: str = 'bayes',
+    stop_gradient_target: bool = True,
+    divergence: str = 'xent',
+    prior='model',
+    mask=None,
+) -> tuple[jax.Array, jax.Array]:
   """Distribution-matching loss per example (Kollias et al. 2024; the maths in docs/maths.md).
 
   With ``p_A = softmax(z_A)``, ``p_B = sigmoid(z_B)`` (multilabel) or ``softmax(z_B)`` (multiclass),
@@ -171,8 +185,9 @@ def distribution_matching(logits_a, logits_b, relatedness, *, b_kind: str, direc
   (True, [1.0])
   """
   b_kind = _checks.check_b_kind(b_kind)
-  check_options(direction=direction, mode=mode, stop_gradient_target=stop_gradient_target, divergence=divergence,
-                prior=prior)
+  check_options(
+      direction=direction, mode=mode, stop_gradient_target=stop_gradient_target, divergence=divergence, prior=prior
+  )
   logits_a, logits_b, r = _check_pair(logits_a, logits_b, relatedness, b_kind)
   batch_shape = logits_a.shape[:-1]
   if mask is None:
@@ -192,14 +207,16 @@ def distribution_matching(logits_a, logits_b, relatedness, *, b_kind: str, direc
     q_b = target(rel.implied_b_from_probs(p_a, r))
     loss = loss + _divergence(q_b, None, logp_b, log1mp_b, kind=b_kind, divergence=divergence)
   if direction in ('b_to_a', 'both'):
-    log_q_a = target(rel.log_implied_a(p_b, logp_b, log1mp_b, r, b_kind=b_kind, mode=mode,
-                                       log_prior=_log_prior(prior, logp_a)))
+    log_q_a = target(
+        rel.log_implied_a(p_b, logp_b, log1mp_b, r, b_kind=b_kind, mode=mode, log_prior=_log_prior(prior, logp_a))
+    )
     loss = loss + _divergence(jnp.exp(log_q_a), log_q_a, logp_a, None, kind='multiclass', divergence=divergence)
   return jnp.where(weight != 0, loss, 0.0), weight
 
 
-def co_annotation(logits_a, logits_b, labels_a, labels_b, relatedness, *, b_kind: str,
-                  prior='model') -> tuple[jax.Array, jax.Array]:
+def co_annotation(
+    logits_a, logits_b, labels_a, labels_b, relatedness, *, b_kind: str, prior='model'
+) -> tuple[jax.Array, jax.Array]:
   """Soft co-annotation loss per example (Kollias et al. 2024; the maths in docs/maths.md).
 
   * A label i present, B missing: soft B target ``R[i, :]``, loss ``H(R[i, :], p_B)``.
@@ -260,8 +277,9 @@ def co_annotation(logits_a, logits_b, labels_a, labels_b, relatedness, *, b_kind
   log_prior = _log_prior(prior, logp_a)
   if b_kind == 'multilabel':
     b = jnp.where(entry_b, labels_b, 0).astype(dtype)
-    log_q_a = rel.log_implied_a(b, None, None, r, b_kind=b_kind, mode='bayes', log_prior=log_prior,
-                                entry_mask=entry_b.astype(dtype))
+    log_q_a = rel.log_implied_a(
+        b, None, None, r, b_kind=b_kind, mode='bayes', log_prior=log_prior, entry_mask=entry_b.astype(dtype)
+    )
   else:
     b = jax.nn.one_hot(jnp.where(entry_b, labels_b, 0), logits_b.shape[-1], dtype=dtype)
     log_q_a = rel.log_implied_a(b, None, None, r, b_kind=b_kind, mode='bayes', log_prior=log_prior)

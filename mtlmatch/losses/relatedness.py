@@ -30,6 +30,7 @@ R[0, 0] = (2 + 0.5) / (2 + 1) and R[0, 1] = (0 + 2/3) / (1 + 1): expression 0 wa
 :func:`implied_b` and :func:`implied_a` are jittable and vmappable with the keyword options bound statically; their
 value checks on ``relatedness`` / probabilities run only when those arrays are concrete (not under ``jit``).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -51,8 +52,9 @@ MODES = ('bayes', 'prototype')
 _HI = jax.lax.Precision.HIGHEST  # the tables are tiny; keep full float32 on accelerators that default to bf16 passes
 
 
-def validate_relatedness(relatedness, *, b_kind: str, num_classes_a: Optional[int] = None,
-                         num_classes_b: Optional[int] = None) -> np.ndarray:
+def validate_relatedness(
+    relatedness, *, b_kind: str, num_classes_a: Optional[int] = None, num_classes_b: Optional[int] = None
+) -> np.ndarray:
   """Checks a relatedness table and returns it as float32 numpy ``[C_A, C_B]``.
 
   Checks: 2-D and non-empty; ``C_A = num_classes_a`` and ``C_B = num_classes_b`` when given; finite; in [0, 1]; for
@@ -61,8 +63,9 @@ def validate_relatedness(relatedness, *, b_kind: str, num_classes_a: Optional[in
   """
   b_kind = _checks.check_b_kind(b_kind)
   if isinstance(relatedness, jax.core.Tracer):
-    raise ValueError('relatedness: got a traced array, expected a concrete table (validate_relatedness runs outside '
-                     'jax.jit)')
+    raise ValueError(
+        'relatedness: got a traced array, expected a concrete table (validate_relatedness runs outside ' 'jax.jit)'
+    )
   r = np.asarray(relatedness)
   if not (np.issubdtype(r.dtype, np.floating) or np.issubdtype(r.dtype, np.integer)) or r.dtype == bool:
     raise ValueError(f'relatedness: got dtype {r.dtype}, expected a real-valued table')
@@ -79,8 +82,10 @@ def _soft_counts(labels, *, num_classes: int, kind: str, arg: str) -> tuple[np.n
   if np.issubdtype(x.dtype, np.integer):
     if kind == 'multiclass':
       if x.ndim != 1:
-        raise ValueError(f'{arg}: got integer array of shape {x.shape}, expected hard labels [N] (-1 = missing) or '
-                         f'float probabilities [N, {num_classes}]')
+        raise ValueError(
+            f'{arg}: got integer array of shape {x.shape}, expected hard labels [N] (-1 = missing) or '
+            f'float probabilities [N, {num_classes}]'
+        )
       bad = (x < MISSING) | (x >= num_classes)
       if np.any(bad):
         raise ValueError(f'{arg}: got value {x[bad][0]}, expected values in [-1, {num_classes}) (-1 = missing)')
@@ -89,8 +94,10 @@ def _soft_counts(labels, *, num_classes: int, kind: str, arg: str) -> tuple[np.n
       values[np.nonzero(present)[0], x[present]] = 1.0
       return values, present
     if x.ndim != 2 or x.shape[1] != num_classes:
-      raise ValueError(f'{arg}: got integer array of shape {x.shape}, expected hard labels [N, {num_classes}] in '
-                       f'{{-1, 0, 1}} or float probabilities [N, {num_classes}]')
+      raise ValueError(
+          f'{arg}: got integer array of shape {x.shape}, expected hard labels [N, {num_classes}] in '
+          f'{{-1, 0, 1}} or float probabilities [N, {num_classes}]'
+      )
     bad = (x < MISSING) | (x > 1)
     if np.any(bad):
       raise ValueError(f'{arg}: got value {x[bad][0]}, expected values in {{-1, 0, 1}} (-1 = missing)')
@@ -99,8 +106,10 @@ def _soft_counts(labels, *, num_classes: int, kind: str, arg: str) -> tuple[np.n
   if not np.issubdtype(x.dtype, np.floating):
     raise ValueError(f'{arg}: got dtype {x.dtype}, expected int hard labels (-1 = missing) or float probabilities')
   if x.ndim != 2 or x.shape[1] != num_classes:
-    raise ValueError(f'{arg}: got float array of shape {x.shape}, expected probabilities [N, {num_classes}] '
-                     '(NaN = missing)' + (' or int hard labels [N]' if kind == 'multiclass' else ''))
+    raise ValueError(
+        f'{arg}: got float array of shape {x.shape}, expected probabilities [N, {num_classes}] '
+        '(NaN = missing)' + (' or int hard labels [N]' if kind == 'multiclass' else '')
+    )
   x = x.astype(np.float64)
   nan = np.isnan(x)
   present = ~nan.any(-1) if kind == 'multiclass' else ~nan
@@ -112,13 +121,16 @@ def _soft_counts(labels, *, num_classes: int, kind: str, arg: str) -> tuple[np.n
     values[~present] = 0.0
     sums = values[present].sum(-1)
     if sums.size and np.any(np.abs(sums - 1) > _checks.ROW_SUM_TOL):
-      raise ValueError(f'{arg}: got a probability row summing to {sums[np.argmax(np.abs(sums - 1))]:.6g}, expected '
-                       f'rows summing to 1 (tolerance {_checks.ROW_SUM_TOL}; a row with NaN = missing)')
+      raise ValueError(
+          f'{arg}: got a probability row summing to {sums[np.argmax(np.abs(sums - 1))]:.6g}, expected '
+          f'rows summing to 1 (tolerance {_checks.ROW_SUM_TOL}; a row with NaN = missing)'
+      )
   return values, present
 
 
-def estimate_relatedness(labels_a, labels_b, *, num_classes_a: int, num_classes_b: int, b_kind: str,
-                         smoothing: float = 1.0, prior=None) -> np.ndarray:
+def estimate_relatedness(
+    labels_a, labels_b, *, num_classes_a: int, num_classes_b: int, b_kind: str, smoothing: float = 1.0, prior=None
+) -> np.ndarray:
   """Estimates ``R[C_A, C_B]`` from examples labelled for both tasks, with smoothing toward a prior (docs/maths.md §2).
 
   ``R[i, k] = (Σ_n m[n, k] a[n, i] b[n, k] + α π_k) / (Σ_n m[n, k] a[n, i] + α)``, where ``m[n, k] = 1`` when
@@ -156,8 +168,11 @@ def estimate_relatedness(labels_a, labels_b, *, num_classes_a: int, num_classes_
   for arg, value, lo in (('num_classes_a', num_classes_a, 1), ('num_classes_b', num_classes_b, 1)):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < lo:
       raise ValueError(f'{arg}: got {value!r}, expected an int >= {lo}')
-  if not isinstance(smoothing, (int, float, np.number)) or isinstance(smoothing, bool) or not (
-      np.isfinite(smoothing) and smoothing >= 0):
+  if (
+      not isinstance(smoothing, (int, float, np.number))
+      or isinstance(smoothing, bool)
+      or not (np.isfinite(smoothing) and smoothing >= 0)
+  ):
     raise ValueError(f'smoothing: got {smoothing!r}, expected a finite number >= 0')
   a, present_a = _soft_counts(labels_a, num_classes=num_classes_a, kind='multiclass', arg='labels_a')
   b, present_b = _soft_counts(labels_b, num_classes=num_classes_b, kind=b_kind, arg='labels_b')
@@ -170,8 +185,10 @@ def estimate_relatedness(labels_a, labels_b, *, num_classes_a: int, num_classes_
     if not np.all(np.isfinite(prior)) or np.any((prior < 0) | (prior > 1)):
       raise ValueError(f'prior: got values in [{prior.min()}, {prior.max()}], expected probabilities in [0, 1]')
     if b_kind == 'multiclass' and abs(prior.sum() - 1) > _checks.ROW_SUM_TOL:
-      raise ValueError(f'prior: got values summing to {prior.sum():.6g}, expected a distribution over the '
-                       f'{num_classes_b} B classes summing to 1')
+      raise ValueError(
+          f'prior: got values summing to {prior.sum():.6g}, expected a distribution over the '
+          f'{num_classes_b} B classes summing to 1'
+      )
 
   # m[n, k]: the pair (a_n, b_nk) is labelled; broadcast to [N, C_B] for both kinds of B.
   m = (present_a[:, None] & (present_b[:, None] if b_kind == 'multiclass' else present_b)).astype(np.float64)
@@ -179,8 +196,9 @@ def estimate_relatedness(labels_a, labels_b, *, num_classes_a: int, num_classes_
   pairs = m.sum(0)  # [C_B]
   if prior is None:
     if not np.any(pairs > 0):
-      raise ValueError('labels_a, labels_b: got no example labelled for both tasks, expected at least one (or pass '
-                       'prior=)')
+      raise ValueError(
+          'labels_a, labels_b: got no example labelled for both tasks, expected at least one (or pass ' 'prior=)'
+      )
     prior = np.where(pairs > 0, (m * b).sum(0) / np.maximum(pairs, 1), 0.5)
   numerator = a.T @ (m * b) + smoothing * prior  # [C_A, C_B]
   denominator = a.T @ m + smoothing
@@ -209,14 +227,21 @@ def implied_b(probs_a, relatedness) -> jax.Array:
     ``q_B [B, C_B]``.
   """
   probs_a = _checks.float_array(probs_a, 'probs_a')
-  r = _checks.relatedness(relatedness, b_kind=None, num_classes_a=probs_a.shape[-1], num_classes_b=None,
-                          dtype=probs_a.dtype)
+  r = _checks.relatedness(
+      relatedness, b_kind=None, num_classes_a=probs_a.shape[-1], num_classes_b=None, dtype=probs_a.dtype
+  )
   _checks.check_probabilities(probs_a, kind='multiclass', arg='probs_a')
   return implied_b_from_probs(probs_a, r)
 
 
-def _bayes_scores(probs_b: jax.Array, logp_b: Optional[jax.Array], r: jax.Array, *, b_kind: str,
-                  entry_mask: Optional[jax.Array] = None) -> jax.Array:
+def _bayes_scores(
+    probs_b: jax.Array,
+    logp_b: Optional[jax.Array],
+    r: jax.Array,
+    *,
+    b_kind: str,
+    entry_mask: Optional[jax.Array] = None,
+) -> jax.Array:
   """Virtual-evidence log-likelihoods ``log P(p_B | a = i)`` [..., C_A] (up to a constant in i).
 
   Multilabel: ``Σ_k log(p_k R̃_ik + (1 − p_k)(1 − R̃_ik))`` — the chance that an A = i example would produce B's
@@ -231,7 +256,7 @@ def _bayes_scores(probs_b: jax.Array, logp_b: Optional[jax.Array], r: jax.Array,
     if logp_b is None:
       logp_b = jnp.log(jnp.maximum(probs_b, jnp.finfo(probs_b.dtype).tiny))
     return jax.nn.logsumexp(logp_b[..., None, :] + jnp.log(rt), axis=-1)
-  factors = jnp.log((1 - rt) + probs_b[..., None, :] * (2 * rt - 1))   # [..., C_A, C_B]
+  factors = jnp.log((1 - rt) + probs_b[..., None, :] * (2 * rt - 1))  # [..., C_A, C_B]
   if entry_mask is not None:
     factors = factors * entry_mask[..., None, :]
   return jnp.sum(factors, axis=-1)
@@ -252,16 +277,26 @@ def log_prior_a(prior, num_classes_a: int, dtype) -> Optional[jax.Array]:
     return None
   prior = _checks.float_array(prior, 'prior', min_ndim=1)
   if prior.shape[-1] != num_classes_a:
-    raise ValueError(f'prior: got shape {prior.shape}, expected ({num_classes_a},) or [B, {num_classes_a}] (π_A '
-                     'over the task-A classes)')
+    raise ValueError(
+        f'prior: got shape {prior.shape}, expected ({num_classes_a},) or [B, {num_classes_a}] (π_A '
+        'over the task-A classes)'
+    )
   _checks.check_probabilities(prior, kind='multiclass', arg='prior')
   # A zero prior is clipped to the smallest normal number, so q_A ≈ 0 there but log q_A stays finite.
   return jnp.log(jnp.maximum(prior.astype(dtype), jnp.finfo(dtype).tiny))
 
 
-def log_implied_a(probs_b: jax.Array, logp_b: Optional[jax.Array], log1mp_b: Optional[jax.Array], r: jax.Array, *,
-                  b_kind: str, mode: str, log_prior: Optional[jax.Array] = None,
-                  entry_mask: Optional[jax.Array] = None) -> jax.Array:
+def log_implied_a(
+    probs_b: jax.Array,
+    logp_b: Optional[jax.Array],
+    log1mp_b: Optional[jax.Array],
+    r: jax.Array,
+    *,
+    b_kind: str,
+    mode: str,
+    log_prior: Optional[jax.Array] = None,
+    entry_mask: Optional[jax.Array] = None,
+) -> jax.Array:
   """``log q_A [..., C_A]`` without checks (for the loss modules); ``logp_b``/``log1mp_b`` used by `prototype`."""
   if mode == 'bayes':
     scores = _bayes_scores(probs_b, logp_b, r, b_kind=b_kind, entry_mask=entry_mask)
@@ -311,8 +346,9 @@ def implied_a(probs_b, relatedness, *, b_kind: str, mode: str = 'bayes', prior=N
   b_kind = _checks.check_b_kind(b_kind)
   mode = _checks.check_choice(mode, MODES, 'mode')
   probs_b = _checks.float_array(probs_b, 'probs_b')
-  r = _checks.relatedness(relatedness, b_kind=b_kind, num_classes_a=None, num_classes_b=probs_b.shape[-1],
-                          dtype=probs_b.dtype)
+  r = _checks.relatedness(
+      relatedness, b_kind=b_kind, num_classes_a=None, num_classes_b=probs_b.shape[-1], dtype=probs_b.dtype
+  )
   _checks.check_probabilities(probs_b, kind=b_kind, arg='probs_b')
   log_prior = log_prior_a(prior, r.shape[0], probs_b.dtype)
   tiny = jnp.finfo(probs_b.dtype).tiny

@@ -9,10 +9,24 @@
 
 Models know nothing of training: losses, optimisers and the sharded step live in ``mtlmatch.train``.
 """
+
 from mtlmatch.models import cpu_ops
 from mtlmatch.models.encoders import ENCODERS, CNNEncoder, MLPEncoder, ResNet18, ViTTiny, build_encoder
 from mtlmatch.models.heads import HEADS, LinearHead, MLPHead, build_head
 from mtlmatch.models.multitask import MultiTaskModel, build_model
 
-__all__ = ['ENCODERS', 'HEADS', 'CNNEncoder', 'LinearHead', 'MLPEncoder', 'MLPHead', 'MultiTaskModel', 'ResNet18',
-           'ViTTiny', 'build_encoder', 'build_head', 'build_model', 'cpu_ops']
+__all__ = [
+    'ENCODERS',
+    'HEADS',
+    'CNNEncoder',
+    'LinearHead',
+    'MLPEncoder',
+    'MLPHead',
+    'MultiTaskModel',
+    'ResNet18',
+    'ViTTiny',
+    'build_encoder',
+    'build_head',
+    'build_model',
+    'cpu_ops',
+]

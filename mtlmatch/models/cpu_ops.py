@@ -43,6 +43,7 @@ of any order (``jax.grad`` of ``jax.grad``, as DGR needs), ``jax.vmap`` of its V
 ``jax.jit`` work; forward-mode (``jax.jvp``, ``jax.jacfwd``) of the GEMM conv does not (a JAX limit of
 ``custom_vjp``) — use ``impl='native'`` for that. The max-pool is a ``jax.custom_jvp``: every mode works.
 """
+
 from __future__ import annotations
 
 import functools
@@ -80,15 +81,16 @@ def _is_nhwc(dimension_numbers, ndim: int) -> bool:
   if ndim != 4:
     return False
   if dimension_numbers is None:
-    return False   # lax's default is NCHW / OIHW
+    return False  # lax's default is NCHW / OIHW
   if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
     return tuple(dimension_numbers) == ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
   return tuple(dimension_numbers) == _NHWC
 
 
 def _native(x, w, strides, pads, dilation, precision):
-  return lax.conv_general_dilated(x, w, strides, pads, rhs_dilation=dilation, dimension_numbers=_NHWC,
-                                  precision=precision)
+  return lax.conv_general_dilated(
+      x, w, strides, pads, rhs_dilation=dilation, dimension_numbers=_NHWC, precision=precision
+  )
 
 
 def _weight_grad(x, g, kernel_shape, strides, pads, dilation, precision):
@@ -99,16 +101,21 @@ def _weight_grad(x, g, kernel_shape, strides, pads, dilation, precision):
   (sh, sw), (dh, dw) = strides, dilation
   xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
 
-  def tap(i, j):   # [N, H_out, W_out, C_in]: the inputs that kernel tap (i, j) multiplies
+  def tap(i, j):  # [N, H_out, W_out, C_in]: the inputs that kernel tap (i, j) multiplies
     start = (0, i * dh, j * dw, 0)
     return lax.slice(xp, start, (n, start[1] + sh * (ho - 1) + 1, start[2] + sw * (wo - 1) + 1, ci), (1, sh, sw, 1))
 
   g2 = g.reshape(n * ho * wo, co)
 
-  def cols_t_dot_g(taps):   # [len(taps)·C_in, C_out]; contracting dim 0 of both, no transposed copy
+  def cols_t_dot_g(taps):  # [len(taps)·C_in, C_out]; contracting dim 0 of both, no transposed copy
     cols = jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
-    return lax.dot_general(cols.reshape(n * ho * wo, -1), g2, (((0,), (0,)), ((), ())), precision=precision,
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        cols.reshape(n * ho * wo, -1),
+        g2,
+        (((0,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )
 
   if kh * kw * ci <= _ONE_GEMM_MAX_COLUMNS:
     dw_ = cols_t_dot_g([tap(i, j) for i in range(kh) for j in range(kw)]).reshape(kh, kw, ci, co)
@@ -137,8 +144,9 @@ def _conv_gemm_bwd(strides, pads, dilation, precision, residuals, g):
 _conv_gemm.defvjp(_conv_gemm_fwd, _conv_gemm_bwd)
 
 
-def _gemm_supported(lhs, rhs, padding, lhs_dilation, dimension_numbers, feature_group_count,
-                    batch_group_count, preferred_element_type) -> bool:
+def _gemm_supported(
+    lhs, rhs, padding, lhs_dilation, dimension_numbers, feature_group_count, batch_group_count, preferred_element_type
+) -> bool:
   if not _is_nhwc(dimension_numbers, lhs.ndim) or rhs.ndim != 4:
     return False
   if lhs_dilation is not None and tuple(lhs_dilation) != (1, 1):
@@ -150,17 +158,30 @@ def _gemm_supported(lhs, rhs, padding, lhs_dilation, dimension_numbers, feature_
   return True
 
 
-def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
-                         precision=None, preferred_element_type=None, *, impl: str = 'auto'):
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides: Sequence[int],
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision=None,
+    preferred_element_type=None,
+    *,
+    impl: str = 'auto',
+):
   """``lax.conv_general_dilated`` with the GEMM weight gradient (module docstring) when ``impl`` asks for it.
 
   The GEMM path covers 2-D NHWC/HWIO convolutions (what ``nn.Conv`` builds) with any strides, kernel dilation and
   non-negative padding ('SAME', 'VALID' or explicit pairs); anything else (grouped or transposed convolutions,
   other layouts) runs the native op. Values are the native op's in every case.
   """
-  if use_gemm(impl) and _gemm_supported(lhs, rhs, padding, lhs_dilation, dimension_numbers, feature_group_count,
-                                        batch_group_count, preferred_element_type):
+  if use_gemm(impl) and _gemm_supported(
+      lhs, rhs, padding, lhs_dilation, dimension_numbers, feature_group_count, batch_group_count, preferred_element_type
+  ):
     strides = tuple(int(s) for s in window_strides)
     dilation = tuple(int(d) for d in rhs_dilation) if rhs_dilation is not None else (1, 1)
     if isinstance(padding, str):
@@ -170,10 +191,19 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
     else:
       pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     return _conv_gemm(lhs, rhs, strides, pads, dilation, precision)
-  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                                  rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                                  feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-                                  precision=precision, preferred_element_type=preferred_element_type)
+  return lax.conv_general_dilated(
+      lhs,
+      rhs,
+      window_strides,
+      padding,
+      lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+  )
 
 
 def conv_general_dilated_gemm(*args, **kwargs):
@@ -190,6 +220,7 @@ def conv_fn(impl: str):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Max-pooling.
+
 
 def _window_parts(x):
   """The four positions of each 2×2 window, row-major: 4 × [N, H/2, W/2, C] (H, W even)."""

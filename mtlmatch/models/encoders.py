@@ -26,6 +26,7 @@ Usage::
     variables = enc.init(rng, images, train=False)            # {'params': ..., 'batch_stats': ...}
     feats, upd = enc.apply(variables, images, train=True, mutable=['batch_stats'])
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -92,6 +93,7 @@ class MLPEncoder(nn.Module):
 
   The first layer's input size is fixed by the image size used at init (an MLP has no spatial pooling).
   """
+
   hidden: Sequence[int] = (512, 256)
   dtype: Dtype = jnp.float32
 
@@ -116,10 +118,11 @@ class CNNEncoder(nn.Module):
   global pooling, keeps *where* a pattern is (a raised brow vs a lowered lip corner): with global pooling the affect
   benchmark stayed at chance for 300 steps. The dense layer's size follows the input size seen at init.
   """
+
   widths: Sequence[int] = (32, 64, 128)
   features: int = 256
   dtype: Dtype = jnp.float32
-  conv_impl: str = 'auto'   # cpu_ops.IMPLS: 'auto' (GEMM backward on CPU), 'native', 'gemm'
+  conv_impl: str = 'auto'  # cpu_ops.IMPLS: 'auto' (GEMM backward on CPU), 'native', 'gemm'
 
   def __post_init__(self):
     _check_positive_ints('CNNEncoder', widths=self.widths, features=self.features)
@@ -146,6 +149,7 @@ class CNNEncoder(nn.Module):
 
 class _BasicBlock(nn.Module):
   """ResNet basic block (He et al. 2016): two 3×3 convs with BN, identity or 1×1-conv+BN shortcut."""
+
   width: int
   strides: int
   dtype: Dtype
@@ -153,10 +157,12 @@ class _BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                             dtype=self.dtype)
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             conv_general_dilated=cpu_ops.conv_fn(self.conv_impl))
+    norm = functools.partial(
+        nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype
+    )
+    conv = functools.partial(
+        nn.Conv, use_bias=False, dtype=self.dtype, conv_general_dilated=cpu_ops.conv_fn(self.conv_impl)
+    )
     # Explicit padding 1 (as in the PyTorch CIFAR ResNets): H_out = ceil(H / stride) for odd and even H alike.
     y = conv(self.width, (3, 3), strides=self.strides, padding=1, name='conv1')(x)
     y = nn.relu(norm(name='bn1')(y))
@@ -178,10 +184,11 @@ class ResNet18(nn.Module):
   ``jax.jit`` (see the module docstring); ``train=True`` uses and updates them (momentum 0.9, so
   running ← 0.9·running + 0.1·batch), ``train=False`` uses the running averages.
   """
+
   width: int = 64
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   dtype: Dtype = jnp.float32
-  conv_impl: str = 'auto'   # cpu_ops.IMPLS, as CNNEncoder
+  conv_impl: str = 'auto'  # cpu_ops.IMPLS, as CNNEncoder
 
   def __post_init__(self):
     _check_positive_ints('ResNet18', width=self.width, stage_sizes=self.stage_sizes)
@@ -192,24 +199,33 @@ class ResNet18(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool):
     _check_images(images, 'ResNet18')
-    x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, dtype=self.dtype,
-                conv_general_dilated=cpu_ops.conv_fn(self.conv_impl), name='stem_conv')(images)
-    x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype,
-                     name='stem_bn')(x)
+    x = nn.Conv(
+        self.width,
+        (3, 3),
+        padding=1,
+        use_bias=False,
+        dtype=self.dtype,
+        conv_general_dilated=cpu_ops.conv_fn(self.conv_impl),
+        name='stem_conv',
+    )(images)
+    x = nn.BatchNorm(
+        use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype, name='stem_bn'
+    )(x)
     x = nn.relu(x)
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = _BasicBlock(self.width * 2**stage, strides, self.dtype, self.conv_impl,
-                        name=f'stage{stage}_block{block}')(x, train=train)
+        x = _BasicBlock(
+            self.width * 2**stage, strides, self.dtype, self.conv_impl, name=f'stage{stage}_block{block}'
+        )(x, train=train)
     return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
 
 
-def posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10_000.) -> np.ndarray:
+def posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:
   """Fixed 2-D sin-cos position embedding [1, h·w, dim] (MAE / big_vision "simple ViT"); needs dim % 4 == 0."""
   y, x = np.mgrid[:h, :w]
   omega = np.arange(dim // 4) / max(dim // 4 - 1, 1)
-  omega = 1. / temperature**omega
+  omega = 1.0 / temperature**omega
   y = np.einsum('m,d->md', y.reshape(-1), omega)
   x = np.einsum('m,d->md', x.reshape(-1), omega)
   pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
@@ -218,6 +234,7 @@ def posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10_000.) -> 
 
 class _TransformerBlock(nn.Module):
   """Pre-LN transformer block: x + MHSA(LN(x)), then x + MLP(LN(x)) with GELU."""
+
   num_heads: int
   mlp_dim: int
   dtype: Dtype
@@ -225,12 +242,18 @@ class _TransformerBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     y = nn.LayerNorm(dtype=self.dtype, name='ln1')(x)
-    y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, deterministic=True,
-                                        kernel_init=nn.initializers.xavier_uniform(), name='attn')(y, y)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads,
+        dtype=self.dtype,
+        deterministic=True,
+        kernel_init=nn.initializers.xavier_uniform(),
+        name='attn',
+    )(y, y)
     x = x + y
     y = nn.LayerNorm(dtype=self.dtype, name='ln2')(x)
-    y = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-                         name='mlp_in')(y))
+    y = nn.gelu(
+        nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(), name='mlp_in')(y)
+    )
     y = nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(), name='mlp_out')(y)
     return x + y
 
@@ -244,6 +267,7 @@ class ViTTiny(nn.Module):
   blocks with ``num_heads`` heads → LayerNorm → pool: ``'gap'`` (mean over patch tokens, default) or ``'cls'``
   (a learned class token). D = ``dim``. No dropout, so ``train`` has no effect.
   """
+
   patch_size: int = 4
   dim: int = 192
   depth: int = 4
@@ -251,16 +275,19 @@ class ViTTiny(nn.Module):
   mlp_dim: int | None = None  # default 4·dim
   pool: str = 'gap'
   dtype: Dtype = jnp.float32
-  conv_impl: str = 'auto'   # of the patch embedding; cpu_ops.IMPLS, as CNNEncoder
+  conv_impl: str = 'auto'  # of the patch embedding; cpu_ops.IMPLS, as CNNEncoder
 
   def __post_init__(self):
-    _check_positive_ints('ViTTiny', patch_size=self.patch_size, dim=self.dim, depth=self.depth,
-                         num_heads=self.num_heads)
+    _check_positive_ints(
+        'ViTTiny', patch_size=self.patch_size, dim=self.dim, depth=self.depth, num_heads=self.num_heads
+    )
     if self.mlp_dim is not None:
       _check_positive_ints('ViTTiny', mlp_dim=self.mlp_dim)
     if self.dim % self.num_heads or self.dim % 4:
-      raise ValueError(f'ViTTiny.dim: got {self.dim}, expected a multiple of num_heads={self.num_heads} and of 4 '
-                       '(sin-cos position embedding)')
+      raise ValueError(
+          f'ViTTiny.dim: got {self.dim}, expected a multiple of num_heads={self.num_heads} and of 4 '
+          '(sin-cos position embedding)'
+      )
     if self.pool not in ('gap', 'cls'):
       raise ValueError(f"ViTTiny.pool: got {self.pool!r}, expected one of ['gap', 'cls']")
     _check_dtype('ViTTiny', self.dtype)
@@ -274,8 +301,15 @@ class ViTTiny(nn.Module):
     p = self.patch_size
     if images.shape[1] < p or images.shape[2] < p:
       raise ValueError(f'ViTTiny images: got spatial size {images.shape[1:3]}, expected at least patch_size={p}')
-    x = nn.Conv(self.dim, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-                conv_general_dilated=cpu_ops.conv_fn(self.conv_impl), name='patch_embed')(images)
+    x = nn.Conv(
+        self.dim,
+        (p, p),
+        strides=(p, p),
+        padding='VALID',
+        dtype=self.dtype,
+        conv_general_dilated=cpu_ops.conv_fn(self.conv_impl),
+        name='patch_embed',
+    )(images)
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d) + jnp.asarray(posemb_sincos_2d(h, w, d), x.dtype)
     if self.pool == 'cls':

@@ -11,6 +11,7 @@ Usage::
     params = head.init(rng, features)['params']
     logits = head.apply({'params': params}, features)        # [B, 7]
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -21,6 +22,7 @@ from mtlmatch.models.encoders import _check_positive_ints, _construct
 
 class LinearHead(nn.Module):
   """logits = f W + b, W [D, C] (LeCun-normal init), b [C] (zeros)."""
+
   num_classes: int
 
   def __post_init__(self):
@@ -34,6 +36,7 @@ class LinearHead(nn.Module):
 
 class MLPHead(nn.Module):
   """logits = ReLU(f W₁ + b₁) W₂ + b₂ with one hidden layer of ``hidden`` units."""
+
   num_classes: int
   hidden: int = 256
 

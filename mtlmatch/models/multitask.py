@@ -21,6 +21,7 @@ Usage::
     feats, batch_stats = model.encode({'params': params, 'batch_stats': batch_stats}, images, train=True)
     logits = model.apply_head('expr', params['heads']['expr'], feats)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,16 +40,21 @@ Variables = dict[str, Any]
 @dataclasses.dataclass(frozen=True)
 class MultiTaskModel:
   """Shared ``encoder`` (images[B,H,W,C] → features[B,D]) and ``heads[task]`` (features → logits[B,C_task])."""
+
   encoder: nn.Module
   heads: Mapping[str, nn.Module]
 
   def __post_init__(self):
     if not isinstance(self.encoder, nn.Module):
       raise ValueError(f'MultiTaskModel.encoder: got {type(self.encoder).__name__}, expected a flax.linen.Module')
-    if not isinstance(self.heads, Mapping) or not self.heads or not all(
-        isinstance(k, str) and isinstance(v, nn.Module) for k, v in self.heads.items()):
-      raise ValueError(f'MultiTaskModel.heads: got {self.heads!r}, expected a non-empty dict of task name -> '
-                       'flax.linen.Module')
+    if (
+        not isinstance(self.heads, Mapping)
+        or not self.heads
+        or not all(isinstance(k, str) and isinstance(v, nn.Module) for k, v in self.heads.items())
+    ):
+      raise ValueError(
+          f'MultiTaskModel.heads: got {self.heads!r}, expected a non-empty dict of task name -> ' 'flax.linen.Module'
+      )
     object.__setattr__(self, 'heads', dict(self.heads))
 
   def __hash__(self):
@@ -68,8 +74,10 @@ class MultiTaskModel:
     for i, task in enumerate(sorted(self.heads)):
       heads[task] = self.heads[task].init(keys[i + 1], features)['params']
     batch_stats = {'encoder': enc_vars['batch_stats']} if 'batch_stats' in enc_vars else {}
-    return {'params': {'encoder': enc_vars['params'], 'heads': {t: heads[t] for t in self.heads}},
-            'batch_stats': batch_stats}
+    return {
+        'params': {'encoder': enc_vars['params'], 'heads': {t: heads[t] for t in self.heads}},
+        'batch_stats': batch_stats,
+    }
 
   def encode(self, variables: Variables, images: jax.Array, *, train: bool) -> tuple[jax.Array, dict]:
     """Shared features [B, D] float32 and the new ``batch_stats`` (updated from this batch when ``train`` and the
@@ -98,20 +106,38 @@ class MultiTaskModel:
     return {'features': features, 'logits': logits}, batch_stats
 
   def _check_variables(self, variables) -> None:
-    if not isinstance(variables, Mapping) or set(variables) != {'params', 'batch_stats'} or not isinstance(
-        variables['params'], Mapping) or set(variables['params']) != {'encoder', 'heads'}:
-      got = {k: (sorted(v) if isinstance(v, Mapping) else type(v).__name__) for k, v in variables.items()} if \
-          isinstance(variables, Mapping) else type(variables).__name__
-      raise ValueError(f"variables: got {got}, expected {{'params': {{'encoder', 'heads'}}, 'batch_stats': ...}} "
-                       '(from MultiTaskModel.init)')
+    if (
+        not isinstance(variables, Mapping)
+        or set(variables) != {'params', 'batch_stats'}
+        or not isinstance(variables['params'], Mapping)
+        or set(variables['params']) != {'encoder', 'heads'}
+    ):
+      got = (
+          {k: (sorted(v) if isinstance(v, Mapping) else type(v).__name__) for k, v in variables.items()}
+          if isinstance(variables, Mapping)
+          else type(variables).__name__
+      )
+      raise ValueError(
+          f"variables: got {got}, expected {{'params': {{'encoder', 'heads'}}, 'batch_stats': ...}} "
+          '(from MultiTaskModel.init)'
+      )
 
 
-def build_model(tasks: Mapping[str, TaskSpec], *, encoder: str = 'cnn', encoder_kwargs: Optional[Mapping] = None,
-                head: str = 'linear', head_kwargs: Optional[Mapping] = None) -> MultiTaskModel:
+def build_model(
+    tasks: Mapping[str, TaskSpec],
+    *,
+    encoder: str = 'cnn',
+    encoder_kwargs: Optional[Mapping] = None,
+    head: str = 'linear',
+    head_kwargs: Optional[Mapping] = None,
+) -> MultiTaskModel:
   """A ``MultiTaskModel`` with encoder ``ENCODERS[encoder](**encoder_kwargs)`` and, for each task, the head
   ``HEADS[head](task.num_classes, **head_kwargs)``; heads keep the order of ``tasks``."""
-  if not isinstance(tasks, Mapping) or not tasks or not all(
-      isinstance(spec, TaskSpec) and spec.name == name for name, spec in tasks.items()):
+  if (
+      not isinstance(tasks, Mapping)
+      or not tasks
+      or not all(isinstance(spec, TaskSpec) and spec.name == name for name, spec in tasks.items())
+  ):
     raise ValueError(f'tasks: got {tasks!r}, expected a non-empty dict of name -> TaskSpec with that name')
   enc = build_encoder(encoder, **dict(encoder_kwargs or {}))
   heads = {name: build_head(head, spec.num_classes, **dict(head_kwargs or {})) for name, spec in tasks.items()}

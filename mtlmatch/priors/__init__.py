@@ -4,6 +4,7 @@
 ``R[i, k] = p(b_k = 1 | a = i)``, plus the two task specs and the citation. Each JSON file states which entries are
 the paper's prototypical AUs (R = 1) and which are observational fractions.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,11 +37,14 @@ def load_prior(name: str) -> Prior:
   spec = json.loads(resources.files(__name__).joinpath(f'{name}.json').read_text())
   classes_a, classes_b = spec['task_a']['classes'], spec['task_b']['classes']
   r = np.zeros((len(classes_a), len(classes_b)), np.float32)
-  for table, value_of in ((spec['prototypical'], lambda entry, k: 1.0),
-                          (spec['observational'], lambda entry, k: entry[k])):
+  for table, value_of in (
+      (spec['prototypical'], lambda entry, k: 1.0),
+      (spec['observational'], lambda entry, k: entry[k]),
+  ):
     if set(table) - set(classes_a):
-      raise ValueError(f'prior {name!r}: unknown classes {sorted(set(table) - set(classes_a))}, '
-                       f'expected names from {classes_a}')
+      raise ValueError(
+          f'prior {name!r}: unknown classes {sorted(set(table) - set(classes_a))}, ' f'expected names from {classes_a}'
+      )
     for cls, entry in table.items():
       for k in entry:
         if k not in classes_b:

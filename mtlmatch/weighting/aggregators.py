@@ -7,6 +7,7 @@ al. 2022). Same contract as `gradient_methods`: T_p identical task gradients giv
 RGW work on the Gram matrix G Gᵀ [T, T] (update = weights @ G); GradDrop and the trimmed mean act coordinate by
 coordinate on G ([T, P] work, ``linear = False``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,9 @@ def _normalised_gram(g: jax.Array, present: jax.Array, reg: jax.Array | float) -
   return safe_div(g, jnp.trace(g), 0.0) + reg * jnp.eye(g.shape[0])
 
 
-def dual_cone_weights(g: jax.Array, present: jax.Array, u: jax.Array, reg: jax.Array | float = 1e-4,
-                      steps: jax.Array | int = 500) -> jax.Array:
+def dual_cone_weights(
+    g: jax.Array, present: jax.Array, u: jax.Array, reg: jax.Array | float = 1e-4, steps: jax.Array | int = 500
+) -> jax.Array:
   """Coefficients v [T, K] of the projections of the combinations uᵀG (u [T, K]) onto the dual cone {d : G d ≥ 0}.
 
   The projection of Gᵀu is Gᵀv with v = argmin_{v ≥ u} vᵀ A v (A = the normalised, regularised Gram matrix; the
@@ -51,6 +53,7 @@ class UPGrad(WeightingMethod):
   gradient (``steps``) beyond. Absent tasks are neither projected nor constraints.
   hparams: reg (1e-4), steps (500, T > 8 only).
   """
+
   name: ClassVar[str] = 'upgrad'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'reg': HParam(1e-4, 'float', **non_negative(), doc='ridge on the trace-normalised Gram matrix'),
@@ -70,6 +73,7 @@ class DualProj(UPGrad):
   cone {d : G_s·d ≥ 0 ∀s}: update = π(Σ_t G_t) = Gᵀv, v = argmin_{v ≥ 1} vᵀ A v (TorchJD projects the mean; the
   sum is its EW-scaled version). Equals EW when the sum already conflicts with no task. Solver and hparams as UPGrad.
   """
+
   name: ClassVar[str] = 'dualproj'
 
   def _apply(self, state, hp, grads, losses, key):
@@ -91,6 +95,7 @@ class ConFIG(WeightingMethod):
   whenever C is invertible every task gets the same positive cosine with the update. Absent tasks are left out.
   hparams: rtol (1e-5, the pseudo-inverse's cut-off relative to C's largest eigenvalue).
   """
+
   name: ClassVar[str] = 'config'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'rtol': HParam(1e-5, 'float', check=lambda v: 0 < v < 1, expected='in (0, 1)', doc='pseudo-inverse cut-off'),
@@ -101,7 +106,7 @@ class ConFIG(WeightingMethod):
     present = _present(g)
     both = present[:, None] & present[None, :]
     scale = jnp.max(jnp.where(present, jnp.diagonal(g), 0.0))
-    gs = safe_div(jnp.where(both, g, 0.0), scale, 0.0)   # scale-free: the weights below are invariant to it
+    gs = safe_div(jnp.where(both, g, 0.0), scale, 0.0)  # scale-free: the weights below are invariant to it
     norms = jnp.where(present, jnp.sqrt(jnp.maximum(jnp.diagonal(gs), 0.0)), 1.0)
     cos = jnp.where(both, gs / (norms[:, None] * norms[None, :]), 0.0)
     c = jnp.linalg.pinv(cos, rtol=hp['rtol'], hermitian=True) @ present.astype(jnp.float32)
@@ -111,8 +116,9 @@ class ConFIG(WeightingMethod):
     return jnp.where(present & jnp.all(jnp.isfinite(weights)), weights, 0.0), {}
 
 
-def gradvac_coefficients(g: jax.Array, present: jax.Array, targets: jax.Array, beta: jax.Array | float,
-                         key: jax.Array) -> tuple[jax.Array, jax.Array]:
+def gradvac_coefficients(
+    g: jax.Array, present: jax.Array, targets: jax.Array, beta: jax.Array | float, key: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """GradVac on the Gram matrix: returns (coefficients c [T, T] with g'_i = c_iᵀG, new targets [T, T]).
 
   For each i, g'_i starts at G_i and, for j ≠ i in a random order (a permutation per i from `key`), with
@@ -131,8 +137,11 @@ def gradvac_coefficients(g: jax.Array, present: jax.Array, targets: jax.Array, b
       rho = jnp.clip(safe_div(coef @ g[:, j], ni * norms[j], 0.0), -1.0, 1.0)
       phi = row[j]
       act = (rho < phi) & (j != i) & present[j] & present[i]
-      w = safe_div(ni * (phi * jnp.sqrt(1 - rho ** 2) - rho * jnp.sqrt(jnp.maximum(1 - phi ** 2, 0.0))),
-                   norms[j] * jnp.sqrt(jnp.maximum(1 - phi ** 2, 0.0)), 0.0)
+      w = safe_div(
+          ni * (phi * jnp.sqrt(1 - rho**2) - rho * jnp.sqrt(jnp.maximum(1 - phi**2, 0.0))),
+          norms[j] * jnp.sqrt(jnp.maximum(1 - phi**2, 0.0)),
+          0.0,
+      )
       coef = coef + jnp.where(act, w, 0.0) * jax.nn.one_hot(j, num_tasks)
       row = row.at[j].set(jnp.where(act, (1 - beta) * phi + beta * rho, phi))
       return coef, row
@@ -155,6 +164,7 @@ class GradVac(WeightingMethod):
   step, and the target only moves, φ ← (1 − β) φ + β ρ, when the pair was adjusted. With φ = 0 the first steps are
   PCGrad's projection. Absent tasks neither adjust nor are adjusted, and their targets stay. hparams: beta (0.5).
   """
+
   name: ClassVar[str] = 'gradvac'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'beta': HParam(0.5, 'float', check=lambda v: 0 <= v <= 1, expected='in [0, 1]', doc='EMA rate of the targets'),
@@ -190,6 +200,7 @@ class GradDrop(WeightingMethod):
   weights are the shares kept, leak + (1 − leak) Σ_p M_tp G_tp² / ‖G_t‖² (1: nothing dropped; 0 for absent tasks).
   hparams: leak (0.0, in [0, 1]).
   """
+
   name: ClassVar[str] = 'graddrop'
   linear: ClassVar[bool] = False
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
@@ -226,6 +237,7 @@ class Krum(WeightingMethod):
   clip(T_p − f − 2, 1, T_p − 1) and m is min(m, T_p). Ties go to the lower task index.
   hparams: n_byzantine (0; TorchJD requires it), n_selected (1).
   """
+
   name: ClassVar[str] = 'krum'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'n_byzantine': HParam(0, 'int', check=lambda v: v >= 0, expected='>= 0', doc='tolerated adversarial tasks f'),
@@ -264,6 +276,7 @@ class TrimmedMean(WeightingMethod):
   ``linear = False``: weights_t = T_p/(T_p − 2k) · Σ_p kept_tp G_tp² / ‖G_t‖² (the share of G_t kept, rescaled).
   hparams: trim_number (1).
   """
+
   name: ClassVar[str] = 'trimmed_mean'
   linear: ClassVar[bool] = False
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
@@ -271,15 +284,16 @@ class TrimmedMean(WeightingMethod):
   }
 
   def _init(self, num_tasks, hp):
-    _check_num_tasks(self, num_tasks, 2 * hp['trim_number'] + 1, f'2 * trim_number + 1, trim_number='
-                     f'{hp["trim_number"]}')
+    _check_num_tasks(
+        self, num_tasks, 2 * hp['trim_number'] + 1, f'2 * trim_number + 1, trim_number=' f'{hp["trim_number"]}'
+    )
     return {}
 
   def _apply_update(self, state, hp, grads, losses, key):
     present = _present(gram(grads))
     n_present = jnp.sum(present)
     k = jnp.minimum(hp['trim_number'], jnp.maximum(n_present - 1, 0) // 2)
-    values = jnp.where(present[:, None], grads, jnp.inf)          # absent rows sort last
+    values = jnp.where(present[:, None], grads, jnp.inf)  # absent rows sort last
     rank = jnp.argsort(jnp.argsort(values, axis=0, stable=True), axis=0, stable=True)
     kept = present[:, None] & (rank >= k) & (rank < n_present - k)
     scale = safe_div(n_present.astype(jnp.float32), (n_present - 2 * k).astype(jnp.float32), 0.0)
@@ -296,6 +310,7 @@ class RGW(WeightingMethod):
   the EW scale). Unlike RLW (a loss weighting: every parameter, heads included, gets Σ_t w_t ∇L_t) the heads here get
   their own task's gradient unweighted, as for every gradient method. Absent tasks get weight 0.
   """
+
   name: ClassVar[str] = 'rgw'
 
   def _apply(self, state, hp, grads, losses, key):
@@ -306,5 +321,15 @@ class RGW(WeightingMethod):
     return jnp.where(present, jnp.sum(present) * probs, 0.0), {}
 
 
-__all__ = ['ConFIG', 'DualProj', 'GradDrop', 'GradVac', 'Krum', 'RGW', 'TrimmedMean', 'UPGrad', 'dual_cone_weights',
-           'gradvac_coefficients']
+__all__ = [
+    'ConFIG',
+    'DualProj',
+    'GradDrop',
+    'GradVac',
+    'Krum',
+    'RGW',
+    'TrimmedMean',
+    'UPGrad',
+    'dual_cone_weights',
+    'gradvac_coefficients',
+]

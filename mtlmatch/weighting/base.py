@@ -24,6 +24,7 @@ Missing labels: a task with no labelled example in the batch arrives as a zero g
 that look at gradients call such a task *absent* (``‖G_t‖² ≤ 1e-30``), methods that only look at losses call it
 absent when ``L_t == 0``; each method's docstring says what it then does. No method divides by an unguarded norm.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,6 +47,7 @@ HIGHEST = jax.lax.Precision.HIGHEST
 @dataclasses.dataclass(frozen=True)
 class HParam:
   """Spec of one hyper-parameter: default, kind ('float' | 'int' | a tuple of string choices), a check and its text."""
+
   default: Any
   kind: Any
   check: Optional[Callable[[Any], bool]] = None
@@ -54,15 +56,17 @@ class HParam:
 
   def validate(self, method: str, name: str, value: Any) -> Any:
     where = f'{method} hparam {name!r}'
-    if self.kind == 'floats':   # a vector of finite floats (e.g. fixed task weights); its length is checked at init
+    if self.kind == 'floats':  # a vector of finite floats (e.g. fixed task weights); its length is checked at init
       try:
         value = tuple(float(v) for v in value)
         ok = all(math.isfinite(v) for v in value)
       except (TypeError, ValueError):
         ok = False
       if not ok or (self.check is not None and not self.check(value)):
-        raise ValueError(f'{where}: got {value!r}, expected a sequence of finite floats'
-                         f'{" " + self.expected if self.expected else ""}')
+        raise ValueError(
+            f'{where}: got {value!r}, expected a sequence of finite floats'
+            f'{" " + self.expected if self.expected else ""}'
+        )
       return value
     if isinstance(self.kind, tuple):
       if value not in self.kind:
@@ -70,8 +74,12 @@ class HParam:
       return value
     if self.kind == 'int':
       ok = isinstance(value, int) and not isinstance(value, bool)
-      if not ok and hasattr(value, 'dtype') and getattr(value, 'ndim', 1) == 0 and jnp.issubdtype(value.dtype,
-                                                                                                 jnp.integer):
+      if (
+          not ok
+          and hasattr(value, 'dtype')
+          and getattr(value, 'ndim', 1) == 0
+          and jnp.issubdtype(value.dtype, jnp.integer)
+      ):
         value, ok = int(value), True
     else:
       ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
@@ -80,8 +88,10 @@ class HParam:
         ok = math.isfinite(value)
       value = float(value) if ok else value
     if not ok or (self.check is not None and not self.check(value)):
-      raise ValueError(f'{where}: got {value!r}, expected {"an int" if self.kind == "int" else "a finite float"}'
-                       f'{" " + self.expected if self.expected else ""}')
+      raise ValueError(
+          f'{where}: got {value!r}, expected {"an int" if self.kind == "int" else "a finite float"}'
+          f'{" " + self.expected if self.expected else ""}'
+      )
     return value
 
   def to_array(self, value: Any) -> jax.Array:
@@ -106,6 +116,7 @@ class WeightingMethod:
 
   ``bound`` holds the hyper-parameters bound by `get_method` as sorted ``(name, value)`` pairs (hashable).
   """
+
   bound: tuple = ()
 
   name: ClassVar[str] = ''
@@ -154,8 +165,10 @@ class WeightingMethod:
     if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
       raise ValueError(f'{self.name}.init num_tasks: got {num_tasks!r}, expected an int >= 1')
     if self.needs_num_params and (not isinstance(num_params, int) or isinstance(num_params, bool) or num_params < 1):
-      raise ValueError(f'{self.name}.init num_params: got {num_params!r}, expected an int >= 1 (the length P of a '
-                       f'gradient row: the method tracks gradients in its state)')
+      raise ValueError(
+          f'{self.name}.init num_params: got {num_params!r}, expected an int >= 1 (the length P of a '
+          f'gradient row: the method tracks gradients in its state)'
+      )
     hp = self.resolve_hparams(**hparams)
     state = {'step': jnp.zeros((), jnp.int32)}
     if hp:
@@ -163,8 +176,9 @@ class WeightingMethod:
     state.update(self._init_tracked(num_tasks, num_params, hp) if self.needs_num_params else self._init(num_tasks, hp))
     return state
 
-  def apply(self, state: State, grads: jax.Array, losses: jax.Array,
-            key: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array, State]:
+  def apply(
+      self, state: State, grads: jax.Array, losses: jax.Array, key: Optional[jax.Array] = None
+  ) -> tuple[jax.Array, jax.Array, State]:
     """Combine the task gradients: returns (update [P] to descend, weights [T], new state). Jittable."""
     grads = jnp.asarray(grads)
     losses = jnp.asarray(losses)
@@ -174,16 +188,25 @@ class WeightingMethod:
     if losses.shape != (num_tasks,):
       raise ValueError(f'{self.name}.apply losses: got shape {losses.shape}, expected [T] = ({num_tasks},)')
     if not isinstance(state, Mapping) or 'step' not in state:
-      raise ValueError(f'{self.name}.apply state: got {type(state).__name__} without "step", expected the dict '
-                       f'returned by init')
+      raise ValueError(
+          f'{self.name}.apply state: got {type(state).__name__} without "step", expected the dict ' f'returned by init'
+      )
     for k, v in state.items():
       if k not in ('step', 'hparams') and getattr(v, 'ndim', 0) >= 1 and v.shape[0] != num_tasks:
-        raise ValueError(f'{self.name}.apply state[{k!r}]: got shape {v.shape}, expected leading dim T='
-                         f'{num_tasks} (state was initialised for another number of tasks)')
-      if k not in ('step', 'hparams') and getattr(v, 'ndim', 0) == 2 and self.needs_num_params and \
-          v.shape[1] != grads.shape[1]:
-        raise ValueError(f'{self.name}.apply state[{k!r}]: got shape {v.shape}, expected [T, P] = '
-                         f'{grads.shape} (state was initialised for another num_params)')
+        raise ValueError(
+            f'{self.name}.apply state[{k!r}]: got shape {v.shape}, expected leading dim T='
+            f'{num_tasks} (state was initialised for another number of tasks)'
+        )
+      if (
+          k not in ('step', 'hparams')
+          and getattr(v, 'ndim', 0) == 2
+          and self.needs_num_params
+          and v.shape[1] != grads.shape[1]
+      ):
+        raise ValueError(
+            f'{self.name}.apply state[{k!r}]: got shape {v.shape}, expected [T, P] = '
+            f'{grads.shape} (state was initialised for another num_params)'
+        )
     hp = state.get('hparams', {})
     missing = sorted(set(self.HPARAMS) - set(hp))
     if missing:
@@ -212,13 +235,15 @@ class WeightingMethod:
     """`_init` of the methods with ``needs_num_params``."""
     raise NotImplementedError
 
-  def _apply(self, state: State, hp: Mapping[str, jax.Array], grads: jax.Array, losses: jax.Array,
-             key: Optional[jax.Array]) -> tuple[jax.Array, dict]:
+  def _apply(
+      self, state: State, hp: Mapping[str, jax.Array], grads: jax.Array, losses: jax.Array, key: Optional[jax.Array]
+  ) -> tuple[jax.Array, dict]:
     """Returns (weights [T], method-specific part of the new state). The update is weights @ grads."""
     raise NotImplementedError
 
-  def _apply_update(self, state: State, hp: Mapping[str, jax.Array], grads: jax.Array, losses: jax.Array,
-                    key: Optional[jax.Array]) -> tuple[jax.Array, jax.Array, dict]:
+  def _apply_update(
+      self, state: State, hp: Mapping[str, jax.Array], grads: jax.Array, losses: jax.Array, key: Optional[jax.Array]
+  ) -> tuple[jax.Array, jax.Array, dict]:
     """Methods with ``linear = False``: returns (update [P], weights [T], method-specific part of the new state)."""
     raise NotImplementedError
 

@@ -14,6 +14,7 @@ present tasks); the docstrings say how. Absent tasks (zero gradient row: no labe
 out of every method (weight 0; the others are combined as if the absent task did not exist). If no task is present
 the update is 0. Small solvers (T×T) run in float32 inside jit; see each docstring for their accuracy.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtlmatch.weighting.base import (HParam, WeightingMethod, gram, positive, present_from_losses,
-                                     present_from_sq_norms, safe_div)
+from mtlmatch.weighting.base import (
+    HParam,
+    WeightingMethod,
+    gram,
+    positive,
+    present_from_losses,
+    present_from_sq_norms,
+    safe_div,
+)
 
 # Up to this many tasks the simplex problems of MGDA and CAGrad are solved exactly by enumerating the 2^T − 1 faces.
 EXACT_MAX_TASKS = 8
@@ -56,7 +64,7 @@ def clip_weights_to_norm(weights: jax.Array, g: jax.Array, max_norm: jax.Array |
 
 def _face_masks(num_tasks: int) -> np.ndarray:
   """All non-empty subsets of range(T) as a float32 [2^T − 1, T] 0/1 array (static)."""
-  idx = np.arange(1, 2 ** num_tasks)
+  idx = np.arange(1, 2**num_tasks)
   return ((idx[:, None] >> np.arange(num_tasks)) & 1).astype(np.float32)
 
 
@@ -140,13 +148,13 @@ def nonneg_qp(a_mat: jax.Array, b: jax.Array, present: jax.Array, steps: jax.Arr
     return 0.5 * jnp.einsum('...ik,ij,...jk->...k', s, a_mat, s) + jnp.einsum('...ik,ik->...k', s, b)
 
   if num_tasks <= EXACT_MAX_TASKS:
-    m, valid, x = _face_solves(a_mat, -b, present)                       # x [F, T, K]
+    m, valid, x = _face_solves(a_mat, -b, present)  # x [F, T, K]
     ok = valid[:, None] & jnp.all((x >= -_FACE_TOL) | (m[:, :, None] == 0), axis=1) & jnp.all(jnp.isfinite(x), axis=1)
     x = jnp.where(ok[:, None, :], jnp.clip(x, 0.0, None) * m[:, :, None], 0.0)
-    obj = jnp.where(ok, objective(x), jnp.inf)                          # [F, K]
-    best = jnp.argmin(obj, axis=0)                                      # [K]
-    s = jnp.take_along_axis(x, best[None, None, :], axis=0)[0]          # [T, K]
-    s = jnp.where((jnp.min(obj, axis=0) < 0.0)[None, :], s, 0.0)        # s = 0 (objective 0) when nothing beats it
+    obj = jnp.where(ok, objective(x), jnp.inf)  # [F, K]
+    best = jnp.argmin(obj, axis=0)  # [K]
+    s = jnp.take_along_axis(x, best[None, None, :], axis=0)[0]  # [T, K]
+    s = jnp.where((jnp.min(obj, axis=0) < 0.0)[None, :], s, 0.0)  # s = 0 (objective 0) when nothing beats it
   else:
     lip = jnp.maximum(jnp.trace(a_mat), 1e-30)
 
@@ -176,8 +184,9 @@ def project_simplex(v: jax.Array, present: jax.Array) -> jax.Array:
   return jnp.where(present & jnp.any(present), jnp.maximum(v - theta, 0.0), 0.0)
 
 
-def cagrad_weights(g: jax.Array, present: jax.Array, c: jax.Array | float,
-                   steps: jax.Array | int = 200) -> tuple[jax.Array, jax.Array]:
+def cagrad_weights(
+    g: jax.Array, present: jax.Array, c: jax.Array | float, steps: jax.Array | int = 200
+) -> tuple[jax.Array, jax.Array]:
   """CAGrad's dual: w* = argmin_{w ∈ Δ} g_wᵀ g0 + √φ ‖g_w‖ with g_w = wᵀG, g0 = mean of present rows, √φ = c‖g0‖.
 
   Returns (coefficients β with d = βᵀG = g0 + (√φ / ‖g_w*‖) g_w*, w*). If g_w* = 0 (0 is in the convex hull and the
@@ -204,8 +213,8 @@ def cagrad_weights(g: jax.Array, present: jax.Array, c: jax.Array | float,
     m, valid, xy = _face_solves(a_mat, jnp.stack([jnp.ones(num_tasks), a], axis=1), present)
     x, y = xy[..., 0], xy[..., 1]
     qa, qb = jnp.sum(x, -1), -2.0 * jnp.sum(y, -1)
-    qc = jnp.sum(m * a * y, -1) - sqrt_phi ** 2
-    disc = qb ** 2 - 4 * qa * qc
+    qc = jnp.sum(m * a * y, -1) - sqrt_phi**2
+    disc = qb**2 - 4 * qa * qc
     root = jnp.sqrt(jnp.maximum(disc, 0.0))
     lam = jnp.stack([safe_div(-qb + root, 2 * qa), safe_div(-qb - root, 2 * qa)], axis=-1)  # [F, 2]
     cand = lam[..., None] * x[:, None, :] - y[:, None, :]  # [F, 2, T]
@@ -266,8 +275,9 @@ def pcgrad_weights(g: jax.Array, present: jax.Array, key: jax.Array) -> jax.Arra
   return jnp.where(present, jnp.sum(coefs, axis=0), 0.0)
 
 
-def nash_weights(g: jax.Array, present: jax.Array, ridge: jax.Array | float = 1e-6,
-                 steps: jax.Array | int = 40) -> jax.Array:
+def nash_weights(
+    g: jax.Array, present: jax.Array, ridge: jax.Array | float = 1e-6, steps: jax.Array | int = 40
+) -> jax.Array:
   """Nash-MTL bargaining weights: α > 0 with (M + ridge·diag M) α = 1/α, M = G Gᵀ / ‖G Gᵀ‖_F (present tasks; 0 else).
 
   Solved in the scale-free variable β_t = α_t √M_tt, for which the system reads (C + ridge·I) β = 1/β with C the
@@ -299,8 +309,13 @@ def nash_weights(g: jax.Array, present: jax.Array, ridge: jax.Array | float = 1e
   return jnp.where(present, beta / root, 0.0)
 
 
-def fairgrad_weights(g: jax.Array, present: jax.Array, alpha: jax.Array | float, ridge: jax.Array | float = 1e-6,
-                     steps: jax.Array | int = 40) -> jax.Array:
+def fairgrad_weights(
+    g: jax.Array,
+    present: jax.Array,
+    alpha: jax.Array | float,
+    ridge: jax.Array | float = 1e-6,
+    steps: jax.Array | int = 40,
+) -> jax.Array:
   """FairGrad weights: x > 0 with (M + ridge·diag M) x = x^(−1/α) (elementwise), M = G Gᵀ / ‖G Gᵀ‖_F (present tasks).
 
   Solved in β_t = x_t √M_tt, where the system reads (C + ridge·I) β = c ⊙ β^(−1/α) with C the cosine matrix and
@@ -355,16 +370,22 @@ def imtl_weights(g: jax.Array, present: jax.Array) -> jax.Array:
   a_mat = safe_div(gs, norms[None, :], 0.0)  # A_st = g_s·u_t (scaled)
   rows = jnp.where(present[:, None], a_mat.T, jnp.eye(num_tasks))
   lam_col = jnp.where(present, -1.0, 0.0)[:, None]
-  k = jnp.concatenate([jnp.concatenate([rows, lam_col], axis=1),
-                       jnp.concatenate([jnp.ones((1, num_tasks)), jnp.zeros((1, 1))], axis=1)], axis=0)
+  k = jnp.concatenate(
+      [
+          jnp.concatenate([rows, lam_col], axis=1),
+          jnp.concatenate([jnp.ones((1, num_tasks)), jnp.zeros((1, 1))], axis=1),
+      ],
+      axis=0,
+  )
   rhs = jnp.zeros(num_tasks + 1).at[-1].set(1.0)
   sol = jnp.linalg.pinv(k, rtol=1e-5) @ rhs
   alpha = jnp.where(present & jnp.all(jnp.isfinite(sol)), sol[:num_tasks], 0.0)
   return alpha
 
 
-def aligned_weights(g: jax.Array, present: jax.Array, scale_mode: jax.Array | int = 0,
-                    rtol: jax.Array | float = 1e-4) -> jax.Array:
+def aligned_weights(
+    g: jax.Array, present: jax.Array, scale_mode: jax.Array | int = 0, rtol: jax.Array | float = 1e-4
+) -> jax.Array:
   """Aligned-MTL coefficients: α = W 1 with W = σ V_r Λ_r^(−1/2) V_rᵀ, where G Gᵀ = V Λ Vᵀ, r = its numerical rank
   and σ² = the min (scale_mode 0), median (1) or mean (2) of the r leading eigenvalues.
 
@@ -406,6 +427,7 @@ class MGDA(WeightingMethod):
   Absent tasks are left out of the hull (otherwise their zero row would be the min-norm point and stop training).
   hparams: normalize ('none'), fw_steps (250).
   """
+
   name: ClassVar[str] = 'mgda'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'normalize': HParam('none', ('none', 'l2', 'loss', 'loss+')),
@@ -434,6 +456,7 @@ class MGDAUB(MGDA):
   update is ``Σ_t α_t ∇_θ L_t``) and each head gets its own task's gradient, as in the paper.
   ``grads`` here are the feature-gradient rows; weights and scaling as :class:`MGDA` (T_p · α). hparams as MGDA.
   """
+
   name: ClassVar[str] = 'mgda_ub'
   grads_wrt: ClassVar[str] = 'features'
 
@@ -447,6 +470,7 @@ class PCGrad(WeightingMethod):
   g'_i ← g'_i − (g'_i·G_j / ‖G_j‖²) G_j. update = Σ_i g'_i (the sum: with no conflict it is the EW update);
   weights α with update = αᵀG. Absent tasks (zero rows) neither project nor are projected; their weight is 0.
   """
+
   name: ClassVar[str] = 'pcgrad'
 
   def _apply(self, state, hp, grads, losses, key):
@@ -467,6 +491,7 @@ class CAGrad(WeightingMethod):
   Absent tasks are left out of g0 and of the simplex.
   hparams: c (0.4), rescale ('one_plus_c'), steps (200, T > 8 only).
   """
+
   name: ClassVar[str] = 'cagrad'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'c': HParam(0.4, 'float', check=lambda v: 0 <= v < 1, expected='in [0, 1)', doc='radius of the ball'),
@@ -499,13 +524,15 @@ class NashMTL(WeightingMethod):
   hparams: ridge (1e-6, relative to each task's squared norm; the relative error it adds), steps (40 Newton steps),
   update_every (1), max_norm (0.0).
   """
+
   name: ClassVar[str] = 'nash_mtl'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'ridge': HParam(1e-6, 'float', **positive(), doc='relative ridge on the Gram matrix'),
       'steps': HParam(40, 'int', check=lambda v: v >= 1, expected='>= 1', doc='damped Newton steps'),
       'update_every': HParam(1, 'int', check=lambda v: v >= 1, expected='>= 1', doc='re-solve every k steps'),
-      'max_norm': HParam(0.0, 'float', check=lambda v: v >= 0, expected='>= 0 (0: no clipping)',
-                         doc='largest update norm'),
+      'max_norm': HParam(
+          0.0, 'float', check=lambda v: v >= 0, expected='>= 0 (0: no clipping)', doc='largest update norm'
+      ),
   }
 
   def _init(self, num_tasks, hp):
@@ -515,8 +542,11 @@ class NashMTL(WeightingMethod):
     g = gram(grads)
     present = _present(g)
     solve = state['step'] % hp['update_every'] == 0
-    alpha = jax.lax.cond(solve, lambda: nash_weights(g, present, hp['ridge'], hp['steps']),
-                         lambda: jnp.where(present, state['alpha'], 0.0))
+    alpha = jax.lax.cond(
+        solve,
+        lambda: nash_weights(g, present, hp['ridge'], hp['steps']),
+        lambda: jnp.where(present, state['alpha'], 0.0),
+    )
     return clip_weights_to_norm(alpha, g, hp['max_norm']), {'alpha': jnp.where(solve, alpha, state['alpha'])}
 
 
@@ -533,6 +563,7 @@ class FairGrad(WeightingMethod):
   (`fairgrad_weights`). update = Σ_t x_t G_t, weights = x. Absent tasks get x = 0 and are left out.
   hparams: alpha (1.0, > 0), ridge (1e-6), steps (40).
   """
+
   name: ClassVar[str] = 'fairgrad'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'alpha': HParam(1.0, 'float', **positive(), doc='fairness α'),
@@ -555,6 +586,7 @@ class IMTL(WeightingMethod):
   orthogonal equal-norm ones too. α may be negative (the paper's closed form does not constrain it).
   Absent tasks are left out (α = 0, no equal-projection constraint).
   """
+
   name: ClassVar[str] = 'imtl'
 
   def _apply(self, state, hp, grads, losses, key):
@@ -578,6 +610,7 @@ class AlignedMTL(WeightingMethod):
   hparams: scale_mode ('min' | 'median' | 'rmse'), rtol (1e-4: directions whose independent part is below ~1% of
   a unit gradient count as collinear; float32 noise on those eigenvalues is ~1e-6).
   """
+
   name: ClassVar[str] = 'aligned_mtl'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'scale_mode': HParam('min', ('min', 'median', 'rmse')),

@@ -8,6 +8,7 @@ G's columns follow `jax.flatten_util.ravel_pytree` order, so `flatten_grads` / `
 parameter-shaped tree and a row of G. For loss-weighting methods the Jacobian can be skipped: take
 ``losses, vjp = jax.vjp(f, params)``, get the weights from the method, then ``vjp(weights)`` is Σ_t w_t ∇L_t.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -50,6 +51,7 @@ def task_jacobian(loss_fn: Callable[..., Any], params: Any, *args, has_aux: bool
   pulls back the T unit cotangents together (vmap of the VJP), rather than T separate `jax.grad` passes.
   Returns (losses, G) or (losses, G, aux); G's rows are `flatten_grads` of each task's gradient tree.
   """
+
   def fn(p):
     out = loss_fn(p, *args)
     losses, aux = out if has_aux else (out, None)

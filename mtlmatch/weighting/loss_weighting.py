@@ -15,6 +15,7 @@ w_t L_t (e.g. through one ``jax.vjp`` of the per-task losses with the weights as
 0: no labelled example in the batch) are handled as each docstring says; their gradient row is zero, so their weight
 never moves the update.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,15 @@ from typing import ClassVar, Mapping
 import jax
 import jax.numpy as jnp
 
-from mtlmatch.weighting.base import (HParam, WeightingMethod, non_negative, positive, present_from_losses,
-                                     present_from_sq_norms, safe_div)
+from mtlmatch.weighting.base import (
+    HParam,
+    WeightingMethod,
+    non_negative,
+    positive,
+    present_from_losses,
+    present_from_sq_norms,
+    safe_div,
+)
 
 # UW's log-variances are kept in [-S, S] so exp(-s) stays finite in float32 whatever the losses do.
 _UW_LOG_VAR_BOUND = 20.0
@@ -40,6 +48,7 @@ class EW(WeightingMethod):
 
   Absent tasks keep weight 1; their zero row adds nothing. State: only ``step``.
   """
+
   name: ClassVar[str] = 'ew'
   needs_grads: ClassVar[bool] = False
 
@@ -58,6 +67,7 @@ class UW(WeightingMethod):
   Absent tasks (L_t = 0) keep their s (the term would otherwise drive s to −∞ and the weight to +∞).
   hparams: lr (default 0.01).
   """
+
   name: ClassVar[str] = 'uw'
   needs_grads: ClassVar[bool] = False
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
@@ -88,6 +98,7 @@ class DWA(WeightingMethod):
   ``avg_before`` [T] of the last two complete windows, ``windows_done`` (int32).
   hparams: temperature (2.0), window (100 steps).
   """
+
   name: ClassVar[str] = 'dwa'
   needs_grads: ClassVar[bool] = False
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
@@ -97,8 +108,13 @@ class DWA(WeightingMethod):
 
   def _init(self, num_tasks, hp):
     zeros = jnp.zeros((num_tasks,), jnp.float32)
-    return {'window_sum': zeros, 'window_count': zeros, 'avg_last': zeros, 'avg_before': zeros,
-            'windows_done': jnp.zeros((), jnp.int32)}
+    return {
+        'window_sum': zeros,
+        'window_count': zeros,
+        'avg_last': zeros,
+        'avg_before': zeros,
+        'windows_done': jnp.zeros((), jnp.int32),
+    }
 
   def _apply(self, state, hp, grads, losses, key):
     num_tasks = losses.shape[0]
@@ -133,6 +149,7 @@ class RLW(WeightingMethod):
   Absent tasks are weighted like the others (their zero row adds nothing). State: only ``step``.
   hparams: distribution ('softmax' | 'dirichlet'), concentration (1.0, Dirichlet only).
   """
+
   name: ClassVar[str] = 'rlw'
   needs_grads: ClassVar[bool] = False
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
@@ -147,7 +164,8 @@ class RLW(WeightingMethod):
         hp['distribution'] == self.choice('distribution', 'dirichlet'),
         lambda k: jax.random.dirichlet(k, jnp.full((num_tasks,), hp['concentration'])),
         lambda k: jax.nn.softmax(jax.random.normal(k, (num_tasks,))),
-        key)
+        key,
+    )
     return num_tasks * probs, {}
 
 
@@ -168,6 +186,7 @@ class GradNorm(WeightingMethod):
   Absent tasks (zero row or zero loss) are left out of Ḡ and of the mean of L̃, and their weight gets no step.
   hparams: alpha (1.5, restoring-force strength), lr (0.025).
   """
+
   name: ClassVar[str] = 'gradnorm'
   needs_grads: ClassVar[bool] = True
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
@@ -176,8 +195,7 @@ class GradNorm(WeightingMethod):
   }
 
   def _init(self, num_tasks, hp):
-    return {'weights': jnp.ones((num_tasks,), jnp.float32),
-            'initial_losses': jnp.zeros((num_tasks,), jnp.float32)}
+    return {'weights': jnp.ones((num_tasks,), jnp.float32), 'initial_losses': jnp.zeros((num_tasks,), jnp.float32)}
 
   def _apply(self, state, hp, grads, losses, key):
     num_tasks = losses.shape[0]
@@ -216,6 +234,7 @@ class FAMO(WeightingMethod):
   on the first step. State also holds the Adam moments ``adam_mu``/``adam_nu`` [T] and ``adam_count``.
   hparams: lr (0.025), weight_decay (γ, 0.01).
   """
+
   name: ClassVar[str] = 'famo'
   needs_grads: ClassVar[bool] = False
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
@@ -225,8 +244,13 @@ class FAMO(WeightingMethod):
 
   def _init(self, num_tasks, hp):
     zeros = jnp.zeros((num_tasks,), jnp.float32)
-    return {'logits': zeros, 'prev_losses': zeros, 'adam_mu': zeros, 'adam_nu': zeros,
-            'adam_count': jnp.zeros((), jnp.int32)}
+    return {
+        'logits': zeros,
+        'prev_losses': zeros,
+        'adam_mu': zeros,
+        'adam_nu': zeros,
+        'adam_count': jnp.zeros((), jnp.int32),
+    }
 
   def _apply(self, state, hp, grads, losses, key):
     xi, prev = state['logits'], state['prev_losses']
@@ -242,11 +266,14 @@ class FAMO(WeightingMethod):
     mu = 0.9 * state['adam_mu'] + 0.1 * grad
     nu = 0.999 * state['adam_nu'] + 0.001 * jnp.square(grad)
     c = count.astype(jnp.float32)
-    step = hp['lr'] * (mu / (1 - 0.9 ** c)) / (jnp.sqrt(nu / (1 - 0.999 ** c)) + 1e-8)
+    step = hp['lr'] * (mu / (1 - 0.9**c)) / (jnp.sqrt(nu / (1 - 0.999**c)) + 1e-8)
     move = jnp.any(both)
     xi_new = jnp.where(move, xi - step, xi)
-    adam = {'adam_mu': jnp.where(move, mu, state['adam_mu']), 'adam_nu': jnp.where(move, nu, state['adam_nu']),
-            'adam_count': jnp.where(move, count, state['adam_count'])}
+    adam = {
+        'adam_mu': jnp.where(move, mu, state['adam_mu']),
+        'adam_nu': jnp.where(move, nu, state['adam_nu']),
+        'adam_count': jnp.where(move, count, state['adam_count']),
+    }
 
     n_present = jnp.sum(present)
     logit_w = jnp.where(present, xi_new - log_now, -jnp.inf)  # log(z_t / L_t) up to a constant
@@ -266,6 +293,7 @@ class Sum(WeightingMethod):
   """Sum (TorchJD's ``Sum``): w_t = 1 for present tasks, 0 for absent ones (L_t = 0). The update is EW's; only the
   reported weight of an absent task differs (EW reports 1). State: only ``step``.
   """
+
   name: ClassVar[str] = 'sum'
   needs_grads: ClassVar[bool] = False
 
@@ -279,6 +307,7 @@ class Mean(WeightingMethod):
   tasks, 0 for absent ones. With every task present it is EW; when tasks are missing from a batch the update keeps
   its size (the mean of the present gradients × T) instead of shrinking like the sum. State: only ``step``.
   """
+
   name: ClassVar[str] = 'mean'
   needs_grads: ClassVar[bool] = False
 
@@ -293,6 +322,7 @@ class Constant(WeightingMethod):
   (one float per task, checked at init; empty, the default, means all ones). Absent tasks get 0. State: ``step``.
   hparams: weights (()).
   """
+
   name: ClassVar[str] = 'constant'
   needs_grads: ClassVar[bool] = False
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
@@ -301,13 +331,15 @@ class Constant(WeightingMethod):
 
   def _init(self, num_tasks, hp):
     if len(hp['weights']) not in (0, num_tasks):
-      raise ValueError(f'constant hparam \'weights\': got {len(hp["weights"])} values {hp["weights"]}, expected '
-                       f'num_tasks={num_tasks} (or none, for all ones)')
+      raise ValueError(
+          f'constant hparam \'weights\': got {len(hp["weights"])} values {hp["weights"]}, expected '
+          f'num_tasks={num_tasks} (or none, for all ones)'
+      )
     return {}
 
   def init(self, num_tasks, num_params=None, **hparams):
     state = super().init(num_tasks, num_params, **hparams)
-    if state['hparams']['weights'].shape[0] == 0:   # stored as T ones: zero-size arrays cannot be checkpointed
+    if state['hparams']['weights'].shape[0] == 0:  # stored as T ones: zero-size arrays cannot be checkpointed
       state['hparams'] = {**state['hparams'], 'weights': jnp.ones((num_tasks,), jnp.float32)}
     return state
 
@@ -326,6 +358,7 @@ class GLS(WeightingMethod):
   computed in log space. The geometric mean needs positive losses: tasks with L_t ≤ 0 (absent ones included) are left
   out (w = 0). State: only ``step``.
   """
+
   name: ClassVar[str] = 'gls'
   needs_grads: ClassVar[bool] = False
 
@@ -346,6 +379,7 @@ class IMTLL(WeightingMethod):
   s_t ← s_t − lr (e^{s_t} L_t − 1) (LibMTL trains s with the model's optimizer; here, as UW, the method takes its own
   step), s clipped to [−20, 20]. Absent tasks (L_t = 0) keep their s and get weight 0. hparams: lr (0.01).
   """
+
   name: ClassVar[str] = 'imtl_l'
   needs_grads: ClassVar[bool] = False
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
@@ -377,6 +411,7 @@ class STCH(WeightingMethod):
   the EW scale and the ratios between tasks). Tasks with L_t ≤ 0 (absent ones included) get weight 0 and do not
   count toward z. State: ``loss_sum``, ``loss_count`` [T]. hparams: mu (1.0), warmup_steps (100).
   """
+
   name: ClassVar[str] = 'stch'
   needs_grads: ClassVar[bool] = False
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
@@ -393,14 +428,16 @@ class STCH(WeightingMethod):
     safe = jnp.where(present, losses, 1.0)
     warm = state['step'] < hp['warmup_steps']
     nadir = safe_div(state['loss_sum'], state['loss_count'], 1.0)
-    nadir = jnp.where(nadir > 0, nadir, 1.0)   # a task never present during the warm-up: z = 1
+    nadir = jnp.where(nadir > 0, nadir, 1.0)  # a task never present during the warm-up: z = 1
     rel = jnp.where(present, jnp.log(safe / nadir) / hp['mu'], -jnp.inf)
     soft = jnp.where(present, jax.nn.softmax(jnp.where(jnp.any(present), rel, 0.0)), 0.0)
     raw = jnp.where(warm, jnp.where(present, 1.0, 0.0), soft) / safe
     weights = jnp.sum(present) * safe_div(raw, jnp.sum(raw), 0.0)
     add = warm & present
-    new = {'loss_sum': state['loss_sum'] + jnp.where(add, losses, 0.0),
-           'loss_count': state['loss_count'] + add.astype(jnp.float32)}
+    new = {
+        'loss_sum': state['loss_sum'] + jnp.where(add, losses, 0.0),
+        'loss_count': state['loss_count'] + add.astype(jnp.float32),
+    }
     return jnp.where(present, weights, 0.0), new
 
 
@@ -415,8 +452,9 @@ def kmeans_1d(values: jax.Array, present: jax.Array, k: jax.Array | int, iters: 
   pos = jnp.where(k > 1, slots * (n_present - 1) // jnp.maximum(k - 1, 1), 0)
   active = slots < k
   centres = jnp.where(active, ordered[jnp.clip(pos, 0, num_tasks - 1)], 0.0)
-  centres = jnp.where((k == 1) & (slots == 0), safe_div(jnp.sum(jnp.where(present, values, 0.0)), n_present, 0.0),
-                      centres)
+  centres = jnp.where(
+      (k == 1) & (slots == 0), safe_div(jnp.sum(jnp.where(present, values, 0.0)), n_present, 0.0), centres
+  )
 
   def assign(c):
     return jnp.argmin(jnp.where(active[None, :], jnp.abs(values[:, None] - c[None, :]), jnp.inf), axis=1)
@@ -444,6 +482,7 @@ class GO4Align(WeightingMethod):
   (L_t ≤ 0) are left out of Σ L, the p step, the clustering, and get weight 0.
   hparams: num_groups (2), step_size (1e-4), kmeans_iters (20).
   """
+
   name: ClassVar[str] = 'go4align'
   needs_grads: ClassVar[bool] = False
   HPARAMS: ClassVar[Mapping[str, HParam]] = {

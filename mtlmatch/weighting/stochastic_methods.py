@@ -10,6 +10,7 @@ simplex are multiplied by T_p (the number of present tasks), like MGDA here, so 
 wherever the method does not rescale the gradients itself. Absent tasks (zero gradient row) get weight 0, take no
 part in the weight updates, and keep their tracked state.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,16 @@ from typing import ClassVar, Mapping
 import jax
 import jax.numpy as jnp
 
-from mtlmatch.weighting.base import (HIGHEST, HParam, WeightingMethod, gram, non_negative, positive,
-                                     present_from_losses, safe_div)
+from mtlmatch.weighting.base import (
+    HIGHEST,
+    HParam,
+    WeightingMethod,
+    gram,
+    non_negative,
+    positive,
+    present_from_losses,
+    safe_div,
+)
 from mtlmatch.weighting.gradient_methods import _present, min_norm_weights, project_simplex
 
 # LibMTL's ε in ‖g‖ + ε, log(L + ε) and AdaGrad's √(Σg² + ε).
@@ -33,8 +42,10 @@ def _decay(rate: jax.Array, sigma: jax.Array, step: jax.Array) -> jax.Array:
 
 
 def _rates(name: str, default: float, doc: str) -> dict:
-  return {name: HParam(default, 'float', **positive(), doc=doc),
-          f'{name}_sigma': HParam(0.5, 'float', **non_negative(), doc=f'decay exponent of {name} (÷ k^σ)')}
+  return {
+      name: HParam(default, 'float', **positive(), doc=doc),
+      f'{name}_sigma': HParam(0.5, 'float', **non_negative(), doc=f'decay exponent of {name} (÷ k^σ)'),
+  }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +60,7 @@ class MoCo(WeightingMethod):
   ``linear = False`` (the update is built from y); weights = T_p λ. Absent tasks keep their y and are left out of the
   λ step (λ = 0 for them). hparams: beta (0.5), beta_sigma (0.5), gamma (0.1), gamma_sigma (0.5), rho (0.0).
   """
+
   name: ClassVar[str] = 'moco'
   linear: ClassVar[bool] = False
   needs_num_params: ClassVar[bool] = True
@@ -59,8 +71,10 @@ class MoCo(WeightingMethod):
   }
 
   def _init_tracked(self, num_tasks, num_params, hp):
-    return {'y': jnp.zeros((num_tasks, num_params), jnp.float32),
-            'lambd': jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32)}
+    return {
+        'y': jnp.zeros((num_tasks, num_params), jnp.float32),
+        'lambd': jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32),
+    }
 
   def _apply_update(self, state, hp, grads, losses, key):
     present = _present(gram(grads))
@@ -91,6 +105,7 @@ class MoDo(WeightingMethod):
   sampling" keeps the λ step unbiased); with one batch per step here G₁ = G₂ = G₃ = G, i.e. stochastic MGDA with a
   single sample. Π_Δ is over the present tasks (`project_simplex`). hparams: gamma (0.001), rho (0.1).
   """
+
   name: ClassVar[str] = 'modo'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'gamma': HParam(0.001, 'float', **positive(), doc='step size of λ'),
@@ -120,6 +135,7 @@ class SDMGrad(WeightingMethod):
   restarts every step) — the authors' code as in LibMTL. update = T_p · d. LibMTL draws G from three batches (ζ for d,
   ξ₁ ξ₂ for Ĝ); here one batch serves all three. With λ → ∞ it is EW. hparams: lamda (0.3), niter (20).
   """
+
   name: ClassVar[str] = 'sdmgrad'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'lamda': HParam(0.3, 'float', **non_negative(), doc='pull λ toward the average gradient'),
@@ -161,6 +177,7 @@ class CRMOGM(WeightingMethod):
   update = T_p · λ̃ᵀG with λ̃ = λ restricted to the present tasks and renormalised. No public code of the authors
   was found: the base method is MGDA and m = ``momentum`` (0.9) is the weight kept from the past. hparams: momentum.
   """
+
   name: ClassVar[str] = 'cr_mogm'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'momentum': HParam(0.9, 'float', check=lambda v: 0 <= v < 1, expected='in [0, 1)', doc='EMA weight m'),
@@ -192,6 +209,7 @@ class DBMTL(WeightingMethod):
   ∇log L_t). Absent tasks, and tasks with a non-positive loss (log undefined), are left out and keep their buffer.
   hparams: beta (0.9), beta_sigma (0.5).
   """
+
   name: ClassVar[str] = 'db_mtl'
   linear: ClassVar[bool] = False
   needs_num_params: ClassVar[bool] = True
@@ -227,6 +245,7 @@ class ExcessMTL(WeightingMethod):
   EW. Here e_t(0) is each task's first *present* value (LibMTL: the first step's); absent tasks keep their weight,
   accumulator and e_t(0), and get weight 0 in the update. hparams: step_size (η, 0.01: LibMTL's robust_step_size).
   """
+
   name: ClassVar[str] = 'excess_mtl'
   needs_num_params: ClassVar[bool] = True
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
@@ -234,8 +253,11 @@ class ExcessMTL(WeightingMethod):
   }
 
   def _init_tracked(self, num_tasks, num_params, hp):
-    return {'grad_sum': jnp.zeros((num_tasks, num_params), jnp.float32),
-            'weights': jnp.ones((num_tasks,), jnp.float32), 'initial': jnp.zeros((num_tasks,), jnp.float32)}
+    return {
+        'grad_sum': jnp.zeros((num_tasks, num_params), jnp.float32),
+        'weights': jnp.ones((num_tasks,), jnp.float32),
+        'initial': jnp.zeros((num_tasks,), jnp.float32),
+    }
 
   def _apply(self, state, hp, grads, losses, key):
     num_tasks = grads.shape[0]
