@@ -9,12 +9,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/affect_dm
 
-.PHONY: setup run test test-all clean
+.PHONY: setup run test test-all lint format clean
 
 $(VENV)/.installed: setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,experiments]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,experiments,lint]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -22,11 +22,19 @@ setup: $(VENV)/.installed
 run: setup
 	$(PY) -m mtlmatch.main --config=configs/affect.py:dm --workdir=$(WORKDIR)
 
-test: setup
+test: setup lint
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -m "not slow" --doctest-modules tests mtlmatch
 
 test-all: setup
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q --doctest-modules tests mtlmatch
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pyink --check .
+
+format: setup
+	$(VENV)/bin/pyink .
+	$(VENV)/bin/ruff check --fix .
 
 clean:
 	rm -rf $(VENV) workdirs
