@@ -113,6 +113,17 @@ def full_grid(study: str) -> list[Variant]:
 # 64 features, batch 64) with lr 3e-3.
 EVAL_EVERY, EARLY_STOP = 50, 4
 CPU_STEPS = {'affect': 600, 'shopping': 400, 'multi_fashion': 400}
+# How the committed runs were launched (appended to each study's notes).
+RUN_NOTES = (
+    ' Runs: 3 seeds per cell (0, 1, 2), each with 8 fake CPU devices (XLA_FLAGS as in the commands below) on a '
+    '2-core machine, one or two at a time; the learning rate follows a cosine decay to 0 at the step cap. The runs '
+    'were launched as `experiments/cpu_config.py:<study>:<variant>`, which built exactly the config of '
+    '`configs/<study>.py:<variant>,cpu` shown below (that file became the `cpu` variant token; the two were '
+    'compared key by key before it was removed), so their own command.txt shows the older form. Convolution '
+    'backward: the default-deciding cells (MTL, DM and co-annotation with either prior, the single-task baselines) '
+    "ran seeds 0-2 with XLA's own (but affect's `mtl` seed 0), every other run with the GEMM weight gradient of "
+    'mtlmatch/models/cpu_ops.py (`conv_impl=auto`): the same maths, other float rounding.'
+)
 CPU_CUTS = {
     'affect': 'At most 600 steps (batch 64), early-stopped on validation. Grid: ST ×2; MTL; co-annotation and DM '
     'with the `model` prior (defaults) and with `uniform`; DM alone `a_to_b` / `b_to_a`; DM + '
@@ -241,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
       command=command,
       probe=not args.no_probe,
       probe_dgr_only=args.probe_dgr_only,
-      notes=CPU_CUTS[args.study] if args.grid == 'cpu' else 'The full grid.',
+      notes=CPU_CUTS[args.study] + RUN_NOTES if args.grid == 'cpu' else 'The full grid.',
       sweep_seconds=None if args.report_only else time.time() - start,
   )
   print(f'report: {os.path.join(out, "REPORT.md")}')

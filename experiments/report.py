@@ -59,6 +59,10 @@ PACKAGES = (
 # Statistics (pure; tested against hand numbers).
 
 
+# Run-level columns of sweep.collect shown in the convergence table, not among the metrics.
+CONVERGENCE_COLUMNS = ('validation/late_gain', 'validation/stopped_early', 'validation/best_at_end')
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
   """(mean, sample std with ddof=1 (0 for a single value), n) of the finite values."""
   v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
@@ -491,10 +495,36 @@ def render_markdown(
         for t in tasks
     ]
     lines.append('| ' + ' | '.join(cells) + ' |')
+  lines += [
+      '',
+      '## Convergence (validation, every run)',
+      '',
+      'Each run follows a cosine schedule that decays the learning rate to 0 at its step cap and stops early when '
+      'its validation score has not improved for the patience in "What ran". Per variant, over seeds: the '
+      f'validation score gained in the last {sweep.LATE_STEPS} steps (best score minus the best up to '
+      f'{sweep.LATE_STEPS} steps before the end; near 0 = it had stopped improving), the fraction of runs whose best '
+      'validation step was their last, and the fraction stopped early. The curves are in validation_curves.png.',
+      '',
+      f'| variant | gain in the last {sweep.LATE_STEPS} steps | best at the last step | stopped early |',
+      '|---|---|---|---|',
+  ]
+  for name, v in variants.items():
+    m = v['metrics']
+    gain = m.get('validation/late_gain')
+    lines.append(
+        f'| {name} | '
+        + (f'{gain[0]:+.4f} ± {gain[1]:.4f}' if gain and gain[2] else '—')
+        + ' | '
+        + ' | '.join(
+            f'{m[c][0]:.2f}' if c in m and m[c][2] else '—'
+            for c in ('validation/best_at_end', 'validation/stopped_early')
+        )
+        + ' |'
+    )
   columns = [
       c
       for c in dict.fromkeys(c for v in variants.values() for c in v['metrics'])
-      if '/recall_' not in c and not c.endswith('/mean_entropy')
+      if '/recall_' not in c and not c.endswith('/mean_entropy') and c not in CONVERGENCE_COLUMNS
   ]
   lines += [
       '',
@@ -887,6 +917,26 @@ def _collapse_lines(loaded: Mapping[str, dict]) -> list[str]:
   return lines
 
 
+def _convergence_lines(loaded: Mapping[str, dict]) -> list[str]:
+  lines = []
+  for study, summary in loaded.items():
+    cells = {n: v['metrics'] for n, v in summary['variants'].items() if v['metrics'].get('validation/late_gain')}
+    if not cells:
+      lines.append(f'* {study}: no validation history; no convergence check.')
+      continue
+    gains = {n: m['validation/late_gain'][0] for n, m in cells.items()}
+    runs = sum(m['validation/late_gain'][2] for m in cells.values())
+    weighted = lambda c: sum(m[c][0] * m[c][2] for m in cells.values() if c in m and m[c][2])  # noqa: E731
+    worst = max(gains, key=gains.get)
+    lines.append(
+        f'* {study}: {runs} runs; {weighted("validation/stopped_early"):.0f} stopped early, '
+        f'{weighted("validation/best_at_end"):.0f} had their best validation score at their last step. Gain in the '
+        f'last {sweep.LATE_STEPS} steps (cell means): median {np.median(list(gains.values())):+.4f}, largest '
+        f'{gains[worst]:+.4f} (`{worst}`).'
+    )
+  return lines
+
+
 def write_overall_summary(results_dir: str, preamble: str = '') -> str:
   """``<results_dir>/SUMMARY.md`` from each study's ``summary.json``; returns the text. Its "At a glance" section
   (verdict counts per study) is what :func:`update_readme` copies into README."""
@@ -963,6 +1013,16 @@ def write_overall_summary(results_dir: str, preamble: str = '') -> str:
       'every variant are in each REPORT.md.',
       '',
   ] + _collapse_lines(loaded)
+  lines += [
+      '',
+      '## Convergence',
+      '',
+      f'Rule: the validation score a cell gained in its last {sweep.LATE_STEPS} steps (best score minus the best up '
+      f'to {sweep.LATE_STEPS} steps before the end, seed mean); each REPORT.md has it per variant beside the '
+      'validation curves. The schedules decay the learning rate to 0 at the step cap, so a best score at the last '
+      'step with a small late gain is a run that converged on its budget.',
+      '',
+  ] + _convergence_lines(loaded)
   lines += [
       '',
       '## DGR (Shin et al., ECCV 2024): better shared representation (linear probe) and task scores',

@@ -33,6 +33,8 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+import numpy as np
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -185,14 +187,29 @@ def run_all(
   return codes
 
 
+# The window of the convergence check: a run whose best validation score rose by less than noise over its last
+# LATE_STEPS steps has stopped improving (2 evaluations of the CPU studies).
+LATE_STEPS = 100
+
+
+def late_gain(history: Sequence[Mapping], step: Optional[int], window: int = LATE_STEPS) -> Optional[float]:
+  """Best validation score over the whole run minus the best over the evaluations at steps <= ``step - window``:
+  what the last ``window`` steps added (0 when the run had peaked before them). None without such evaluations."""
+  scores = [(h['step'], h['score']) for h in history if h.get('score') is not None and np.isfinite(h['score'])]
+  early = [s for t, s in scores if step is not None and t <= step - window]
+  return None if not early else float(max(s for _, s in scores) - max(early))
+
+
 def collect(runs: Sequence[Run]) -> list[dict]:
   """One flat row per finished run: ``name, spec, seed, workdir, step, best_step, wall_time_s, <task>/<metric> …``
   (the workdir as :func:`display_path`).
 
   The metrics are the test metrics **at the best-validation step** (``results['selection']['metrics']``; the final
-  step's when a run has no selection record); ``validation/score`` is that step's validation score. Per-label F1
-  (``f1_3``) and the ``count`` are left out; the per-class recalls (``recall_<k>``, the confusion-matrix diagonal)
-  are kept for the report's collapse check."""
+  step's when a run has no selection record); ``validation/score`` is that step's validation score, and
+  ``validation/late_gain`` (:func:`late_gain`) how much of it came in the run's last ``LATE_STEPS`` steps;
+  ``validation/stopped_early`` and ``validation/best_at_end`` are 1.0 / 0.0 (their seed means are fractions).
+  Per-label F1 (``f1_3``) and the ``count`` are left out; the per-class recalls (``recall_<k>``, the
+  confusion-matrix diagonal) are kept for the report's collapse check."""
   rows = []
   for run in runs:
     if not run.finished:
@@ -209,6 +226,11 @@ def collect(runs: Sequence[Run]) -> list[dict]:
         'best_step': selection.get('best_step'),
         'wall_time_s': results.get('wall_time_s'),
         'validation/score': selection.get('best_score'),
+        'validation/late_gain': late_gain(selection.get('history', []), results.get('step')),
+        'validation/stopped_early': float(bool(results.get('stopped_early'))),
+        'validation/best_at_end': None
+        if 'best_step' not in selection
+        else float(selection['best_step'] == results.get('step')),
     }
     for task, metrics in sorted(selection.get('metrics', results.get('metrics', {})).items()):
       for metric, value in metrics.items():

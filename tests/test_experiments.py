@@ -134,6 +134,20 @@ def test_method_families_colour_the_difference_plot():
   assert len({colour for _, _, colour in report.FAMILIES}) == len(report.FAMILIES)  # no two families share one
 
 
+def test_late_gain_is_what_the_last_steps_added():
+  history = [
+      {'step': 50, 'score': 0.5},
+      {'step': 100, 'score': 0.7},
+      {'step': 150, 'score': 0.72},
+      {'step': 200, 'score': 0.71},
+      {'step': 210, 'score': float('nan')},
+  ]
+  assert sweep.late_gain(history, 200) == pytest.approx(0.02)  # best 0.72, best up to step 100: 0.70
+  assert sweep.late_gain(history, 200, window=40) == 0.0  # peaked at step 150, before 200 - 40
+  assert sweep.late_gain(history, 120) is None  # no evaluation at step <= 20
+  assert sweep.late_gain([], 200) is None
+
+
 def test_delta_m_and_negative_transfer_hand_numbers():
   # Δm = ((0.84 − 0.8)/0.8 + (0.45 − 0.5)/0.5) / 2 × 100 = (5 − 10) / 2 = −2.5
   assert report.delta_m({'a': 0.84, 'b': 0.45}, {'a': 0.8, 'b': 0.5}) == pytest.approx(-2.5)
