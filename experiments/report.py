@@ -857,7 +857,7 @@ def _validation_score(summary: dict, name: str) -> Optional[tuple]:
 
 def _defaults_lines(loaded: Mapping[str, dict]) -> list[str]:
   lines = [
-      '| option | ' + ' | '.join(f'{s}: default → alternative' for s in loaded) + ' | decision |',
+      '| option | ' + ' | '.join(f'{s}: default when run → alternative' for s in loaded) + ' | decision |',
       '|---|' + '---|' * len(loaded) + '---|',
   ]
   for default, alternative, what in DEFAULT_CHOICES:
