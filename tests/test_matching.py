@@ -140,9 +140,14 @@ def test_distribution_matching_matches_reference(kind):
     np.testing.assert_array_equal(w, 1)
 
 
-def test_defaults_are_stopped_targets_virtual_evidence_and_model_prior():
+def test_defaults_are_a_to_b_stopped_targets_virtual_evidence_and_model_prior():
   za, zb, r, ya, yb = _problem('multilabel', seed=3)
   per, _ = losses.distribution_matching(za, zb, r, b_kind='multilabel')
+  np.testing.assert_allclose(
+      per, _ref_dm(za, zb, r.astype(np.float64), 'multilabel', 'a_to_b', 'bayes', 'xent', 'model'), rtol=2e-4, atol=2e-5
+  )
+  # With both directions the B → A target uses the virtual-evidence rule and the model prior by default.
+  per, _ = losses.distribution_matching(za, zb, r, b_kind='multilabel', direction='both')
   np.testing.assert_allclose(
       per, _ref_dm(za, zb, r.astype(np.float64), 'multilabel', 'both', 'bayes', 'xent', 'model'), rtol=2e-4, atol=2e-5
   )
@@ -312,8 +317,8 @@ def test_gradients_match_finite_differences():
 
 @pytest.mark.parametrize('kind', ['multilabel', 'multiclass'])
 def test_stopped_target_gradient_is_the_fixed_target_cross_entropy(kind):
-  # The default (stopped targets, model prior) differentiates H(q(z₀), p(z)) at z = z₀: compare with central finite
-  # differences of the numpy reference with q frozen at z₀.
+  # Stopped targets and the model prior (defaults; both directions) differentiate H(q(z₀), p(z)) at z = z₀:
+  # compare with central finite differences of the numpy reference with q frozen at z₀.
   za, zb, r, _, _ = _problem(kind, seed=8, b=3, ca=3, cb=4, scale=1.5)
   za, zb, r = za.astype(np.float64), zb.astype(np.float64), r.astype(np.float64)
 
@@ -333,7 +338,9 @@ def test_stopped_target_gradient_is_the_fixed_target_cross_entropy(kind):
     return total
 
   with jax.enable_x64(True):
-    ga, gb = jax.grad(lambda za, zb: jnp.sum(losses.distribution_matching(za, zb, r, b_kind=kind)[0]), (0, 1))(za, zb)
+    ga, gb = jax.grad(
+        lambda za, zb: jnp.sum(losses.distribution_matching(za, zb, r, b_kind=kind, direction='both')[0]), (0, 1)
+    )(za, zb)
   h = 1e-6
   for got, z, which in ((ga, za, 0), (gb, zb, 1)):
     fd = np.zeros_like(z)

@@ -189,10 +189,10 @@ def test_default_config_learns_both_tasks_clearly_above_chance(tmp_path):
 
 def test_dm_options_are_config_keys_that_reach_the_loss(tfds_dir, tmp_path):
   """Every DM option (docs/maths.md) is a config key (so --config.objective.terms.dm.<option>=... works), with the
-  loss's defaults: stopped targets, the virtual-evidence rule and the model prior."""
+  loss's defaults: A → B, stopped targets, the virtual-evidence rule and the model prior."""
   config = smoke_config('affect', 'dm+coann', tfds_dir)
   assert {k: config.objective.terms.dm[k] for k in losses.matching.OPTIONS} == {
-      'direction': 'both',
+      'direction': 'a_to_b',
       'mode': 'bayes',
       'stop_gradient_target': True,
       'divergence': 'xent',
