@@ -25,27 +25,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import sweep  # noqa: E402
 from experiments.sweep import Variant  # noqa: E402
+from mtlmatch import weighting  # noqa: E402
 
 TASKS = {
     'affect': ('expression', 'aus'),
     'shopping': ('item', 'group', 'attributes'),
     'multi_fashion': ('left', 'right'),
 }
-METHODS = (
-    'ew',
-    'uw',
-    'dwa',
-    'rlw',
-    'gradnorm',
-    'famo',
-    'mgda',
-    'mgda_ub',
-    'pcgrad',
-    'cagrad',
-    'nash_mtl',
-    'imtl',
-    'aligned_mtl',
-)
+# The full grid's weighting methods: every method of the library.
+METHODS = tuple(weighting.METHODS)
 
 
 def _relatedness(terms: Sequence[str], spec: str) -> dict:
