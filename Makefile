@@ -22,11 +22,14 @@ setup: $(VENV)/.installed
 run: setup
 	$(PY) -m mtlmatch.main --config=configs/affect.py:dm --workdir=$(WORKDIR)
 
+# Two pytest workers (pytest-xdist), whole files per worker (module fixtures are built once), one per core.
+PYTEST := XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -n 2 --dist loadfile --doctest-modules
+
 test: setup lint
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -m "not slow" --doctest-modules tests mtlmatch
+	$(PYTEST) -m "not slow" tests mtlmatch
 
 test-all: setup
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q --doctest-modules tests mtlmatch
+	$(PYTEST) tests mtlmatch
 
 lint: setup
 	$(VENV)/bin/ruff check .
