@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.options = ml_collections.ConfigDict()
   c.data.mixing = 'weights'  # or 'equal_per_task'
   c.data.augment = False
+  c.data.on_bad_image = 'raise'  # file-backed sources: 'skip' leaves out (and logs) missing or undecodable images
 
   c.encoder = ml_collections.ConfigDict({'name': 'cnn', 'kwargs': encoder_kwargs('cnn')})
   c.head = ml_collections.ConfigDict({'name': 'linear', 'kwargs': ml_collections.ConfigDict()})
@@ -203,7 +204,8 @@ def shrink_for_smoke(config: ml_collections.ConfigDict, data_options: Mapping[st
   config.checkpoint_every = 3
   config.optimizer.warmup_steps = 2
   set_encoder(config, config.encoder.name, **SMOKE_ENCODERS[config.encoder.name])
-  kept = {k: config.data.options[k] for k in ('idx_dir',) if k in config.data.options}  # where, not how much
+  # Where the data is (Fashion-MNIST's files, a face recipe's manifests) is kept; how much of it is replaced.
+  kept = {k: v for k, v in config.data.options.items() if k in ('idx_dir', 'image_root') or k.endswith('_manifest')}
   config.data.options = dict(data_options)
   for key, value in kept.items():
     config.data.options[key] = idx_dir_option()
@@ -495,6 +497,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.nonfinite: got {config.nonfinite!r}, expected 'halt' or 'skip'")
   if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
     raise ValueError(f'config.seed: got {config.seed!r}, expected an int >= 0')
+  if config.data.get('on_bad_image', 'raise') not in ('raise', 'skip'):
+    raise ValueError(f"config.data.on_bad_image: got {config.data.on_bad_image!r}, expected 'raise' or 'skip'")
   if config.data.get('mixing', 'weights') not in pipeline.MIXING:
     raise ValueError(f'config.data.mixing: got {config.data.mixing!r}, expected one of {pipeline.MIXING}')
   augment = config.data.get('augment', False)

@@ -323,6 +323,13 @@ def validate(evals: Any) -> None:
 # The linear probe: data, features and an L2-regularised logistic regression in JAX.
 
 
+def _pixels(images, rows: np.ndarray) -> np.ndarray:
+  """uint8 ``[n, H, W, C]`` of ``rows``: indexed in memory, or fetched and decoded for sources read by row."""
+  if isinstance(images, data_lib.LazyImages):
+    return data_lib.decode_rows(images, rows)
+  return np.asarray(images)[rows]
+
+
 def probe_sources(
     benchmark: data_lib.Benchmark, *, train_examples: int, test_examples: int, seed: int = 0
 ) -> dict[str, tuple[data_lib.Source, data_lib.Source]]:
@@ -338,23 +345,27 @@ def probe_sources(
         ('train', benchmark.train_sources, train_examples),
         ('test', benchmark.eval_sources, test_examples),
     ):
-      images, labels = [], []
+      stores, rows, labels = [], [], []  # per source: its images, the labelled rows, their labels
       for source in sources:
         if task in source.tasks:
           ex = data_lib.load_examples(source, benchmark.tasks, image_shape=benchmark.image_shape)
           y = np.asarray(ex.labels[task])
           keep = (y != MISSING) if y.ndim == 1 else (y != MISSING).any(axis=1)
-          images.append(np.asarray(ex.images)[keep])
+          stores.append(ex.images)
+          rows.append(np.flatnonzero(keep))
           labels.append(y[keep])
       n = sum(len(y) for y in labels)
       if not n:
         parts.append(None)
         continue
       idx = np.sort(rng.permutation(n)[:cap])
+      owner = np.searchsorted(np.cumsum([len(r) for r in rows]), idx, side='right')  # which source each draw is from
+      starts = np.cumsum([0] + [len(r) for r in rows[:-1]])
+      images = [
+          _pixels(stores[s], rows[s][idx[owner == s] - starts[s]]) for s in range(len(stores)) if (owner == s).any()
+      ]
       parts.append(
-          data_lib.array_source(
-              f'probe_{part}/{task}', np.concatenate(images)[idx], {task: np.concatenate(labels)[idx]}
-          )
+          data_lib.array_source(f'probe_{part}/{task}', np.concatenate(images), {task: np.concatenate(labels)[idx]})
       )
     if all(p is not None for p in parts):
       out[task] = tuple(parts)

@@ -143,13 +143,24 @@ def make_relatedness_resolver(benchmark: data_lib.Benchmark, log: dict):
     ta, tb = benchmark.tasks[task_a], benchmark.tasks[task_b]
     if isinstance(spec, str) and spec.startswith('prior:'):
       prior = priors.load_prior(spec[len('prior:') :])
-      if (prior.task_a.num_classes, prior.task_b.num_classes) != (ta.num_classes, tb.num_classes):
+      if (
+          ta.class_names
+          and tb.class_names
+          and (ta.class_names, tb.class_names)
+          != (
+              prior.task_a.class_names,
+              prior.task_b.class_names,
+          )
+      ):
+        table = prior.restricted(ta.class_names, tb.class_names)  # e.g. the AUs a face dataset annotates, by name
+      elif (prior.task_a.num_classes, prior.task_b.num_classes) != (ta.num_classes, tb.num_classes):
         raise ValueError(
             f'relatedness {spec!r}: the prior relates {prior.task_a.num_classes} x '
             f'{prior.task_b.num_classes} classes, expected {ta.num_classes} x {tb.num_classes} for '
             f'tasks {task_a!r} -> {task_b!r}'
         )
-      table = prior.relatedness
+      else:
+        table = prior.relatedness
     elif isinstance(spec, str) and spec.startswith('estimate:'):
       name = spec[len('estimate:') :]
       sources = {**{s.name: s for s in benchmark.train_sources}, **dict(benchmark.aux_sources)}
@@ -455,7 +466,11 @@ def build_experiment(
   data_sharding, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
   if benchmark is None:
     benchmark = data_lib.get_benchmark(
-        config.data.name, data_dir=config.data.data_dir, seed=config.data.seed, **config.data.options
+        config.data.name,
+        data_dir=config.data.data_dir,
+        seed=config.data.seed,
+        on_bad_image=config.data.get('on_bad_image', 'raise'),
+        **config.data.options,
     )
   benchmark = select_tasks(benchmark, config.tasks)
   benchmark = data_lib.with_validation(benchmark, config.data.get('validation_fraction', 0.0), seed=config.data.seed)

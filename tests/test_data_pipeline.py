@@ -153,23 +153,30 @@ def test_augment_flips_and_crops_deterministically():
 
 
 def test_two_hosts_read_disjoint_slices_covering_the_source():
+  """Eval (and fingerprint) slices: even, disjoint, covering."""
   bench, _ = toy_benchmark(sizes=(11, 30, 51))
-  seen = {s: [] for s in range(3)}
-  for host in (0, 1):
-    for s, source in enumerate(bench.train_sources):
-      ex = data.load_examples(source, bench.tasks, process_index=host, process_count=2)
-      seen[s].append(set(ex.positions.tolist()))
-    # The host's batches only contain its own slice, and half the global batch.
-    batches = take(data.train_iterator(bench, global_batch_size=40, seed=0, process_index=host, process_count=2), 30)
-    assert batches[0]['image'].shape[0] == 20
-    for b in batches:
-      sid, idx = decode(b['image'])
-      for s in range(3):
-        assert set(idx[sid == s].tolist()) <= seen[s][host]
-  for s, n in enumerate((11, 30, 51)):
-    h0, h1 = seen[s]
+  for source, n in zip(bench.train_sources, (11, 30, 51)):
+    h0, h1 = (
+        set(data.load_examples(source, bench.tasks, process_index=h, process_count=2).positions.tolist())
+        for h in (0, 1)
+    )
     assert not h0 & h1 and h0 | h1 == set(range(n))
     assert {len(h0), len(h1)} == {n // 2, n - n // 2}
+
+
+@pytest.mark.parametrize('hosts', [2, 4])
+def test_hosts_split_the_one_process_batch(hosts):
+  """Training: host h makes slots [h·b, (h+1)·b) of the global batch, so the hosts' batches, concatenated in host
+  order, are the one-process batch at every step (examples, labels and augmentations), whatever the number of
+  hosts."""
+  bench, _ = toy_benchmark(sizes=(11, 30, 51))
+  kwargs = dict(global_batch_size=40, seed=3, start_step=5, augment=True)
+  one = take(data.train_iterator(bench, **kwargs), 12)
+  parts = [take(data.train_iterator(bench, **kwargs, process_index=h, process_count=hosts), 12) for h in range(hosts)]
+  assert parts[0][0]['image'].shape[0] == 40 // hosts
+  for t, batch in enumerate(one):
+    joined = jax.tree.map(lambda *x: np.concatenate(x), *[p[t] for p in parts])
+    assert_batches_equal([joined], [batch])
 
 
 def eval_ids(batches):

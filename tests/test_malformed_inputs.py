@@ -101,7 +101,7 @@ CONFIG_CASES = {
     ),
     'unknown benchmark': (
         {'data.name': 'imagenet'},
-        r"benchmark name: got 'imagenet', expected one of \['multi_fashion', 'shopping', " r"'synthetic_affect'\]",
+        r"benchmark name: got 'imagenet', expected one of \['faces', 'multi_fashion', 'shopping', 'synthetic_affect'\]",
     ),
     'unknown trained task': (
         {'tasks': ('expression', 'pose')},

@@ -1,5 +1,6 @@
 """Two processes on 127.0.0.1 (jax.distributed, gloo CPU collectives) train like one process on the same global
-batch."""
+batch. The run is the face recipe on generated files, its AU manifest prepared as an ArrayRecord dataset: both kinds
+of sources read by row. (In-memory sources split the global batch the same way: tests/test_data_pipeline.py.)"""
 
 import os
 import socket
@@ -11,11 +12,10 @@ import numpy as np
 
 from conftest import REPO
 from mtlmatch import checkpoint as ckpt_lib
-from mtlmatch import data
 from mtlmatch import train
-from test_train import smoke_config
-
-VARIANT = 'dm'
+from mtlmatch.data import faces
+from mtlmatch.data import prepare as prepare_lib
+from test_files import face_config, face_manifests
 
 
 def _free_port() -> int:
@@ -24,24 +24,30 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batch(tfds_dir, tmp_path):
-  config = smoke_config('affect', VARIANT, tfds_dir)
-  data.get_benchmark(config.data.name, data_dir=tfds_dir, **config.data.options)  # prepare once, before the race
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+  options, _ = face_manifests(tmp_path)
+  options['au_manifest'] = prepare_lib.prepare(
+      options['au_manifest'], str(tmp_path / 'prepared'), name='aus', image_column='path',
+      labels={'aus': list(faces.DEFAULT_AUS)}, missing=faces.AU_MISSING,
+  )  # fmt: skip
+  config = face_config(options)
   port, workdir = _free_port(), tmp_path / 'two_hosts'
   # 4 CPU devices per process: 8 global devices, like the reference mesh below.
   flags = os.environ['XLA_FLAGS'].replace(
       '--xla_force_host_platform_device_count=8', '--xla_force_host_platform_device_count=4'
   )
   env = {**os.environ, 'XLA_FLAGS': flags, 'JAX_PLATFORMS': 'cpu'}
+  overrides = [f'--config.data.options.{k}={v}' for k, v in options.items()]
   procs = [
       subprocess.Popen(
           [
               sys.executable,
               '-m',
               'mtlmatch.main',
-              f'--config=configs/affect.py:{VARIANT},smoke',
+              '--config=configs/faces.py:dm+coann,encoder=cnn,smoke',
               f'--workdir={workdir}',
-              f'--config.data.data_dir={tfds_dir}',
+              '--config.data.validation_fraction=0.25',
+              *overrides,
               f'--coordinator_address=127.0.0.1:{port}',
               '--num_processes=2',
               f'--process_id={i}',
@@ -58,21 +64,14 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tfds_dir, tm
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-4000:]
 
-  # Reference: one process, 8 devices, global batches = host 0's rows then host 1's (the order of
-  # jax.make_array_from_process_local_data over processes).
+  # Reference: one process, 8 devices, fed the one-process stream (the hosts' halves of each global batch must be
+  # exactly its two halves, for the result to match).
   mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
   exp = train.build_experiment(config, mesh)
   state = exp.init_state()
-  hosts = [
-      data.train_iterator(
-          exp.benchmark, global_batch_size=config.batch_size, seed=config.seed, process_index=i, process_count=2
-      )
-      for i in range(2)
-  ]
+  batches = exp.train_batches(0)  # one process: the whole global batch from this process's iterator
   for _ in range(config.total_steps):
-    local = [next(h) for h in hosts]
-    batch = jax.tree.map(lambda *parts: np.concatenate(parts), *local)
-    state, _ = exp.step_fn(state, jax.device_put(batch, exp.data_sharding))
+    state, _ = exp.step_fn(state, next(batches))
 
   restored = ckpt_lib.Checkpointer(str(workdir)).restore_latest(ckpt_lib.abstract_like(exp.init_state()))
   assert restored is not None and int(restored[0].step) == config.total_steps

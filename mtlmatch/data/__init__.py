@@ -10,7 +10,8 @@ Interface used by the train loop::
     labels = data.source_labels(bench.aux_sources['coannotated'], bench.tasks)   # for estimating relatedness
     # a checkpoint needs only data.checkpoint_state(step) == {'step': step} to resume the stream exactly.
 
-Modules: ``sources`` (Source, readers, Benchmark, validation), ``pipeline`` (mixing schedule, train/eval
+Modules: ``sources`` (Source, readers, Benchmark, validation), ``files`` (manifests of image files), ``prepare``
+(a manifest written once as an ArrayRecord TFDS dataset, read by index), ``pipeline`` (mixing schedule, train/eval
 iterators), ``sharding`` (hosts, devices, global arrays), ``synthetic_affect``, ``fashion_mnist``, ``benchmarks``.
 Importing this package hides every GPU from TensorFlow so that tf.data never takes accelerator memory from JAX.
 """
@@ -24,6 +25,7 @@ except RuntimeError:  # TF already initialised its devices (someone imported and
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from mtlmatch.data.benchmarks import BUILDERS, get_benchmark
+from mtlmatch.data.files import FilesReader, files_source, read_manifest
 from mtlmatch.data.pipeline import (
     MIXING,
     MixingSchedule,
@@ -39,9 +41,12 @@ from mtlmatch.data.sources import (
     Benchmark,
     Examples,
     Holdout,
+    LazyImages,
     Source,
     TfdsReader,
     array_source,
+    decode_image,
+    decode_rows,
     default_data_dir,
     host_slice,
     load_examples,
@@ -56,15 +61,20 @@ __all__ = [
     'BUILDERS',
     'Benchmark',
     'Examples',
+    'FilesReader',
     'Holdout',
+    'LazyImages',
     'MIXING',
     'MixingSchedule',
     'Source',
     'TfdsReader',
     'array_source',
     'checkpoint_state',
+    'decode_image',
+    'decode_rows',
     'default_data_dir',
     'eval_iterator',
+    'files_source',
     'get_benchmark',
     'host_slice',
     'load_examples',
@@ -72,6 +82,7 @@ __all__ = [
     'mixing_probabilities',
     'num_eval_batches',
     'prefetch_to_device',
+    'read_manifest',
     'source_labels',
     'tfds_source',
     'to_global',

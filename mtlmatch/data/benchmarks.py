@@ -2,9 +2,11 @@
 
 Names: ``synthetic_affect`` (the embedded default, generated, no download), ``shopping`` (Fashion-MNIST item vs
 group/attributes on disjoint slices) and ``multi_fashion`` (two items per image) — both from Debian's offline
-Fashion-MNIST IDX files. ``options`` are the keyword arguments of the builder function named in :data:`BUILDERS`;
-``data_dir=None`` means ``$MTLMATCH_DATA_DIR`` or ``~/tensorflow_datasets`` (:func:`default_data_dir`), where the
-generated TFDS datasets are cached. User data: ``make_benchmark`` with ``array_source`` / ``tfds_source``.
+Fashion-MNIST IDX files; ``faces`` (expressions from one manifest of image files, action units from another: your
+own face datasets, see :mod:`mtlmatch.data.faces`). ``options`` are the keyword arguments of the builder function
+named in :data:`BUILDERS`; ``data_dir=None`` means ``$MTLMATCH_DATA_DIR`` or ``~/tensorflow_datasets``
+(:func:`default_data_dir`), where the generated TFDS datasets are cached. User data: ``make_benchmark`` with
+``array_source`` / ``files_source`` / ``tfds_source``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import inspect
 from typing import Optional
 
+from mtlmatch.data.faces import faces_benchmark
 from mtlmatch.data.fashion_mnist import multi_fashion_benchmark, shopping_benchmark
 from mtlmatch.data.sources import Benchmark
 from mtlmatch.data.synthetic_affect import synthetic_affect_benchmark
@@ -20,16 +23,24 @@ BUILDERS = {
     'synthetic_affect': synthetic_affect_benchmark,
     'shopping': shopping_benchmark,
     'multi_fashion': multi_fashion_benchmark,
+    'faces': faces_benchmark,
 }
 
 
-def get_benchmark(name: str, *, data_dir: Optional[str] = None, seed: int = 0, **options) -> Benchmark:
-  """The named benchmark, its TFDS data prepared in ``data_dir`` on first use (seconds; cached afterwards)."""
+def get_benchmark(
+    name: str, *, data_dir: Optional[str] = None, seed: int = 0, on_bad_image: str = 'raise', **options
+) -> Benchmark:
+  """The named benchmark, its TFDS data prepared in ``data_dir`` on first use (seconds; cached afterwards).
+
+  ``on_bad_image`` goes to the builders that read image files (``faces``); generated data has no bad images."""
   if name not in BUILDERS:
     raise ValueError(f'benchmark name: got {name!r}, expected one of {sorted(BUILDERS)}')
   builder = BUILDERS[name]
-  accepted = [p for p in inspect.signature(builder).parameters if p not in ('data_dir', 'seed')]
+  parameters = inspect.signature(builder).parameters
+  accepted = [p for p in parameters if p not in ('data_dir', 'seed', 'on_bad_image')]
   unknown = sorted(set(options) - set(accepted))
   if unknown:
     raise ValueError(f'options of benchmark {name!r}: got unknown {unknown}, expected some of {accepted}')
+  if 'on_bad_image' in parameters:
+    options['on_bad_image'] = on_bad_image
   return builder(data_dir=data_dir, seed=seed, **options)

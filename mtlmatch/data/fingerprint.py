@@ -3,8 +3,8 @@
 :func:`benchmark_fingerprint` gives, per training, eval and auxiliary source: its name, split, tasks, example count,
 a hash of all its labels and a hash of a sample of its images (every ``⌈N/256⌉``-th example by position). The
 hashes are sums of per-example hashes that include the example's position, so they do not depend on how the
-examples are sliced over hosts (hosts add theirs). The examples are the ones the readers already hold in memory, so
-this costs one pass over the labels and a few hundred images.
+examples are sliced over hosts (hosts add theirs). This costs one pass over the labels held in memory and a few
+hundred images (decoded, for sources read by row).
 
 :func:`check` compares a saved fingerprint with the current one and raises one ValueError naming the first source
 that differs and how.
@@ -18,7 +18,7 @@ from typing import Mapping, Optional
 import jax
 import numpy as np
 
-from mtlmatch.data.sources import Benchmark, Source, load_examples
+from mtlmatch.data.sources import Benchmark, LazyImages, Source, decode_rows, load_examples
 
 IMAGE_SAMPLE = 256
 _MASK = (1 << 64) - 1
@@ -41,10 +41,13 @@ def _labels_hash(positions: np.ndarray, labels: np.ndarray) -> int:
   return int(per_example.sum(dtype=np.uint64))
 
 
-def _images_hash(positions: np.ndarray, images: np.ndarray, stride: int) -> int:
+def _images_hash(positions: np.ndarray, images, stride: int) -> int:
+  chosen = np.flatnonzero(positions % stride == 0)
+  # Pixels, also for sources read by row (a few hundred decoded): the same data gives the same hash either way.
+  pixels = decode_rows(images, chosen) if isinstance(images, LazyImages) else images[chosen]
   total = 0
-  for i in np.flatnonzero(positions % stride == 0):
-    digest = hashlib.blake2b(images[i].tobytes() + int(positions[i]).to_bytes(8, 'little'), digest_size=8)
+  for i, image in zip(chosen, pixels):
+    digest = hashlib.blake2b(image.tobytes() + int(positions[i]).to_bytes(8, 'little'), digest_size=8)
     total = (total + int.from_bytes(digest.digest(), 'little')) & _MASK
   return total
 

@@ -7,19 +7,25 @@ Every batch is ``{'image': float32 [B,H,W,C] in [-1, 1], 'labels': {task: int32 
     for batch in train_iterator(bench, global_batch_size=128, seed=0, start_step=step, sharding=sharding): ...
     for batch in eval_iterator(bench.eval_sources[0], bench.tasks, global_batch_size=256, sharding=sharding): ...
 
-**What a training stream is.** Host ``h`` of ``P`` holds its even slice of every training source (uint8, in memory)
-and draws, for step ``t``, the per-host batch ``b = B/P`` as follows:
+**What a training stream is.** Every host draws the same *global* batch of ``B`` slots for step ``t`` and makes
+the slots ``[h·b, (h+1)·b)`` of it (``b = B/P``), so the union of the hosts' examples at a step is the batch one
+process would draw, whatever the number of hosts. A global batch is drawn as follows:
 
-* *mixing* — the number of examples from each source is ``Multinomial(b, p)`` with ``p`` the normalised source
+* *mixing* — the number of examples from each source is ``Multinomial(B, p)`` with ``p`` the normalised source
   weights (``mixing='weights'``) or an equal share per task (``mixing='equal_per_task'``: task ``k`` gets ``1/T``,
   split equally among the sources annotating it, a source's share is the sum over its tasks); the slots are then
   randomly permuted. This is exactly the law of ``tf.data.Dataset.sample_from_datasets(weights)`` (i.i.d.
-  categorical choices per example), drawn from a generator seeded by ``(seed, h, ⌊t/64⌋)``;
-* *shuffle → repeat* — each source is read in a fresh random permutation per epoch (keyed by ``(seed, h, source,
+  categorical choices per example), drawn from a generator seeded by ``(seed, ⌊t/64⌋)``;
+* *shuffle → repeat* — each source is read in a fresh random permutation per epoch (keyed by ``(seed, source,
   epoch)``); the ``m``-th example a source contributes is element ``m mod n`` of epoch ``⌊m/n⌋``'s permutation;
 * *batch (drop_remainder) → preprocess → prefetch* — a tf.data pipeline over the steps: the rows are gathered into
-  a full batch (``tf.numpy_function``), normalised to float32 (``x/127.5 − 1``), optionally flipped/cropped with
-  stateless randomness keyed by ``(seed, step, h)`` (parallel ``map`` on whole batches), and prefetched.
+  a full batch (``tf.numpy_function``; for sources read by row — files, ArrayRecord — only the paths or encoded
+  records of this host's slots are fetched, and decoded and resized in the next, parallel map), normalised to
+  float32 (``x/127.5 − 1``), optionally flipped/cropped with stateless randomness keyed by ``(seed, step)`` and
+  the slot (parallel ``map`` on whole batches), and prefetched.
+
+Memory: in-memory sources hold their images (every host all of them: small data); sources read by row hold only
+their labels and keys, so a run's memory is bounded by the batches in flight, not by the dataset.
 
 Why not ``sample_from_datasets`` itself: its choice stream and each source's shuffle buffer can only be resumed by
 replaying them element by element (measured here: ~15 s to skip 2,000 steps of 256 on 2 cores) or by checkpointing
@@ -40,8 +46,9 @@ import numpy as np
 import tensorflow as tf
 from jax.sharding import NamedSharding
 
+from mtlmatch.data import files as files_lib
 from mtlmatch.data import sharding as sharding_lib
-from mtlmatch.data.sources import Benchmark, Examples, Source, load_examples
+from mtlmatch.data.sources import Benchmark, Examples, LazyImages, Source, image_shape_of, load_examples
 from mtlmatch.tasks import MISSING, TaskSpec
 
 MIXING = ('weights', 'equal_per_task')
@@ -186,16 +193,23 @@ def _check_augment(augment) -> tuple[str, ...]:
   return names
 
 
-def _augment(images: tf.Tensor, seed: tf.Tensor, augmentations: tuple[str, ...]) -> tf.Tensor:
-  """Per-example random horizontal flip and pad-and-crop (pad ``max(1, H//8)`` with black) on a uint8 batch."""
-  b, h, w = tf.shape(images)[0], images.shape[1], images.shape[2]
+def _augment(
+    images: tf.Tensor, seed: tf.Tensor, augmentations: tuple[str, ...], first: int = 0, total: Optional[int] = None
+) -> tf.Tensor:
+  """Per-example random horizontal flip and pad-and-crop (pad ``max(1, H//8)`` with black) on a uint8 batch.
+
+  The draws are made for a global batch of ``total`` slots and this batch takes ``[first, first + b)`` of them, so a
+  host's augmentations are those of the same slots in a one-process run."""
+  b, h, w = images.shape[0], images.shape[1], images.shape[2]
+  total = b if total is None else total
   if 'flip' in augmentations:
-    flip = tf.random.stateless_uniform([b], seed=seed) < 0.5
+    flip = tf.random.stateless_uniform([total], seed=seed)[first : first + b] < 0.5
     images = tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
   if 'crop' in augmentations:
     pad = max(1, h // 8)
     padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-    offsets = tf.random.stateless_uniform([2, b], seed=seed + 1, minval=0, maxval=2 * pad + 1, dtype=tf.int32)
+    offsets = tf.random.stateless_uniform([2, total], seed=seed + 1, minval=0, maxval=2 * pad + 1, dtype=tf.int32)
+    offsets = offsets[:, first : first + b]
     rows = offsets[0][:, None] + tf.range(h)[None]  # [b, H] rows of the padded image to keep
     cols = offsets[1][:, None] + tf.range(w)[None]
     images = tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
@@ -207,20 +221,101 @@ def normalize(images: tf.Tensor) -> tf.Tensor:
   return tf.cast(images, tf.float32) / 127.5 - 1.0
 
 
-def _concat(examples: Sequence[Examples], tasks: Sequence[str]):
-  images = np.concatenate([e.images for e in examples])
+def _concat_labels(examples: Sequence[Examples], tasks: Sequence[str]):
   labels = {t: np.concatenate([e.labels[t] for e in examples]) for t in tasks}
   offsets = np.cumsum([0] + [len(e) for e in examples[:-1]]).astype(np.int64)
-  return images, labels, offsets
+  return labels, offsets
 
 
 def _label_specs(tasks: Mapping[str, TaskSpec], b: int):
   return [tf.TensorSpec(spec.label_shape(b), tf.int32) for spec in tasks.values()]
 
 
-def _maybe_global(dataset: tf.data.Dataset, sharding: Optional[NamedSharding]) -> Iterator:
-  batches = dataset.as_numpy_iterator()
-  return batches if sharding is None else sharding_lib.prefetch_to_device(batches, sharding, size=2)
+class _Slots:
+  """A batch's images from several stores (in-memory arrays or :class:`LazyImages`), slot by slot.
+
+  In Python (``gather``): each slot's store index, the fetched string of a lazy store's row (a path or a record) and,
+  only if some store is in memory, the pixels of in-memory rows. In TF (``decode``, inside the parallel map):
+  uint8 ``[b, H, W, C]``, each lazy slot decoded by its store's ``decode``. Store index ``-1`` is a black padding slot.
+  With every store in memory there is nothing to decode and ``gather`` returns the pixels directly (the fast path).
+  """
+
+  def __init__(self, stores: Sequence, shape: Sequence[int]):
+    self.stores = list(stores)
+    self.shape = tuple(int(d) for d in shape)
+    self.lazy = [isinstance(x, LazyImages) for x in self.stores]
+    self.any_lazy = any(self.lazy)
+    self.any_dense = not all(self.lazy)
+    if not self.any_lazy:
+      self._dense = np.concatenate(self.stores) if len(self.stores) > 1 else self.stores[0]
+      self._offsets = np.cumsum([0] + [len(x) for x in self.stores[:-1]]).astype(np.int64)
+
+  def specs(self, b: int) -> list[tf.TensorSpec]:
+    if not self.any_lazy:
+      return [tf.TensorSpec((b,) + self.shape, tf.uint8)]
+    dense = [tf.TensorSpec((b,) + self.shape, tf.uint8)] if self.any_dense else []
+    return [tf.TensorSpec((b,), tf.string)] + dense
+
+  def gather(self, src: np.ndarray, example: np.ndarray) -> list[np.ndarray]:
+    if not self.any_lazy:
+      return [self._dense[self._offsets[src] + example]]
+    strings = np.full(len(src), b'', object)
+    dense = np.zeros((len(src),) + self.shape, np.uint8) if self.any_dense else None
+    for s in np.unique(src[src >= 0]):
+      sel = src == s
+      store = self.stores[s]
+      if self.lazy[s]:
+        strings[sel] = store.fetch(store.keys[example[sel]])
+      else:
+        dense[sel] = store[example[sel]]
+    return [strings] + ([dense] if dense is not None else [])
+
+  def decode(self, src: tf.Tensor, images: Sequence[tf.Tensor]) -> tf.Tensor:
+    if not self.any_lazy:
+      return images[0]
+    black = tf.zeros(self.shape, tf.uint8)
+
+    def one(args):
+      s, string = args[0], args[1]
+      dense = args[2] if self.any_dense else black
+      branches = [
+          (lambda x=x: x.decode(string)) if lazy else (lambda: dense) for x, lazy in zip(self.stores, self.lazy)
+      ]
+      index = tf.where(s < 0, len(branches), s)
+      return tf.switch_case(index, branches + [lambda: black])
+
+    elems = (src, images[0]) + ((images[1],) if self.any_dense else ())
+    return tf.map_fn(one, elems, fn_output_signature=tf.TensorSpec(self.shape, tf.uint8))
+
+  def explain(self, src: np.ndarray, example: np.ndarray) -> Optional[str]:
+    """Names the first lazy slot whose image fails to fetch or decode (for a batch TF refused), or None."""
+    for s in np.unique(src[src >= 0]):
+      if self.lazy[s]:
+        message = files_lib.bad_image_message(self.stores[s], example[src == s])
+        if message:
+          return message
+    return None
+
+
+def _explained(batches: Iterator, first_step: int, explain) -> Iterator:
+  """``batches`` unchanged, but a TF error while making batch ``first_step + k`` becomes one ValueError naming the
+  image that caused it (``explain(step)``), e.g. an undecodable file of an unprepared manifest."""
+  step = first_step
+  while True:
+    try:
+      batch = next(batches)
+    except StopIteration:
+      return
+    except tf.errors.OpError as e:
+      message = explain(step)
+      if message is None:
+        raise
+      raise ValueError(
+          f'{message}, expected a decodable image (at batch {step}; prepare the data with python -m '
+          "mtlmatch.data.prepare, which checks every row, or set config.data.on_bad_image='skip')"
+      ) from e
+    yield batch
+    step += 1
 
 
 def train_iterator(
@@ -251,20 +346,25 @@ def train_iterator(
   b = sharding_lib.per_host_batch_size(global_batch_size, count, sharding)
   tasks = benchmark.tasks
   probs = mixing_probabilities(benchmark.train_sources, tasks, mixing)
-  examples = [
-      load_examples(s, tasks, image_shape=benchmark.image_shape, process_index=index, process_count=count)
-      for s in benchmark.train_sources
-  ]
-  images, labels, offsets = _concat(examples, list(tasks))
-  schedule = MixingSchedule([len(e) for e in examples], probs, b, seed, index)
+  # Every host holds every source's labels and image stores and draws the same global schedule; host h then makes
+  # the slots [h·b, (h+1)·b) of each global batch (lazy stores read only those rows).
+  examples = [load_examples(s, tasks, image_shape=benchmark.image_shape) for s in benchmark.train_sources]
+  labels, offsets = _concat_labels(examples, list(tasks))
+  slots = _Slots([e.images for e in examples], benchmark.image_shape)
+  schedule = MixingSchedule([len(e) for e in examples], probs, b * count, seed)
+  mine = slice(index * b, (index + 1) * b)
+
+  def host_slots(step):
+    src, example = schedule.step(int(step))
+    return src[mine], example[mine]
 
   def host_batch(step):
-    src, example = schedule.step(int(step))
+    src, example = host_slots(step)
     rows = offsets[src] + example
-    return [images[rows], src] + [labels[t][rows] for t in tasks]
+    return slots.gather(src, example) + [src] + [labels[t][rows] for t in tasks]
 
-  out_specs = [tf.TensorSpec((b,) + benchmark.image_shape, tf.uint8), tf.TensorSpec((b,), tf.int32)]
-  out_specs += _label_specs(tasks, b)
+  image_specs = slots.specs(b)
+  out_specs = image_specs + [tf.TensorSpec((b,), tf.int32)] + _label_specs(tasks, b)
 
   def read(step):
     out = tf.numpy_function(host_batch, [step], [s.dtype for s in out_specs])
@@ -272,17 +372,24 @@ def train_iterator(
       x.set_shape(spec.shape)
     return (step,) + tuple(out)
 
-  def preprocess(step, image, source, *task_labels):
+  def preprocess(step, *parts):
+    images, (source, *task_labels) = parts[: len(image_specs)], parts[len(image_specs) :]
+    image = slots.decode(source, images)
     if augmentations:
-      image = _augment(image, tf.stack([tf.constant(seed ^ _AUG, tf.int64), step * count + index]), augmentations)
+      key = tf.stack([tf.constant(seed ^ _AUG, tf.int64), step])
+      image = _augment(image, key, augmentations, first=index * b, total=b * count)
     return {'image': normalize(image), 'labels': dict(zip(tasks, task_labels, strict=True)), 'source': source}
 
   dataset = tf.data.Dataset.range(start_step, _END_STEP)
   # Sequential (numpy holds the GIL anyway); numpy_function is stateful, so tf.data never parallelises this map.
+  # Decoding (lazy stores) happens in the parallel map, several steps at once.
   dataset = dataset.map(read)
   dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   dataset = dataset.prefetch(prefetch)
-  return _maybe_global(dataset, sharding)
+  batches = dataset.as_numpy_iterator()
+  if slots.any_lazy:
+    batches = _explained(batches, start_step, lambda step: slots.explain(*host_slots(step)))
+  return batches if sharding is None else sharding_lib.prefetch_to_device(batches, sharding, size=2)
 
 
 def num_eval_batches(num_examples: int, global_batch_size: int, process_count: int) -> int:
@@ -313,29 +420,44 @@ def eval_iterator(
   b = sharding_lib.per_host_batch_size(global_batch_size, count, sharding)
   examples = load_examples(source, tasks, image_shape=image_shape, process_index=index, process_count=count)
   num_batches = max(1, math.ceil(source.max_host_examples(count) / b))
-  shape = examples.images.shape[1:]
+  slots = _Slots([examples.images], image_shape_of(examples.images))
+
+  def batch_slots(k):
+    lo, hi = min(int(k) * b, len(examples)), min((int(k) + 1) * b, len(examples))
+    src = np.where(np.arange(b) < hi - lo, 0, -1).astype(np.int32)
+    return src, np.minimum(lo + np.arange(b), max(len(examples) - 1, 0))
 
   def host_batch(k):
-    lo, hi = min(int(k) * b, len(examples)), min((int(k) + 1) * b, len(examples))
-    real = hi - lo
-    image = np.zeros((b,) + shape, np.uint8)
-    image[:real] = examples.images[lo:hi]
-    mask = (np.arange(b) < real).astype(np.float32)
-    out = [image, mask]
+    src, example = batch_slots(k)
+    real = src >= 0
+    images = slots.gather(src, example)
+    if not slots.any_lazy:
+      images[0][~real] = 0
+    out = images + [src, real.astype(np.float32)]
     for t, spec in tasks.items():
       y = np.full(spec.label_shape(b), MISSING, np.int32)
-      y[:real] = examples.labels[t][lo:hi]
+      y[real] = examples.labels[t][example[real]]
       out.append(y)
     return out
 
-  out_specs = [tf.TensorSpec((b,) + shape, tf.uint8), tf.TensorSpec((b,), tf.float32)] + _label_specs(tasks, b)
+  image_specs = slots.specs(b)
+  out_specs = image_specs + [tf.TensorSpec((b,), tf.int32), tf.TensorSpec((b,), tf.float32)]
+  out_specs += _label_specs(tasks, b)
 
   def read(k):
     out = tf.numpy_function(host_batch, [k], [s.dtype for s in out_specs])
     for x, spec in zip(out, out_specs, strict=True):
       x.set_shape(spec.shape)
-    image, mask, *task_labels = out
+    return tuple(out)
+
+  def preprocess(*parts):
+    images, (src, mask, *task_labels) = parts[: len(image_specs)], parts[len(image_specs) :]
+    image = slots.decode(src, images)
     return {'image': normalize(image), 'labels': dict(zip(tasks, task_labels, strict=True)), 'mask': mask}
 
-  dataset = tf.data.Dataset.range(num_batches).map(read).prefetch(2)
-  return _maybe_global(dataset, sharding)
+  dataset = tf.data.Dataset.range(num_batches).map(read)
+  dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
+  batches = dataset.as_numpy_iterator()
+  if slots.any_lazy:
+    batches = _explained(batches, 0, lambda k: slots.explain(*batch_slots(k)))
+  return batches if sharding is None else sharding_lib.prefetch_to_device(batches, sharding, size=2)

@@ -51,19 +51,65 @@ def default_data_dir(data_dir: Optional[str] = None) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class Examples:
-  """A host's slice of one split, in memory.
+class LazyImages:
+  """Images fetched by row when a batch needs them, never held decoded: memory is the keys, not the pixels.
 
-  ``images`` uint8 ``[N, H, W, C]``; ``labels`` {task: int32 ``[N]`` or ``[N, C]``}; ``positions`` int64 ``[N]``:
-  each example's position in the split's (deterministic) read order, so hosts' slices can be compared.
+  ``keys`` [N]: what ``fetch`` turns into one string per row — file paths (read in TF) or record indices of an
+  ArrayRecord dataset (read here, by index); ``rows`` int64 [N]: each image's row in its table, for messages;
+  ``shape`` ``(H, W, C)``: what ``decode`` returns. ``fetch(keys [n]) -> object array [n] of bytes`` runs in Python;
+  ``decode(string) -> uint8 [H, W, C]`` runs in TF, in the pipeline's parallel map (decode, then resize to H × W).
+  ``where(row, key) -> str`` names a row in errors, e.g. ``"manifest faces.csv row 12 (file img/12.jpg)"``.
   """
 
-  images: np.ndarray
+  keys: np.ndarray
+  rows: np.ndarray
+  shape: tuple[int, int, int]
+  fetch: Callable[[np.ndarray], np.ndarray]
+  decode: Callable[[tf.Tensor], tf.Tensor]
+  where: Callable[[int, Any], str]
+
+  def __len__(self) -> int:
+    return int(len(self.keys))
+
+  def __getitem__(self, index) -> 'LazyImages':
+    return dataclasses.replace(self, keys=self.keys[index], rows=self.rows[index])
+
+  def describe(self, i: int) -> str:
+    return self.where(int(self.rows[i]), self.keys[i])
+
+
+def image_shape_of(images) -> tuple[int, ...]:
+  """``(H, W, C)`` of an in-memory uint8 ``[N, H, W, C]`` array or of :class:`LazyImages`."""
+  return tuple(images.shape) if isinstance(images, LazyImages) else tuple(images.shape[1:])
+
+
+def decode_rows(images: LazyImages, index=None, *, batch_size: int = 256) -> np.ndarray:
+  """uint8 ``[n, H, W, C]``: the images at ``index`` (default: all) fetched and decoded now, in order.
+
+  For the few places that need pixels outside the training stream (linear probes, fingerprints)."""
+  chosen = images if index is None else images[np.asarray(index)]
+  if not len(chosen):
+    return np.zeros((0,) + tuple(chosen.shape), np.uint8)
+  strings = tf.data.Dataset.from_tensor_slices(list(chosen.fetch(chosen.keys)))
+  decoded = strings.map(chosen.decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch_size)
+  return np.concatenate(list(decoded.as_numpy_iterator()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+  """A host's slice of one split.
+
+  ``images``: uint8 ``[N, H, W, C]`` in memory, or :class:`LazyImages` fetched by row (file-backed and ArrayRecord
+  sources); ``labels`` {task: int32 ``[N]`` or ``[N, C]``}, always in memory; ``positions`` int64 ``[N]``: each
+  example's position in the split's (deterministic) read order, so hosts' slices can be compared.
+  """
+
+  images: Any
   labels: Mapping[str, np.ndarray]
   positions: np.ndarray
 
   def __len__(self) -> int:
-    return int(self.images.shape[0])
+    return len(self.images) if isinstance(self.images, LazyImages) else int(self.images.shape[0])
 
 
 def host_slice(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
@@ -105,6 +151,31 @@ def _as_uint8_images(images, *, where: str) -> np.ndarray:
       )
     return np.round(images * 255).astype(np.uint8)
   raise ValueError(f'images of {where}: got dtype {images.dtype}, expected uint8 (or float in [0, 1])')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding (file-backed and prepared sources).
+
+
+def resize_image(image: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
+  """uint8 ``[h, w, C]`` → uint8 ``[H, W, C]``: unchanged when already ``H × W``, else an antialiased bilinear
+  resize (rounded). Aspect ratio is not kept: crop in the manifest's images if it matters."""
+  height, width = int(size[0]), int(size[1])
+  shape = tf.shape(image)
+
+  def resize():
+    resized = tf.image.resize(image, (height, width), antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+  same = tf.logical_and(tf.equal(shape[0], height), tf.equal(shape[1], width))
+  image = tf.cond(same, lambda: tf.cast(image, tf.uint8), resize)
+  return tf.ensure_shape(image, (height, width, image.shape[-1]))
+
+
+def decode_image(data: tf.Tensor, size: Sequence[int], channels: int) -> tf.Tensor:
+  """Encoded image bytes (JPEG/PNG/BMP/GIF) → uint8 ``[H, W, channels]``, resized to ``size``."""
+  image = tf.io.decode_image(data, channels=channels, expand_animations=False)
+  return resize_image(image, size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,8 +254,16 @@ class TfdsReader:
   """A prepared TFDS dataset, mapped per example to ``image`` (uint8 ``[H,W,C]``) and ``{task: label}``.
 
   ``labels_fn(example) -> {task: int tensor}`` (scalar for multiclass, ``[C]`` for multilabel; ``-1`` = missing) and
-  the optional ``image_fn(image) -> uint8 image`` (e.g. a resize) run in TF on each example as it is read. Host
-  slices are read with ``tfds.even_splits``; a slice is read once and cached on this reader.
+  the optional ``image_fn(image) -> uint8 image`` (e.g. a resize) run in TF on each example as it is read.
+
+  Two ways to read, chosen by the dataset's file format (``indexed=None``) or forced:
+
+  * *in memory* (TFRecord, the small datasets of this project): a host's slice is read once with
+    ``tfds.even_splits``, decoded and cached on this reader;
+  * *by index* (ArrayRecord, e.g. what ``python -m mtlmatch.data.prepare`` writes): the labels are read once (one
+    pass with the images left encoded) and the images stay on disk as :class:`LazyImages` whose keys are record
+    indices; the pipeline fetches the records a batch needs (``builder.as_data_source``) and decodes them in its
+    parallel map. Memory no longer grows with the dataset.
   """
 
   def __init__(
@@ -195,6 +274,7 @@ class TfdsReader:
       image_key: str = 'image',
       image_fn: Optional[Callable[[tf.Tensor], tf.Tensor]] = None,
       description: Optional[str] = None,
+      indexed: Optional[bool] = None,
   ):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -207,10 +287,18 @@ class TfdsReader:
     self.image_key = image_key
     self.image_fn = image_fn
     self.description = description or builder.info.full_name
+    array_record = str(getattr(builder.info.file_format, 'value', builder.info.file_format)) == 'array_record'
+    if indexed and not array_record:
+      raise ValueError(
+          f'TfdsReader({self.description!r}) indexed=True: the dataset is stored as {builder.info.file_format}, '
+          "expected 'array_record' (prepare it with python -m mtlmatch.data.prepare, or leave indexed=None)"
+      )
+    self.indexed = array_record if indexed is None else bool(indexed)
     self._cache: dict[tuple[str, int, int], Examples] = {}
+    self._sources: dict[str, Any] = {}
 
   def __repr__(self):
-    return f'TfdsReader({self.description!r})'
+    return f'TfdsReader({self.description!r}, indexed={self.indexed})'
 
   def _check_split(self, split: str):
     try:
@@ -224,21 +312,35 @@ class TfdsReader:
   def num_examples(self, split: str) -> int:
     return int(self._check_split(split).num_examples)
 
+  def _image(self, image: tf.Tensor) -> tf.Tensor:
+    if self.image_fn is not None:
+      image = self.image_fn(image)
+    if image.shape.rank == 2:
+      image = image[..., None]
+    return tf.cast(image, tf.uint8) if image.dtype != tf.uint8 else image
+
+  def _labels(self, example) -> dict:
+    return {t: tf.cast(y, tf.int32) for t, y in _to_labels_dict(self.labels_fn(example)).items()}
+
   def _mapped(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
     def fn(example):
-      image = example[self.image_key]
-      if self.image_fn is not None:
-        image = self.image_fn(image)
-      if image.shape.rank == 2:
-        image = image[..., None]
-      labels = {t: tf.cast(y, tf.int32) for t, y in _to_labels_dict(self.labels_fn(example)).items()}
-      return {'image': tf.cast(image, tf.uint8) if image.dtype != tf.uint8 else image, 'labels': labels}
+      return {'image': self._image(example[self.image_key]), 'labels': self._labels(example)}
 
     return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
+  def _decode_record(self, record: tf.Tensor, decoders=None) -> dict:
+    return self.builder.info.features.deserialize_example(record, decoders=decoders)
+
   def image_shape(self, split: str) -> tuple[int, int, int]:
     self._check_split(split)
-    spec = self._mapped(self.builder.as_dataset(split=split, shuffle_files=False)).element_spec['image']
+    if self.indexed:  # ArrayRecord has no as_dataset: trace the decoding of one record instead (nothing is read)
+      spec = (
+          tf.data.Dataset.from_tensors(tf.constant(b''))
+          .map(lambda r: self._image(self._decode_record(r)[self.image_key]))
+          .element_spec
+      )
+    else:
+      spec = self._mapped(self.builder.as_dataset(split=split, shuffle_files=False)).element_spec['image']
     if not spec.shape.is_fully_defined() or spec.shape.rank != 3:
       raise ValueError(
           f'images of {self.description}/{split}: got shape {spec.shape}, expected a fixed [H, W, C] '
@@ -246,27 +348,77 @@ class TfdsReader:
       )
     return tuple(int(d) for d in spec.shape)
 
+  def _host_dataset(self, split: str, process_index: int, process_count: int, **kwargs) -> tf.data.Dataset:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    host_split = split if process_count == 1 else tfds.even_splits(split, n=process_count)[process_index]
+    return self.builder.as_dataset(split=host_split, shuffle_files=False, **kwargs)
+
+  def _records(self, split: str):
+    """Random access to the split's serialized records (one ArrayRecord data source per split, opened once)."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    if split not in self._sources:
+      self._sources[split] = self.builder.as_data_source(
+          split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
+      )
+    return self._sources[split]
+
+  def _lazy_images(self, split: str, positions: np.ndarray) -> LazyImages:
+    records = self._records(split)
+
+    def fetch(keys):
+      out = np.empty(len(keys), object)
+      out[:] = records.__getitems__([int(k) for k in keys])
+      return out
+
+    def decode(record):
+      return tf.ensure_shape(self._image(self._decode_record(record)[self.image_key]), shape)
+
+    shape = self.image_shape(split)
+    where = lambda row, key: f'{self.description}/{split} record {row}'
+    return LazyImages(positions, positions, shape, fetch, decode, where)
+
   def read(self, split: str, process_index: int, process_count: int) -> Examples:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     key = (split, process_index, process_count)
-    if key not in self._cache:
-      n = self.num_examples(split)
-      start, stop = host_slice(n, process_index, process_count)
-      host_split = split if process_count == 1 else tfds.even_splits(split, n=process_count)[process_index]
-      dataset = self._mapped(self.builder.as_dataset(split=host_split, shuffle_files=False)).batch(8192)
+    if key in self._cache:
+      return self._cache[key]
+    n = self.num_examples(split)
+    start, stop = host_slice(n, process_index, process_count)
+    if self.indexed:
+      # Labels only: the images stay encoded in this pass (no decoding), and on disk afterwards.
+      image_feature = self.builder.info.features[self.image_key]
+      skip = {self.image_key: tfds.decode.SkipDecoding()} if isinstance(image_feature, tfds.features.Image) else None
+      records = self._records(split)
+      chunks = []
+      for lo in range(start, stop, 65536):  # records read in Python by index, parsed in TF in parallel
+        batch = records.__getitems__(list(range(lo, min(lo + 65536, stop))))
+        parsed = tf.data.Dataset.from_tensor_slices(batch).map(
+            lambda r: self._labels(self._decode_record(r, skip)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        chunks += list(parsed.batch(65536).as_numpy_iterator())
+      labels = {t: np.concatenate([c[t] for c in chunks]) for t in chunks[0]} if chunks else {}
+      count = len(next(iter(labels.values()))) if labels else 0
+      images = self._lazy_images(split, np.arange(start, stop, dtype=np.int64))
+    else:
+      dataset = self._mapped(self._host_dataset(split, process_index, process_count)).batch(8192)
       chunks = list(dataset.as_numpy_iterator())
       if chunks:
         images = np.concatenate([c['image'] for c in chunks])
         labels = {t: np.concatenate([c['labels'][t] for c in chunks]) for t in chunks[0]['labels']}
       else:
         images, labels = np.zeros((0,) + self.image_shape(split), np.uint8), {}
-      if images.shape[0] != stop - start:
-        raise ValueError(
-            f'{self.description}/{split}: host {process_index}/{process_count} read {images.shape[0]} '
-            f'examples, expected {stop - start} (TFDS metadata and files disagree?)'
-        )
-      self._cache[key] = Examples(images, labels, np.arange(start, stop, dtype=np.int64))
+      count = images.shape[0]
+    if count != stop - start:
+      raise ValueError(
+          f'{self.description}/{split}: host {process_index}/{process_count} read {count} '
+          f'examples, expected {stop - start} (TFDS metadata and files disagree?)'
+      )
+    self._cache[key] = Examples(images, labels, np.arange(start, stop, dtype=np.int64))
     return self._cache[key]
 
 
@@ -418,7 +570,7 @@ def tfds_source(
     dataset: str,
     *,
     tasks: Sequence[str],
-    labels_fn: Callable,
+    labels_fn: Optional[Callable] = None,
     split: str = 'train',
     weight: float = 1.0,
     data_dir: Optional[str] = None,
@@ -426,31 +578,54 @@ def tfds_source(
     image_fn: Optional[Callable] = None,
     download: bool = False,
     builder_kwargs: Optional[Mapping[str, Any]] = None,
+    indexed: Optional[bool] = None,
+    image_size: Optional[Sequence[int]] = None,
 ) -> Source:
-  """A source from a TFDS dataset by name, e.g. ``celeb_a``, ``fashion_mnist``, ``cifar100`` in a prepared data_dir.
+  """A source from a TFDS dataset: by name (``celeb_a``, ``fashion_mnist``, ... prepared in ``data_dir``) or by the
+  directory of a prepared dataset (``.../name/config/version``, what ``python -m mtlmatch.data.prepare`` writes).
 
   ``labels_fn(example) -> {task: label}`` maps TFDS features to this project's tasks, e.g. for fashion_mnist
   ``lambda ex: {'item': ex['label']}``; for celeb_a attributes
-  ``lambda ex: {'attrs': tf.stack([tf.cast(ex['attributes'][a], tf.int32) for a in NAMES])}``. ``image_fn`` (TF,
-  per example) can resize big images before they are held in memory. ``download=False`` (default) never touches the
-  network: the dataset must already be prepared in ``data_dir`` (default: see :func:`default_data_dir`).
+  ``lambda ex: {'attrs': tf.stack([tf.cast(ex['attributes'][a], tf.int32) for a in NAMES])}``; None = the features
+  named like the tasks (as prepared datasets store them). ``image_fn`` (TF, per example) can resize images;
+  ``image_size=(H, W)`` resizes after it (:func:`resize_image`, e.g. for prepared images of mixed sizes). An
+  ArrayRecord dataset is read by index (``indexed=None`` decides by file format; see :class:`TfdsReader`), any other
+  loaded into memory. ``download=False`` (default) never touches the network: the dataset must already be prepared in
+  ``data_dir`` (default: see :func:`default_data_dir`).
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  data_dir = default_data_dir(data_dir)
-  try:
-    builder = tfds.builder(dataset, data_dir=data_dir, **dict(builder_kwargs or {}))
-  except Exception as e:  # unknown name / config
-    raise ValueError(f'tfds_source({name!r}) dataset: got {dataset!r}, expected a TFDS dataset name ({e})') from e
-  if download:
-    builder.download_and_prepare()
-  elif not builder.is_prepared():
-    raise ValueError(
-        f'tfds_source({name!r}) dataset: {dataset!r} is not prepared in data_dir={data_dir!r}; prepare '
-        f'it once (`tfds build {dataset} --data_dir={data_dir}` where there is network) or pass '
-        'download=True'
-    )
-  reader = TfdsReader(builder, labels_fn=labels_fn, image_key=image_key, image_fn=image_fn, description=dataset)
+  if labels_fn is None:
+    labels_fn = lambda example: {t: example[t] for t in tasks}
+  if image_size is not None:
+    size, first = tuple(image_size), image_fn or (lambda image: image)
+    if len(size) != 2 or not all(isinstance(d, int) and d > 0 for d in size):
+      raise ValueError(f'tfds_source({name!r}) image_size: got {image_size!r}, expected (H, W) of ints > 0')
+    image_fn = lambda image: resize_image(first(image), size)
+  if os.path.isfile(os.path.join(os.fspath(dataset), 'dataset_info.json')):
+    builder = tfds.builder_from_directory(os.fspath(dataset))
+    description = builder.info.full_name
+  else:
+    data_dir = default_data_dir(data_dir)
+    try:
+      builder = tfds.builder(dataset, data_dir=data_dir, **dict(builder_kwargs or {}))
+    except Exception as e:  # unknown name / config
+      raise ValueError(
+          f'tfds_source({name!r}) dataset: got {dataset!r}, expected a TFDS dataset name or the directory of a '
+          f'prepared dataset ({e})'
+      ) from e
+    if download:
+      builder.download_and_prepare()
+    elif not builder.is_prepared():
+      raise ValueError(
+          f'tfds_source({name!r}) dataset: {dataset!r} is not prepared in data_dir={data_dir!r}; prepare '
+          f'it once (`tfds build {dataset} --data_dir={data_dir}` where there is network) or pass '
+          'download=True'
+      )
+    description = dataset
+  reader = TfdsReader(
+      builder, labels_fn=labels_fn, image_key=image_key, image_fn=image_fn, description=description, indexed=indexed
+  )
   return Source(name, reader, tuple(tasks), split, weight)
 
 
@@ -609,10 +784,12 @@ def load_examples(
         'expected at least one example per host'
     )
   raw = source.reader.read(source.split, process_index, process_count)
-  images = _as_uint8_images(raw.images, where=f'source {source.name!r}')
-  if image_shape is not None and tuple(images.shape[1:]) != tuple(image_shape):
+  images = raw.images
+  if not isinstance(images, LazyImages):
+    images = _as_uint8_images(images, where=f'source {source.name!r}')
+  if image_shape is not None and image_shape_of(images) != tuple(image_shape):
     raise ValueError(
-        f'Source {source.name!r} images: got shape {tuple(images.shape[1:])}, expected '
+        f'Source {source.name!r} images: got shape {image_shape_of(images)}, expected '
         f'{tuple(image_shape)} like the other sources'
     )
   labels = {}
@@ -623,7 +800,13 @@ def load_examples(
             f'Source {source.name!r} annotates task {name!r}, but its reader has labels only for '
             f'{sorted(raw.labels)}'
         )
-      labels[name] = validate_labels(spec, raw.labels[name], where=f'source {source.name!r}')
+      try:
+        labels[name] = validate_labels(spec, raw.labels[name], where=f'source {source.name!r}')
+      except ValueError as e:
+        row = _first_bad_row(spec, raw.labels[name]) if isinstance(images, LazyImages) else None
+        if row is None:
+          raise
+        raise ValueError(f'{e}; first at {images.describe(row)}') from None
     else:
       labels[name] = missing_labels(spec, len(images))
   mask = source.part_mask()  # a held-out part: selected after the checks, so errors describe the whole split
@@ -639,6 +822,16 @@ def load_examples(
   return Examples(images[keep], {t: y[keep] for t, y in labels.items()}, raw.positions[keep])
 
 
+def _first_bad_row(spec: TaskSpec, labels) -> Optional[int]:
+  """The first row whose label breaks ``spec``'s range, for messages that name the row (None if none)."""
+  y = np.asarray(labels)
+  if y.ndim == 0 or not np.issubdtype(y.dtype, np.number):
+    return None
+  hi = spec.num_classes if spec.kind == 'multiclass' else 2
+  bad = ((y < MISSING) | (y >= hi) | (np.mod(y, 1) != 0)).reshape(len(y), -1).any(axis=1)
+  return int(np.argmax(bad)) if bad.any() else None
+
+
 def source_labels(source: Source, tasks: Mapping[str, TaskSpec]) -> dict[str, np.ndarray]:
   """All labels of a (small) source as numpy, {task: int32 ``[N]``/``[N, C]``}, ``-1`` where not annotated.
 
@@ -652,12 +845,15 @@ __all__ = [
     'Benchmark',
     'Examples',
     'Holdout',
+    'LazyImages',
     'MISSING',
     'Source',
     'TfdsReader',
     'array_source',
+    'decode_rows',
     'default_data_dir',
     'host_slice',
+    'image_shape_of',
     'load_examples',
     'make_benchmark',
     'source_labels',

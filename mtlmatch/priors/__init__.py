@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from importlib import resources
+from typing import Sequence
 
 import numpy as np
 
@@ -24,6 +25,23 @@ class Prior:
   task_b: TaskSpec
   citation: str
   provenance: str
+
+  def restricted(self, classes_a: Sequence[str], classes_b: Sequence[str]) -> np.ndarray:
+    """``R`` on the given classes, picked by name (e.g. the AUs a dataset annotates), float32 ``[len(a), len(b)]``.
+
+    >>> load_prior('expressions_to_aus').restricted(['neutral', 'happy'], ['AU12', 'AU25']).tolist()
+    [[0.0, 0.0], [1.0, 1.0]]
+    """
+    rows, cols = [], []
+    for names, spec, out in ((classes_a, self.task_a, rows), (classes_b, self.task_b, cols)):
+      unknown = [c for c in names if c not in spec.class_names]
+      if unknown:
+        raise ValueError(
+            f'prior {self.name!r} task {spec.name!r}: got classes {unknown} it does not relate, expected names from '
+            f'{list(spec.class_names)}'
+        )
+      out.extend(spec.class_names.index(c) for c in names)
+    return self.relatedness[np.ix_(rows, cols)]
 
 
 def available_priors() -> list[str]:
