@@ -19,7 +19,9 @@ from the losses that use it; GradNorm and ExcessMTL, loss weightings, give the h
 as their papers do). MGDA-UB takes the
 rows with respect to the shared features instead (a backward pass through the heads only) and backpropagates the
 combined feature gradient through the encoder once. The additive part's gradient is added on top of the combined
-gradient.
+gradient. Auto-Lambda (``needs_validation``) first updates its weights from a validation batch (``batch['validation']``,
+a second stream from ``Experiment.train_batches``) through a look-ahead step, then takes the loss-weighting step with
+the new weights (`_auto_lambda_meta_step`).
 """
 
 from __future__ import annotations

@@ -538,12 +538,15 @@ class AutoLambda(WeightingMethod):
   as PyTorch's Adam would. State also holds the Adam moments ``adam_mu`` / ``adam_nu`` [T] and ``adam_count``.
 
   Deviations from the authors' code (``auto_lambda.py``): (1) the inner product is exact (the transpose of the
-  training VJP applied to v, a forward-mode product that needs no second forward pass) instead of their central
-  finite difference with ε = 0.01/‖v‖ (which costs two more forward and backward passes and has O(ε²) error);
+  training VJP applied to v, a forward-mode product that needs no second forward pass; ``jax.jvp`` itself cannot go
+  through the CPU convolution's ``custom_vjp``) instead of their central finite difference of the training losses at
+  θ ± εv, ε = 0.01/‖v‖ (two more forward passes, O(ε²) error);
   (2) the look-ahead is a plain gradient step θ − α Σ λ_t ∇L_t: the authors also add the SGD momentum buffer and
   the weight decay of their model optimizer; (3) the look-ahead uses no gradient clipping and no additive terms
   (DGR); (4) validation batches come from ``config.data.validation_fraction``'s held-out split (the authors' code
-  draws them from a second shuffled pass over the training set).
+  draws them from a second shuffled pass over the training set, augmented like it; here they are augmented as
+  ``config.data.augment`` says). With a learning-rate warm-up from 0 (the default schedules), α = 0 at step 0, so
+  the first meta step leaves λ where it is.
   Scale: the update is Σ λ_t G_t with λ as learned, not normalised: with the default init 0.1 it starts at 0.1×
   EW's update (as the authors'; init = 1 starts on EW's scale).
   hparams: init (0.1), lr (1e-4, the authors' ``autol_lr`` default for dense tasks), lookahead_lr (0 = the
