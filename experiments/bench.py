@@ -12,6 +12,7 @@ Rows (``--only`` takes a comma-separated subset of these names):
 * T tasks — an in-memory benchmark (``data.make_benchmark`` + ``data.array_source``) of random 32×32 grey images
   with T 10-way tasks, every task labelled on every example: ``<method>_t<T>`` for each method in
   ``weighting.METHODS`` and T in ``--tasks`` (2, 4, 8). ``ratio_to_ew`` = step / ``ew_t<T>`` step of this run.
+  ``auto_lambda`` also gets one batch of the benchmark's validation split (10 % held out, as in the train loop).
 * ``pipeline`` — ``data.train_iterator`` over synthetic affect without sharding (host numpy batches of
   ``--batch_size``): ``step_ms`` = ms per batch, ``ratio_to_ew`` = that / the ``ew`` step (< 1: the input keeps up with
   the EW step), ``examples_per_s``.
@@ -36,8 +37,9 @@ row to row: read them for the largest configuration, or run one row per process 
 per row: XLA's temporary buffers of the compiled step on one device (``memory_analysis().temp_size_in_bytes``).
 
 Targets (reported, not asserted): DGR K=1 ≤ 1.10×, K=4 ≤ 1.25×, DM and co-annotation ≤ 1.05× EW; methods that need
-the task Jacobian (``weighting.is_gradient_method``: the gradient methods and GradNorm) ≤ (1 + 0.6·T)× EW; the other
-loss-weighting methods ≤ 1.05×. On a shared CPU, timing noise of a few per cent is normal: compare ratios from one
+the task Jacobian (``weighting.is_gradient_method``: the gradient methods and GradNorm) ≤ (1 + 0.6·T)× EW; Auto-Lambda
+(a validation forward and backward, a Jacobian-vector product and a second backward on top of EW's step) ≤ 4×; the
+other loss-weighting methods ≤ 1.05×. On a shared CPU, timing noise of a few per cent is normal: compare ratios from one
 run, and repeat a row with more ``--steps`` before reading much into a 1.06×.
 """
 
@@ -103,6 +105,8 @@ def target(name: str) -> Optional[float]:
   if name in AFFECT or name == 'pipeline' or name.startswith('ew_t'):
     return None
   method, _, t = name.rpartition('_t')
+  if weighting.METHODS[method].needs_validation:
+    return 4.0  # Auto-Lambda: + a validation forward and backward, one Jacobian-vector product, a second backward
   return 1.0 + 0.6 * int(t) if weighting.is_gradient_method(method) else 1.05
 
 
@@ -172,6 +176,13 @@ def first_batch(exp: train.Experiment, batch_size: int):
   """One training batch of ``exp``'s benchmark, on device with the train loop's data sharding."""
   stream = data.train_iterator(exp.benchmark, global_batch_size=batch_size, seed=0)
   return jax.device_put(next(stream), exp.data_sharding)
+
+
+def with_validation_batch(exp: train.Experiment, batch, batch_size: int):
+  """``batch`` plus ``'validation'``: one batch of ``exp``'s validation split (what Auto-Lambda's step reads)."""
+  validation = dataclasses.replace(exp.benchmark, train_sources=exp.benchmark.validation_sources, validation_sources=())
+  stream = data.train_iterator(validation, global_batch_size=batch_size, seed=train.validation_seed(0))
+  return {**batch, 'validation': jax.device_put(next(stream), exp.data_sharding)}
 
 
 @dataclasses.dataclass
@@ -278,7 +289,8 @@ def bench_tasks(num_tasks: int, methods: list[str], args, base) -> list[dict]:
       continue
     # Fresh host copies: the step donates its state, and two leaves sharing one buffer cannot both be donated.
     state = jax.device_put(jax.tree.map(np.array, initial.replace(weighting_state=weighting_state)), exp.replicated)
-    prepared.append(prepare(f'{method}_t{num_tasks}', f't{num_tasks}', exp, state, batch, args))
+    method_batch = with_validation_batch(exp, batch, args.batch_size) if exp.method.needs_validation else batch
+    prepared.append(prepare(f'{method}_t{num_tasks}', f't{num_tasks}', exp, state, method_batch, args))
   return time_rounds(prepared, args)
 
 

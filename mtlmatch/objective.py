@@ -246,10 +246,7 @@ class Objective:
   def __call__(
       self, outputs: Mapping[str, Any], labels: Mapping[str, Array], *, dummies: Mapping[str, Any], rng: Array
   ) -> dict[str, Array]:
-    named = {}
-    for name, task in self.tasks.items():
-      per_example, weight = task_loss(task, outputs['logits'][name], labels[name])
-      named[f'task/{name}'] = self.task_weights[name] * losses.masked_mean(per_example, weight)
+    named = self.task_losses(outputs['logits'], labels)
     for i, bound in enumerate(self.terms):
       ctx = Context(
           self.tasks,
@@ -260,6 +257,14 @@ class Objective:
           jax.random.fold_in(rng, i),
       )
       named[f'term/{bound.name}'] = bound.weight * bound.term.fn(ctx, **bound.options)
+    return named
+
+  def task_losses(self, logits: Mapping[str, Array], labels: Mapping[str, Array]) -> dict[str, Array]:
+    """``{'task/<name>': weighted task loss}`` only (no terms): what ``__call__`` returns for the tasks."""
+    named = {}
+    for name, task in self.tasks.items():
+      per_example, weight = task_loss(task, logits[name], labels[name])
+      named[f'task/{name}'] = self.task_weights[name] * losses.masked_mean(per_example, weight)
     return named
 
   @property

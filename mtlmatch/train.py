@@ -19,7 +19,9 @@ from the losses that use it; GradNorm and ExcessMTL, loss weightings, give the h
 as their papers do). MGDA-UB takes the
 rows with respect to the shared features instead (a backward pass through the heads only) and backpropagates the
 combined feature gradient through the encoder once. The additive part's gradient is added on top of the combined
-gradient.
+gradient. Auto-Lambda (``needs_validation``) first updates its weights from a validation batch (``batch['validation']``,
+a second stream from ``Experiment.train_batches``) through a look-ahead step, then takes the loss-weighting step with
+the new weights (`_auto_lambda_meta_step`).
 """
 
 from __future__ import annotations
@@ -79,8 +81,8 @@ def make_mesh() -> jax.sharding.Mesh:
   return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """adam / adamw / sgd (+momentum) with linear warmup + cosine decay and optional global-norm clipping."""
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """The learning rate as a function of the step: linear warmup, then cosine decay or constant."""
   opt = config.optimizer
   if opt.schedule == 'cosine':
     lr = optax.warmup_cosine_decay_schedule(
@@ -97,6 +99,13 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     )
   else:
     raise ValueError(f"config.optimizer.schedule: got {opt.schedule!r}, expected 'cosine' or 'constant'")
+  return lr
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """adam / adamw / sgd (+momentum) with :func:`make_schedule`'s learning rate and optional global-norm clipping."""
+  opt = config.optimizer
+  lr = make_schedule(config)
   if opt.name == 'adam':
     base = optax.adam(lr)
   elif opt.name == 'adamw':
@@ -229,8 +238,13 @@ def train_step(
     combined: tuple[str, ...],
     additive: tuple[str, ...],
     skip_nonfinite: bool,
+    schedule: Optional[optax.Schedule] = None,
 ):
-  """One data-parallel step. Pure: ``(state, batch) -> (state, metrics)``; metrics stay on device."""
+  """One data-parallel step. Pure: ``(state, batch) -> (state, metrics)``; metrics stay on device.
+
+  A method with ``needs_validation`` (Auto-Lambda) also reads ``batch['validation']`` (a batch of the same form,
+  from the validation split) and ``schedule`` (the optimizer's learning rate, :func:`make_schedule`).
+  """
   rng = jax.random.fold_in(state.rng, state.step)
   dummy_rng, term_rng, method_rng = jax.random.split(rng, 3)
 
@@ -304,6 +318,30 @@ def train_step(
         'heads': jax.tree.map(lambda g: jnp.tensordot(head_coefficients, g, axes=1), jac['heads']),
     }
     cosine = weighting.cosine_similarity_matrix(flat_rows[:num_tasks])
+  elif method.needs_validation:
+    rows, vjp_fn, (named, batch_stats) = jax.vjp(loss_rows, state.params, has_aux=True)
+    task_losses = rows[:-1]
+    if 'validation' not in batch:
+      raise ValueError(
+          f"batch: got keys {sorted(batch)}, expected also 'validation' (weighting method {method.name!r} meta-learns "
+          'on validation batches: Experiment.train_batches adds them)'
+      )
+    weighting_state, meta = _auto_lambda_meta_step(
+        state,
+        batch['validation'],
+        vjp_fn,
+        model=model,
+        objective=objective,
+        method=method,
+        combined=combined,
+        schedule=schedule,
+    )
+    _, weights, weighting_state = method.apply(
+        weighting_state, jnp.zeros((task_losses.shape[0], 1), rows.dtype), task_losses, method_rng
+    )
+    # The model step with the new λ: Σ_t λ_t ∇L_t (encoder and heads) + the additive part, one backward pass.
+    grads = vjp_fn(jnp.concatenate([jax.lax.stop_gradient(weights), jnp.ones((1,), rows.dtype)]))[0]
+    cosine = None
   else:
     rows, vjp_fn, (named, batch_stats) = jax.vjp(loss_rows, state.params, has_aux=True)
     task_losses = rows[:-1]
@@ -324,6 +362,8 @@ def train_step(
   )
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+  if method.needs_validation:  # λ of an absent task has weight 0 this step: check the meta step on its own too
+    finite = finite & jnp.isfinite(meta['meta/val_loss']) & jnp.all(jnp.isfinite(weighting_state['lambdas']))
   if skip_nonfinite:
     # Keep everything but the step (and the data position) when this update is non-finite.
     new_state = jax.tree.map(
@@ -340,11 +380,56 @@ def train_step(
       **{f'loss/{n}': v for n, v in named.items()},
       **{f'weight/{n}': w for n, w in zip(combined, weights)},
   }
+  if method.needs_validation:
+    metrics.update(meta)
   if cosine is not None:
     for i, a in enumerate(combined):
       for j in range(i + 1, len(combined)):
         metrics[f'cosine/{a}|{combined[j]}'] = cosine[i, j]
   return new_state, metrics
+
+
+def _auto_lambda_meta_step(state, val_batch, vjp_fn, *, model, objective, method, combined, schedule):
+  """Auto-Lambda's meta step (``weighting.AutoLambda``): returns (weighting state with the new λ, meta metrics).
+
+  With ``vjp_fn`` the VJP of the training loss rows at θ (rows: the combined losses, then the additive part) and
+  λ the current weights: g(λ) = Σ_t λ_t ∇L_t(θ) (a params tree, linear in λ); the look-ahead θ' = θ − α g(λ) with α
+  the method's look-ahead rate (by default ``schedule(step)``, the rate of this step's model update); the validation
+  loss L_val = Σ of the task losses (``task/<name>``; terms are auxiliary) at θ' on ``val_batch``, forward in train
+  mode (BatchNorm normalises with the validation batch's statistics; the running statistics it would produce are
+  dropped: the train state keeps those of the training batch) and v = ∇L_val(θ'); then ∂L_val/∂λ = −α J v, with
+  J v = [⟨∇L_t(θ), v⟩]_t the transpose of the linear map λ ↦ g(λ) applied to v — a forward-mode product through
+  the residuals of the training forward pass (no second forward pass; ``jax.jvp`` itself cannot differentiate the
+  CPU convolution's ``custom_vjp``). Exact: no finite differences, no Hessian.
+  """
+  if schedule is None:
+    raise ValueError(f'train_step schedule: got None, expected the learning-rate schedule ({method.name} looks ahead)')
+  ws = state.weighting_state
+  lambdas = ws['lambdas']
+  zero = jnp.zeros((1,), lambdas.dtype)
+
+  def weighted_grad(lam):
+    return vjp_fn(jnp.concatenate([lam, zero]))[0]
+
+  alpha = method.lookahead_lr(ws, schedule(state.step))
+  lookahead = jax.tree.map(lambda p, g: p - alpha * g, state.params, weighted_grad(lambdas))
+  primary = [n for n in combined if n.startswith('task/')]
+
+  def val_loss(params):
+    features, _ = model.encode({'params': params, 'batch_stats': state.batch_stats}, val_batch['image'], train=True)
+    logits = {t: model.apply_head(t, params['heads'][t], features) for t in model.heads}
+    named = objective.task_losses(logits, val_batch['labels'])
+    return sum((named[n] for n in primary), jnp.zeros((), jnp.float32))
+
+  loss, v = jax.value_and_grad(val_loss)(lookahead)
+  (jv,) = jax.linear_transpose(weighted_grad, lambdas)(v)
+  meta_grad = -alpha * jv
+  metrics = {
+      'meta/val_loss': loss,
+      'meta/lookahead_lr': alpha,
+      **{f'meta/grad/{n}': g for n, g in zip(combined, meta_grad)},
+  }
+  return method.meta_update(ws, meta_grad), metrics
 
 
 class _Preemption:
@@ -434,15 +519,37 @@ class Experiment:
     )(jax.random.PRNGKey(self.config.seed))
 
   def train_batches(self, start_step: int):
+    """The training stream from ``start_step`` (batch t is a pure function of (seed, t): resume is exact).
+
+    A method with ``needs_validation`` (Auto-Lambda) gets ``batch['validation']`` too: batch t of a second stream of
+    the same size over ``benchmark.validation_sources``, with its own seed (:func:`validation_seed`), so it resumes
+    exactly as well. Those batches only move the method's weights, never the model's parameters directly.
+    """
+    train = self._stream(self.benchmark, self.config.seed, start_step)
+    if not self.method.needs_validation:
+      return train
+    validation = dataclasses.replace(
+        self.benchmark, train_sources=self.benchmark.validation_sources, validation_sources=()
+    )
+    val = self._stream(validation, validation_seed(self.config.seed), start_step)
+    return ({**batch, 'validation': val_batch} for batch, val_batch in zip(train, val))
+
+  def _stream(self, benchmark: data_lib.Benchmark, seed: int, start_step: int):
     return data_lib.train_iterator(
-        self.benchmark,
+        benchmark,
         global_batch_size=self.config.batch_size,
-        seed=self.config.seed,
+        seed=seed,
         start_step=start_step,
         sharding=self.data_sharding,
         mixing=self.config.data.mixing,
         augment=self.config.data.augment,
     )
+
+
+def validation_seed(seed: int) -> int:
+  """The seed of the validation-batch stream (Auto-Lambda) of a run with ``config.seed = seed``: a fixed function
+  of it, distinct from it, so the two streams draw independent mixing counts and permutations."""
+  return int(np.random.SeedSequence([seed, 0x76616C]).generate_state(1, np.uint32)[0])
 
 
 def build_experiment(
@@ -474,6 +581,12 @@ def build_experiment(
     )
   benchmark = select_tasks(benchmark, config.tasks)
   benchmark = data_lib.with_validation(benchmark, config.data.get('validation_fraction', 0.0), seed=config.data.seed)
+  if weighting.METHODS[config.weighting.name].needs_validation and not benchmark.validation_sources:
+    raise ValueError(
+        f'weighting.name={config.weighting.name!r} meta-learns its task weights on validation batches, but '
+        f'config.data.validation_fraction={config.data.get("validation_fraction", 0.0)!r} holds out no validation '
+        'split: expected config.data.validation_fraction in (0, 1), e.g. 0.1'
+    )
   validate_sources(benchmark)
   model = models.build_model(
       benchmark.tasks,
@@ -505,6 +618,7 @@ def build_experiment(
           combined=combined,
           additive=additive,
           skip_nonfinite=config.nonfinite == 'skip',
+          schedule=make_schedule(config),
       ),
       in_shardings=(replicated, data_sharding),
       out_shardings=(replicated, replicated),

@@ -15,7 +15,8 @@ from mtlmatch import weighting as W
 
 ALL = sorted(W.METHODS)
 # The generic contract tests below compile every method; those added with issue 14 run theirs in
-# test_weighting_zoo.py (1 and 8 devices, absent task, no task present), so they are compiled once there.
+# test_weighting_zoo.py (1 and 8 devices, absent task, no task present), so they are compiled once there; Auto-Lambda
+# (weights meta-learned in the train step) runs them, and its meta step, in test_auto_lambda.py.
 BEFORE_ZOO = (
     'ew',
     'uw',
@@ -78,10 +79,26 @@ def test_registry_names_and_kinds():
       'sdmgrad',
       'cr_mogm',
       'db_mtl',
+      'auto_lambda',
   }
   assert len(W.METHODS) >= 30
-  for name in ('ew', 'uw', 'dwa', 'rlw', 'famo', 'sum', 'mean', 'constant', 'gls', 'imtl_l', 'stch', 'go4align'):
+  for name in (
+      'ew',
+      'uw',
+      'dwa',
+      'rlw',
+      'famo',
+      'sum',
+      'mean',
+      'constant',
+      'gls',
+      'imtl_l',
+      'stch',
+      'go4align',
+      'auto_lambda',
+  ):
     assert not W.is_gradient_method(name)
+  assert {n for n, m in W.METHODS.items() if m.needs_validation} == {'auto_lambda'}
   for name in ('gradnorm', 'excess_mtl') + W.GRADIENT_METHODS:
     assert W.is_gradient_method(name)
   for name, method in W.METHODS.items():

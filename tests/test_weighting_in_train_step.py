@@ -56,6 +56,8 @@ NUM_STEPS = 2
 # The methods added with issue 14 are here only where they bring a mechanism of their own into the train step
 # (tracked [T, P] state with an update that is not weights @ G: MoCo; a loss weighting that reads gradients and tracks
 # [T, P] state: ExcessMTL); tests/test_weighting_zoo.py checks every method's `apply` on 1 and 8 devices.
+# Auto-Lambda is not here: its step needs validation batches (``needs_validation``), and tests/test_auto_lambda.py
+# runs it in the train step (1 vs 8 devices, absent task, its meta-gradient against references).
 OBJECTIVE = {
     'ew': 'dm+dgr',
     'uw': 'dm+dgr',

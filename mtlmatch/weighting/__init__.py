@@ -31,13 +31,15 @@ In a model, ``losses, G = weighting.task_jacobian(loss_fn, shared_params, batch)
 ``weighting.unflatten_grads(update, shared_params)`` the gradient pytree to hand to the optimizer.
 
 Names (`LOSS_WEIGHTING`, `GRADIENT_METHODS`): loss weighting 'ew', 'sum', 'mean', 'constant', 'uw', 'dwa', 'rlw',
-'gls', 'imtl_l', 'stch', 'go4align', 'famo', 'gradnorm', 'excess_mtl'; gradient methods 'mgda', 'mgda_ub', 'pcgrad',
-'cagrad', 'nash_mtl', 'fairgrad', 'imtl', 'aligned_mtl', 'upgrad', 'dualproj', 'config', 'gradvac', 'graddrop',
-'krum', 'trimmed_mean', 'rgw', 'moco', 'modo', 'sdmgrad', 'cr_mogm', 'db_mtl' ('mgda_ub' combines gradients w.r.t.
-the shared features: its ``grads_wrt`` is 'features'). `is_gradient_method(name)` says whether the train loop must
-compute G (True for the gradient methods and for GradNorm and ExcessMTL, loss weightings that read gradient norms);
-for the others the weights depend on the losses only and the loop may differentiate Σ_t w_t L_t instead (see
-`jacobian`). MoCo, DB-MTL and ExcessMTL track gradients: their `init` needs ``num_params`` (`init_state`).
+'gls', 'imtl_l', 'stch', 'go4align', 'famo', 'gradnorm', 'excess_mtl', 'auto_lambda'; gradient methods 'mgda',
+'mgda_ub', 'pcgrad', 'cagrad', 'nash_mtl', 'fairgrad', 'imtl', 'aligned_mtl', 'upgrad', 'dualproj', 'config',
+'gradvac', 'graddrop', 'krum', 'trimmed_mean', 'rgw', 'moco', 'modo', 'sdmgrad', 'cr_mogm', 'db_mtl' ('mgda_ub'
+combines gradients w.r.t. the shared features: its ``grads_wrt`` is 'features'). `is_gradient_method(name)` says
+whether the train loop must compute G (True for the gradient methods and for GradNorm and ExcessMTL, loss weightings
+that read gradient norms); for the others the weights depend on the losses only and the loop may differentiate
+Σ_t w_t L_t instead (see `jacobian`). MoCo, DB-MTL and ExcessMTL track gradients: their `init` needs
+``num_params`` (`init_state`). Auto-Lambda (``needs_validation``) meta-learns its weights on a validation batch: its
+`apply` only reads them, and the train step feeds its ``meta_update`` (see `AutoLambda`).
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ from mtlmatch.weighting.jacobian import (
 )
 from mtlmatch.weighting.loss_weighting import (
     DWA,
+    AutoLambda,
     EW,
     FAMO,
     GLS,
@@ -116,6 +119,7 @@ LOSS_WEIGHTING = (
     'famo',
     'gradnorm',
     'excess_mtl',
+    'auto_lambda',
 )
 GRADIENT_METHODS = (
     'mgda',
@@ -158,6 +162,7 @@ METHODS: Mapping[str, WeightingMethod] = {
         FAMO,
         GradNorm,
         ExcessMTL,
+        AutoLambda,
         MGDA,
         MGDAUB,
         PCGrad,
@@ -214,6 +219,7 @@ def hparam_specs(name: str) -> Mapping[str, HParam]:
 __all__ = [
     'ABSENT_SQ_NORM',
     'AlignedMTL',
+    'AutoLambda',
     'CAGrad',
     'CRMOGM',
     'ConFIG',

@@ -131,6 +131,9 @@ class WeightingMethod:
   linear: ClassVar[bool] = True
   # True when the state holds per-parameter arrays [T, P] (tracked gradients): `init` then needs ``num_params`` = P.
   needs_num_params: ClassVar[bool] = False
+  # True when the method meta-learns from a validation batch (Auto-Lambda): the train step then reads
+  # ``batch['validation']``, computes a meta-gradient and calls the method's ``meta_update`` before `apply`.
+  needs_validation: ClassVar[bool] = False
   HPARAMS: ClassVar[Mapping[str, HParam]] = {}
 
   # ---- hyper-parameters -------------------------------------------------------------------------------------------

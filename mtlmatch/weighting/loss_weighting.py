@@ -2,7 +2,8 @@
 
 EW, UW (Kendall et al. 2018), DWA (Liu et al. 2019), RLW (Lin et al. 2022), GradNorm (Chen et al. 2018), FAMO
 (Liu et al. 2023), TorchJD's Sum / Mean / Constant, GLS (Chennupati et al. 2019), IMTL-L (Liu et al. 2021), STCH
-(Lin et al. 2024) and GO4Align (Shen et al. 2024). All follow the contract of `base.WeightingMethod`; use them through
+(Lin et al. 2024), GO4Align (Shen et al. 2024) and Auto-Lambda (Liu et al. 2022, weights meta-learned on a
+validation batch). All follow the contract of `base.WeightingMethod`; use them through
 `mtlmatch.weighting`::
 
     method = get_method('dwa', window=50)
@@ -502,3 +503,100 @@ class GO4Align(WeightingMethod):
     p_present = safe_div(jnp.where(present, p, 0.0), jnp.sum(jnp.where(present, p, 0.0)), 0.0)
     r = jnp.where(present, jnp.sum(jnp.where(present, losses, 0.0)) / safe * p_present, 0.0)
     return kmeans_1d(r, present, hp['num_groups'], hp['kmeans_iters']), {'probs': p}
+
+
+# ---- meta-learned weights -----------------------------------------------------------------------------------------
+# Adam's constants for λ: PyTorch's defaults, which the Auto-Lambda authors' optim.Adam uses.
+_ADAM_B1, _ADAM_B2, _ADAM_EPS = 0.9, 0.999, 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoLambda(WeightingMethod):
+  """Auto-Lambda (Liu, James, Davison, Johns, TMLR 2022, "Auto-Lambda: Disentangling Dynamic Task Relationships"),
+  in the authors' "every task is primary" multi-task mode.
+
+  Task weights λ ∈ R^T (state ``lambdas`` [T], init ``init`` = 0.1 for every loss) are meta-learned so that one SGD
+  look-ahead step on the weighted training loss lowers the loss of the primary tasks on a validation batch:
+
+    θ'(λ) = θ − α Σ_t λ_t ∇_θ L_t(θ; train batch),     L_val(λ) = Σ_{t primary} L_t(θ'(λ); validation batch),
+
+  α = ``lookahead_lr`` when > 0, else the model optimizer's learning rate at this step (the authors pass their
+  scheduler's current rate). θ' is linear in λ, so the meta-gradient is exact without any Hessian:
+
+    ∂L_val/∂λ_t = −α ⟨∇_θ L_t(θ), v⟩,   v = ∇_θ' L_val(θ')   (meta_grad [T]),
+
+  one Jacobian-vector product of the training loss vector at θ in the direction v. λ then takes one Adam step
+  (β = (0.9, 0.999), ε = 1e-8, step size ``lr``; PyTorch's Adam, as the authors), unclipped and unprojected as in
+  the authors' code (λ may leave [0, ∞)), and the model step of the same train step uses the new λ:
+  update = Σ_t λ_t G_t, heads included.
+
+  Split of the work: `apply` only reads λ (``weights`` = λ, 0 for absent tasks: L_t = 0, no labelled example in the
+  batch), so the method also runs as a plain loss weighting with fixed λ when nobody calls `meta_update`;
+  `meta_update(state, meta_grad)` is the Adam step. The train step (``mtlmatch/train.py``, with
+  ``needs_validation`` True) computes meta_grad from a validation batch and calls `meta_update`, then `apply`.
+  An absent task's meta-gradient is exactly 0 (zero gradient row); Adam still moves its λ by the decaying moment,
+  as PyTorch's Adam would. State also holds the Adam moments ``adam_mu`` / ``adam_nu`` [T] and ``adam_count``.
+
+  Deviations from the authors' code (``auto_lambda.py``): (1) the inner product is exact (the transpose of the
+  training VJP applied to v, a forward-mode product that needs no second forward pass; ``jax.jvp`` itself cannot go
+  through the CPU convolution's ``custom_vjp``) instead of their central finite difference of the training losses at
+  θ ± εv, ε = 0.01/‖v‖ (two more forward passes, O(ε²) error);
+  (2) the look-ahead is a plain gradient step θ − α Σ λ_t ∇L_t: the authors also add the SGD momentum buffer and
+  the weight decay of their model optimizer; (3) the look-ahead uses no gradient clipping and no additive terms
+  (DGR); (4) validation batches come from ``config.data.validation_fraction``'s held-out split (the authors' code
+  draws them from a second shuffled pass over the training set, augmented like it; here they are augmented as
+  ``config.data.augment`` says). With a learning-rate warm-up from 0 (the default schedules), α = 0 at step 0, so
+  the first meta step leaves λ where it is.
+  Scale: the update is Σ λ_t G_t with λ as learned, not normalised: with the default init 0.1 it starts at 0.1×
+  EW's update (as the authors'; init = 1 starts on EW's scale).
+  hparams: init (0.1), lr (1e-4, the authors' ``autol_lr`` default for dense tasks), lookahead_lr (0 = the
+  optimizer's current learning rate).
+  """
+
+  name: ClassVar[str] = 'auto_lambda'
+  needs_grads: ClassVar[bool] = False
+  # The train step must hand `meta_update` a meta-gradient from a validation batch (batch['validation']).
+  needs_validation: ClassVar[bool] = True
+  HPARAMS: ClassVar[Mapping[str, HParam]] = {
+      'init': HParam(0.1, 'float', doc='initial value of every λ_t'),
+      'lr': HParam(1e-4, 'float', **positive(), doc='Adam step size on λ'),
+      'lookahead_lr': HParam(
+          0.0,
+          'float',
+          **non_negative(">= 0 (0: the optimizer's current learning rate)"),
+          doc='α of the look-ahead step',
+      ),
+  }
+
+  def _init(self, num_tasks, hp):
+    zeros = jnp.zeros((num_tasks,), jnp.float32)
+    return {
+        'lambdas': jnp.full((num_tasks,), hp['init'], jnp.float32),
+        'adam_mu': zeros,
+        'adam_nu': zeros,
+        'adam_count': jnp.zeros((), jnp.int32),
+    }
+
+  def _apply(self, state, hp, grads, losses, key):
+    return jnp.where(present_from_losses(losses), state['lambdas'], 0.0), {
+        k: state[k] for k in ('lambdas', 'adam_mu', 'adam_nu', 'adam_count')
+    }
+
+  def lookahead_lr(self, state, schedule_lr: jax.Array) -> jax.Array:
+    """α of the look-ahead: the ``lookahead_lr`` hparam when > 0, else ``schedule_lr`` (the optimizer's rate now)."""
+    fixed = state['hparams']['lookahead_lr']
+    return jnp.where(fixed > 0, fixed, jnp.asarray(schedule_lr, jnp.float32))
+
+  def meta_update(self, state, meta_grad: jax.Array):
+    """One Adam step on λ with the meta-gradient ``meta_grad`` [T] = ∂L_val/∂λ; returns the new state. Jittable."""
+    meta_grad = jnp.asarray(meta_grad, jnp.float32)
+    if meta_grad.shape != state['lambdas'].shape:
+      raise ValueError(
+          f'{self.name}.meta_update meta_grad: got shape {meta_grad.shape}, expected [T] = {state["lambdas"].shape}'
+      )
+    count = state['adam_count'] + 1
+    mu = _ADAM_B1 * state['adam_mu'] + (1 - _ADAM_B1) * meta_grad
+    nu = _ADAM_B2 * state['adam_nu'] + (1 - _ADAM_B2) * jnp.square(meta_grad)
+    c = count.astype(jnp.float32)
+    step = state['hparams']['lr'] * (mu / (1 - _ADAM_B1**c)) / (jnp.sqrt(nu / (1 - _ADAM_B2**c)) + _ADAM_EPS)
+    return {**state, 'lambdas': state['lambdas'] - step, 'adam_mu': mu, 'adam_nu': nu, 'adam_count': count}
