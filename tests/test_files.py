@@ -14,7 +14,6 @@ import tensorflow as tf
 from conftest import REPO
 from mtlmatch import config_lib
 from mtlmatch import data
-from mtlmatch import train
 from mtlmatch.data import faces
 from mtlmatch.data import prepare as prepare_lib
 from mtlmatch.tasks import TaskSpec
@@ -235,7 +234,7 @@ def test_label_out_of_range_is_refused_before_training_naming_the_row(bad_folder
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The face recipe, end to end on generated JPEGs in its manifest layout.
+# The face recipe's layout, on generated JPEGs (trained end to end, on two processes, in tests/test_multihost.py).
 
 
 def face_manifests(folder) -> tuple[dict, list]:
@@ -260,19 +259,3 @@ def face_config(options):
     config.data.options[key] = value
   config.data.validation_fraction = 0.25
   return config
-
-
-def test_face_recipe_trains_end_to_end(tmp_path):
-  options, expression_rows = face_manifests(tmp_path)
-  config = face_config(options)
-  workdir = str(tmp_path / 'run')
-  results = train.train_and_evaluate(config, workdir)
-  assert results['step'] == config.total_steps
-  per_source = results['per_source']
-  annotated = sum(code < 7 for _, code in expression_rows[24:])  # 7 (contempt), 8 and 10 are "not annotated"
-  assert per_source['test_expressions']['expression']['count'] == annotated
-  assert per_source['test_aus']['aus']['count'] == 8
-  table = np.array(next(iter(json.load(open(os.path.join(workdir, 'relatedness.json'))).values())))
-  prior = faces.priors.load_prior(faces.PRIOR)
-  assert table.shape == (7, len(faces.DEFAULT_AUS))
-  np.testing.assert_array_equal(table, prior.restricted(prior.task_a.class_names, faces.DEFAULT_AUS))

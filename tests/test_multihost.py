@@ -1,7 +1,9 @@
 """Two processes on 127.0.0.1 (jax.distributed, gloo CPU collectives) train like one process on the same global
-batch. The run is the face recipe on generated files, its AU manifest prepared as an ArrayRecord dataset: both kinds
-of sources read by row. (In-memory sources split the global batch the same way: tests/test_data_pipeline.py.)"""
+batch. The run is the face recipe (configs/faces.py) on generated files, its AU manifest prepared as an ArrayRecord
+dataset: both kinds of sources read by row. (In-memory sources split the global batch the same way:
+tests/test_data_pipeline.py.)"""
 
+import json
 import os
 import socket
 import subprocess
@@ -12,6 +14,7 @@ import numpy as np
 
 from conftest import REPO
 from mtlmatch import checkpoint as ckpt_lib
+from mtlmatch import priors
 from mtlmatch import train
 from mtlmatch.data import faces
 from mtlmatch.data import prepare as prepare_lib
@@ -25,7 +28,7 @@ def _free_port() -> int:
 
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
-  options, _ = face_manifests(tmp_path)
+  options, expression_rows = face_manifests(tmp_path)
   options['au_manifest'] = prepare_lib.prepare(
       options['au_manifest'], str(tmp_path / 'prepared'), name='aus', image_column='path',
       labels={'aus': list(faces.DEFAULT_AUS)}, missing=faces.AU_MISSING,
@@ -77,4 +80,12 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
   assert restored is not None and int(restored[0].step) == config.total_steps
   for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(restored[0].params))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  assert (workdir / 'results.json').exists()
+  # The face recipe end to end: test sets read from files, AffectNet's codes 7, 8 and 10 not annotated, the prior
+  # restricted to the AUs present.
+  per_source = json.loads((workdir / 'results.json').read_text())['per_source']
+  annotated = sum(code < 7 for _, code in expression_rows[24:])
+  assert per_source['test_expressions']['expression']['count'] == annotated
+  assert per_source['test_aus']['aus']['count'] == 8
+  table = np.array(next(iter(json.loads((workdir / 'relatedness.json').read_text()).values())))
+  prior = priors.load_prior(faces.PRIOR)
+  np.testing.assert_array_equal(table, prior.restricted(prior.task_a.class_names, faces.DEFAULT_AUS))
