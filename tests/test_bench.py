@@ -106,3 +106,14 @@ def test_bench_torch_table_and_json(tmp_path, capsys):
   assert [r['name'] for r in rows] == ['torch_ew', 'mtlmatch_ew']
   assert rows[0]['ratio_to_torch'] == 1.0 and rows[1]['target'] == 1.0 and all(r['finite'] for r in rows)
   assert 'mtlmatch_ew' in capsys.readouterr().out
+
+
+def test_bench_data_files_throughput_runs_and_prints_its_table(tmp_path, capsys):
+  """experiments/bench_data.py's sources-read-by-row mode at a tiny size (the numbers are the script's business)."""
+  spec = importlib.util.spec_from_file_location('mtlmatch_bench_data', REPO / 'experiments' / 'bench_data.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  args = ['--files_mode=throughput', '--sizes=24', '--pixels=16', '--threads=2', '--steps=1', '--warmup=1', '--runs=1']
+  module.main(args + ['--batch_size=8', f'--data_dir={tmp_path}'])
+  rows = [line.split('|') for line in capsys.readouterr().out.splitlines() if line.startswith('| 16 ')]
+  assert len(rows) == 1 and rows[0][2] == ' 2 ' and all(float(x.replace(',', '')) > 0 for x in rows[0][3:7])

@@ -330,8 +330,11 @@ def train_iterator(
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
     prefetch: int = 2,
+    threads: Optional[int] = None,
 ) -> Iterator[dict]:
   """Endless iterator of training batches (see the module docstring for the exact law and resume contract).
+
+  ``threads``: the size of the pipeline's private thread pool (decoding, augmentation); None = tf.data's default.
 
   Without ``sharding``: host-local numpy batches of ``global_batch_size / process_count`` examples. With a
   ``NamedSharding`` over a 1-D ``'data'`` mesh: global ``jax.Array``s of ``global_batch_size``, prefetched to device
@@ -386,6 +389,10 @@ def train_iterator(
   dataset = dataset.map(read)
   dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   dataset = dataset.prefetch(prefetch)
+  if threads is not None:
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = _check_int(threads, arg='threads', low=1)
+    dataset = dataset.with_options(options)
   batches = dataset.as_numpy_iterator()
   if slots.any_lazy:
     batches = _explained(batches, start_step, lambda step: slots.explain(*host_slots(step)))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Mapping, Optional, Sequence, Union
@@ -126,14 +127,20 @@ def prepare(
       )
   columns = {t: 0 if isinstance(c, str) else len(c) for t, c in labels.items()}
   config = PreparedConfig(name=name, reader=reader, columns=columns)
-  builder = MtlmatchPrepared(data_dir=os.fspath(out), config=config, file_format='array_record')
-  if builder.is_prepared():
-    raise ValueError(
-        f'--out {out!r} already holds a prepared dataset {name!r} ({builder.data_dir}); expected a new name or an '
-        'empty place (it is never overwritten)'
-    )
-  download_config = tfds.download.DownloadConfig(num_shards=num_shards) if num_shards else None
-  builder.download_and_prepare(download_config=download_config)
+  absl_logger = logging.getLogger('absl')
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)  # TFDS warns that a config made at run time is "custom": it is, by design
+  try:
+    builder = MtlmatchPrepared(data_dir=os.fspath(out), config=config, file_format='array_record')
+    if builder.is_prepared():
+      raise ValueError(
+          f'--out {out!r} already holds a prepared dataset {name!r} ({builder.data_dir}); expected a new name or an '
+          'empty place (it is never overwritten)'
+      )
+    download_config = tfds.download.DownloadConfig(num_shards=num_shards) if num_shards else None
+    builder.download_and_prepare(download_config=download_config)
+  finally:
+    absl_logger.setLevel(level)
   return os.fspath(builder.data_dir)
 
 

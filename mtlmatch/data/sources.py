@@ -250,6 +250,9 @@ def _to_labels_dict(value) -> dict:
   return dict(value)
 
 
+_LABEL_BLOCK = 1024  # records per block of the labels pass of an indexed TfdsReader
+
+
 class TfdsReader:
   """A prepared TFDS dataset, mapped per example to ``image`` (uint8 ``[H,W,C]``) and ``{task: label}``.
 
@@ -393,14 +396,14 @@ class TfdsReader:
       skip = {self.image_key: tfds.decode.SkipDecoding()} if isinstance(image_feature, tfds.features.Image) else None
       records = self._records(split)
       chunks = []
-      for lo in range(start, stop, 65536):  # records read in Python by index, parsed in TF in parallel
-        batch = records.__getitems__(list(range(lo, min(lo + 65536, stop))))
-        parsed = tf.data.Dataset.from_tensor_slices(batch).map(
-            lambda r: self._labels(self._decode_record(r, skip)),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-        chunks += list(parsed.batch(65536).as_numpy_iterator())
+      # Records read by index in blocks (a block's encoded images are the only pixels ever held here, so memory
+      # stays bounded), their labels parsed in TF in parallel.
+      parse = lambda r: self._labels(self._decode_record(r, skip))
+      for lo in range(start, stop, _LABEL_BLOCK):
+        block = records.__getitems__(list(range(lo, min(lo + _LABEL_BLOCK, stop))))
+        parsed = tf.data.Dataset.from_tensor_slices(block).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+        chunks += list(parsed.batch(_LABEL_BLOCK).as_numpy_iterator())
+        del block, parsed
       labels = {t: np.concatenate([c[t] for c in chunks]) for t in chunks[0]} if chunks else {}
       count = len(next(iter(labels.values()))) if labels else 0
       images = self._lazy_images(split, np.arange(start, stop, dtype=np.int64))
