@@ -199,7 +199,10 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
         if value.HasField('tensor'):
-          x = float(tf.make_ndarray(value.tensor))
+          array = tf.make_ndarray(value.tensor)
+          if array.ndim or array.dtype.kind not in 'fiub':  # e.g. the hparams plugin's summary: not a scalar
+            continue
+          x = float(array)
         elif value.HasField('simple_value'):
           x = float(value.simple_value)
         else:

@@ -48,6 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
   c.nonfinite = 'halt'  # or 'skip': skip (and count) non-finite updates
+  c.profile_steps = 0  # >0: a jax.profiler trace of that many steps into <workdir>/profile (TensorBoard: Profile)
+  c.profile_first_step = 10  # the step the trace starts at (after compilation)
   c.tasks = ()  # the tasks to train: () = all of the benchmark's, or a tuple of names
 
   c.data = ml_collections.ConfigDict()
@@ -497,6 +499,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.nonfinite: got {config.nonfinite!r}, expected 'halt' or 'skip'")
   if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
     raise ValueError(f'config.seed: got {config.seed!r}, expected an int >= 0')
+  for key in ('profile_steps', 'profile_first_step'):
+    value = config.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise ValueError(f'config.{key}: got {value!r}, expected an int >= 0')
   if config.data.get('on_bad_image', 'raise') not in ('raise', 'skip'):
     raise ValueError(f"config.data.on_bad_image: got {config.data.on_bad_image!r}, expected 'raise' or 'skip'")
   if config.data.get('mixing', 'weights') not in pipeline.MIXING:

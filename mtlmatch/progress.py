@@ -1,8 +1,9 @@
-"""What a run shows while it trains: a progress line by default, the rate over the last interval, no library chatter.
+"""What a run shows while it trains: a progress line or bar by default, no library chatter.
 
 Under the CLI (absl logging at INFO) the progress line is a log line every ``log_every`` steps; from Python or a
 notebook, where INFO is not shown unless logging is configured, it is a tqdm bar on stderr instead, so
-``train_and_evaluate`` never runs silently. :func:`quiet_libraries` drops the INFO lines of orbax, TFDS and JAX
+``train_and_evaluate`` never runs silently (tqdm shows the rate; under logging, clu's ReportProgress logs steps/s
+and the ETA). :func:`quiet_libraries` drops the INFO lines of orbax, TFDS and JAX
 (which go through absl's logger) in both cases; their warnings and errors pass.
 """
 
@@ -10,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
-from typing import Optional
 
 
 class QuietLibraries(logging.Filter):
@@ -27,19 +26,6 @@ def quiet_libraries() -> None:
   absl_logger = logging.getLogger('absl')
   if not any(isinstance(f, QuietLibraries) for f in absl_logger.filters):
     absl_logger.addFilter(QuietLibraries())
-
-
-class RateMeter:
-  """Steps per second over the interval since the previous call (not since the start, which counts compilation)."""
-
-  def __init__(self, step: int, now: Optional[float] = None):
-    self._step, self._time = step, time.time() if now is None else now
-
-  def rate(self, step: int, now: Optional[float] = None) -> float:
-    now = time.time() if now is None else now
-    rate = (step - self._step) / max(now - self._time, 1e-9)
-    self._step, self._time = step, now
-    return rate
 
 
 class Progress:
@@ -66,21 +52,15 @@ class Progress:
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
 
-  def log(self, step: int, total: int, loss: float, rate: float) -> None:
+  def log(self, step: int, total: int, loss: float) -> None:
+    """``loss``: the mean over the steps since the last log. (Steps/s and the ETA: clu's ReportProgress.)"""
     if self._bar is not None:
-      self._bar.set_postfix_str(f'loss {loss:.4f}, {rate:.2f} steps/s', refresh=False)
+      self._bar.set_postfix_str(f'loss {loss:.4f}', refresh=False)
       self.advance(step)
     else:
-      logging.info(
-          'step %d/%d  loss %.4f  %.2f steps/s  ETA %s', step, total, loss, rate, eta((total - step) / max(rate, 1e-9))
-      )
+      logging.info('step %d/%d  loss %.4f', step, total, loss)
 
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
       self._bar = None
-
-
-def eta(seconds: float) -> str:
-  seconds = int(seconds)
-  return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'

@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 import optax
 from clu import metric_writers
+from clu import periodic_actions
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -682,7 +683,33 @@ def train_and_evaluate(
 
   # 5. The loop.
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main, asynchronous=False)
+  if start_step == 0:
+    flat = config_lib.flat_keys(config)
+    writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in sorted(flat.items())})
+  sizes = parameter_counts(state.params)
+  logging.info('Parameters: %s', ', '.join(f'{k} {v:,}' for k, v in sizes.items()))
+  writer.write_scalars(start_step, {f'params/{k}': v for k, v in sizes.items()})
   batches = exp.train_batches(start_step)
+  schedule = make_schedule(config)
+  # Progress (steps/s, ETA, uptime) is clu's ReportProgress; a jax.profiler trace of config.profile_steps steps
+  # from config.profile_first_step goes to <workdir>/profile (TensorBoard's profile tab).
+  hooks = [
+      periodic_actions.ReportProgress(
+          num_train_steps=config.total_steps, writer=writer, every_steps=config.log_every, every_secs=None
+      )
+  ]
+  if config.get('profile_steps', 0) and is_main:
+    hooks.append(
+        periodic_actions.Profile(
+            logdir=os.path.join(workdir, 'profile'),
+            num_profile_steps=config.profile_steps,
+            profile_duration_ms=None,
+            first_profile=config.get('profile_first_step', 10),
+            every_steps=None,
+            every_secs=None,
+        )
+    )
+  interval = _IntervalMean()
 
   def save(step):
     checkpointer.save(
@@ -711,15 +738,18 @@ def train_and_evaluate(
   # ~100 steps with 8 devices on 2 cores). Accelerators keep asynchronous dispatch.
   one_step_in_flight = jax.default_backend() == 'cpu' and exp.mesh.size > 1
   step, results = start_step, None
-  meter = progress_lib.RateMeter(start_step)
   progress = progress_lib.Progress(config.total_steps, start_step, enabled=is_main)
   with _Preemption() as preemption:
     while step < config.total_steps and not stop_reason():
-      state, metrics = step_fn(state, next(batches))
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, metrics = step_fn(state, next(batches))
       if one_step_in_flight:
         jax.block_until_ready(metrics['loss'])
+      interval.add(metrics)
       step += 1
       progress.advance(step)
+      for hook in hooks:
+        hook(step)
       due = evaluators.due(evals, step, config.total_steps)
       if due:  # before the checkpoint of this step, so that its metadata holds the records of this evaluation
         evaluate(due, step)
@@ -736,9 +766,10 @@ def train_and_evaluate(
           progress.close()
           raise FloatingPointError(_health_error(step, fetched, last_checkpoint))
         if log_now:
-          rate = meter.rate(step)  # over the last interval, not since the start (which counts compilation)
-          writer.write_scalars(step, {**_scalars(fetched), 'steps_per_sec': rate})
-          progress.log(step, config.total_steps, float(fetched['loss']), rate)
+          # Each train metric as its mean over the steps since the last log (health counters: their last value).
+          means = {**_scalars(fetched), **interval.pop()}
+          writer.write_scalars(step, {**means, 'learning_rate': float(schedule(step - 1))})
+          progress.log(step, config.total_steps, means['loss'])
         if ckpt_now:
           save(step)
       if interrupted and step < config.total_steps and not stop_reason():
@@ -771,6 +802,35 @@ def train_and_evaluate(
   writer.flush()
   checkpointer.close()
   return results
+
+
+class _IntervalMean:
+  """Sums of the train metrics over the steps since the last :meth:`pop`, kept on device (one small jitted add per
+  step; nothing leaves the device until the log step). ``finite`` and ``skipped`` are health counters, not averaged."""
+
+  _COUNTERS = ('finite', 'skipped')
+
+  def __init__(self):
+    self._sums, self._count = None, 0
+    self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+
+  def add(self, metrics: Mapping[str, Any]) -> None:
+    values = {k: v.astype(jnp.float32) for k, v in metrics.items() if k not in self._COUNTERS}
+    self._sums = values if self._sums is None else self._add(self._sums, values)
+    self._count += 1
+
+  def pop(self) -> dict[str, float]:
+    if self._sums is None:
+      return {}
+    means = {k: float(v) / self._count for k, v in jax.device_get(self._sums).items()}
+    self._sums, self._count = None, 0
+    return means
+
+
+def parameter_counts(params) -> dict[str, int]:
+  """Parameters per module: ``{'encoder': n, 'head/<task>': n, ...}`` (what the run logs at its start)."""
+  count = lambda tree: int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))  # noqa: E731
+  return {'encoder': count(params['encoder']), **{f'head/{t}': count(p) for t, p in params['heads'].items()}}
 
 
 def warn_if_no_eval(benchmark: data_lib.Benchmark) -> None:

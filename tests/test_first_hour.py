@@ -1,19 +1,26 @@
 """A researcher's first hour, from Python: no stale results on other data, warm starts, eval and
-predict modes, a progress line without logging set up, the interval rate, a warning when nothing is evaluated."""
+predict modes, a progress line without logging set up, interval means of the logged metrics, a warning when nothing
+is evaluated."""
 
 import json
 import logging
+import os
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import set_keys
+from conftest import REPO, set_keys
 from mtlmatch import checkpoint as ckpt_lib
-from mtlmatch import config_lib, data, modes, progress, train, warm_start
+from mtlmatch import config_lib, data, modes, train, warm_start
 from mtlmatch.tasks import TaskSpec
 
+sys.path.insert(0, str(REPO))
+from experiments import report  # noqa: E402
+
 TASKS = [TaskSpec('a', 'multiclass', 3), TaskSpec('b', 'multilabel', 2)]
+
 R = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]], np.float32)
 
 
@@ -119,7 +126,26 @@ def test_warm_start_eval_and_predict(tmp_path):
     warm_start.resolve(str(tmp_path / 'nowhere'))
 
 
-def test_rate_is_over_the_last_interval():
-  meter = progress.RateMeter(0, now=0.0)
-  assert meter.rate(10, now=100.0) == pytest.approx(0.1)  # the first interval includes compilation
-  assert meter.rate(20, now=101.0) == pytest.approx(10.0)  # a running mean since the start would say 0.198
+def test_logged_train_metrics_are_interval_means_with_rate_lr_params_and_a_profile(tfds_dir, tmp_path):
+  """Each logged train metric is its mean over the steps since the last log (checked against a run that logs every
+  step); the learning rate, clu's steps/s, the parameter counts, the hparams and a profiler trace are written."""
+  config = config_lib.load_config(f'{REPO}/configs/affect.py:mtl,encoder=mlp,smoke')  # the cheapest to compile
+  config.data.data_dir = tfds_dir
+  config.total_steps, config.checkpoint_every = 4, 4
+  runs = {}
+  for log_every in (1, 2):
+    config.log_every = log_every
+    config.profile_steps, config.profile_first_step = (1, 2) if log_every == 2 else (0, 10)
+    train.train_and_evaluate(config, str(tmp_path / str(log_every)))
+    runs[log_every] = report.read_scalars(str(tmp_path / str(log_every)))
+  every, pairs = runs[1], runs[2]
+  for tag in ('loss', 'loss/task/expression', 'grad_norm'):
+    np.testing.assert_array_equal(pairs[tag][0], [2, 4])
+    np.testing.assert_allclose(pairs[tag][1], every[tag][1].reshape(2, 2).mean(1), rtol=1e-5)
+  schedule = train.make_schedule(config)
+  np.testing.assert_allclose(pairs['learning_rate'][1], [schedule(1), schedule(3)], rtol=1e-6)
+  assert pairs['steps_per_sec'][0].tolist() == [2, 4] and np.all(pairs['steps_per_sec'][1] > 0)
+  exp = train.build_experiment(config)
+  assert pairs['params/encoder'][1][0] == sum(x.size for x in jax.tree.leaves(exp.init_state().params['encoder']))
+  traces = [f for _, _, files in os.walk(tmp_path / '2' / 'profile') for f in files if f.endswith('.xplane.pb')]
+  assert traces, 'no profiler trace written'
