@@ -108,12 +108,19 @@ def evaluator(kind: str, *, every: Optional[int] = None, enabled: bool = True, *
 # ---------------------------------------------------------------------------------------------------------------
 # Encoder kwargs and weighting hyper-parameters follow the chosen name: every field exists as a dotted key.
 
+# Encoder fields set from a top-level key (config.remat), for every encoder alike; not in ``encoder.kwargs``.
+ENCODER_FIELDS_FROM_CONFIG = ('remat',)
+
 
 def encoder_kwargs(name: str, **overrides) -> ml_collections.ConfigDict:
   """Every field of encoder ``name`` with its default (``dtype`` as a string), then ``overrides``."""
   if name not in models.ENCODERS:
     raise ValueError(f'config.encoder.name: got {name!r}, expected one of {sorted(models.ENCODERS)}')
-  fields = {f.name: f.default for f in dataclasses.fields(models.ENCODERS[name]) if f.name not in ('parent', 'name')}
+  fields = {
+      f.name: f.default
+      for f in dataclasses.fields(models.ENCODERS[name])
+      if f.name not in ('parent', 'name', *ENCODER_FIELDS_FROM_CONFIG)
+  }
   unknown = sorted(set(overrides) - set(fields))
   if unknown:
     raise ValueError(f'config.encoder.kwargs: got {unknown} for encoder {name!r}, expected some of {sorted(fields)}')
@@ -178,6 +185,7 @@ SMOKE_ENCODERS = {
     'cnn': {'widths': (8, 16), 'features': 32},
     'mlp': {'hidden': (32,)},
     'resnet18': {'width': 4, 'stage_sizes': (1, 1, 1, 1)},
+    'resnet50': {'width': 2, 'stage_sizes': (1, 1, 1, 1)},
     'vit_tiny': {'patch_size': 8, 'dim': 16, 'depth': 1, 'num_heads': 2},
 }
 
