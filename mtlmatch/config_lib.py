@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
   c.nonfinite = 'halt'  # or 'skip': skip (and count) non-finite updates
+  # 'bfloat16': encoder and heads compute in bfloat16; parameters, optimizer state, losses and reductions stay float32
+  c.precision = 'float32'
+  c.remat = False  # True: the encoder's blocks recompute their activations in the backward pass (less memory)
   c.tasks = ()  # the tasks to train: () = all of the benchmark's, or a tuple of names
 
   c.data = ml_collections.ConfigDict()
@@ -81,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.weighting.name = 'ew'
   c.weighting.hparams = weighting_hparams('ew')
   c.weighting.terms_as_tasks = False  # DM / co-annotation: extra "tasks" for the method, or added on top
+  # Methods that need the task Jacobian: 'vmap' (one vmapped backward), 'rows' (one backward per loss; faster on
+  # XLA:CPU) or 'auto' (rows on CPU, vmap on GPU/TPU). The same values either way.
+  c.weighting.jacobian = 'auto'
 
   c.init_from = ''  # a workdir or checkpoint directory whose encoder starts this run (fine-tuning)
   c.init_heads = False  # with init_from: also the heads of the tasks both runs have
@@ -108,6 +114,7 @@ def evaluator(kind: str, *, every: Optional[int] = None, enabled: bool = True, *
 # ---------------------------------------------------------------------------------------------------------------
 # Encoder kwargs and weighting hyper-parameters follow the chosen name: every field exists as a dotted key.
 
+PRECISIONS = ('float32', 'bfloat16')
 # Encoder fields set from a top-level key (config.remat), for every encoder alike; not in ``encoder.kwargs``.
 ENCODER_FIELDS_FROM_CONFIG = ('remat',)
 
@@ -172,6 +179,21 @@ def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     hparams.update(dict(config.weighting.hparams))
   config.weighting.hparams = hparams
   return config
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
+  """``(encoder kwargs, head kwargs)`` of the model ``config`` builds: ``encoder.kwargs`` and ``head.kwargs`` with
+  the top-level switches applied. ``precision='bfloat16'`` makes bfloat16 the compute dtype of the encoder and of
+  every head (parameters stay float32; features and logits are float32); with ``precision='float32'`` the encoder
+  keeps ``encoder.kwargs.dtype`` (the older, encoder-only switch) and the heads compute in float32.
+  ``remat=True`` sets the encoder's ``remat``."""
+  encoder = dict(config.encoder.kwargs)
+  head = dict(config.head.kwargs)
+  if config.get('precision', 'float32') == 'bfloat16':
+    encoder['dtype'] = head['dtype'] = 'bfloat16'
+  if config.get('remat', False):
+    encoder['remat'] = True
+  return encoder, head
 
 
 def idx_dir_option():
@@ -525,6 +547,26 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f'config.weighting.name: got {config.weighting.name!r}, expected one of ' f'{sorted(weighting.METHODS)}'
     )
+  if config.weighting.get('jacobian', 'auto') not in weighting.JACOBIAN_MODES:
+    raise ValueError(
+        f'config.weighting.jacobian: got {config.weighting.jacobian!r}, expected one of '
+        f"{list(weighting.JACOBIAN_MODES)} ('auto': rows on CPU, vmap on GPU/TPU)"
+    )
+  precision = config.get('precision', 'float32')
+  if precision not in PRECISIONS:
+    raise ValueError(
+        f'config.precision: got {precision!r}, expected one of {list(PRECISIONS)} (bfloat16: bfloat16 compute in '
+        'the encoder and heads, float32 parameters, optimizer state and losses)'
+    )
+  encoder_dtype = config.encoder.kwargs.get('dtype', 'float32')
+  if precision == 'bfloat16' and str(encoder_dtype) not in PRECISIONS:
+    raise ValueError(
+        f"config.precision='bfloat16' with config.encoder.kwargs.dtype={encoder_dtype!r}: expected the encoder's "
+        "dtype 'float32' (its default) or 'bfloat16'; precision sets the compute dtype of encoder and heads"
+    )
+  remat = config.get('remat', False)
+  if not isinstance(remat, bool):
+    raise ValueError(f'config.remat: got {remat!r}, expected True or False')
 
 
 def set_keys(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
