@@ -44,6 +44,8 @@ from etils import epath
 # changes the learning rate from the resumed step on (the steps already taken are kept as they are). init_from and
 # init_heads are read only when a run starts (a resumed run continues from its own checkpoint). evals (what is
 # measured) never changes a step; an evaluator added on resume starts its record afresh, a removed one's is dropped.
+# encoder.kwargs.conv_impl, remat and weighting.jacobian choose how the same values are computed (a CPU GEMM or the
+# native convolution; activations kept or recomputed; Jacobian rows vmapped or one by one), never the maths.
 SAFE_TO_CHANGE = frozenset(
     {
         'total_steps',
@@ -57,11 +59,20 @@ SAFE_TO_CHANGE = frozenset(
         'data.data_dir',
         'data.options.idx_dir',
         'encoder.kwargs.conv_impl',
+        'remat',
+        'weighting.jacobian',
         'init_from',
         'init_heads',
         'evals',
     }
 )
+
+# Keys added to the config after checkpoints were written without them: absent from a saved config, such a key counts
+# as this value (what those runs did), so that their checkpoints still resume.
+ADDED_KEYS = {
+    'precision': 'float32',
+    'encoder.kwargs.stem': 'cifar',
+}
 
 CORRUPT_DIR = 'checkpoints_corrupt'
 
@@ -204,6 +215,9 @@ def _key_name(key) -> str:
 def check_config_drift(saved: dict, current: dict) -> None:
   """Refuses to resume when the saved config differs from the new one outside :data:`SAFE_TO_CHANGE`."""
   flat_saved, flat_current = _flatten(saved), _flatten(current)
+  for key, value in ADDED_KEYS.items():
+    if key not in flat_saved and key in flat_current:
+      flat_saved[key] = json.dumps(value, sort_keys=True, default=str)
   changed = sorted(
       k
       for k in set(flat_saved) | set(flat_current)

@@ -50,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.nonfinite = 'halt'  # or 'skip': skip (and count) non-finite updates
   c.profile_steps = 0  # >0: a jax.profiler trace of that many steps into <workdir>/profile (TensorBoard: Profile)
   c.profile_first_step = 10  # the step the trace starts at (after compilation)
+  # 'bfloat16': encoder and heads compute in bfloat16; parameters, optimizer state, losses and reductions stay float32
+  c.precision = 'float32'
+  c.remat = False  # True: the encoder's blocks recompute their activations in the backward pass (less memory)
   c.tasks = ()  # the tasks to train: () = all of the benchmark's, or a tuple of names
 
   c.data = ml_collections.ConfigDict()
@@ -83,6 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.weighting.name = 'ew'
   c.weighting.hparams = weighting_hparams('ew')
   c.weighting.terms_as_tasks = False  # DM / co-annotation: extra "tasks" for the method, or added on top
+  # Methods that need the task Jacobian: 'vmap' (one vmapped backward), 'rows' (one backward per loss; faster on
+  # XLA:CPU) or 'auto' (rows on CPU, vmap on GPU/TPU). The same values either way.
+  c.weighting.jacobian = 'auto'
 
   c.init_from = ''  # a workdir or checkpoint directory whose encoder starts this run (fine-tuning)
   c.init_heads = False  # with init_from: also the heads of the tasks both runs have
@@ -110,12 +116,20 @@ def evaluator(kind: str, *, every: Optional[int] = None, enabled: bool = True, *
 # ---------------------------------------------------------------------------------------------------------------
 # Encoder kwargs and weighting hyper-parameters follow the chosen name: every field exists as a dotted key.
 
+PRECISIONS = ('float32', 'bfloat16')
+# Encoder fields set from a top-level key (config.remat), for every encoder alike; not in ``encoder.kwargs``.
+ENCODER_FIELDS_FROM_CONFIG = ('remat',)
+
 
 def encoder_kwargs(name: str, **overrides) -> ml_collections.ConfigDict:
   """Every field of encoder ``name`` with its default (``dtype`` as a string), then ``overrides``."""
   if name not in models.ENCODERS:
     raise ValueError(f'config.encoder.name: got {name!r}, expected one of {sorted(models.ENCODERS)}')
-  fields = {f.name: f.default for f in dataclasses.fields(models.ENCODERS[name]) if f.name not in ('parent', 'name')}
+  fields = {
+      f.name: f.default
+      for f in dataclasses.fields(models.ENCODERS[name])
+      if f.name not in ('parent', 'name', *ENCODER_FIELDS_FROM_CONFIG)
+  }
   unknown = sorted(set(overrides) - set(fields))
   if unknown:
     raise ValueError(f'config.encoder.kwargs: got {unknown} for encoder {name!r}, expected some of {sorted(fields)}')
@@ -169,6 +183,21 @@ def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def model_kwargs(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
+  """``(encoder kwargs, head kwargs)`` of the model ``config`` builds: ``encoder.kwargs`` and ``head.kwargs`` with
+  the top-level switches applied. ``precision='bfloat16'`` makes bfloat16 the compute dtype of the encoder and of
+  every head (parameters stay float32; features and logits are float32); with ``precision='float32'`` the encoder
+  keeps ``encoder.kwargs.dtype`` (the older, encoder-only switch) and the heads compute in float32.
+  ``remat=True`` sets the encoder's ``remat``."""
+  encoder = dict(config.encoder.kwargs)
+  head = dict(config.head.kwargs)
+  if config.get('precision', 'float32') == 'bfloat16':
+    encoder['dtype'] = head['dtype'] = 'bfloat16'
+  if config.get('remat', False):
+    encoder['remat'] = True
+  return encoder, head
+
+
 def idx_dir_option():
   """``data.options.idx_dir`` of the Fashion-MNIST configs: unset (None) means $MTLMATCH_FASHION_MNIST_DIR or
   Debian's directory; a typed placeholder, so --config.data.options.idx_dir=DIR can set it."""
@@ -180,6 +209,7 @@ SMOKE_ENCODERS = {
     'cnn': {'widths': (8, 16), 'features': 32},
     'mlp': {'hidden': (32,)},
     'resnet18': {'width': 4, 'stage_sizes': (1, 1, 1, 1)},
+    'resnet50': {'width': 2, 'stage_sizes': (1, 1, 1, 1)},
     'vit_tiny': {'patch_size': 8, 'dim': 16, 'depth': 1, 'num_heads': 2},
 }
 
@@ -523,6 +553,26 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f'config.weighting.name: got {config.weighting.name!r}, expected one of ' f'{sorted(weighting.METHODS)}'
     )
+  if config.weighting.get('jacobian', 'auto') not in weighting.JACOBIAN_MODES:
+    raise ValueError(
+        f'config.weighting.jacobian: got {config.weighting.jacobian!r}, expected one of '
+        f"{list(weighting.JACOBIAN_MODES)} ('auto': rows on CPU, vmap on GPU/TPU)"
+    )
+  precision = config.get('precision', 'float32')
+  if precision not in PRECISIONS:
+    raise ValueError(
+        f'config.precision: got {precision!r}, expected one of {list(PRECISIONS)} (bfloat16: bfloat16 compute in '
+        'the encoder and heads, float32 parameters, optimizer state and losses)'
+    )
+  encoder_dtype = config.encoder.kwargs.get('dtype', 'float32')
+  if precision == 'bfloat16' and str(encoder_dtype) not in PRECISIONS:
+    raise ValueError(
+        f"config.precision='bfloat16' with config.encoder.kwargs.dtype={encoder_dtype!r}: expected the encoder's "
+        "dtype 'float32' (its default) or 'bfloat16'; precision sets the compute dtype of encoder and heads"
+    )
+  remat = config.get('remat', False)
+  if not isinstance(remat, bool):
+    raise ValueError(f'config.remat: got {remat!r}, expected True or False')
 
 
 def set_keys(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:

@@ -13,8 +13,9 @@ Gradients: the objective yields a vector of named losses ``[T']`` (tasks, plus D
 ``config.weighting.terms_as_tasks``) and an additive part (DGR always; the other terms otherwise). One forward pass
 gives a VJP; a loss-weighting method (EW, UW, DWA, RLW, FAMO, GLS, STCH, ...) needs one backward pass with its weights
 as cotangent, a method that needs G (`weighting.is_gradient_method`: the gradient methods, GradNorm, ExcessMTL) gets
-the per-loss Jacobian rows from the same VJP (vmapped on accelerators; row by row on XLA:CPU, where that measured 2-4x
-faster), combines the shared-encoder rows, and gives every head the sum of its rows (a head only receives gradient
+the per-loss Jacobian rows from the same VJP (``config.weighting.jacobian``, `weighting.pullback_rows`: 'auto' vmaps
+them on accelerators and pulls them back row by row on XLA:CPU, where that measured 2-4x faster), combines the
+shared-encoder rows, and gives every head the sum of its rows (a head only receives gradient
 from the losses that use it; GradNorm and ExcessMTL, loss weightings, give the heads their weighted sum Σ_t w_t ∇L_t
 as their papers do). MGDA-UB takes the
 rows with respect to the shared features instead (a backward pass through the heads only) and backpropagates the
@@ -240,8 +241,13 @@ def train_step(
     additive: tuple[str, ...],
     skip_nonfinite: bool,
     schedule: Optional[optax.Schedule] = None,
+    jacobian: str = 'auto',
 ):
   """One data-parallel step. Pure: ``(state, batch) -> (state, metrics)``; metrics stay on device.
+
+  ``jacobian`` (``weighting.JACOBIAN_MODES``): how the task Jacobian's rows are pulled back, for the methods that
+  need it (`weighting.pullback_rows`); MGDA-UB's rows w.r.t. the features (a backward pass through the heads only,
+  no convolutions) are vmapped for 'auto'.
 
   A method with ``needs_validation`` (Auto-Lambda) also reads ``batch['validation']`` (a batch of the same form,
   from the validation split) and ``schedule`` (the optimizer's learning rate, :func:`make_schedule`).
@@ -280,7 +286,8 @@ def train_step(
     features, encoder_vjp, batch_stats = jax.vjp(encode, state.params, has_aux=True)
     rows, rows_vjp, named = jax.vjp(rows_from_features, features, state.params['heads'], has_aux=True)
     task_losses = rows[:-1]
-    d_features, d_heads = jax.vmap(rows_vjp)(cotangents)  # [R, B, D], head leaves [R, ...]
+    # [R, B, D], head leaves [R, ...]
+    d_features, d_heads = weighting.pullback_rows(rows_vjp, cotangents, 'vmap' if jacobian == 'auto' else jacobian)
     flat_rows = d_features.reshape(d_features.shape[0], -1)
     update, weights, weighting_state = method.apply(
         state.weighting_state, flat_rows[:num_tasks], task_losses, method_rng
@@ -295,12 +302,7 @@ def train_step(
   elif gradient_method:
     rows, vjp_fn, (named, batch_stats) = jax.vjp(loss_rows, state.params, has_aux=True)
     task_losses = rows[:-1]
-    if jax.default_backend() == 'cpu':
-      # XLA:CPU runs the vmapped backward's convolutions 2-4x slower than the same rows pulled back one by one
-      # (experiments/bench.py, CNN, T=2/4: 3.0x/5.5x EW vs 1.4x/2.7x); the rows still share the one forward pass.
-      jac = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[vjp_fn(c)[0] for c in cotangents])
-    else:
-      jac = jax.vmap(vjp_fn)(cotangents)[0]  # leaves [rows, ...]
+    jac = weighting.pullback_rows(vjp_fn, cotangents, jacobian)[0]  # leaves [rows, ...]; 'auto': rows on CPU
     flat_rows = jax.vmap(lambda tree: ravel_pytree(tree)[0])(jac['encoder'])
     unravel = ravel_pytree(state.params['encoder'])[1]
     update, weights, weighting_state = method.apply(
@@ -589,20 +591,23 @@ def build_experiment(
         'split: expected config.data.validation_fraction in (0, 1), e.g. 0.1'
     )
   validate_sources(benchmark)
+  # config.precision / config.remat applied to the encoder's and heads' kwargs (config_lib.model_kwargs).
+  encoder_kwargs, head_kwargs = config_lib.model_kwargs(config)
   model = models.build_model(
       benchmark.tasks,
       encoder=config.encoder.name,
-      encoder_kwargs=dict(config.encoder.kwargs),
+      encoder_kwargs=encoder_kwargs,
       head=config.head.name,
-      head_kwargs=dict(config.head.kwargs),
+      head_kwargs=head_kwargs,
   )
+  head_dtype = {'dtype': head_kwargs['dtype']} if 'dtype' in head_kwargs else {}
   relatedness = {}
   env = objective_lib.Env(
       benchmark.tasks,
       make_relatedness_resolver(benchmark, relatedness),
       lambda task, kind: model.heads[task]
       if kind == 'task'
-      else models.build_head('linear', benchmark.tasks[task].num_classes),
+      else models.build_head('linear', benchmark.tasks[task].num_classes, **head_dtype),
   )
   objective = objective_lib.build_objective(config.objective.to_dict(), env)
   combined, additive = loss_names(objective, config)
@@ -620,6 +625,7 @@ def build_experiment(
           additive=additive,
           skip_nonfinite=config.nonfinite == 'skip',
           schedule=make_schedule(config),
+          jacobian=config.weighting.get('jacobian', 'auto'),
       ),
       in_shardings=(replicated, data_sharding),
       out_shardings=(replicated, replicated),

@@ -1,4 +1,5 @@
-"""experiments/bench.py end to end at a tiny size: the rows asked for, the JSON schema, the printed table."""
+"""experiments/bench.py and experiments/device_check.py end to end at a tiny size: the rows asked for, the JSON
+schema, the printed table."""
 
 from __future__ import annotations
 
@@ -57,6 +58,65 @@ def test_bench_writes_the_json_schema(tmp_path, capsys):
   table = printed[printed.index('name ') :].splitlines()
   assert table[0].split()[:3] == ['name', 'T', 'step']
   assert [line.split()[0] for line in table[2:]] == ['ew', 'dm']
+
+
+def test_device_check_runs_at_a_tiny_size(tmp_path, capsys):
+  """device_check's main at a tiny size on CPU (8 fake devices): one row of a one-block ResNet-50 with remat in the
+  real train step (BatchNorm, bfloat16, the ImageNet stem); and the peak table's lookups."""
+  from experiments import device_check  # pylint: disable=g-import-not-at-top  (imports bench.py: TF, TFDS)
+
+  out = tmp_path / 'device_check.json'
+  rows = device_check.main(
+      [
+          '--encoders',
+          'resnet50',
+          '--rows',
+          'ew',
+          '--remat',
+          'on',
+          '--batch_size',
+          '8',
+          '--image_size',
+          '8',
+          '--steps',
+          '1',
+          '--warmup',
+          '0',
+          '--encoder_kwargs',
+          '{"width": 1, "stage_sizes": [1]}',
+          '--fast_compile',
+          '--json',
+          str(out),
+      ]
+  )
+  assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
+  (row,) = rows
+  assert (row['encoder'], row['name'], row['remat'], row['ratio_to_ew']) == ('resnet50', 'ew', True, 1.0)
+  assert row['step_ms'] > 0 and row['finite'] and row['gflop_per_step'] > 0 and row['step_temp_mb'] is not None
+  assert row['device_kind'] == 'cpu' and row['peak_tflops_per_device'] is None and row['fraction_of_peak'] is None
+  printed = capsys.readouterr().out
+  assert 'peak bf16 n/a' in printed
+  table = printed[printed.index('encoder          row') :].splitlines()
+  assert table[0].split()[:4] == ['encoder', 'row', 'step', 'ms'] and table[2].split()[:3] == [
+      'resnet50',
+      'remat',
+      'ew',
+  ]
+  assert table[2].split()[-1] == 'n/a'
+  for kind, peak in [
+      ('NVIDIA H100 80GB HBM3', 989.5),
+      ('NVIDIA H100 PCIe', 756.5),
+      ('NVIDIA H200', 989.5),
+      ('NVIDIA A100-SXM4-40GB', 312.0),
+      ('TPU v4', 275.0),
+      ('TPU v5 lite', 197.0),
+      ('TPU v5', 459.0),
+      ('TPU v5p', 459.0),
+      ('TPU v6 lite', 918.0),
+      ('TPU v4 lite', None),
+      ('cpu', None),
+  ]:
+    assert device_check.peak_tflops(kind)[0] == peak, kind
 
 
 def _load_bench_torch():

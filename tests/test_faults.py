@@ -503,6 +503,21 @@ def test_config_drift_rules():
   ]:
     with pytest.raises(ValueError, match=key):
       ckpt_lib.check_config_drift(saved, {**saved, **changed})
+  # How the same values are computed may change (remat, the Jacobian path); keys added since a checkpoint was written
+  # count as what that run did (ckpt_lib.ADDED_KEYS: float32, the CIFAR stem), anything else in them is refused.
+  ckpt_lib.check_config_drift(
+      saved,
+      {**saved, 'precision': 'float32', 'remat': True, 'encoder': {'kwargs': {'stem': 'cifar'}}},
+  )
+  ckpt_lib.check_config_drift(
+      {**saved, 'weighting': {'jacobian': 'vmap'}}, {**saved, 'weighting': {'jacobian': 'rows'}}
+  )
+  for changed, key in [
+      ({'precision': 'bfloat16'}, r'precision: saved "float32", now "bfloat16"'),
+      ({'encoder': {'kwargs': {'stem': 'imagenet'}}}, r'encoder\.kwargs\.stem: saved "cifar", now "imagenet"'),
+  ]:
+    with pytest.raises(ValueError, match=key):
+      ckpt_lib.check_config_drift(saved, {**saved, **changed})
   assert {
       'total_steps',
       'log_every',

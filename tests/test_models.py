@@ -1,5 +1,7 @@
 """Tests of mtlmatch.models: encoder shapes on several input sizes, variable layout, BatchNorm train/eval behaviour
-(against numpy statistics), stateless heads, build errors, and a batch-sharded jit over 8 devices equal to 1 device.
+(against numpy statistics), stateless heads, build errors, a batch-sharded jit over 8 devices equal to 1 device; and
+ResNet-50 / the ImageNet stem (parameter counts against torchvision's, stage shapes), remat (same gradients) and
+bfloat16 heads.
 
 Widths are tiny and most calls run eagerly: on CPU the cost is compiling each primitive (parameter initialisers
 included) once per shape, so the tests reuse one batch size (8) and the shapes of the first test where they can.
@@ -13,6 +15,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from conftest import REPO
+from mtlmatch import config_lib
 from mtlmatch.models import (ENCODERS, HEADS, MultiTaskModel, build_encoder, build_head, build_model)
 from mtlmatch.tasks import TaskSpec
 
@@ -31,7 +35,7 @@ def _images(shape, batch=8, seed=0):
 
 
 def test_registries():
-  assert sorted(ENCODERS) == ['cnn', 'mlp', 'resnet18', 'vit_tiny']
+  assert sorted(ENCODERS) == ['cnn', 'mlp', 'resnet18', 'resnet50', 'vit_tiny']
   assert sorted(HEADS) == ['linear', 'mlp']
 
 
@@ -177,8 +181,14 @@ def test_multitask_model_layout_and_apply(encoder):
 
 
 def test_build_errors():
-  with pytest.raises(ValueError, match=r"encoder name: got 'resnet50', expected one of \['cnn'"):
-    build_encoder('resnet50')
+  with pytest.raises(ValueError, match=r"encoder name: got 'resnet101', expected one of \['cnn'"):
+    build_encoder('resnet101')
+  with pytest.raises(ValueError, match=r"ResNet50.stem: got 'deep', expected one of \['cifar', 'imagenet'\]"):
+    build_encoder('resnet50', stem='deep')
+  with pytest.raises(ValueError, match=r"ViTTiny.remat: got 'yes', expected True or False"):
+    build_encoder('vit_tiny', remat='yes')
+  with pytest.raises(ValueError, match=r"head 'linear'.dtype: got 'int32', expected a floating dtype"):
+    build_head('linear', 3, dtype='int32')
   with pytest.raises(ValueError, match="encoder 'cnn' kwargs: got unknown \\['depth'\\]"):
     build_encoder('cnn', depth=3)
   with pytest.raises(ValueError, match='ResNet18.width: got 0'):
@@ -237,3 +247,141 @@ def test_sharded_jit_apply_equals_single_device():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), out, ref_out)
   # the statistics really moved (so the comparison is not vacuous)
   assert not np.allclose(stats['encoder']['stem_bn']['mean'], variables['batch_stats']['encoder']['stem_bn']['mean'])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ResNet-50, the ImageNet stem, remat and bfloat16 heads. Shapes and counts come from jax.eval_shape (no compute);
+# the remat gradients from one jitted program per encoder, compiled with XLA:CPU's quick options.
+
+FAST_COMPILE = {
+    'xla_cpu_use_fusion_emitters': False,
+    'xla_backend_optimization_level': 0,
+    'xla_llvm_disable_expensive_passes': True,
+}
+
+
+def _num_params(name, shape, **kwargs):
+  variables = jax.eval_shape(
+      lambda: build_encoder(name, **kwargs).init(jax.random.key(0), jnp.zeros(shape), train=False)
+  )
+  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables['params']))
+
+
+def _resnet50_count(w: int, in_channels: int = 3, stem: str = 'imagenet') -> int:
+  """Parameters of a ResNet-50 trunk by hand: convs without bias, BatchNorm scale + bias, bottlenecks of expansion 4
+  with a 1×1-conv+BN shortcut in each stage's first block."""
+  n = (49 if stem == 'imagenet' else 9) * in_channels * w + 2 * w  # stem conv + BN
+  cin = w
+  for s, blocks in enumerate((3, 4, 6, 3)):
+    c = w * 2**s
+    for b in range(blocks):
+      n += cin * c + 9 * c * c + c * 4 * c + 2 * (c + c + 4 * c)  # 1×1, 3×3, 1×1 convs and their BNs
+      if b == 0:
+        n += cin * 4 * c + 2 * 4 * c  # shortcut conv + BN
+      cin = 4 * c
+  return n
+
+
+def test_resnet50_parameter_count_is_torchvision_minus_the_fc_layer():
+  # torchvision's resnet50 has 25,557,032 parameters; its fc layer 2048·1000 + 1000 = 2,049,000 of them.
+  assert _resnet50_count(64) == 25_557_032 - 2_049_000 == 23_508_032
+  assert _num_params('resnet50', (1, 224, 224, 3), stem='imagenet') == 23_508_032
+  # The CIFAR stem (the default) differs only in the first conv (3×3 instead of 7×7); widths scale the count.
+  assert _num_params('resnet50', (1, 32, 32, 1), width=4) == _resnet50_count(4, in_channels=1, stem='cifar')
+  # ResNet-18 with the ImageNet stem: torchvision's 11,689,512 minus its fc layer (512·1000 + 1000).
+  assert _num_params('resnet18', (1, 224, 224, 3), stem='imagenet') == 11_689_512 - 513_000
+
+
+@pytest.mark.parametrize(
+    'name, stem, size, spatial',
+    [
+        # ImageNet stem: /2 conv, /2 max-pool, then stages at strides 1, 2, 2, 2 (ceil at each step: 7 → 4).
+        ('resnet50', 'imagenet', 112, [28, 14, 7, 4]),
+        # CIFAR stem: full resolution into stage 0.
+        ('resnet50', 'cifar', 36, [36, 18, 9, 5]),
+    ],
+)
+def test_resnet_stage_shapes_and_features(name, stem, size, spatial):
+  enc = build_encoder(name, width=4, stem=stem)
+  x = jnp.zeros((2, size, size, 3))
+  variables = jax.eval_shape(lambda: enc.init(jax.random.key(0), x, train=False))
+  feats, state = jax.eval_shape(
+      lambda v: enc.apply(v, x, train=False, capture_intermediates=True, mutable=['intermediates']), variables
+  )
+  expansion = 4 if name == 'resnet50' else 1
+  assert feats.shape == (2, 8 * 4 * expansion) and feats.dtype == jnp.float32
+  last = [f'stage{s}_block{n - 1}' for s, n in enumerate(enc.stage_sizes)]
+  got = [state['intermediates'][b]['__call__'][0].shape for b in last]
+  assert got == [(2, h, h, 4 * 2**s * expansion) for s, h in enumerate(spatial)]
+
+
+def test_resnet18_default_is_unchanged():
+  """ResNet18() keeps its pre-stem fields' defaults (CIFAR stem, no remat) and its parameter tree."""
+  enc = build_encoder('resnet18')
+  assert (enc.width, tuple(enc.stage_sizes), enc.stem, enc.remat) == (64, (2, 2, 2, 2), 'cifar', False)
+  assert _num_params('resnet18', (1, 32, 32, 3)) == 11_168_832  # the standard CIFAR ResNet-18 count (no fc)
+
+
+def test_smoke_resnet50_is_small():
+  kwargs = config_lib.SMOKE_ENCODERS['resnet50']
+  assert _num_params('resnet50', (1, 32, 32, 1), **kwargs) < 20_000
+  config = config_lib.load_config(f'{REPO}/configs/affect.py:mtl,encoder=resnet50,smoke')
+  assert dict(config.encoder.kwargs) == {**config_lib.encoder_kwargs('resnet50'), **kwargs}
+
+
+# The two ways remat wraps a block: a Module class with a static `train` argument (ResNet blocks, with BatchNorm; ViT
+# blocks take the same path without it) and a method of the encoder (CNN stages, MLP layers).
+REMAT_TINY = {
+    'cnn': dict(widths=(4, 8), features=8),
+    'resnet50': dict(width=2, stage_sizes=(1,)),
+}
+
+
+def _fast(fn, *args):
+  return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
+
+
+@pytest.mark.parametrize('name', sorted(REMAT_TINY))
+def test_remat_gives_the_same_parameters_gradients_and_statistics(name):
+  x = _images((8, 8, 3))
+  plain, remat = (build_encoder(name, **REMAT_TINY[name], remat=r) for r in (False, True))
+  remat_vars = jax.eval_shape(lambda: remat.init(jax.random.key(0), x, train=False))
+  assert jax.tree.structure(remat_vars) == jax.tree.structure(
+      jax.eval_shape(lambda: plain.init(jax.random.key(0), x, train=False))
+  )  # the same parameter tree: checkpoints move between them
+
+  def both(images):
+    variables = plain.init(jax.random.key(0), images, train=False)
+
+    def grads(enc):
+      def loss(params):
+        feats, updates = enc.apply({**variables, 'params': params}, images, train=True, mutable=['batch_stats'])
+        return jnp.sum(jnp.square(feats)), updates
+
+      return jax.grad(loss, has_aux=True)(variables['params'])
+
+    return grads(plain), grads(remat)
+
+  without, with_remat = _fast(both, x)  # gradients and BatchNorm statistics of each
+  for a, b in zip(jax.tree.leaves(without), jax.tree.leaves(with_remat), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # float32 summation order
+  # Not vacuous (the branches of residual blocks start at zero, so only some leaves have non-zero gradients).
+  assert any(np.any(g != 0) for g in jax.tree.leaves(without[0]))
+
+
+def test_bfloat16_heads_keep_float32_params_and_logits():
+  feats = _images((16,))
+  heads = {name: build_head(name, 5, **kwargs) for name, kwargs in (('linear', {}), ('mlp', {'hidden': 6}))}
+  bf16 = {name: head.clone(dtype=jnp.bfloat16) for name, head in heads.items()}
+
+  def run(f):
+    variables = {name: head.init(jax.random.key(0), f) for name, head in heads.items()}
+    bf16_variables = {name: head.init(jax.random.key(0), f) for name, head in bf16.items()}
+    return variables, bf16_variables, {n: (heads[n].apply(v, f), bf16[n].apply(v, f)) for n, v in variables.items()}
+
+  variables, bf16_variables, logits = _fast(run, feats)
+  jax.tree.map(np.testing.assert_array_equal, bf16_variables, variables)  # the same (float32) parameters
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+  for ref, got in logits.values():
+    assert got.dtype == jnp.float32 and not np.array_equal(got, ref)  # computed in bfloat16 ...
+    np.testing.assert_allclose(got, ref, rtol=0.05, atol=0.05)  # ... to ~3 significant digits

@@ -1,6 +1,6 @@
 """Models: shared image encoders, stateless task heads and their composition into a multi-task model.
 
-* ``encoders``: ``ENCODERS`` = {'mlp', 'cnn', 'resnet18', 'vit_tiny'}; ``build_encoder(name, **kwargs)``.
+* ``encoders``: ``ENCODERS`` = {'mlp', 'cnn', 'resnet18', 'resnet50', 'vit_tiny'}; ``build_encoder(name, **kwargs)``.
 * ``heads``: ``HEADS`` = {'linear', 'mlp'}; ``build_head(name, num_classes, **kwargs)``.
 * ``cpu_ops``: ``conv_general_dilated`` (a drop-in for ``lax``'s, for ``nn.Conv``) and ``max_pool_2x2`` with a
   GEMM / reshape backward that is several times faster on XLA:CPU; ``IMPLS`` = ('auto', 'native', 'gemm').
@@ -11,7 +11,7 @@ Models know nothing of training: losses, optimisers and the sharded step live in
 """
 
 from mtlmatch.models import cpu_ops
-from mtlmatch.models.encoders import ENCODERS, CNNEncoder, MLPEncoder, ResNet18, ViTTiny, build_encoder
+from mtlmatch.models.encoders import ENCODERS, CNNEncoder, MLPEncoder, ResNet18, ResNet50, ViTTiny, build_encoder
 from mtlmatch.models.heads import HEADS, LinearHead, MLPHead, build_head
 from mtlmatch.models.multitask import MultiTaskModel, build_model
 
@@ -24,6 +24,7 @@ __all__ = [
     'MLPHead',
     'MultiTaskModel',
     'ResNet18',
+    'ResNet50',
     'ViTTiny',
     'build_encoder',
     'build_head',

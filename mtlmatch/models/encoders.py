@@ -5,16 +5,21 @@ Every encoder is called as ``encoder.apply(variables, images, train=...)`` and w
 ViT, by pooling tokens), never by a flatten of a hard-coded size. The one exception is ``MLPEncoder``, which flattens
 the image, so its first layer's shape is fixed by the size it was initialised with.
 
-Precision: ``dtype`` is the *compute* dtype (e.g. ``jnp.bfloat16`` on GPU); parameters are always float32
-(``param_dtype``) and features are returned as float32 so losses and heads run in full precision.
+Precision: ``dtype`` is the *compute* dtype (e.g. ``jnp.bfloat16`` on GPU, what ``config.precision='bfloat16'``
+sets); parameters are always float32 (``param_dtype``), BatchNorm / LayerNorm statistics, the attention softmax and
+the final pooling are computed in float32, and features are returned as float32.
 
-BatchNorm (``ResNet18`` only) uses ``use_running_average=not train`` and momentum 0.9. Batch statistics are averaged
-over *all devices* without any ``axis_name``: the train step is a ``jax.jit`` over a device mesh with the batch
-sharded on the ``'data'`` axis (global arrays), so the batch mean and variance computed inside BatchNorm are already
-reductions over the global batch — XLA inserts the cross-device all-reduce. (An ``axis_name`` is only meaningful
-under ``pmap``/``shard_map``, which mtlmatch does not use.)
+Remat: ``remat=True`` (``config.remat``) wraps every block — ResNet blocks, CNN stages (conv → pool → ReLU), ViT
+blocks, MLP layers — in ``flax.linen.remat``: their activations are recomputed in the backward pass instead of being
+kept, which trades compute for memory. Values, gradients and the parameter tree are the same either way.
 
-Convolutions and max-pooling (``cnn``, ``resnet18``, the ViT's patch embedding) go through
+BatchNorm (``ResNet18`` / ``ResNet50`` only) uses ``use_running_average=not train`` and momentum 0.9. Batch
+statistics are averaged over *all devices* without any ``axis_name``: the train step is a ``jax.jit`` over a device
+mesh with the batch sharded on the ``'data'`` axis (global arrays), so the batch mean and variance computed inside
+BatchNorm are already reductions over the global batch — XLA inserts the cross-device all-reduce. (An ``axis_name``
+is only meaningful under ``pmap``/``shard_map``, which mtlmatch does not use.)
+
+Convolutions and 2×2 max-pooling (``cnn``, ``resnet18``, ``resnet50``, the ViT's patch embedding) go through
 ``mtlmatch.models.cpu_ops``: ``conv_impl='auto'`` (every conv encoder's field; ``--config.encoder.kwargs.conv_impl``)
 gives them a GEMM-based backward on the CPU backend, several times faster there than XLA:CPU's own, and the plain
 ``lax`` ops on GPU/TPU; ``'native'`` / ``'gemm'`` force one. Values, gradients, parameter names and shapes are the
@@ -25,6 +30,7 @@ Usage::
     enc = ResNet18(width=64, dtype=jnp.bfloat16)
     variables = enc.init(rng, images, train=False)            # {'params': ..., 'batch_stats': ...}
     feats, upd = enc.apply(variables, images, train=True, mutable=['batch_stats'])
+    ResNet50(stem='imagenet', dtype=jnp.bfloat16, remat=True)      # 112-224 px faces on an accelerator
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ Dtype = Any
 
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
+# ResNet stems: 'cifar' = 3×3 conv, stride 1, no pooling (small images: 28-36 px); 'imagenet' = 7×7 conv, stride 2,
+# then 3×3 max-pool, stride 2 (He et al. 2016; images of 112-224 px: features at 1/32 of the input size).
+STEMS = ('cifar', 'imagenet')
 
 
 def _check_images(images, where: str) -> None:
@@ -79,6 +88,19 @@ def _construct(registry: Mapping[str, Callable[..., nn.Module]], what: str, name
   return cls(**kwargs)
 
 
+def _check_bool(where: str, value) -> None:
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f'{where}: got {value!r}, expected True or False')
+
+
+def _maybe_remat(target, remat: bool, static_argnums=()):
+  """``nn.remat(target)`` when ``remat``, else ``target`` (a Module class, or a function whose first argument is a
+    module). Flax's lifted remat keeps the variables where ``target`` would put them, so the parameter tree is the same
+    either way. ``static_argnums`` index the call's arguments, counting the module as argument 0 (``train`` of a
+  block's ``__call__(self, x, train)`` is 2)."""
+  return nn.remat(target, static_argnums=static_argnums) if remat else target
+
+
 def _check_dtype(where: str, dtype) -> None:
   try:
     ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
@@ -96,19 +118,25 @@ class MLPEncoder(nn.Module):
 
   hidden: Sequence[int] = (512, 256)
   dtype: Dtype = jnp.float32
+  remat: bool = False  # recompute each layer's activations in the backward pass (config.remat)
 
   def __post_init__(self):
     _check_positive_ints('MLPEncoder', hidden=self.hidden)
     _check_dtype('MLPEncoder', self.dtype)
+    _check_bool('MLPEncoder.remat', self.remat)
     super().__post_init__()
+
+  def _layer(self, x, i: int):
+    return nn.relu(nn.Dense(self.hidden[i], dtype=self.dtype, name=f'dense_{i}')(x))
 
   @nn.compact
   def __call__(self, images, *, train: bool):
     del train  # no train-dependent layers
     _check_images(images, 'MLPEncoder')
     x = images.reshape(images.shape[0], -1)
-    for i, h in enumerate(self.hidden):
-      x = nn.relu(nn.Dense(h, dtype=self.dtype, name=f'dense_{i}')(x))
+    layer = _maybe_remat(type(self)._layer, self.remat, static_argnums=(2,))
+    for i in range(len(self.hidden)):
+      x = layer(self, x, i)
     return x.astype(jnp.float32)
 
 
@@ -123,28 +151,41 @@ class CNNEncoder(nn.Module):
   features: int = 256
   dtype: Dtype = jnp.float32
   conv_impl: str = 'auto'  # cpu_ops.IMPLS: 'auto' (GEMM backward on CPU), 'native', 'gemm'
+  remat: bool = False  # recompute each stage's activations in the backward pass (config.remat)
 
   def __post_init__(self):
     _check_positive_ints('CNNEncoder', widths=self.widths, features=self.features)
     _check_dtype('CNNEncoder', self.dtype)
     cpu_ops.check_impl('CNNEncoder.conv_impl', self.conv_impl)
+    _check_bool('CNNEncoder.remat', self.remat)
     super().__post_init__()
+
+  def _stage(self, x, i: int):
+    conv = cpu_ops.conv_fn(self.conv_impl)
+    x = nn.Conv(self.widths[i], (3, 3), padding='SAME', dtype=self.dtype, conv_general_dilated=conv, name=f'conv_{i}')(
+        x
+    )
+    # Pool, then ReLU: the same values and gradients as ReLU then pool (ReLU is monotone, and both pools send the
+    # gradient to the window's first maximum), with the ReLU and its backward on a quarter of the elements
+    # (≈ 10 % of a CPU train step of the small CNN).
+    return nn.relu(cpu_ops.max_pool_2x2(x, impl=self.conv_impl))
 
   @nn.compact
   def __call__(self, images, *, train: bool):
     del train
     _check_images(images, 'CNNEncoder')
     x = images
-    conv = cpu_ops.conv_fn(self.conv_impl)
-    for i, w in enumerate(self.widths):
-      x = nn.Conv(w, (3, 3), padding='SAME', dtype=self.dtype, conv_general_dilated=conv, name=f'conv_{i}')(x)
-      # Pool, then ReLU: the same values and gradients as ReLU then pool (ReLU is monotone, and both pools send the
-      # gradient to the window's first maximum), with the ReLU and its backward on a quarter of the elements
-      # (≈ 10 % of a CPU train step of the small CNN).
-      x = nn.relu(cpu_ops.max_pool_2x2(x, impl=self.conv_impl))
+    stage = _maybe_remat(type(self)._stage, self.remat, static_argnums=(2,))
+    for i in range(len(self.widths)):
+      x = stage(self, x, i)
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(self.features, dtype=self.dtype, name='dense')(x))
     return x.astype(jnp.float32)
+
+
+def _norm(train: bool, dtype, **kwargs):
+  """The ResNets' BatchNorm (momentum 0.9, ε 1e-5; statistics in float32 whatever ``dtype``)."""
+  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, **kwargs)
 
 
 class _BasicBlock(nn.Module):
@@ -156,10 +197,8 @@ class _BasicBlock(nn.Module):
   conv_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
-    norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype
-    )
+  def __call__(self, x, train: bool):  # train positional: a static argument of nn.remat
+    norm = functools.partial(_norm, train, self.dtype)
     conv = functools.partial(
         nn.Conv, use_bias=False, dtype=self.dtype, conv_general_dilated=cpu_ops.conv_fn(self.conv_impl)
     )
@@ -176,8 +215,92 @@ class _BasicBlock(nn.Module):
     return nn.relu(y + residual)
 
 
-class ResNet18(nn.Module):
-  """ResNet-18 with a CIFAR-style stem (3×3 conv, stride 1, no max-pool) and BatchNorm.
+class _Bottleneck(nn.Module):
+  """ResNet bottleneck block (He et al. 2016), "v1.5" as torchvision's and the flax ImageNet example's: 1×1 conv to
+  ``width`` → 3×3 conv with the stride → 1×1 conv to ``4·width`` (expansion 4), each with BN; identity shortcut, or
+  1×1-conv+BN when the channels or the stride change."""
+
+  width: int
+  strides: int
+  dtype: Dtype
+  conv_impl: str = 'auto'
+
+  EXPANSION = 4
+
+  @nn.compact
+  def __call__(self, x, train: bool):  # train positional: a static argument of nn.remat
+    norm = functools.partial(_norm, train, self.dtype)
+    conv = functools.partial(
+        nn.Conv, use_bias=False, dtype=self.dtype, conv_general_dilated=cpu_ops.conv_fn(self.conv_impl)
+    )
+    out = self.EXPANSION * self.width
+    y = nn.relu(norm(name='bn1')(conv(self.width, (1, 1), padding='VALID', name='conv1')(x)))
+    y = conv(self.width, (3, 3), strides=self.strides, padding=1, name='conv2')(y)
+    y = nn.relu(norm(name='bn2')(y))
+    y = conv(out, (1, 1), padding='VALID', name='conv3')(y)
+    y = norm(scale_init=nn.initializers.zeros, name='bn3')(y)  # each block starts as the identity
+    residual = x
+    if x.shape[-1] != out or self.strides != 1:
+      residual = conv(out, (1, 1), strides=self.strides, padding='VALID', name='shortcut_conv')(x)
+      residual = norm(name='shortcut_bn')(residual)
+    return nn.relu(y + residual)
+
+
+class _ResNet(nn.Module):
+  """The ResNet trunk shared by :class:`ResNet18` and :class:`ResNet50`: stem, stages, global average pooling."""
+
+  width: int = 64
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'  # cpu_ops.IMPLS, as CNNEncoder
+  stem: str = 'cifar'  # STEMS: 'cifar' (3×3, stride 1) or 'imagenet' (7×7 stride 2 + 3×3 max-pool stride 2)
+  remat: bool = False  # recompute each block's activations in the backward pass (config.remat)
+
+  BLOCK = _BasicBlock
+
+  def __post_init__(self):
+    where = type(self).__name__
+    _check_positive_ints(where, width=self.width, stage_sizes=self.stage_sizes)
+    _check_dtype(where, self.dtype)
+    cpu_ops.check_impl(f'{where}.conv_impl', self.conv_impl)
+    if self.stem not in STEMS:
+      raise ValueError(f'{where}.stem: got {self.stem!r}, expected one of {list(STEMS)}')
+    _check_bool(f'{where}.remat', self.remat)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    _check_images(images, type(self).__name__)
+    conv = functools.partial(
+        nn.Conv,
+        self.width,
+        use_bias=False,
+        dtype=self.dtype,
+        conv_general_dilated=cpu_ops.conv_fn(self.conv_impl),
+        name='stem_conv',
+    )
+    if self.stem == 'cifar':
+      x = conv((3, 3), padding=1)(images)
+    else:
+      x = conv((7, 7), strides=2, padding=3)(images)  # torchvision's padding: H_out = ceil(H / 2)
+    x = nn.relu(_norm(train, self.dtype, name='stem_bn')(x))
+    if self.stem == 'imagenet':
+      # 3×3, stride 2, padding 1 (−∞): H_out = ceil(H / 2). Once per network, so XLA's own backward
+      # (select_and_scatter; slow on XLA:CPU, see cpu_ops) is kept here.
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    block = _maybe_remat(self.BLOCK, self.remat, static_argnums=(2,))
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for index in range(num_blocks):
+        strides = 2 if stage > 0 and index == 0 else 1
+        x = block(self.width * 2**stage, strides, self.dtype, self.conv_impl, name=f'stage{stage}_block{index}')(
+            x, train
+        )
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+class ResNet18(_ResNet):
+  """ResNet-18 with BatchNorm; by default a CIFAR-style stem (3×3 conv, stride 1, no max-pool), or the ImageNet stem
+  (``stem='imagenet'``: 7×7 conv stride 2 + 3×3 max-pool stride 2, for 112-224 px images).
 
   Stages of 2 basic blocks with widths ``width·(1, 2, 4, 8)`` and strides (1, 2, 2, 2), then global average pooling;
   D = 8·width (512 for the standard width 64). BatchNorm statistics are global-batch statistics under a sharded
@@ -185,40 +308,17 @@ class ResNet18(nn.Module):
   running ← 0.9·running + 0.1·batch), ``train=False`` uses the running averages.
   """
 
-  width: int = 64
-  stage_sizes: Sequence[int] = (2, 2, 2, 2)
-  dtype: Dtype = jnp.float32
-  conv_impl: str = 'auto'  # cpu_ops.IMPLS, as CNNEncoder
 
-  def __post_init__(self):
-    _check_positive_ints('ResNet18', width=self.width, stage_sizes=self.stage_sizes)
-    _check_dtype('ResNet18', self.dtype)
-    cpu_ops.check_impl('ResNet18.conv_impl', self.conv_impl)
-    super().__post_init__()
+class ResNet50(_ResNet):
+  """ResNet-50: the :class:`ResNet18` trunk with bottleneck blocks (1×1 → 3×3 → 1×1, expansion 4) in stages of
+  (3, 4, 6, 3) blocks; inner widths ``width·(1, 2, 4, 8)``, D = 32·width (2048 for the standard width 64). Stem
+  ``'cifar'`` by default (as ResNet18, for this repository's 28-36 px images); ``stem='imagenet'`` is torchvision's
+  ResNet-50 trunk (23,508,032 parameters for width 64 and RGB input: its 25,557,032 minus the 1000-way fc layer).
+  """
 
-  @nn.compact
-  def __call__(self, images, *, train: bool):
-    _check_images(images, 'ResNet18')
-    x = nn.Conv(
-        self.width,
-        (3, 3),
-        padding=1,
-        use_bias=False,
-        dtype=self.dtype,
-        conv_general_dilated=cpu_ops.conv_fn(self.conv_impl),
-        name='stem_conv',
-    )(images)
-    x = nn.BatchNorm(
-        use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype, name='stem_bn'
-    )(x)
-    x = nn.relu(x)
-    for stage, num_blocks in enumerate(self.stage_sizes):
-      for block in range(num_blocks):
-        strides = 2 if stage > 0 and block == 0 else 1
-        x = _BasicBlock(
-            self.width * 2**stage, strides, self.dtype, self.conv_impl, name=f'stage{stage}_block{block}'
-        )(x, train=train)
-    return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+  stage_sizes: Sequence[int] = (3, 4, 6, 3)
+
+  BLOCK = _Bottleneck
 
 
 def posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:
@@ -245,6 +345,7 @@ class _TransformerBlock(nn.Module):
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads,
         dtype=self.dtype,
+        force_fp32_for_softmax=True,  # a no-op in float32; the softmax's max/sum in float32 under bfloat16
         deterministic=True,
         kernel_init=nn.initializers.xavier_uniform(),
         name='attn',
@@ -276,6 +377,7 @@ class ViTTiny(nn.Module):
   pool: str = 'gap'
   dtype: Dtype = jnp.float32
   conv_impl: str = 'auto'  # of the patch embedding; cpu_ops.IMPLS, as CNNEncoder
+  remat: bool = False  # recompute each block's activations in the backward pass (config.remat)
 
   def __post_init__(self):
     _check_positive_ints(
@@ -292,6 +394,7 @@ class ViTTiny(nn.Module):
       raise ValueError(f"ViTTiny.pool: got {self.pool!r}, expected one of ['gap', 'cls']")
     _check_dtype('ViTTiny', self.dtype)
     cpu_ops.check_impl('ViTTiny.conv_impl', self.conv_impl)
+    _check_bool('ViTTiny.remat', self.remat)
     super().__post_init__()
 
   @nn.compact
@@ -315,17 +418,18 @@ class ViTTiny(nn.Module):
     if self.pool == 'cls':
       cls = self.param('cls', nn.initializers.zeros, (1, 1, d), jnp.float32)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)), x], axis=1)
+    block = _maybe_remat(_TransformerBlock, self.remat)
     for i in range(self.depth):
-      x = _TransformerBlock(self.num_heads, self.mlp_dim or 4 * self.dim, self.dtype, name=f'block_{i}')(x)
-    x = nn.LayerNorm(dtype=self.dtype, name='ln_final')(x)
-    x = x[:, 0] if self.pool == 'cls' else jnp.mean(x, axis=1)
-    return x.astype(jnp.float32)
+      x = block(self.num_heads, self.mlp_dim or 4 * self.dim, self.dtype, name=f'block_{i}')(x)
+    x = nn.LayerNorm(dtype=self.dtype, name='ln_final')(x).astype(jnp.float32)
+    return x[:, 0] if self.pool == 'cls' else jnp.mean(x, axis=1)
 
 
 ENCODERS: dict[str, type[nn.Module]] = {
     'mlp': MLPEncoder,
     'cnn': CNNEncoder,
     'resnet18': ResNet18,
+    'resnet50': ResNet50,
     'vit_tiny': ViTTiny,
 }
 

@@ -1,9 +1,10 @@
-"""Task heads (Flax Linen): ``features[B, D] -> logits[B, C]`` in float32.
+"""Task heads (Flax Linen): ``features[B, D] -> logits[B, C]``, logits always float32.
 
 Heads are stateless on purpose: no BatchNorm, no Dropout, no mutable collections, only ``'params'``. DGR (docs/maths.md
 §4) re-applies a task's head with never-trained dummy parameters, ``head.apply({'params': phi}, features)``, and
 draws those dummies from the head's own initialiser, ``head.init(rng, features)['params']``; both need a head that
-is a pure function of (params, features). Heads compute in float32: they are tiny, and the logits feed the losses.
+is a pure function of (params, features). ``dtype`` is the compute dtype (float32 by default; bfloat16 under
+``config.precision='bfloat16'``); parameters are float32 and the logits are cast to float32 before any loss.
 
 Usage::
 
@@ -17,21 +18,24 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mtlmatch.models.encoders import _check_positive_ints, _construct
+from mtlmatch.models.encoders import Dtype, _check_dtype, _check_positive_ints, _construct
 
 
 class LinearHead(nn.Module):
   """logits = f W + b, W [D, C] (LeCun-normal init), b [C] (zeros)."""
 
   num_classes: int
+  dtype: Dtype = jnp.float32
 
   def __post_init__(self):
     _check_positive_ints('LinearHead', num_classes=self.num_classes)
+    _check_dtype('LinearHead', self.dtype)
     super().__post_init__()
 
   @nn.compact
   def __call__(self, features):
-    return nn.Dense(self.num_classes, dtype=jnp.float32, name='out')(features.astype(jnp.float32))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='out')(features.astype(jnp.float32))
+    return logits.astype(jnp.float32)
 
 
 class MLPHead(nn.Module):
@@ -39,15 +43,17 @@ class MLPHead(nn.Module):
 
   num_classes: int
   hidden: int = 256
+  dtype: Dtype = jnp.float32
 
   def __post_init__(self):
     _check_positive_ints('MLPHead', num_classes=self.num_classes, hidden=self.hidden)
+    _check_dtype('MLPHead', self.dtype)
     super().__post_init__()
 
   @nn.compact
   def __call__(self, features):
-    x = nn.relu(nn.Dense(self.hidden, dtype=jnp.float32, name='hidden')(features.astype(jnp.float32)))
-    return nn.Dense(self.num_classes, dtype=jnp.float32, name='out')(x)
+    x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name='hidden')(features.astype(jnp.float32)))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='out')(x).astype(jnp.float32)
 
 
 HEADS: dict[str, type[nn.Module]] = {

@@ -79,9 +79,12 @@ from mtlmatch.weighting.gradient_methods import (
     project_simplex,
 )
 from mtlmatch.weighting.jacobian import (
+    JACOBIAN_MODES,
     cosine_similarity_matrix,
     flatten_grads,
     flatten_task_grads,
+    pullback_rows,
+    resolve_jacobian,
     task_jacobian,
     unflatten_grads,
 )
@@ -240,6 +243,7 @@ __all__ = [
     'HParam',
     'IMTL',
     'IMTLL',
+    'JACOBIAN_MODES',
     'Krum',
     'LOSS_WEIGHTING',
     'MGDA',
@@ -278,6 +282,8 @@ __all__ = [
     'nonneg_qp',
     'pcgrad_weights',
     'project_simplex',
+    'pullback_rows',
+    'resolve_jacobian',
     'task_jacobian',
     'unflatten_grads',
 ]

@@ -1,0 +1,227 @@
+"""Compile and time the ResNet train steps on whatever backend JAX finds; report step time, TFLOP/s and % of peak.
+
+  python experiments/device_check.py                     # ResNet-18 and ResNet-50, bf16, batch 256 at 112 px
+  python experiments/device_check.py --remat both        # each row with and without remat: memory vs time
+  python experiments/device_check.py --batch_size 32 --image_size 64 --steps 3    # a smaller, stated size
+  python experiments/device_check.py --encoders resnet18 --rows ew,pcgrad_t2 --precision float32
+
+Run it first on a new machine (a GPU, a TPU VM): it says whether the accelerator is found and used, what one step of
+each method costs there, and how close XLA's estimate of the step's FLOPs per second comes to the device's peak.
+
+Rows (``--rows``), each the real ``train.build_experiment`` step (``exp.step_fn``) of ``configs/affect.py`` on an
+in-memory benchmark of random RGB images at ``--image_size`` with the affect tasks (``expression`` 7-way, ``aus`` 17
+multilabel), every example labelled for both (so every term has data):
+
+* ``ew`` — plain multi-task learning, equal weights (the ``mtl`` variant);
+* ``dm+coann`` — distribution matching + soft co-annotation (prior ``expressions_to_aus``), EW;
+* ``dgr_k1`` — DGR with K = 1 fixed dummy head per task (λ = 0.01), EW;
+* ``pcgrad_t2`` — PCGrad on the T = 2 task losses (the task Jacobian, ``config.weighting.jacobian``).
+
+Encoders (``--encoders``): ``resnet18`` and ``resnet50`` with ``--stem`` (default ``imagenet``: 7×7 stride 2 +
+max-pool, for 112-224 px) and ``--precision`` (default ``bfloat16``: bf16 compute, float32 parameters and losses);
+``--encoder_kwargs`` (JSON) overrides fields of both (the tests use ``{"width": 2, "stage_sizes": [1, 1, 1, 1]}``).
+
+Columns: ``step ms`` = median over ``--steps`` timed steps (after compiling and ``--warmup`` steps; the rows of one
+encoder are interleaved round by round, as in experiments/bench.py); ``x EW`` = step / the same encoder's ``ew``
+step; ``compile s``; ``temp MB`` = XLA's temporary buffers of the compiled step on one device
+(``compiled.memory_analysis().temp_size_in_bytes``: activations kept for the backward pass, and what ``--remat``
+saves); ``GFLOP`` = XLA's cost analysis of the compiled step (``compiled.cost_analysis()['flops']``, per-device
+program × devices; an estimate); ``TFLOP/s`` = that / step time; ``% peak`` = TFLOP/s / (devices × the device's
+peak dense bf16 TFLOP/s in :data:`PEAK_BF16_TFLOPS`; ``n/a`` for a device kind not in the table, the CPU included).
+A float32 run is still compared with the bf16 peak (the table holds no float32 peaks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import Optional
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+from experiments import bench  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from mtlmatch import config_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from mtlmatch import data  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from mtlmatch import train  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from mtlmatch.tasks import TaskSpec  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Peak dense bf16 TFLOP/s per device (one JAX device: a GPU, or a TPU chip from v4 on), matched against
+# ``jax.devices()[0].device_kind`` (case-insensitive regex, first match wins). NVIDIA's datasheets give Tensor Core
+# BF16 "with sparsity"; the dense peak used here is half of it. Sources: NVIDIA H100 datasheet (SXM 1,979; PCIe
+# 1,513; NVL 1,671 TFLOPS with sparsity), NVIDIA H200 datasheet (SXM 1,979; NVL 1,671 with sparsity), NVIDIA A100
+# datasheet (BF16 312 TFLOPS dense, 624 with sparsity), https://www.nvidia.com/en-us/data-center/{h100,h200,a100}/;
+# Cloud TPU system architecture pages, "peak compute per chip (bf16)": v4 275, v5e 197, v5p 459, v6e (Trillium) 918,
+# https://cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}. JAX names v5e "TPU v5 lite", v5p "TPU v5", v6e "TPU v6 lite".
+PEAK_BF16_TFLOPS = (
+    (r'h100.*pcie', 756.5, 'NVIDIA H100 PCIe'),
+    (r'h100.*nvl', 835.5, 'NVIDIA H100 NVL'),
+    (r'h100', 989.5, 'NVIDIA H100 SXM'),
+    (r'h200.*nvl', 835.5, 'NVIDIA H200 NVL'),
+    (r'h200', 989.5, 'NVIDIA H200 SXM'),
+    (r'a100', 312.0, 'NVIDIA A100'),
+    (r'^tpu v4$', 275.0, 'TPU v4'),
+    (r'^tpu v5( lite|e)$', 197.0, 'TPU v5e'),
+    (r'^tpu v5p?$', 459.0, 'TPU v5p'),
+    (r'^tpu v6( lite|e)$', 918.0, 'TPU v6e'),
+)
+
+ROWS = {  # name -> (configs/affect.py variant, weighting method)
+    'ew': ('mtl', 'ew'),
+    'dm+coann': ('dm+coann', 'ew'),
+    'dgr_k1': ('dgr', 'ew'),
+    'pcgrad_t2': ('mtl', 'pcgrad'),
+}
+ENCODERS = ('resnet18', 'resnet50')
+
+
+def peak_tflops(device_kind: str) -> tuple[Optional[float], Optional[str]]:
+  """(peak dense bf16 TFLOP/s of one device, the table's name for it), or (None, None) for an unknown kind."""
+  for pattern, tflops, name in PEAK_BF16_TFLOPS:
+    if re.search(pattern, device_kind.strip(), re.IGNORECASE):
+      return tflops, name
+  return None, None
+
+
+def affect_like_benchmark(image_size: int, channels: int, num_examples: int, seed: int = 0) -> data.Benchmark:
+  """Random uint8 images [N, S, S, C]; ``expression`` (7-way) and ``aus`` (17 multilabel) labelled on every one."""
+  rng = np.random.default_rng(seed)
+  tasks = [TaskSpec('expression', 'multiclass', 7), TaskSpec('aus', 'multilabel', 17)]
+  images = rng.integers(0, 256, (num_examples, image_size, image_size, channels), dtype=np.uint8)
+  labels = {
+      'expression': rng.integers(0, 7, num_examples).astype(np.int32),
+      'aus': (rng.random((num_examples, 17)) < 0.2).astype(np.int32),
+  }
+  return data.make_benchmark('device_check', tasks, [data.array_source('faces', images, labels)])
+
+
+def row_config(row: str, encoder: str, args, remat: bool):
+  variant, method = ROWS[row]
+  config = config_lib.load_config(os.path.join(REPO, 'configs', 'affect.py') + f':{variant}')
+  config_lib.set_encoder(config, encoder, **{'stem': args.stem, **args.encoder_kwargs})
+  config_lib.set_weighting(config, method)
+  config.precision = args.precision
+  config.remat = remat
+  config.weighting.jacobian = args.jacobian
+  config.batch_size = config.eval_batch_size = args.batch_size
+  return config
+
+
+def run_group(encoder: str, remat: bool, benchmark: data.Benchmark, args) -> list[dict]:
+  """Compiles the rows of one (encoder, remat) and times them in interleaved rounds (experiments/bench.py)."""
+  prepared, batch = [], None
+  group = f'{encoder}{" remat" if remat else ""}'
+  for row in args.rows:
+    exp = train.build_experiment(row_config(row, encoder, args, remat), benchmark=benchmark)
+    batch = bench.first_batch(exp, args.batch_size) if batch is None else batch
+    prepared.append(bench.prepare(row, group, exp, bench.init_state(exp, args), batch, args))
+  rows = bench.time_rounds(prepared, args)
+  baseline = next((r for r in rows if r['name'] == 'ew'), None)
+  for r in rows:
+    r.update(encoder=encoder, remat=remat, ratio_to_ew=r['step_ms'] / baseline['step_ms'] if baseline else None)
+  return rows
+
+
+def add_peak(rows: list[dict]) -> list[dict]:
+  kind = jax.devices()[0].device_kind
+  peak, name = peak_tflops(kind)
+  for r in rows:
+    r.update(device_kind=kind, peak_name=name, peak_tflops_per_device=peak, num_devices=jax.device_count())
+    r['fraction_of_peak'] = r['tflops'] / (peak * jax.device_count()) if peak and r['tflops'] else None
+  return rows
+
+
+def format_table(rows: list[dict]) -> str:
+  def num(value, fmt):
+    return format(value, fmt) if value is not None else 'n/a'
+
+  header = (
+      f'{"encoder":<16} {"row":<10} {"step ms":>9} {"x EW":>6} {"compile s":>9} {"temp MB":>9} {"GFLOP":>9} '
+      f'{"TFLOP/s":>8} {"% peak":>7}'
+  )
+  lines = [header, '-' * len(header)]
+  for r in rows:
+    fraction = r['fraction_of_peak']
+    lines.append(
+        f'{r["group"]:<16} {r["name"]:<10} {r["step_ms"]:>9.2f} {num(r["ratio_to_ew"], ".3f"):>6} '
+        f'{r["compile_s"]:>9.1f} {num(r["step_temp_mb"], ".1f"):>9} {num(r["gflop_per_step"], ".2f"):>9} '
+        f'{num(r["tflops"], ".3f"):>8} {num(100 * fraction if fraction is not None else None, ".1f"):>7}'
+    )
+  return '\n'.join(lines)
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(
+      description=__doc__.split('\n', 1)[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+  )
+  parser.add_argument('--encoders', default=','.join(ENCODERS), help=f'comma-separated, of {list(ENCODERS)}')
+  parser.add_argument('--rows', default=','.join(ROWS), help=f'comma-separated, of {list(ROWS)}')
+  parser.add_argument('--batch_size', type=int, default=256, help='global batch (a multiple of the device count)')
+  parser.add_argument('--image_size', type=int, default=112, help='square RGB images of this many pixels')
+  parser.add_argument('--channels', type=int, default=3)
+  parser.add_argument('--precision', default='bfloat16', choices=config_lib.PRECISIONS, help='config.precision')
+  parser.add_argument('--stem', default='imagenet', choices=('cifar', 'imagenet'), help="the ResNets' stem")
+  parser.add_argument('--encoder_kwargs', default='{}', help='JSON, fields of both encoders (e.g. width)')
+  parser.add_argument('--remat', default='off', choices=('off', 'on', 'both'), help='config.remat')
+  parser.add_argument('--jacobian', default='auto', choices=('auto', 'vmap', 'rows'), help='config.weighting.jacobian')
+  parser.add_argument('--steps', type=int, default=10, help='timed steps per row (median reported)')
+  parser.add_argument('--warmup', type=int, default=2, help='untimed steps after compiling')
+  parser.add_argument(
+      '--fast_compile', action='store_true', help='CPU only, for tests: quicker XLA compiles, slower steps'
+  )
+  parser.add_argument('--json', default=None, help='write the rows as a JSON list to this file')
+  args = parser.parse_args(argv)
+  args.encoders = [e for e in args.encoders.split(',') if e]
+  args.rows = [r for r in args.rows.split(',') if r]
+  if not args.encoders or set(args.encoders) - set(ENCODERS):
+    parser.error(f'--encoders: got {args.encoders}, expected names from {list(ENCODERS)}')
+  if not args.rows or set(args.rows) - set(ROWS):
+    parser.error(f'--rows: got {args.rows}, expected names from {list(ROWS)}')
+  if min(args.batch_size, args.image_size, args.channels, args.steps) < 1 or args.warmup < 0:
+    parser.error('--batch_size, --image_size, --channels and --steps must be >= 1, --warmup >= 0')
+  if args.batch_size % jax.device_count():
+    parser.error(f'--batch_size={args.batch_size}: expected a multiple of the device count {jax.device_count()}')
+  if args.fast_compile and jax.default_backend() != 'cpu':
+    parser.error(f'--fast_compile: XLA:CPU options, got backend {jax.default_backend()!r}')
+  kwargs = json.loads(args.encoder_kwargs)
+  args.encoder_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  return args
+
+
+def main(argv=None) -> list[dict]:
+  args = parse_args(argv)
+  device = jax.devices()[0]
+  peak, peak_name = peak_tflops(device.device_kind)
+  print(
+      f'backend {jax.default_backend()}: {jax.device_count()} x {device.device_kind} '
+      f'({jax.process_count()} process(es)); peak bf16 '
+      + (f'{peak:g} TFLOP/s per device ({peak_name})' if peak else 'n/a (device kind not in PEAK_BF16_TFLOPS)')
+  )
+  print(
+      f'batch {args.batch_size} of {args.image_size}x{args.image_size}x{args.channels}, precision {args.precision}, '
+      f'stem {args.stem}, encoder kwargs {args.encoder_kwargs or "default"}, {args.steps} timed steps',
+      flush=True,
+  )
+  benchmark = affect_like_benchmark(args.image_size, args.channels, num_examples=2 * args.batch_size)
+  remats = {'off': (False,), 'on': (True,), 'both': (False, True)}[args.remat]
+  rows = []
+  for encoder in args.encoders:
+    for remat in remats:
+      rows += run_group(encoder, remat, benchmark, args)
+  rows = add_peak(rows)
+  print(format_table(rows))
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(rows, f, indent=1)
+  return rows
+
+
+if __name__ == '__main__':
+  main()
