@@ -24,11 +24,12 @@ max-pool, for 112-224 px) and ``--precision`` (default ``bfloat16``: bf16 comput
 Columns: ``step ms`` = median over ``--steps`` timed steps (after compiling and ``--warmup`` steps; the rows of one
 encoder are interleaved round by round, as in experiments/bench.py); ``x EW`` = step / the same encoder's ``ew``
 step; ``compile s``; ``temp MB`` = XLA's temporary buffers of the compiled step on one device
-(``compiled.memory_analysis().temp_size_in_bytes``: activations kept for the backward pass, and what ``--remat``
-saves); ``GFLOP`` = XLA's cost analysis of the compiled step (``compiled.cost_analysis()['flops']``, per-device
-program × devices; an estimate); ``TFLOP/s`` = that / step time; ``% peak`` = TFLOP/s / (devices × the device's
-peak dense bf16 TFLOP/s in :data:`PEAK_BF16_TFLOPS`; ``n/a`` for a device kind not in the table, the CPU included).
-A float32 run is still compared with the bf16 peak (the table holds no float32 peaks).
+(``compiled.memory_analysis().temp_size_in_bytes``: activations kept for the backward pass among them, which
+``--remat`` is meant to cut — on XLA:CPU it did not, see README "GPU and TPU"); ``GFLOP`` = XLA's cost analysis of
+the compiled step (``compiled.cost_analysis()['flops']``, per-device program × devices; an estimate); ``TFLOP/s`` =
+that / step time; ``% peak`` = TFLOP/s / (devices × the device's peak dense bf16 TFLOP/s in
+:data:`PEAK_BF16_TFLOPS`; ``n/a`` for a device kind not in the table, the CPU included). A float32 run is still
+compared with the bf16 peak (the table holds no float32 peaks).
 """
 
 from __future__ import annotations
