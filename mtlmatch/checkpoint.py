@@ -45,7 +45,8 @@ from etils import epath
 # init_heads are read only when a run starts (a resumed run continues from its own checkpoint). evals (what is
 # measured) never changes a step; an evaluator added on resume starts its record afresh, a removed one's is dropped.
 # encoder.kwargs.conv_impl, remat and weighting.jacobian choose how the same values are computed (a CPU GEMM or the
-# native convolution; activations kept or recomputed; Jacobian rows vmapped or one by one), never the maths.
+# native convolution; activations kept or recomputed; Jacobian rows vmapped or one by one), never the maths; the
+# profile_* keys only trace some steps.
 SAFE_TO_CHANGE = frozenset(
     {
         'total_steps',
@@ -61,6 +62,8 @@ SAFE_TO_CHANGE = frozenset(
         'encoder.kwargs.conv_impl',
         'remat',
         'weighting.jacobian',
+        'profile_steps',
+        'profile_first_step',
         'init_from',
         'init_heads',
         'evals',
@@ -72,6 +75,7 @@ SAFE_TO_CHANGE = frozenset(
 ADDED_KEYS = {
     'precision': 'float32',
     'encoder.kwargs.stem': 'cifar',
+    'data.on_bad_image': 'raise',
 }
 
 CORRUPT_DIR = 'checkpoints_corrupt'
