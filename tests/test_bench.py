@@ -168,6 +168,7 @@ def test_bench_torch_table_and_json(tmp_path, capsys):
   assert 'mtlmatch_ew' in capsys.readouterr().out
 
 
+@pytest.mark.slow  # ~12 s; `make test-all` runs it (the suite measured 15 min 3 s on 2 idle cores with it)
 def test_bench_data_files_throughput_runs_and_prints_its_table(tmp_path, capsys):
   """experiments/bench_data.py's sources-read-by-row mode at a tiny size (the numbers are the script's business)."""
   spec = importlib.util.spec_from_file_location('mtlmatch_bench_data', REPO / 'experiments' / 'bench_data.py')
