@@ -58,6 +58,23 @@ def tfds_dir(tmp_path_factory) -> str:
   return str(tmp_path_factory.mktemp('tfds'))
 
 
+FAST_COMPILE = {
+    'xla_cpu_use_fusion_emitters': False,
+    'xla_backend_optimization_level': 0,
+    'xla_llvm_disable_expensive_passes': True,
+}
+
+
+def compile_fast(lowered):
+  """Compiles a lowered program with cheap XLA:CPU options (the tests' programs are tiny: compile time dominates)."""
+  try:
+    return lowered.compile(compiler_options=FAST_COMPILE)
+  except Exception as e:  # pylint: disable=broad-except
+    if 'No such compile option' not in str(e):  # an XLA without these options: compile as the train loop does
+      raise
+    return lowered.compile()
+
+
 def set_keys(config, **overrides):
   """``set_keys(config, **{'weighting.name': 'pcgrad'})``: `config_lib.set_keys` with keyword overrides."""
   from mtlmatch import config_lib  # pylint: disable=g-import-not-at-top  (after the device flags above)

@@ -27,27 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, compile_fast as _compile
 from mtlmatch import config_lib
 from mtlmatch import data
 from mtlmatch import train
 from mtlmatch import weighting
-
-FAST_COMPILE = {
-    'xla_cpu_use_fusion_emitters': False,
-    'xla_backend_optimization_level': 0,
-    'xla_llvm_disable_expensive_passes': True,
-}
-
-
-def _compile(lowered):
-  try:
-    return lowered.compile(compiler_options=FAST_COMPILE)
-  except Exception as e:  # pylint: disable=broad-except
-    if 'No such compile option' not in str(e):  # an XLA without these options: compile as the train loop does
-      raise
-    return lowered.compile()
-
 
 NUM_STEPS = 2
 
