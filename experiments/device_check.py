@@ -2,6 +2,7 @@
 
   python experiments/device_check.py                     # ResNet-18 and ResNet-50, bf16, batch 256 at 112 px
   python experiments/device_check.py --remat both        # each row with and without remat: memory vs time
+  python experiments/device_check.py --grad_accum 1,2,4  # each row with k microbatches per step: memory vs time
   python experiments/device_check.py --batch_size 32 --image_size 64 --steps 3    # a smaller, stated size
   python experiments/device_check.py --encoders resnet18 --rows ew,pcgrad_t2 --precision float32
 
@@ -25,7 +26,8 @@ Columns: ``step ms`` = median over ``--steps`` timed steps (after compiling and 
 encoder are interleaved round by round, as in experiments/bench.py); ``x EW`` = step / the same encoder's ``ew``
 step; ``compile s``; ``temp MB`` = XLA's temporary buffers of the compiled step on one device
 (``compiled.memory_analysis().temp_size_in_bytes``: activations kept for the backward pass among them, which
-``--remat`` is meant to cut — on XLA:CPU it did not, see README "GPU and TPU"); ``GFLOP`` = XLA's cost analysis of
+``--remat`` is meant to cut — on XLA:CPU it did not, see README "GPU and TPU" — and ``--grad_accum`` k > 1 cuts to
+about one microbatch's); ``GFLOP`` = XLA's cost analysis of
 the compiled step (``compiled.cost_analysis()['flops']``, per-device program × devices; an estimate); ``TFLOP/s`` =
 that / step time; ``% peak`` = TFLOP/s / (devices × the device's peak dense bf16 TFLOP/s in
 :data:`PEAK_BF16_TFLOPS`; ``n/a`` for a device kind not in the table, the CPU included). A float32 run is still
@@ -103,30 +105,37 @@ def affect_like_benchmark(image_size: int, channels: int, num_examples: int, see
   return data.make_benchmark('device_check', tasks, [data.array_source('faces', images, labels)])
 
 
-def row_config(row: str, encoder: str, args, remat: bool):
+def row_config(row: str, encoder: str, args, remat: bool, accum: int = 1):
   variant, method = ROWS[row]
   config = config_lib.load_config(os.path.join(REPO, 'configs', 'affect.py') + f':{variant}')
   config_lib.set_encoder(config, encoder, **{'stem': args.stem, **args.encoder_kwargs})
   config_lib.set_weighting(config, method)
   config.precision = args.precision
   config.remat = remat
+  config.grad_accum_steps = accum
   config.weighting.jacobian = args.jacobian
   config.batch_size = config.eval_batch_size = args.batch_size
   return config
 
 
-def run_group(encoder: str, remat: bool, benchmark: data.Benchmark, args) -> list[dict]:
-  """Compiles the rows of one (encoder, remat) and times them in interleaved rounds (experiments/bench.py)."""
+def run_group(encoder: str, remat: bool, benchmark: data.Benchmark, args, accum: int = 1) -> list[dict]:
+  """Compiles the rows of one (encoder, remat, grad_accum) and times them in interleaved rounds
+  (experiments/bench.py)."""
   prepared, batch = [], None
-  group = f'{encoder}{" remat" if remat else ""}'
+  group = f'{encoder}{" remat" if remat else ""}{f" k={accum}" if accum > 1 else ""}'
   for row in args.rows:
-    exp = train.build_experiment(row_config(row, encoder, args, remat), benchmark=benchmark)
+    exp = train.build_experiment(row_config(row, encoder, args, remat, accum), benchmark=benchmark)
     batch = bench.first_batch(exp, args.batch_size) if batch is None else batch
     prepared.append(bench.prepare(row, group, exp, bench.init_state(exp, args), batch, args))
   rows = bench.time_rounds(prepared, args)
   baseline = next((r for r in rows if r['name'] == 'ew'), None)
   for r in rows:
-    r.update(encoder=encoder, remat=remat, ratio_to_ew=r['step_ms'] / baseline['step_ms'] if baseline else None)
+    r.update(
+        encoder=encoder,
+        remat=remat,
+        grad_accum=accum,
+        ratio_to_ew=r['step_ms'] / baseline['step_ms'] if baseline else None,
+    )
   return rows
 
 
@@ -144,14 +153,14 @@ def format_table(rows: list[dict]) -> str:
     return format(value, fmt) if value is not None else 'n/a'
 
   header = (
-      f'{"encoder":<16} {"row":<10} {"step ms":>9} {"x EW":>6} {"compile s":>9} {"temp MB":>9} {"GFLOP":>9} '
+      f'{"encoder":<20} {"row":<10} {"step ms":>9} {"x EW":>6} {"compile s":>9} {"temp MB":>9} {"GFLOP":>9} '
       f'{"TFLOP/s":>8} {"% peak":>7}'
   )
   lines = [header, '-' * len(header)]
   for r in rows:
     fraction = r['fraction_of_peak']
     lines.append(
-        f'{r["group"]:<16} {r["name"]:<10} {r["step_ms"]:>9.2f} {num(r["ratio_to_ew"], ".3f"):>6} '
+        f'{r["group"]:<20} {r["name"]:<10} {r["step_ms"]:>9.2f} {num(r["ratio_to_ew"], ".3f"):>6} '
         f'{r["compile_s"]:>9.1f} {num(r["step_temp_mb"], ".1f"):>9} {num(r["gflop_per_step"], ".2f"):>9} '
         f'{num(r["tflops"], ".3f"):>8} {num(100 * fraction if fraction is not None else None, ".1f"):>7}'
     )
@@ -171,6 +180,9 @@ def parse_args(argv=None):
   parser.add_argument('--stem', default='imagenet', choices=('cifar', 'imagenet'), help="the ResNets' stem")
   parser.add_argument('--encoder_kwargs', default='{}', help='JSON, fields of both encoders (e.g. width)')
   parser.add_argument('--remat', default='off', choices=('off', 'on', 'both'), help='config.remat')
+  parser.add_argument(
+      '--grad_accum', default='1', help='comma-separated config.grad_accum_steps values, one group of rows each'
+  )
   parser.add_argument('--jacobian', default='auto', choices=('auto', 'vmap', 'rows'), help='config.weighting.jacobian')
   parser.add_argument('--steps', type=int, default=10, help='timed steps per row (median reported)')
   parser.add_argument('--warmup', type=int, default=2, help='untimed steps after compiling')
@@ -181,14 +193,24 @@ def parse_args(argv=None):
   args = parser.parse_args(argv)
   args.encoders = [e for e in args.encoders.split(',') if e]
   args.rows = [r for r in args.rows.split(',') if r]
+  try:
+    args.grad_accum = [int(k) for k in args.grad_accum.split(',') if k]
+  except ValueError:
+    parser.error(f'--grad_accum: got {args.grad_accum!r}, expected comma-separated ints >= 1')
+  if not args.grad_accum or min(args.grad_accum) < 1:
+    parser.error(f'--grad_accum: got {args.grad_accum}, expected comma-separated ints >= 1')
   if not args.encoders or set(args.encoders) - set(ENCODERS):
     parser.error(f'--encoders: got {args.encoders}, expected names from {list(ENCODERS)}')
   if not args.rows or set(args.rows) - set(ROWS):
     parser.error(f'--rows: got {args.rows}, expected names from {list(ROWS)}')
   if min(args.batch_size, args.image_size, args.channels, args.steps) < 1 or args.warmup < 0:
     parser.error('--batch_size, --image_size, --channels and --steps must be >= 1, --warmup >= 0')
-  if args.batch_size % jax.device_count():
-    parser.error(f'--batch_size={args.batch_size}: expected a multiple of the device count {jax.device_count()}')
+  for k in args.grad_accum:
+    if args.batch_size % (jax.device_count() * k):
+      parser.error(
+          f'--batch_size={args.batch_size}: expected a multiple of the device count {jax.device_count()} x '
+          f'grad_accum {k}'
+      )
   if args.fast_compile and jax.default_backend() != 'cpu':
     parser.error(f'--fast_compile: XLA:CPU options, got backend {jax.default_backend()!r}')
   kwargs = json.loads(args.encoder_kwargs)
@@ -207,7 +229,8 @@ def main(argv=None) -> list[dict]:
   )
   print(
       f'batch {args.batch_size} of {args.image_size}x{args.image_size}x{args.channels}, precision {args.precision}, '
-      f'stem {args.stem}, encoder kwargs {args.encoder_kwargs or "default"}, {args.steps} timed steps',
+      f'stem {args.stem}, grad_accum {args.grad_accum}, encoder kwargs {args.encoder_kwargs or "default"}, '
+      f'{args.steps} timed steps',
       flush=True,
   )
   benchmark = affect_like_benchmark(args.image_size, args.channels, num_examples=2 * args.batch_size)
@@ -215,7 +238,8 @@ def main(argv=None) -> list[dict]:
   rows = []
   for encoder in args.encoders:
     for remat in remats:
-      rows += run_group(encoder, remat, benchmark, args)
+      for accum in args.grad_accum:
+        rows += run_group(encoder, remat, benchmark, args, accum)
   rows = add_peak(rows)
   print(format_table(rows))
   if args.json:

@@ -76,6 +76,7 @@ ADDED_KEYS = {
     'precision': 'float32',
     'encoder.kwargs.stem': 'cifar',
     'data.on_bad_image': 'raise',
+    'grad_accum_steps': 1,
 }
 
 CORRUPT_DIR = 'checkpoints_corrupt'

@@ -53,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   # 'bfloat16': encoder and heads compute in bfloat16; parameters, optimizer state, losses and reductions stay float32
   c.precision = 'float32'
   c.remat = False  # True: the encoder's blocks recompute their activations in the backward pass (less memory)
+  # k > 1: each batch's encoder pass runs as k microbatches in turn (encoder memory / k, one more forward pass); the
+  # losses, terms and weighting see the whole batch, so the step is unchanged but for BatchNorm (per microbatch)
+  c.grad_accum_steps = 1
   c.tasks = ()  # the tasks to train: () = all of the benchmark's, or a tuple of names
 
   c.data = ml_collections.ConfigDict()
@@ -573,6 +576,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   remat = config.get('remat', False)
   if not isinstance(remat, bool):
     raise ValueError(f'config.remat: got {remat!r}, expected True or False')
+  accum = config.get('grad_accum_steps', 1)
+  if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
+    raise ValueError(f'config.grad_accum_steps: got {accum!r}, expected an int >= 1 (1: no accumulation)')
 
 
 def set_keys(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:

@@ -10,19 +10,26 @@ cross-device reductions, so losses, gradients and BatchNorm statistics are over 
 not depend on the number of devices or hosts). The state is donated; randomness is ``fold_in(state.rng, step)``.
 
 Gradients: the objective yields a vector of named losses ``[T']`` (tasks, plus DM/co-annotation terms when
-``config.weighting.terms_as_tasks``) and an additive part (DGR always; the other terms otherwise). One forward pass
-gives a VJP; a loss-weighting method (EW, UW, DWA, RLW, FAMO, GLS, STCH, ...) needs one backward pass with its weights
-as cotangent, a method that needs G (`weighting.is_gradient_method`: the gradient methods, GradNorm, ExcessMTL) gets
-the per-loss Jacobian rows from the same VJP (``config.weighting.jacobian``, `weighting.pullback_rows`: 'auto' vmaps
+``config.weighting.terms_as_tasks``) and an additive part (DGR always; the other terms otherwise), all functions of the
+shared features [B, D] and the heads. One encoder pass (`encoder_pass`) gives the features and a pullback; the VJP of
+the loss vector w.r.t. (features, heads) turns any cotangent into a feature cotangent and head gradients without a
+convolution. A loss-weighting method (EW, UW, DWA, RLW, FAMO, GLS, STCH, ...) pulls back one cotangent, its weights,
+through the encoder; a method that needs G (`weighting.is_gradient_method`: the gradient methods, GradNorm, ExcessMTL)
+pulls back one feature cotangent per loss (``config.weighting.jacobian``, `weighting.pullback_rows`: 'auto' vmaps
 them on accelerators and pulls them back row by row on XLA:CPU, where that measured 2-4x faster), combines the
-shared-encoder rows, and gives every head the sum of its rows (a head only receives gradient
-from the losses that use it; GradNorm and ExcessMTL, loss weightings, give the heads their weighted sum Σ_t w_t ∇L_t
-as their papers do). MGDA-UB takes the
-rows with respect to the shared features instead (a backward pass through the heads only) and backpropagates the
-combined feature gradient through the encoder once. The additive part's gradient is added on top of the combined
-gradient. Auto-Lambda (``needs_validation``) first updates its weights from a validation batch (``batch['validation']``,
-a second stream from ``Experiment.train_batches``) through a look-ahead step, then takes the loss-weighting step with
-the new weights (`_auto_lambda_meta_step`).
+shared-encoder rows, and gives every head the sum of its rows (a head only receives gradient from the losses that use
+it; GradNorm and ExcessMTL, loss weightings, give the heads their weighted sum Σ_t w_t ∇L_t as their papers do).
+MGDA-UB combines the rows w.r.t. the shared features instead and pulls the combined feature gradient back once. The
+additive part's gradient is added on top of the combined gradient. Auto-Lambda (``needs_validation``) first updates
+its weights from a validation batch (``batch['validation']``, a second stream from ``Experiment.train_batches``)
+through a look-ahead step, then takes the loss-weighting step with the new weights (`_auto_lambda_meta_step`).
+
+Gradient accumulation (``config.grad_accum_steps = k``): the encoder pass runs the batch as k microbatches in turn,
+forward to collect the features, then again to pull back each microbatch's slice of the feature cotangents, so the
+encoder's activations are held for one microbatch at a time; everything after the features sees the whole batch.
+The step is therefore the one-pass step for every objective and method — the DGR penalty is that of the full-batch
+dummy gradient, gradient methods combine the rows of the whole batch once — except for BatchNorm, which normalises
+each microbatch with its own statistics (docs/maths.md §6.2).
 """
 
 from __future__ import annotations
@@ -228,6 +235,61 @@ def loss_names(objective: objective_lib.Objective, config) -> tuple[tuple[str, .
   return combined, additive
 
 
+def split_microbatches(x: jax.Array, k: int, axis: int = 0) -> jax.Array:
+  """[..., B, ...] → [k, ..., B/k, ...]: microbatch m holds the examples i ≡ m (mod k) of ``axis``.
+
+  Strided, so that a batch sharded over devices in contiguous blocks (each block a multiple of k) keeps every
+  microbatch spread over all devices with no data movement, and the split does not depend on the device count."""
+  shape = x.shape
+  x = x.reshape(*shape[:axis], shape[axis] // k, k, *shape[axis + 1 :])
+  return jnp.moveaxis(x, axis + 1, 0)
+
+
+def merge_microbatches(x: jax.Array, axis: int = 0) -> jax.Array:
+  """The inverse of :func:`split_microbatches`: [k, ..., B/k, ...] → [..., B, ...] (``axis`` of the result)."""
+  x = jnp.moveaxis(x, 0, axis + 1)
+  return x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2 :])
+
+
+def encoder_pass(model, params, batch_stats, images: jax.Array, *, accum_steps: int = 1):
+  """The shared encoder on the batch: ``(features [B, D], new batch_stats, pullback)``.
+
+  ``pullback(cotangents [R, B, D], how)`` gives the encoder's parameter gradients for R feature cotangents (every
+  leaf with a leading axis R; ``how`` as in `weighting.pullback_rows`). With ``accum_steps = k > 1`` the batch is cut
+  into k microbatches (:func:`split_microbatches`) and the encoder's activations are never held for more than one:
+  the forward pass runs the microbatches in turn (``lax.scan``) and keeps only their features; the pullback runs them
+  in turn again, recomputing each microbatch's forward pass to pull back its slice of the cotangents, and sums the
+  gradients. Whatever comes after the features (heads, task losses, every objective term, the weighting method) sees
+  the whole batch, so the gradient equals the one-pass gradient (up to float summation order) — except that
+  BatchNorm normalises each microbatch with its own statistics; the running statistics become the mean of the k
+  microbatch updates (each from the step's starting statistics). The price: one more forward pass of the encoder.
+  """
+
+  def encode(encoder_params, x):
+    return model.encode({'params': {**params, 'encoder': encoder_params}, 'batch_stats': batch_stats}, x, train=True)
+
+  if accum_steps == 1:
+    features, vjp_fn, new_stats = jax.vjp(lambda p: encode(p, images), params['encoder'], has_aux=True)
+    return features, new_stats, lambda cotangents, how: weighting.pullback_rows(lambda c: vjp_fn(c)[0], cotangents, how)
+
+  micro_images = split_microbatches(images, accum_steps)
+  _, (micro_features, micro_stats) = jax.lax.scan(lambda _, x: (None, encode(params['encoder'], x)), None, micro_images)
+  new_stats = jax.tree.map(lambda s: s.mean(0).astype(s.dtype), micro_stats)
+
+  def pullback(cotangents, how):
+    zeros = jax.tree.map(lambda p: jnp.zeros((cotangents.shape[0], *p.shape), p.dtype), params['encoder'])
+
+    def body(total, slices):
+      x, c = slices  # [B/k, ...], [R, B/k, D]
+      _, vjp_fn, _ = jax.vjp(lambda p: encode(p, x), params['encoder'], has_aux=True)
+      return jax.tree.map(jnp.add, total, weighting.pullback_rows(lambda r: vjp_fn(r)[0], c, how)), None
+
+    total, _ = jax.lax.scan(body, zeros, (micro_images, split_microbatches(cotangents, accum_steps, axis=1)))
+    return total
+
+  return merge_microbatches(micro_features), new_stats, pullback
+
+
 def train_step(
     state: TrainState,
     batch: Mapping[str, Any],
@@ -242,12 +304,17 @@ def train_step(
     skip_nonfinite: bool,
     schedule: Optional[optax.Schedule] = None,
     jacobian: str = 'auto',
+    accum_steps: int = 1,
 ):
   """One data-parallel step. Pure: ``(state, batch) -> (state, metrics)``; metrics stay on device.
 
-  ``jacobian`` (``weighting.JACOBIAN_MODES``): how the task Jacobian's rows are pulled back, for the methods that
-  need it (`weighting.pullback_rows`); MGDA-UB's rows w.r.t. the features (a backward pass through the heads only,
-  no convolutions) are vmapped for 'auto'.
+  The encoder gives the shared features (:func:`encoder_pass`); the objective's loss vector [T' + 1] (the combined
+  losses, then the additive part) is a function of the features and the heads, and its VJP gives, per cotangent,
+  a feature cotangent [B, D] and head gradients — cheap (no convolution). Each feature cotangent the method needs is
+  then pulled back through the encoder: one for a loss-weighting method (the weighted sum), one per row for a
+  gradient method (``jacobian``, `weighting.pullback_rows`), and one for MGDA-UB, which combines the rows w.r.t. the
+  features themselves ('auto' vmaps those). ``accum_steps`` (``config.grad_accum_steps``): see
+  :func:`encoder_pass`.
 
   A method with ``needs_validation`` (Auto-Lambda) also reads ``batch['validation']`` (a batch of the same form,
   from the validation split) and ``schedule`` (the optimizer's learning rate, :func:`make_schedule`).
@@ -268,48 +335,41 @@ def train_step(
     extra = sum((named[n] for n in additive), jnp.zeros((), jnp.float32))
     return jnp.stack([named[n] for n in combined] + [extra]), named
 
-  def encode(params):
-    return model.encode({'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True)
+  features, batch_stats, encoder_pullback = encoder_pass(
+      model, state.params, state.batch_stats, batch['image'], accum_steps=accum_steps
+  )
+  rows, rows_vjp, named = jax.vjp(rows_from_features, features, state.params['heads'], has_aux=True)
+  task_losses = rows[:-1]
 
-  def loss_rows(params):
-    features, batch_stats = encode(params)
-    rows, named = rows_from_features(features, params['heads'])
-    return rows, (named, batch_stats)
+  def vjp_fn(cotangent):
+    """Σ_r cotangent_r ∇(row r) w.r.t. every parameter: one pullback through the heads, one through the encoder."""
+    d_features, d_heads = rows_vjp(cotangent)
+    d_encoder = jax.tree.map(lambda g: g[0], encoder_pullback(d_features[None], 'rows'))
+    return ({'encoder': d_encoder, 'heads': d_heads},)
 
   num_tasks = len(combined)
   # Unit cotangents pull back one Jacobian row each; the additive row only when there is an additive part
   # (otherwise it is identically zero and would cost a whole backward pass).
   cotangents = jnp.eye(num_tasks + 1 if additive else num_tasks, num_tasks + 1, dtype=jnp.float32)
-  if gradient_method and method.grads_wrt == 'features':
-    # MGDA-UB: rows w.r.t. the shared features (a backward pass through the heads only), combined, then one
-    # backward pass through the encoder with the combined feature gradient as cotangent.
-    features, encoder_vjp, batch_stats = jax.vjp(encode, state.params, has_aux=True)
-    rows, rows_vjp, named = jax.vjp(rows_from_features, features, state.params['heads'], has_aux=True)
-    task_losses = rows[:-1]
-    # [R, B, D], head leaves [R, ...]
+  if gradient_method:
+    # The rows w.r.t. the features and the heads (through the heads only): [R, B, D], head leaves [R, ...].
     d_features, d_heads = weighting.pullback_rows(rows_vjp, cotangents, 'vmap' if jacobian == 'auto' else jacobian)
-    flat_rows = d_features.reshape(d_features.shape[0], -1)
+    if method.grads_wrt == 'features':
+      # MGDA-UB: the rows w.r.t. the shared features are combined, then pulled back through the encoder once.
+      flat_rows = d_features.reshape(d_features.shape[0], -1)
+      encoder_rows = None
+    else:
+      encoder_rows = encoder_pullback(d_features, jacobian)  # leaves [R, ...]; 'auto': rows on CPU
+      flat_rows = jax.vmap(lambda tree: ravel_pytree(tree)[0])(encoder_rows)
     update, weights, weighting_state = method.apply(
         state.weighting_state, flat_rows[:num_tasks], task_losses, method_rng
     )
     if additive:
       update = update + flat_rows[num_tasks]
-    grads = {
-        'encoder': encoder_vjp(update.reshape(features.shape))[0]['encoder'],
-        'heads': jax.tree.map(lambda g: g.sum(0), d_heads),
-    }
-    cosine = weighting.cosine_similarity_matrix(flat_rows[:num_tasks])
-  elif gradient_method:
-    rows, vjp_fn, (named, batch_stats) = jax.vjp(loss_rows, state.params, has_aux=True)
-    task_losses = rows[:-1]
-    jac = weighting.pullback_rows(vjp_fn, cotangents, jacobian)[0]  # leaves [rows, ...]; 'auto': rows on CPU
-    flat_rows = jax.vmap(lambda tree: ravel_pytree(tree)[0])(jac['encoder'])
-    unravel = ravel_pytree(state.params['encoder'])[1]
-    update, weights, weighting_state = method.apply(
-        state.weighting_state, flat_rows[:num_tasks], task_losses, method_rng
-    )
-    if additive:
-      update = update + flat_rows[num_tasks]
+    if encoder_rows is None:
+      encoder_grads = jax.tree.map(lambda g: g[0], encoder_pullback(update.reshape(1, *features.shape), 'rows'))
+    else:
+      encoder_grads = ravel_pytree(state.params['encoder'])[1](update)
     # Heads: a loss-weighting method that needs G (GradNorm, ExcessMTL) weights its losses everywhere, heads included
     # (Σ_t w_t ∇L_t, as in the paper); a gradient method gives each head its own task's gradient (the sum of rows).
     if method.name in weighting.LOSS_WEIGHTING:
@@ -317,13 +377,11 @@ def train_step(
     else:
       head_coefficients = jnp.ones((len(cotangents),))
     grads = {
-        'encoder': unravel(update),
-        'heads': jax.tree.map(lambda g: jnp.tensordot(head_coefficients, g, axes=1), jac['heads']),
+        'encoder': encoder_grads,
+        'heads': jax.tree.map(lambda g: jnp.tensordot(head_coefficients, g, axes=1), d_heads),
     }
     cosine = weighting.cosine_similarity_matrix(flat_rows[:num_tasks])
   elif method.needs_validation:
-    rows, vjp_fn, (named, batch_stats) = jax.vjp(loss_rows, state.params, has_aux=True)
-    task_losses = rows[:-1]
     if 'validation' not in batch:
       raise ValueError(
           f"batch: got keys {sorted(batch)}, expected also 'validation' (weighting method {method.name!r} meta-learns "
@@ -346,8 +404,6 @@ def train_step(
     grads = vjp_fn(jnp.concatenate([jax.lax.stop_gradient(weights), jnp.ones((1,), rows.dtype)]))[0]
     cosine = None
   else:
-    rows, vjp_fn, (named, batch_stats) = jax.vjp(loss_rows, state.params, has_aux=True)
-    task_losses = rows[:-1]
     # The weights of loss-weighting methods depend on losses and state only: G is not needed (a [T, 1] stand-in).
     _, weights, weighting_state = method.apply(
         state.weighting_state, jnp.zeros((task_losses.shape[0], 1), rows.dtype), task_losses, method_rng
@@ -573,6 +629,13 @@ def build_experiment(
         f'config.batch_size={config.batch_size} / eval_batch_size={config.eval_batch_size}: expected '
         f'multiples of the device count {mesh.size}'
     )
+  accum_steps = config.get('grad_accum_steps', 1)
+  if config.batch_size % (mesh.size * accum_steps):
+    raise ValueError(
+        f'config.grad_accum_steps={accum_steps} with config.batch_size={config.batch_size} on {mesh.size} devices: '
+        f'expected a batch size divisible by grad_accum_steps x devices = {accum_steps * mesh.size} (each device '
+        'splits its share of the batch into grad_accum_steps microbatches)'
+    )
   data_sharding, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
   if benchmark is None:
     benchmark = data_lib.get_benchmark(
@@ -626,6 +689,7 @@ def build_experiment(
           skip_nonfinite=config.nonfinite == 'skip',
           schedule=make_schedule(config),
           jacobian=config.weighting.get('jacobian', 'auto'),
+          accum_steps=config.get('grad_accum_steps', 1),
       ),
       in_shardings=(replicated, data_sharding),
       out_shardings=(replicated, replicated),

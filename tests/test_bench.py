@@ -61,8 +61,9 @@ def test_bench_writes_the_json_schema(tmp_path, capsys):
 
 
 def test_device_check_runs_at_a_tiny_size(tmp_path, capsys):
-  """device_check's main at a tiny size on CPU (8 fake devices): one row of a one-block ResNet-50 with remat in the
-  real train step (BatchNorm, bfloat16, the ImageNet stem); and the peak table's lookups."""
+  """device_check's main at a tiny size on CPU (8 fake devices): one row of a one-block ResNet-50 with remat and two
+  microbatches per step in the real train step (BatchNorm, bfloat16, the ImageNet stem); and the peak table's
+  lookups."""
   from experiments import device_check  # pylint: disable=g-import-not-at-top  (imports bench.py: TF, TFDS)
 
   out = tmp_path / 'device_check.json'
@@ -74,8 +75,10 @@ def test_device_check_runs_at_a_tiny_size(tmp_path, capsys):
           'ew',
           '--remat',
           'on',
+          '--grad_accum',
+          '2',
           '--batch_size',
-          '8',
+          '16',
           '--image_size',
           '8',
           '--steps',
@@ -91,15 +94,22 @@ def test_device_check_runs_at_a_tiny_size(tmp_path, capsys):
   )
   assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
   (row,) = rows
-  assert (row['encoder'], row['name'], row['remat'], row['ratio_to_ew']) == ('resnet50', 'ew', True, 1.0)
+  assert (row['encoder'], row['name'], row['remat'], row['grad_accum'], row['ratio_to_ew']) == (
+      'resnet50',
+      'ew',
+      True,
+      2,
+      1.0,
+  )
   assert row['step_ms'] > 0 and row['finite'] and row['gflop_per_step'] > 0 and row['step_temp_mb'] is not None
   assert row['device_kind'] == 'cpu' and row['peak_tflops_per_device'] is None and row['fraction_of_peak'] is None
   printed = capsys.readouterr().out
   assert 'peak bf16 n/a' in printed
-  table = printed[printed.index('encoder          row') :].splitlines()
-  assert table[0].split()[:4] == ['encoder', 'row', 'step', 'ms'] and table[2].split()[:3] == [
+  table = printed[printed.index(f'{"encoder":<20} row') :].splitlines()
+  assert table[0].split()[:4] == ['encoder', 'row', 'step', 'ms'] and table[2].split()[:4] == [
       'resnet50',
       'remat',
+      'k=2',
       'ew',
   ]
   assert table[2].split()[-1] == 'n/a'
