@@ -10,11 +10,12 @@ What it does (about 10-15 s per process on a 2-core CPU, most of it importing Te
    weighting, checkpoints every step, an evaluation every 2 steps) in its own workdir, without interruption
    (it runs alongside step 2);
 2. a *victim* run of the same config in another workdir, interrupted by a planned sequence of events: ``--kills``
-   SIGKILLs (kill -9) aimed in turn at each of three phases — a train step, a checkpoint write (orbax save,
-   including its clean-up of old steps) and an evaluation — and ``--sigterms`` SIGTERMs (what a preempted cloud VM
-   receives) aimed at checkpoint writes. Each event waits for the 1st or 2nd start of its phase in that process,
-   then for a random fraction of that phase's shortest observed duration, then signals. The victim is restarted after
-   each event and resumes from its workdir; after the last event it runs to the end;
+   SIGKILLs (kill -9) aimed in turn at each of three phases — a train step, a checkpoint write (the part of the
+   asynchronous orbax save the loop waits for; the rest of the write, with its clean-up of old steps, runs during the
+   next steps, so a kill in a step may also land in a write) and an evaluation — and ``--sigterms`` SIGTERMs (what
+   a preempted cloud VM receives) aimed at checkpoint writes. Each event waits for the 1st or 2nd start of its phase
+   in that process, then for a random fraction of that phase's shortest observed duration, then signals. The victim
+   is restarted after each event and resumes from its workdir; after the last event it runs to the end;
 3. compares every leaf of the final train state read back from each run's last checkpoint (params, batch
    statistics, optimizer and weighting state, RNG, step, skipped count) byte for byte, and the final metrics.
 

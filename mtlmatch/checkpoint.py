@@ -5,13 +5,27 @@ fixed DGR dummy heads, RNG) and ``meta`` (JSON: step, data position, config). Us
 
     checkpointer = Checkpointer(workdir, keep=2)
     restored = checkpointer.restore_latest(abstract_like(state), check_meta=lambda meta: ...)  # None: fresh start
-    checkpointer.save(step, state, meta)          # synchronous: on disk when it returns
+    checkpointer.save(step, state, meta)          # starts the write; returns once the arrays are off the device
+    checkpointer.wait()                           # the write is committed (or its error raised) when this returns
+    checkpointer.close()                          # waits too
+
+Writes are asynchronous (orbax async checkpointing): ``save`` returns once orbax has copied the state's arrays to
+host memory — the train step donates the state's buffers right after, so that copy must be complete; orbax does it
+before ``save`` returns because no ``save_device_host_concurrent_bytes`` limit is set (with a limit it would defer
+part of the copy into the background) — and the files are written, and the step directory committed, in a
+background thread while training goes on. (On CPU the host copy is a view of the device buffer: XLA then does not
+donate that buffer to the next step but allocates a new one, so the saved values stay intact.) Whatever needs a
+finished write waits for it: the next ``save``, ``wait``, ``close``, ``all_steps``/``latest_step`` (a step is
+reported only once committed) and ``restore_latest``. A failed background write raises :class:`CheckpointWriteError`
+at the next of these, naming the step and the cause; the previous step stays the newest. ``asynchronous=False``
+waits inside ``save``.
 
 What survives what (tested in tests/test_faults.py, experiments/kill_test.py):
 
-* **A killed write** (kill -9, power loss) never looks like a finished checkpoint: orbax writes each step into
-  ``<step>.orbax-checkpoint-tmp-*`` and renames it when complete; leftover temporary directories of killed writes are
-  removed when the next run opens the workdir (``cleanup_tmp_directories``). ``keep`` newest steps are kept.
+* **A killed write** (kill -9, power loss; also one killed in the background, during the next train steps) never
+  looks like a finished checkpoint: orbax writes each step into ``<step>.orbax-checkpoint-tmp-*`` and renames it
+  when complete; leftover temporary directories of killed writes are removed when the next run opens the workdir
+  (``cleanup_tmp_directories``). ``keep`` newest steps are kept.
 * **A damaged step** (truncated or corrupted file, missing item): restore order — the "init sources", as in
   maxtext/big_vision — is newest step first; a step that cannot be read is *moved aside* to
   ``<workdir>/checkpoints_corrupt/<step>-<timestamp>`` with a warning naming both paths (never deleted, and out of
@@ -25,6 +39,8 @@ What survives what (tested in tests/test_faults.py, experiments/kill_test.py):
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import os
@@ -82,21 +98,49 @@ ADDED_KEYS = {
 CORRUPT_DIR = 'checkpoints_corrupt'
 
 
-class Checkpointer:
-  """Saves and restores ``(state, meta)`` pairs; synchronous so a step is on disk when ``save`` returns."""
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint write that failed in the background; raised at the next wait (see the module docstring)."""
 
-  def __init__(self, workdir: str, *, keep: int = 2):
+
+class Checkpointer:
+  """Saves and restores ``(state, meta)`` pairs; ``save`` starts an asynchronous write (``asynchronous=False``: waits
+  for it), and everything that needs a committed step waits for the write in flight first."""
+
+  def __init__(self, workdir: str, *, keep: int = 2, asynchronous: bool = True):
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, 'checkpoints')
     self.corrupt_directory = os.path.join(self.workdir, CORRUPT_DIR)
+    self.asynchronous = asynchronous
+    self._writing: Optional[int] = None  # the step whose write may still be in flight
+    self._closed = False
+    # No save_device_host_concurrent_bytes: with that limit orbax would copy part of the state off the device in the
+    # background, after save returns and the train step has donated the buffers.
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True
+            max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous, cleanup_tmp_directories=True
         ),
     )
 
+  def wait(self) -> None:
+    """Blocks until the write in flight (if any) is committed; raises :class:`CheckpointWriteError` if it failed."""
+    step, self._writing = self._writing, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  # whatever the background write raised
+      # orbax has already dropped from its list the steps this write was to replace (keep), but deletes them only
+      # after a successful commit: they are still on disk, so read the list again.
+      self._manager.reload()
+      done = self._manager.all_steps()
+      raise CheckpointWriteError(
+          f'checkpoint step {step} could not be written to {self.directory} ({type(e).__name__}: {e}); expected a '
+          f'committed step directory {self._step_dir(step)}. The newest committed step is '
+          f'{max(done) if done else "none"}; check free space and permissions.'
+      ) from e
+
   def all_steps(self) -> list[int]:
+    """Committed steps, oldest first (waits for the write in flight)."""
+    self.wait()
     return sorted(self._manager.all_steps())
 
   def latest_step(self) -> Optional[int]:
@@ -104,10 +148,16 @@ class Checkpointer:
     return steps[-1] if steps else None
 
   def save(self, step: int, state: Any, meta: dict) -> None:
+    """Starts writing ``(state, meta)`` as ``step``; returns once ``state`` is copied off the device (its buffers may
+    then be donated) and, with ``asynchronous=False``, once the step is committed."""
+    self.wait()  # a failed previous write is raised here, before another starts
+    meta = copy.deepcopy(meta)  # serialised in the background: later changes to the caller's dicts must not leak in
     self._manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
     )
-    self._manager.wait_until_finished()
+    self._writing = step
+    if not self.asynchronous:
+      self.wait()
 
   def restore_latest(
       self, abstract_state: Any, *, check_meta: Optional[Callable[[dict], None]] = None
@@ -171,8 +221,28 @@ class Checkpointer:
     )
     return True
 
+  @contextlib.contextmanager
+  def closed_on_error(self):
+    """Closes the checkpointer if the block raises, so that no write is left in flight behind the error (a rerun in
+    the same workdir would remove its temporary directory); a write error is then logged, not raised over it."""
+    try:
+      yield self
+    except BaseException:
+      try:
+        self.close()
+      except CheckpointWriteError:
+        logging.exception('While handling the error below, the checkpoint write in flight failed too:')
+      raise
+
   def close(self) -> None:
-    self._manager.close()
+    """Waits for the write in flight (raising its error, see :meth:`wait`) and releases orbax's threads; idempotent."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
 
 def abstract_like(state: Any) -> Any:

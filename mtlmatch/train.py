@@ -809,7 +809,8 @@ def train_and_evaluate(
   one_step_in_flight = jax.default_backend() == 'cpu' and exp.mesh.size > 1
   step, results = start_step, None
   progress = progress_lib.Progress(config.total_steps, start_step, enabled=is_main)
-  with _Preemption() as preemption:
+  # A checkpoint is written in the background while the next steps run (checkpoint.py); every exit below waits for it.
+  with _Preemption() as preemption, checkpointer.closed_on_error():
     while step < config.total_steps and not stop_reason():
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         state, metrics = step_fn(state, next(batches))
@@ -831,7 +832,7 @@ def train_and_evaluate(
       if log_now or ckpt_now:
         fetched = jax.device_get(metrics)  # health scalars leave the device only here
         if not (fetched['finite'] and np.isfinite(fetched['param_norm'])) and config.nonfinite == 'halt':
-          last_checkpoint = checkpointer.latest_step()
+          last_checkpoint = checkpointer.latest_step()  # waits for the write in flight: only a committed step counts
           checkpointer.close()
           progress.close()
           raise FloatingPointError(_health_error(step, fetched, last_checkpoint))
@@ -843,16 +844,17 @@ def train_and_evaluate(
         if ckpt_now:
           save(step)
       if interrupted and step < config.total_steps and not stop_reason():
+        checkpointer.close()  # the step's write is committed before the log says so and the process may exit
         logging.warning(
             '%s: checkpoint saved at step %d; stopping so the run can resume.',
             'SIGTERM received' if preemption.requested else f'stop_at={stop_at}',
             step,
         )
-        checkpointer.close()
         progress.close()
         writer.flush()
         return {'step': step, 'interrupted': True}
 
+  checkpointer.close()  # the last step's write is committed before the final evaluation
   progress.close()
   # 6. Every evaluator at the last step; results.json gathers their parts (test metrics at the last and at the
   # best-validation step, ...).
@@ -870,7 +872,6 @@ def train_and_evaluate(
     with open(os.path.join(workdir, 'results.json')) as f:
       results = json.load(f)
   writer.flush()
-  checkpointer.close()
   return results
 
 
