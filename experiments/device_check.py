@@ -28,7 +28,8 @@ step; ``compile s``; ``temp MB`` = XLA's temporary buffers of the compiled step 
 (``compiled.memory_analysis().temp_size_in_bytes``: activations kept for the backward pass among them, which
 ``--remat`` is meant to cut — on XLA:CPU it did not, see README "GPU and TPU" — and ``--grad_accum`` k > 1 cuts to
 about one microbatch's); ``GFLOP`` = XLA's cost analysis of
-the compiled step (``compiled.cost_analysis()['flops']``, per-device program × devices; an estimate); ``TFLOP/s`` =
+the compiled step (``compiled.cost_analysis()['flops']``, per-device program × devices; an estimate; ``n/a`` with
+``--grad_accum`` k > 1, whose microbatch loop XLA's analysis counts once); ``TFLOP/s`` =
 that / step time; ``% peak`` = TFLOP/s / (devices × the device's peak dense bf16 TFLOP/s in
 :data:`PEAK_BF16_TFLOPS`; ``n/a`` for a device kind not in the table, the CPU included). A float32 run is still
 compared with the bf16 peak (the table holds no float32 peaks).
@@ -136,6 +137,8 @@ def run_group(encoder: str, remat: bool, benchmark: data.Benchmark, args, accum:
         grad_accum=accum,
         ratio_to_ew=r['step_ms'] / baseline['step_ms'] if baseline else None,
     )
+    if accum > 1:  # XLA's cost analysis counts a loop body once, not k times: its FLOPs would be far too low
+      r.update(gflop_per_step=None, tflops=None)
   return rows
 
 

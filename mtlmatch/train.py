@@ -832,7 +832,11 @@ def train_and_evaluate(
       if log_now or ckpt_now:
         fetched = jax.device_get(metrics)  # health scalars leave the device only here
         if not (fetched['finite'] and np.isfinite(fetched['param_norm'])) and config.nonfinite == 'halt':
-          last_checkpoint = checkpointer.latest_step()  # waits for the write in flight: only a committed step counts
+          try:  # waits for the write in flight: only a committed step counts
+            last_checkpoint = checkpointer.latest_step()
+          except ckpt_lib.CheckpointWriteError as e:  # still report the non-finite step, which is why the run stops
+            logging.error('%s', e)
+            last_checkpoint = checkpointer.latest_step()
           checkpointer.close()
           progress.close()
           raise FloatingPointError(_health_error(step, fetched, last_checkpoint))
