@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -93,6 +94,16 @@ ADDED_KEYS = {
     'encoder.kwargs.stem': 'cifar',
     'data.on_bad_image': 'raise',
     'grad_accum_steps': 1,
+    # Learned relatedness and the negative-transfer monitor: off in those runs (no 'learned:' table, no reference),
+    # where these values changed nothing.
+    'relatedness_every': 100,
+    'relatedness_rate': 0.5,
+    'relatedness_smoothing': 1.0,
+    'nt_reference': {},
+    'nt_margin': 0.01,
+    'nt_patience': 2,
+    'nt_action': 'warn',
+    'nt_anneal': 0.5,
 }
 
 CORRUPT_DIR = 'checkpoints_corrupt'
@@ -180,11 +191,14 @@ class Checkpointer:
         if check_meta is not None:
           check_meta(meta)
         check_state_layout(saved_layout, abstract_state, where=f'checkpoint step {step} in {self.directory}')
+        added = added_empty_fields(saved_layout, abstract_state)
+        target = abstract_state
+        if added:  # restore the fields the checkpoint has; the added ones keep their (empty) value
+          target = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(target) if f.name not in added}
         try:
-          restored = self._manager.restore(
-              step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-          )
-          return restored['state'], meta
+          restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+          state = abstract_state.replace(**restored['state']) if added else restored['state']
+          return state, meta
         except Exception as e:  # pylint: disable=broad-except
           moved |= self._set_aside(step, e)
       return None
@@ -243,6 +257,19 @@ class Checkpointer:
       self.wait()
     finally:
       self._manager.close()
+
+
+def added_empty_fields(saved: Any, abstract_state: Any) -> tuple[str, ...]:
+  """The fields of a dataclass train state that the saved tree lacks and that hold no leaves here (e.g.
+  ``relatedness`` = {} in a run without a learned table): added to the state after the checkpoint was written, for a
+  feature this run does not use. Restoring skips them; a field with leaves missing is a layout error instead."""
+  if not dataclasses.is_dataclass(abstract_state) or not isinstance(saved, dict):
+    return ()
+  return tuple(
+      f.name
+      for f in dataclasses.fields(abstract_state)
+      if f.name not in saved and not jax.tree.leaves(getattr(abstract_state, f.name))
+  )
 
 
 def abstract_like(state: Any) -> Any:

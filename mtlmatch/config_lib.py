@@ -93,6 +93,24 @@ def base_config() -> ml_collections.ConfigDict:
   # XLA:CPU) or 'auto' (rows on CPU, vmap on GPU/TPU). The same values either way.
   c.weighting.jacobian = 'auto'
 
+  # Learned relatedness (an objective term's relatedness='learned:<init>', docs/maths.md §8): every
+  # `relatedness_every` steps R <- (1 - rate) R + rate R^, R^ from the soft counts of the model's predictions and the
+  # labels of the batches since the last re-estimation, smoothed by `relatedness_smoothing` pseudo-examples toward
+  # the B marginal. Unused without a learned table.
+  c.relatedness_every = 100
+  c.relatedness_rate = 0.5  # in (0, 1]: the weight of the new estimate
+  c.relatedness_smoothing = 1.0  # alpha >= 0, as estimate_relatedness's smoothing
+  # Negative-transfer monitor (mtlmatch/monitor.py, docs/maths.md §9): {task: the single-task primary validation
+  # metric (a number) or the path of a single-task run's results.json}; {} = off. At each validation evaluation a
+  # task more than `nt_margin` below its reference for `nt_patience` evaluations logs a warning and, with
+  # nt_action='anneal', multiplies the DM / co-annotation terms feeding it by `nt_anneal` (divided back, up to 1,
+  # at each evaluation once it recovers).
+  c.nt_reference = ml_collections.ConfigDict()
+  c.nt_margin = 0.01
+  c.nt_patience = 2  # evaluations
+  c.nt_action = 'warn'  # or 'anneal'
+  c.nt_anneal = 0.5  # in (0, 1)
+
   c.init_from = ''  # a workdir or checkpoint directory whose encoder starts this run (fine-tuning)
   c.init_heads = False  # with init_from: also the heads of the tasks both runs have
 
@@ -579,6 +597,45 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   accum = config.get('grad_accum_steps', 1)
   if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
     raise ValueError(f'config.grad_accum_steps: got {accum!r}, expected an int >= 1 (1: no accumulation)')
+  validate_relatedness_and_monitor(config)
+
+
+def _number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def validate_relatedness_and_monitor(config: ml_collections.ConfigDict) -> None:
+  """The learned-relatedness and negative-transfer keys (docs/maths.md §8-§9). Whether a learned table needs
+  ``relatedness_every >= 1`` and which tasks the references name are checked by `train.build_experiment`."""
+  every = config.get('relatedness_every', 100)
+  if isinstance(every, bool) or not isinstance(every, int):
+    raise ValueError(f'config.relatedness_every: got {every!r}, expected an int (steps between re-estimations)')
+  rate = config.get('relatedness_rate', 0.5)
+  if not (_number(rate) and 0 < rate <= 1):
+    raise ValueError(
+        f'config.relatedness_rate: got {rate!r}, expected a number in (0, 1] (the weight of the new estimate: '
+        'R <- (1 - rate) R + rate R^)'
+    )
+  smoothing = config.get('relatedness_smoothing', 1.0)
+  if not (_number(smoothing) and smoothing >= 0):
+    raise ValueError(f'config.relatedness_smoothing: got {smoothing!r}, expected a finite number >= 0')
+  reference = config.get('nt_reference', {})
+  if not isinstance(reference, (Mapping, ml_collections.ConfigDict)):
+    raise ValueError(
+        f'config.nt_reference: got {reference!r}, expected {{task: a number or the path of a single-task '
+        "run's results.json}} ({} = off)"
+    )
+  margin = config.get('nt_margin', 0.01)
+  if not (_number(margin) and margin >= 0):
+    raise ValueError(f'config.nt_margin: got {margin!r}, expected a finite number >= 0')
+  patience = config.get('nt_patience', 2)
+  if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+    raise ValueError(f'config.nt_patience: got {patience!r}, expected an int >= 1 (evaluations)')
+  if config.get('nt_action', 'warn') not in ('warn', 'anneal'):
+    raise ValueError(f"config.nt_action: got {config.nt_action!r}, expected 'warn' or 'anneal'")
+  anneal = config.get('nt_anneal', 0.5)
+  if not (_number(anneal) and 0 < anneal < 1):
+    raise ValueError(f'config.nt_anneal: got {anneal!r}, expected a number in (0, 1) (the factor per window below)')
 
 
 def set_keys(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:

@@ -101,6 +101,11 @@ class At:
       self._splits[split] = classification_metrics(self.exp, self.state, split)
     return self._splits[split]
 
+  def computed(self, split: str) -> bool:
+    """Whether an evaluator already asked for ``split``'s metrics at this step (the negative-transfer monitor acts
+    at the steps where validation metrics were computed)."""
+    return split in self._splits
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # The evaluators.

@@ -14,10 +14,17 @@ An objective is the per-task losses plus any number of named regularizer *terms*
 ``relatedness`` is ``'prior:<name>'`` (a table shipped in :mod:`mtlmatch.priors`), ``'estimate:<source>'``
 (estimated once, before training, from a co-annotated source with :func:`mtlmatch.losses.estimate_relatedness`), or a
 literal nested list ``[C_A][C_B]``; the train loop supplies the resolver, so this module knows no data.
+``'learned:<init>'`` (init ``prior:<name>``, ``estimate:<source>`` or ``uniform``) makes the table a
+:class:`LearnedTable`: the train state holds it, keyed by the pair ``'<a>-><b>'`` (DM and co-annotation on one pair
+share it), the train step re-estimates it from the model's predictions (docs/maths.md §8) and passes it in
+``tables=``; the term function sees a plain array either way.
 
 **Adding a regularizer** = one pure function ``fn(ctx, **options) -> scalar`` plus one entry in :data:`TERMS`. The
 function sees a :class:`Context` (features, logits, labels, task specs, this term's dummy parameters, a step key);
 its options are the term's config entry minus ``kind`` and ``weight``, checked against the function's signature.
+
+``scales=`` multiplies terms by name (the negative-transfer monitor's annealing, :mod:`mtlmatch.monitor`); which
+tasks a term *feeds* (its targets move their heads) is the ``feeds`` of its :class:`Term`.
 
 The objective returns *named, weighted* scalar losses (``task/<name>``, ``term/<name>``), so the train step can hand
 them to a weighting method as separate "tasks" or add them up (``config.weighting.terms_as_tasks``). DGR is always
@@ -29,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +46,25 @@ from mtlmatch import losses
 from mtlmatch.tasks import TaskSpec
 
 Array = jax.Array
+LEARNED_PREFIX = 'learned:'
+
+
+def pair_key(task_a: str, task_b: str) -> str:
+  """The key of a learned relatedness table in the train state: ``'<a>-><b>'``."""
+  return f'{task_a}->{task_b}'
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LearnedTable:
+  """A relatedness option re-estimated during training (docs/maths.md §8); the objective swaps in the current table
+  (``tables[key]``, or ``init`` without ``tables``) before calling the term function."""
+
+  key: str  # pair_key(task_a, task_b)
+  task_a: str
+  task_b: str
+  b_kind: str
+  init: np.ndarray  # float32 [C_A, C_B], validated
+  spec: str  # the config value, e.g. 'learned:prior:expressions_to_aus'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +183,7 @@ def _prepare_pair(name: str, options: dict, env: Env) -> dict:
   if 'relatedness' not in options:
     raise ValueError(
         f"objective term {name!r}: missing option 'relatedness' (expected 'prior:<name>', "
-        "'estimate:<source>' or a nested list [C_A][C_B])"
+        "'estimate:<source>', 'learned:<init>' or a nested list [C_A][C_B])"
     )
   task_a, task_b = env.tasks[options['task_a']], env.tasks[options['task_b']]
   table = env.resolve_relatedness(options['relatedness'], task_a.name, task_b.name)
@@ -167,7 +193,21 @@ def _prepare_pair(name: str, options: dict, env: Env) -> dict:
     )
   except ValueError as e:
     raise ValueError(f'objective term {name!r} (relatedness={_short(options["relatedness"])}): {e}') from None
+  spec = options['relatedness']
+  if isinstance(spec, str) and spec.startswith(LEARNED_PREFIX):
+    learned = LearnedTable(pair_key(task_a.name, task_b.name), task_a.name, task_b.name, task_b.kind, table, spec)
+    return {**options, 'relatedness': learned}
   return {**options, 'relatedness': jnp.asarray(table)}
+
+
+def _direction_default() -> str:
+  return inspect.signature(losses.distribution_matching).parameters['direction'].default
+
+
+def _dm_feeds(options: Mapping[str, Any]) -> tuple[str, ...]:
+  """DM feeds the task whose head gets a target: a_to_b → B, b_to_a → A, both → both."""
+  a, b = options['task_a'], options['task_b']
+  return {'a_to_b': (b,), 'b_to_a': (a,), 'both': (a, b)}[options.get('direction', _direction_default())]
 
 
 def _prepare_matching(name: str, options: dict, env: Env) -> dict:
@@ -211,11 +251,20 @@ class Term:
   prepare: Callable[[str, dict, Env], dict] = lambda name, options, env: options
   has_dummies: bool = False
   options: tuple[str, ...] = ()
+  # The tasks whose heads the term pulls toward a target (what the negative-transfer monitor anneals it for).
+  feeds: Callable[[Mapping[str, Any]], tuple[str, ...]] = lambda options: ()
 
 
 TERMS: dict[str, Term] = {
-    'distribution_matching': Term(distribution_matching_term, _prepare_matching, options=losses.matching.OPTIONS),
-    'co_annotation': Term(co_annotation_term, _prepare_matching, options=losses.matching.CO_ANNOTATION_OPTIONS),
+    'distribution_matching': Term(
+        distribution_matching_term, _prepare_matching, options=losses.matching.OPTIONS, feeds=_dm_feeds
+    ),
+    'co_annotation': Term(
+        co_annotation_term,
+        _prepare_matching,
+        options=losses.matching.CO_ANNOTATION_OPTIONS,
+        feeds=lambda options: (options['task_a'], options['task_b']),  # a label of either task targets the other
+    ),
     'dgr': Term(dgr_term, _prepare_dgr, has_dummies=True),
 }
 
@@ -244,9 +293,19 @@ class Objective:
   terms: tuple[BoundTerm, ...]
 
   def __call__(
-      self, outputs: Mapping[str, Any], labels: Mapping[str, Array], *, dummies: Mapping[str, Any], rng: Array
+      self,
+      outputs: Mapping[str, Any],
+      labels: Mapping[str, Array],
+      *,
+      dummies: Mapping[str, Any],
+      rng: Array,
+      tables: Optional[Mapping[str, Array]] = None,
+      scales: Optional[Mapping[str, Array]] = None,
   ) -> dict[str, Array]:
+    """``{loss name: weighted scalar}``. ``tables``: the current learned relatedness tables by pair key (None: their
+    initial tables); ``scales``: a multiplier per term name (absent: 1)."""
     named = self.task_losses(outputs['logits'], labels)
+    scales = scales or {}
     for i, bound in enumerate(self.terms):
       ctx = Context(
           self.tasks,
@@ -256,8 +315,30 @@ class Objective:
           dummies.get(bound.name),
           jax.random.fold_in(rng, i),
       )
-      named[f'term/{bound.name}'] = bound.weight * bound.term.fn(ctx, **bound.options)
+      options = {k: _current(v, tables) for k, v in bound.options.items()}
+      named[f'term/{bound.name}'] = scales.get(bound.name, 1.0) * bound.weight * bound.term.fn(ctx, **options)
     return named
+
+  @property
+  def learned_tables(self) -> dict[str, LearnedTable]:
+    """``{pair key: LearnedTable}`` of the terms whose relatedness is ``learned:`` (one per pair)."""
+    return {v.key: v for b in self.terms for v in b.options.values() if isinstance(v, LearnedTable)}
+
+  def soft_counts(self, logits: Mapping[str, Array], labels: Mapping[str, Array]) -> dict[str, dict[str, Array]]:
+    """``{pair key: {'joint': N [C_A, C_B], 'marginal': n [C_A]}}`` of one batch for every learned table
+    (:func:`mtlmatch.losses.relatedness_soft_counts`)."""
+    out = {}
+    for key, t in self.learned_tables.items():
+      joint, marginal = losses.relatedness_soft_counts(
+          logits[t.task_a], logits[t.task_b], labels[t.task_a], labels[t.task_b], b_kind=t.b_kind
+      )
+      out[key] = {'joint': joint, 'marginal': marginal}
+    return out
+
+  def feeds(self, name: str) -> tuple[str, ...]:
+    """The tasks term ``name`` feeds (its :class:`Term`'s ``feeds``): DM by direction, co-annotation both."""
+    bound = next(b for b in self.terms if b.name == name)
+    return tuple(bound.term.feeds(bound.options))
 
   def task_losses(self, logits: Mapping[str, Array], labels: Mapping[str, Array]) -> dict[str, Array]:
     """``{'task/<name>': weighted task loss}`` only (no terms): what ``__call__`` returns for the tasks."""
@@ -327,7 +408,29 @@ def build_objective(config: Mapping[str, Any], env: Env) -> Objective:
           f'kind {kind!r}, expected some of {sorted(accepted)}'
       )
     bound.append(BoundTerm(name, kind, float(weight), TERMS[kind].prepare(name, options, env)))
+  learned = {}
+  for b in bound:
+    for value in b.options.values():
+      if isinstance(value, LearnedTable):
+        other = learned.setdefault(value.key, (b.name, value))
+        if not np.array_equal(other[1].init, value.init):
+          raise ValueError(
+              f'objective terms {other[0]!r} and {b.name!r}: both learn the relatedness of {value.key} but start '
+              f'from different tables ({other[1].spec!r}, {value.spec!r}); expected one initial table per pair '
+              '(they share one learned table)'
+          )
   return Objective(dict(env.tasks), task_weights, tuple(bound))
+
+
+def _current(value, tables: Optional[Mapping[str, Array]]):
+  """A term option as the term function sees it: a :class:`LearnedTable` becomes its current table."""
+  if not isinstance(value, LearnedTable):
+    return value
+  if tables is None:
+    return jnp.asarray(value.init)
+  if value.key not in tables:
+    raise ValueError(f'tables: got keys {sorted(tables)}, expected the learned relatedness table {value.key!r}')
+  return tables[value.key]
 
 
 def _plain(value):

@@ -61,6 +61,7 @@ from mtlmatch import data as data_lib
 from mtlmatch import evaluators
 from mtlmatch import losses
 from mtlmatch import models
+from mtlmatch import monitor as monitor_lib
 from mtlmatch import objective as objective_lib
 from mtlmatch import priors
 from mtlmatch import progress as progress_lib
@@ -79,6 +80,13 @@ class TrainState:
   dummy_params: Any  # fixed DGR dummy heads {term: {task: stacked params}}, never trained
   rng: jax.Array  # base key; each step uses fold_in(rng, step)
   skipped: jax.Array  # int32 count of non-finite updates skipped (config.nonfinite='skip')
+  # Learned relatedness (docs/maths.md §8): {pair key '<a>-><b>': R [C_A, C_B]} and the soft counts since the last
+  # re-estimation {pair key: {'joint': N [C_A, C_B], 'marginal': n [C_A]}}; the negative-transfer monitor's term
+  # scales {term: float32 scalar} (mtlmatch/monitor.py). Each is {} when its feature is off: no leaves, so a
+  # checkpoint written before these fields existed has the same layout and resumes.
+  relatedness: Any = flax.struct.field(default_factory=dict)
+  relatedness_counts: Any = flax.struct.field(default_factory=dict)
+  term_scales: Any = flax.struct.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,12 +162,25 @@ def select_tasks(benchmark: data_lib.Benchmark, names) -> data_lib.Benchmark:
   )
 
 
+LEARNED_INITS = "'prior:<name>', 'estimate:<source>' or 'uniform'"
+
+
 def make_relatedness_resolver(benchmark: data_lib.Benchmark, log: dict):
-  """``(spec, task_a, task_b) -> R``: 'prior:<name>', 'estimate:<source>' or a literal nested list."""
+  """``(spec, task_a, task_b) -> R``: 'prior:<name>', 'estimate:<source>', a literal nested list, or
+  'learned:<init>' (the initial table of a learned one, docs/maths.md §8: init 'prior:<name>', 'estimate:<source>' or
+  'uniform' = 0.5 per entry for multilabel B, 1/C_B for multiclass B)."""
 
   def resolve(spec, task_a: str, task_b: str) -> np.ndarray:
     ta, tb = benchmark.tasks[task_a], benchmark.tasks[task_b]
-    if isinstance(spec, str) and spec.startswith('prior:'):
+    if isinstance(spec, str) and spec.startswith(objective_lib.LEARNED_PREFIX):
+      init = spec[len(objective_lib.LEARNED_PREFIX) :]
+      if init == 'uniform':
+        table = np.full((ta.num_classes, tb.num_classes), 0.5 if tb.kind == 'multilabel' else 1 / tb.num_classes)
+      elif init.startswith(('prior:', 'estimate:')):
+        table = resolve(init, task_a, task_b)
+      else:
+        raise ValueError(f'relatedness {spec!r}: got initial table {init!r}, expected {LEARNED_INITS}')
+    elif isinstance(spec, str) and spec.startswith('prior:'):
       prior = priors.load_prior(spec[len('prior:') :])
       if (
           ta.class_names
@@ -193,7 +214,8 @@ def make_relatedness_resolver(benchmark: data_lib.Benchmark, log: dict):
     else:
       raise ValueError(
           f"relatedness: got {spec!r}, expected 'prior:<name>' (one of "
-          f"{priors.available_priors()}), 'estimate:<source>' or a nested list [C_A][C_B]"
+          f"{priors.available_priors()}), 'estimate:<source>', 'learned:<init>' (init {LEARNED_INITS}) or a "
+          'nested list [C_A][C_B]'
       )
     log[f'{task_a}->{task_b} ({spec if isinstance(spec, str) else "literal"})'] = np.asarray(table).tolist()
     return np.asarray(table, np.float32)
@@ -207,7 +229,8 @@ def weighting_init(method, num_combined: int, params) -> dict:
   return weighting.init_state(method, num_combined, num_params)
 
 
-def init_state(model, objective, method, tx, num_combined: int, image_shape, rng) -> TrainState:
+def init_state(model, objective, method, tx, num_combined: int, image_shape, rng, term_scales=()) -> TrainState:
+  """The fresh state; ``term_scales``: the names of the terms the negative-transfer monitor may anneal (scale 1)."""
   init_rng, dummy_rng, state_rng = jax.random.split(rng, 3)
   images = jnp.zeros((2, *image_shape), jnp.float32)
   variables = model.init(init_rng, images)
@@ -222,7 +245,39 @@ def init_state(model, objective, method, tx, num_combined: int, image_shape, rng
       dummy_params=objective.draw_dummies(dummy_rng, features, mode='fixed'),
       rng=state_rng,
       skipped=jnp.zeros((), jnp.int32),
+      relatedness={k: jnp.asarray(t.init, jnp.float32) for k, t in objective.learned_tables.items()},
+      relatedness_counts={
+          k: {'joint': jnp.zeros(t.init.shape, jnp.float32), 'marginal': jnp.zeros(t.init.shape[:1], jnp.float32)}
+          for k, t in objective.learned_tables.items()
+      },
+      term_scales={name: jnp.ones((), jnp.float32) for name in term_scales},
   )
+
+
+# The key under which a step's soft counts of the learned relatedness ride along with the named losses, popped
+# before the metrics (they are [C_A, C_B] statistics, not losses).
+SOFT_COUNTS = 'relatedness_soft_counts'
+
+
+def update_relatedness(tables, counts, batch_counts, step, *, objective, every: int, rate: float, smoothing: float):
+  """The learned relatedness after one step (docs/maths.md §8): ``(tables, counts)``.
+
+  ``counts += batch_counts`` (the soft counts of this step's global batch, :meth:`Objective.soft_counts`); at the
+  steps with ``(step + 1) % every == 0`` each table becomes ``reestimate(table, counts)`` and the counts restart
+  from 0 (``jnp.where``: no host round trip, no recompilation). Pure and jittable; ``({}, {})`` stays ``({}, {})``.
+  """
+  if not tables:
+    return tables, counts
+  counts = jax.tree.map(jnp.add, counts, batch_counts)
+  due = (step + 1) % every == 0
+  learned = objective.learned_tables
+  estimated = {
+      k: losses.reestimate(tables[k], c['joint'], c['marginal'], rate=rate, alpha=smoothing, b_kind=learned[k].b_kind)
+      for k, c in counts.items()
+  }
+  tables = jax.tree.map(lambda new, old: jnp.where(due, new, old), estimated, tables)
+  counts = jax.tree.map(lambda c: jnp.where(due, jnp.zeros_like(c), c), counts)
+  return tables, counts
 
 
 def loss_names(objective: objective_lib.Objective, config) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -305,6 +360,7 @@ def train_step(
     schedule: Optional[optax.Schedule] = None,
     jacobian: str = 'auto',
     accum_steps: int = 1,
+    relatedness_update=None,
 ):
   """One data-parallel step. Pure: ``(state, batch) -> (state, metrics)``; metrics stay on device.
 
@@ -315,6 +371,10 @@ def train_step(
   gradient method (``jacobian``, `weighting.pullback_rows`), and one for MGDA-UB, which combines the rows w.r.t. the
   features themselves ('auto' vmaps those). ``accum_steps`` (``config.grad_accum_steps``): see
   :func:`encoder_pass`.
+
+  ``relatedness_update``: :func:`update_relatedness` with its options bound (None: no learned relatedness table).
+  The objective reads the learned tables and the term scales from the state (``state.relatedness``,
+  ``state.term_scales``).
 
   A method with ``needs_validation`` (Auto-Lambda) also reads ``batch['validation']`` (a batch of the same form,
   from the validation split) and ``schedule`` (the optimizer's learning rate, :func:`make_schedule`).
@@ -331,7 +391,11 @@ def train_step(
         batch['labels'],
         dummies={**state.dummy_params, **resampled},
         rng=term_rng,
+        tables=state.relatedness,
+        scales=state.term_scales,
     )
+    if state.relatedness:  # learned relatedness: this batch's soft counts ride along (popped before the metrics)
+      named[SOFT_COUNTS] = objective.soft_counts(jax.lax.stop_gradient(logits), batch['labels'])
     extra = sum((named[n] for n in additive), jnp.zeros((), jnp.float32))
     return jnp.stack([named[n] for n in combined] + [extra]), named
 
@@ -412,12 +476,22 @@ def train_step(
     cosine = None
   total = jnp.dot(jax.lax.stop_gradient(weights), task_losses) + rows[-1]
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  # Learned relatedness (docs/maths.md §8): the counts are sums over the global batch (under gradient accumulation,
+  # sum them over the micro-batches); the tables change only at re-estimation steps. No-op without learned tables.
+  batch_counts = named.pop(SOFT_COUNTS, {})
+  relatedness, relatedness_counts = (
+      relatedness_update(state.relatedness, state.relatedness_counts, batch_counts, state.step)
+      if relatedness_update is not None
+      else (state.relatedness, state.relatedness_counts)
+  )
   new_state = state.replace(
       step=state.step + 1,
       params=optax.apply_updates(state.params, updates),
       batch_stats=batch_stats,
       opt_state=opt_state,
       weighting_state=weighting_state,
+      relatedness=relatedness,
+      relatedness_counts=relatedness_counts,
   )
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
@@ -558,6 +632,7 @@ class Experiment:
   relatedness: dict  # the resolved tables, for the record
   step_fn: Any  # jitted (state, batch) -> (state, metrics), state donated
   eval_fn: Any  # jitted (params, batch_stats, batch) -> metric statistics
+  monitor: Optional[monitor_lib.Monitor] = None  # the negative-transfer monitor (config.nt_reference), or None
 
   @property
   def data_sharding(self) -> NamedSharding:
@@ -572,7 +647,14 @@ class Experiment:
     combined, _ = loss_names(self.objective, self.config)
     return jax.jit(
         functools.partial(
-            init_state, self.model, self.objective, self.method, self.tx, len(combined), self.benchmark.image_shape
+            init_state,
+            self.model,
+            self.objective,
+            self.method,
+            self.tx,
+            len(combined),
+            self.benchmark.image_shape,
+            term_scales=self.monitor.annealed_terms if self.monitor else (),
         ),
         out_shardings=self.replicated,
     )(jax.random.PRNGKey(self.config.seed))
@@ -673,6 +755,23 @@ def build_experiment(
       else models.build_head('linear', benchmark.tasks[task].num_classes, **head_dtype),
   )
   objective = objective_lib.build_objective(config.objective.to_dict(), env)
+  relatedness_update = None
+  if objective.learned_tables:
+    if config.relatedness_every < 1:
+      raise ValueError(
+          f'config.relatedness_every: got {config.relatedness_every!r}, expected an int >= 1 (steps between '
+          f're-estimations of the learned relatedness tables {sorted(objective.learned_tables)})'
+      )
+    relatedness_update = functools.partial(
+        update_relatedness,
+        objective=objective,
+        every=config.relatedness_every,
+        rate=float(config.relatedness_rate),
+        smoothing=float(config.relatedness_smoothing),
+    )
+  monitor = monitor_lib.build(config, benchmark.tasks, {b.name: objective.feeds(b.name) for b in objective.terms})
+  if monitor is not None:
+    check_monitor_schedule(config, benchmark)
   combined, additive = loss_names(objective, config)
   method = weighting.get_method(config.weighting.name, **config.weighting.hparams)
   tx = make_optimizer(config)
@@ -690,6 +789,7 @@ def build_experiment(
           schedule=make_schedule(config),
           jacobian=config.weighting.get('jacobian', 'auto'),
           accum_steps=config.get('grad_accum_steps', 1),
+          relatedness_update=relatedness_update,
       ),
       in_shardings=(replicated, data_sharding),
       out_shardings=(replicated, replicated),
@@ -700,7 +800,31 @@ def build_experiment(
       in_shardings=(replicated, replicated, data_sharding),
       out_shardings=replicated,
   )
-  return Experiment(config, mesh, benchmark, model, objective, method, tx, relatedness, step_fn, eval_fn)
+  return Experiment(config, mesh, benchmark, model, objective, method, tx, relatedness, step_fn, eval_fn, monitor)
+
+
+def check_monitor_schedule(config: ml_collections.ConfigDict, benchmark: data_lib.Benchmark) -> None:
+  """The negative-transfer monitor compares validation metrics during training: it needs a validation split and an
+  evaluator that computes them at an interval (the validation or selection evaluator with ``every`` > 0)."""
+  if not benchmark.validation_sources:
+    raise ValueError(
+        f'config.nt_reference={dict(config.nt_reference)!r} compares validation metrics, but '
+        f'config.data.validation_fraction={config.data.get("validation_fraction", 0.0)!r} holds out no validation '
+        'split: expected config.data.validation_fraction in (0, 1), e.g. 0.1'
+    )
+  periodic = [
+      name
+      for name, entry in config.evals.items()
+      if entry.get('enabled', True)
+      and (entry['kind'] == 'selection' or (entry['kind'] == 'classification' and entry.get('split') == 'validation'))
+      and (config.eval_every if entry.get('every') is None else entry['every']) > 0
+  ]
+  if not periodic:
+    raise ValueError(
+        f'config.nt_reference={dict(config.nt_reference)!r} acts at validation evaluations during training, but none '
+        f'is scheduled (config.eval_every={config.eval_every}): expected config.eval_every > 0 or '
+        'config.evals.validation.every > 0'
+    )
 
 
 def train_and_evaluate(
@@ -734,11 +858,14 @@ def train_and_evaluate(
   )
   evals = evaluators.build(config, exp)
   records = {}  # the evaluators' records (e.g. the best-validation selection), continued from the checkpoint
+  # The negative-transfer monitor's record (JSON, in checkpoint metadata; its scales are also in state.term_scales).
+  monitor_record = exp.monitor.initial_record() if exp.monitor else None
   if restored is not None:
     # After the config and layout checks: a resume, or a cached result, of other data is refused too.
     fingerprint_lib.check(restored[1].get('data'), data_fingerprint, where=f'the checkpoint in {workdir!r}')
     state, meta = restored
     records = evaluators.records_from_meta(evals, meta)
+    monitor_record = meta.get('monitor') or monitor_record
     logging.info('Resumed from step %d in %s', int(state.step), workdir)
   elif config.get('init_from'):
     state = warm_start.apply(state, config)
@@ -791,15 +918,38 @@ def train_and_evaluate(
             'config': config_json,
             'data': data_fingerprint,
             'evals': records,
+            **({'monitor': monitor_record} if exp.monitor else {}),
         },
     )
 
   def evaluate(chosen, step) -> dict:
-    """Runs the ``chosen`` evaluators on the current state, writes their scalars, keeps their records."""
-    nonlocal records
-    reports, records = evaluators.run(chosen, evaluators.At(exp, state, step), records)
-    writer.write_scalars(step, {k: v for report in reports.values() for k, v in report.scalars.items()})
+    """Runs the ``chosen`` evaluators on the current state, writes their scalars, keeps their records; where they
+    computed validation metrics, the negative-transfer monitor compares them with its references."""
+    nonlocal records, state, monitor_record
+    at = evaluators.At(exp, state, step)
+    reports, records = evaluators.run(chosen, at, records)
+    scalars = {k: v for report in reports.values() for k, v in report.scalars.items()}
+    if exp.monitor is not None and at.computed('validation'):
+      monitor_record, messages = exp.monitor.update(monitor_record, step, at.classification('validation')['metrics'])
+      for message in messages:
+        logging.warning(message)
+      scalars.update(exp.monitor.scalars(monitor_record))
+      if monitor_record['scales']:  # nt_action='anneal': the step reads the scales from the state
+        scales = {t: np.float32(v) for t, v in monitor_record['scales'].items()}
+        state = state.replace(term_scales=jax.device_put(scales, exp.replicated))
+    writer.write_scalars(step, scalars)
     return reports
+
+  learned = exp.objective.learned_tables
+
+  def log_relatedness(step) -> None:
+    """The learned tables as TensorBoard heat-maps (``relatedness/<a>-><b>``, brighter = higher; cells 8 px) and
+    as ``<workdir>/relatedness_learned.json`` (the latest tables and their step)."""
+    tables = {k: np.asarray(v) for k, v in jax.device_get(state.relatedness).items()}
+    writer.write_images(step, {f'relatedness/{k}': relatedness_image(t) for k, t in tables.items()})
+    if is_main:
+      text = json.dumps({'step': step, 'tables': {k: t.tolist() for k, t in tables.items()}}, indent=1)
+      _write_atomically(os.path.join(workdir, LEARNED_RELATEDNESS_FILE), text)
 
   stop_reason = lambda: evaluators.stop_reason(evals, records)  # noqa: E731
 
@@ -808,6 +958,8 @@ def train_and_evaluate(
   # ~100 steps with 8 devices on 2 cores). Accelerators keep asynchronous dispatch.
   one_step_in_flight = jax.default_backend() == 'cpu' and exp.mesh.size > 1
   step, results = start_step, None
+  if learned and start_step == 0:
+    log_relatedness(0)  # the initial tables
   progress = progress_lib.Progress(config.total_steps, start_step, enabled=is_main)
   # A checkpoint is written in the background while the next steps run (checkpoint.py); every exit below waits for it.
   with _Preemption() as preemption, checkpointer.closed_on_error():
@@ -818,6 +970,8 @@ def train_and_evaluate(
         jax.block_until_ready(metrics['loss'])
       interval.add(metrics)
       step += 1
+      if learned and step % config.relatedness_every == 0:  # the step just re-estimated the tables
+        log_relatedness(step)
       progress.advance(step)
       for hook in hooks:
         hook(step)
@@ -870,6 +1024,10 @@ def train_and_evaluate(
         **{k: v for report in reports.values() for k, v in report.results.items()},
         'stopped_early': bool(stop_reason()),
     }
+    if learned:
+      results['learned_relatedness'] = {k: np.asarray(v).tolist() for k, v in jax.device_get(state.relatedness).items()}
+    if exp.monitor is not None:
+      results['negative_transfer'] = monitor_record
     if is_main:
       _write_atomically(os.path.join(workdir, 'results.json'), json.dumps(results, indent=1, default=_jsonable))
   else:
@@ -877,6 +1035,17 @@ def train_and_evaluate(
       results = json.load(f)
   writer.flush()
   return results
+
+
+LEARNED_RELATEDNESS_FILE = 'relatedness_learned.json'
+
+
+def relatedness_image(table, cell: int = 8) -> np.ndarray:
+  """A relatedness table ``[C_A, C_B]`` in [0, 1] as a grey heat-map image ``[1, C_A·cell, C_B·cell, 3]`` (rows =
+  A classes, columns = B labels, brighter = higher), for clu's ``write_images``."""
+  t = np.clip(np.asarray(table, np.float32), 0.0, 1.0)
+  pixels = np.kron(t, np.ones((cell, cell), np.float32))
+  return np.repeat(pixels[None, :, :, None], 3, axis=-1)
 
 
 class _IntervalMean:

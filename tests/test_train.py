@@ -75,17 +75,27 @@ def test_one_device_equals_eight_devices_and_no_recompiles(weighting, tfds_dir):
 
 
 def test_resume_equals_uninterrupted_run_bitwise(tfds_dir, tmp_path):
+  # With a learned relatedness table (re-estimated at steps 2, 4, 6: the counts of step 3 are in the checkpoint) and
+  # the negative-transfer monitor annealing co-annotation at the evaluations of steps 2 and 4 (expression's reference
+  # 1.0 is out of reach), so the state's new fields and the monitor's record must resume exactly too.
   config = smoke_config('affect', 'dm+coann+dgr', tfds_dir, **{'checkpoint_every': 100})
-  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  config.nt_reference = {'expression': 1.0}
+  for name in ('dm', 'coann'):
+    config.objective.terms[name].relatedness = 'learned:prior:expressions_to_aus'
+  set_keys(config, relatedness_every=2, eval_every=2, nt_patience=1, nt_action='anneal', **{'evals.test.every': 0})
+  straight_results = train.train_and_evaluate(config, str(tmp_path / 'straight'))
   first = train.train_and_evaluate(config, str(tmp_path / 'resumed'), stop_at=3)
   assert first == {'step': 3, 'interrupted': True}
   assert not (tmp_path / 'resumed' / 'results.json').exists()
-  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  resumed_results = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
   straight = final_params(config, str(tmp_path / 'straight'))
   resumed = final_params(config, str(tmp_path / 'resumed'))
   assert int(resumed.step) == config.total_steps
+  assert float(resumed.term_scales['coann']) == 0.25 and set(resumed.relatedness) == {'expression->aus'}
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)
+  for key in ('negative_transfer', 'learned_relatedness'):
+    assert straight_results[key] == resumed_results[key]
 
 
 def test_resume_with_changed_model_is_refused(tfds_dir, tmp_path):

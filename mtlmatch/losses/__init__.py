@@ -3,7 +3,8 @@
 * :mod:`~mtlmatch.losses.classification`: ``softmax_xent``, ``sigmoid_xent`` (missing labels = -1) and
   ``masked_mean``, the one reduction rule ``Σ v·w / max(Σ w, 1)`` over the global batch.
 * :mod:`~mtlmatch.losses.relatedness`: relatedness tables R[C_A, C_B] (``validate_relatedness``,
-  ``estimate_relatedness``) and the distributions they imply (``implied_b``, ``implied_a``).
+  ``estimate_relatedness``), the distributions they imply (``implied_b``, ``implied_a``) and the learned table's
+  soft counts and update (``relatedness_soft_counts``, ``reestimate``).
 * :mod:`~mtlmatch.losses.matching`: ``distribution_matching`` and ``co_annotation`` (Kollias et al., AAAI 2024).
 * :mod:`~mtlmatch.losses.dgr`: ``dummy_gradient_norm`` and ``init_dummy_params`` (Shin et al., ECCV 2024).
 
@@ -28,6 +29,8 @@ from mtlmatch.losses.relatedness import (
     estimate_relatedness,
     implied_a,
     implied_b,
+    reestimate,
+    relatedness_soft_counts,
     validate_relatedness,
 )
 
@@ -42,6 +45,8 @@ __all__ = [
     'implied_b',
     'init_dummy_params',
     'masked_mean',
+    'reestimate',
+    'relatedness_soft_counts',
     'sigmoid_xent',
     'softmax_xent',
     'validate_relatedness',

@@ -355,3 +355,78 @@ def implied_a(probs_b, relatedness, *, b_kind: str, mode: str = 'bayes', prior=N
   logp = jnp.log(jnp.clip(probs_b, tiny, 1.0))
   log1mp = jnp.log(jnp.clip(1 - probs_b, tiny, 1.0))
   return jnp.exp(log_implied_a(probs_b, logp, log1mp, r, b_kind=b_kind, mode=mode, log_prior=log_prior))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learned relatedness (docs/maths.md §8): soft counts of the model's predictions and the smoothed EM-style update.
+# Both are jittable; the train step accumulates the counts over steps and re-estimates every few steps.
+
+
+def relatedness_soft_counts(logits_a, logits_b, labels_a, labels_b, *, b_kind: str) -> tuple[jax.Array, jax.Array]:
+  """Soft co-occurrence counts of one batch: ``(N [C_A, C_B], n [C_A])`` (docs/maths.md §8).
+
+  ``q_A(i | x)`` = one-hot of A's label where the example has it, else ``softmax(z_A)``; ``q_B(k | x)`` = B's label
+  where annotated (per entry for multilabel B: ``b_k ∈ {0, 1}``), else ``sigmoid(z_B)_k`` (multilabel) or
+  ``softmax(z_B)_k`` (multiclass). ``N_ik = Σ_x q_A(i | x) q_B(k | x)`` and ``n_i = Σ_x q_A(i | x)``, summed over the
+  batch (the global batch under ``jit``). Predictions enter as ``stop_gradient``: the counts are statistics, not a
+  loss. For multiclass B, ``Σ_k N_ik = n_i``.
+
+  Args:
+    logits_a: ``[B, C_A]``.
+    logits_b: ``[B, C_B]``.
+    labels_a: int ``[B]`` (-1 = missing).
+    labels_b: int ``[B]`` (multiclass) or ``[B, C_B]`` (multilabel), -1 = missing.
+    b_kind: 'multiclass' or 'multilabel'.
+  """
+  b_kind = _checks.check_b_kind(b_kind)
+  logits_a = jax.lax.stop_gradient(jnp.asarray(logits_a, jnp.float32))
+  logits_b = jax.lax.stop_gradient(jnp.asarray(logits_b, jnp.float32))
+  labels_a, labels_b = jnp.asarray(labels_a), jnp.asarray(labels_b)
+  num_a, num_b = logits_a.shape[-1], logits_b.shape[-1]
+  q_a = jnp.where(
+      (labels_a != MISSING)[:, None], jax.nn.one_hot(labels_a, num_a, dtype=jnp.float32), jax.nn.softmax(logits_a)
+  )
+  if b_kind == 'multiclass':
+    q_b = jnp.where(
+        (labels_b != MISSING)[:, None], jax.nn.one_hot(labels_b, num_b, dtype=jnp.float32), jax.nn.softmax(logits_b)
+    )
+  else:
+    q_b = jnp.where(labels_b != MISSING, labels_b.astype(jnp.float32), jax.nn.sigmoid(logits_b))
+  return jnp.einsum('ni,nk->ik', q_a, q_b, precision=_HI), jnp.sum(q_a, axis=0)
+
+
+def reestimate(table, joint, marginal, *, rate: float, alpha: float, b_kind: str, prior_b=None) -> jax.Array:
+  """One smoothed re-estimation of ``R [C_A, C_B]`` from soft counts (docs/maths.md §8).
+
+  ``R̂_ik = (N_ik + α π_k) / (n_i + α)`` — :func:`estimate_relatedness`'s smoothing, on soft counts — with ``π`` =
+  ``prior_b [C_B]`` or, by default, the B marginal of the counts ``π_k = Σ_i N_ik / Σ_i n_i`` (0.5 per entry for
+  multilabel B, ``1/C_B`` for multiclass B, when the counts are all 0); a class with no mass (``n_i + α = 0``) gets
+  π. Then ``R ← (1 − ρ) R + ρ R̂`` with ``ρ = rate`` in (0, 1]. For multiclass B the rows of R̂ are distributions
+  (renormalised against rounding), so the rows of R stay distributions. Jittable; ``rate``, ``alpha`` and ``b_kind``
+  are Python values.
+
+  Args:
+    table: the current ``R [C_A, C_B]``.
+    joint: ``N [C_A, C_B]`` (:func:`relatedness_soft_counts`, summed over batches).
+    marginal: ``n [C_A]``.
+    rate: ρ, the weight of the new estimate.
+    alpha: α ≥ 0, the prior's weight in pseudo-examples.
+    b_kind: 'multiclass' or 'multilabel'.
+    prior_b: optional π ``[C_B]``.
+  """
+  b_kind = _checks.check_b_kind(b_kind)
+  table = jnp.asarray(table, jnp.float32)
+  joint, marginal = jnp.asarray(joint, jnp.float32), jnp.asarray(marginal, jnp.float32)
+  if prior_b is None:
+    total = jnp.sum(marginal)
+    fallback = 0.5 if b_kind == 'multilabel' else 1.0 / table.shape[1]
+    prior_b = jnp.where(total > 0, jnp.sum(joint, axis=0) / jnp.where(total > 0, total, 1.0), fallback)
+  prior_b = jnp.asarray(prior_b, jnp.float32)
+  denominator = (marginal + alpha)[:, None]
+  estimate = jnp.where(
+      denominator > 0, (joint + alpha * prior_b) / jnp.where(denominator > 0, denominator, 1.0), prior_b
+  )
+  if b_kind == 'multiclass':
+    estimate = estimate / jnp.sum(estimate, axis=-1, keepdims=True)
+  estimate = jnp.clip(estimate, 0.0, 1.0)  # rounding only: a convex combination of values in [0, 1]
+  return (1.0 - rate) * table + rate * estimate

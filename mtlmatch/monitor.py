@@ -1,0 +1,176 @@
+"""The negative-transfer monitor (docs/maths.md §9): each task's validation metric against a single-task reference.
+
+``config.nt_reference = {task: reference}`` turns it on; a reference is a number (the task's primary validation
+metric, ``evaluate.PRIMARY_METRIC``: accuracy or mean F1) or the path of a single-task run's ``results.json`` (or its
+workdir), read from that run's best-validation record, ``selection.validation[task][metric]`` — never its test
+metrics. At every step where the train loop computed validation metrics (``config.evals``: the validation and
+selection evaluators, every ``eval_every`` steps), :meth:`Monitor.update` counts, per task, the consecutive
+evaluations with ``value < reference − nt_margin``. Each time that count reaches a multiple of ``nt_patience`` it
+logs a warning naming the task and the terms feeding it (``objective.Term.feeds``: DM by direction, co-annotation
+both tasks; DGR none) and, with ``nt_action='anneal'``, multiplies each such term's scale by ``nt_anneal`` (once per
+evaluation however many of its tasks trigger). A scaled-down term whose monitored tasks are all back at or above
+``reference − margin`` is divided by ``nt_anneal`` (capped at 1) at each such evaluation: it recovers as fast as it
+was cut, one step per evaluation instead of one per window.
+
+The record is JSON (checkpoint metadata ``monitor``, ``results.json`` ``negative_transfer``); the scales also live in
+the train state (``TrainState.term_scales``) because the jitted step reads them. Both are saved at the same step, so
+a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+from typing import Any, Mapping, Optional
+
+from mtlmatch import evaluate
+from mtlmatch.tasks import TaskSpec
+
+ACTIONS = ('warn', 'anneal')
+
+
+@dataclasses.dataclass(frozen=True)
+class Monitor:
+  """What to compare and what to do; :meth:`update` is a pure function of (record, step, validation metrics)."""
+
+  references: Mapping[str, float]  # task -> reference value of its primary validation metric
+  metrics: Mapping[str, str]  # task -> the name of its primary metric
+  feeds: Mapping[str, tuple[str, ...]]  # term -> the tasks it feeds
+  margin: float
+  patience: int
+  action: str  # 'warn' | 'anneal'
+  anneal: float  # the factor in (0, 1) per patience window below
+
+  @property
+  def annealed_terms(self) -> tuple[str, ...]:
+    """The terms with a scale: those feeding a monitored task, with ``action='anneal'`` (else none)."""
+    if self.action != 'anneal':
+      return ()
+    return tuple(term for term, tasks in self.feeds.items() if set(tasks) & set(self.references))
+
+  def initial_record(self) -> dict:
+    return {
+        'step': None,
+        'references': dict(self.references),
+        'below': {t: 0 for t in self.references},
+        'gap': {t: None for t in self.references},
+        'scales': {term: 1.0 for term in self.annealed_terms},
+        'events': [],
+    }
+
+  def update(self, record: Optional[dict], step: int, validation: Mapping[str, Mapping[str, float]]):
+    """``(record after the evaluation at step, warning messages)``; ``validation``: ``{task: {metric: value}}``.
+
+    A task without a finite value (no validation example) keeps its count. A step not after the record's last one
+    (a resumed run evaluating again at the same step) changes nothing.
+    """
+    record = copy.deepcopy(record) if record else self.initial_record()
+    if record['step'] is not None and step <= record['step']:
+      return record, []
+    record['step'] = step
+    below, scales, messages, cut = record['below'], record['scales'], [], set()
+    for task, reference in self.references.items():
+      value = validation.get(task, {}).get(self.metrics[task], math.nan)
+      if not math.isfinite(value):
+        continue
+      record['gap'][task] = value - reference
+      below[task] = below[task] + 1 if value < reference - self.margin else 0
+      if below[task] and below[task] % self.patience == 0:
+        feeding = [term for term, tasks in self.feeds.items() if task in tasks]
+        annealed = [term for term in feeding if term in scales]
+        cut |= set(annealed)
+        new = {term: scales[term] * self.anneal for term in annealed}
+        what = (
+            f'scaling {", ".join(f"{t!r} to {s:.4g}" for t, s in new.items())}'
+            if annealed
+            else f'terms feeding it: {feeding or "none"} (nt_action={self.action!r}: not changed)'
+        )
+        messages.append(
+            f'negative transfer on task {task!r} at step {step}: validation {self.metrics[task]} {value:.4f} is below '
+            f'its single-task reference {reference:.4f} - margin {self.margin:g} for {below[task]} evaluations; ' + what
+        )
+        record['events'].append(
+            {
+                'step': step,
+                'task': task,
+                'value': value,
+                'reference': reference,
+                'evaluations_below': below[task],
+                'action': 'anneal' if annealed else 'warn',
+                'terms': annealed or feeding,
+            }
+        )
+    for term in scales:
+      if term in cut:
+        scales[term] *= self.anneal
+      elif scales[term] < 1 and all(below[t] == 0 for t in self.feeds[term] if t in below):
+        scales[term] = min(1.0, scales[term] / self.anneal)
+        record['events'].append({'step': step, 'action': 'recover', 'terms': [term], 'scale': scales[term]})
+    return record, messages
+
+  def scalars(self, record: Mapping[str, Any]) -> dict[str, float]:
+    """TensorBoard: ``nt/scale/<term>``, ``nt/below/<task>`` (consecutive evaluations below), ``nt/gap/<task>``
+    (validation value − reference)."""
+    out = {f'nt/scale/{term}': s for term, s in record['scales'].items()}
+    out.update({f'nt/below/{task}': n for task, n in record['below'].items()})
+    out.update({f'nt/gap/{task}': g for task, g in record['gap'].items() if g is not None})
+    return out
+
+
+def reference_from_results(path: str, task: str, metric: str, *, where: str) -> float:
+  """The task's primary validation metric at the best-validation step of a run: ``selection.validation[task][metric]``
+  of its ``results.json`` (``path`` = the file or the run's workdir). Raises ValueError naming what is missing."""
+  file = os.path.join(path, 'results.json') if os.path.isdir(path) else path
+  if not os.path.isfile(file):
+    raise ValueError(f"{where}: got {path!r}, expected a number or a single-task run's results.json (or its workdir)")
+  try:
+    with open(file) as f:
+      results = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f'{where}: cannot read {file!r} ({e}); expected a results.json written by mtlmatch') from None
+  value = ((results.get('selection') or {}).get('validation') or {}).get(task, {}).get(metric)
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    raise ValueError(
+        f'{where}: {file!r} has no finite selection.validation.{task}.{metric} (got {value!r}); expected the '
+        'results.json of a run that trained this task with a validation split (config.data.validation_fraction > 0)'
+    )
+  return float(value)
+
+
+def build(config, tasks: Mapping[str, TaskSpec], feeds: Mapping[str, tuple[str, ...]]) -> Optional[Monitor]:
+  """The monitor of ``config`` (None when ``config.nt_reference`` is empty); ``feeds``: term → the tasks it feeds
+  (``Objective.feeds``). References are resolved here, before training: an unknown task, or a results.json without
+  the metric, raises ValueError."""
+  given = dict(config.get('nt_reference') or {})
+  if not given:
+    return None
+  metrics, references = {}, {}
+  for task, value in given.items():
+    where = f'config.nt_reference.{task}'
+    if task not in tasks:
+      raise ValueError(f'config.nt_reference: got task {task!r}, expected some of the trained tasks {list(tasks)}')
+    metrics[task] = evaluate.PRIMARY_METRIC[tasks[task].kind]
+    if isinstance(value, str):
+      references[task] = reference_from_results(value, task, metrics[task], where=where)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+      references[task] = float(value)
+    else:
+      raise ValueError(
+          f'{where}: got {value!r}, expected the single-task {metrics[task]} (a number) or the path of a '
+          "single-task run's results.json"
+      )
+  monitor = Monitor(
+      references,
+      metrics,
+      {term: tuple(t) for term, t in feeds.items()},
+      float(config.nt_margin),
+      int(config.nt_patience),
+      config.nt_action,
+      float(config.nt_anneal),
+  )
+  logging.info('Negative-transfer monitor: references %s, terms feeding them %s', references, dict(feeds))
+  return monitor
