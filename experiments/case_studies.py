@@ -117,11 +117,17 @@ CPU_CUTS = {
     'with the `model` prior (defaults) and with `uniform`; DM alone `a_to_b` / `b_to_a`; DM + '
     'co-annotation; MTL + DGR with `sq_l2` and with `sq_l2_unbiased` (λ = 0.01, K = 1). Control '
     '`mtl_equal_exposure`: plain MTL with twice the step budget (1,200), so that each task can see as many '
-    'labelled examples as its single-task run (the two train sources are mixed 1:1). Dropped from '
+    'labelled examples as its single-task run (the two train sources are mixed 1:1). DM + co-annotation with '
+    'learned relatedness (re-estimated every 50 steps) from uniform and from the expert prior, and with the '
+    "negative-transfer monitor annealing against the same seed's single-task runs (`dm_coann_learned_*`, "
+    '`dm_coann_monitor`; run after the others, with the current code). Dropped from '
     '--grid=full: DGR on the DM variants, R estimated from co-annotated subsets.',
     'shopping': 'At most 400 steps (batch 64), early-stopped on validation. Grid: ST ×3; MTL; co-annotation and DM '
     'with the `model` prior (defaults) and with `uniform`; DM alone `a_to_b` / `b_to_a`; DM + '
-    'co-annotation; MTL + DGR `sq_l2` / `sq_l2_unbiased`; control `mtl_equal_exposure` (800 steps). '
+    'co-annotation; MTL + DGR `sq_l2` / `sq_l2_unbiased`; control `mtl_equal_exposure` (800 steps); DM + '
+    'co-annotation with learned relatedness (re-estimated every 50 steps) from uniform and from the co-annotated '
+    'estimate, and with the negative-transfer monitor (`dm_coann_learned_*`, `dm_coann_monitor`; run after the '
+    'others, with the current code). '
     'Scarce item task (`scarce_*`: 100 item images instead of 1,000, so 90 to train on and 10 to '
     'validate): ST item, MTL, co-annotation, DM, DM + co-annotation (its group/attributes baselines are '
     'the ST runs above: their sources are unchanged).',
@@ -145,8 +151,13 @@ def _term_overrides(study: str, kind: str, **options) -> dict:
   return {f'objective.terms.{n}.{k}': v for n in names for k, v in options.items()}
 
 
-def cpu_grid(study: str) -> list[Variant]:
-  """The cut grid of :data:`CPU_CUTS`."""
+# Each study's own relatedness table (its config's RELATEDNESS): where the learned tables start besides uniform.
+STUDY_TABLE = {'affect': 'prior:expressions_to_aus', 'shopping': 'estimate:coannotated'}
+
+
+def cpu_grid(study: str, root: str = os.path.join('workdirs', 'experiments', 'STUDY')) -> list[Variant]:
+  """The cut grid of :data:`CPU_CUTS`; ``root`` = the study's sweep root (the monitor cell reads its st_* runs)."""
+  root = root.replace('STUDY', study)
   spec_of = lambda v: f'configs/{study}.py:{v},cpu'  # noqa: E731
   steps = CPU_STEPS[study]
   if study == 'multi_fashion':
@@ -170,6 +181,24 @@ def cpu_grid(study: str) -> list[Variant]:
         Variant('dm_coann', spec_of('dm+coann'), both),
         Variant('mtl_dgr', spec_of('mtl+dgr')),
         Variant('mtl_dgr_unbiased', spec_of('mtl+dgr'), {'objective.terms.dgr.norm': 'sq_l2_unbiased'}),
+    ]
+    # Learned relatedness (docs/maths.md §8), re-estimated at every evaluation, from uniform and from the study's
+    # own table (affect: the expert prior; shopping, which has none: the co-annotated estimate), and the
+    # negative-transfer monitor (§9) annealing DM / co-annotation against the same seed's single-task runs; all on
+    # dm_coann (direction 'both'), the static-table cell they compare with. The monitor cell reads the st_* runs'
+    # results.json: the grid lists it after them (and a sweep runs seed by seed).
+    learned = lambda init: {  # noqa: E731
+        **both,
+        **terms('dm', relatedness=f'learned:{init}'),
+        **terms('coann', relatedness=f'learned:{init}'),
+        'relatedness_every': EVAL_EVERY,
+    }
+    grid += [
+        Variant('dm_coann_learned_uniform', spec_of('dm+coann'), learned('uniform')),
+        Variant('dm_coann_learned_prior', spec_of('dm+coann'), learned(STUDY_TABLE[study])),
+        Variant(
+            'dm_coann_monitor', spec_of(f'dm+coann,nt={sweep.display_path(root)}'), {**both, 'nt_action': 'anneal'}
+        ),
     ]
     if study == 'shopping':
       scarce = {'data.options.num_item': 100}
@@ -218,10 +247,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
       report.update_readme(args.readme, text)
     print(text)
     return
-  grid = cpu_grid(args.study) if args.grid == 'cpu' else full_grid(args.study)
-  runs = sweep.expand(
-      grid, seeds=[int(s) for s in args.seeds.split(',')], root=os.path.join(args.workdirs, args.study), order='seed'
-  )
+  root = os.path.join(args.workdirs, args.study)
+  grid = cpu_grid(args.study, root) if args.grid == 'cpu' else full_grid(args.study)
+  runs = sweep.expand(grid, seeds=[int(s) for s in args.seeds.split(',')], root=root, order='seed')
   start = time.time()
   if not args.report_only:
     sweep.run_all(runs, jobs=args.jobs)

@@ -673,6 +673,15 @@ def write_report(
         f'{study}: linear probe of the shared features, minus the single-task model',
         key='probe',
     )
+  distances = learned_relatedness_distances(runs)
+  if distances:
+    plot_relatedness_distances(distances, os.path.join(out, 'relatedness_distance.png'))
+    summary['learned_relatedness'] = {
+        name: {pair: {str(seed): d[1].tolist() for seed, d in by_seed.items()} for pair, by_seed in by_pair.items()}
+        for name, by_pair in distances.items()
+    }
+    with open(os.path.join(out, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=1)
   seeds = sorted({r.seed for r in runs})
   with open(os.path.join(out, 'REPORT.md'), 'w') as f:
     import shlex
@@ -695,7 +704,141 @@ def write_report(
             },
         )
     )
+    f.write(learned_and_monitor_markdown(runs, distances, 'relatedness_distance.png' if distances else None))
   return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learned relatedness and the negative-transfer monitor (docs/maths.md §8-§9).
+
+
+def coannotated_estimates(workdir: str, pairs: Sequence[str]) -> dict[str, np.ndarray]:
+  """``{'<a>-><b>': R}`` estimated from the benchmark's co-annotated source (``estimate:coannotated``, §2) of the
+  run in ``workdir`` (its config.json names the data; the data set does not depend on the run's seed)."""
+  from mtlmatch import data  # pylint: disable=g-import-not-at-top
+  from mtlmatch import train  # pylint: disable=g-import-not-at-top
+
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = json.load(f)
+  d = config['data']
+  benchmark = data.get_benchmark(d['name'], data_dir=d.get('data_dir'), seed=d['seed'], **d.get('options', {}))
+  resolve = train.make_relatedness_resolver(benchmark, {})
+  return {pair: resolve('estimate:coannotated', *pair.split('->')) for pair in pairs}
+
+
+def learned_relatedness_distances(runs: Sequence[sweep.Run]) -> dict:
+  """``{variant: {pair: {seed: (steps, mean |R_step − R_coannotated|)}}}`` for the finished runs that learned a
+  table (``relatedness_learned.json``'s history), against the co-annotated estimate."""
+  from mtlmatch import train  # pylint: disable=g-import-not-at-top
+
+  histories = {}
+  for r in runs:
+    path = os.path.join(r.workdir, train.LEARNED_RELATEDNESS_FILE)
+    if r.finished and os.path.exists(path):
+      with open(path) as f:
+        histories[r] = json.load(f)['history']
+  if not histories:
+    return {}
+  pairs = sorted({p for h in histories.values() for p in h[0]['tables']})
+  reference = coannotated_estimates(next(iter(histories)).workdir, pairs)
+  out = {}
+  for r, history in histories.items():
+    for pair in history[0]['tables']:
+      steps = np.array([h['step'] for h in history])
+      dist = np.array([np.abs(np.asarray(h['tables'][pair]) - reference[pair]).mean() for h in history])
+      out.setdefault(r.variant.name, {}).setdefault(pair, {})[r.seed] = (steps, dist)
+  return out
+
+
+def plot_relatedness_distances(distances: Mapping, path: str) -> None:
+  """One panel per task pair: mean |R − R_coannotated| over the training steps, seed-mean per variant (band =
+  min–max over seeds)."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  pairs = sorted({p for v in distances.values() for p in v})
+  fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 4), squeeze=False)
+  for ax, pair in zip(axes[0], pairs):
+    for name, by_pair in distances.items():
+      if pair not in by_pair:
+        continue
+      curves = list(by_pair[pair].values())
+      n = min(len(c[0]) for c in curves)
+      steps, values = curves[0][0][:n], np.stack([c[1][:n] for c in curves])
+      (line,) = ax.plot(steps, values.mean(0), marker='.', label=name)
+      ax.fill_between(steps, values.min(0), values.max(0), alpha=0.15, color=line.get_color())
+    ax.set_title(f'{pair}: mean |R − R_coannotated|')
+    ax.set_xlabel('step')
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def learned_and_monitor_markdown(runs: Sequence[sweep.Run], distances: Mapping, plot: Optional[str]) -> str:
+  """REPORT.md's section on the learned tables (distance to the co-annotated estimate at the start, the best step
+  and the end) and on the monitor's actions, per variant (seed means; every number read from the runs' files)."""
+  lines = []
+  if distances:
+    lines += [
+        '## Learned relatedness',
+        '',
+        'Distance of the learned table to the table estimated from the co-annotated source (`estimate:coannotated`, '
+        'docs/maths.md §2): mean over entries of |R − R_coannotated|, seed mean ± std, at the start (step 0), at '
+        "the run's best-validation step (the last re-estimation at or before it) and where training stopped. "
+        'The table is re-estimated every `relatedness_every` steps (docs/maths.md §8).',
+        '',
+        '| variant | pair | start | best step | end | re-estimations |',
+        '|---|---|---|---|---|---|',
+    ]
+    best = {}
+    for row in sweep.collect(runs):
+      best[(row['name'], row['seed'])] = row.get('best_step')
+    for name, by_pair in distances.items():
+      for pair, by_seed in sorted(by_pair.items()):
+        start, at_best, end, counts = [], [], [], []
+        for seed, (steps, dist) in by_seed.items():
+          start.append(dist[0])
+          end.append(dist[-1])
+          counts.append(len(steps) - 1)
+          b = best.get((name, seed))
+          at_best.append(dist[steps <= b][-1] if b is not None else np.nan)
+        cell = lambda v: f'{np.nanmean(v):.4f} ± {np.nanstd(v, ddof=1) if len(v) > 1 else 0.0:.4f}'  # noqa: E731
+        lines.append(
+            f'| {name} | {pair} | {cell(start)} | {cell(at_best)} | {cell(end)} | {min(counts)}–{max(counts)} |'
+        )
+    if plot:
+      lines += ['', f'![learned relatedness]({plot})', '']
+  monitored = []
+  for r in runs:
+    if not r.finished:
+      continue
+    with open(r.results_path) as f:
+      record = json.load(f).get('negative_transfer')
+    if record:
+      monitored.append((r, record))
+  if monitored:
+    lines += [
+        '## Negative-transfer monitor',
+        '',
+        "Per run: the single-task references (validation, the same seed's `st_<task>` run), the warnings and "
+        'anneals (step: task), and the term scales at the end (docs/maths.md §9).',
+        '',
+        '| variant | seed | references | anneals / warnings | recoveries | final scales |',
+        '|---|---|---|---|---|---|',
+    ]
+    for r, rec in monitored:
+      refs = ', '.join(f'{t} {v:.4f}' for t, v in rec['references'].items())
+      acts = [e for e in rec['events'] if e['action'] in ('anneal', 'warn')]
+      acted = ', '.join(f'{e["step"]}: {e["task"]}' for e in acts) or 'none'
+      recovered = sum(e['action'] == 'recover' for e in rec['events'])
+      scales = ', '.join(f'{t} {v:.3g}' for t, v in rec['scales'].items()) or '—'
+      lines.append(f'| {r.variant.name} | {r.seed} | {refs} | {acted} | {recovered} | {scales} |')
+    lines.append('')
+  return '\n'.join(lines) + ('\n' if lines else '')
 
 
 # What sweep.launch runs with when JAX is on the CPU (8 fake devices); it does nothing on a GPU/TPU backend.

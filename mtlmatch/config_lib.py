@@ -11,6 +11,9 @@ relatedness, then calls :func:`apply_variant`. The ``arg`` after the colon is a 
 * ``weighting=<name>`` — another weighting method, ``weighting.hparams`` filled with its defaults (the same for
   ``--config.weighting.name=<name>``);
 * ``smoke`` — shrink everything so the run takes seconds (tests, CI), for whichever encoder is chosen;
+* ``nt=<root>`` — the negative-transfer monitor (``config.nt_reference``) against the single-task runs of a sweep
+  root: task t's reference is ``<root>/st_<t>/seed_{seed}``'s results.json, ``{seed}`` being this run's
+  ``config.seed``;
 * ``cpu`` — the size of the case studies on a 2-core CPU (``experiments/case_studies.py``): a small CNN (another
   encoder keeps its defaults), batch 64, 300 steps, and the config file's ``cpu_data`` data options (fewer images).
 
@@ -339,13 +342,22 @@ def apply_variant(
         set_weighting(config, token[len('weighting=') :])
     elif token.startswith('single='):
       config.tasks = (token[len('single=') :],)
+    elif token.startswith('nt='):
+      # The negative-transfer monitor against the same seed's single-task runs of a sweep root
+      # (experiments/sweep.py's <root>/st_<task>/seed_<seed>), for every task of the pairs.
+      root = token[len('nt=') :].rstrip('/')
+      if not root:
+        raise ValueError(f"config variant: got {token!r}, expected 'nt=<sweep root holding st_<task>/seed_<k>>'")
+      config.nt_reference = {
+          t: f'{root}/st_{t}/seed_{{seed}}' for t in dict.fromkeys(t for pair in pairs for t in pair)
+      }
     else:
       parts = token.split('+')
       unknown = [p for p in parts if p not in METHOD_TOKENS]
       if unknown:
         raise ValueError(
             f"config variant: got {token!r}, expected 'smoke', 'cpu', 'single=<task>', "
-            f"'encoder=<name>', 'weighting=<name>' or a +-joined set of {METHOD_TOKENS}"
+            f"'encoder=<name>', 'weighting=<name>', 'nt=<sweep root>' or a +-joined set of {METHOD_TOKENS}"
         )
       for part in parts:
         if part in TERM_KINDS:

@@ -154,8 +154,9 @@ def build(config, tasks: Mapping[str, TaskSpec], feeds: Mapping[str, tuple[str, 
     if task not in tasks:
       raise ValueError(f'config.nt_reference: got task {task!r}, expected some of the trained tasks {list(tasks)}')
     metrics[task] = evaluate.PRIMARY_METRIC[tasks[task].kind]
-    if isinstance(value, str):
-      references[task] = reference_from_results(value, task, metrics[task], where=where)
+    if isinstance(value, str):  # '{seed}' in a path: this run's seed (the same seed's single-task run)
+      path = value.replace('{seed}', str(config.seed))
+      references[task] = reference_from_results(path, task, metrics[task], where=where)
     elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
       references[task] = float(value)
     else:

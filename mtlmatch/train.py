@@ -944,12 +944,18 @@ def train_and_evaluate(
 
   def log_relatedness(step) -> None:
     """The learned tables as TensorBoard heat-maps (``relatedness/<a>-><b>``, brighter = higher; cells 8 px) and
-    as ``<workdir>/relatedness_learned.json`` (the latest tables and their step)."""
-    tables = {k: np.asarray(v) for k, v in jax.device_get(state.relatedness).items()}
+    as ``<workdir>/relatedness_learned.json``: the latest tables and their step, and ``history``, every logged
+    ``{step, tables}`` (a resumed run drops the entries from its own step on, which it logs again)."""
+    tables = {k: np.asarray(v).tolist() for k, v in jax.device_get(state.relatedness).items()}
     writer.write_images(step, {f'relatedness/{k}': relatedness_image(t) for k, t in tables.items()})
     if is_main:
-      text = json.dumps({'step': step, 'tables': {k: t.tolist() for k, t in tables.items()}}, indent=1)
-      _write_atomically(os.path.join(workdir, LEARNED_RELATEDNESS_FILE), text)
+      path = os.path.join(workdir, LEARNED_RELATEDNESS_FILE)
+      history = []
+      if os.path.exists(path):
+        with open(path) as f:
+          history = [h for h in json.load(f).get('history', []) if h['step'] < step]
+      history.append({'step': step, 'tables': tables})
+      _write_atomically(path, json.dumps({'step': step, 'tables': tables, 'history': history}))
 
   stop_reason = lambda: evaluators.stop_reason(evals, records)  # noqa: E731
 

@@ -148,7 +148,8 @@ def test_train_loop_learns_the_table_and_anneals_the_terms_feeding_a_task_below_
   assert np.abs(table - prior).max() > 0.01  # re-estimated 3 times
   assert not np.any(np.asarray(state.relatedness_counts['expression->aus']['marginal']))  # step 6 re-estimated
   written = json.loads((tmp_path / train.LEARNED_RELATEDNESS_FILE).read_text())
-  assert written['step'] == 6
+  assert written['step'] == 6 and [h['step'] for h in written['history']] == [0, 2, 4, 6]
   np.testing.assert_allclose(written['tables']['expression->aus'], table, rtol=1e-6)
+  np.testing.assert_allclose(written['history'][0]['tables']['expression->aus'], prior, rtol=1e-6)
   events = b''.join((tmp_path / f).read_bytes() for f in os.listdir(tmp_path) if f.startswith('events.out'))
   assert b'relatedness/expression->aus' in events and b'nt/scale/coann' in events
