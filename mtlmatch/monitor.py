@@ -2,9 +2,12 @@
 
 ``config.nt_reference = {task: reference}`` turns it on; a reference is a number (the task's primary validation
 metric, ``evaluate.PRIMARY_METRIC``: accuracy or mean F1) or the path of a single-task run's ``results.json`` (or its
-workdir), read from that run's best-validation record, ``selection.validation[task][metric]`` — never its test
-metrics. At every step where the train loop computed validation metrics (``config.evals``: the validation and
-selection evaluators, every ``eval_every`` steps), :meth:`Monitor.update` counts, per task, the consecutive
+workdir; ``{seed}`` in the path is this run's ``config.seed``). A run's reference follows its training: at step s it
+is the best validation value that run had reached by step s (its ``selection.history``), and after its last
+evaluation its best-validation value ``selection.validation[task][metric]`` — never its test metrics — so a task
+is not flagged merely for being early in training, as a fixed end-of-training number would flag it. At every step
+where the train loop computed validation metrics (``config.evals``: the validation and selection evaluators, every
+``eval_every`` steps), :meth:`Monitor.update` counts, per task, the consecutive
 evaluations with ``value < reference − nt_margin``. Each time that count reaches a multiple of ``nt_patience`` it
 logs a warning naming the task and the terms feeding it (``objective.Term.feeds``: DM by direction, co-annotation
 both tasks; DGR none) and, with ``nt_action='anneal'``, multiplies each such term's scale by ``nt_anneal`` (once per
@@ -37,13 +40,24 @@ ACTIONS = ('warn', 'anneal')
 class Monitor:
   """What to compare and what to do; :meth:`update` is a pure function of (record, step, validation metrics)."""
 
-  references: Mapping[str, float]  # task -> reference value of its primary validation metric
+  references: Mapping[str, float]  # task -> reference value of its primary validation metric (a run's: its best)
   metrics: Mapping[str, str]  # task -> the name of its primary metric
   feeds: Mapping[str, tuple[str, ...]]  # term -> the tasks it feeds
   margin: float
   patience: int
   action: str  # 'warn' | 'anneal'
   anneal: float  # the factor in (0, 1) per patience window below
+  # task -> ((step, value), ...): a single-task run's validation curve (running best), for references read from a run
+  curves: Mapping[str, tuple[tuple[int, float], ...]] = dataclasses.field(default_factory=dict)
+
+  def reference_at(self, task: str, step: int) -> float:
+    """The task's reference at ``step``: the number, or the best validation value the single-task run had reached
+    by ``step`` (its first value before its first evaluation; its best-validation value after its last)."""
+    curve = self.curves.get(task)
+    if not curve or step > curve[-1][0]:
+      return self.references[task]
+    earlier = [v for s, v in curve if s <= step]
+    return max(earlier) if earlier else curve[0][1]
 
   @property
   def annealed_terms(self) -> tuple[str, ...]:
@@ -58,6 +72,7 @@ class Monitor:
         'references': dict(self.references),
         'below': {t: 0 for t in self.references},
         'gap': {t: None for t in self.references},
+        'reference_now': {t: None for t in self.references},
         'scales': {term: 1.0 for term in self.annealed_terms},
         'events': [],
     }
@@ -73,10 +88,12 @@ class Monitor:
       return record, []
     record['step'] = step
     below, scales, messages, cut = record['below'], record['scales'], [], set()
-    for task, reference in self.references.items():
+    for task in self.references:
       value = validation.get(task, {}).get(self.metrics[task], math.nan)
       if not math.isfinite(value):
         continue
+      reference = self.reference_at(task, step)
+      record.setdefault('reference_now', {})[task] = reference
       record['gap'][task] = value - reference
       below[task] = below[task] + 1 if value < reference - self.margin else 0
       if below[task] and below[task] % self.patience == 0:
@@ -121,9 +138,11 @@ class Monitor:
     return out
 
 
-def reference_from_results(path: str, task: str, metric: str, *, where: str) -> float:
-  """The task's primary validation metric at the best-validation step of a run: ``selection.validation[task][metric]``
-  of its ``results.json`` (``path`` = the file or the run's workdir). Raises ValueError naming what is missing."""
+def reference_from_results(path: str, task: str, metric: str, *, where: str) -> tuple[float, tuple]:
+  """``(best, curve)`` of a run's ``results.json`` (``path`` = the file or the run's workdir): the task's primary
+  validation metric at the best-validation step, ``selection.validation[task][metric]``, and its validation curve
+  ``((step, value), ...)`` from ``selection.history`` (empty if the file has none). Raises ValueError naming what is
+  missing."""
   file = os.path.join(path, 'results.json') if os.path.isdir(path) else path
   if not os.path.isfile(file):
     raise ValueError(f"{where}: got {path!r}, expected a number or a single-task run's results.json (or its workdir)")
@@ -138,7 +157,13 @@ def reference_from_results(path: str, task: str, metric: str, *, where: str) -> 
         f'{where}: {file!r} has no finite selection.validation.{task}.{metric} (got {value!r}); expected the '
         'results.json of a run that trained this task with a validation split (config.data.validation_fraction > 0)'
     )
-  return float(value)
+  history = (results.get('selection') or {}).get('history') or []
+  curve = tuple(
+      (int(h['step']), float(h['validation'][task]))
+      for h in history
+      if isinstance(h.get('validation', {}).get(task), (int, float)) and math.isfinite(h['validation'][task])
+  )
+  return float(value), curve
 
 
 def build(config, tasks: Mapping[str, TaskSpec], feeds: Mapping[str, tuple[str, ...]]) -> Optional[Monitor]:
@@ -148,7 +173,7 @@ def build(config, tasks: Mapping[str, TaskSpec], feeds: Mapping[str, tuple[str, 
   given = dict(config.get('nt_reference') or {})
   if not given:
     return None
-  metrics, references = {}, {}
+  metrics, references, curves = {}, {}, {}
   for task, value in given.items():
     where = f'config.nt_reference.{task}'
     if task not in tasks:
@@ -156,7 +181,7 @@ def build(config, tasks: Mapping[str, TaskSpec], feeds: Mapping[str, tuple[str, 
     metrics[task] = evaluate.PRIMARY_METRIC[tasks[task].kind]
     if isinstance(value, str):  # '{seed}' in a path: this run's seed (the same seed's single-task run)
       path = value.replace('{seed}', str(config.seed))
-      references[task] = reference_from_results(path, task, metrics[task], where=where)
+      references[task], curves[task] = reference_from_results(path, task, metrics[task], where=where)
     elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
       references[task] = float(value)
     else:
@@ -172,6 +197,7 @@ def build(config, tasks: Mapping[str, TaskSpec], feeds: Mapping[str, tuple[str, 
       int(config.nt_patience),
       config.nt_action,
       float(config.nt_anneal),
+      curves,
   )
   logging.info('Negative-transfer monitor: references %s, terms feeding them %s', references, dict(feeds))
   return monitor

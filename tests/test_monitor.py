@@ -80,13 +80,20 @@ def test_references_from_a_single_task_run_and_errors(tmp_path):
   run.mkdir()
   results = {
       'metrics': {'expression': {'accuracy': 0.99}},  # test metrics: never the reference
-      'selection': {'validation': {'expression': {'accuracy': 0.8, 'macro_f1': 0.7}}},
+      'selection': {
+          'validation': {'expression': {'accuracy': 0.8, 'macro_f1': 0.7}},
+          'history': [{'step': s, 'validation': {'expression': v}} for s, v in ((10, 0.5), (20, 0.8), (30, 0.6))],
+      },
   }
   (run / 'results.json').write_text(json.dumps(results))
   config = config_lib.base_config()
   config.nt_reference = {'expression': str(run), 'aus': 0.6}
   monitor = monitor_lib.build(config, tasks, {'dm': ('aus',), 'coann': ('expression', 'aus'), 'dgr': ()})
   assert monitor.references == {'expression': 0.8, 'aus': 0.6}
+  # A run's reference follows its validation curve (its running best), then its best-validation value.
+  at = {step: monitor.reference_at('expression', step) for step in (5, 10, 15, 20, 30, 40)}
+  assert at == {5: 0.5, 10: 0.5, 15: 0.5, 20: 0.8, 30: 0.8, 40: 0.8}
+  assert monitor.reference_at('aus', 10) == 0.6  # a number: the same at every step
   assert monitor.metrics == {'expression': 'accuracy', 'aus': 'mean_f1'}
   assert monitor.annealed_terms == ()  # nt_action='warn' (default)
   config.nt_action = 'anneal'
