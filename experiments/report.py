@@ -731,18 +731,18 @@ def learned_relatedness_distances(runs: Sequence[sweep.Run]) -> dict:
   table (``relatedness_learned.json``'s history), against the co-annotated estimate."""
   from mtlmatch import train  # pylint: disable=g-import-not-at-top
 
-  histories = {}
+  histories = []
   for r in runs:
     path = os.path.join(r.workdir, train.LEARNED_RELATEDNESS_FILE)
     if r.finished and os.path.exists(path):
       with open(path) as f:
-        histories[r] = json.load(f)['history']
+        histories.append((r, json.load(f)['history']))
   if not histories:
     return {}
-  pairs = sorted({p for h in histories.values() for p in h[0]['tables']})
-  reference = coannotated_estimates(next(iter(histories)).workdir, pairs)
+  pairs = sorted({p for _, h in histories for p in h[0]['tables']})
+  reference = coannotated_estimates(histories[0][0].workdir, pairs)
   out = {}
-  for r, history in histories.items():
+  for r, history in histories:
     for pair in history[0]['tables']:
       steps = np.array([h['step'] for h in history])
       dist = np.array([np.abs(np.asarray(h['tables'][pair]) - reference[pair]).mean() for h in history])
