@@ -33,7 +33,13 @@ def final_params(config, workdir):
   return jax.device_get(restored[0])
 
 
-@pytest.mark.parametrize('name', ['affect', 'shopping', 'multi_fashion'])
+# The loop is the same for every config; shopping's and multi_fashion's benchmarks, models and objectives are built
+# in CI by tests/test_cli.py::test_every_encoder_with_every_config_file. Their whole runs (~77 s of one worker) are in
+# `make test-all`, to keep the suite within 15 minutes on 2 cores.
+@pytest.mark.parametrize(
+    'name',
+    ['affect', pytest.param('shopping', marks=pytest.mark.slow), pytest.param('multi_fashion', marks=pytest.mark.slow)],
+)
 def test_smoke_run_of_each_config(name, tfds_dir, fashion_idx_dir, tmp_path):
   config = smoke_config(name, 'dm+coann+dgr', tfds_dir, None if name == 'affect' else fashion_idx_dir)
   results = train.train_and_evaluate(config, str(tmp_path))
