@@ -418,10 +418,10 @@ def train_step(
   if gradient_method:
     # The rows w.r.t. the features and the heads (through the heads only): [R, B, D], head leaves [R, ...].
     d_features, d_heads = weighting.pullback_rows(rows_vjp, cotangents, 'vmap' if jacobian == 'auto' else jacobian)
-    if method.grads_wrt == 'features':
-      # MGDA-UB: the rows w.r.t. the shared features are combined, then pulled back through the encoder once.
+    # MGDA-UB combines the rows w.r.t. the shared features, then pulls the result back through the encoder once.
+    wrt_features = method.grads_wrt == 'features'
+    if wrt_features:
       flat_rows = d_features.reshape(d_features.shape[0], -1)
-      encoder_rows = None
     else:
       encoder_rows = encoder_pullback(d_features, jacobian)  # leaves [R, ...]; 'auto': rows on CPU
       flat_rows = jax.vmap(lambda tree: ravel_pytree(tree)[0])(encoder_rows)
@@ -430,7 +430,7 @@ def train_step(
     )
     if additive:
       update = update + flat_rows[num_tasks]
-    if encoder_rows is None:
+    if wrt_features:
       encoder_grads = jax.tree.map(lambda g: g[0], encoder_pullback(update.reshape(1, *features.shape), 'rows'))
     else:
       encoder_grads = ravel_pytree(state.params['encoder'])[1](update)
@@ -476,8 +476,8 @@ def train_step(
     cosine = None
   total = jnp.dot(jax.lax.stop_gradient(weights), task_losses) + rows[-1]
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  # Learned relatedness (docs/maths.md §8): the counts are sums over the global batch (under gradient accumulation,
-  # sum them over the micro-batches); the tables change only at re-estimation steps. No-op without learned tables.
+  # Learned relatedness (docs/maths.md §8): the counts are sums over the global batch (computed on the whole batch's
+  # logits, also under gradient accumulation); the tables change only at re-estimation steps. No-op without them.
   batch_counts = named.pop(SOFT_COUNTS, {})
   relatedness, relatedness_counts = (
       relatedness_update(state.relatedness, state.relatedness_counts, batch_counts, state.step)
@@ -788,7 +788,7 @@ def build_experiment(
           skip_nonfinite=config.nonfinite == 'skip',
           schedule=make_schedule(config),
           jacobian=config.weighting.get('jacobian', 'auto'),
-          accum_steps=config.get('grad_accum_steps', 1),
+          accum_steps=accum_steps,
           relatedness_update=relatedness_update,
       ),
       in_shardings=(replicated, data_sharding),
@@ -941,6 +941,11 @@ def train_and_evaluate(
     return reports
 
   learned = exp.objective.learned_tables
+  learned_path = os.path.join(workdir, LEARNED_RELATEDNESS_FILE)
+  learned_history = []  # every logged {step, tables}, continued from the file of an earlier run in this workdir
+  if learned and is_main and os.path.exists(learned_path):
+    with open(learned_path) as f:
+      learned_history = json.load(f).get('history', [])
 
   def log_relatedness(step) -> None:
     """The learned tables as TensorBoard heat-maps (``relatedness/<a>-><b>``, brighter = higher; cells 8 px) and
@@ -949,13 +954,9 @@ def train_and_evaluate(
     tables = {k: np.asarray(v).tolist() for k, v in jax.device_get(state.relatedness).items()}
     writer.write_images(step, {f'relatedness/{k}': relatedness_image(t) for k, t in tables.items()})
     if is_main:
-      path = os.path.join(workdir, LEARNED_RELATEDNESS_FILE)
-      history = []
-      if os.path.exists(path):
-        with open(path) as f:
-          history = [h for h in json.load(f).get('history', []) if h['step'] < step]
-      history.append({'step': step, 'tables': tables})
-      _write_atomically(path, json.dumps({'step': step, 'tables': tables, 'history': history}))
+      learned_history[:] = [h for h in learned_history if h['step'] < step] + [{'step': step, 'tables': tables}]
+      text = json.dumps({'step': step, 'tables': tables, 'history': learned_history})
+      _write_atomically(learned_path, text)
 
   stop_reason = lambda: evaluators.stop_reason(evals, records)  # noqa: E731
 
