@@ -148,7 +148,7 @@ def linear_probes(
   import jax
   import ml_collections
   from mtlmatch import data as data_lib
-  from mtlmatch import evaluate
+  from mtlmatch import metrics as metrics_lib
   from mtlmatch import evaluators
   from mtlmatch import models
 
@@ -181,7 +181,7 @@ def linear_probes(
     out[key] = {}
     for task, (train_source, test_source) in sources.items():
       train, test = (evaluators.probe_features(fn, s, tasks[task], batch_size=500) for s in (train_source, test_source))
-      out[key][task] = evaluators.probe_metrics(tasks[task], train, test)[evaluate.PRIMARY_METRIC[tasks[task].kind]]
+      out[key][task] = evaluators.probe_metrics(tasks[task], train, test)[metrics_lib.PRIMARY_METRIC[tasks[task].kind]]
     echo(f'  probe {run.variant.name} seed {run.seed}: ' + ', '.join(f'{t} {v:.3f}' for t, v in out[key].items()))
   return out
 

@@ -6,10 +6,10 @@ the kind's options. :func:`build` makes one evaluator per enabled entry; after e
 :func:`due` then, and at the end all of them (:func:`run`). The kinds:
 
 * ``classification`` (option ``split``: ``'test'`` = the benchmark's eval sources, ``'validation'`` = the parts held
-  out of the training sources): every task's metrics (``evaluate.finalize``) per source and over the sources
+  out of the training sources): every task's metrics (``metrics_lib.finalize``) per source and over the sources
   together. TensorBoard ``eval/<task>/<metric>`` (test) or ``validation/<task>/<metric>``; ``results.json``
   ``metrics`` + ``per_source`` (test) or ``validation``.
-* ``selection``: validation-based model selection — the best step by :func:`evaluate.selection_score`, the test
+* ``selection``: validation-based model selection — the best step by :func:`metrics_lib.selection_score`, the test
   metrics there, the history of both curves — and early stopping after ``config.early_stopping_patience``
   evaluations without a better score. ``results.json`` ``selection``. Its record lives in every checkpoint's
   metadata, so a resumed run continues it exactly.
@@ -39,7 +39,7 @@ import numpy as np
 import optax
 
 from mtlmatch import data as data_lib
-from mtlmatch import evaluate
+from mtlmatch import metrics as metrics_lib
 from mtlmatch.tasks import MISSING, TaskSpec
 
 # split -> (the Benchmark attribute with its sources, the TensorBoard prefix of its metrics)
@@ -64,7 +64,7 @@ def eval_step(params, batch_stats, batch, *, model, tasks):
   """Additive metric statistics of one (padded) eval batch; summed over the global batch."""
   outputs, _ = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'], train=False)
   return {
-      name: evaluate.task_statistics(task, outputs['logits'][name], batch['labels'][name], batch['mask'])
+      name: metrics_lib.task_statistics(task, outputs['logits'][name], batch['labels'][name], batch['mask'])
       for name, task in tasks.items()
   }
 
@@ -80,12 +80,12 @@ def classification_metrics(exp, state, split: str = 'test') -> dict:
         source, benchmark.tasks, global_batch_size=exp.config.eval_batch_size, sharding=exp.data_sharding
     ):
       batch_stats = jax.device_get(exp.eval_fn(state.params, state.batch_stats, batch))
-      stats = batch_stats if stats is None else evaluate.accumulate(stats, batch_stats)
+      stats = batch_stats if stats is None else metrics_lib.accumulate(stats, batch_stats)
     if stats is None:
       continue
-    per_source[source.name] = {t: evaluate.finalize(benchmark.tasks[t], s) for t, s in stats.items()}
-    totals = stats if totals is None else evaluate.accumulate(totals, stats)
-  metrics = {t: evaluate.finalize(benchmark.tasks[t], s) for t, s in (totals or {}).items()}
+    per_source[source.name] = {t: metrics_lib.finalize(benchmark.tasks[t], s) for t, s in stats.items()}
+    totals = stats if totals is None else metrics_lib.accumulate(totals, stats)
+  metrics = {t: metrics_lib.finalize(benchmark.tasks[t], s) for t, s in (totals or {}).items()}
   return {'metrics': metrics, 'per_source': per_source}
 
 
@@ -154,7 +154,7 @@ class Selection(Evaluator):
   """Best-validation-step model selection and early stopping (``config.early_stopping_patience``).
 
   The record (JSON, in every checkpoint's metadata so resume continues it) keeps the best step by the validation
-  score (:func:`evaluate.selection_score`: the mean over tasks of each task's primary metric), the validation and
+  score (:func:`metrics_lib.selection_score`: the mean over tasks of each task's primary metric), the validation and
   **test** metrics at that step (the test set is only recorded, never used to choose), the number of evaluations
   since the best, and the history of both curves. Without validation sources the score is NaN and the best step is
   the last one evaluated. A step already in the history (a run resumed after evaluating it) is not added again.
@@ -183,8 +183,8 @@ class Selection(Evaluator):
 
 def select(tasks: Mapping[str, TaskSpec], record: Optional[dict], step: int, test: dict, validation: dict) -> dict:
   """The selection record updated with the ``test`` and ``validation`` classification metrics at ``step``."""
-  score = evaluate.selection_score(tasks, validation['metrics'])
-  primary = {t: evaluate.PRIMARY_METRIC[spec.kind] for t, spec in tasks.items()}
+  score = metrics_lib.selection_score(tasks, validation['metrics'])
+  primary = {t: metrics_lib.PRIMARY_METRIC[spec.kind] for t, spec in tasks.items()}
   record = dict(
       record or {'metric': primary, 'best_step': None, 'best_score': None, 'evals_since_best': 0, 'history': []}
   )
@@ -502,8 +502,8 @@ def fit_logistic(
 
 
 def probe_metrics(task: TaskSpec, train: tuple, test: tuple, *, c: float = 1.0, max_steps: int = 500) -> dict:
-  """The task's metrics (``evaluate.finalize``) of a probe fitted on ``train = (features, labels)`` and applied to
-  ``test``; its score is ``metrics[evaluate.PRIMARY_METRIC[task.kind]]``. A multilabel label with one value only
+  """The task's metrics (``metrics_lib.finalize``) of a probe fitted on ``train = (features, labels)`` and applied to
+  ``test``; its score is ``metrics[metrics_lib.PRIMARY_METRIC[task.kind]]``. A multilabel label with one value only
   among the training labels is left out of the score (its test entries count as missing, ``f1_<k>`` NaN)."""
   probe = fit_logistic(*train, task, c=c, max_steps=max_steps)
   y_test = np.asarray(test[1])
@@ -511,5 +511,5 @@ def probe_metrics(task: TaskSpec, train: tuple, test: tuple, *, c: float = 1.0, 
     y_train = np.asarray(train[1])
     both = np.array([{0, 1} <= set(y_train[:, k][y_train[:, k] != MISSING].tolist()) for k in range(task.num_classes)])
     y_test = np.where(both[None, :], y_test, MISSING)
-  stats = evaluate.task_statistics(task, probe.logits(test[0]), y_test)
-  return evaluate.finalize(task, jax.device_get(stats))
+  stats = metrics_lib.task_statistics(task, probe.logits(test[0]), y_test)
+  return metrics_lib.finalize(task, jax.device_get(stats))

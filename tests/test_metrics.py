@@ -1,4 +1,4 @@
-"""Tests of mtlmatch.evaluate against scikit-learn and numpy references: random data with missing labels and
+"""Tests of mtlmatch.metrics against scikit-learn and numpy references: random data with missing labels and
 padding masks, chunked accumulation = one pass, sharded over 8 devices = unsharded, the F1 edge cases, errors."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from sklearn.metrics import accuracy_score, f1_score
 
-from mtlmatch.evaluate import (accumulate, finalize, finalize_tasks, task_statistics, tasks_statistics, zero_statistics)
+from mtlmatch.metrics import (accumulate, finalize, finalize_tasks, task_statistics, tasks_statistics, zero_statistics)
 from mtlmatch.tasks import TaskSpec
 
 # Jitted (as in the eval step): one compile per input shape instead of one per primitive.
