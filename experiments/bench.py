@@ -105,7 +105,7 @@ def target(name: str) -> Optional[float]:
   if name in AFFECT or name == 'pipeline' or name.startswith('ew_t'):
     return None
   method, _, t = name.rpartition('_t')
-  if weighting.METHODS[method].needs_validation:
+  if weighting.METHODS[method].needs == 'meta':
     return 4.0  # Auto-Lambda: + a validation forward and backward, one Jacobian-vector product, a second backward
   return 1.0 + 0.6 * int(t) if weighting.is_gradient_method(method) else 1.05
 
@@ -289,7 +289,7 @@ def bench_tasks(num_tasks: int, methods: list[str], args, base) -> list[dict]:
       continue
     # Fresh host copies: the step donates its state, and two leaves sharing one buffer cannot both be donated.
     state = jax.device_put(jax.tree.map(np.array, initial.replace(weighting_state=weighting_state)), exp.replicated)
-    method_batch = with_validation_batch(exp, batch, args.batch_size) if exp.method.needs_validation else batch
+    method_batch = with_validation_batch(exp, batch, args.batch_size) if exp.method.needs == 'meta' else batch
     prepared.append(prepare(f'{method}_t{num_tasks}', f't{num_tasks}', exp, state, method_batch, args))
   return time_rounds(prepared, args)
 

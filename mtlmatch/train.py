@@ -14,13 +14,13 @@ Gradients: the objective yields a vector of named losses ``[T']`` (tasks, plus D
 shared features [B, D] and the heads. One encoder pass (`encoder_pass`) gives the features and a pullback; the VJP of
 the loss vector w.r.t. (features, heads) turns any cotangent into a feature cotangent and head gradients without a
 convolution. A loss-weighting method (EW, UW, DWA, RLW, FAMO, GLS, STCH, ...) pulls back one cotangent, its weights,
-through the encoder; a method that needs G (`weighting.is_gradient_method`: the gradient methods, GradNorm, ExcessMTL)
+through the encoder; a method that needs G (``needs`` 'shared_rows': the gradient methods, GradNorm, ExcessMTL)
 pulls back one feature cotangent per loss (``config.weighting.jacobian``, `weighting.pullback_rows`: 'auto' vmaps
 them on accelerators and pulls them back row by row on XLA:CPU, where that measured 2-4x faster), combines the
 shared-encoder rows, and gives every head the sum of its rows (a head only receives gradient from the losses that use
 it; GradNorm and ExcessMTL, loss weightings, give the heads their weighted sum Σ_t w_t ∇L_t as their papers do).
 MGDA-UB combines the rows w.r.t. the shared features instead and pulls the combined feature gradient back once. The
-additive part's gradient is added on top of the combined gradient. Auto-Lambda (``needs_validation``) first updates
+additive part's gradient is added on top of the combined gradient. Auto-Lambda (``needs`` 'meta') first updates
 its weights from a validation batch (``batch['validation']``, a second stream from ``Experiment.train_batches``)
 through a look-ahead step, then takes the loss-weighting step with the new weights (`_auto_lambda_meta_step`).
 
@@ -376,7 +376,7 @@ def train_step(
   The objective reads the learned tables and the term scales from the state (``state.relatedness``,
   ``state.term_scales``).
 
-  A method with ``needs_validation`` (Auto-Lambda) also reads ``batch['validation']`` (a batch of the same form,
+  A method with ``needs == 'meta'`` (Auto-Lambda) also reads ``batch['validation']`` (a batch of the same form,
   from the validation split) and ``schedule`` (the optimizer's learning rate, :func:`make_schedule`).
   """
   rng = jax.random.fold_in(state.rng, state.step)
@@ -419,7 +419,7 @@ def train_step(
     # The rows w.r.t. the features and the heads (through the heads only): [R, B, D], head leaves [R, ...].
     d_features, d_heads = weighting.pullback_rows(rows_vjp, cotangents, 'vmap' if jacobian == 'auto' else jacobian)
     # MGDA-UB combines the rows w.r.t. the shared features, then pulls the result back through the encoder once.
-    wrt_features = method.grads_wrt == 'features'
+    wrt_features = method.needs == 'feature_rows'
     if wrt_features:
       flat_rows = d_features.reshape(d_features.shape[0], -1)
     else:
@@ -436,7 +436,7 @@ def train_step(
       encoder_grads = ravel_pytree(state.params['encoder'])[1](update)
     # Heads: a loss-weighting method that needs G (GradNorm, ExcessMTL) weights its losses everywhere, heads included
     # (Σ_t w_t ∇L_t, as in the paper); a gradient method gives each head its own task's gradient (the sum of rows).
-    if method.name in weighting.LOSS_WEIGHTING:
+    if method.kind == 'loss_weighting':
       head_coefficients = jnp.concatenate([jax.lax.stop_gradient(weights), jnp.ones((len(cotangents) - num_tasks,))])
     else:
       head_coefficients = jnp.ones((len(cotangents),))
@@ -445,7 +445,7 @@ def train_step(
         'heads': jax.tree.map(lambda g: jnp.tensordot(head_coefficients, g, axes=1), d_heads),
     }
     cosine = weighting.cosine_similarity_matrix(flat_rows[:num_tasks])
-  elif method.needs_validation:
+  elif method.needs == 'meta':
     if 'validation' not in batch:
       raise ValueError(
           f"batch: got keys {sorted(batch)}, expected also 'validation' (weighting method {method.name!r} meta-learns "
@@ -495,7 +495,7 @@ def train_step(
   )
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-  if method.needs_validation:  # λ of an absent task has weight 0 this step: check the meta step on its own too
+  if method.needs == 'meta':  # λ of an absent task has weight 0 this step: check the meta step on its own too
     finite = finite & jnp.isfinite(meta['meta/val_loss']) & jnp.all(jnp.isfinite(weighting_state['lambdas']))
   if skip_nonfinite:
     # Keep everything but the step (and the data position) when this update is non-finite.
@@ -513,7 +513,7 @@ def train_step(
       **{f'loss/{n}': v for n, v in named.items()},
       **{f'weight/{n}': w for n, w in zip(combined, weights)},
   }
-  if method.needs_validation:
+  if method.needs == 'meta':
     metrics.update(meta)
   if cosine is not None:
     for i, a in enumerate(combined):
@@ -662,12 +662,12 @@ class Experiment:
   def train_batches(self, start_step: int):
     """The training stream from ``start_step`` (batch t is a pure function of (seed, t): resume is exact).
 
-    A method with ``needs_validation`` (Auto-Lambda) gets ``batch['validation']`` too: batch t of a second stream of
+    A method with ``needs == 'meta'`` (Auto-Lambda) gets ``batch['validation']`` too: batch t of a second stream of
     the same size over ``benchmark.validation_sources``, with its own seed (:func:`validation_seed`), so it resumes
     exactly as well. Those batches only move the method's weights, never the model's parameters directly.
     """
     train = self._stream(self.benchmark, self.config.seed, start_step)
-    if not self.method.needs_validation:
+    if self.method.needs != 'meta':
       return train
     validation = dataclasses.replace(
         self.benchmark, train_sources=self.benchmark.validation_sources, validation_sources=()
@@ -729,7 +729,7 @@ def build_experiment(
     )
   benchmark = select_tasks(benchmark, config.tasks)
   benchmark = data_lib.with_validation(benchmark, config.data.get('validation_fraction', 0.0), seed=config.data.seed)
-  if weighting.METHODS[config.weighting.name].needs_validation and not benchmark.validation_sources:
+  if weighting.METHODS[config.weighting.name].needs == 'meta' and not benchmark.validation_sources:
     raise ValueError(
         f'weighting.name={config.weighting.name!r} meta-learns its task weights on validation batches, but '
         f'config.data.validation_fraction={config.data.get("validation_fraction", 0.0)!r} holds out no validation '
@@ -782,7 +782,7 @@ def build_experiment(
           objective=objective,
           tx=tx,
           method=method,
-          gradient_method=weighting.is_gradient_method(config.weighting.name),
+          gradient_method=method.needs in ('shared_rows', 'feature_rows'),
           combined=combined,
           additive=additive,
           skip_nonfinite=config.nonfinite == 'skip',

@@ -4,6 +4,7 @@ numpy references, and the task Jacobian against T separate `jax.grad` calls. Gra
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from mtlmatch import weighting as W
+from mtlmatch.weighting import base
 
 ALL = sorted(W.METHODS)
 # The generic contract tests below compile every method; those added with issue 14 run theirs in
@@ -98,13 +100,63 @@ def test_registry_names_and_kinds():
       'auto_lambda',
   ):
     assert not W.is_gradient_method(name)
-  assert {n for n, m in W.METHODS.items() if m.needs_validation} == {'auto_lambda'}
+  assert {n for n, m in W.METHODS.items() if m.needs == 'meta'} == {'auto_lambda'}
   for name in ('gradnorm', 'excess_mtl') + W.GRADIENT_METHODS:
     assert W.is_gradient_method(name)
   for name, method in W.METHODS.items():
     assert method.name == name
     assert type(method).__doc__  # every method documents its rule
     hash(method)  # usable as a static closure
+
+
+def test_every_method_declares_a_valid_kind_and_needs_and_the_tuples_derive_from_them():
+  assert W.KINDS == ('loss_weighting', 'gradient')
+  assert W.NEEDS == ('losses', 'shared_rows', 'feature_rows', 'meta')
+  for name, method in W.METHODS.items():
+    cls = type(method)
+    assert 'kind' in vars(cls) and 'needs' in vars(cls), name  # declared on the class itself, never inherited
+    assert method.kind in W.KINDS and method.needs in W.NEEDS, name
+    assert W.is_gradient_method(name) == (method.needs in ('shared_rows', 'feature_rows'))
+  # The two public tuples, in the order they had when they were written out by hand.
+  assert W.LOSS_WEIGHTING == (
+      'ew', 'sum', 'mean', 'constant', 'uw', 'dwa', 'rlw', 'gls', 'imtl_l', 'stch', 'go4align', 'famo', 'gradnorm',
+      'excess_mtl', 'auto_lambda',
+  )  # fmt: skip
+  assert W.GRADIENT_METHODS == (
+      'mgda', 'mgda_ub', 'pcgrad', 'cagrad', 'nash_mtl', 'fairgrad', 'imtl', 'aligned_mtl', 'upgrad', 'dualproj',
+      'config', 'gradvac', 'graddrop', 'krum', 'trimmed_mean', 'rgw', 'moco', 'modo', 'sdmgrad', 'cr_mogm', 'db_mtl',
+  )  # fmt: skip
+  assert tuple(W.METHODS) == W.LOSS_WEIGHTING + W.GRADIENT_METHODS
+  needs = {n: m.needs for n, m in W.METHODS.items()}
+  assert {n for n, v in needs.items() if v == 'feature_rows'} == {'mgda_ub'}
+  assert {n for n, v in needs.items() if v == 'meta'} == {'auto_lambda'}
+  assert {n for n, v in needs.items() if v == 'shared_rows'} == set(W.GRADIENT_METHODS) - {'mgda_ub'} | {
+      'gradnorm',
+      'excess_mtl',
+  }
+  assert all(W.METHODS[n].needs in ('losses', 'shared_rows', 'meta') for n in W.LOSS_WEIGHTING)
+  assert set(W.__all__) >= {type(m).__name__ for m in W.METHODS.values()} | {'METHODS', 'KINDS', 'NEEDS'}
+  assert all(hasattr(W, n) for n in W.__all__)
+
+
+def test_registration_refuses_missing_or_bad_declarations():
+  def make(**attrs):
+    return dataclasses.dataclass(frozen=True)(type('M', (W.WeightingMethod,), {'name': 'm', **attrs}))
+
+  assert base.registry([make(kind='gradient', needs='shared_rows')])['m'].needs == 'shared_rows'
+  with pytest.raises(ValueError, match="no 'kind' of its own"):
+    base.registry([make(needs='losses')])
+  with pytest.raises(ValueError, match=r"M\.needs: got 'grads', expected one of"):
+    base.registry([make(kind='loss_weighting', needs='grads')])
+  with pytest.raises(ValueError, match=r"M\.kind: got 'loss', expected one of"):
+    base.registry([make(kind='loss', needs='losses')])
+  with pytest.raises(ValueError, match="kind 'gradient'"):
+    base.registry([make(kind='gradient', needs='losses')])
+  inherits = dataclasses.dataclass(frozen=True)(type('Sub', (W.MGDA,), {'name': 'sub'}))
+  with pytest.raises(ValueError, match="Sub: got no 'kind' of its own"):
+    base.registry([inherits])
+  with pytest.raises(ValueError, match="'ew', expected a name no other method has"):
+    base.registry([W.EW, W.EW])
 
 
 def test_bad_names_and_hparams_raise_one_value_error():

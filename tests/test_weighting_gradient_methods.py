@@ -92,7 +92,7 @@ def test_mgda_ub_is_the_min_norm_rule_on_feature_gradients():
   # checked on the two-task closed form, and the method says where its rows come from.
   from mtlmatch import weighting
 
-  assert weighting.METHODS['mgda_ub'].grads_wrt == 'features' and weighting.METHODS['mgda'].grads_wrt == 'params'
+  assert weighting.METHODS['mgda_ub'].needs == 'feature_rows' and weighting.METHODS['mgda'].needs == 'shared_rows'
   rng = np.random.default_rng(1)
   for _ in range(3):
     grads = rng.normal(size=(2, 5)).astype(np.float32)

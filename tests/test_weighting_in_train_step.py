@@ -40,7 +40,7 @@ NUM_STEPS = 2
 # The methods added with issue 14 are here only where they bring a mechanism of their own into the train step
 # (tracked [T, P] state with an update that is not weights @ G: MoCo; a loss weighting that reads gradients and tracks
 # [T, P] state: ExcessMTL); tests/test_weighting_zoo.py checks every method's `apply` on 1 and 8 devices.
-# Auto-Lambda is not here: its step needs validation batches (``needs_validation``), and tests/test_auto_lambda.py
+# Auto-Lambda is not here: its step needs validation batches (``needs`` 'meta'), and tests/test_auto_lambda.py
 # runs it in the train step (1 vs 8 devices, absent task, its meta-gradient against references).
 OBJECTIVE = {
     'ew': 'dm+dgr',
@@ -128,10 +128,13 @@ METHODS = sorted(OBJECTIVE)
 
 def test_every_mechanism_is_covered():
   assert set(OBJECTIVE) <= set(weighting.METHODS)
-  for attr in ('needs_grads', 'grads_wrt', 'linear', 'needs_num_params'):  # every value of every switch the loop reads
-    assert {getattr(m, attr) for m in weighting.METHODS.values()} == {
-        getattr(weighting.METHODS[n], attr) for n in OBJECTIVE
-    }, attr
+  # Every value of every switch the loop reads, and every (kind, needs) pair; needs 'meta' (Auto-Lambda) is
+  # covered by tests/test_auto_lambda.py.
+  in_loop = [m for m in weighting.METHODS.values() if m.needs != 'meta']
+  for attr in ('kind', 'needs', 'linear', 'needs_num_params'):
+    assert {getattr(m, attr) for m in in_loop} == {getattr(weighting.METHODS[n], attr) for n in OBJECTIVE}, attr
+  pairs = {n: (m.kind, m.needs) for n, m in weighting.METHODS.items()}
+  assert {pairs[m.name] for m in in_loop} == {pairs[n] for n in OBJECTIVE}
   assert {(weighting.is_gradient_method(n), n in weighting.LOSS_WEIGHTING) for n in weighting.METHODS} == {
       (weighting.is_gradient_method(n), n in weighting.LOSS_WEIGHTING) for n in OBJECTIVE
   }

@@ -30,16 +30,23 @@ mgda [0.4, 0.8] G @ update: [0.4, 0.4]
 In a model, ``losses, G = weighting.task_jacobian(loss_fn, shared_params, batch)`` gives the inputs and
 ``weighting.unflatten_grads(update, shared_params)`` the gradient pytree to hand to the optimizer.
 
-Names (`LOSS_WEIGHTING`, `GRADIENT_METHODS`): loss weighting 'ew', 'sum', 'mean', 'constant', 'uw', 'dwa', 'rlw',
-'gls', 'imtl_l', 'stch', 'go4align', 'famo', 'gradnorm', 'excess_mtl', 'auto_lambda'; gradient methods 'mgda',
-'mgda_ub', 'pcgrad', 'cagrad', 'nash_mtl', 'fairgrad', 'imtl', 'aligned_mtl', 'upgrad', 'dualproj', 'config',
-'gradvac', 'graddrop', 'krum', 'trimmed_mean', 'rgw', 'moco', 'modo', 'sdmgrad', 'cr_mogm', 'db_mtl' ('mgda_ub'
-combines gradients w.r.t. the shared features: its ``grads_wrt`` is 'features'). `is_gradient_method(name)` says
-whether the train loop must compute G (True for the gradient methods and for GradNorm and ExcessMTL, loss weightings
-that read gradient norms); for the others the weights depend on the losses only and the loop may differentiate
-Σ_t w_t L_t instead (see `jacobian`). MoCo, DB-MTL and ExcessMTL track gradients: their `init` needs
-``num_params`` (`init_state`). Auto-Lambda (``needs_validation``) meta-learns its weights on a validation batch: its
-`apply` only reads them, and the train step feeds its ``meta_update`` (see `AutoLambda`).
+Every method class declares, once, what the train step must do for it (`base.KINDS`, `base.NEEDS`):
+
+* ``kind``, how the heads are weighted: 'loss_weighting' (every head gets Σ_t w_t ∇L_t: the method weights losses)
+  or 'gradient' (every head gets its own task's gradient; the method combines the shared-encoder rows);
+* ``needs``, the gradient information `apply` reads: 'losses' (weights from the losses and the state only, G may be a
+  [T, 1] stand-in, so the loop may differentiate Σ_t w_t L_t instead, see `jacobian`), 'shared_rows' (G [T, P], rows
+  w.r.t. the shared parameters: the gradient methods, GradNorm, ExcessMTL), 'feature_rows' (rows w.r.t. the shared
+  features: MGDA-UB) or 'meta' (Auto-Lambda: a meta step on a validation batch sets the weights, `apply` only reads
+  them, and the train step feeds its ``meta_update``, see `AutoLambda`).
+
+`METHODS` ({name: method}) is the registry: each class is listed once below and its ``name`` is its only spelling;
+`LOSS_WEIGHTING` ('ew', 'sum', 'mean', 'constant', 'uw', 'dwa', 'rlw', 'gls', 'imtl_l', 'stch', 'go4align', 'famo',
+'gradnorm', 'excess_mtl', 'auto_lambda') and `GRADIENT_METHODS` ('mgda', 'mgda_ub', 'pcgrad', 'cagrad', 'nash_mtl',
+'fairgrad', 'imtl', 'aligned_mtl', 'upgrad', 'dualproj', 'config', 'gradvac', 'graddrop', 'krum', 'trimmed_mean',
+'rgw', 'moco', 'modo', 'sdmgrad', 'cr_mogm', 'db_mtl') are its names by ``kind``. `is_gradient_method(name)` says
+whether the train loop must compute gradient rows (``needs`` 'shared_rows' or 'feature_rows'). MoCo, DB-MTL and
+ExcessMTL track gradients: their `init` needs ``num_params`` (`init_state`).
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ from mtlmatch.weighting.aggregators import (
     dual_cone_weights,
     gradvac_coefficients,
 )
-from mtlmatch.weighting.base import ABSENT_SQ_NORM, HParam, WeightingMethod
+from mtlmatch.weighting.base import ABSENT_SQ_NORM, KINDS, NEEDS, HParam, WeightingMethod, registry
 from mtlmatch.weighting.gradient_methods import (
     CAGrad,
     FairGrad,
@@ -107,89 +114,48 @@ from mtlmatch.weighting.loss_weighting import (
 )
 from mtlmatch.weighting.stochastic_methods import CRMOGM, DBMTL, ExcessMTL, MoCo, MoDo, SDMGrad
 
-LOSS_WEIGHTING = (
-    'ew',
-    'sum',
-    'mean',
-    'constant',
-    'uw',
-    'dwa',
-    'rlw',
-    'gls',
-    'imtl_l',
-    'stch',
-    'go4align',
-    'famo',
-    'gradnorm',
-    'excess_mtl',
-    'auto_lambda',
+# The registry: every method class once, loss weightings first (the order of `METHODS` and of the two tuples).
+_CLASSES = (
+    EW,
+    Sum,
+    Mean,
+    Constant,
+    UW,
+    DWA,
+    RLW,
+    GLS,
+    IMTLL,
+    STCH,
+    GO4Align,
+    FAMO,
+    GradNorm,
+    ExcessMTL,
+    AutoLambda,
+    MGDA,
+    MGDAUB,
+    PCGrad,
+    CAGrad,
+    NashMTL,
+    FairGrad,
+    IMTL,
+    AlignedMTL,
+    UPGrad,
+    DualProj,
+    ConFIG,
+    GradVac,
+    GradDrop,
+    Krum,
+    TrimmedMean,
+    RGW,
+    MoCo,
+    MoDo,
+    SDMGrad,
+    CRMOGM,
+    DBMTL,
 )
-GRADIENT_METHODS = (
-    'mgda',
-    'mgda_ub',
-    'pcgrad',
-    'cagrad',
-    'nash_mtl',
-    'fairgrad',
-    'imtl',
-    'aligned_mtl',
-    'upgrad',
-    'dualproj',
-    'config',
-    'gradvac',
-    'graddrop',
-    'krum',
-    'trimmed_mean',
-    'rgw',
-    'moco',
-    'modo',
-    'sdmgrad',
-    'cr_mogm',
-    'db_mtl',
-)
-
-METHODS: Mapping[str, WeightingMethod] = {
-    cls.name: cls()
-    for cls in (
-        EW,
-        Sum,
-        Mean,
-        Constant,
-        UW,
-        DWA,
-        RLW,
-        GLS,
-        IMTLL,
-        STCH,
-        GO4Align,
-        FAMO,
-        GradNorm,
-        ExcessMTL,
-        AutoLambda,
-        MGDA,
-        MGDAUB,
-        PCGrad,
-        CAGrad,
-        NashMTL,
-        FairGrad,
-        IMTL,
-        AlignedMTL,
-        UPGrad,
-        DualProj,
-        ConFIG,
-        GradVac,
-        GradDrop,
-        Krum,
-        TrimmedMean,
-        RGW,
-        MoCo,
-        MoDo,
-        SDMGrad,
-        CRMOGM,
-        DBMTL,
-    )
-}
-assert set(METHODS) == set(LOSS_WEIGHTING) | set(GRADIENT_METHODS)
+METHODS: Mapping[str, WeightingMethod] = registry(_CLASSES)
+LOSS_WEIGHTING = tuple(name for name, method in METHODS.items() if method.kind == 'loss_weighting')
+GRADIENT_METHODS = tuple(name for name, method in METHODS.items() if method.kind == 'gradient')
 
 
 def _check_name(name: str) -> str:
@@ -204,9 +170,10 @@ def get_method(name: str, **hparams) -> WeightingMethod:
 
 
 def is_gradient_method(name: str) -> bool:
-  """True when the method needs the per-task gradient matrix G (gradient methods, GradNorm, ExcessMTL); False when
-  its weights depend on the losses only (EW, UW, DWA, RLW, FAMO, ...), so the train loop can skip the Jacobian."""
-  return METHODS[_check_name(name)].needs_grads
+  """True when the method reads per-task gradient rows (``needs`` 'shared_rows' or 'feature_rows': the gradient
+  methods, GradNorm, ExcessMTL); False when its weights come from the losses (and a meta step) only (EW, UW, DWA, RLW,
+  FAMO, Auto-Lambda, ...), so the train loop can skip the Jacobian."""
+  return METHODS[_check_name(name)].needs in ('shared_rows', 'feature_rows')
 
 
 def init_state(method: WeightingMethod, num_tasks: int, num_params: int, **hparams):
@@ -219,49 +186,16 @@ def hparam_specs(name: str) -> Mapping[str, HParam]:
   return METHODS[_check_name(name)].HPARAMS
 
 
-__all__ = [
+# The method classes (from the registry), then the rest of the public names.
+__all__ = [cls.__name__ for cls in _CLASSES] + [
     'ABSENT_SQ_NORM',
-    'AlignedMTL',
-    'AutoLambda',
-    'CAGrad',
-    'CRMOGM',
-    'ConFIG',
-    'Constant',
-    'DBMTL',
-    'DWA',
-    'DualProj',
-    'EW',
-    'ExcessMTL',
-    'FAMO',
-    'FairGrad',
-    'GLS',
-    'GO4Align',
     'GRADIENT_METHODS',
-    'GradDrop',
-    'GradNorm',
-    'GradVac',
     'HParam',
-    'IMTL',
-    'IMTLL',
     'JACOBIAN_MODES',
-    'Krum',
+    'KINDS',
     'LOSS_WEIGHTING',
-    'MGDA',
-    'MGDAUB',
     'METHODS',
-    'Mean',
-    'MoCo',
-    'MoDo',
-    'NashMTL',
-    'PCGrad',
-    'RGW',
-    'RLW',
-    'SDMGrad',
-    'STCH',
-    'Sum',
-    'TrimmedMean',
-    'UPGrad',
-    'UW',
+    'NEEDS',
     'WeightingMethod',
     'aligned_weights',
     'cagrad_weights',

@@ -55,6 +55,8 @@ class UPGrad(WeightingMethod):
   """
 
   name: ClassVar[str] = 'upgrad'
+  kind: ClassVar[str] = 'gradient'
+  needs: ClassVar[str] = 'shared_rows'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'reg': HParam(1e-4, 'float', **non_negative(), doc='ridge on the trace-normalised Gram matrix'),
       'steps': HParam(500, 'int', check=lambda v: v >= 1, expected='>= 1', doc='projected-gradient steps (T > 8)'),
@@ -75,6 +77,8 @@ class DualProj(UPGrad):
   """
 
   name: ClassVar[str] = 'dualproj'
+  kind: ClassVar[str] = 'gradient'
+  needs: ClassVar[str] = 'shared_rows'
 
   def _apply(self, state, hp, grads, losses, key):
     g = gram(grads)
@@ -97,6 +101,8 @@ class ConFIG(WeightingMethod):
   """
 
   name: ClassVar[str] = 'config'
+  kind: ClassVar[str] = 'gradient'
+  needs: ClassVar[str] = 'shared_rows'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'rtol': HParam(1e-5, 'float', check=lambda v: 0 < v < 1, expected='in (0, 1)', doc='pseudo-inverse cut-off'),
   }
@@ -166,6 +172,8 @@ class GradVac(WeightingMethod):
   """
 
   name: ClassVar[str] = 'gradvac'
+  kind: ClassVar[str] = 'gradient'
+  needs: ClassVar[str] = 'shared_rows'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'beta': HParam(0.5, 'float', check=lambda v: 0 <= v <= 1, expected='in [0, 1]', doc='EMA rate of the targets'),
   }
@@ -202,6 +210,8 @@ class GradDrop(WeightingMethod):
   """
 
   name: ClassVar[str] = 'graddrop'
+  kind: ClassVar[str] = 'gradient'
+  needs: ClassVar[str] = 'shared_rows'
   linear: ClassVar[bool] = False
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'leak': HParam(0.0, 'float', check=lambda v: 0 <= v <= 1, expected='in [0, 1]', doc='share always kept'),
@@ -239,6 +249,8 @@ class Krum(WeightingMethod):
   """
 
   name: ClassVar[str] = 'krum'
+  kind: ClassVar[str] = 'gradient'
+  needs: ClassVar[str] = 'shared_rows'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'n_byzantine': HParam(0, 'int', check=lambda v: v >= 0, expected='>= 0', doc='tolerated adversarial tasks f'),
       'n_selected': HParam(1, 'int', check=lambda v: v >= 1, expected='>= 1', doc='rows averaged m'),
@@ -278,6 +290,8 @@ class TrimmedMean(WeightingMethod):
   """
 
   name: ClassVar[str] = 'trimmed_mean'
+  kind: ClassVar[str] = 'gradient'
+  needs: ClassVar[str] = 'shared_rows'
   linear: ClassVar[bool] = False
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'trim_number': HParam(1, 'int', check=lambda v: v >= 0, expected='>= 0', doc='values dropped at each end'),
@@ -312,6 +326,8 @@ class RGW(WeightingMethod):
   """
 
   name: ClassVar[str] = 'rgw'
+  kind: ClassVar[str] = 'gradient'
+  needs: ClassVar[str] = 'shared_rows'
 
   def _apply(self, state, hp, grads, losses, key):
     key = self._require_key(key)

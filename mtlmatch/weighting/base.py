@@ -40,6 +40,10 @@ ABSENT_SQ_NORM = 1e-30
 # Smallest denominator used by the safe divisions below.
 _EPS = 1e-30
 
+# The values of the two declarations every method class makes (`WeightingMethod.kind`, `WeightingMethod.needs`).
+KINDS = ('loss_weighting', 'gradient')
+NEEDS = ('losses', 'shared_rows', 'feature_rows', 'meta')
+
 State = dict
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -112,7 +116,7 @@ def non_negative(expected='>= 0'):
 
 @dataclasses.dataclass(frozen=True)
 class WeightingMethod:
-  """Base class. Subclasses set `name`, `needs_grads`, `HPARAMS` and implement `_init` and `_apply`.
+  """Base class. Subclasses set `name`, `kind`, `needs`, `HPARAMS` and implement `_init` and `_apply`.
 
   ``bound`` holds the hyper-parameters bound by `get_method` as sorted ``(name, value)`` pairs (hashable).
   """
@@ -120,20 +124,21 @@ class WeightingMethod:
   bound: tuple = ()
 
   name: ClassVar[str] = ''
-  # True when the method needs the per-task gradient matrix G (the train loop must compute the Jacobian); False
-  # when its weights depend on the losses only (update = Σ_t w_t G_t, so the loop may differentiate Σ_t w_t L_t).
-  needs_grads: ClassVar[bool] = True
-  # What the rows of ``grads`` are gradients of the losses with respect to: 'params' (the shared encoder's
-  # parameters) or 'features' (the shared representation, MGDA-UB's cheap bound); the train loop reads it.
-  grads_wrt: ClassVar[str] = 'params'
+  # How the train step weights the heads (one of `KINDS`): 'loss_weighting' gives every head Σ_t w_t ∇L_t (the
+  # method weights the losses); 'gradient' gives every head its own task's gradient (the method combines rows).
+  kind: ClassVar[str] = ''
+  # The gradient information `apply` reads (one of `NEEDS`): 'losses' (weights from the losses and the state only;
+  # ``grads`` may be a [T, 1] stand-in, so the train step differentiates Σ_t w_t L_t once), 'shared_rows' (G [T, P],
+  # per-task gradient rows w.r.t. the shared parameters), 'feature_rows' (per-task rows w.r.t. the shared features,
+  # MGDA-UB's cheap bound) or 'meta' (weights set by a meta step on validation batches, Auto-Lambda: the train step
+  # reads ``batch['validation']``, computes a meta-gradient and calls the method's ``meta_update`` before `apply`,
+  # which only reads the weights). Every registered class declares both itself (`check_declarations`).
+  needs: ClassVar[str] = ''
   # False when the update is not ``weights @ grads`` (coordinate-wise rules, directions built from tracked state):
   # the method then implements `_apply_update`. The train loop only ever uses the returned update for such methods.
   linear: ClassVar[bool] = True
   # True when the state holds per-parameter arrays [T, P] (tracked gradients): `init` then needs ``num_params`` = P.
   needs_num_params: ClassVar[bool] = False
-  # True when the method meta-learns from a validation batch (Auto-Lambda): the train step then reads
-  # ``batch['validation']``, computes a meta-gradient and calls the method's ``meta_update`` before `apply`.
-  needs_validation: ClassVar[bool] = False
   HPARAMS: ClassVar[Mapping[str, HParam]] = {}
 
   # ---- hyper-parameters -------------------------------------------------------------------------------------------
@@ -254,6 +259,43 @@ class WeightingMethod:
     if key is None:
       raise ValueError(f'{self.name}.apply key: got None, expected a PRNG key (the method is random)')
     return key
+
+
+def check_declarations(cls: type) -> type:
+  """`cls` if it declares a valid ``name``, ``kind`` and ``needs`` itself (not inherited), else a ValueError.
+
+  A gradient method combines gradient rows, so it needs 'shared_rows' or 'feature_rows'; a method whose state tracks
+  gradients (``needs_num_params``) needs 'shared_rows'.
+  """
+  where = f'weighting method class {cls.__name__}'
+  if not (isinstance(cls, type) and issubclass(cls, WeightingMethod)):
+    raise ValueError(f'{where}: got {cls!r}, expected a WeightingMethod subclass')
+  for attr, allowed in (('kind', KINDS), ('needs', NEEDS)):
+    if attr not in vars(cls):
+      raise ValueError(f'{where}: got no {attr!r} of its own, expected one of {allowed} declared on the class')
+    if vars(cls)[attr] not in allowed:
+      raise ValueError(f'{where}.{attr}: got {vars(cls)[attr]!r}, expected one of {allowed}')
+  if 'name' not in vars(cls) or not isinstance(cls.name, str) or not cls.name:
+    raise ValueError(f'{where}.name: got {vars(cls).get("name")!r}, expected a non-empty str declared on the class')
+  if cls.kind == 'gradient' and cls.needs not in ('shared_rows', 'feature_rows'):
+    raise ValueError(f"{where}.needs: got {cls.needs!r}, expected 'shared_rows' or 'feature_rows' (kind 'gradient')")
+  if cls.needs_num_params and cls.needs != 'shared_rows':
+    raise ValueError(f"{where}.needs: got {cls.needs!r}, expected 'shared_rows' (its state tracks gradients)")
+  return cls
+
+
+def registry(classes) -> dict:
+  """{name: instance} of the method `classes` in order, each checked by `check_declarations`; a name repeats: error."""
+  methods = {}
+  for cls in classes:
+    check_declarations(cls)
+    if cls.name in methods:
+      raise ValueError(
+          f'weighting method class {cls.__name__}.name: got {cls.name!r}, expected a name no other method has '
+          f'({type(methods[cls.name]).__name__} has it)'
+      )
+    methods[cls.name] = cls()
+  return methods
 
 
 # ---- shared maths -------------------------------------------------------------------------------------------------

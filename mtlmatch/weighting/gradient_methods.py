@@ -429,6 +429,8 @@ class MGDA(WeightingMethod):
   """
 
   name: ClassVar[str] = 'mgda'
+  kind: ClassVar[str] = 'gradient'
+  needs: ClassVar[str] = 'shared_rows'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'normalize': HParam('none', ('none', 'l2', 'loss', 'loss+')),
       'fw_steps': HParam(250, 'int', check=lambda v: v >= 1, expected='>= 1', doc='Frank-Wolfe steps (T > 8)'),
@@ -458,7 +460,8 @@ class MGDAUB(MGDA):
   """
 
   name: ClassVar[str] = 'mgda_ub'
-  grads_wrt: ClassVar[str] = 'features'
+  kind: ClassVar[str] = 'gradient'
+  needs: ClassVar[str] = 'feature_rows'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -472,6 +475,8 @@ class PCGrad(WeightingMethod):
   """
 
   name: ClassVar[str] = 'pcgrad'
+  kind: ClassVar[str] = 'gradient'
+  needs: ClassVar[str] = 'shared_rows'
 
   def _apply(self, state, hp, grads, losses, key):
     key = self._require_key(key)
@@ -493,6 +498,8 @@ class CAGrad(WeightingMethod):
   """
 
   name: ClassVar[str] = 'cagrad'
+  kind: ClassVar[str] = 'gradient'
+  needs: ClassVar[str] = 'shared_rows'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'c': HParam(0.4, 'float', check=lambda v: 0 <= v < 1, expected='in [0, 1)', doc='radius of the ball'),
       'rescale': HParam('one_plus_c', ('one_plus_c', 'one_plus_c2', 'none')),
@@ -526,6 +533,8 @@ class NashMTL(WeightingMethod):
   """
 
   name: ClassVar[str] = 'nash_mtl'
+  kind: ClassVar[str] = 'gradient'
+  needs: ClassVar[str] = 'shared_rows'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'ridge': HParam(1e-6, 'float', **positive(), doc='relative ridge on the Gram matrix'),
       'steps': HParam(40, 'int', check=lambda v: v >= 1, expected='>= 1', doc='damped Newton steps'),
@@ -565,6 +574,8 @@ class FairGrad(WeightingMethod):
   """
 
   name: ClassVar[str] = 'fairgrad'
+  kind: ClassVar[str] = 'gradient'
+  needs: ClassVar[str] = 'shared_rows'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'alpha': HParam(1.0, 'float', **positive(), doc='fairness α'),
       'ridge': HParam(1e-6, 'float', **positive(), doc='relative ridge on the Gram matrix'),
@@ -588,6 +599,8 @@ class IMTL(WeightingMethod):
   """
 
   name: ClassVar[str] = 'imtl'
+  kind: ClassVar[str] = 'gradient'
+  needs: ClassVar[str] = 'shared_rows'
 
   def _apply(self, state, hp, grads, losses, key):
     g = gram(grads)
@@ -612,6 +625,8 @@ class AlignedMTL(WeightingMethod):
   """
 
   name: ClassVar[str] = 'aligned_mtl'
+  kind: ClassVar[str] = 'gradient'
+  needs: ClassVar[str] = 'shared_rows'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'scale_mode': HParam('min', ('min', 'median', 'rmse')),
       'rtol': HParam(1e-4, 'float', check=lambda v: 0 < v < 1, expected='in (0, 1)', doc='relative rank cut-off'),

@@ -51,7 +51,8 @@ class EW(WeightingMethod):
   """
 
   name: ClassVar[str] = 'ew'
-  needs_grads: ClassVar[bool] = False
+  kind: ClassVar[str] = 'loss_weighting'
+  needs: ClassVar[str] = 'losses'
 
   def _apply(self, state, hp, grads, losses, key):
     return jnp.ones_like(losses), {}
@@ -70,7 +71,8 @@ class UW(WeightingMethod):
   """
 
   name: ClassVar[str] = 'uw'
-  needs_grads: ClassVar[bool] = False
+  kind: ClassVar[str] = 'loss_weighting'
+  needs: ClassVar[str] = 'losses'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'lr': HParam(0.01, 'float', **positive(), doc='SGD step size on the log-variances'),
   }
@@ -101,7 +103,8 @@ class DWA(WeightingMethod):
   """
 
   name: ClassVar[str] = 'dwa'
-  needs_grads: ClassVar[bool] = False
+  kind: ClassVar[str] = 'loss_weighting'
+  needs: ClassVar[str] = 'losses'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'temperature': HParam(2.0, 'float', **positive(), doc='softmax temperature τ'),
       'window': HParam(100, 'int', check=lambda v: v >= 1, expected='>= 1', doc='steps per averaging window'),
@@ -152,7 +155,8 @@ class RLW(WeightingMethod):
   """
 
   name: ClassVar[str] = 'rlw'
-  needs_grads: ClassVar[bool] = False
+  kind: ClassVar[str] = 'loss_weighting'
+  needs: ClassVar[str] = 'losses'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'distribution': HParam('softmax', ('softmax', 'dirichlet')),
       'concentration': HParam(1.0, 'float', **positive(), doc='Dirichlet concentration'),
@@ -189,7 +193,8 @@ class GradNorm(WeightingMethod):
   """
 
   name: ClassVar[str] = 'gradnorm'
-  needs_grads: ClassVar[bool] = True
+  kind: ClassVar[str] = 'loss_weighting'
+  needs: ClassVar[str] = 'shared_rows'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'alpha': HParam(1.5, 'float', **non_negative(), doc='asymmetry α'),
       'lr': HParam(0.025, 'float', **positive(), doc='SGD step size on the weights'),
@@ -237,7 +242,8 @@ class FAMO(WeightingMethod):
   """
 
   name: ClassVar[str] = 'famo'
-  needs_grads: ClassVar[bool] = False
+  kind: ClassVar[str] = 'loss_weighting'
+  needs: ClassVar[str] = 'losses'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'lr': HParam(0.025, 'float', **positive(), doc='Adam step size on the logits'),
       'weight_decay': HParam(0.01, 'float', **non_negative(), doc='γ, L2 penalty on the logits'),
@@ -296,7 +302,8 @@ class Sum(WeightingMethod):
   """
 
   name: ClassVar[str] = 'sum'
-  needs_grads: ClassVar[bool] = False
+  kind: ClassVar[str] = 'loss_weighting'
+  needs: ClassVar[str] = 'losses'
 
   def _apply(self, state, hp, grads, losses, key):
     return _present_losses(losses).astype(jnp.float32), {}
@@ -310,7 +317,8 @@ class Mean(WeightingMethod):
   """
 
   name: ClassVar[str] = 'mean'
-  needs_grads: ClassVar[bool] = False
+  kind: ClassVar[str] = 'loss_weighting'
+  needs: ClassVar[str] = 'losses'
 
   def _apply(self, state, hp, grads, losses, key):
     present = _present_losses(losses)
@@ -325,7 +333,8 @@ class Constant(WeightingMethod):
   """
 
   name: ClassVar[str] = 'constant'
-  needs_grads: ClassVar[bool] = False
+  kind: ClassVar[str] = 'loss_weighting'
+  needs: ClassVar[str] = 'losses'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'weights': HParam((), 'floats', doc='one weight per task (empty: all ones)'),
   }
@@ -361,7 +370,8 @@ class GLS(WeightingMethod):
   """
 
   name: ClassVar[str] = 'gls'
-  needs_grads: ClassVar[bool] = False
+  kind: ClassVar[str] = 'loss_weighting'
+  needs: ClassVar[str] = 'losses'
 
   def _apply(self, state, hp, grads, losses, key):
     present = present_from_losses(losses) & (losses > 0)
@@ -382,7 +392,8 @@ class IMTLL(WeightingMethod):
   """
 
   name: ClassVar[str] = 'imtl_l'
-  needs_grads: ClassVar[bool] = False
+  kind: ClassVar[str] = 'loss_weighting'
+  needs: ClassVar[str] = 'losses'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'lr': HParam(0.01, 'float', **positive(), doc='SGD step size on the log-scales'),
   }
@@ -414,7 +425,8 @@ class STCH(WeightingMethod):
   """
 
   name: ClassVar[str] = 'stch'
-  needs_grads: ClassVar[bool] = False
+  kind: ClassVar[str] = 'loss_weighting'
+  needs: ClassVar[str] = 'losses'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'mu': HParam(1.0, 'float', **positive(), doc='smoothing μ'),
       'warmup_steps': HParam(100, 'int', check=lambda v: v >= 1, expected='>= 1', doc='steps that set the nadir z'),
@@ -485,7 +497,8 @@ class GO4Align(WeightingMethod):
   """
 
   name: ClassVar[str] = 'go4align'
-  needs_grads: ClassVar[bool] = False
+  kind: ClassVar[str] = 'loss_weighting'
+  needs: ClassVar[str] = 'losses'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'num_groups': HParam(2, 'int', check=lambda v: v >= 1, expected='>= 1', doc='number of task groups'),
       'step_size': HParam(1e-4, 'float', **non_negative(), doc='η of the probability update'),
@@ -532,8 +545,8 @@ class AutoLambda(WeightingMethod):
 
   Split of the work: `apply` only reads λ (``weights`` = λ, 0 for absent tasks: L_t = 0, no labelled example in the
   batch), so the method also runs as a plain loss weighting with fixed λ when nobody calls `meta_update`;
-  `meta_update(state, meta_grad)` is the Adam step. The train step (``mtlmatch/train.py``, with
-  ``needs_validation`` True) computes meta_grad from a validation batch and calls `meta_update`, then `apply`.
+  `meta_update(state, meta_grad)` is the Adam step. The train step (``mtlmatch/train.py``, for
+  ``needs == 'meta'``) computes meta_grad from a validation batch and calls `meta_update`, then `apply`.
   An absent task's meta-gradient is exactly 0 (zero gradient row); Adam still moves its λ by the decaying moment,
   as PyTorch's Adam would. State also holds the Adam moments ``adam_mu`` / ``adam_nu`` [T] and ``adam_count``.
 
@@ -554,9 +567,9 @@ class AutoLambda(WeightingMethod):
   """
 
   name: ClassVar[str] = 'auto_lambda'
-  needs_grads: ClassVar[bool] = False
+  kind: ClassVar[str] = 'loss_weighting'
+  needs: ClassVar[str] = 'meta'
   # The train step must hand `meta_update` a meta-gradient from a validation batch (batch['validation']).
-  needs_validation: ClassVar[bool] = True
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'init': HParam(0.1, 'float', doc='initial value of every λ_t'),
       'lr': HParam(1e-4, 'float', **positive(), doc='Adam step size on λ'),

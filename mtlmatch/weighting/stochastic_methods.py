@@ -62,6 +62,8 @@ class MoCo(WeightingMethod):
   """
 
   name: ClassVar[str] = 'moco'
+  kind: ClassVar[str] = 'gradient'
+  needs: ClassVar[str] = 'shared_rows'
   linear: ClassVar[bool] = False
   needs_num_params: ClassVar[bool] = True
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
@@ -107,6 +109,8 @@ class MoDo(WeightingMethod):
   """
 
   name: ClassVar[str] = 'modo'
+  kind: ClassVar[str] = 'gradient'
+  needs: ClassVar[str] = 'shared_rows'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'gamma': HParam(0.001, 'float', **positive(), doc='step size of λ'),
       'rho': HParam(0.1, 'float', **non_negative(), doc='ℓ2 regularisation of the λ step'),
@@ -137,6 +141,8 @@ class SDMGrad(WeightingMethod):
   """
 
   name: ClassVar[str] = 'sdmgrad'
+  kind: ClassVar[str] = 'gradient'
+  needs: ClassVar[str] = 'shared_rows'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'lamda': HParam(0.3, 'float', **non_negative(), doc='pull λ toward the average gradient'),
       'niter': HParam(20, 'int', check=lambda v: v >= 1, expected='>= 1', doc='projected SGD steps on w'),
@@ -179,6 +185,8 @@ class CRMOGM(WeightingMethod):
   """
 
   name: ClassVar[str] = 'cr_mogm'
+  kind: ClassVar[str] = 'gradient'
+  needs: ClassVar[str] = 'shared_rows'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'momentum': HParam(0.9, 'float', check=lambda v: 0 <= v < 1, expected='in [0, 1)', doc='EMA weight m'),
   }
@@ -211,6 +219,8 @@ class DBMTL(WeightingMethod):
   """
 
   name: ClassVar[str] = 'db_mtl'
+  kind: ClassVar[str] = 'gradient'
+  needs: ClassVar[str] = 'shared_rows'
   linear: ClassVar[bool] = False
   needs_num_params: ClassVar[bool] = True
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
@@ -247,6 +257,8 @@ class ExcessMTL(WeightingMethod):
   """
 
   name: ClassVar[str] = 'excess_mtl'
+  kind: ClassVar[str] = 'loss_weighting'
+  needs: ClassVar[str] = 'shared_rows'
   needs_num_params: ClassVar[bool] = True
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'step_size': HParam(0.01, 'float', **positive(), doc='exponentiated-gradient step η'),
