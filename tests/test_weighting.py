@@ -182,6 +182,26 @@ def test_bad_names_and_hparams_raise_one_value_error():
     W.METHODS['rlw'].apply(W.METHODS['rlw'].init(2), jnp.zeros((2, 3)), jnp.ones(2))
 
 
+def test_numpy_integers_are_ints_and_bools_are_not():
+  # num_tasks, num_params and int hparams accept numpy integers and 0-d integer arrays (e.g. a count read from an
+  # array's shape arithmetic); bools, floats and 1-d arrays are still refused.
+  for n in (np.int64(3), np.int32(3), np.array(3), jnp.asarray(3, jnp.int32)):
+    state = W.METHODS['dwa'].init(n, window=np.int64(5))
+    assert state['window_sum'].shape == (3,) and int(state['hparams']['window']) == 5
+  assert W.METHODS['ew'].init(np.int64(5)) == W.METHODS['ew'].init(5)
+  assert W.METHODS['moco'].init(np.int64(2), np.int32(4))['y'].shape == (2, 4)
+  assert int(W.get_method('trimmed_mean', trim_number=np.int8(2)).init(np.uint8(5))['hparams']['trim_number']) == 2
+  for bad in (True, np.bool_(True), 3.0, np.float32(3.0), np.array([3]), '3'):
+    with pytest.raises(ValueError, match='num_tasks: got .*expected an int >= 1'):
+      W.METHODS['ew'].init(bad)
+    with pytest.raises(ValueError, match='num_params: got .*expected an int >= 1'):
+      W.METHODS['moco'].init(2, bad)
+    with pytest.raises(ValueError, match="'window': got .*expected an int"):
+      W.METHODS['dwa'].init(3, window=bad)
+  with pytest.raises(ValueError, match="'temperature': got .*expected a finite float"):
+    W.METHODS['dwa'].init(3, temperature=np.bool_(True))
+
+
 def test_hparams_bound_then_overridden_at_init():
   method = W.get_method('dwa', window=7)
   assert int(method.init(2)['hparams']['window']) == 7

@@ -48,6 +48,24 @@ State = dict
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def _is_scalar_array(value: Any) -> bool:
+  return hasattr(value, 'dtype') and getattr(value, 'ndim', 1) == 0
+
+
+def to_int(value: Any) -> Optional[int]:
+  """`value` as a Python int when it is an integer: an int, a numpy integer or a 0-d integer array; else None.
+
+  A bool (Python or numpy) is not an integer here.
+  """
+  if isinstance(value, bool):
+    return None
+  if isinstance(value, int):
+    return int(value)
+  if _is_scalar_array(value) and jnp.issubdtype(value.dtype, jnp.integer):
+    return int(value)
+  return None
+
+
 @dataclasses.dataclass(frozen=True)
 class HParam:
   """Spec of one hyper-parameter: default, kind ('float' | 'int' | a tuple of string choices), a check and its text."""
@@ -77,17 +95,12 @@ class HParam:
         raise ValueError(f'{where}: got {value!r}, expected one of {self.kind}')
       return value
     if self.kind == 'int':
-      ok = isinstance(value, int) and not isinstance(value, bool)
-      if (
-          not ok
-          and hasattr(value, 'dtype')
-          and getattr(value, 'ndim', 1) == 0
-          and jnp.issubdtype(value.dtype, jnp.integer)
-      ):
-        value, ok = int(value), True
+      as_int = to_int(value)
+      ok = as_int is not None
+      value = as_int if ok else value
     else:
       ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
-      if not ok and hasattr(value, 'dtype') and getattr(value, 'ndim', 1) == 0:
+      if not ok and _is_scalar_array(value) and not jnp.issubdtype(value.dtype, jnp.bool_):
         value = float(value)
         ok = math.isfinite(value)
       value = float(value) if ok else value
@@ -170,13 +183,16 @@ class WeightingMethod:
     ``num_params`` (P, the length of a gradient row) is required by the methods with ``needs_num_params`` (their
     state tracks gradients) and ignored by the others.
     """
-    if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
+    if to_int(num_tasks) is None or to_int(num_tasks) < 1:
       raise ValueError(f'{self.name}.init num_tasks: got {num_tasks!r}, expected an int >= 1')
-    if self.needs_num_params and (not isinstance(num_params, int) or isinstance(num_params, bool) or num_params < 1):
-      raise ValueError(
-          f'{self.name}.init num_params: got {num_params!r}, expected an int >= 1 (the length P of a '
-          f'gradient row: the method tracks gradients in its state)'
-      )
+    num_tasks = to_int(num_tasks)
+    if self.needs_num_params:
+      if to_int(num_params) is None or to_int(num_params) < 1:
+        raise ValueError(
+            f'{self.name}.init num_params: got {num_params!r}, expected an int >= 1 (the length P of a '
+            f'gradient row: the method tracks gradients in its state)'
+        )
+      num_params = to_int(num_params)
     hp = self.resolve_hparams(**hparams)
     state = {'step': jnp.zeros((), jnp.int32)}
     if hp:
