@@ -66,7 +66,8 @@ import tensorflow_datasets as tfds  # noqa: E402  pylint: disable=g-import-not-a
 
 from mtlmatch import config_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from mtlmatch import data  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from mtlmatch import train  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from mtlmatch import experiment as experiment_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from mtlmatch import step as step_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from mtlmatch import weighting  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from mtlmatch.tasks import TaskSpec  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -165,23 +166,23 @@ def compile_lowered(lowered, fast: bool):
   return lowered.compile()
 
 
-def init_state(exp: train.Experiment, args):
+def init_state(exp: experiment_lib.Experiment, args):
   """``exp.init_state()``; with --fast_compile, the same program compiled with :data:`FAST_COMPILE`."""
   if not args.fast_compile:
     return exp.init_state()
   return compile_lowered(jax.jit(exp.init_state).lower(), fast=True)()
 
 
-def first_batch(exp: train.Experiment, batch_size: int):
+def first_batch(exp: experiment_lib.Experiment, batch_size: int):
   """One training batch of ``exp``'s benchmark, on device with the train loop's data sharding."""
   stream = data.train_iterator(exp.benchmark, global_batch_size=batch_size, seed=0)
   return jax.device_put(next(stream), exp.data_sharding)
 
 
-def with_validation_batch(exp: train.Experiment, batch, batch_size: int):
+def with_validation_batch(exp: experiment_lib.Experiment, batch, batch_size: int):
   """``batch`` plus ``'validation'``: one batch of ``exp``'s validation split (what Auto-Lambda's step reads)."""
   validation = dataclasses.replace(exp.benchmark, train_sources=exp.benchmark.validation_sources, validation_sources=())
-  stream = data.train_iterator(validation, global_batch_size=batch_size, seed=train.validation_seed(0))
+  stream = data.train_iterator(validation, global_batch_size=batch_size, seed=experiment_lib.validation_seed(0))
   return {**batch, 'validation': jax.device_put(next(stream), exp.data_sharding)}
 
 
@@ -200,7 +201,7 @@ class Prepared:
   metrics: Any = None
 
 
-def prepare(name: str, group: str, exp: train.Experiment, state, batch, args) -> Prepared:
+def prepare(name: str, group: str, exp: experiment_lib.Experiment, state, batch, args) -> Prepared:
   """Compiles ``exp.step_fn`` for (state, batch) and runs the warm-up steps."""
   start = time.perf_counter()
   compiled = compile_lowered(exp.step_fn.lower(state, batch), args.fast_compile)
@@ -265,7 +266,7 @@ def bench_affect(names: list[str], args, base) -> list[dict]:
       config[key] = base[key]
     if dgr:
       config.objective.terms.dgr.update(dgr)
-    exp = train.build_experiment(config)
+    exp = experiment_lib.build_experiment(config)
     batch = first_batch(exp, args.batch_size) if batch is None else batch
     prepared.append(prepare(name, 'affect', exp, init_state(exp, args), batch, args))
   return time_rounds(prepared, args)
@@ -277,13 +278,13 @@ def bench_tasks(num_tasks: int, methods: list[str], args, base) -> list[dict]:
   for method in methods:
     config = base.copy_and_resolve_references()
     config.weighting.name = method
-    exp = train.build_experiment(config, benchmark=benchmark)
+    exp = experiment_lib.build_experiment(config, benchmark=benchmark)
     if initial is None:  # EW comes first: its initial state serves every method (all but weighting_state)
       initial = jax.device_get(init_state(exp, args))
       batch = first_batch(exp, args.batch_size)
-    combined, _ = train.loss_names(exp.objective, exp.config)
+    combined, _ = experiment_lib.loss_names(exp.objective, exp.config)
     try:
-      weighting_state = train.weighting_init(exp.method, len(combined), initial.params)
+      weighting_state = step_lib.weighting_init(exp.method, len(combined), initial.params)
     except ValueError as e:  # e.g. Krum needs T >= 3: no row, and say why
       print(f'{method}_t{num_tasks}: skipped ({e})', file=sys.stderr, flush=True)
       continue

@@ -11,7 +11,7 @@ Rows:
 * ``torch_ew`` — plain PyTorch (NCHW, ``torch.set_num_threads(--threads)``, default: every core): ``zero_grad``,
   forward, the sum of the two losses, ``backward``, ``Adam.step``.
 * ``mtlmatch_<method>`` for ``--methods`` (default ``ew,pcgrad,mgda``) — mtlmatch's own train step
-  (``train.build_experiment(...).step_fn``: the data-parallel step over every JAX device, with the library's
+  (``experiment_lib.build_experiment(...).step_fn``: the data-parallel step over every JAX device, with the library's
   metrics) for encoder ``cnn`` ``{'widths': (32, 64), 'features': 128}``, built by ``experiments/bench.py``'s helpers
   (random 36×36 images with T = 2 all-labelled 10-way tasks; the config's gradient clipping off, as in the PyTorch
   step).
@@ -131,7 +131,7 @@ def mtlmatch_rows(args) -> list[bench.Prepared]:
   """mtlmatch's train step for each of ``args.methods``, as ``experiments/bench.py`` builds its T-task rows."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from mtlmatch import train  # pylint: disable=import-outside-toplevel
+  from mtlmatch import experiment as experiment_lib
 
   base = bench.base_config(args)
   base.optimizer.clip_norm = 0.0  # plain Adam, as the PyTorch step
@@ -141,11 +141,11 @@ def mtlmatch_rows(args) -> list[bench.Prepared]:
   for method in args.methods:
     config = base.copy_and_resolve_references()
     config.weighting.name = method
-    exp = train.build_experiment(config, benchmark=benchmark)
+    exp = experiment_lib.build_experiment(config, benchmark=benchmark)
     if initial is None:
       initial = jax.device_get(bench.init_state(exp, args))
       batch = bench.first_batch(exp, args.batch_size)
-    combined, _ = train.loss_names(exp.objective, exp.config)
+    combined, _ = experiment_lib.loss_names(exp.objective, exp.config)
     state = jax.device_put(
         jax.tree.map(np.array, initial.replace(weighting_state=exp.method.init(len(combined)))), exp.replicated
     )

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-impo
 
 from mtlmatch import checkpoint as ckpt_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from mtlmatch import config_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from mtlmatch import train  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from mtlmatch import experiment as experiment_lib
 
 
 def main(argv) -> dict:
@@ -34,7 +34,7 @@ def main(argv) -> dict:
     raise SystemExit(f'usage: {__doc__.splitlines()[2].strip()} (got {argv})')
   spec, mode, saves, every = argv[0], argv[1], int(argv[2]), int(argv[3])
   config = config_lib.load_config(spec)
-  exp = train.build_experiment(config)
+  exp = experiment_lib.build_experiment(config)
   state = exp.init_state()
   nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
   batches = exp.train_batches(0)

@@ -9,7 +9,7 @@
 Run it first on a new machine (a GPU, a TPU VM): it says whether the accelerator is found and used, what one step of
 each method costs there, and how close XLA's estimate of the step's FLOPs per second comes to the device's peak.
 
-Rows (``--rows``), each the real ``train.build_experiment`` step (``exp.step_fn``) of ``configs/affect.py`` on an
+Rows (``--rows``), each the real ``experiment.build_experiment`` step (``exp.step_fn``) of ``configs/affect.py`` on an
 in-memory benchmark of random RGB images at ``--image_size`` with the affect tasks (``expression`` 7-way, ``aus`` 17
 multilabel), every example labelled for both (so every term has data):
 
@@ -54,7 +54,7 @@ import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-impo
 from experiments import bench  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from mtlmatch import config_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from mtlmatch import data  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from mtlmatch import train  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from mtlmatch import experiment as experiment_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from mtlmatch.tasks import TaskSpec  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Peak dense bf16 TFLOP/s per device (one JAX device: a GPU, or a TPU chip from v4 on), matched against
@@ -125,7 +125,7 @@ def run_group(encoder: str, remat: bool, benchmark: data.Benchmark, args, accum:
   prepared, batch = [], None
   group = f'{encoder}{" remat" if remat else ""}{f" k={accum}" if accum > 1 else ""}'
   for row in args.rows:
-    exp = train.build_experiment(row_config(row, encoder, args, remat, accum), benchmark=benchmark)
+    exp = experiment_lib.build_experiment(row_config(row, encoder, args, remat, accum), benchmark=benchmark)
     batch = bench.first_batch(exp, args.batch_size) if batch is None else batch
     prepared.append(bench.prepare(row, group, exp, bench.init_state(exp, args), batch, args))
   rows = bench.time_rounds(prepared, args)

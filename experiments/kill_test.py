@@ -400,6 +400,7 @@ def _child(config_spec: str, workdir: str, overrides: dict, dump: Optional[str])
   from mtlmatch import config_lib  # pylint: disable=g-import-not-at-top
   from mtlmatch import evaluators  # pylint: disable=g-import-not-at-top
   from mtlmatch import train  # pylint: disable=g-import-not-at-top
+  from mtlmatch import experiment as experiment_lib
 
   phase = {'now': 'start', 'step': 0}
 
@@ -420,7 +421,7 @@ def _child(config_spec: str, workdir: str, overrides: dict, dump: Optional[str])
 
     return wrapped
 
-  build, restore_latest = train.build_experiment, ckpt_lib.Checkpointer.restore_latest
+  build, restore_latest = experiment_lib.build_experiment, ckpt_lib.Checkpointer.restore_latest
 
   def build_marked(*args, **kwargs):
     exp = build(*args, **kwargs)
@@ -438,17 +439,17 @@ def _child(config_spec: str, workdir: str, overrides: dict, dump: Optional[str])
     mark('restored', phase['step'])
     return restored
 
-  handler = train._Preemption._handler  # pylint: disable=protected-access
+  handler = train.Preemption._handler  # pylint: disable=protected-access
 
   def handler_marked(self, signum, frame):
     mark('sigterm', phase['now'])
     handler(self, signum, frame)
 
-  train.build_experiment = build_marked
+  experiment_lib.build_experiment = build_marked
   evaluators.classification_metrics = around('eval', evaluators.classification_metrics, lambda *a, **k: phase['step'])
   ckpt_lib.Checkpointer.save = around('save', ckpt_lib.Checkpointer.save, lambda self, step, *a, **k: step)
   ckpt_lib.Checkpointer.restore_latest = restore_marked
-  train._Preemption._handler = handler_marked  # pylint: disable=protected-access
+  train.Preemption._handler = handler_marked  # pylint: disable=protected-access
 
   config = config_lib.load_config(config_spec)
   for key, value in overrides.items():

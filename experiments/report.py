@@ -148,7 +148,6 @@ def linear_probes(
   import jax
   import ml_collections
   from mtlmatch import data as data_lib
-  from mtlmatch import metrics as metrics_lib
   from mtlmatch import evaluators
   from mtlmatch import models
 
@@ -181,7 +180,7 @@ def linear_probes(
     out[key] = {}
     for task, (train_source, test_source) in sources.items():
       train, test = (evaluators.probe_features(fn, s, tasks[task], batch_size=500) for s in (train_source, test_source))
-      out[key][task] = evaluators.probe_metrics(tasks[task], train, test)[metrics_lib.PRIMARY_METRIC[tasks[task].kind]]
+      out[key][task] = evaluators.probe_metrics(tasks[task], train, test)[tasks[task].primary_metric]
     echo(f'  probe {run.variant.name} seed {run.seed}: ' + ', '.join(f'{t} {v:.3f}' for t, v in out[key].items()))
   return out
 
@@ -716,24 +715,24 @@ def coannotated_estimates(workdir: str, pairs: Sequence[str]) -> dict[str, np.nd
   """``{'<a>-><b>': R}`` estimated from the benchmark's co-annotated source (``estimate:coannotated``, §2) of the
   run in ``workdir`` (its config.json names the data; the data set does not depend on the run's seed)."""
   from mtlmatch import data  # pylint: disable=g-import-not-at-top
-  from mtlmatch import train  # pylint: disable=g-import-not-at-top
+  from mtlmatch import experiment as experiment_lib
 
   with open(os.path.join(workdir, 'config.json')) as f:
     config = json.load(f)
   d = config['data']
   benchmark = data.get_benchmark(d['name'], data_dir=d.get('data_dir'), seed=d['seed'], **d.get('options', {}))
-  resolve = train.make_relatedness_resolver(benchmark, {})
+  resolve = experiment_lib.make_relatedness_resolver(benchmark, {})
   return {pair: resolve('estimate:coannotated', *pair.split('->')) for pair in pairs}
 
 
 def learned_relatedness_distances(runs: Sequence[sweep.Run]) -> dict:
   """``{variant: {pair: {seed: (steps, mean |R_step − R_coannotated|)}}}`` for the finished runs that learned a
   table (``relatedness_learned.json``'s history), against the co-annotated estimate."""
-  from mtlmatch import train  # pylint: disable=g-import-not-at-top
+  from mtlmatch import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
   histories = []
   for r in runs:
-    path = os.path.join(r.workdir, train.LEARNED_RELATEDNESS_FILE)
+    path = os.path.join(r.workdir, workdir_lib.LEARNED_RELATEDNESS_FILE)
     if r.finished and os.path.exists(path):
       with open(path) as f:
         histories.append((r, json.load(f)['history']))

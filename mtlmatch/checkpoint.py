@@ -1,7 +1,7 @@
 """Checkpoints: orbax ``CheckpointManager`` over ``<workdir>/checkpoints``.
 
 Each step directory holds ``state`` (the whole train state: params, batch statistics, optimizer, weighting state,
-fixed DGR dummy heads, RNG) and ``meta`` (JSON: step, data position, config). Usage::
+fixed DGR dummy heads, RNG) and ``meta`` (JSON: the package version, step, data position, config). Usage::
 
     checkpointer = Checkpointer(workdir, keep=2)
     restored = checkpointer.restore_latest(abstract_like(state), check_meta=lambda meta: ...)  # None: fresh start
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import logging
 import os
@@ -52,6 +51,8 @@ from typing import Any, Callable, Optional
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from mtlmatch import __version__
 
 # Config keys (a top-level name covers its subtree) that may differ between a checkpoint's run and the run resuming
 # it: how long or how verbosely the run goes, how a non-finite update is handled, and where the same data are read
@@ -87,24 +88,21 @@ SAFE_TO_CHANGE = frozenset(
     }
 )
 
-# Keys added to the config after checkpoints were written without them: absent from a saved config, such a key counts
-# as this value (what those runs did), so that their checkpoints still resume.
-ADDED_KEYS = {
-    'precision': 'float32',
-    'encoder.kwargs.stem': 'cifar',
-    'data.on_bad_image': 'raise',
-    'grad_accum_steps': 1,
-    # Learned relatedness and the negative-transfer monitor: off in those runs (no 'learned:' table, no reference),
-    # where these values changed nothing.
-    'relatedness_every': 100,
-    'relatedness_rate': 0.5,
-    'relatedness_smoothing': 1.0,
-    'nt_reference': {},
-    'nt_margin': 0.01,
-    'nt_patience': 2,
-    'nt_action': 'warn',
-    'nt_anneal': 0.5,
-}
+# The version of the package that writes a checkpoint, in its metadata (``meta['version']``). A 0.x package makes no
+# promise across minor versions: a checkpoint of another minor version is refused with one message naming both.
+VERSION = __version__
+
+
+def check_version(meta: dict, *, where: str) -> None:
+  """Refuses a checkpoint written by another minor version of mtlmatch (0.1 wrote no version)."""
+  saved = meta.get('version', '0.1')  # the one key a 0.1 checkpoint cannot have: its absence is the version
+  if saved.split('.')[:2] != VERSION.split('.')[:2]:
+    raise ValueError(
+        f'{where} was written by mtlmatch {saved}; this is mtlmatch {VERSION}, whose train state and metadata '
+        'differ (0.x versions keep no compatibility across minor versions). Train again in a new --workdir, or '
+        f'resume it with mtlmatch {saved}.'
+    )
+
 
 CORRUPT_DIR = 'checkpoints_corrupt'
 
@@ -188,17 +186,16 @@ class Checkpointer:
         except Exception as e:  # pylint: disable=broad-except  # orbax raises many types; all mean "unreadable".
           moved |= self._set_aside(step, e)
           continue
+        where = f'checkpoint step {step} in {self.directory}'
+        check_version(meta, where=where)
         if check_meta is not None:
           check_meta(meta)
-        check_state_layout(saved_layout, abstract_state, where=f'checkpoint step {step} in {self.directory}')
-        added = added_empty_fields(saved_layout, abstract_state)
-        target = abstract_state
-        if added:  # restore the fields the checkpoint has; the added ones keep their (empty) value
-          target = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(target) if f.name not in added}
+        check_state_layout(saved_layout, abstract_state, where=where)
         try:
-          restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-          state = abstract_state.replace(**restored['state']) if added else restored['state']
-          return state, meta
+          restored = self._manager.restore(
+              step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+          )
+          return restored['state'], meta
         except Exception as e:  # pylint: disable=broad-except
           moved |= self._set_aside(step, e)
       return None
@@ -259,19 +256,6 @@ class Checkpointer:
       self._manager.close()
 
 
-def added_empty_fields(saved: Any, abstract_state: Any) -> tuple[str, ...]:
-  """The fields of a dataclass train state that the saved tree lacks and that hold no leaves here (e.g.
-  ``relatedness`` = {} in a run without a learned table): added to the state after the checkpoint was written, for a
-  feature this run does not use. Restoring skips them; a field with leaves missing is a layout error instead."""
-  if not dataclasses.is_dataclass(abstract_state) or not isinstance(saved, dict):
-    return ()
-  return tuple(
-      f.name
-      for f in dataclasses.fields(abstract_state)
-      if f.name not in saved and not jax.tree.leaves(getattr(abstract_state, f.name))
-  )
-
-
 def abstract_like(state: Any) -> Any:
   """Shape/dtype/sharding description of ``state`` for restoring into the same layout."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
@@ -317,9 +301,6 @@ def _key_name(key) -> str:
 def check_config_drift(saved: dict, current: dict) -> None:
   """Refuses to resume when the saved config differs from the new one outside :data:`SAFE_TO_CHANGE`."""
   flat_saved, flat_current = _flatten(saved), _flatten(current)
-  for key, value in ADDED_KEYS.items():
-    if key not in flat_saved and key in flat_current:
-      flat_saved[key] = json.dumps(value, sort_keys=True, default=str)
   changed = sorted(
       k
       for k in set(flat_saved) | set(flat_current)

@@ -82,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.final_lr_fraction = 0.01
   c.optimizer.weight_decay = 1e-4
   c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False  # sgd only
   c.optimizer.clip_norm = 1.0
 
   c.objective = ml_collections.ConfigDict()
@@ -215,9 +216,9 @@ def model_kwargs(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
   ``remat=True`` sets the encoder's ``remat``."""
   encoder = dict(config.encoder.kwargs)
   head = dict(config.head.kwargs)
-  if config.get('precision', 'float32') == 'bfloat16':
+  if config.precision == 'bfloat16':
     encoder['dtype'] = head['dtype'] = 'bfloat16'
-  if config.get('remat', False):
+  if config.remat:
     encoder['remat'] = True
   return encoder, head
 
@@ -547,7 +548,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ('total_steps', 'batch_size', 'eval_batch_size', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
     if not isinstance(config[key], int) or config[key] < 1:
       raise ValueError(f'config.{key}: got {config[key]!r}, expected an int >= 1')
-  patience = config.get('early_stopping_patience', 0)
+  patience = config.early_stopping_patience
   if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
     raise ValueError(
         f'config.early_stopping_patience: got {patience!r}, expected an int >= 0 (evaluations without '
@@ -563,14 +564,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
     raise ValueError(f'config.seed: got {config.seed!r}, expected an int >= 0')
   for key in ('profile_steps', 'profile_first_step'):
-    value = config.get(key, 0)
+    value = config[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
       raise ValueError(f'config.{key}: got {value!r}, expected an int >= 0')
-  if config.data.get('on_bad_image', 'raise') not in ('raise', 'skip'):
+  if config.data.on_bad_image not in ('raise', 'skip'):
     raise ValueError(f"config.data.on_bad_image: got {config.data.on_bad_image!r}, expected 'raise' or 'skip'")
-  if config.data.get('mixing', 'weights') not in pipeline.MIXING:
+  if config.data.mixing not in pipeline.MIXING:
     raise ValueError(f'config.data.mixing: got {config.data.mixing!r}, expected one of {pipeline.MIXING}')
-  augment = config.data.get('augment', False)
+  augment = config.data.augment
   if not (
       isinstance(augment, bool)
       or set((augment,) if isinstance(augment, str) else augment) <= set(pipeline.AUGMENTATIONS)
@@ -586,27 +587,27 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f'config.weighting.name: got {config.weighting.name!r}, expected one of ' f'{sorted(weighting.METHODS)}'
     )
-  if config.weighting.get('jacobian', 'auto') not in weighting.JACOBIAN_MODES:
+  if config.weighting.jacobian not in weighting.JACOBIAN_MODES:
     raise ValueError(
         f'config.weighting.jacobian: got {config.weighting.jacobian!r}, expected one of '
         f"{list(weighting.JACOBIAN_MODES)} ('auto': rows on CPU, vmap on GPU/TPU)"
     )
-  precision = config.get('precision', 'float32')
+  precision = config.precision
   if precision not in PRECISIONS:
     raise ValueError(
         f'config.precision: got {precision!r}, expected one of {list(PRECISIONS)} (bfloat16: bfloat16 compute in '
         'the encoder and heads, float32 parameters, optimizer state and losses)'
     )
-  encoder_dtype = config.encoder.kwargs.get('dtype', 'float32')
-  if precision == 'bfloat16' and str(encoder_dtype) not in PRECISIONS:
+  encoder_dtype = config.encoder.kwargs.dtype if 'dtype' in config.encoder.kwargs else None  # a field of some
+  if precision == 'bfloat16' and encoder_dtype is not None and str(encoder_dtype) not in PRECISIONS:
     raise ValueError(
         f"config.precision='bfloat16' with config.encoder.kwargs.dtype={encoder_dtype!r}: expected the encoder's "
         "dtype 'float32' (its default) or 'bfloat16'; precision sets the compute dtype of encoder and heads"
     )
-  remat = config.get('remat', False)
+  remat = config.remat
   if not isinstance(remat, bool):
     raise ValueError(f'config.remat: got {remat!r}, expected True or False')
-  accum = config.get('grad_accum_steps', 1)
+  accum = config.grad_accum_steps
   if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
     raise ValueError(f'config.grad_accum_steps: got {accum!r}, expected an int >= 1 (1: no accumulation)')
   validate_relatedness_and_monitor(config)
@@ -619,33 +620,33 @@ def _number(value) -> bool:
 def validate_relatedness_and_monitor(config: ml_collections.ConfigDict) -> None:
   """The learned-relatedness and negative-transfer keys (docs/maths.md §8-§9). Whether a learned table needs
   ``relatedness_every >= 1`` and which tasks the references name are checked by `train.build_experiment`."""
-  every = config.get('relatedness_every', 100)
+  every = config.relatedness_every
   if isinstance(every, bool) or not isinstance(every, int):
     raise ValueError(f'config.relatedness_every: got {every!r}, expected an int (steps between re-estimations)')
-  rate = config.get('relatedness_rate', 0.5)
+  rate = config.relatedness_rate
   if not (_number(rate) and 0 < rate <= 1):
     raise ValueError(
         f'config.relatedness_rate: got {rate!r}, expected a number in (0, 1] (the weight of the new estimate: '
         'R <- (1 - rate) R + rate R^)'
     )
-  smoothing = config.get('relatedness_smoothing', 1.0)
+  smoothing = config.relatedness_smoothing
   if not (_number(smoothing) and smoothing >= 0):
     raise ValueError(f'config.relatedness_smoothing: got {smoothing!r}, expected a finite number >= 0')
-  reference = config.get('nt_reference', {})
+  reference = config.nt_reference
   if not isinstance(reference, (Mapping, ml_collections.ConfigDict)):
     raise ValueError(
         f'config.nt_reference: got {reference!r}, expected {{task: a number or the path of a single-task '
         "run's results.json}} ({} = off)"
     )
-  margin = config.get('nt_margin', 0.01)
+  margin = config.nt_margin
   if not (_number(margin) and margin >= 0):
     raise ValueError(f'config.nt_margin: got {margin!r}, expected a finite number >= 0')
-  patience = config.get('nt_patience', 2)
+  patience = config.nt_patience
   if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
     raise ValueError(f'config.nt_patience: got {patience!r}, expected an int >= 1 (evaluations)')
-  if config.get('nt_action', 'warn') not in ('warn', 'anneal'):
+  if config.nt_action not in ('warn', 'anneal'):
     raise ValueError(f"config.nt_action: got {config.nt_action!r}, expected 'warn' or 'anneal'")
-  anneal = config.get('nt_anneal', 0.5)
+  anneal = config.nt_anneal
   if not (_number(anneal) and 0 < anneal < 1):
     raise ValueError(f'config.nt_anneal: got {anneal!r}, expected a number in (0, 1) (the factor per window below)')
 

@@ -123,7 +123,7 @@ def main(argv):
     jax.distributed.initialize(
         coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes, process_id=FLAGS.process_id
     )
-  from mtlmatch import modes, train
+  from mtlmatch import modes, train  # pylint: disable=g-import-not-at-top
 
   logging.info(
       'JAX devices: %d global, %d local (process %d of %d)',

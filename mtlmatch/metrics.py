@@ -47,13 +47,16 @@ macro F1 = (1 + 2/3 + 0) / 3:
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtlmatch.tasks import MISSING, TaskSpec
+from mtlmatch.losses import MISSING
+
+if TYPE_CHECKING:  # mtlmatch.tasks builds its task kinds from these functions
+  from mtlmatch.tasks import TaskSpec
 
 MULTICLASS_KEYS = ('correct', 'count', 'tp', 'fp', 'fn', 'entropy')
 MULTILABEL_KEYS = ('tp', 'fp', 'fn', 'correct_entries', 'labelled_entries', 'count', 'entropy')
@@ -211,14 +214,10 @@ def finalize(task: TaskSpec, stats: Mapping[str, jax.Array]) -> dict[str, float]
   return metrics
 
 
-# The metric model selection and reports rank each task by (higher is better).
-PRIMARY_METRIC = {'multiclass': 'accuracy', 'multilabel': 'mean_f1'}
-
-
 def selection_score(tasks: Mapping[str, TaskSpec], metrics: Mapping[str, Mapping[str, float]]) -> float:
-  """Mean over tasks of each task's :data:`PRIMARY_METRIC` (tasks whose metric is NaN — no labelled example — are
-  left out; NaN if none is defined). Used to pick the best-validation step."""
-  values = [metrics[t][PRIMARY_METRIC[spec.kind]] for t, spec in tasks.items() if t in metrics]
+  """Mean over tasks of each task's primary metric (``TaskSpec.primary_metric``; tasks whose metric is NaN — no
+  labelled example — are left out; NaN if none is defined). Used to pick the best-validation step."""
+  values = [metrics[t][spec.primary_metric] for t, spec in tasks.items() if t in metrics]
   return _mean_defined(np.asarray(values, np.float64)) if values else float('nan')
 
 

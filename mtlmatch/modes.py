@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import time
 from typing import Optional, Sequence
@@ -24,10 +25,12 @@ from mtlmatch import checkpoint as ckpt_lib
 from mtlmatch import config_lib
 from mtlmatch import data as data_lib
 from mtlmatch import evaluators
-from mtlmatch import train
+from mtlmatch import experiment as experiment_lib
+from mtlmatch import workdir as workdir_lib
+from mtlmatch.tasks import kind_of
 
 
-def _restore(exp: train.Experiment, workdir: str):
+def _restore(exp: experiment_lib.Experiment, workdir: str):
   """The newest restorable train state of ``workdir`` under ``exp``'s config; a ValueError if there is none."""
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise ValueError(
@@ -52,25 +55,22 @@ def evaluate_checkpoint(
 ) -> dict:
   """Metrics of the newest checkpoint on every eval source, written to ``results.json`` (replacing it)."""
   t_start = time.time()
-  exp = train.build_experiment(config, benchmark=benchmark)
-  train.warn_if_no_eval(exp.benchmark)
+  exp = experiment_lib.build_experiment(config, benchmark=benchmark)
+  warning = experiment_lib.warn_if_no_eval(exp.benchmark)
+  if warning:
+    logging.warning(warning)
   state = _restore(exp, workdir)
-  evaluation = evaluators.classification_metrics(exp, state, 'test')
+  evaluation = evaluators.classification_metrics(exp.view, state, 'test')
   results = {'step': int(state.step), 'wall_time_s': time.time() - t_start, **evaluation}
   if jax.process_index() == 0:
-    train._write_atomically(
-        os.path.join(workdir, 'results.json'),  # pylint: disable=protected-access
-        json.dumps(results, indent=1, default=train._jsonable),
-    )  # pylint: disable=protected-access
+    workdir_lib.write_results(workdir, results)
   return results
 
 
 def _probabilities(params, batch_stats, batch, *, model, tasks):
+  """Each task's prediction (its kind's ``predict``: softmax or sigmoid probabilities), the mask and the labels."""
   outputs, _ = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'], train=False)
-  probs = {
-      t: (jax.nn.softmax(outputs['logits'][t]) if spec.kind == 'multiclass' else jax.nn.sigmoid(outputs['logits'][t]))
-      for t, spec in tasks.items()
-  }
+  probs = {t: kind_of(spec).predict(outputs['logits'][t]) for t, spec in tasks.items()}
   return {'probs': probs, 'mask': batch['mask'], 'labels': batch['labels']}
 
 
@@ -82,7 +82,7 @@ def predict(
     benchmark: Optional[data_lib.Benchmark] = None,
 ) -> list[str]:
   """Writes ``<workdir>/predictions/<source>.npz`` for ``source`` (default: every eval source); returns the paths."""
-  exp = train.build_experiment(config, benchmark=benchmark)
+  exp = experiment_lib.build_experiment(config, benchmark=benchmark)
   bench = exp.benchmark
   every = {
       **{s.name: s for s in bench.train_sources},

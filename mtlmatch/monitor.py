@@ -1,7 +1,7 @@
 """The negative-transfer monitor (docs/maths.md §9): each task's validation metric against a single-task reference.
 
 ``config.nt_reference = {task: reference}`` turns it on; a reference is a number (the task's primary validation
-metric, ``metrics_lib.PRIMARY_METRIC``: accuracy or mean F1) or the path of a single-task run's ``results.json`` (or its
+metric, ``TaskSpec.primary_metric``: accuracy or mean F1) or the path of a single-task run's ``results.json`` (or its
 workdir; ``{seed}`` in the path is this run's ``config.seed``). A run's reference follows its training: at step s it
 is the best validation value that run had reached by step s (its ``selection.history``), and after its last
 evaluation its best-validation value ``selection.validation[task][metric]`` — never its test metrics — so a task
@@ -30,7 +30,6 @@ import math
 import os
 from typing import Any, Mapping, Optional
 
-from mtlmatch import metrics as metrics_lib
 from mtlmatch.tasks import TaskSpec
 
 ACTIONS = ('warn', 'anneal')
@@ -170,7 +169,7 @@ def build(config, tasks: Mapping[str, TaskSpec], feeds: Mapping[str, tuple[str, 
   """The monitor of ``config`` (None when ``config.nt_reference`` is empty); ``feeds``: term → the tasks it feeds
   (``Objective.feeds``). References are resolved here, before training: an unknown task, or a results.json without
   the metric, raises ValueError."""
-  given = dict(config.get('nt_reference') or {})
+  given = dict(config.nt_reference)
   if not given:
     return None
   metrics, references, curves = {}, {}, {}
@@ -178,7 +177,7 @@ def build(config, tasks: Mapping[str, TaskSpec], feeds: Mapping[str, tuple[str, 
     where = f'config.nt_reference.{task}'
     if task not in tasks:
       raise ValueError(f'config.nt_reference: got task {task!r}, expected some of the trained tasks {list(tasks)}')
-    metrics[task] = metrics_lib.PRIMARY_METRIC[tasks[task].kind]
+    metrics[task] = tasks[task].primary_metric
     if isinstance(value, str):  # '{seed}' in a path: this run's seed (the same seed's single-task run)
       path = value.replace('{seed}', str(config.seed))
       references[task], curves[task] = reference_from_results(path, task, metrics[task], where=where)

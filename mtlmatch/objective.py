@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtlmatch import losses
-from mtlmatch.tasks import TaskSpec
+from mtlmatch.tasks import TaskSpec, kind_of
 
 Array = jax.Array
 LEARNED_PREFIX = 'learned:'
@@ -80,8 +80,9 @@ class Context:
 
 
 def task_loss(task: TaskSpec, logits: Array, labels: Array) -> tuple[Array, Array]:
-  """The task's own per-example loss and weight: softmax CE (multiclass) or masked sigmoid CE (multilabel)."""
-  return (losses.softmax_xent if task.kind == 'multiclass' else losses.sigmoid_xent)(logits, labels)
+  """The task's own per-example loss and weight, as its kind defines it (``tasks.KINDS``): softmax CE (multiclass),
+  masked sigmoid CE (multilabel), ..."""
+  return kind_of(task).loss(logits, labels)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def apply(state, config) -> Any:
   if state.batch_stats or saved.get('batch_stats'):
     batch_stats = _take(saved.get('batch_stats') or {}, state.batch_stats, where='batch_stats', source=source)
   taken = ['encoder']
-  if config.get('init_heads', False):
+  if config.init_heads:
     heads = dict(params['heads'])
     for task in heads:
       if task in saved['params']['heads']:

@@ -22,7 +22,8 @@ import pytest
 from conftest import REPO, compile_fast as _compile
 from mtlmatch import config_lib
 from mtlmatch import data
-from mtlmatch import train
+from mtlmatch import experiment as experiment_lib
+from mtlmatch import step as step_lib
 from mtlmatch import weighting
 
 
@@ -55,7 +56,7 @@ def test_bfloat16_tracks_float32_on_the_affect_smoke_run(tfds_dir):
   benchmark = data.get_benchmark(config.data.name, data_dir=tfds_dir, seed=config.data.seed, **config.data.options)
   for precision in ('float32', 'bfloat16'):
     config.precision = precision
-    exp = train.build_experiment(config, _mesh1(), benchmark=benchmark)
+    exp = experiment_lib.build_experiment(config, _mesh1(), benchmark=benchmark)
     if initial is None:  # the initial state and the batches do not depend on the compute dtype: share them
       initial = jax.device_get(_compile(jax.jit(exp.init_state).lower())())
       stream = exp.train_batches(0)
@@ -97,7 +98,7 @@ def _dm_dgr_config(tfds_dir, method, jacobian):
 @functools.cache
 def _setup(tfds_dir):
   """PCGrad's experiment with the 'rows' Jacobian, its initial state and one batch (shared by the two tests below)."""
-  exp = train.build_experiment(_dm_dgr_config(tfds_dir, 'pcgrad', 'rows'), _mesh1())
+  exp = experiment_lib.build_experiment(_dm_dgr_config(tfds_dir, 'pcgrad', 'rows'), _mesh1())
   initial = jax.device_get(_compile(jax.jit(exp.init_state).lower())())
   return exp, initial, next(exp.train_batches(0))
 
@@ -116,7 +117,7 @@ def test_vmap_and_rows_give_the_same_jacobian_and_update_for_every_gradient_meth
   MGDA-UB's rows w.r.t. the shared features and the heads, in one program; then every method of
   weighting.GRADIENT_METHODS applied to each G, in a second program."""
   exp, initial, batch = _setup(tfds_dir)
-  combined, _ = train.loss_names(exp.objective, exp.config)
+  combined, _ = experiment_lib.loss_names(exp.objective, exp.config)
   params = initial.params
 
   def encode(p):
@@ -168,11 +169,11 @@ def test_vmap_and_rows_give_the_same_train_step(tfds_dir):
   """PCGrad's train step (the parameter Jacobian, DM as a combined loss, DGR's additive row) built from
   ``weighting.jacobian='rows'``, against the same step with 'vmap'."""
   exp, initial, batch = _setup(tfds_dir)
-  step_rows = exp.step_fn.__wrapped__  # the functools.partial of train.train_step that build_experiment jitted
+  step_rows = exp.step_fn.__wrapped__  # the functools.partial of step_lib.train_step that build_experiment jitted
   assert step_rows.keywords['jacobian'] == 'rows'  # the config key reaches the step
   step_vmap = functools.partial(step_rows.func, **{**step_rows.keywords, 'jacobian': 'vmap'})
-  combined, _ = train.loss_names(exp.objective, exp.config)
-  state = initial.replace(weighting_state=train.weighting_init(exp.method, len(combined), initial.params))
+  combined, _ = experiment_lib.loss_names(exp.objective, exp.config)
+  state = initial.replace(weighting_state=step_lib.weighting_init(exp.method, len(combined), initial.params))
   results = {}
   for how, step in (('rows', step_rows), ('vmap', step_vmap)):
     new_state, metrics = _compile(jax.jit(step).lower(state, batch))(state, batch)

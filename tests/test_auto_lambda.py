@@ -24,7 +24,7 @@ import pytest
 from conftest import REPO, compile_fast as _compile
 from mtlmatch import config_lib
 from mtlmatch import data
-from mtlmatch import train
+from mtlmatch import experiment as experiment_lib
 from mtlmatch import weighting
 
 COMBINED = ('task/expression', 'task/aus')
@@ -52,7 +52,7 @@ def _setup(tfds_dir: str):
   """Benchmark, experiment on 1 device, its host initial state and 2 host batches (with their validation batches)."""
   config = _config(tfds_dir)
   benchmark = data.get_benchmark(config.data.name, data_dir=tfds_dir, seed=config.data.seed, **config.data.options)
-  exp = train.build_experiment(config, _mesh(1), benchmark=benchmark)
+  exp = experiment_lib.build_experiment(config, _mesh(1), benchmark=benchmark)
   initial = jax.device_get(_compile(jax.jit(exp.init_state).lower())())
   stream = exp.train_batches(0)
   batches = [jax.device_get(next(stream)) for _ in range(2)]
@@ -65,7 +65,7 @@ def _setup(tfds_dir: str):
 @functools.cache
 def _step(n: int, tfds_dir: str):
   benchmark, exp1, initial, batches = _setup(tfds_dir)
-  exp = exp1 if n == 1 else train.build_experiment(_config(tfds_dir), _mesh(n), benchmark=benchmark)
+  exp = exp1 if n == 1 else experiment_lib.build_experiment(_config(tfds_dir), _mesh(n), benchmark=benchmark)
   state = jax.device_put(jax.tree.map(np.array, initial), exp.replicated)
   return exp, _compile(exp.step_fn.lower(state, batches[0]))
 
@@ -233,8 +233,8 @@ def test_resumed_stream_yields_the_same_validation_batches(tfds_dir):
   jax.tree.map(np.testing.assert_array_equal, resumed, batches[1])
   # Another stream than the training one: other examples (the validation split) under another seed.
   assert not np.array_equal(batches[0]['image'], batches[0]['validation']['image'])
-  assert train.validation_seed(exp.config.seed) != exp.config.seed
-  assert train.validation_seed(0) == train.validation_seed(0) != train.validation_seed(1)
+  assert experiment_lib.validation_seed(exp.config.seed) != exp.config.seed
+  assert experiment_lib.validation_seed(0) == experiment_lib.validation_seed(0) != experiment_lib.validation_seed(1)
 
 
 def test_no_validation_split_is_one_clear_error(tfds_dir):
@@ -245,7 +245,7 @@ def test_no_validation_split_is_one_clear_error(tfds_dir):
       match=r"weighting.name='auto_lambda' .* config.data.validation_fraction=0.0 holds out no validation split: "
       r'expected config.data.validation_fraction in \(0, 1\)',
   ):
-    train.build_experiment(config, _mesh(1), benchmark=benchmark)
+    experiment_lib.build_experiment(config, _mesh(1), benchmark=benchmark)
 
 
 def test_batchnorm_keeps_the_training_batch_statistics(tfds_dir):
@@ -254,7 +254,7 @@ def test_batchnorm_keeps_the_training_batch_statistics(tfds_dir):
   benchmark, _, _, batches = _setup(tfds_dir)
   config = _config(tfds_dir)
   config_lib.set_encoder(config, 'resnet18', width=2, stage_sizes=(1,))
-  exp = train.build_experiment(config, _mesh(1), benchmark=benchmark)
+  exp = experiment_lib.build_experiment(config, _mesh(1), benchmark=benchmark)
   state = jax.device_get(_compile(jax.jit(exp.init_state).lower())())
   assert jax.tree.leaves(state.batch_stats)
   fresh = jax.device_put(jax.tree.map(np.array, state), exp.replicated)

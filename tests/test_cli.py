@@ -39,7 +39,8 @@ import sys
 import jax, numpy as np
 from absl import flags
 from ml_collections import config_flags
-from mtlmatch import main, models, train
+from mtlmatch import experiment as experiment_lib
+from mtlmatch import main, models
 configs, tfds_dir, idx_dir = sys.argv[1].split(','), sys.argv[2], sys.argv[3]
 for name in configs:
   for encoder in sorted(models.ENCODERS):
@@ -52,7 +53,7 @@ for name in configs:
     config_flags.DEFINE_config_file('config', None, '', flag_values=values, lock_config=True)
     flags.DEFINE_string('workdir', None, '', flag_values=values)
     values(argv)
-    exp = train.build_experiment(values.config)
+    exp = experiment_lib.build_experiment(values.config)
     shapes = jax.eval_shape(exp.model.init, jax.random.PRNGKey(0), np.zeros((2, *exp.benchmark.image_shape)))
     print('OK', name, encoder, values.config.encoder.name, sorted(values.config.encoder.kwargs), flush=True)
 """

@@ -13,6 +13,7 @@ from mtlmatch import config_lib
 from mtlmatch import data
 from mtlmatch import evaluators
 from mtlmatch import train
+from mtlmatch import experiment as experiment_lib
 from mtlmatch.tasks import TaskSpec
 
 sys.path.insert(0, str(REPO))
@@ -90,7 +91,7 @@ def test_classification_metrics_equal_numpy_per_source_and_pooled():
   config = config_lib.base_config()
   config_lib.set_encoder(config, 'mlp', hidden=(16,))
   config.batch_size, config.eval_batch_size = 8, 16
-  exp = train.build_experiment(config, benchmark=_toy())
+  exp = experiment_lib.build_experiment(config, benchmark=_toy())
   state = exp.init_state()
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
 
@@ -117,7 +118,7 @@ def test_classification_metrics_equal_numpy_per_source_and_pooled():
     }
 
   for split, sources in (('test', exp.benchmark.eval_sources), ('validation', exp.benchmark.validation_sources)):
-    got = evaluators.classification_metrics(exp, state, split)
+    got = evaluators.classification_metrics(exp.view, state, split)
     checks = [(got['metrics'], numpy_metrics(sources))]
     checks += [(got['per_source'][s.name], numpy_metrics([s])) for s in sources]
     for metrics, expected in checks:

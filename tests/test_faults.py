@@ -3,8 +3,8 @@
 
 The kill test runs real training processes (experiments/kill_test.py); its long version is
 ``python experiments/kill_test.py --kills 20``. The in-process tests share compiled step functions through
-:func:`fast_builds` (``train.build_experiment`` memoized per config, the initial state per model): what they test is
-the loop's saving, restoring and halting, not compilation, and each compile costs seconds on a 2-core CPU.
+:func:`fast_builds` (``experiment.build_experiment`` memoized per config, the initial state per model): what they
+test is the loop's saving, restoring and halting, not compilation, and each compile costs seconds on a 2-core CPU.
 """
 
 import copy
@@ -31,6 +31,7 @@ from conftest import REPO, set_keys
 from mtlmatch import checkpoint as ckpt_lib
 from mtlmatch import config_lib
 from mtlmatch import train
+from mtlmatch import experiment as experiment_lib
 
 pytestmark = [
     pytest.mark.fault,
@@ -56,7 +57,7 @@ def smoke(tfds_dir, spec=CONFIG, **overrides):
 
 _BUILDS: dict = {}
 _INITS: dict = {}
-_real_build = train.build_experiment
+_real_build = experiment_lib.build_experiment
 
 
 def _init_key(config) -> str:
@@ -76,12 +77,12 @@ def _init_key(config) -> str:
 
 def _cached_init(exp, key):
   if key not in _INITS:
-    _INITS[key] = jax.device_get(train.Experiment.init_state(exp))
+    _INITS[key] = jax.device_get(experiment_lib.Experiment.init_state(exp))
   return jax.tree.map(lambda x: jax.device_put(x, exp.replicated), _INITS[key])  # fresh buffers: they are donated
 
 
 def fast_build(config, mesh=None, *, benchmark=None):
-  """``train.build_experiment`` memoized on the config (validation runs on the first build of each config)."""
+  """``experiment_lib.build_experiment`` memoized on the config (validation runs on the first build of each config)."""
   if mesh is not None or benchmark is not None:
     return _real_build(config, mesh, benchmark=benchmark)
   config = ml_collections.ConfigDict(config)
@@ -142,7 +143,7 @@ def assert_same_state(a, b):
 
 
 def restore(workdir, config):
-  exp = train.build_experiment(config)
+  exp = experiment_lib.build_experiment(config)
   return ckpt_lib.Checkpointer(str(workdir)).restore_latest(ckpt_lib.abstract_like(exp.init_state()))
 
 
@@ -206,7 +207,7 @@ def test_sigterm_during_a_checkpoint_write_saves_and_the_rerun_continues_bitwise
   write completes, step 3 is trained and saved, the run returns; the rerun resumes from 3 and reaches the same
   state at step 4 as the uninterrupted run. (kill_test.py does the same with real processes: --sigterms.)"""
   workdir = tmp_path / 'run'
-  seen, save, handler = [], ckpt_lib.Checkpointer.save, train._Preemption._handler  # pylint: disable=protected-access
+  seen, save, handler = [], ckpt_lib.Checkpointer.save, train.Preemption._handler  # pylint: disable=protected-access
 
   def save_with_signal(self, step, state, meta):
     if step == 2:
@@ -221,7 +222,7 @@ def test_sigterm_during_a_checkpoint_write_saves_and_the_rerun_continues_bitwise
 
   writing = []
   monkeypatch.setattr(ckpt_lib.Checkpointer, 'save', save_with_signal)
-  monkeypatch.setattr(train._Preemption, '_handler', handler_recording)  # pylint: disable=protected-access
+  monkeypatch.setattr(train.Preemption, '_handler', handler_recording)  # pylint: disable=protected-access
   with caplog.at_level(logging.WARNING):
     assert train.train_and_evaluate(base['config'], str(workdir)) == {'step': 3, 'interrupted': True}
   assert seen == [([2], False)], seen  # handled inside the write of step 2, before it was committed
@@ -412,7 +413,7 @@ def test_nonfinite_halts_naming_step_tasks_and_term_and_keeps_the_checkpoint(bas
 def test_skip_leaves_the_state_unchanged_and_counts(base, fast_builds):
   config = copy.deepcopy(base['config'])
   config.nonfinite = 'skip'
-  exp = train.build_experiment(config)
+  exp = experiment_lib.build_experiment(config)
   batches = exp.train_batches(0)
   state = exp.init_state()
   history = []

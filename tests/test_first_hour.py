@@ -14,6 +14,7 @@ import pytest
 from conftest import REPO, set_keys
 from mtlmatch import checkpoint as ckpt_lib
 from mtlmatch import config_lib, data, modes, train, warm_start
+from mtlmatch import experiment as experiment_lib
 from mtlmatch.tasks import TaskSpec
 
 sys.path.insert(0, str(REPO))
@@ -68,7 +69,7 @@ def test_reused_workdir_on_other_data_is_refused(tmp_path, caplog, capfd):
   with pytest.raises(ValueError, match=r"source 'train/src_a' differs \(images: saved [0-9a-f]+, now [0-9a-f]+\)"):
     train.train_and_evaluate(config, workdir, benchmark=bench(with_eval=False, reimage=True))
   meta = ckpt_lib.Checkpointer(workdir).restore_latest(
-      ckpt_lib.abstract_like(train.build_experiment(config, benchmark=bench(with_eval=False)).init_state())
+      ckpt_lib.abstract_like(experiment_lib.build_experiment(config, benchmark=bench(with_eval=False)).init_state())
   )[1]
   # 32 examples, 10 % of them held out for validation (config.data.validation_fraction).
   assert meta['data']['train/src_a']['examples'] == 29 and meta['data']['validation/src_a']['examples'] == 3
@@ -100,7 +101,7 @@ def test_warm_start_eval_and_predict(tmp_path):
 
   # Single-task -> multi-task warm start: the encoder and the shared task's head are taken, the new head is fresh.
   multi = tiny_config(init_from=source_dir, init_heads=True)
-  exp = train.build_experiment(multi, benchmark=bench())
+  exp = experiment_lib.build_experiment(multi, benchmark=bench())
   fresh = exp.init_state()
   started = jax.device_get(warm_start.apply(fresh, exp.config))
   for got, want in zip(jax.tree.leaves(started.params['encoder']), jax.tree.leaves(trained['encoder'])):
@@ -113,7 +114,7 @@ def test_warm_start_eval_and_predict(tmp_path):
 
   # Another encoder size: one clear error naming the leaves.
   other = tiny_config(init_from=source_dir, **{'encoder.kwargs.hidden': (16,)})
-  exp = train.build_experiment(other, benchmark=bench())
+  exp = experiment_lib.build_experiment(other, benchmark=bench())
   with pytest.raises(
       ValueError,
       match=r"config.init_from='.*single': params.encoder does not match this run \(2 "
@@ -142,10 +143,10 @@ def test_logged_train_metrics_are_interval_means_with_rate_lr_params_and_a_profi
   for tag in ('loss', 'loss/task/expression', 'grad_norm'):
     np.testing.assert_array_equal(pairs[tag][0], [2, 4])
     np.testing.assert_allclose(pairs[tag][1], every[tag][1].reshape(2, 2).mean(1), rtol=1e-5)
-  schedule = train.make_schedule(config)
+  schedule = experiment_lib.make_schedule(config)
   np.testing.assert_allclose(pairs['learning_rate'][1], [schedule(1), schedule(3)], rtol=1e-6)
   assert pairs['steps_per_sec'][0].tolist() == [2, 4] and np.all(pairs['steps_per_sec'][1] > 0)
-  exp = train.build_experiment(config)
+  exp = experiment_lib.build_experiment(config)
   assert pairs['params/encoder'][1][0] == sum(x.size for x in jax.tree.leaves(exp.init_state().params['encoder']))
   traces = [f for _, _, files in os.walk(tmp_path / '2' / 'profile') for f in files if f.endswith('.xplane.pb')]
   assert traces, 'no profiler trace written'

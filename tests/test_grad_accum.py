@@ -19,7 +19,8 @@ import pytest
 
 from conftest import REPO, compile_fast as _compile
 from mtlmatch import config_lib
-from mtlmatch import train
+from mtlmatch import experiment as experiment_lib
+from mtlmatch import step as step_lib
 
 
 def _config(tfds_dir, variant: str, method: str, accum_steps: int):
@@ -42,7 +43,7 @@ def _mesh(n):
 
 @functools.cache
 def _one_step(tfds_dir, variant, method, accum_steps, devices):
-  exp = train.build_experiment(_config(tfds_dir, variant, method, accum_steps), _mesh(devices))
+  exp = experiment_lib.build_experiment(_config(tfds_dir, variant, method, accum_steps), _mesh(devices))
   state = _compile(jax.jit(exp.init_state).lower())()
   batch = next(exp.train_batches(0))
   new_state, metrics = _compile(exp.step_fn.lower(state, batch))(state, batch)
@@ -66,13 +67,13 @@ def test_four_microbatches_of_32_equal_one_batch_of_128(tfds_dir, variant, metho
 
 def test_microbatch_split_is_strided_and_inverted():
   x = np.arange(24).reshape(12, 2)
-  micro = train.split_microbatches(x, 3)
+  micro = step_lib.split_microbatches(x, 3)
   assert micro.shape == (3, 4, 2)
   np.testing.assert_array_equal(micro[1], x[1::3])  # microbatch m: the examples i ≡ m (mod k)
-  np.testing.assert_array_equal(train.merge_microbatches(micro), x)
+  np.testing.assert_array_equal(step_lib.merge_microbatches(micro), x)
   rows = np.arange(2 * 12 * 5).reshape(2, 12, 5)  # cotangent rows [R, B, D]: split along the batch axis
-  np.testing.assert_array_equal(train.split_microbatches(rows, 3, axis=1)[2], rows[:, 2::3])
-  np.testing.assert_array_equal(train.merge_microbatches(train.split_microbatches(rows, 3, axis=1), axis=1), rows)
+  np.testing.assert_array_equal(step_lib.split_microbatches(rows, 3, axis=1)[2], rows[:, 2::3])
+  np.testing.assert_array_equal(step_lib.merge_microbatches(step_lib.split_microbatches(rows, 3, axis=1), axis=1), rows)
 
 
 def test_config_errors(tfds_dir):
@@ -81,4 +82,4 @@ def test_config_errors(tfds_dir):
     config_lib.validate_config(config)
   config = _config(tfds_dir, 'mtl', 'ew', 3)
   with pytest.raises(ValueError, match=r'grad_accum_steps=3 with config\.batch_size=128 on 8 devices: expected a '):
-    train.build_experiment(config, _mesh(8))
+    experiment_lib.build_experiment(config, _mesh(8))

@@ -16,7 +16,8 @@ from mtlmatch import checkpoint as ckpt_lib
 from mtlmatch import config_lib
 from mtlmatch import losses
 from mtlmatch import objective as objective_lib
-from mtlmatch import train
+from mtlmatch import experiment as experiment_lib
+from mtlmatch import step as step_lib
 from mtlmatch.tasks import TaskSpec
 
 
@@ -100,12 +101,12 @@ def _simulated_batches(true_table, *, num_batches, batch_size=64, seed=0):
 
 
 def _learn(init, true_table, *, every=5, rate=0.5, reestimations=10):
-  """Runs ``train.update_relatedness`` (the train step's update, jitted) over simulated batches; returns the tables
+  """Runs ``step_lib.update_relatedness`` (the train step's update, jitted) over simulated batches; returns the tables
   after each re-estimation."""
   learned = objective_lib.LearnedTable('a->b', 'a', 'b', 'multilabel', np.asarray(init, np.float32), 'learned:test')
   objective = types.SimpleNamespace(learned_tables={'a->b': learned})
   update = jax.jit(
-      functools.partial(train.update_relatedness, objective=objective, every=every, rate=rate, smoothing=1.0)
+      functools.partial(step_lib.update_relatedness, objective=objective, every=every, rate=rate, smoothing=1.0)
   )
   tables = {'a->b': jnp.asarray(init, jnp.float32)}
   counts = {'a->b': {'joint': jnp.zeros(init.shape), 'marginal': jnp.zeros(init.shape[:1])}}
@@ -217,4 +218,4 @@ def test_config_errors_name_the_value(tfds_dir):
   ]:
     config = set_keys(config_lib.load_config(f'{REPO}/configs/affect.py:dm,smoke'), **{'data.data_dir': tfds_dir})
     with pytest.raises(ValueError, match=message):
-      train.build_experiment(set_keys(config, **overrides))
+      experiment_lib.build_experiment(set_keys(config, **overrides))

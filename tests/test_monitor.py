@@ -14,6 +14,8 @@ from mtlmatch import checkpoint as ckpt_lib
 from mtlmatch import config_lib
 from mtlmatch import monitor as monitor_lib
 from mtlmatch import train
+from mtlmatch import experiment as experiment_lib
+from mtlmatch import workdir as workdir_lib
 from mtlmatch.tasks import TaskSpec
 
 
@@ -144,7 +146,7 @@ def test_train_loop_learns_the_table_and_anneals_the_terms_feeding_a_task_below_
   assert not any("task 'aus'" in w for w in warnings)
   assert results['negative_transfer']['scales'] == {'dm': 1.0, 'coann': 0.125}
   # The state: the learned table (checkpointed at step 6 with the scales of the evaluation at step 4).
-  exp = train.build_experiment(config)
+  exp = experiment_lib.build_experiment(config)
   state, meta = ckpt_lib.Checkpointer(str(tmp_path)).restore_latest(ckpt_lib.abstract_like(exp.init_state()))
   state = jax.device_get(state)
   assert set(state.relatedness) == {'expression->aus'} and float(state.term_scales['coann']) == 0.25
@@ -154,7 +156,7 @@ def test_train_loop_learns_the_table_and_anneals_the_terms_feeding_a_task_below_
   prior = exp.objective.learned_tables['expression->aus'].init
   assert np.abs(table - prior).max() > 0.01  # re-estimated 3 times
   assert not np.any(np.asarray(state.relatedness_counts['expression->aus']['marginal']))  # step 6 re-estimated
-  written = json.loads((tmp_path / train.LEARNED_RELATEDNESS_FILE).read_text())
+  written = json.loads((tmp_path / workdir_lib.LEARNED_RELATEDNESS_FILE).read_text())
   assert written['step'] == 6 and [h['step'] for h in written['history']] == [0, 2, 4, 6]
   np.testing.assert_allclose(written['tables']['expression->aus'], table, rtol=1e-6)
   np.testing.assert_allclose(written['history'][0]['tables']['expression->aus'], prior, rtol=1e-6)

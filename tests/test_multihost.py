@@ -15,7 +15,7 @@ import numpy as np
 from conftest import REPO
 from mtlmatch import checkpoint as ckpt_lib
 from mtlmatch import priors
-from mtlmatch import train
+from mtlmatch import experiment as experiment_lib
 from mtlmatch.data import faces
 from mtlmatch.data import prepare as prepare_lib
 from test_files import face_config, face_manifests
@@ -70,7 +70,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
   # Reference: one process, 8 devices, fed the one-process stream (the hosts' halves of each global batch must be
   # exactly its two halves, for the result to match).
   mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
-  exp = train.build_experiment(config, mesh)
+  exp = experiment_lib.build_experiment(config, mesh)
   state = exp.init_state()
   batches = exp.train_batches(0)  # one process: the whole global batch from this process's iterator
   for _ in range(config.total_steps):

@@ -16,6 +16,7 @@ from mtlmatch import checkpoint as ckpt_lib
 from mtlmatch import config_lib
 from mtlmatch import losses
 from mtlmatch import train
+from mtlmatch import experiment as experiment_lib
 
 
 def smoke_config(name, variant, tfds_dir, idx_dir=None, **overrides):
@@ -27,7 +28,7 @@ def smoke_config(name, variant, tfds_dir, idx_dir=None, **overrides):
 
 
 def final_params(config, workdir):
-  exp = train.build_experiment(config)
+  exp = experiment_lib.build_experiment(config)
   restored = ckpt_lib.Checkpointer(workdir).restore_latest(ckpt_lib.abstract_like(exp.init_state()))
   assert restored is not None
   return jax.device_get(restored[0])
@@ -59,7 +60,7 @@ def test_smoke_run_of_each_config(name, tfds_dir, fashion_idx_dir, tmp_path):
 
 
 def _run_steps(config, mesh, num_steps):
-  exp = train.build_experiment(config, mesh)
+  exp = experiment_lib.build_experiment(config, mesh)
   state = exp.init_state()
   batches = exp.train_batches(0)
   for _ in range(num_steps):

@@ -30,7 +30,8 @@ import pytest
 from conftest import REPO, compile_fast as _compile
 from mtlmatch import config_lib
 from mtlmatch import data
-from mtlmatch import train
+from mtlmatch import experiment as experiment_lib
+from mtlmatch import step as step_lib
 from mtlmatch import weighting
 
 NUM_STEPS = 2
@@ -92,7 +93,7 @@ def _shared(tfds_dir: str):
 def _initial_state(objective: str, tfds_dir: str):
   """Host copy of the initial train state of an objective (the same for every method but its weighting_state)."""
   benchmark = _shared(tfds_dir)[0]
-  exp = train.build_experiment(_config(objective, 'ew', tfds_dir), _mesh(1), benchmark=benchmark)
+  exp = experiment_lib.build_experiment(_config(objective, 'ew', tfds_dir), _mesh(1), benchmark=benchmark)
   # jit around init_state's own jit: the same program, compiled with the fast options.
   return jax.device_get(_compile(jax.jit(exp.init_state).lower())())
 
@@ -104,11 +105,11 @@ def _run(method: str, tfds_dir: str) -> dict:
   benchmark, batches, no_aus = _shared(tfds_dir)
   results = {}
   for n in (1, 8):
-    exp = train.build_experiment(_config(objective, method, tfds_dir), _mesh(n), benchmark=benchmark)
-    combined, _ = train.loss_names(exp.objective, exp.config)
+    exp = experiment_lib.build_experiment(_config(objective, method, tfds_dir), _mesh(n), benchmark=benchmark)
+    combined, _ = experiment_lib.loss_names(exp.objective, exp.config)
     assert combined == COMBINED[objective]
     initial = _initial_state(objective, tfds_dir)
-    state = initial.replace(weighting_state=train.weighting_init(exp.method, len(combined), initial.params))
+    state = initial.replace(weighting_state=step_lib.weighting_init(exp.method, len(combined), initial.params))
     # Fresh host copies: leaves that share one buffer (e.g. equal constants in a method's init) cannot be donated.
     state = jax.device_put(jax.tree.map(np.array, state), exp.replicated)
     step = _compile(exp.step_fn.lower(state, batches[0]))
@@ -207,10 +208,10 @@ def test_first_step_gradient_matches_an_independent_jacobian(method, tfds_dir):
   added on top, and the head gradients: each loss's summed, or for GradNorm weighted by its weights."""
   objective = OBJECTIVE[method]
   benchmark, batches, _ = _shared(tfds_dir)
-  exp = train.build_experiment(_config(objective, method, tfds_dir), _mesh(1), benchmark=benchmark)
+  exp = experiment_lib.build_experiment(_config(objective, method, tfds_dir), _mesh(1), benchmark=benchmark)
   state = _initial_state(objective, tfds_dir)
   combined = COMBINED[objective]
-  init = train.weighting_init(exp.method, len(combined), state.params)
+  init = step_lib.weighting_init(exp.method, len(combined), state.params)
   if method == 'gradnorm':  # unequal weights, so that weighting the heads' gradients is visible in grad_norm
     init = {**init, 'weights': jnp.array([0.5, 2.0, 0.5], jnp.float32)}
 

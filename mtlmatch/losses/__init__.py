@@ -20,6 +20,7 @@ sums, probabilities) run only on concrete arrays, not on tracers inside ``jit``/
 
 from __future__ import annotations
 
+from mtlmatch.losses._checks import MISSING
 from mtlmatch.losses.classification import masked_mean, sigmoid_xent, softmax_xent
 from mtlmatch.losses.dgr import dummy_gradient_norm, init_dummy_params
 from mtlmatch.losses.matching import co_annotation, distribution_matching
@@ -36,6 +37,7 @@ from mtlmatch.losses.relatedness import (
 
 __all__ = [
     'BAYES_EPS',
+    'MISSING',
     'PROTOTYPE_TAU',
     'co_annotation',
     'distribution_matching',

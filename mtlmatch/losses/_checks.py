@@ -17,7 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtlmatch.tasks import MISSING, check_kind
+# The label value of a missing annotation (docs/maths.md §1); mtlmatch.tasks re-exports it.
+MISSING = -1
+# The task kinds the classification losses (and distribution matching's B task) are defined for.
+CLASSIFICATION_KINDS = ('multiclass', 'multilabel')
 
 # Rows of a multiclass-B relatedness table (and of probability vectors) must sum to 1 within this tolerance.
 ROW_SUM_TOL = 1e-4
@@ -30,7 +33,9 @@ def check_choice(value, choices: Sequence[str], arg: str) -> str:
 
 
 def check_b_kind(b_kind) -> str:
-  return check_kind(b_kind, arg='b_kind')
+  if b_kind not in CLASSIFICATION_KINDS:
+    raise ValueError(f'b_kind: got {b_kind!r}, expected one of {CLASSIFICATION_KINDS}')
+  return b_kind
 
 
 def concrete(x) -> Optional[np.ndarray]:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mtlmatch.losses import _checks
-from mtlmatch.tasks import MISSING
+from mtlmatch.losses._checks import MISSING
 
 
 def softmax_xent(logits, labels) -> tuple[jax.Array, jax.Array]:

@@ -35,7 +35,7 @@ import numpy as np
 
 from mtlmatch.losses import _checks
 from mtlmatch.losses import relatedness as rel
-from mtlmatch.tasks import MISSING
+from mtlmatch.losses._checks import MISSING
 
 DIRECTIONS = ('a_to_b', 'b_to_a', 'both')
 DIVERGENCES = ('xent', 'kl')

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtlmatch.losses import _checks
-from mtlmatch.tasks import MISSING
+from mtlmatch.losses._checks import MISSING
 
 # ε of the `bayes` rule: R̃ = clip(R, ε, 1 − ε). It keeps log R̃ and log(1 − R̃) finite (|log ε| ≈ 9.2) where an
 # expert table says "never" or "always", so one contradicting label lowers a class's odds by a factor 1e4 instead of

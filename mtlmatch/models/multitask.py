@@ -32,14 +32,15 @@ import jax
 
 from mtlmatch.models.encoders import build_encoder
 from mtlmatch.models.heads import build_head
-from mtlmatch.tasks import TaskSpec
+from mtlmatch.tasks import TaskSpec, kind_of
 
 Variables = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
 class MultiTaskModel:
-  """Shared ``encoder`` (images[B,H,W,C] → features[B,D]) and ``heads[task]`` (features → logits[B,C_task])."""
+  """Shared ``encoder`` (images[B,H,W,C] → features: one [B, D] array, or any pytree of [B, ...] arrays) and
+  ``heads[task]`` (features → outputs[B, C_task]; a head reads what it needs of the features)."""
 
   encoder: nn.Module
   heads: Mapping[str, nn.Module]
@@ -132,7 +133,8 @@ def build_model(
     head_kwargs: Optional[Mapping] = None,
 ) -> MultiTaskModel:
   """A ``MultiTaskModel`` with encoder ``ENCODERS[encoder](**encoder_kwargs)`` and, for each task, the head
-  ``HEADS[head](task.num_classes, **head_kwargs)``; heads keep the order of ``tasks``."""
+  ``HEADS[head](outputs, **head_kwargs)`` with its kind's number of outputs (``TaskKind.head_outputs``: C for the
+  classification kinds); heads keep the order of ``tasks``."""
   if (
       not isinstance(tasks, Mapping)
       or not tasks
@@ -140,5 +142,8 @@ def build_model(
   ):
     raise ValueError(f'tasks: got {tasks!r}, expected a non-empty dict of name -> TaskSpec with that name')
   enc = build_encoder(encoder, **dict(encoder_kwargs or {}))
-  heads = {name: build_head(head, spec.num_classes, **dict(head_kwargs or {})) for name, spec in tasks.items()}
+  heads = {
+      name: build_head(head, kind_of(spec).head_outputs(spec.num_classes), **dict(head_kwargs or {}))
+      for name, spec in tasks.items()
+  }
   return MultiTaskModel(enc, heads)

@@ -39,12 +39,14 @@ def resolve_jacobian(how: str = 'auto', *, backend: str | None = None) -> str:
 
 
 def pullback_rows(vjp_fn: Callable[..., Any], cotangents: jax.Array, how: str = 'auto') -> Any:
-  """``vjp_fn`` applied to each row of ``cotangents`` [R, ...], stacked: the output structure of ``vjp_fn`` with a
-  leading axis R on every leaf (with unit cotangents, the rows of the Jacobian). ``how``: see `resolve_jacobian`;
-  'vmap' is ``jax.vmap(vjp_fn)(cotangents)``, 'rows' R calls of ``vjp_fn`` (they share the one forward pass)."""
+  """``vjp_fn`` applied to each row of ``cotangents`` (an array [R, ...] or a pytree of them, every leaf with the
+  leading axis R), stacked: the output structure of ``vjp_fn`` with a leading axis R on every leaf (with unit
+  cotangents, the rows of the Jacobian). ``how``: see `resolve_jacobian`; 'vmap' is ``jax.vmap(vjp_fn)(cotangents)``,
+  'rows' R calls of ``vjp_fn`` (they share the one forward pass)."""
   if resolve_jacobian(how) == 'vmap':
     return jax.vmap(vjp_fn)(cotangents)
-  rows = [vjp_fn(cotangents[r]) for r in range(cotangents.shape[0])]
+  num_rows = jax.tree.leaves(cotangents)[0].shape[0]
+  rows = [vjp_fn(jax.tree.map(lambda c, r=r: c[r], cotangents)) for r in range(num_rows)]
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *rows)
 
 

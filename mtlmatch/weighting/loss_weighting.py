@@ -545,8 +545,8 @@ class AutoLambda(WeightingMethod):
 
   Split of the work: `apply` only reads λ (``weights`` = λ, 0 for absent tasks: L_t = 0, no labelled example in the
   batch), so the method also runs as a plain loss weighting with fixed λ when nobody calls `meta_update`;
-  `meta_update(state, meta_grad)` is the Adam step. The train step (``mtlmatch/train.py``, for
-  ``needs == 'meta'``) computes meta_grad from a validation batch and calls `meta_update`, then `apply`.
+  `meta_update(state, meta_grad)` is the Adam step, `meta_step` the whole meta step (look-ahead, validation loss,
+  meta-gradient, Adam) that the train step (``mtlmatch/step.py``'s meta path) calls before `apply`.
   An absent task's meta-gradient is exactly 0 (zero gradient row); Adam still moves its λ by the decaying moment,
   as PyTorch's Adam would. State also holds the Adam moments ``adam_mu`` / ``adam_nu`` [T] and ``adam_count``.
 
@@ -613,3 +613,25 @@ class AutoLambda(WeightingMethod):
     c = count.astype(jnp.float32)
     step = state['hparams']['lr'] * (mu / (1 - _ADAM_B1**c)) / (jnp.sqrt(nu / (1 - _ADAM_B2**c)) + _ADAM_EPS)
     return {**state, 'lambdas': state['lambdas'] - step, 'adam_mu': mu, 'adam_nu': nu, 'adam_count': count}
+
+  def meta_step(self, state, weighted_grad, params, val_loss, schedule_lr):
+    """The meta step: ``(new state, {'meta/val_loss', 'meta/lookahead_lr', 'meta/grad': ∂L_val/∂λ [T]})``. Jittable.
+
+    ``weighted_grad(λ) -> g(λ) = Σ_t λ_t ∇L_t(θ)`` (a params tree, linear in λ: the train step's VJP of the
+    training loss rows at θ = ``params``); the look-ahead θ' = θ − α g(λ) with α = :meth:`lookahead_lr`;
+    ``val_loss(θ') -> L_val`` and v = ∇L_val(θ'); then ∂L_val/∂λ = −α J v, with J v = [⟨∇L_t(θ), v⟩]_t the transpose
+    of the linear map λ ↦ g(λ) applied to v — a forward-mode product through the residuals of the training forward
+    pass (no second forward pass; ``jax.jvp`` itself cannot differentiate the CPU convolution's ``custom_vjp``).
+    Exact: no finite differences, no Hessian. Then :meth:`meta_update` (Adam on λ).
+    """
+    lambdas = state['lambdas']
+    alpha = self.lookahead_lr(state, schedule_lr)
+    lookahead = jax.tree.map(lambda p, g: p - alpha * g, params, weighted_grad(lambdas))
+    loss, v = jax.value_and_grad(val_loss)(lookahead)
+    (jv,) = jax.linear_transpose(weighted_grad, lambdas)(v)
+    meta_grad = -alpha * jv
+    return self.meta_update(state, meta_grad), {
+        'meta/val_loss': loss,
+        'meta/lookahead_lr': alpha,
+        'meta/grad': meta_grad,
+    }
