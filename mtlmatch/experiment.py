@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Optional
 
 import jax
@@ -27,6 +28,7 @@ from mtlmatch import monitor as monitor_lib
 from mtlmatch import objective as objective_lib
 from mtlmatch import priors
 from mtlmatch import step as step_lib
+from mtlmatch import warm_start
 from mtlmatch import weighting
 from mtlmatch.tasks import kind_of
 
@@ -389,6 +391,9 @@ def build_experiment(
   """
   config_lib.validate_config(config)
   config = config_lib.resolved(config)  # every field of the chosen encoder and weighting method
+  if config.init_from:  # resolved once, here: orbax needs an absolute path, and a bad one fails before any write
+    config.init_from = os.path.abspath(config.init_from)
+    warm_start.resolve(config.init_from)
   mesh = mesh or make_mesh()
   check_batch_sizes(config, mesh)
   benchmark = build_sources(config, benchmark)

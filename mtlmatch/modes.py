@@ -1,8 +1,10 @@
 """The CLI's other modes on a trained workdir: ``--mode=eval`` and ``--mode=predict`` (training: ``train.py``).
 
 * :func:`evaluate_checkpoint` evaluates the workdir's newest checkpoint on every eval source and writes
-  ``results.json`` afresh; it never trains. The config must match the one the checkpoint was trained with (the
-  resume rule, ``checkpoint.SAFE_TO_CHANGE``), the data may differ: evaluating on a new test set is the point.
+  ``eval/<step>-<time>.json`` (never ``results.json``, which is training's); it never trains. The model and its
+  training must be the ones the checkpoint was trained with (the config, as the resume rule
+  ``checkpoint.SAFE_TO_CHANGE`` says, and the training data, by their fingerprints); the evaluation data may differ:
+  evaluating on a new test set is the point. Without ``--config`` the workdir's ``config.json`` is used.
 * :func:`predict` writes ``predictions/<source>.npz`` per source: ``positions`` (each example's position in the
   source's read order), ``<task>`` (probabilities ``[N, C]``: softmax for multiclass, sigmoid for multilabel) and
   ``labels/<task>`` (``-1`` = missing), for any training, eval or auxiliary source.
@@ -27,33 +29,70 @@ from mtlmatch import data as data_lib
 from mtlmatch import evaluators
 from mtlmatch import experiment as experiment_lib
 from mtlmatch import workdir as workdir_lib
+from mtlmatch.data import fingerprint as fingerprint_lib
 from mtlmatch.tasks import kind_of
 
 
+def saved_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a trained workdir was run with (its ``config.json``), for ``--mode=eval|predict`` without
+  ``--config`` (JSON lists become tuples, as the config files write them)."""
+  if not workdir_lib.exists(workdir, workdir_lib.CONFIG_FILE):
+    raise ValueError(
+        f'workdir {workdir!r}: got no {workdir_lib.CONFIG_FILE}, expected the workdir of a trained run '
+        '(--mode=train first), or pass --config'
+    )
+  as_tuples = lambda v: (  # noqa: E731
+      tuple(as_tuples(x) for x in v)
+      if isinstance(v, list)
+      else {k: as_tuples(x) for k, x in v.items()}
+      if isinstance(v, dict)
+      else v
+  )
+  return ml_collections.ConfigDict(as_tuples(workdir_lib.read_json(workdir, workdir_lib.CONFIG_FILE)))
+
+
+# The config keys evaluation may change besides the resume rule's (checkpoint.SAFE_TO_CHANGE): where the data come
+# from. That the *training* data are the same is checked on the data themselves (the fingerprints of the training and
+# validation sources); the evaluation and auxiliary sources may be new — evaluating on a new test set is the point.
+EVAL_MAY_CHANGE = ('data',)
+TRAINING_GROUPS = ('train/', 'validation/')
+
+
 def _restore(exp: experiment_lib.Experiment, workdir: str):
-  """The newest restorable train state of ``workdir`` under ``exp``'s config; a ValueError if there is none."""
+  """The newest restorable train state of ``workdir`` under ``exp``'s model; a ValueError if there is none, if the
+  model or its training differ (config keys outside the resume rule's and :data:`EVAL_MAY_CHANGE`) or if the
+  training data differ (their fingerprints)."""
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise ValueError(
-        f'workdir {workdir!r}: got no checkpoints/, expected the workdir of a trained run ' '(--mode=train first)'
+        f'workdir {workdir!r}: got no checkpoints/, expected the workdir of a trained run (--mode=train first)'
     )
+  current = _without(json.loads(config_lib.to_json(exp.config)), EVAL_MAY_CHANGE)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=exp.config.keep_checkpoints)
   try:
-    current = json.loads(config_lib.to_json(exp.config))
     restored = checkpointer.restore_latest(
         ckpt_lib.abstract_like(exp.init_state()),
-        check_meta=lambda meta: ckpt_lib.check_config_drift(meta['config'], current),
+        check_meta=lambda meta: ckpt_lib.check_config_drift(_without(meta['config'], EVAL_MAY_CHANGE), current),
     )
   finally:
     checkpointer.close()
   if restored is None:
     raise ValueError(f'workdir {workdir!r}: got no restorable checkpoint, expected the workdir of a trained run')
-  return restored[0]
+  state, meta = restored
+  training = lambda fp: {k: v for k, v in fp.items() if k.startswith(TRAINING_GROUPS)}  # noqa: E731
+  current_fp = fingerprint_lib.benchmark_fingerprint(exp.benchmark)
+  fingerprint_lib.check(training(meta['data']), training(current_fp), where=f'the checkpoint in {workdir!r}')
+  return state
+
+
+def _without(config: dict, keys) -> dict:
+  return {k: v for k, v in config.items() if k not in keys}
 
 
 def evaluate_checkpoint(
     config: ml_collections.ConfigDict, workdir: str, *, benchmark: Optional[data_lib.Benchmark] = None
 ) -> dict:
-  """Metrics of the newest checkpoint on every eval source, written to ``results.json`` (replacing it)."""
+  """Metrics of the newest checkpoint on every eval source, written to ``<workdir>/eval/<step>-<time>.json``: its
+  own file, next to training's ``results.json``, which it never touches. Returns the results with their ``path``."""
   t_start = time.time()
   exp = experiment_lib.build_experiment(config, benchmark=benchmark)
   warning = experiment_lib.warn_if_no_eval(exp.benchmark)
@@ -61,10 +100,30 @@ def evaluate_checkpoint(
     logging.warning(warning)
   state = _restore(exp, workdir)
   evaluation = evaluators.classification_metrics(exp.view, state, 'test')
-  results = {'step': int(state.step), 'wall_time_s': time.time() - t_start, **evaluation}
+  step = int(state.step)
+  results = {
+      'step': step,
+      'wall_time_s': time.time() - t_start,
+      'sources': [s.name for s in exp.benchmark.eval_sources],
+      **evaluation,
+  }
+  path = os.path.join(workdir, EVAL_DIR, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}.json')
   if jax.process_index() == 0:
-    workdir_lib.write_results(workdir, results)
-  return results
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    path = _unused(path)
+    workdir_lib.write_atomically(path, json.dumps(results, indent=1, default=workdir_lib.jsonable))
+  return {**results, 'path': path}
+
+
+EVAL_DIR = 'eval'
+
+
+def _unused(path: str) -> str:
+  """``path``, or ``<stem>-<n>.json`` with the first n that is not taken (two evaluations in one second)."""
+  stem, n = path[: -len('.json')], 1
+  while os.path.exists(path):
+    path, n = f'{stem}-{n}.json', n + 1
+  return path
 
 
 def _probabilities(params, batch_stats, batch, *, model, tasks):

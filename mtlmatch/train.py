@@ -6,8 +6,8 @@ anything is written) → the state, fresh or restored from the workdir's newest 
 (``mtlmatch/evaluators.py``), the negative-transfer monitor's decisions, logs, checkpoints → every evaluator at the
 last step → ``results.json`` (``mtlmatch/workdir.py``).
 
-Preemption: SIGTERM (what a preempted cloud VM receives) makes the loop checkpoint after the current step and return;
-the next call resumes exactly where it stopped (batch t is a pure function of (seed, t)).
+Preemption: SIGTERM (what a preempted cloud VM receives) or a first Ctrl-C (SIGINT) makes the loop checkpoint after the
+current step and return; the next call resumes exactly where it stopped (batch t is a pure function of (seed, t)).
 """
 
 from __future__ import annotations
@@ -40,26 +40,37 @@ from mtlmatch.data import fingerprint as fingerprint_lib
 
 
 class Preemption:
-  """Turns SIGTERM (what a preempted cloud VM receives) into a flag the loop checks after each step."""
+  """Turns SIGTERM (what a preempted cloud VM receives) and a first Ctrl-C (SIGINT) into a flag the loop checks after
+  each step: it checkpoints and returns, and the run resumes from there. A second Ctrl-C stops at once
+  (``KeyboardInterrupt``; the work since the last checkpoint is lost). ``signal_name``: which one was received."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signal_name: Optional[str] = None
+    self._previous = {}
+
+  @property
+  def requested(self) -> bool:
+    return self.signal_name is not None
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
-    except ValueError:  # not in the main thread (e.g. a notebook worker): no preemption handling
-      self._previous = None
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[signum] = signal.signal(signum, self._handler)
+      except ValueError:  # not in the main thread (e.g. a notebook worker): no preemption handling
+        pass
     return self
 
   def _handler(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if signum == signal.SIGINT and self.signal_name == 'SIGINT':
+      raise KeyboardInterrupt  # the second Ctrl-C: stop now
+    self.signal_name = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      logging.warning('Ctrl-C: checkpointing after this step and stopping (press Ctrl-C again to stop at once).')
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 def health_error(step: int, metrics: Mapping[str, Any], last_checkpoint: Optional[int] = None) -> str:
@@ -357,6 +368,7 @@ def train_and_evaluate(
   :func:`experiment.build_experiment`.
   """
   t_start = time.time()
+  workdir = os.path.abspath(workdir)
   progress_lib.quiet_libraries()
   # 1. Sources, relatedness, model, objective, compiled steps (all validation happens here, before any write).
   exp = experiment_lib.build_experiment(config, benchmark=benchmark)
@@ -373,13 +385,10 @@ def train_and_evaluate(
     step, interrupted = train_loop(run, start_step, preemption, stop_at=stop_at)
   run.checkpointer.close()  # the last write is committed before the log says so and the process may exit
   if interrupted:
-    logging.warning(
-        '%s: checkpoint saved at step %d; stopping so the run can resume.',
-        'SIGTERM received' if preemption.requested else f'stop_at={stop_at}',
-        step,
-    )
+    reason = f'{preemption.signal_name} received' if preemption.requested else f'stop_at={stop_at}'
+    logging.warning('%s: checkpoint saved at step %d; stopping so the run can resume.', reason, step)
     run.writer.flush()
-    return {'step': step, 'interrupted': True}
+    return {'step': step, 'interrupted': True, 'signal': preemption.signal_name}
   # 4. Every evaluator at the last step; results.json gathers their parts (test metrics at the last and at the
   # best-validation step, ...). A finished run called again returns its results.json.
   if step > start_step or not workdir_lib.exists(workdir, workdir_lib.RESULTS_FILE):

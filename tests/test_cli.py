@@ -172,10 +172,11 @@ def test_train_eval_predict_from_the_cli(tmp_path, tfds_dir):
   trained = json.loads((workdir / 'results.json').read_text())
   steps = sorted(os.listdir(workdir / 'checkpoints'))
 
-  (workdir / 'results.json').unlink()
   code, out, err = cli(*common, '--mode=eval')
   assert code == 0, err[-3000:]
-  evaluated = json.loads((workdir / 'results.json').read_text())
+  (written,) = (workdir / 'eval').iterdir()  # its own file: training's results.json stays as it was
+  assert f'written to {written}' in out and json.loads((workdir / 'results.json').read_text()) == trained
+  evaluated = json.loads(written.read_text())
   assert evaluated['step'] == 2 and evaluated['metrics'] == trained['metrics']
   assert sorted(os.listdir(workdir / 'checkpoints')) == steps  # nothing trained, nothing saved
 
