@@ -13,7 +13,7 @@ may also be ``{task: values}`` for codes that mean "no label" for one task only 
                  image_size=(112, 112), missing={'expression': ('', 8, 9, 10)})
 
 Only the paths and labels are held in memory; the pipeline reads, decodes (JPEG, PNG, BMP, GIF) and resizes each
-image to ``image_size`` in its parallel map when a batch needs it (:class:`~mtlmatch.data.sources.LazyImages`).
+image to ``image_size`` in its parallel map when a batch needs it (:class:`~mtlmatch.data.readers.LazyImages`).
 
 Checks at construction, each one ``ValueError`` naming the manifest, the row (counted from 1 after the header) and
 the file: an empty manifest, a missing column, a non-numeric or non-integer label, a missing image file. Labels out
@@ -37,7 +37,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import tensorflow as tf
 
-from mtlmatch.data.sources import Examples, LazyImages, Source, decode_image, host_slice
+from mtlmatch.data.readers import Examples, LazyImages, decode_image, host_slice
+from mtlmatch.data.sources import Source
 from mtlmatch.tasks import MISSING
 
 DEFAULT_MISSING = ('', 'NA', -1, 999)

@@ -18,7 +18,8 @@ from typing import Mapping, Optional
 import jax
 import numpy as np
 
-from mtlmatch.data.sources import Benchmark, LazyImages, Source, decode_rows, load_examples
+from mtlmatch.data.readers import LazyImages, decode_rows
+from mtlmatch.data.sources import Benchmark, Source, load_examples
 
 IMAGE_SAMPLE = 256
 _MASK = (1 << 64) - 1
