@@ -210,3 +210,27 @@ def test_library_info_lines_are_dropped_in_a_checkout_named_mtlmatch(tmp_path, t
   files = [m.group(1) for m in re.finditer(r'^I\d{4} [\d:. ]+ \d+ (\S+\.py):\d+\]', err, re.M)]
   assert 'step 2/2' in err and 'main.py' in files, err[-3000:]  # our own INFO lines are kept
   assert [f for f in files if f not in ours] == [], err[-3000:]  # no orbax / TFDS INFO line
+
+
+def test_a_relatedness_table_file_or_literal_from_the_command_line(tmp_path, tfds_dir):
+  """``--config.objective.terms.dm.relatedness=`` takes a .json/.csv file (relative to the current directory) or the
+  JSON text of a nested list; the run records what was given and the table it read."""
+  table = np.random.default_rng(0).uniform(size=(7, 17)).round(3)
+  (tmp_path / 'tables').mkdir()
+  (tmp_path / 'tables' / 'r.csv').write_text('\n'.join(','.join(map(str, row)) for row in table.tolist()) + '\n')
+  common = [f'--config={REPO}/configs/affect.py:dm,smoke', f'--config.data.data_dir={tfds_dir}']
+  env = {'PYTHONPATH': str(REPO)}  # run from tmp_path, so that the relative path is read from there
+  option = '--config.objective.terms.dm.relatedness='
+  code, out, err = cli(
+      *common, '--workdir=run', '--config.total_steps=1', option + 'tables/r.csv', cwd=tmp_path, env=env
+  )
+  assert code == 0, err[-3000:]
+  assert json.loads((tmp_path / 'run' / 'config.json').read_text())['objective']['terms']['dm']['relatedness'] == (
+      'tables/r.csv'
+  )
+  recorded = json.loads((tmp_path / 'run' / 'relatedness.json').read_text())
+  np.testing.assert_allclose(recorded['expression->aus (tables/r.csv)'], table, rtol=1e-6)
+  # The literal is read too (and checked: this one has the wrong shape), before anything is written.
+  code, out, err = cli(*common, '--workdir=run2', option + '[[0.5,0.5],[0.5,0.5]]', cwd=tmp_path, env=env)
+  assert code != 0 and 'relatedness (JSON text): got shape (2, 2), expected (7, 17)' in err, err[-3000:]
+  assert not (tmp_path / 'run2').exists()
