@@ -189,8 +189,8 @@ def make_relatedness_resolver(benchmark: data_lib.Benchmark, log: dict):
       table = prior_table(spec, ta, tb)
     elif isinstance(spec, str) and spec.startswith('estimate:'):
       table = estimated_table(spec, benchmark, ta, tb)
-    elif isinstance(spec, (list, tuple, np.ndarray)):
-      table = np.asarray(spec, np.float32)
+    elif isinstance(spec, (list, tuple, np.ndarray, str)):  # a nested list, its JSON text or a .json/.csv file
+      table = priors.relatedness_table(spec, shape=(ta.num_classes, tb.num_classes))
     else:
       raise ValueError(
           f"relatedness: got {spec!r}, expected 'prior:<name>' (one of "

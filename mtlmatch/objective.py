@@ -12,8 +12,9 @@ An objective is the per-task losses plus any number of named regularizer *terms*
     }
 
 ``relatedness`` is ``'prior:<name>'`` (a table shipped in :mod:`mtlmatch.priors`), ``'estimate:<source>'``
-(estimated once, before training, from a co-annotated source with :func:`mtlmatch.losses.estimate_relatedness`), or a
-literal nested list ``[C_A][C_B]``; the train loop supplies the resolver, so this module knows no data.
+(estimated once, before training, from a co-annotated source with :func:`mtlmatch.losses.estimate_relatedness`), a
+literal nested list ``[C_A][C_B]`` (or its JSON text, as a command line gives it) or a ``.json`` / ``.csv`` file of
+one (:func:`mtlmatch.priors.relatedness_table`); the train loop supplies the resolver, so this module knows no data.
 ``'learned:<init>'`` (init ``prior:<name>``, ``estimate:<source>`` or ``uniform``) makes the table a
 :class:`LearnedTable`: the train state holds it, keyed by the pair ``'<a>-><b>'`` (DM and co-annotation on one pair
 share it), the train step re-estimates it from the model's predictions (docs/maths.md §8) and passes it in
@@ -184,7 +185,7 @@ def _prepare_pair(name: str, options: dict, env: Env) -> dict:
   if 'relatedness' not in options:
     raise ValueError(
         f"objective term {name!r}: missing option 'relatedness' (expected 'prior:<name>', "
-        "'estimate:<source>', 'learned:<init>' or a nested list [C_A][C_B])"
+        "'estimate:<source>', 'learned:<init>', a nested list [C_A][C_B] or a .json/.csv file of one)"
     )
   task_a, task_b = env.tasks[options['task_a']], env.tasks[options['task_b']]
   table = env.resolve_relatedness(options['relatedness'], task_a.name, task_b.name)

@@ -9,16 +9,49 @@ and the ETA). :func:`quiet_libraries` drops the INFO lines of orbax, TFDS and JA
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 import sys
+from typing import Optional, Sequence
+
+# The packages whose INFO lines a run shows (the progress line, metrics); every other library's INFO is dropped.
+KEPT_PACKAGES = ('mtlmatch', 'clu')
+
+
+def _package_dirs(names: Sequence[str]) -> tuple[str, ...]:
+  """The real directories of the packages ``names`` (each ending in a separator), without importing them."""
+  dirs = []
+  for name in names:
+    spec = importlib.util.find_spec(name)
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+      dirs.append(os.path.join(os.path.realpath(location), ''))
+  return tuple(dirs)
 
 
 class QuietLibraries(logging.Filter):
   """Keeps INFO lines from mtlmatch and clu (the progress line, metrics) and drops the libraries' INFO chatter
-  (orbax, TFDS, JAX); warnings and errors from everyone pass."""
+  (orbax, TFDS, JAX); warnings and errors from everyone pass.
+
+  absl names every record's logger ``absl``, so a record is told apart by the module that logged it: the file it
+  comes from must lie in one of the :data:`KEPT_PACKAGES`' own directories (where Python imported them from). A
+  folder of the same name above the libraries (a clone named ``mtlmatch`` holding its ``.venv``) does not count."""
+
+  def __init__(self, packages: Sequence[str] = KEPT_PACKAGES):
+    super().__init__()
+    self._packages = tuple(packages)
+    self._dirs: Optional[tuple[str, ...]] = None
+    self._kept: dict[str, bool] = {}  # record.pathname -> whether it is a file of a kept package
 
   def filter(self, record) -> bool:
-    return record.levelno > logging.INFO or any(f'/{p}/' in record.pathname for p in ('mtlmatch', 'clu'))
+    if record.levelno > logging.INFO:
+      return True
+    kept = self._kept.get(record.pathname)
+    if kept is None:
+      if self._dirs is None:
+        self._dirs = _package_dirs(self._packages)
+      kept = self._kept[record.pathname] = os.path.realpath(record.pathname).startswith(self._dirs)
+    return kept
 
 
 def quiet_libraries() -> None:

@@ -2,8 +2,10 @@
 dotted key, one line for a misspelt key, ``--help`` and README listing every switch, and the CLI's modes run for
 real in subprocesses (smoke configs, a few steps)."""
 
+import importlib.util
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -17,12 +19,12 @@ from mtlmatch import config_lib, models, weighting
 CONFIGS = ('affect', 'shopping', 'multi_fashion')
 
 
-def cli(*args, env=None, timeout=600):
-  """``python -m mtlmatch.main ARGS`` on one CPU device; (exit code, stdout, stderr)."""
+def cli(*args, env=None, timeout=600, cwd=REPO, python=sys.executable):
+  """``python -m mtlmatch.main ARGS`` on one CPU device, run in ``cwd``; (exit code, stdout, stderr)."""
   full_env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu', **(env or {})}
   done = subprocess.run(
-      [sys.executable, '-m', 'mtlmatch.main', *args],
-      cwd=REPO,
+      [os.fspath(python), '-m', 'mtlmatch.main', *args],
+      cwd=cwd,
       env=full_env,
       capture_output=True,
       text=True,
@@ -186,3 +188,51 @@ def test_train_eval_predict_from_the_cli(tmp_path, tfds_dir):
   np.testing.assert_array_equal(pred['positions'], np.arange(96))
   assert pred['expression'].shape == (96, 7) and pred['aus'].shape == (96, 17)
   assert set(np.unique(pred['labels/aus'])) <= {-1, 0, 1}
+
+
+def test_library_info_lines_are_dropped_in_a_checkout_named_mtlmatch(tmp_path, tfds_dir):
+  """The INFO filter keys on the module that logged, not on '/mtlmatch/' in its path: from a clone named
+  ``mtlmatch`` whose ``.venv`` sits inside it, orbax's and TFDS's INFO lines are still dropped."""
+  if sys.prefix == sys.base_prefix:
+    pytest.skip('needs a virtual environment (linked into the fake checkout, so its libraries are under it)')
+  checkout = tmp_path / 'mtlmatch'
+  checkout.mkdir()
+  for name in ('mtlmatch', 'configs'):
+    (checkout / name).symlink_to(REPO / name)
+  (checkout / '.venv').symlink_to(sys.prefix)
+  python = checkout / '.venv' / 'bin' / os.path.basename(sys.executable)
+  prefix = subprocess.run([python, '-c', 'import sys; print(sys.prefix)'], capture_output=True, text=True).stdout
+  assert prefix.strip() == str(checkout / '.venv'), prefix  # the libraries' files are under .../mtlmatch/.venv/
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  args = ['--config=configs/affect.py:dm,smoke', '--workdir=run', f'--config.data.data_dir={tfds_dir}']
+  code, out, err = cli(*args, '--config.total_steps=2', cwd=checkout, python=python, env=env)
+  assert code == 0, err[-3000:]
+  ours = {p.name for p in (REPO / 'mtlmatch').rglob('*.py')}
+  ours |= {p.name for p in pathlib.Path(importlib.util.find_spec('clu').origin).parent.rglob('*.py')}
+  files = [m.group(1) for m in re.finditer(r'^I\d{4} [\d:. ]+ \d+ (\S+\.py):\d+\]', err, re.M)]
+  assert 'step 2/2' in err and 'main.py' in files, err[-3000:]  # our own INFO lines are kept
+  assert [f for f in files if f not in ours] == [], err[-3000:]  # no orbax / TFDS INFO line
+
+
+def test_a_relatedness_table_file_or_literal_from_the_command_line(tmp_path, tfds_dir):
+  """``--config.objective.terms.dm.relatedness=`` takes a .json/.csv file (relative to the current directory) or the
+  JSON text of a nested list; the run records what was given and the table it read."""
+  table = np.random.default_rng(0).uniform(size=(7, 17)).round(3)
+  (tmp_path / 'tables').mkdir()
+  (tmp_path / 'tables' / 'r.csv').write_text('\n'.join(','.join(map(str, row)) for row in table.tolist()) + '\n')
+  common = [f'--config={REPO}/configs/affect.py:dm,smoke', f'--config.data.data_dir={tfds_dir}']
+  env = {'PYTHONPATH': str(REPO)}  # run from tmp_path, so that the relative path is read from there
+  option = '--config.objective.terms.dm.relatedness='
+  code, out, err = cli(
+      *common, '--workdir=run', '--config.total_steps=1', option + 'tables/r.csv', cwd=tmp_path, env=env
+  )
+  assert code == 0, err[-3000:]
+  assert json.loads((tmp_path / 'run' / 'config.json').read_text())['objective']['terms']['dm']['relatedness'] == (
+      'tables/r.csv'
+  )
+  recorded = json.loads((tmp_path / 'run' / 'relatedness.json').read_text())
+  np.testing.assert_allclose(recorded['expression->aus (tables/r.csv)'], table, rtol=1e-6)
+  # The literal is read too (and checked: this one has the wrong shape), before anything is written.
+  code, out, err = cli(*common, '--workdir=run2', option + '[[0.5,0.5],[0.5,0.5]]', cwd=tmp_path, env=env)
+  assert code != 0 and 'relatedness (JSON text): got shape (2, 2), expected (7, 17)' in err, err[-3000:]
+  assert not (tmp_path / 'run2').exists()

@@ -15,6 +15,7 @@ from conftest import REPO
 from mtlmatch import config_lib
 from mtlmatch import data
 from mtlmatch.data import faces
+from mtlmatch.data import fingerprint
 from mtlmatch.data import prepare as prepare_lib
 from mtlmatch.tasks import TaskSpec
 
@@ -206,6 +207,22 @@ def test_undecodable_file_fails_at_its_batch_naming_it_or_is_skipped(bad_folder,
   bench = data.make_benchmark('skipping', TASKS, [skipping])
   labels = next(data.train_iterator(bench, global_batch_size=4, seed=0))['labels']['expression']
   assert set(labels.tolist()) <= {1, 3}  # never a hole: every slot is a good row
+
+
+def test_corrupt_jpeg_in_a_small_manifest_is_named_by_the_fingerprint_or_skipped(bad_folder):
+  # <= 256 rows: the fingerprint decodes every image before training (above that, only a sample), so it is where a
+  # corrupt file is met first; it must name the manifest, the row and the file, and 'skip' must leave the row out.
+  write_images(bad_folder, 3, fmt='jpg')
+  whole = (bad_folder / 'img' / '0.jpg').read_bytes()
+  (bad_folder / 'img' / 'cut.jpg').write_bytes(whole[: len(whole) // 2])  # a truncated JPEG: jpeg::Uncompress failed
+  rows = [('img/0.jpg', 1), ('img/1.jpg', 2), ('img/cut.jpg', 3), ('img/2.jpg', 4)]
+  manifest = write_csv(bad_folder / 'm.csv', ['path', 'expression'], rows)
+  bench = data.make_benchmark('corrupt', TASKS, [expression_source(manifest)])
+  with pytest.raises(ValueError, match=r'm\.csv row 3 \(file .*cut\.jpg\): .*expected a decodable image') as e:
+    fingerprint.benchmark_fingerprint(bench)
+  assert 'function_node' not in str(e.value)
+  skipping = data.make_benchmark('corrupt', TASKS, [expression_source(manifest, on_bad_image='skip')])
+  assert fingerprint.benchmark_fingerprint(skipping)['train/expressions']['examples'] == 3
 
 
 @pytest.mark.parametrize(

@@ -171,3 +171,43 @@ def test_label_range_checks_skip_under_jit():
   # Inside jit the values are unknown: only shapes are checked, and it must not raise.
   out = jax.jit(losses.softmax_xent)(jnp.zeros((2, 3)), jnp.array([0, -1]))
   np.testing.assert_allclose(out[0], [np.log(3), 0], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Out-of-range labels inside jit (where no value check can raise): weight 0, as if missing, and counted.
+
+
+def test_out_of_range_labels_under_jit_weigh_zero_and_are_counted():
+  # Label 9 of a 7-class task gave NaN with weight 1, and a multilabel 2 a finite log 2: now both weigh 0.
+  per, w = jax.jit(losses.softmax_xent)(jnp.zeros((3, 7)), jnp.array([1, 9, -2]))
+  np.testing.assert_allclose(per, [np.log(7), 0, 0], rtol=1e-6)
+  np.testing.assert_array_equal(w, [1, 0, 0])
+  labels = jnp.array([[2, 0, -1], [1, -3, 1], [2, 2, -1]])
+  per, w = jax.jit(losses.sigmoid_xent)(jnp.zeros((3, 3)), labels)
+  np.testing.assert_allclose(per, [np.log(2), np.log(2), 0], rtol=1e-6)  # the mean over the valid entries only
+  np.testing.assert_array_equal(w, [1, 1, 0])
+  count = jax.jit(losses.invalid_label_count, static_argnums=(0, 2))
+  assert int(count('multiclass', jnp.array([1, 9, -1, -2, 6, 7]), 7)) == 3  # -1 is missing, not invalid
+  assert int(count('multilabel', labels, 3)) == 4
+  assert int(count('multiclass', jnp.array([0, -1, 6]), 7)) == 0
+  # Eager calls still raise, naming the value.
+  with pytest.raises(ValueError, match=r'got value 9, expected values in \[-1, 7\)'):
+    losses.softmax_xent(jnp.zeros((2, 7)), jnp.array([1, 9]))
+  with pytest.raises(ValueError, match=r'got value 2, expected values in \{-1, 0, 1\}'):
+    losses.sigmoid_xent(jnp.zeros((3, 3)), labels)
+  with pytest.raises(ValueError, match=r"kind: got 'binary'"):
+    losses.invalid_label_count('binary', labels, 3)
+
+
+def test_out_of_range_labels_under_jit_are_missing_for_the_pair_losses_and_counts():
+  rng = np.random.default_rng(0)
+  za, zb = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)
+  r = jnp.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]], jnp.float32)
+  ya, ya_missing = jnp.array([0, 5, -1, 2]), jnp.array([0, -1, -1, 2])
+  yb, yb_missing = jnp.array([[1, 0], [-1, -1], [3, 1], [-1, -1]]), jnp.array([[1, 0], [-1, -1], [-1, 1], [-1, -1]])
+  co = jax.jit(lambda *args: losses.co_annotation(*args, r, b_kind='multilabel'))
+  for got, want in zip(co(za, zb, ya, yb), co(za, zb, ya_missing, yb_missing)):
+    np.testing.assert_array_equal(got, want)
+  counts = jax.jit(lambda *args: losses.relatedness_soft_counts(*args, b_kind='multilabel'))
+  for got, want in zip(counts(za, zb, ya, yb), counts(za, zb, ya_missing, yb_missing)):
+    np.testing.assert_array_equal(got, want)

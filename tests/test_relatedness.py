@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mtlmatch import losses
-from mtlmatch.priors import load_prior
+from mtlmatch.priors import load_prior, relatedness_table
 
 
 def _np_softmax(s):
@@ -238,3 +240,45 @@ def test_implied_errors_and_jit():
   pb = jnp.array([[0.2, 0.7]])
   jitted = jax.jit(lambda p, r: losses.implied_a(p, r, b_kind='multilabel', mode='prototype'))
   np.testing.assert_allclose(jitted(pb, r), losses.implied_a(pb, r, b_kind='multilabel', mode='prototype'), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables the user gives: a nested list, its JSON text (the command line's form) or a .json / .csv file.
+
+
+def test_relatedness_table_from_text_and_files(tmp_path, monkeypatch):
+  table = np.random.default_rng(0).uniform(size=(3, 4)).round(3).astype(np.float32)
+  (tmp_path / 'r.json').write_text(json.dumps(table.tolist()))
+  (tmp_path / 'r.csv').write_text('\n'.join(','.join(str(v) for v in row) for row in table.tolist()) + '\n')
+  monkeypatch.chdir(tmp_path)  # relative paths are read from the current directory
+  for spec in (table.tolist(), table, json.dumps(table.tolist()), 'r.json', 'r.csv', str(tmp_path / 'r.csv')):
+    got = relatedness_table(spec, shape=(3, 4))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, table)
+  for spec in ('prior:expressions_to_aus', 'estimate:coannotated', 'learned:uniform', 3, None):
+    assert relatedness_table(spec) is None  # names of tables (or no table): resolved elsewhere
+
+
+@pytest.mark.parametrize(
+    'spec, content, match',
+    [
+        ('[[0.5, 0.5], [0.5', None, r"relatedness '\[\[0\.5, 0\.5\], \[0\.5': got text that is not JSON"),
+        ('[[0.5, 0.5], [0.5, 0.5]]', None, r'relatedness \(JSON text\): got shape \(2, 2\), expected \(3, 4\)'),
+        ('[[0.5, 0.5], [0.5]]', None, r'relatedness \(JSON text\): got .*expected a rectangular nested list'),
+        ('[0.5, 0.5, 0.5, 0.5]', None, r'got shape \(4,\), expected a table \[C_A, C_B\]'),
+        ('gone.csv', None, r"relatedness file 'gone\.csv': no such file \(looked for /.*/gone\.csv"),
+        (
+            'r.csv',
+            'a,b,c,d\n1,0,0,0\n',
+            r"relatedness file 'r\.csv': could not convert .*'a'.*no header",
+        ),
+        ('r.json', '{"R": 1', r"relatedness file 'r\.json': not valid JSON"),
+        ('r.txt', '1,2', r"relatedness: got 'r\.txt', expected 'prior:<name>'.*\.json or \.csv file"),
+    ],
+)
+def test_relatedness_table_errors(tmp_path, monkeypatch, spec, content, match):
+  monkeypatch.chdir(tmp_path)
+  if content is not None:
+    (tmp_path / spec).write_text(content)
+  with pytest.raises(ValueError, match=match):
+    relatedness_table(spec, shape=(3, 4))

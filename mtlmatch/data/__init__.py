@@ -10,9 +10,10 @@ Interface used by the train loop::
     labels = data.source_labels(bench.aux_sources['coannotated'], bench.tasks)   # for estimating relatedness
     # a checkpoint needs only data.checkpoint_state(step) == {'step': step} to resume the stream exactly.
 
-Modules: ``sources`` (Source, readers, Benchmark, validation), ``files`` (manifests of image files), ``prepare``
-(a manifest written once as an ArrayRecord TFDS dataset, read by index), ``pipeline`` (mixing schedule, train/eval
-iterators), ``sharding`` (hosts, devices, global arrays), ``synthetic_affect``, ``fashion_mnist``, ``benchmarks``.
+Modules: ``readers`` (where examples come from: arrays, TFDS, ArrayRecord; decoding), ``sources`` (Source,
+Benchmark, validation), ``files`` (manifests of image files), ``prepare`` (a manifest written once as an ArrayRecord
+TFDS dataset, read by index), ``pipeline`` (mixing schedule, train/eval iterators), ``sharding`` (hosts, devices,
+global arrays), ``synthetic_affect``, ``fashion_mnist``, ``benchmarks``.
 Importing this package hides every GPU from TensorFlow so that tf.data never takes accelerator memory from JAX.
 """
 
@@ -36,19 +37,13 @@ from mtlmatch.data.pipeline import (
     train_iterator,
 )
 from mtlmatch.data.sharding import prefetch_to_device, to_global
+from mtlmatch.data.readers import ArrayReader, Examples, LazyImages, TfdsReader, decode_image, decode_rows, host_slice
 from mtlmatch.data.sources import (
-    ArrayReader,
     Benchmark,
-    Examples,
     Holdout,
-    LazyImages,
     Source,
-    TfdsReader,
     array_source,
-    decode_image,
-    decode_rows,
     default_data_dir,
-    host_slice,
     load_examples,
     make_benchmark,
     source_labels,

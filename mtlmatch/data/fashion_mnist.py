@@ -28,7 +28,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mtlmatch.data._quiet import log_generation
-from mtlmatch.data.sources import Benchmark, Source, TfdsReader, default_data_dir, make_benchmark
+from mtlmatch.data.readers import TfdsReader
+from mtlmatch.data.sources import Benchmark, Source, default_data_dir, make_benchmark
 from mtlmatch.tasks import TaskSpec
 
 DEBIAN_IDX_DIR = '/usr/share/datasets/fashion-mnist'

@@ -13,13 +13,15 @@ may also be ``{task: values}`` for codes that mean "no label" for one task only 
                  image_size=(112, 112), missing={'expression': ('', 8, 9, 10)})
 
 Only the paths and labels are held in memory; the pipeline reads, decodes (JPEG, PNG, BMP, GIF) and resizes each
-image to ``image_size`` in its parallel map when a batch needs it (:class:`~mtlmatch.data.sources.LazyImages`).
+image to ``image_size`` in its parallel map when a batch needs it (:class:`~mtlmatch.data.readers.LazyImages`).
 
 Checks at construction, each one ``ValueError`` naming the manifest, the row (counted from 1 after the header) and
 the file: an empty manifest, a missing column, a non-numeric or non-integer label, a missing image file. Labels out
 of their task's range are refused when the benchmark loads the source (it knows the tasks), also before training,
 naming the row. Decoding is the one check that needs the pixels: ``python -m mtlmatch.data.prepare`` decodes every row
-once; an unprepared manifest with an undecodable file fails at the first batch that holds it, naming the row and file.
+once; an unprepared manifest with an undecodable file fails, naming the row and file, in the data fingerprint before
+training (it decodes every row of a source of <= 256 rows, a sample of a larger one) or at the first batch that holds
+it.
 ``on_bad_image='skip'`` instead decodes every image at construction and leaves out the rows whose file is missing or
 undecodable, logging how many and which (never a hole in a batch: the mixing schedule only sees the good rows).
 """
@@ -32,12 +34,14 @@ import json
 import logging
 import math
 import os
+import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
 
-from mtlmatch.data.sources import Examples, LazyImages, Source, decode_image, host_slice
+from mtlmatch.data.readers import Examples, LazyImages, decode_image, host_slice
+from mtlmatch.data.sources import Source
 from mtlmatch.tasks import MISSING
 
 DEFAULT_MISSING = ('', 'NA', -1, 999)
@@ -306,6 +310,7 @@ def bad_image_message(images: LazyImages, index: np.ndarray) -> Optional[str]:
       images.decode(tf.constant(images.fetch(images.keys[[int(i)]])[0]))
     except (tf.errors.OpError, ValueError) as e:
       reason = str(getattr(e, 'message', e)).strip().splitlines()[0]
+      reason = re.sub(r'^\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*$', '', reason)  # TF's node and op names
       return f'{images.describe(int(i))}: {reason}'
   return None
 

@@ -17,8 +17,11 @@ from typing import Mapping, Optional
 
 import jax
 import numpy as np
+import tensorflow as tf
 
-from mtlmatch.data.sources import Benchmark, LazyImages, Source, decode_rows, load_examples
+from mtlmatch.data import files as files_lib
+from mtlmatch.data.readers import LazyImages, decode_rows
+from mtlmatch.data.sources import Benchmark, Source, load_examples
 
 IMAGE_SAMPLE = 256
 _MASK = (1 << 64) - 1
@@ -44,12 +47,27 @@ def _labels_hash(positions: np.ndarray, labels: np.ndarray) -> int:
 def _images_hash(positions: np.ndarray, images, stride: int) -> int:
   chosen = np.flatnonzero(positions % stride == 0)
   # Pixels, also for sources read by row (a few hundred decoded): the same data gives the same hash either way.
-  pixels = decode_rows(images, chosen) if isinstance(images, LazyImages) else images[chosen]
+  pixels = _decoded(images, chosen) if isinstance(images, LazyImages) else images[chosen]
   total = 0
   for i, image in zip(chosen, pixels):
     digest = hashlib.blake2b(image.tobytes() + int(positions[i]).to_bytes(8, 'little'), digest_size=8)
     total = (total + int.from_bytes(digest.digest(), 'little')) & _MASK
   return total
+
+
+def _decoded(images: LazyImages, chosen: np.ndarray) -> np.ndarray:
+  """``decode_rows``, but an image that fails to fetch or decode is one ValueError naming its row and file (the
+  message of the training stream's first bad batch), not TF's."""
+  try:
+    return decode_rows(images, chosen)
+  except tf.errors.OpError as e:
+    message = files_lib.bad_image_message(images, chosen)
+    if message is None:
+      raise
+    raise ValueError(
+        f'{message}, expected a decodable image (found while fingerprinting the data before training; prepare the '
+        "data with python -m mtlmatch.data.prepare, which checks every row, or set config.data.on_bad_image='skip')"
+    ) from e
 
 
 def _host_sums(source: Source, tasks, image_shape) -> list[int]:

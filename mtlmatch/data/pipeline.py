@@ -48,7 +48,8 @@ from jax.sharding import NamedSharding
 
 from mtlmatch.data import files as files_lib
 from mtlmatch.data import sharding as sharding_lib
-from mtlmatch.data.sources import Benchmark, Examples, LazyImages, Source, image_shape_of, load_examples
+from mtlmatch.data.readers import Examples, LazyImages, image_shape_of
+from mtlmatch.data.sources import Benchmark, Source, load_examples
 from mtlmatch.tasks import MISSING, TaskSpec
 
 MIXING = ('weights', 'equal_per_task')

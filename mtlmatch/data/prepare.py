@@ -10,7 +10,7 @@ The dataset is ``OUT/mtlmatch_prepared/NAME/1.0.0`` with one split (``--split`` 
 (the file's bytes, unchanged: no re-encoding), one int64 feature per task (``[]`` for a single column, ``[C]`` for a
 list of columns; ``-1`` = not annotated, as in the manifest's missing codes), ``row`` (the manifest row) and ``file``.
 It is read with ``tfds_source(name, DIR, tasks=[...], image_size=(H, W))``: labels once, images by index
-(:class:`mtlmatch.data.sources.TfdsReader`). ``--num_shards`` sets the number of ArrayRecord files.
+(:class:`mtlmatch.data.readers.TfdsReader`). ``--num_shards`` sets the number of ArrayRecord files.
 
 Every row is checked first, decoding included (one parallel pass): a missing or undecodable file is one ValueError
 naming the manifest, the row and the file, or with ``--on_bad_image=skip`` a row left out and counted (printed).

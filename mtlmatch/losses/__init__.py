@@ -1,7 +1,8 @@
 """Pure loss functions on arrays (the maths: docs/maths.md): no models, data or training loop in here.
 
-* :mod:`~mtlmatch.losses.classification`: ``softmax_xent``, ``sigmoid_xent`` (missing labels = -1) and
-  ``masked_mean``, the one reduction rule ``Σ v·w / max(Σ w, 1)`` over the global batch.
+* :mod:`~mtlmatch.losses.classification`: ``softmax_xent``, ``sigmoid_xent`` (missing labels = -1),
+  ``masked_mean``, the one reduction rule ``Σ v·w / max(Σ w, 1)`` over the global batch, and
+  ``invalid_label_count`` (out-of-range labels, which weigh 0 inside ``jit``).
 * :mod:`~mtlmatch.losses.relatedness`: relatedness tables R[C_A, C_B] (``validate_relatedness``,
   ``estimate_relatedness``), the distributions they imply (``implied_b``, ``implied_a``) and the learned table's
   soft counts and update (``relatedness_soft_counts``, ``reestimate``).
@@ -15,13 +16,21 @@ Every per-example loss returns ``(per_example [B], weight [B])``; reduce with ``
 
 Keyword options (``b_kind``, ``mode``, ...) are Python values: bind them with ``functools.partial`` (or close over
 them) before ``jax.jit``. Shape and option checks always run; value checks (label ranges, relatedness range and row
-sums, probabilities) run only on concrete arrays, not on tracers inside ``jit``/``vmap``.
+sums, probabilities) run only on concrete arrays, not on tracers inside ``jit``/``vmap``; there an out-of-range label
+weighs 0 (as if missing) and ``invalid_label_count(kind, labels, num_classes)`` counts them for the step's metrics.
 """
 
 from __future__ import annotations
 
 from mtlmatch.losses._checks import MISSING
-from mtlmatch.losses.classification import masked_mean, sigmoid_xent, softmax_xent
+from mtlmatch.losses.classification import (
+    invalid_label_count,
+    known_multiclass,
+    known_multilabel,
+    masked_mean,
+    sigmoid_xent,
+    softmax_xent,
+)
 from mtlmatch.losses.dgr import dummy_gradient_norm, init_dummy_params
 from mtlmatch.losses.matching import co_annotation, distribution_matching
 from mtlmatch.losses.relatedness import (
@@ -46,6 +55,9 @@ __all__ = [
     'implied_a',
     'implied_b',
     'init_dummy_params',
+    'invalid_label_count',
+    'known_multiclass',
+    'known_multilabel',
     'masked_mean',
     'reestimate',
     'relatedness_soft_counts',

@@ -11,6 +11,11 @@ not depend on how the batch is split over devices or hosts::
 Shapes: ``[B]`` in the docstrings stands for any leading batch shape (so the functions also work under ``jax.vmap``
 over examples). Shape and dtype checks always run; label-range checks run only when ``labels`` is concrete (not a
 tracer inside ``jit``/``vmap``).
+
+Out-of-range labels (a multiclass label outside ``[-1, C)``, a multilabel entry outside ``{-1, 0, 1}``) raise one
+ValueError on concrete arrays. Inside ``jit`` they cannot raise: there they weigh 0, like a missing label, so they
+never become a number in the loss (no NaN, no silent ``log σ`` of label 2), and :func:`invalid_label_count` counts
+them, so the train step can report the count in its metrics and the loop can stop on it.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ def softmax_xent(logits, labels) -> tuple[jax.Array, jax.Array]:
   logits = _checks.float_array(logits, 'logits')
   labels = _checks.int_labels(labels, 'labels')
   _checks.check_multiclass_labels(logits, labels, logits_arg='logits', labels_arg='labels')
-  present = labels != MISSING
+  present = known_multiclass(labels, logits.shape[-1])  # out of range (only possible under jit): weight 0, counted
   safe = jnp.where(present, labels, 0)  # any valid index; its value is masked out below
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
@@ -78,12 +83,49 @@ def sigmoid_xent(logits, labels) -> tuple[jax.Array, jax.Array]:
   logits = _checks.float_array(logits, 'logits')
   labels = _checks.int_labels(labels, 'labels')
   _checks.check_multilabel_labels(logits, labels, logits_arg='logits', labels_arg='labels')
-  present = labels != MISSING
+  present = known_multilabel(labels)  # out of range (only possible under jit): weight 0, counted
   y = jnp.where(present, labels, 0).astype(logits.dtype)
   bce = -(y * jax.nn.log_sigmoid(logits) + (1 - y) * jax.nn.log_sigmoid(-logits))
   count = jnp.sum(present, axis=-1)
   per_example = jnp.sum(jnp.where(present, bce, 0.0), axis=-1) / jnp.maximum(count, 1).astype(logits.dtype)
   return per_example, (count > 0).astype(logits.dtype)
+
+
+def known_multiclass(labels, num_classes: int) -> jax.Array:
+  """bool, the shape of ``labels``: where a multiclass label is a class in ``[0, num_classes)`` (not missing, not
+  out of range). The one rule of which labels a loss uses."""
+  return (labels >= 0) & (labels < num_classes)
+
+
+def known_multilabel(labels) -> jax.Array:
+  """bool, the shape of ``labels``: where a multilabel entry is 0 or 1 (not missing, not out of range)."""
+  return (labels == 0) | (labels == 1)
+
+
+def invalid_label_count(kind: str, labels, num_classes: int) -> jax.Array:
+  """int32 scalar: how many labels (multiclass) or label entries (multilabel) are neither missing (-1) nor in range.
+
+  Pure and jittable: the losses give such labels weight 0, and this count lets a jitted step report them (e.g. as
+  ``metrics['invalid_labels']``) so the loop can halt instead of training on silently dropped labels.
+
+  Args:
+    kind: ``'multiclass'`` (labels ``[B]``, valid ``[0, num_classes)``) or ``'multilabel'`` (labels ``[B, C]``,
+      valid ``{0, 1}``).
+    labels: int labels; -1 = missing.
+    num_classes: the task's number of classes (``C``).
+
+  Example (label 9 of a 7-class task, and -2, are out of range; -1 is missing, not invalid):
+
+  >>> import jax, jax.numpy as jnp
+  >>> int(jax.jit(invalid_label_count, static_argnums=(0, 2))('multiclass', jnp.array([1, 9, -1, -2]), 7))
+  2
+  """
+  kind = _checks.check_choice(kind, ('multiclass', 'multilabel'), 'kind')
+  labels = _checks.int_labels(labels, 'labels')
+  if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    raise ValueError(f'num_classes: got {num_classes!r}, expected an int >= 1')
+  known = known_multiclass(labels, num_classes) if kind == 'multiclass' else known_multilabel(labels)
+  return jnp.sum(~known & (labels != MISSING), dtype=jnp.int32)
 
 
 def masked_mean(values, weights) -> jax.Array:

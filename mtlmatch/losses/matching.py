@@ -36,6 +36,7 @@ import numpy as np
 from mtlmatch.losses import _checks
 from mtlmatch.losses import relatedness as rel
 from mtlmatch.losses._checks import MISSING
+from mtlmatch.losses.classification import known_multiclass, known_multilabel
 
 DIRECTIONS = ('a_to_b', 'b_to_a', 'both')
 DIVERGENCES = ('xent', 'kl')
@@ -266,8 +267,8 @@ def co_annotation(
   _checks.check_labels(logits_b, labels_b, kind=b_kind, logits_arg='logits_b', labels_arg='labels_b')
   dtype = logits_a.dtype
 
-  has_a = labels_a != MISSING
-  entry_b = labels_b != MISSING
+  has_a = known_multiclass(labels_a, logits_a.shape[-1])  # out of range (only possible under jit): as missing
+  entry_b = known_multilabel(labels_b) if b_kind == 'multilabel' else known_multiclass(labels_b, logits_b.shape[-1])
   has_b = jnp.any(entry_b, axis=-1) if b_kind == 'multilabel' else entry_b
   a_only = has_a & ~has_b
   b_only = has_b & ~has_a

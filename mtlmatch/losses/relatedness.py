@@ -41,6 +41,7 @@ import numpy as np
 
 from mtlmatch.losses import _checks
 from mtlmatch.losses._checks import MISSING
+from mtlmatch.losses.classification import known_multiclass, known_multilabel
 
 # ε of the `bayes` rule: R̃ = clip(R, ε, 1 − ε). It keeps log R̃ and log(1 − R̃) finite (|log ε| ≈ 9.2) where an
 # expert table says "never" or "always", so one contradicting label lowers a class's odds by a factor 1e4 instead of
@@ -383,15 +384,14 @@ def relatedness_soft_counts(logits_a, logits_b, labels_a, labels_b, *, b_kind: s
   logits_b = jax.lax.stop_gradient(jnp.asarray(logits_b, jnp.float32))
   labels_a, labels_b = jnp.asarray(labels_a), jnp.asarray(labels_b)
   num_a, num_b = logits_a.shape[-1], logits_b.shape[-1]
-  q_a = jnp.where(
-      (labels_a != MISSING)[:, None], jax.nn.one_hot(labels_a, num_a, dtype=jnp.float32), jax.nn.softmax(logits_a)
-  )
+  # An out-of-range label (only possible under jit) counts as missing: the prediction stands in for it.
+  known_a = known_multiclass(labels_a, num_a)
+  q_a = jnp.where(known_a[:, None], jax.nn.one_hot(labels_a, num_a, dtype=jnp.float32), jax.nn.softmax(logits_a))
   if b_kind == 'multiclass':
-    q_b = jnp.where(
-        (labels_b != MISSING)[:, None], jax.nn.one_hot(labels_b, num_b, dtype=jnp.float32), jax.nn.softmax(logits_b)
-    )
+    known_b = known_multiclass(labels_b, num_b)
+    q_b = jnp.where(known_b[:, None], jax.nn.one_hot(labels_b, num_b, dtype=jnp.float32), jax.nn.softmax(logits_b))
   else:
-    q_b = jnp.where(labels_b != MISSING, labels_b.astype(jnp.float32), jax.nn.sigmoid(logits_b))
+    q_b = jnp.where(known_multilabel(labels_b), labels_b.astype(jnp.float32), jax.nn.sigmoid(logits_b))
   return jnp.einsum('ni,nk->ik', q_a, q_b, precision=_HI), jnp.sum(q_a, axis=0)
 
 

@@ -3,14 +3,19 @@
 ``load_prior('expressions_to_aus')`` returns a :class:`Prior` whose ``relatedness`` is ``R[C_A, C_B]`` with
 ``R[i, k] = p(b_k = 1 | a = i)``, plus the two task specs and the citation. Each JSON file states which entries are
 the paper's prototypical AUs (R = 1) and which are observational fractions.
+
+:func:`relatedness_table` reads a table the user gives instead: a nested list, its JSON text (as the command line
+passes it) or a ``.json`` / ``.csv`` file of one.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+import os
 from importlib import resources
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -75,3 +80,79 @@ def load_prior(name: str) -> Prior:
   task_a = TaskSpec(spec['task_a']['name'], spec['task_a']['kind'], len(classes_a), tuple(classes_a))
   task_b = TaskSpec(spec['task_b']['name'], spec['task_b']['kind'], len(classes_b), tuple(classes_b))
   return Prior(name, r, task_a, task_b, spec['citation'], spec['provenance'])
+
+
+# Relatedness specs that name a table rather than hold one (resolved by the train loop, not here).
+NAMED_PREFIXES = ('prior:', 'estimate:', 'learned:')
+TABLE_FILES = ('.json', '.csv')
+
+
+def relatedness_table(spec: Any, *, shape: Optional[Sequence[int]] = None) -> Optional[np.ndarray]:
+  """A relatedness table given by the user, as float32 ``[C_A, C_B]``; None when ``spec`` holds no table (a
+  ``'prior:'``, ``'estimate:'`` or ``'learned:'`` name, or not a table at all).
+
+  ``spec`` is a nested list / array, the JSON text of one (``'[[0.5, 0.5], ...]'``, how a command line gives it:
+  ``--config.objective.terms.dm.relatedness='[[0.9,0.1],[0.2,0.8]]'``) or the path of a file holding one: ``.json``
+  (a nested list) or ``.csv`` (one row of numbers per class of task A, no header). A relative path is resolved
+  against the current directory. ``shape``: the expected ``(C_A, C_B)``. Every problem (bad JSON or CSV, a missing
+  file, a ragged or wrongly shaped table, a non-number) is one ValueError naming the spec.
+
+  >>> relatedness_table('[[0.5, 0.5], [0.25, 0.75]]', shape=(2, 2)).tolist()
+  [[0.5, 0.5], [0.25, 0.75]]
+  >>> relatedness_table('prior:expressions_to_aus') is None
+  True
+  """
+  if isinstance(spec, str):
+    text = spec.strip()
+    if text.startswith(NAMED_PREFIXES):
+      return None
+    if text.startswith('['):
+      try:
+        value = json.loads(text)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'relatedness {spec!r}: got text that is not JSON ({e}), expected a nested list') from None
+      where = 'relatedness (JSON text)'
+    else:
+      value, where = _read_table_file(text), f'relatedness file {text!r}'
+  elif isinstance(spec, (list, tuple, np.ndarray)):
+    value, where = spec, 'relatedness (nested list)'
+  else:
+    return None
+  try:
+    table = np.asarray(value, np.float32)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'{where}: got {_brief(value)}, expected a rectangular nested list of numbers ({e})') from None
+  if table.ndim != 2 or not table.size:
+    raise ValueError(f'{where}: got shape {table.shape}, expected a table [C_A, C_B] (a list of rows)')
+  if shape is not None and tuple(table.shape) != tuple(shape):
+    raise ValueError(f'{where}: got shape {table.shape}, expected {tuple(shape)} (C_A rows of C_B entries)')
+  return table
+
+
+def _read_table_file(path: str):
+  if not path.endswith(TABLE_FILES):
+    raise ValueError(
+        f"relatedness: got {path!r}, expected 'prior:<name>' (one of {available_priors()}), 'estimate:<source>', "
+        f"'learned:<init>', a nested list [C_A][C_B] (or its JSON text) or a {' or '.join(TABLE_FILES)} file of one"
+    )
+  if not os.path.isfile(path):
+    raise ValueError(
+        f'relatedness file {path!r}: no such file (looked for {os.path.abspath(path)}; a relative path is read from '
+        'the current directory), expected a .json or .csv table'
+    )
+  with open(path, newline='') as f:
+    if path.endswith('.json'):
+      try:
+        return json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'relatedness file {path!r}: not valid JSON ({e}), expected a nested list') from None
+    rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+  try:
+    return [[float(cell) for cell in row] for row in rows]
+  except ValueError as e:
+    raise ValueError(f'relatedness file {path!r}: {e}, expected rows of numbers only (no header)') from None
+
+
+def _brief(value) -> str:
+  text = repr(value)
+  return text if len(text) <= 80 else text[:77] + '...'
