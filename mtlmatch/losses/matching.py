@@ -35,7 +35,6 @@ import numpy as np
 
 from mtlmatch.losses import _checks
 from mtlmatch.losses import relatedness as rel
-from mtlmatch.losses._checks import MISSING
 from mtlmatch.losses.classification import known_multiclass, known_multilabel
 
 DIRECTIONS = ('a_to_b', 'b_to_a', 'both')
