@@ -5,9 +5,8 @@
   training must be the ones the checkpoint was trained with (the config, as the resume rule
   ``checkpoint.SAFE_TO_CHANGE`` says, and the training data, by their fingerprints); the evaluation data may differ:
   evaluating on a new test set is the point. Without ``--config`` the workdir's ``config.json`` is used.
-* :func:`predict` writes ``predictions/<source>.npz`` per source: ``positions`` (each example's position in the
-  source's read order), ``<task>`` (probabilities ``[N, C]``: softmax for multiclass, sigmoid for multilabel) and
-  ``labels/<task>`` (``-1`` = missing), for any training, eval or auxiliary source.
+* :func:`predict` writes ``predictions/<source>.npz`` per source, for any training (both its parts), eval or
+  auxiliary source: ``rows``, ``paths`` (file sources), ``part``, ``<task>`` and ``labels/<task>`` (see there).
 """
 
 from __future__ import annotations
@@ -130,7 +129,7 @@ def _probabilities(params, batch_stats, batch, *, model, tasks):
   """Each task's prediction (its kind's ``predict``: softmax or sigmoid probabilities), the mask and the labels."""
   outputs, _ = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'], train=False)
   probs = {t: kind_of(spec).predict(outputs['logits'][t]) for t, spec in tasks.items()}
-  return {'probs': probs, 'mask': batch['mask'], 'labels': batch['labels']}
+  return {'probs': probs, 'mask': batch['mask'], 'labels': batch['labels'], 'position': batch['position']}
 
 
 def predict(
@@ -140,24 +139,34 @@ def predict(
     source: Optional[str] = None,
     benchmark: Optional[data_lib.Benchmark] = None,
 ) -> list[str]:
-  """Writes ``<workdir>/predictions/<source>.npz`` for ``source`` (default: every eval source); returns the paths."""
+  """Writes ``<workdir>/predictions/<source>.npz`` for ``source`` (default: every eval source); returns the paths.
+
+  Each file holds, per example of the source (a training source: both its training and its held-out validation
+  part), in the source's order: ``rows`` (the 0-based manifest data row of a file source, the index in the given
+  arrays of an array source, the index in the split of a TFDS source), ``paths`` (a file source's image files),
+  ``part`` ('train', 'validation', 'test' or 'aux'), ``<task>`` (what the task's kind predicts: probabilities
+  ``[N, C]``, softmax for multiclass, sigmoid for multilabel) and ``labels/<task>`` (``-1`` = missing)."""
   exp = experiment_lib.build_experiment(config, benchmark=benchmark)
   bench = exp.benchmark
-  every = {
-      **{s.name: s for s in bench.train_sources},
-      **dict(bench.aux_sources),
-      **{s.name: s for s in bench.eval_sources},
-  }
+  parts = {}  # source name -> [(part, Source)]
+  for part_name, sources in (
+      ('train', bench.train_sources),
+      ('validation', bench.validation_sources),
+      ('test', bench.eval_sources),
+      ('aux', tuple(bench.aux_sources.values())),
+  ):
+    for s in sources:
+      parts.setdefault(s.name, []).append((part_name, s))
   if source is None:
-    chosen: Sequence = bench.eval_sources
+    chosen = [s.name for s in bench.eval_sources]
     if not chosen:
       raise ValueError(
-          f'--source: benchmark {bench.name!r} has no eval source, expected a source name from ' f'{sorted(every)}'
+          f'--source: benchmark {bench.name!r} has no eval source, expected a source name from ' f'{sorted(parts)}'
       )
-  elif source in every:
-    chosen = (every[source],)
+  elif source in parts:
+    chosen = [source]
   else:
-    raise ValueError(f'--source: got {source!r}, expected one of {sorted(every)}')
+    raise ValueError(f'--source: got {source!r}, expected one of {sorted(parts)}')
   state = _restore(exp, workdir)
   fn = jax.jit(
       functools.partial(_probabilities, model=exp.model, tasks=bench.tasks),
@@ -166,32 +175,43 @@ def predict(
   )
   out_dir = os.path.join(workdir, 'predictions')
   paths = []
-  for src in chosen:
-    hosts = jax.process_count()
-    slices = [data_lib.host_slice(src.num_examples(), h, hosts) for h in range(hosts)]
-    per_host = exp.config.eval_batch_size // hosts
-    probs, labels, positions = {t: [] for t in bench.tasks}, {t: [] for t in bench.tasks}, []
-    for k, batch in enumerate(
-        data_lib.eval_iterator(
-            src, bench.tasks, global_batch_size=exp.config.eval_batch_size, sharding=exp.data_sharding
-        )
-    ):
-      got = jax.device_get(fn(state.params, state.batch_stats, batch))  # replicated: the whole global batch
-      mask = np.asarray(got['mask']) > 0
-      rows = np.concatenate([start + k * per_host + np.arange(per_host) for start, _ in slices])
-      positions.append(rows[mask])
-      for t in bench.tasks:
-        probs[t].append(np.asarray(got['probs'][t])[mask])
-        labels[t].append(np.asarray(got['labels'][t])[mask])
-    arrays = {'positions': np.concatenate(positions).astype(np.int64)}
-    order = np.argsort(arrays['positions'], kind='stable')
-    arrays['positions'] = arrays['positions'][order]
-    for t in bench.tasks:
-      arrays[t] = np.concatenate(probs[t])[order]
-      arrays[f'labels/{t}'] = np.concatenate(labels[t])[order]
-    path = os.path.join(out_dir, f'{src.name}.npz')
+  for name in chosen:
+    arrays = _concat([_predict_part(fn, state, exp, part, src) for part, src in parts[name]])
+    path = os.path.join(out_dir, f'{name}.npz')
     if jax.process_index() == 0:
       os.makedirs(out_dir, exist_ok=True)
       np.savez(path, **arrays)
     paths.append(path)
   return paths
+
+
+def _predict_part(fn, state, exp, part: str, src) -> dict[str, np.ndarray]:
+  """The predictions of one part of a source, ordered by the examples' positions in the split, identified in the
+  user's terms (``Reader.identify``)."""
+  tasks = exp.benchmark.tasks
+  probs, labels, positions = {t: [] for t in tasks}, {t: [] for t in tasks}, []
+  for batch in data_lib.eval_iterator(
+      src, tasks, global_batch_size=exp.config.eval_batch_size, sharding=exp.data_sharding
+  ):
+    got = jax.device_get(fn(state.params, state.batch_stats, batch))  # replicated: the whole global batch
+    mask = np.asarray(got['mask']) > 0
+    positions.append(np.asarray(got['position'])[mask])
+    for t in tasks:
+      probs[t].append(np.asarray(got['probs'][t])[mask])
+      labels[t].append(np.asarray(got['labels'][t])[mask])
+  position = np.concatenate(positions).astype(np.int64)
+  order = np.argsort(position, kind='stable')
+  arrays = dict(src.reader.identify(src.split, position[order]))
+  arrays['part'] = np.full(len(order), part)
+  for t in tasks:
+    arrays[t] = np.concatenate(probs[t])[order]
+    arrays[f'labels/{t}'] = np.concatenate(labels[t])[order]
+  arrays['_position'] = position[order]
+  return arrays
+
+
+def _concat(parts: Sequence[dict]) -> dict[str, np.ndarray]:
+  """The parts of one source as one set of arrays, in the source's read order."""
+  merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  order = np.argsort(merged.pop('_position'), kind='stable')
+  return {k: v[order] for k, v in merged.items()}

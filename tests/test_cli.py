@@ -185,7 +185,8 @@ def test_train_eval_predict_from_the_cli(tmp_path, tfds_dir):
   code, out, err = cli(*common, '--mode=predict', '--source=test')
   assert code == 0, err[-3000:]
   pred = np.load(workdir / 'predictions' / 'test.npz')
-  np.testing.assert_array_equal(pred['positions'], np.arange(96))
+  np.testing.assert_array_equal(pred['rows'], np.arange(96))
+  assert set(pred['part']) == {'test'}
   assert pred['expression'].shape == (96, 7) and pred['aus'].shape == (96, 17)
   assert set(np.unique(pred['labels/aus'])) <= {-1, 0, 1}
 

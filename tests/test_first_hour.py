@@ -82,15 +82,19 @@ def test_warm_start_eval_and_predict(tmp_path):
   first = train.train_and_evaluate(single, source_dir, benchmark=bench())
   trained = jax.device_get(warm_start.restore_raw(warm_start.resolve(source_dir))['params'])
 
-  # --mode=eval: the newest checkpoint, results.json afresh, no training; --mode=predict: probabilities + positions.
+  # --mode=eval: the newest checkpoint into eval/<step>-<time>.json, results.json untouched, no training;
+  # --mode=predict: probabilities + the examples' rows and part.
   (tmp_path / 'single' / 'results.json').write_text('{}')
   again = modes.evaluate_checkpoint(single, source_dir, benchmark=bench())
   assert again['metrics'] == first['metrics'] and again['step'] == 2
-  assert json.loads((tmp_path / 'single' / 'results.json').read_text())['metrics'] == first['metrics']
+  assert json.loads(open(again['path']).read())['metrics'] == first['metrics']
+  assert again['path'].startswith(str(tmp_path / 'single' / 'eval' / '2-'))
+  assert (tmp_path / 'single' / 'results.json').read_text() == '{}'  # what training wrote stays
   (path,) = modes.predict(single, source_dir, source='test', benchmark=bench())
   pred = np.load(path)
   assert path.endswith('predictions/test.npz')
-  np.testing.assert_array_equal(pred['positions'], np.arange(32))
+  np.testing.assert_array_equal(pred['rows'], np.arange(32))
+  assert set(pred['part']) == {'test'}
   assert pred['a'].shape == (32, 3) and np.allclose(pred['a'].sum(1), 1, atol=1e-5)
   np.testing.assert_array_equal(
       pred['labels/a'], np.asarray(bench().eval_sources[0].reader.read('train', 0, 1).labels['a'])

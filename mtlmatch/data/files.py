@@ -264,6 +264,12 @@ class FilesReader:
     labels = {t: y[start:stop] for t, y in self.labels.items()}
     return Examples(images, labels, np.arange(start, stop, dtype=np.int64))
 
+  def identify(self, split: str, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """``rows``: each example's 0-based data row in the manifest (its header not counted); ``paths``: its file."""
+    self._check_split(split)
+    positions = np.asarray(positions, np.int64)
+    return {'rows': self.rows[positions] - 1, 'paths': self.paths[positions].astype(str)}
+
   def __repr__(self):
     return f'FilesReader({self.manifest!r}, split={self.split!r}, rows={len(self.paths)})'
 

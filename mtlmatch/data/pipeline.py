@@ -417,9 +417,11 @@ def eval_iterator(
 ) -> Iterator[dict]:
   """Finite iterator over ``source`` once, in order, padded so no example is dropped or counted twice.
 
-  Batches: ``{'image', 'labels', 'mask'}``; ``mask`` float32 ``[B]`` is 1 for real examples and 0 for padding (whose
-  image is black and labels all ``-1``). Each host reads its own slice; every host yields
-  :func:`num_eval_batches` batches. ``tasks`` = ``benchmark.tasks`` so the tasks ``source`` lacks are ``-1``.
+  Batches: ``{'image', 'labels', 'mask', 'position'}``; ``mask`` float32 ``[B]`` is 1 for real examples and 0 for
+  padding (whose image is black and labels all ``-1``); ``position`` int32 ``[B]`` is each example's position in the
+  split's read order (``Examples.positions``; -1 for padding), which ``Reader.identify`` turns into rows and paths.
+  Each host reads its own slice; every host yields :func:`num_eval_batches` batches. ``tasks`` = ``benchmark.tasks``
+  so the tasks ``source`` lacks are ``-1``.
   """
   if not isinstance(source, Source):
     raise ValueError(f'source: got {type(source).__name__}, expected a Source (e.g. benchmark.eval_sources[0])')
@@ -441,7 +443,8 @@ def eval_iterator(
     images = slots.gather(src, example)
     if not slots.any_lazy:
       images[0][~real] = 0
-    out = images + [src, real.astype(np.float32)]
+    position = np.where(real, examples.positions[example], -1).astype(np.int32)
+    out = images + [src, real.astype(np.float32), position]
     for t, spec in tasks.items():
       y = np.full(spec.label_shape(b), MISSING, np.int32)
       y[real] = examples.labels[t][example[real]]
@@ -450,7 +453,7 @@ def eval_iterator(
 
   image_specs = slots.specs(b)
   out_specs = image_specs + [tf.TensorSpec((b,), tf.int32), tf.TensorSpec((b,), tf.float32)]
-  out_specs += _label_specs(tasks, b)
+  out_specs += [tf.TensorSpec((b,), tf.int32)] + _label_specs(tasks, b)
 
   def read(k):
     out = tf.numpy_function(host_batch, [k], [s.dtype for s in out_specs])
@@ -459,9 +462,10 @@ def eval_iterator(
     return tuple(out)
 
   def preprocess(*parts):
-    images, (src, mask, *task_labels) = parts[: len(image_specs)], parts[len(image_specs) :]
+    images, (src, mask, position, *task_labels) = parts[: len(image_specs)], parts[len(image_specs) :]
     image = slots.decode(src, images)
-    return {'image': normalize(image), 'labels': dict(zip(tasks, task_labels, strict=True)), 'mask': mask}
+    labels = dict(zip(tasks, task_labels, strict=True))
+    return {'image': normalize(image), 'labels': labels, 'mask': mask, 'position': position}
 
   dataset = tf.data.Dataset.range(num_batches).map(read)
   dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)

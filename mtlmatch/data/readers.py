@@ -169,6 +169,11 @@ class Reader(Protocol):
   def read(self, split: str, process_index: int, process_count: int) -> Examples:
     ...
 
+  def identify(self, split: str, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """The examples at ``positions`` of the split's read order in the user's terms: ``rows`` (the index in the given
+    arrays, the TFDS split or the manifest's data rows, 0-based) and, where there is one, ``paths``."""
+    ...
+
 
 class ArrayReader:
   """In-memory splits: ``{split: (images uint8 [N,H,W(,C)], {task: labels [N] or [N, C]})}``."""
@@ -217,6 +222,11 @@ class ArrayReader:
     return Examples(
         images[start:stop], {t: y[start:stop] for t, y in labels.items()}, np.arange(start, stop, dtype=np.int64)
     )
+
+  def identify(self, split: str, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """``rows``: the index of each example in the arrays given for ``split``."""
+    self._get(split)
+    return {'rows': np.asarray(positions, np.int64)}
 
 
 def _to_labels_dict(value) -> dict:
@@ -289,6 +299,11 @@ class TfdsReader:
 
   def num_examples(self, split: str) -> int:
     return int(self._check_split(split).num_examples)
+
+  def identify(self, split: str, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """``rows``: each example's index in the TFDS split (its read order)."""
+    self._check_split(split)
+    return {'rows': np.asarray(positions, np.int64)}
 
   def _image(self, image: tf.Tensor) -> tf.Tensor:
     if self.image_fn is not None:
