@@ -98,6 +98,8 @@ def resolve_short_names(app, env, node, contnode):
     if not hasattr(sys.modules.get(owner) or importlib.import_module(owner), head):
       continue
     home = getattr(getattr(sys.modules[owner], head), '__module__', None)
+    if isinstance(home, str) and not home.startswith('mtlmatch'):
+      return None  # another library's object (``Array`` = jax.Array): not ours to link
     for page in (home if isinstance(home, str) else owner, owner):
       while page and page not in domain.modules:  # the package that documents it: mtlmatch.data for data.sources
         page = page.rpartition('.')[0]
@@ -119,5 +121,6 @@ html_theme_options = {
     'use_fullscreen_button': False,
     'navigation_with_keys': False,
 }
-html_static_path = []
+html_static_path = ['_static']
+html_css_files = ['mtlmatch.css']
 html_last_updated_fmt = None
