@@ -141,7 +141,7 @@ def test_misspelt_keys_and_help(tmp_path):
 
 
 def test_train_eval_predict_from_the_cli(tmp_path, tfds_dir):
-  """README's switches and the three modes, one subprocess each."""
+  """The documented switches and the three modes, one subprocess each."""
   workdir = tmp_path / 'vit'
   common = [
       '--config=configs/affect.py:mtl,smoke',
