@@ -6,6 +6,7 @@ MathJax is served from the built site (the sphinx-mathjax-offline package), so t
 """
 
 import importlib
+import inspect
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')  # TensorFlow (imported by mtlmatch.data) quiet
@@ -97,9 +98,10 @@ def resolve_short_names(app, env, node, contnode):
   for owner in [module] + sorted(m for m in sys.modules if m.startswith(module + '.')):  # and its submodules
     if not hasattr(sys.modules.get(owner) or importlib.import_module(owner), head):
       continue
-    home = getattr(getattr(sys.modules[owner], head), '__module__', None)
-    if isinstance(home, str) and not home.startswith('mtlmatch'):
-      return None  # another library's object (``Array`` = jax.Array): not ours to link
+    obj = getattr(sys.modules[owner], head)
+    home = getattr(obj, '__module__', None)
+    if inspect.ismodule(obj) or (isinstance(home, str) and not home.startswith('mtlmatch')):
+      return None  # another library's object (``jax.Array``, a module imported there): not ours to link
     for page in (home if isinstance(home, str) else owner, owner):
       while page and page not in domain.modules:  # the package that documents it: mtlmatch.data for data.sources
         page = page.rpartition('.')[0]
