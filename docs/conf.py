@@ -123,6 +123,8 @@ html_theme_options = {
     'use_fullscreen_button': False,
     'navigation_with_keys': False,
 }
+# The header has the search field: the sidebar's second one goes.
+html_sidebars = {'**': ['navbar-logo.html', 'icon-links.html', 'sbt-sidebar-nav.html']}
 html_static_path = ['_static']
 html_css_files = ['mtlmatch.css']
 html_last_updated_fmt = None
