@@ -61,7 +61,9 @@ def config_page() -> str:
       rows.append(f'| {target} | — | | |')
     for key, spec in specs.items():
       expected = config_lib._expected(spec)  # pylint: disable=protected-access  (the --help text's wording)
-      rows.append(f'| {target} | `{key}` | `{spec.default!r}` | {_cell(expected)}; {_cell(spec.doc)} |')
+      rows.append(
+          f'| {target} | `{key}` | `{spec.default!r}` | {_cell("; ".join(filter(None, (expected, spec.doc))))} |'
+      )
       target = ''
   return '\n'.join(
       [
