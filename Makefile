@@ -4,12 +4,14 @@
 #               8 fake CPU devices (without the tests marked slow)
 #   make test-all   the same with the slow tests (the 20-kill fault test, ...)
 #   make lint   the linter and the formatter check alone; make format rewrites the code in the house style
+#   make docs   install the docs extra into .venv, build the site into docs/_build/html with warnings as errors and
+#               every cross-reference checked (nitpicky), then check every internal link and anchor of the HTML
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/affect_dm
 
-.PHONY: setup run test test-all lint format clean
+.PHONY: setup run test test-all lint format docs clean
 
 $(VENV)/.installed: setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,5 +41,15 @@ format: setup
 	$(VENV)/bin/pyink .
 	$(VENV)/bin/ruff check --fix .
 
+# The docs extra on top of the test environment, with its own stamp (make setup does not install it).
+$(VENV)/.docs-installed: $(VENV)/.installed setup.cfg constraints.txt
+	$(PY) -m pip install -q -c constraints.txt -e '.[docs]'
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	rm -rf docs/_build docs/_generated
+	$(PY) -m sphinx -W --keep-going -n -q -b html docs docs/_build/html
+	$(PY) docs/check_links.py docs/_build/html
+
 clean:
-	rm -rf $(VENV) workdirs
+	rm -rf $(VENV) workdirs docs/_build docs/_generated

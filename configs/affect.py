@@ -11,7 +11,7 @@ Variants (comma-separated): ``mtl``, ``dm``, ``coann``, ``dm+coann``, ``dgr`` (c
 
 Measured with the current defaults (``:dm``, 1,000 steps of 128, two CPU devices on this 2-core machine, nothing else
 running): 74 s of training wall time, compilation included; at the best-validation step (the last) test expression
-accuracy 0.910, AU mean F1 0.749 (README, "Quick start").
+accuracy 0.910, AU mean F1 0.749 (docs/getting_started.md).
 """
 
 from mtlmatch import config_lib

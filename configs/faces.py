@@ -8,7 +8,7 @@ expert prior (Du et al., PNAS 2014) restricted to the AUs your AU dataset annota
 
 A manifest is a CSV or JSON-lines table (``path,expression`` / ``path,AU1,AU2,...``) or the directory of the same
 manifest prepared with ``python -m mtlmatch.data.prepare`` (read by index); the layout, the missing-value codes and
-the checks are in ``mtlmatch/data/faces.py`` and README, "Train on your own face datasets". Images are decoded and
+the checks are in ``mtlmatch/data/faces.py`` and docs/howto/faces.md. Images are decoded and
 resized to ``image_size`` (112) as batches need them; memory does not grow with the datasets.
 
 Variants: as configs/affect.py (``mtl``, ``dm``, ``coann``, ``dgr`` joined with '+', ``single=<task>``,

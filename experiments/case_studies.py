@@ -4,7 +4,7 @@
   python experiments/case_studies.py shopping        # DM paper: scarce `item` labels, Fashion-MNIST
   python experiments/case_studies.py multi_fashion   # DGR paper: weighting/gradient methods ± DGR, two encoders
   python experiments/case_studies.py summary         # experiments/results/SUMMARY.md from the three reports
-  python experiments/case_studies.py summary --readme README.md   # ... and README's generated "Results" block
+  python experiments/case_studies.py summary --readme docs/explanations/results.md  # ... and the site's results block
 
 Options: ``--grid=full`` (the whole grid the studies were designed with; hours on a GPU) or ``--grid=cpu`` (default: the
 cut grid run for ``experiments/results/``, listed in :data:`CPU_GRIDS` with what was cut), ``--seeds=0,1,2``,

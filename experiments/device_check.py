@@ -26,7 +26,7 @@ Columns: ``step ms`` = median over ``--steps`` timed steps (after compiling and 
 encoder are interleaved round by round, as in experiments/bench.py); ``x EW`` = step / the same encoder's ``ew``
 step; ``compile s``; ``temp MB`` = XLA's temporary buffers of the compiled step on one device
 (``compiled.memory_analysis().temp_size_in_bytes``: activations kept for the backward pass among them, which
-``--remat`` is meant to cut — on XLA:CPU it did not, see README "GPU and TPU" — and ``--grad_accum`` k > 1 cuts to
+``--remat`` is meant to cut — on XLA:CPU it did not, see docs/howto/accelerators.md — and ``--grad_accum`` k > 1 cuts to
 about one microbatch's); ``GFLOP`` = XLA's cost analysis of
 the compiled step (``compiled.cost_analysis()['flops']``, per-device program × devices; an estimate; ``n/a`` with
 ``--grad_accum`` k > 1, whose microbatch loop XLA's analysis counts once); ``TFLOP/s`` =

@@ -1191,7 +1191,7 @@ README_BEGIN, README_END = '<!-- results:begin (written by case_studies.py summa
 
 def update_readme(readme: str, summary_text: str) -> None:
   """Replace the block between :data:`README_BEGIN` and :data:`README_END` in ``readme`` with the "At a glance"
-  section of SUMMARY.md (without its heading), so README quotes no verdict by hand."""
+  section of SUMMARY.md (without its heading), so the docs quote no verdict by hand."""
   with open(readme) as f:
     text = f.read()
   if text.count(README_BEGIN) != 1 or text.count(README_END) != 1 or text.index(README_BEGIN) > text.index(README_END):

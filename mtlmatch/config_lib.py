@@ -466,7 +466,7 @@ def key_error(spec: str, key: str, config: Optional[ml_collections.ConfigDict] =
 
 
 def help_text(spec: Optional[str] = None) -> str:
-  """The CLI's ``--help`` body (also README's "Every switch"): variants, encoders with their fields, weighting
+  """The CLI's ``--help`` body (also the docs' config reference): variants, encoders with their fields, weighting
   methods with their hyper-parameters, and every config key of ``spec`` with its value there."""
   lines = [
       'Config variants (after the colon, comma-separated; e.g. configs/affect.py:dm+coann,smoke):',

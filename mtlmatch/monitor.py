@@ -60,7 +60,7 @@ class Monitor:
 
   @property
   def annealed_terms(self) -> tuple[str, ...]:
-    """The terms with a scale: those feeding a monitored task, with ``action='anneal'`` (else none)."""
+    """The terms with a scale — those feeding a monitored task, with ``action='anneal'`` (else none)."""
     if self.action != 'anneal':
       return ()
     return tuple(term for term, tasks in self.feeds.items() if set(tasks) & set(self.references))

@@ -1,5 +1,6 @@
 """Documented switches that work: every encoder with every config file, every hyper-parameter as a
-dotted key, one line for a misspelt key, ``--help`` and README listing every switch, and the CLI's modes run for
+dotted key, one line for a misspelt key, ``--help`` listing every switch (the docs' config
+reference is generated from it: tests/test_docs.py), and the CLI's modes run for
 real in subprocesses (smoke configs, a few steps)."""
 
 import importlib.util
@@ -140,16 +141,10 @@ def test_misspelt_keys_and_help(tmp_path):
     assert needle in out, needle
   for method, specs in ((m, weighting.hparam_specs(m)) for m in weighting.METHODS):
     assert all(f'{k}=' in out for k in specs), method
-  # README carries the same table.
-  readme = open(os.path.join(REPO, 'README.md')).read()
-  block = re.search(r'<!-- switches:begin.*?-->\n```\n(.*?)```\n<!-- switches:end -->', readme, re.S)
-  assert (
-      block and block.group(1).strip() == config_lib.help_text('configs/affect.py:dm+coann+dgr').strip()
-  ), 'README "Every switch" is stale: paste the tail of `python -m mtlmatch.main --help` there'
 
 
 def test_train_eval_predict_from_the_cli(tmp_path, tfds_dir):
-  """README's switches and the three modes, one subprocess each."""
+  """The documented switches and the three modes, one subprocess each."""
   workdir = tmp_path / 'vit'
   common = [
       '--config=configs/affect.py:mtl,smoke',

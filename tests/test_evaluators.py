@@ -186,7 +186,7 @@ def test_probe_hand_cases():
 
 
 class Confidence(evaluators.Evaluator):
-  """README's example of an evaluator of one's own: the mean prediction entropy on the test sources."""
+  """docs/howto/extending.md's evaluator of one's own: the mean prediction entropy on the test sources."""
 
   OPTIONS = {}
 

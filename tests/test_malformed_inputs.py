@@ -2,7 +2,7 @@
 
 Every case runs ``train.train_and_evaluate`` (or the constructor that refuses the input first) against a workdir
 that already holds a run, and checks one ``ValueError`` whose message names the offending value and the expected
-one, and that no file of the workdir changed (contents and mtimes). README.md "Troubleshooting" lists these cases.
+one, and that no file of the workdir changed (contents and mtimes). docs/reference/errors.md lists these cases.
 """
 
 import copy

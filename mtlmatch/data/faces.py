@@ -1,8 +1,8 @@
 """Your own face datasets: expressions from one manifest, action units from another (``get_benchmark('faces')``).
 
-The layout is that of AffectNet-style expression tables and EmotioNet/DISFA-style AU tables (README, "Train on your
-own face datasets"). Each manifest is a CSV or JSON-lines file (:mod:`mtlmatch.data.files`), or the directory of
-the same manifest prepared as an ArrayRecord dataset (``python -m mtlmatch.data.prepare``; read by index)::
+The layout is that of AffectNet-style expression tables and EmotioNet/DISFA-style AU tables (docs/howto/faces.md).
+Each manifest is a CSV or JSON-lines file (:mod:`mtlmatch.data.files`), or the directory of the same manifest
+prepared as an ArrayRecord dataset (``python -m mtlmatch.data.prepare``; read by index)::
 
     expressions.csv                     aus.csv
     path,expression                     path,AU1,AU2,AU4,AU5,AU6,AU9,AU12,AU15,AU17,AU20,AU25,AU26

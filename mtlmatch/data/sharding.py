@@ -79,7 +79,7 @@ def per_host_batch_size(global_batch_size: int, process_count: int, sharding: Op
 
 
 def to_global(batch, sharding: NamedSharding):
-  """Host-local numpy batch (leading axis = this host's examples) → global ``jax.Array``s sharded on the batch axis."""
+  """Host-local numpy batch (leading axis = this host's examples) → global ``jax.Array`` leaves, sharded on axis 0."""
   leaf_sharding = batch_sharding(sharding)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(leaf_sharding, np.asarray(x)), batch)
 

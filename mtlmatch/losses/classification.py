@@ -30,8 +30,8 @@ from mtlmatch.losses._checks import MISSING
 def softmax_xent(logits, labels) -> tuple[jax.Array, jax.Array]:
   """Categorical cross-entropy with missing labels.
 
-  ``per_example[b] = -log softmax(logits[b])[labels[b]]`` (computed with ``log_softmax``: finite for |logits| = 1e4),
-  0 where ``labels[b] = -1``; ``weight[b] = [labels[b] != -1]``.
+  ``per_example[b] = -log softmax(logits[b])[labels[b]]`` (computed with ``log_softmax``: finite for
+  ``|logits| = 1e4``), 0 where ``labels[b] = -1``; ``weight[b] = [labels[b] != -1]``.
 
   Args:
     logits: float ``[B, C]``.

@@ -13,7 +13,7 @@ Study on Faces & Beyond", AAAI 2024 (arXiv 2401.01219), and FaceBehaviorNet (arX
 
 Both return ``(per_example [B], weight [B])``; reduce with ``masked_mean``. ``H(q, p)`` is categorical cross-entropy
 for a multiclass task and binary cross-entropy averaged over the C_B entries for multilabel B, always computed from
-logits (``log_softmax``/``log_sigmoid``), so values and gradients are finite at |logits| = 1e4.
+logits (``log_softmax``/``log_sigmoid``), so values and gradients are finite at ``|logits| = 1e4``.
 
 Usage (inside a jitted loss; bind the keyword options statically)::
 

@@ -33,7 +33,7 @@ def dual_cone_weights(
   """Coefficients v [T, K] of the projections of the combinations uᵀG (u [T, K]) onto the dual cone {d : G d ≥ 0}.
 
   The projection of Gᵀu is Gᵀv with v = argmin_{v ≥ u} vᵀ A v (A = the normalised, regularised Gram matrix; the
-  dual of min ‖d − Gᵀu‖² s.t. G d ≥ 0, Quinton & Rey 2024, Prop. 1), solved as v = u + s, s = `nonneg_qp`(A, A u).
+  dual of min ‖d − Gᵀu‖² s.t. G d ≥ 0, Quinton & Rey 2024, Prop. 1), solved as v = u + s, s = ``nonneg_qp(A, A u)``.
   """
   a_mat = _normalised_gram(g, present, reg)
   u = u * present[:, None]
@@ -200,7 +200,7 @@ class GradDrop(WeightingMethod):
   """GradDrop (Chen, Ngiam, Huang, Luong, Kretzschmar, Chai, Anguelov, NeurIPS 2020, "Just Pick a Sign: Optimizing
   Deep Multitask Models with Gradient Sign Dropout").
 
-  Per coordinate p, the sign purity P_p = ½(1 + Σ_t G_tp / Σ_t |G_tp|) and U_p ~ Uniform(0, 1) (from ``key``);
+  Per coordinate p, the sign purity P_p = ½(1 + Σ_t G_tp / Σ_t ``|G_tp|``) and U_p ~ Uniform(0, 1) (from ``key``);
   task t keeps G_tp when (P_p > U_p and G_tp > 0) or (P_p < U_p and G_tp < 0):
   update_p = Σ_t (leak + (1 − leak) M_tp) G_tp. As TorchJD's ``GradDrop`` it acts on the gradients of the shared
   parameters (the paper and LibMTL apply it to the gradients w.r.t. a shared activation layer, summed over the batch

@@ -77,7 +77,7 @@ def flatten_task_grads(tree: Any) -> jax.Array:
 def task_jacobian(loss_fn: Callable[..., Any], params: Any, *args, has_aux: bool = False):
   """Per-task losses [T] and their gradients G [T, P] w.r.t. `params`, from ONE forward and one vmapped backward.
 
-  loss_fn(params, *args) -> losses [T] (or (losses, aux) with has_aux=True). `jax.jacrev` runs the forward once and
+  ``loss_fn(params, *args)`` -> losses [T] (or (losses, aux) with has_aux=True). `jax.jacrev` runs the forward once and
   pulls back the T unit cotangents together (vmap of the VJP), rather than T separate `jax.grad` passes.
   Returns (losses, G) or (losses, G, aux); G's rows are `flatten_grads` of each task's gradient tree.
   """

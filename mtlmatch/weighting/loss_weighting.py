@@ -181,8 +181,10 @@ class GradNorm(WeightingMethod):
 
   Learned weights w (state ``weights`` [T], init 1). With G^W_t = ‖w_t G_t‖ = w_t ‖G_t‖, Ḡ = mean_t G^W_t,
   L̃_t = L_t / L_t(0) (loss relative to the task's first present loss, state ``initial_losses``) and
-  r_t = L̃_t / mean_i L̃_i, the weights minimise Σ_t |G^W_t − Ḡ r_t^α| with the target held constant:
+  r_t = L̃_t / mean_i L̃_i, the weights minimise Σ_t ``|G^W_t − Ḡ r_t^α|`` with the target held constant:
+
     w_t ← w_t − lr · sign(w_t ‖G_t‖ − Ḡ r_t^α) ‖G_t‖,   then w ← T · w / Σ w  (w floored at 1e-3 first).
+
   A task that trains slower than the others (larger r_t) gets a larger target and its weight grows.
   The update uses the weights of this step: Σ_t w_t G_t.
   The paper measures ‖w_t ∇_W L_t‖ on the last shared layer W only. Here ‖G_t‖ is over whatever ``grads`` holds:
@@ -228,10 +230,14 @@ class FAMO(WeightingMethod):
   """FAMO (Liu, Liang, Chen, Liu, NeurIPS 2023, "FAMO: Fast Adaptive Multitask Optimization").
 
   Task logits ξ (state ``logits`` [T], init 0), z = softmax(ξ). The update descends Σ_t z_t log L_t, i.e.
+
     w_t = T_p · (z_t / L_t) / Σ_{s present} (z_s / L_s),   update = Σ_t w_t G_t
+
   (the authors' c = Σ z/L normalisation, ×T_p = number of present tasks so that equal losses and logits give w = 1,
   the EW update). Logit step, from the change of the log losses δ_t = log L_t(prev) − log L_t(now):
+
     ξ ← Adam(ξ; ∇ = J_softmax(ξ)ᵀ δ + γ ξ)  (β = (0.9, 0.999), ε = 1e-8, L2 weight decay γ, as the authors' code),
+
   so a task whose loss fell faster than the others loses weight. The authors compute L(now) by a second forward pass
   on the same batch after the parameter step; with the (state, grads, losses) interface the step here uses the
   previous step's losses (state ``prev_losses``) and this step's (a one-step delay, no extra pass), then forms the
