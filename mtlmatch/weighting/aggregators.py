@@ -92,9 +92,9 @@ class UPGrad(WeightingMethod):
   kind: ClassVar[str] = 'gradient'
   needs: ClassVar[str] = 'shared_rows'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
-      'reg': HParam(
-          1e-4, 'float', **non_negative(), doc='ridge on the trace-normalised Gram matrix (T > 8 or singular Gram)'
-      ),
+      # The doc stays as README's "Every switch" block prints it (tests/test_cli.py); the class docstring says when
+      # the ridge applies (T > 8 or a singular Gram matrix).
+      'reg': HParam(1e-4, 'float', **non_negative(), doc='ridge on the trace-normalised Gram matrix'),
       'steps': HParam(500, 'int', check=lambda v: v >= 1, expected='>= 1', doc='projected-gradient steps (T > 8)'),
   }
 
