@@ -423,6 +423,38 @@ def test_krum_and_trimmed_mean():
     W.get_method('trimmed_mean', trim_number=2).init(4)
 
 
+@pytest.mark.parametrize('num_tasks', [1, 2, 3, 8, 17])
+def test_stable_ranks_are_the_double_argsort_with_ties(num_tasks):
+  from mtlmatch.weighting.aggregators import stable_ranks  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(num_tasks)
+  v = rng.integers(-2, 3, size=(num_tasks, 300)).astype(np.float32)  # many ties
+  for value in (np.nan, -np.nan, np.inf, -np.inf, -0.0):
+    v[rng.random(v.shape) < 0.05] = value
+  ref = np.argsort(np.argsort(v, axis=0, kind='stable'), axis=0, kind='stable')
+  np.testing.assert_array_equal(jax.jit(stable_ranks)(v), ref)
+
+
+@pytest.mark.parametrize('num_tasks', [3, 5, 8])
+def test_trimmed_mean_with_ties_and_an_absent_task_matches_numpy(num_tasks):
+  rng = np.random.default_rng(num_tasks)
+  g = rng.integers(-2, 3, size=(num_tasks, P)).astype(np.float32)  # ties in every column
+  g[0] = rng.normal(size=P)
+  g[-1] = 0.0  # absent
+  present = present_of(g)
+  n = int(present.sum())
+  for trim in range(0, (num_tasks - 1) // 2 + 1):
+    update, w = steps('trimmed_mean', [g], [np.ones(num_tasks)], trim_number=trim)[0][0]
+    k = min(trim, (n - 1) // 2)
+    values = np.where(present[:, None], g.astype(np.float64), np.inf)
+    rank = np.argsort(np.argsort(values, axis=0, kind='stable'), axis=0, kind='stable')
+    kept = present[:, None] & (rank >= k) & (rank < n - k)
+    np.testing.assert_allclose(update, n / (n - 2 * k) * np.sum(kept * g, axis=0), rtol=1e-6, atol=1e-6)
+    sq = np.sum(g.astype(np.float64) ** 2, axis=1)
+    share = np.where(present, np.sum(kept * g.astype(np.float64) ** 2, axis=1) / np.where(present, sq, 1), 0)
+    np.testing.assert_allclose(w, n / (n - 2 * k) * share, rtol=1e-5, atol=1e-7)
+
+
 def test_rgw_random_softmax_weights_on_present_tasks():
   _, w = one('rgw', ABSENT)
   eps = np.asarray(jax.random.normal(KEY, (3,)), np.float64)[[0, 2]]

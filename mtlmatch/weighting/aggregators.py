@@ -16,7 +16,7 @@ from typing import ClassVar, Mapping
 import jax
 import jax.numpy as jnp
 
-from mtlmatch.weighting.base import HParam, WeightingMethod, gram, non_negative, safe_div
+from mtlmatch.weighting.base import HParam, WeightingMethod, combine, gram, non_negative, safe_div
 from mtlmatch.weighting.gradient_methods import EXACT_MAX_TASKS, _present, nonneg_qp
 
 
@@ -315,6 +315,32 @@ class Krum(WeightingMethod):
     return jnp.where(chosen, safe_div(n_present.astype(jnp.float32), m.astype(jnp.float32), 0.0), 0.0), {}
 
 
+# Up to this many rows, `stable_ranks` counts comparisons (T passes over [T, P]) instead of sorting.
+_RANK_BY_COMPARISONS_MAX_TASKS = 16
+
+
+def stable_ranks(values: jax.Array) -> jax.Array:
+  """int32 [T, P]: the rank of each value in its column under a stable sort (ties by row), as the double argsort
+  ``argsort(argsort(values, axis=0, stable=True), axis=0, stable=True)`` (NaNs last and equal to each other, −0 = +0).
+
+  For T ≤ 16 without sorting: rank_t = Σ_s [v_s < v_t] + Σ_{s < t} [v_s = v_t], T elementwise passes over [T, P]
+  (XLA:CPU sorts a short axis of a long array slowly: the double argsort of [8, 300k] took ~1 s on a loaded 2-core
+  CPU, the comparisons ~16 ms); beyond, the double argsort.
+  """
+  num_tasks = values.shape[0]
+  if num_tasks > _RANK_BY_COMPARISONS_MAX_TASKS:
+    return jnp.argsort(jnp.argsort(values, axis=0, stable=True), axis=0, stable=True).astype(jnp.int32)
+  nan = jnp.isnan(values)
+  row = jnp.arange(num_tasks)[:, None]
+  rank = jnp.zeros(values.shape, jnp.int32)
+  for s in range(num_tasks):
+    v_s, nan_s = values[s][None, :], nan[s][None, :]
+    less = (v_s < values) | (~nan_s & nan)
+    tie = ((v_s == values) | (nan_s & nan)) & (s < row)
+    rank = rank + (less | tie).astype(jnp.int32)
+  return rank
+
+
 @dataclasses.dataclass(frozen=True)
 class TrimmedMean(WeightingMethod):
   """Coordinate-wise trimmed mean (Yin, Chen, Kannan, Bartlett, ICML 2018, "Byzantine-Robust Distributed Learning"),
@@ -344,10 +370,12 @@ class TrimmedMean(WeightingMethod):
     n_present = jnp.sum(present)
     k = jnp.minimum(hp['trim_number'], jnp.maximum(n_present - 1, 0) // 2)
     values = jnp.where(present[:, None], grads, jnp.inf)  # absent rows sort last
-    rank = jnp.argsort(jnp.argsort(values, axis=0, stable=True), axis=0, stable=True)
+    rank = stable_ranks(values)
     kept = present[:, None] & (rank >= k) & (rank < n_present - k)
     scale = safe_div(n_present.astype(jnp.float32), (n_present - 2 * k).astype(jnp.float32), 0.0)
-    update = scale * jnp.sum(jnp.where(kept, grads, 0.0), axis=0)
+    # Σ_t as a product with ones: XLA:CPU's reduction over the short leading axis took ~45 ms for [8, 300k], the
+    # product ~5 ms.
+    update = scale * combine(jnp.ones((grads.shape[0],), grads.dtype), jnp.where(kept, grads, 0.0))
     weights = jnp.where(present, scale * _kept_share(kept, grads), 0.0)
     return update, weights, {}
 
