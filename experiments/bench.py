@@ -381,7 +381,7 @@ def parse_args(argv=None):
   if not task_counts or min(task_counts) < 1:
     parser.error(f'--tasks: got {args.tasks!r}, expected comma-separated ints >= 1')
   valid = row_names(task_counts)
-  args.only = bench_common.comma_list(args.only) or valid
+  args.only = bench_common.comma_list(args.only) if args.only else valid
   unknown = [n for n in args.only if n not in valid]
   if unknown:
     parser.error(f'--only: got unknown names {unknown}, expected names from {valid}')
