@@ -45,7 +45,6 @@ run, and repeat a row with more ``--steps`` before reading much into a 1.06×.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -64,6 +63,7 @@ import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-posit
 import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow_datasets as tfds  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
+from experiments import bench_common  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from mtlmatch import config_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from mtlmatch import data  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from mtlmatch import experiment as experiment_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -327,33 +327,32 @@ def add_ratios(rows: list[dict]) -> list[dict]:
   return rows
 
 
-def format_table(rows: list[dict]) -> str:
-  def num(value, fmt):
-    return format(value, fmt) if value is not None else '-'
+TABLE = (
+    bench_common.Column('name', 20, 'name', align='<'),
+    bench_common.Column('T', 2, 'num_tasks'),
+    bench_common.Column('step ms', 9, 'step_ms', '.2f'),
+    bench_common.Column('x EW', 6, 'ratio_to_ew', '.3f'),
+    bench_common.Column('target', 7, 'target', '.2f'),
+    bench_common.Column('ok', 3, lambda r: bench_common.ok_mark(r.get('meets_target'))),
+    bench_common.Column('compile s', 9, 'compile_s', '.1f'),
+    bench_common.Column('peak MB', 8, 'peak_mem_mb', '.0f'),
+    bench_common.Column('temp MB', 8, 'step_temp_mb', '.1f'),
+    bench_common.Column('GFLOP', 8, 'gflop_per_step', '.3f'),
+    bench_common.Column('TFLOP/s', 8, 'tflops', '.3f'),
+)
 
-  header = (
-      f'{"name":<20} {"T":>2} {"step ms":>9} {"x EW":>6} {"target":>7} {"ok":>3} {"compile s":>9} '
-      f'{"peak MB":>8} {"temp MB":>8} {"GFLOP":>8} {"TFLOP/s":>8}'
+
+def format_table(rows: list[dict]) -> str:
+  return bench_common.format_table(
+      rows,
+      TABLE,
+      suffix=lambda r: f'   ({r["examples_per_s"]:,.0f} examples/s)' if r['name'] == 'pipeline' else '',
   )
-  lines = [header, '-' * len(header)]
-  for r in rows:
-    ok = {True: 'yes', False: 'NO', None: ''}[r.get('meets_target')]
-    lines.append(
-        f'{r["name"]:<20} {r["num_tasks"]:>2} {r["step_ms"]:>9.2f} {num(r.get("ratio_to_ew"), ".3f"):>6} '
-        f'{num(r.get("target"), ".2f"):>7} {ok:>3} {num(r.get("compile_s"), ".1f"):>9} '
-        f'{num(r.get("peak_mem_mb"), ".0f"):>8} {num(r.get("step_temp_mb"), ".1f"):>8} '
-        f'{num(r.get("gflop_per_step"), ".3f"):>8} {num(r.get("tflops"), ".3f"):>8}'
-    )
-    if r['name'] == 'pipeline':
-      lines[-1] += f'   ({r["examples_per_s"]:,.0f} examples/s)'
-  return '\n'.join(lines)
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n', 1)[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
-  )
-  parser.add_argument('--json', default=None, help='write the rows as a JSON list to this file')
+  parser = bench_common.make_parser(__doc__)
+  bench_common.add_json_argument(parser)
   parser.add_argument('--encoder', default='cnn', help='an encoder of mtlmatch.models.ENCODERS')
   parser.add_argument(
       '--encoder_kwargs',
@@ -368,8 +367,7 @@ def parse_args(argv=None):
       help='encoder compute dtype; auto = bfloat16 on a GPU/TPU, float32 on CPU',
   )
   parser.add_argument('--batch_size', type=int, default=64, help='global batch (a multiple of the device count)')
-  parser.add_argument('--steps', type=int, default=20, help='timed steps per row (median reported)')
-  parser.add_argument('--warmup', type=int, default=3, help='untimed steps after compiling')
+  bench_common.add_timing_arguments(parser, steps=20, warmup=3)
   parser.add_argument('--tasks', default='2,4,8', help='task counts T of the <method>_t<T> rows')
   parser.add_argument('--only', default=None, help='comma-separated row names (default: all)')
   parser.add_argument('--num_examples', type=int, default=2048, help='training examples per generated source')
@@ -380,18 +378,17 @@ def parse_args(argv=None):
   )
   parser.add_argument('--data_dir', default=None, help='TFDS cache for synthetic affect (default: a temp dir)')
   args = parser.parse_args(argv)
-  task_counts = [int(t) for t in args.tasks.split(',') if t]
+  task_counts = [int(t) for t in bench_common.comma_list(args.tasks)]
   if not task_counts or min(task_counts) < 1:
     parser.error(f'--tasks: got {args.tasks!r}, expected comma-separated ints >= 1')
   valid = row_names(task_counts)
-  args.only = [n for n in args.only.split(',') if n] if args.only else valid
+  args.only = bench_common.comma_list(args.only) if args.only else valid
   unknown = [n for n in args.only if n not in valid]
   if unknown:
     parser.error(f'--only: got unknown names {unknown}, expected names from {valid}')
   if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.num_examples < 1:
     parser.error('--steps and --batch_size and --num_examples must be >= 1, --warmup >= 0')
-  if args.fast_compile and jax.default_backend() != 'cpu':
-    parser.error(f'--fast_compile: XLA:CPU options, got backend {jax.default_backend()!r}')
+  bench_common.check_fast_compile(parser, args, jax.default_backend())
   if args.dtype == 'auto':
     args.dtype = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
   args.task_counts = task_counts
@@ -423,9 +420,7 @@ def main(argv=None) -> list[dict]:
     rows.append(bench_pipeline(args, base))
   rows = add_ratios(rows)
   print(format_table(rows))
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(rows, f, indent=1)
+  bench_common.write_json(rows, args.json)
   return rows
 
 

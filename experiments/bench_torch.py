@@ -32,7 +32,6 @@ gradient methods ≤ (1 + 0.3·T)× PyTorch's EW step.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -44,6 +43,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from experiments import bench  # noqa: E402  pylint: disable=wrong-import-position
+from experiments import bench_common  # noqa: E402  pylint: disable=wrong-import-position
 from mtlmatch import cpu_devices  # noqa: E402  pylint: disable=wrong-import-position
 
 NUM_TASKS = 2
@@ -63,6 +63,17 @@ def import_torch():
   except ImportError:
     sys.exit(MISSING_TORCH)
   return torch
+
+
+def warm_up_info(start: float) -> dict:
+  """A row's ``info`` for `bench.Prepared`: the warm-up time since ``start``; no memory or FLOP figures."""
+  return {
+      'compile_s': time.perf_counter() - start,
+      'peak_mem_mb': None,
+      'peak_mem_source': None,
+      'step_temp_mb': None,
+      'gflop_per_step': None,
+  }
 
 
 def torch_rows(args, torch) -> list[bench.Prepared]:
@@ -116,13 +127,7 @@ def torch_rows(args, torch) -> list[bench.Prepared]:
     start = time.perf_counter()
     for _ in range(max(args.warmup, 1)):
       fn(None, (images, labels))
-    info = {
-        'compile_s': time.perf_counter() - start,
-        'peak_mem_mb': None,
-        'peak_mem_source': None,
-        'step_temp_mb': None,
-        'gflop_per_step': None,
-    }
+    info = warm_up_info(start)
     prepared.append(bench.Prepared(name, 'torch', NUM_TASKS, fn, None, (images, labels), info))
   return prepared
 
@@ -181,13 +186,7 @@ def breakdown_rows(exp, state, batch, args) -> list[bench.Prepared]:
 
     for _ in range(max(args.warmup, 1)):
       jax.block_until_ready(run(state.params, batch))
-    info = {
-        'compile_s': time.perf_counter() - start,
-        'peak_mem_mb': None,
-        'peak_mem_source': None,
-        'step_temp_mb': None,
-        'gflop_per_step': None,
-    }
+    info = warm_up_info(start)
     rows.append(bench.Prepared(name, 'mtlmatch', len(exp.model.tasks), run, state.params, batch, info))
   return rows
 
@@ -201,28 +200,29 @@ def target(name: str):
   return 1.0 + 0.3 * NUM_TASKS if weighting.is_gradient_method(method) else 1.0
 
 
+TABLE = (
+    bench_common.Column('row', 18, 'name', align='<'),
+    bench_common.Column('step ms', 9, 'step_ms', '.1f'),
+    bench_common.Column('min ms', 8, 'step_ms_min', '.1f'),
+    bench_common.Column('x torch', 8, 'ratio_to_torch', '.3f'),
+    bench_common.Column('target', 7, 'target', '.2f'),
+    bench_common.Column('ok', 3, lambda r: bench_common.ok_mark(r['meets_target'])),
+    bench_common.Column('warm-up s', 9, 'compile_s', '.1f'),
+)
+
+
 def format_table(rows: list[dict]) -> str:
-  header = f'{"row":<18} {"step ms":>9} {"min ms":>8} {"x torch":>8} {"target":>7} {"ok":>3} {"warm-up s":>9}'
-  lines = [header, '-' * len(header)]
-  for r in rows:
-    ok = {True: 'yes', False: 'NO', None: ''}[r['meets_target']]
-    tgt = f'{r["target"]:.2f}' if r['target'] is not None else '-'
-    lines.append(
-        f'{r["name"]:<18} {r["step_ms"]:>9.1f} {r["step_ms_min"]:>8.1f} {r["ratio_to_torch"]:>8.3f} '
-        f'{tgt:>7} {ok:>3} {r["compile_s"]:>9.1f}'
-    )
-  return '\n'.join(lines)
+  return bench_common.format_table(rows, TABLE)
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n', 1)[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
-  )
-  parser.add_argument('--json', default=None, help='write the rows as a JSON list to this file')
+  parser = bench_common.make_parser(__doc__)
+  bench_common.add_json_argument(parser)
   parser.add_argument('--methods', default='ew,pcgrad,mgda', help='mtlmatch weighting methods (comma-separated)')
   parser.add_argument('--batch_size', type=int, default=256)
-  parser.add_argument('--steps', type=int, default=20, help='timed rounds (median reported)')
-  parser.add_argument('--warmup', type=int, default=3)
+  bench_common.add_timing_arguments(
+      parser, steps=20, warmup=3, steps_help='timed rounds (median reported)', warmup_help=None
+  )
   parser.add_argument('--threads', type=int, default=os.cpu_count(), help='PyTorch intra-op threads')
   parser.add_argument('--num_examples', type=int, default=512, help='random training examples for mtlmatch')
   parser.add_argument(
@@ -238,7 +238,7 @@ def parse_args(argv=None):
   )
   parser.add_argument('--fast_compile', action='store_true', help='tests only: quicker XLA compiles, slower steps')
   args = parser.parse_args(argv)
-  args.methods = [m for m in args.methods.split(',') if m]
+  args.methods = bench_common.comma_list(args.methods)
   from mtlmatch import weighting  # pylint: disable=import-outside-toplevel
 
   unknown = [m for m in args.methods if m not in weighting.METHODS]
@@ -280,9 +280,7 @@ def main(argv=None) -> list[dict]:
     r['threads'] = args.threads if r['group'] == 'torch' else None
   print(format_table(rows))
   print(f'load after: {os.getloadavg()}', file=sys.stderr)
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(rows, f, indent=1)
+  bench_common.write_json(rows, args.json)
   return rows
 
 

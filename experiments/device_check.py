@@ -37,7 +37,6 @@ compared with the bf16 peak (the table holds no float32 peaks).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -52,6 +51,7 @@ import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-posit
 import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments import bench  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import bench_common  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from mtlmatch import config_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from mtlmatch import data  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from mtlmatch import experiment as experiment_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -151,29 +151,27 @@ def add_peak(rows: list[dict]) -> list[dict]:
   return rows
 
 
-def format_table(rows: list[dict]) -> str:
-  def num(value, fmt):
-    return format(value, fmt) if value is not None else 'n/a'
+TABLE = (
+    bench_common.Column('encoder', 20, 'group', align='<'),
+    bench_common.Column('row', 10, 'name', align='<'),
+    bench_common.Column('step ms', 9, 'step_ms', '.2f'),
+    bench_common.Column('x EW', 6, 'ratio_to_ew', '.3f'),
+    bench_common.Column('compile s', 9, 'compile_s', '.1f'),
+    bench_common.Column('temp MB', 9, 'step_temp_mb', '.1f'),
+    bench_common.Column('GFLOP', 9, 'gflop_per_step', '.2f'),
+    bench_common.Column('TFLOP/s', 8, 'tflops', '.3f'),
+    bench_common.Column(
+        '% peak', 7, lambda r: 100 * r['fraction_of_peak'] if r['fraction_of_peak'] is not None else None, '.1f'
+    ),
+)
 
-  header = (
-      f'{"encoder":<20} {"row":<10} {"step ms":>9} {"x EW":>6} {"compile s":>9} {"temp MB":>9} {"GFLOP":>9} '
-      f'{"TFLOP/s":>8} {"% peak":>7}'
-  )
-  lines = [header, '-' * len(header)]
-  for r in rows:
-    fraction = r['fraction_of_peak']
-    lines.append(
-        f'{r["group"]:<20} {r["name"]:<10} {r["step_ms"]:>9.2f} {num(r["ratio_to_ew"], ".3f"):>6} '
-        f'{r["compile_s"]:>9.1f} {num(r["step_temp_mb"], ".1f"):>9} {num(r["gflop_per_step"], ".2f"):>9} '
-        f'{num(r["tflops"], ".3f"):>8} {num(100 * fraction if fraction is not None else None, ".1f"):>7}'
-    )
-  return '\n'.join(lines)
+
+def format_table(rows: list[dict]) -> str:
+  return bench_common.format_table(rows, TABLE, missing='n/a')
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n', 1)[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
-  )
+  parser = bench_common.make_parser(__doc__)
   parser.add_argument('--encoders', default=','.join(ENCODERS), help=f'comma-separated, of {list(ENCODERS)}')
   parser.add_argument('--rows', default=','.join(ROWS), help=f'comma-separated, of {list(ROWS)}')
   parser.add_argument('--batch_size', type=int, default=256, help='global batch (a multiple of the device count)')
@@ -187,17 +185,16 @@ def parse_args(argv=None):
       '--grad_accum', default='1', help='comma-separated config.grad_accum_steps values, one group of rows each'
   )
   parser.add_argument('--jacobian', default='auto', choices=('auto', 'vmap', 'rows'), help='config.weighting.jacobian')
-  parser.add_argument('--steps', type=int, default=10, help='timed steps per row (median reported)')
-  parser.add_argument('--warmup', type=int, default=2, help='untimed steps after compiling')
+  bench_common.add_timing_arguments(parser, steps=10, warmup=2)
   parser.add_argument(
       '--fast_compile', action='store_true', help='CPU only, for tests: quicker XLA compiles, slower steps'
   )
-  parser.add_argument('--json', default=None, help='write the rows as a JSON list to this file')
+  bench_common.add_json_argument(parser)
   args = parser.parse_args(argv)
-  args.encoders = [e for e in args.encoders.split(',') if e]
-  args.rows = [r for r in args.rows.split(',') if r]
+  args.encoders = bench_common.comma_list(args.encoders)
+  args.rows = bench_common.comma_list(args.rows)
   try:
-    args.grad_accum = [int(k) for k in args.grad_accum.split(',') if k]
+    args.grad_accum = [int(k) for k in bench_common.comma_list(args.grad_accum)]
   except ValueError:
     parser.error(f'--grad_accum: got {args.grad_accum!r}, expected comma-separated ints >= 1')
   if not args.grad_accum or min(args.grad_accum) < 1:
@@ -214,8 +211,7 @@ def parse_args(argv=None):
           f'--batch_size={args.batch_size}: expected a multiple of the device count {jax.device_count()} x '
           f'grad_accum {k}'
       )
-  if args.fast_compile and jax.default_backend() != 'cpu':
-    parser.error(f'--fast_compile: XLA:CPU options, got backend {jax.default_backend()!r}')
+  bench_common.check_fast_compile(parser, args, jax.default_backend())
   kwargs = json.loads(args.encoder_kwargs)
   args.encoder_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
   return args
@@ -245,9 +241,7 @@ def main(argv=None) -> list[dict]:
         rows += run_group(encoder, remat, benchmark, args, accum)
   rows = add_peak(rows)
   print(format_table(rows))
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(rows, f, indent=1)
+  bench_common.write_json(rows, args.json)
   return rows
 
 

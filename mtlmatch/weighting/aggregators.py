@@ -16,8 +16,8 @@ from typing import ClassVar, Mapping
 import jax
 import jax.numpy as jnp
 
-from mtlmatch.weighting.base import HParam, WeightingMethod, gram, non_negative, safe_div
-from mtlmatch.weighting.gradient_methods import _present, nonneg_qp
+from mtlmatch.weighting.base import HParam, WeightingMethod, combine, gram, non_negative, safe_div
+from mtlmatch.weighting.gradient_methods import EXACT_MAX_TASKS, _present, nonneg_qp
 
 
 def _normalised_gram(g: jax.Array, present: jax.Array, reg: jax.Array | float) -> jax.Array:
@@ -27,17 +27,49 @@ def _normalised_gram(g: jax.Array, present: jax.Array, reg: jax.Array | float) -
   return safe_div(g, jnp.trace(g), 0.0) + reg * jnp.eye(g.shape[0])
 
 
+# The exact (ridge-free) dual-cone projection is used for T <= EXACT_MAX_TASKS when the unit-diagonal Gram matrix of
+# the present tasks has its smallest eigenvalue above this (not numerically singular in float32) ...
+_EXACT_MIN_EIGENVALUE = 1e-6
+# ... and the projection's cosine with every present task is at least −this (float32 rounding is ~1e-6).
+_EXACT_CONFLICT_TOL = 1e-4
+
+
+def _exact_is_valid(a_mat: jax.Array, present: jax.Array, v: jax.Array) -> jax.Array:
+  """Bool [K]: v [T, K] (solved with a_mat = G Gᵀ / tr, no ridge) is a projection to keep (see the constants)."""
+  num_tasks = a_mat.shape[0]
+  both = present[:, None] & present[None, :]
+  diag = jnp.diagonal(a_mat)
+  scale = jnp.where(present & (diag > 0), 1.0 / jnp.sqrt(jnp.where(diag > 0, diag, 1.0)), 0.0)
+  unit = jnp.where(both, a_mat * scale[:, None] * scale[None, :], jnp.eye(num_tasks))
+  nonsingular = jnp.linalg.eigvalsh(unit)[0] > _EXACT_MIN_EIGENVALUE
+  inner = a_mat @ v  # [T, K]: ⟨G_t, d_k⟩ / tr(G Gᵀ) for d_k = Gᵀ v_k
+  sq_norm = jnp.sum(v * inner, axis=0)  # [K]: ‖d_k‖² / tr(G Gᵀ)
+  cosine = safe_div(inner, jnp.sqrt(jnp.maximum(diag[:, None] * sq_norm[None, :], 0.0)), 0.0)
+  feasible = jnp.all(~present[:, None] | (cosine >= -_EXACT_CONFLICT_TOL), axis=0)
+  return nonsingular & feasible & jnp.all(jnp.isfinite(v), axis=0)
+
+
 def dual_cone_weights(
     g: jax.Array, present: jax.Array, u: jax.Array, reg: jax.Array | float = 1e-4, steps: jax.Array | int = 500
 ) -> jax.Array:
   """Coefficients v [T, K] of the projections of the combinations uᵀG (u [T, K]) onto the dual cone {d : G d ≥ 0}.
 
-  The projection of Gᵀu is Gᵀv with v = argmin_{v ≥ u} vᵀ A v (A = the normalised, regularised Gram matrix; the
-  dual of min ‖d − Gᵀu‖² s.t. G d ≥ 0, Quinton & Rey 2024, Prop. 1), solved as v = u + s, s = ``nonneg_qp(A, A u)``.
+  The projection of Gᵀu is Gᵀv with v = argmin_{v ≥ u} vᵀ A v (A = the trace-normalised Gram matrix G Gᵀ / tr(G Gᵀ);
+  the dual of min ‖d − Gᵀu‖² s.t. G d ≥ 0, Quinton & Rey 2024, Prop. 1), solved as v = u + s, s = ``nonneg_qp(A, A u)``.
+  T ≤ 8: exact, without ridge, for each column whose solution is valid: the Gram matrix of the present tasks is not
+  singular (its unit-diagonal form has smallest eigenvalue > 1e-6) and the projection's cosine with every present task
+  is ≥ −1e-4 (in practice ~1e-6, float32 rounding). Otherwise, and for T > 8, A gets TorchJD's ridge ``reg``·I: that
+  projection may conflict with task t: by KKT ⟨G_t, d⟩ ≥ −``reg``·v_t·tr(G Gᵀ), a cosine down to
+  −``reg``·v_t·tr(G Gᵀ) / (‖G_t‖ ‖d‖) (large for a task whose gradient is much smaller than the others).
   """
-  a_mat = _normalised_gram(g, present, reg)
   u = u * present[:, None]
-  return u + nonneg_qp(a_mat, a_mat @ u, present, steps)
+  a_ridge = _normalised_gram(g, present, reg)
+  v_ridge = u + nonneg_qp(a_ridge, a_ridge @ u, present, steps)
+  if g.shape[0] > EXACT_MAX_TASKS:
+    return v_ridge
+  a_exact = _normalised_gram(g, present, 0.0)
+  v_exact = u + nonneg_qp(a_exact, a_exact @ u, present, steps)
+  return jnp.where(_exact_is_valid(a_exact, present, v_exact)[None, :], v_exact, v_ridge)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,17 +79,21 @@ class UPGrad(WeightingMethod):
   Each task gradient is projected onto the dual cone of the rows, {d : G_s·d ≥ 0 ∀s}, and the projections are
   summed: update = Σ_t π(G_t) (TorchJD averages them with its default ``Mean`` preference; the sum puts the update on
   the EW scale, the projection being positively homogeneous). So the update never conflicts with any task
-  (G_s·update ≥ 0) and equals EW when no pair conflicts. Through the dual, π(G_t) = Gᵀ v_t with
-  v_t = argmin_{v ≥ e_t} vᵀ A v, A = G Gᵀ / tr(G Gᵀ) + reg·I (TorchJD's normalisation and ``reg_eps``); weights =
-  Σ_t v_t. Solver: exact face enumeration for T ≤ 8 (`nonneg_qp`; TorchJD calls quadprog), accelerated projected
-  gradient (``steps``) beyond. Absent tasks are neither projected nor constraints.
-  hparams: reg (1e-4), steps (500, T > 8 only).
+  (G_s·update ≥ 0, to float32 rounding for T ≤ 8 with a non-singular Gram matrix, else within the ridge's bound, see
+  `dual_cone_weights`) and equals EW when no pair conflicts. Through the dual, π(G_t) = Gᵀ v_t with
+  v_t = argmin_{v ≥ e_t} vᵀ A v, A = G Gᵀ / tr(G Gᵀ) (TorchJD's normalisation); weights = Σ_t v_t. Solver: exact face
+  enumeration for T ≤ 8 (`nonneg_qp`; TorchJD calls quadprog), without ridge unless the Gram matrix is singular
+  (`dual_cone_weights`); beyond, or for a singular Gram matrix, A + reg·I (TorchJD's ``reg_eps``) and for T > 8
+  accelerated projected gradient (``steps``). Absent tasks are neither projected nor constraints.
+  hparams: reg (1e-4; only where the exact solve is not used), steps (500, T > 8 only).
   """
 
   name: ClassVar[str] = 'upgrad'
   kind: ClassVar[str] = 'gradient'
   needs: ClassVar[str] = 'shared_rows'
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
+      # The doc stays as README's "Every switch" block prints it (tests/test_cli.py); the class docstring says when
+      # the ridge applies (T > 8 or a singular Gram matrix).
       'reg': HParam(1e-4, 'float', **non_negative(), doc='ridge on the trace-normalised Gram matrix'),
       'steps': HParam(500, 'int', check=lambda v: v >= 1, expected='>= 1', doc='projected-gradient steps (T > 8)'),
   }
@@ -279,6 +315,32 @@ class Krum(WeightingMethod):
     return jnp.where(chosen, safe_div(n_present.astype(jnp.float32), m.astype(jnp.float32), 0.0), 0.0), {}
 
 
+# Up to this many rows, `stable_ranks` counts comparisons (T passes over [T, P]) instead of sorting.
+_RANK_BY_COMPARISONS_MAX_TASKS = 16
+
+
+def stable_ranks(values: jax.Array) -> jax.Array:
+  """int32 [T, P]: the rank of each value in its column under a stable sort (ties by row), as the double argsort
+  ``argsort(argsort(values, axis=0, stable=True), axis=0, stable=True)`` (NaNs last and equal to each other, −0 = +0).
+
+  For T ≤ 16 without sorting: rank_t = Σ_s [v_s < v_t] + Σ_{s < t} [v_s = v_t], T elementwise passes over [T, P]
+  (XLA:CPU sorts a short axis of a long array slowly: the double argsort of [8, 300k] took ~1 s on a loaded 2-core
+  CPU, the comparisons ~16 ms); beyond, the double argsort.
+  """
+  num_tasks = values.shape[0]
+  if num_tasks > _RANK_BY_COMPARISONS_MAX_TASKS:
+    return jnp.argsort(jnp.argsort(values, axis=0, stable=True), axis=0, stable=True).astype(jnp.int32)
+  nan = jnp.isnan(values)
+  row = jnp.arange(num_tasks)[:, None]
+  rank = jnp.zeros(values.shape, jnp.int32)
+  for s in range(num_tasks):
+    v_s, nan_s = values[s][None, :], nan[s][None, :]
+    less = (v_s < values) | (~nan_s & nan)
+    tie = ((v_s == values) | (nan_s & nan)) & (s < row)
+    rank = rank + (less | tie).astype(jnp.int32)
+  return rank
+
+
 @dataclasses.dataclass(frozen=True)
 class TrimmedMean(WeightingMethod):
   """Coordinate-wise trimmed mean (Yin, Chen, Kannan, Bartlett, ICML 2018, "Byzantine-Robust Distributed Learning"),
@@ -308,10 +370,12 @@ class TrimmedMean(WeightingMethod):
     n_present = jnp.sum(present)
     k = jnp.minimum(hp['trim_number'], jnp.maximum(n_present - 1, 0) // 2)
     values = jnp.where(present[:, None], grads, jnp.inf)  # absent rows sort last
-    rank = jnp.argsort(jnp.argsort(values, axis=0, stable=True), axis=0, stable=True)
+    rank = stable_ranks(values)
     kept = present[:, None] & (rank >= k) & (rank < n_present - k)
     scale = safe_div(n_present.astype(jnp.float32), (n_present - 2 * k).astype(jnp.float32), 0.0)
-    update = scale * jnp.sum(jnp.where(kept, grads, 0.0), axis=0)
+    # Σ_t as a product with ones: XLA:CPU's reduction over the short leading axis took ~45 ms for [8, 300k], the
+    # product ~5 ms.
+    update = scale * combine(jnp.ones((grads.shape[0],), grads.dtype), jnp.where(kept, grads, 0.0))
     weights = jnp.where(present, scale * _kept_share(kept, grads), 0.0)
     return update, weights, {}
 

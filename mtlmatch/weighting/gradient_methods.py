@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtlmatch.weighting.base import (
+    HIGHEST,
     HParam,
     WeightingMethod,
     gram,
@@ -135,26 +136,30 @@ def nonneg_qp(a_mat: jax.Array, b: jax.Array, present: jax.Array, steps: jax.Arr
   """argmin_{s ≥ 0} ½ sᵀ A s + bᵀ s over the present coordinates (s = 0 on absent ones), for each column of b.
 
   a_mat [T, T] positive definite on the present tasks; b [T, K]; returns s [T, K].
-  T ≤ 8: exact. On a face S (the coordinates with s > 0) the optimum solves A_SS s_S = −b_S; every feasible face
-  candidate (s_S ≥ 0) and s = 0 are scored with the objective and the least wins (the optimum is the face optimum
-  of its support). T > 8: `steps` steps of accelerated projected gradient (FISTA, step 1/tr A) from s = 0.
+  T ≤ 8: exact. On a face S (the coordinates with s > 0) the optimum solves A_SS s_S = −b_S; of every feasible face
+  candidate (s_S ≥ 0) and s = 0, the one that best meets the optimality (KKT) conditions wins: with r = A s + b,
+  r_i = 0 where s_i > 0 and r_i ≥ 0 where s_i = 0, its worst violation measured as |r_i| / √A_ii (the
+  objective itself cannot tell apart two faces whose optima differ below float32 rounding, while their r can differ
+  by far more). T > 8: `steps` steps of accelerated projected gradient (FISTA, step 1/tr A) from s = 0.
   """
   num_tasks = a_mat.shape[0]
   pf = present.astype(a_mat.dtype)
   a_mat = jnp.where(present[:, None] & present[None, :], a_mat, jnp.eye(num_tasks))
   b = b * pf[:, None]
 
-  def objective(s):  # s [..., T, K] → [..., K]
-    return 0.5 * jnp.einsum('...ik,ij,...jk->...k', s, a_mat, s) + jnp.einsum('...ik,ik->...k', s, b)
-
   if num_tasks <= EXACT_MAX_TASKS:
     m, valid, x = _face_solves(a_mat, -b, present)  # x [F, T, K]
     ok = valid[:, None] & jnp.all((x >= -_FACE_TOL) | (m[:, :, None] == 0), axis=1) & jnp.all(jnp.isfinite(x), axis=1)
     x = jnp.where(ok[:, None, :], jnp.clip(x, 0.0, None) * m[:, :, None], 0.0)
-    obj = jnp.where(ok, objective(x), jnp.inf)  # [F, K]
-    best = jnp.argmin(obj, axis=0)  # [K]
+    x = jnp.concatenate([x, jnp.zeros_like(x[:1])])  # and the candidate s = 0
+    ok = jnp.concatenate([ok, jnp.ones_like(ok[:1])])
+    residual = jnp.einsum('ij,fjk->fik', a_mat, x, precision=HIGHEST) + b[None]  # r = A s + b [F + 1, T, K]
+    violation = jnp.where(x > 0, jnp.abs(residual), jnp.maximum(-residual, 0.0))
+    inv_scale = 1.0 / jnp.sqrt(jnp.maximum(jnp.diagonal(a_mat), 1e-30))
+    score = jnp.max(violation * (inv_scale * pf)[None, :, None], axis=1)  # [F + 1, K]
+    score = jnp.where(ok & jnp.isfinite(score), score, jnp.inf)
+    best = jnp.argmin(score, axis=0)  # [K]
     s = jnp.take_along_axis(x, best[None, None, :], axis=0)[0]  # [T, K]
-    s = jnp.where((jnp.min(obj, axis=0) < 0.0)[None, :], s, 0.0)  # s = 0 (objective 0) when nothing beats it
   else:
     lip = jnp.maximum(jnp.trace(a_mat), 1e-30)
 
