@@ -59,7 +59,7 @@ def _check_images(images, where: str) -> None:
     raise ValueError(f'{where} images: got shape {images.shape}, expected [B, H, W, C]')
 
 
-def _check_positive_ints(where: str, **values) -> None:
+def check_positive_ints(where: str, **values) -> None:
   """Each value must be a positive int, or (for a sequence) a non-empty sequence of positive ints."""
   for name, value in values.items():
     is_seq = isinstance(value, (tuple, list))
@@ -69,7 +69,7 @@ def _check_positive_ints(where: str, **values) -> None:
       raise ValueError(f'{where}.{name}: got {value!r}, expected {expected}')
 
 
-def _construct(registry: Mapping[str, Callable[..., nn.Module]], what: str, name: str, kwargs) -> nn.Module:
+def construct(registry: Mapping[str, Callable[..., nn.Module]], what: str, name: str, kwargs) -> nn.Module:
   """registry[name](**kwargs), with unknown names, unknown kwargs and bad values all raised as one ValueError."""
   if name not in registry:
     raise ValueError(f'{what} name: got {name!r}, expected one of {sorted(registry)}')
@@ -83,7 +83,7 @@ def _construct(registry: Mapping[str, Callable[..., nn.Module]], what: str, name
   if 'conv_impl' in kwargs:
     cpu_ops.check_impl(f'{what} {name!r} conv_impl', kwargs['conv_impl'])
   if isinstance(kwargs.get('dtype'), str):
-    _check_dtype(f'{what} {name!r}', kwargs['dtype'])
+    check_dtype(f'{what} {name!r}', kwargs['dtype'])
     kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
   return cls(**kwargs)
 
@@ -101,7 +101,7 @@ def _maybe_remat(target, remat: bool, static_argnums=()):
   return nn.remat(target, static_argnums=static_argnums) if remat else target
 
 
-def _check_dtype(where: str, dtype) -> None:
+def check_dtype(where: str, dtype) -> None:
   try:
     ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
   except TypeError:
@@ -121,8 +121,8 @@ class MLPEncoder(nn.Module):
   remat: bool = False  # recompute each layer's activations in the backward pass (config.remat)
 
   def __post_init__(self):
-    _check_positive_ints('MLPEncoder', hidden=self.hidden)
-    _check_dtype('MLPEncoder', self.dtype)
+    check_positive_ints('MLPEncoder', hidden=self.hidden)
+    check_dtype('MLPEncoder', self.dtype)
     _check_bool('MLPEncoder.remat', self.remat)
     super().__post_init__()
 
@@ -154,8 +154,8 @@ class CNNEncoder(nn.Module):
   remat: bool = False  # recompute each stage's activations in the backward pass (config.remat)
 
   def __post_init__(self):
-    _check_positive_ints('CNNEncoder', widths=self.widths, features=self.features)
-    _check_dtype('CNNEncoder', self.dtype)
+    check_positive_ints('CNNEncoder', widths=self.widths, features=self.features)
+    check_dtype('CNNEncoder', self.dtype)
     cpu_ops.check_impl('CNNEncoder.conv_impl', self.conv_impl)
     _check_bool('CNNEncoder.remat', self.remat)
     super().__post_init__()
@@ -260,8 +260,8 @@ class _ResNet(nn.Module):
 
   def __post_init__(self):
     where = type(self).__name__
-    _check_positive_ints(where, width=self.width, stage_sizes=self.stage_sizes)
-    _check_dtype(where, self.dtype)
+    check_positive_ints(where, width=self.width, stage_sizes=self.stage_sizes)
+    check_dtype(where, self.dtype)
     cpu_ops.check_impl(f'{where}.conv_impl', self.conv_impl)
     if self.stem not in STEMS:
       raise ValueError(f'{where}.stem: got {self.stem!r}, expected one of {list(STEMS)}')
@@ -380,11 +380,9 @@ class ViTTiny(nn.Module):
   remat: bool = False  # recompute each block's activations in the backward pass (config.remat)
 
   def __post_init__(self):
-    _check_positive_ints(
-        'ViTTiny', patch_size=self.patch_size, dim=self.dim, depth=self.depth, num_heads=self.num_heads
-    )
+    check_positive_ints('ViTTiny', patch_size=self.patch_size, dim=self.dim, depth=self.depth, num_heads=self.num_heads)
     if self.mlp_dim is not None:
-      _check_positive_ints('ViTTiny', mlp_dim=self.mlp_dim)
+      check_positive_ints('ViTTiny', mlp_dim=self.mlp_dim)
     if self.dim % self.num_heads or self.dim % 4:
       raise ValueError(
           f'ViTTiny.dim: got {self.dim}, expected a multiple of num_heads={self.num_heads} and of 4 '
@@ -392,7 +390,7 @@ class ViTTiny(nn.Module):
       )
     if self.pool not in ('gap', 'cls'):
       raise ValueError(f"ViTTiny.pool: got {self.pool!r}, expected one of ['gap', 'cls']")
-    _check_dtype('ViTTiny', self.dtype)
+    check_dtype('ViTTiny', self.dtype)
     cpu_ops.check_impl('ViTTiny.conv_impl', self.conv_impl)
     _check_bool('ViTTiny.remat', self.remat)
     super().__post_init__()
@@ -439,4 +437,4 @@ def build_encoder(name: str, **kwargs) -> nn.Module:
 
   Raises one ValueError for an unknown name, an unknown keyword or a bad value.
   """
-  return _construct(ENCODERS, 'encoder', name, kwargs)
+  return construct(ENCODERS, 'encoder', name, kwargs)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mtlmatch.models.encoders import Dtype, _check_dtype, _check_positive_ints, _construct
+from mtlmatch.models.encoders import Dtype, check_dtype, check_positive_ints, construct
 
 
 class LinearHead(nn.Module):
@@ -28,8 +28,8 @@ class LinearHead(nn.Module):
   dtype: Dtype = jnp.float32
 
   def __post_init__(self):
-    _check_positive_ints('LinearHead', num_classes=self.num_classes)
-    _check_dtype('LinearHead', self.dtype)
+    check_positive_ints('LinearHead', num_classes=self.num_classes)
+    check_dtype('LinearHead', self.dtype)
     super().__post_init__()
 
   @nn.compact
@@ -46,8 +46,8 @@ class MLPHead(nn.Module):
   dtype: Dtype = jnp.float32
 
   def __post_init__(self):
-    _check_positive_ints('MLPHead', num_classes=self.num_classes, hidden=self.hidden)
-    _check_dtype('MLPHead', self.dtype)
+    check_positive_ints('MLPHead', num_classes=self.num_classes, hidden=self.hidden)
+    check_dtype('MLPHead', self.dtype)
     super().__post_init__()
 
   @nn.compact
@@ -69,4 +69,4 @@ def build_head(name: str, num_classes: int, **kwargs) -> nn.Module:
   """
   if 'num_classes' in kwargs:
     raise ValueError(f'head {name!r} kwargs: got num_classes twice, expected it only as the positional argument')
-  return _construct(HEADS, 'head', name, {'num_classes': num_classes, **kwargs})
+  return construct(HEADS, 'head', name, {'num_classes': num_classes, **kwargs})

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mtlmatch.weighting.base import HParam, WeightingMethod, combine, gram, non_negative, safe_div
-from mtlmatch.weighting.gradient_methods import EXACT_MAX_TASKS, _present, nonneg_qp
+from mtlmatch.weighting.gradient_methods import EXACT_MAX_TASKS, present_tasks, nonneg_qp
 
 
 def _normalised_gram(g: jax.Array, present: jax.Array, reg: jax.Array | float) -> jax.Array:
@@ -100,7 +100,7 @@ class UPGrad(WeightingMethod):
 
   def _apply(self, state, hp, grads, losses, key):
     g = gram(grads)
-    present = _present(g)
+    present = present_tasks(g)
     v = dual_cone_weights(g, present, jnp.eye(g.shape[0]), hp['reg'], hp['steps'])
     return jnp.where(present, jnp.sum(v * present[None, :], axis=1), 0.0), {}
 
@@ -118,7 +118,7 @@ class DualProj(UPGrad):
 
   def _apply(self, state, hp, grads, losses, key):
     g = gram(grads)
-    present = _present(g)
+    present = present_tasks(g)
     v = dual_cone_weights(g, present, jnp.ones((g.shape[0], 1)), hp['reg'], hp['steps'])
     return jnp.where(present, v[:, 0], 0.0), {}
 
@@ -145,7 +145,7 @@ class ConFIG(WeightingMethod):
 
   def _apply(self, state, hp, grads, losses, key):
     g = gram(grads)
-    present = _present(g)
+    present = present_tasks(g)
     both = present[:, None] & present[None, :]
     scale = jnp.max(jnp.where(present, jnp.diagonal(g), 0.0))
     gs = safe_div(jnp.where(both, g, 0.0), scale, 0.0)  # scale-free: the weights below are invariant to it
@@ -220,7 +220,7 @@ class GradVac(WeightingMethod):
   def _apply(self, state, hp, grads, losses, key):
     key = self._require_key(key)
     g = gram(grads)
-    present = _present(g)
+    present = present_tasks(g)
     coefs, targets = gradvac_coefficients(g, present, state['targets'], hp['beta'], key)
     return jnp.where(present, jnp.sum(coefs, axis=0), 0.0), {'targets': targets}
 
@@ -255,7 +255,7 @@ class GradDrop(WeightingMethod):
 
   def _apply_update(self, state, hp, grads, losses, key):
     key = self._require_key(key)
-    present = _present(gram(grads))
+    present = present_tasks(gram(grads))
     purity = 0.5 * (1.0 + safe_div(jnp.sum(grads, axis=0), jnp.sum(jnp.abs(grads), axis=0), 0.0))
     u = jax.random.uniform(key, (grads.shape[1],))
     mask = ((purity > u)[None, :] & (grads > 0)) | ((purity < u)[None, :] & (grads < 0))
@@ -299,7 +299,7 @@ class Krum(WeightingMethod):
 
   def _apply(self, state, hp, grads, losses, key):
     g = gram(grads)
-    present = _present(g)
+    present = present_tasks(g)
     num_tasks = g.shape[0]
     n_present = jnp.sum(present)
     d = jnp.diagonal(g)
@@ -366,7 +366,7 @@ class TrimmedMean(WeightingMethod):
     return {}
 
   def _apply_update(self, state, hp, grads, losses, key):
-    present = _present(gram(grads))
+    present = present_tasks(gram(grads))
     n_present = jnp.sum(present)
     k = jnp.minimum(hp['trim_number'], jnp.maximum(n_present - 1, 0) // 2)
     values = jnp.where(present[:, None], grads, jnp.inf)  # absent rows sort last
@@ -395,7 +395,7 @@ class RGW(WeightingMethod):
 
   def _apply(self, state, hp, grads, losses, key):
     key = self._require_key(key)
-    present = _present(gram(grads))
+    present = present_tasks(gram(grads))
     eps = jax.random.normal(key, (grads.shape[0],))
     probs = jax.nn.softmax(jnp.where(present, eps, -jnp.inf))
     return jnp.where(present, jnp.sum(present) * probs, 0.0), {}

@@ -45,7 +45,7 @@ _FACE_RIDGE = 1e-6
 _FACE_TOL = 1e-4
 
 
-def _present(g: jax.Array) -> jax.Array:
+def present_tasks(g: jax.Array) -> jax.Array:
   return present_from_sq_norms(jnp.diagonal(g))
 
 
@@ -443,7 +443,7 @@ class MGDA(WeightingMethod):
 
   def _apply(self, state, hp, grads, losses, key):
     g = gram(grads)
-    present = _present(g)
+    present = present_tasks(g)
     norms = jnp.sqrt(jnp.maximum(jnp.diagonal(g), 0.0))
     loss_ok = present_from_losses(losses) & (losses > 0)
     safe_loss = jnp.where(loss_ok, losses, 1.0)
@@ -486,7 +486,7 @@ class PCGrad(WeightingMethod):
   def _apply(self, state, hp, grads, losses, key):
     key = self._require_key(key)
     g = gram(grads)
-    return pcgrad_weights(g, _present(g), key), {}
+    return pcgrad_weights(g, present_tasks(g), key), {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -513,7 +513,7 @@ class CAGrad(WeightingMethod):
 
   def _apply(self, state, hp, grads, losses, key):
     g = gram(grads)
-    present = _present(g)
+    present = present_tasks(g)
     c = hp['c']
     beta, _ = cagrad_weights(g, present, c, hp['steps'])
     rescale = jnp.stack([1.0 + c, 1.0 + c * c, jnp.ones_like(c)])[hp['rescale']]
@@ -554,7 +554,7 @@ class NashMTL(WeightingMethod):
 
   def _apply(self, state, hp, grads, losses, key):
     g = gram(grads)
-    present = _present(g)
+    present = present_tasks(g)
     solve = state['step'] % hp['update_every'] == 0
     alpha = jax.lax.cond(
         solve,
@@ -589,7 +589,7 @@ class FairGrad(WeightingMethod):
 
   def _apply(self, state, hp, grads, losses, key):
     g = gram(grads)
-    return fairgrad_weights(g, _present(g), hp['alpha'], hp['ridge'], hp['steps']), {}
+    return fairgrad_weights(g, present_tasks(g), hp['alpha'], hp['ridge'], hp['steps']), {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -609,7 +609,7 @@ class IMTL(WeightingMethod):
 
   def _apply(self, state, hp, grads, losses, key):
     g = gram(grads)
-    present = _present(g)
+    present = present_tasks(g)
     return jnp.sum(present) * imtl_weights(g, present), {}
 
 
@@ -639,4 +639,4 @@ class AlignedMTL(WeightingMethod):
 
   def _apply(self, state, hp, grads, losses, key):
     g = gram(grads)
-    return aligned_weights(g, _present(g), hp['scale_mode'], hp['rtol']), {}
+    return aligned_weights(g, present_tasks(g), hp['scale_mode'], hp['rtol']), {}

@@ -29,7 +29,7 @@ from mtlmatch.weighting.base import (
     present_from_losses,
     safe_div,
 )
-from mtlmatch.weighting.gradient_methods import _present, min_norm_weights, project_simplex
+from mtlmatch.weighting.gradient_methods import present_tasks, min_norm_weights, project_simplex
 
 # LibMTL's ε in ‖g‖ + ε, log(L + ε) and AdaGrad's √(Σg² + ε).
 _LOG_EPS = 1e-8
@@ -79,7 +79,7 @@ class MoCo(WeightingMethod):
     }
 
   def _apply_update(self, state, hp, grads, losses, key):
-    present = _present(gram(grads))
+    present = present_tasks(gram(grads))
     pf = present.astype(jnp.float32)
     norms = jnp.sqrt(jnp.sum(jnp.square(grads), axis=1))
     g_hat = grads * safe_div(losses, norms, 0.0)[:, None]
@@ -121,7 +121,7 @@ class MoDo(WeightingMethod):
 
   def _apply(self, state, hp, grads, losses, key):
     g = gram(grads)
-    present = _present(g)
+    present = present_tasks(g)
     lam = state['lambd']
     lam = project_simplex(lam - hp['gamma'] * (g @ lam + hp['rho'] * lam), present)
     lam = jnp.where(jnp.any(present), lam, state['lambd'])
@@ -153,7 +153,7 @@ class SDMGrad(WeightingMethod):
 
   def _apply(self, state, hp, grads, losses, key):
     g = gram(grads)
-    present = _present(g)
+    present = present_tasks(g)
     pf = present.astype(jnp.float32)
     n_present = jnp.sum(pf)
     scale = safe_div(jnp.sum(jnp.sqrt(jnp.maximum(jnp.diagonal(g), 0.0)) * pf), n_present, 0.0)
@@ -196,7 +196,7 @@ class CRMOGM(WeightingMethod):
 
   def _apply(self, state, hp, grads, losses, key):
     g = gram(grads)
-    present = _present(g)
+    present = present_tasks(g)
     alpha = min_norm_weights(g, present)
     m = jnp.where(state['step'] == 0, 0.0, hp['momentum'])
     lam = jnp.where(present, m * state['lambd'] + (1 - m) * alpha, state['lambd'])
@@ -232,7 +232,7 @@ class DBMTL(WeightingMethod):
     return {'buffer': jnp.zeros((num_tasks, num_params), jnp.float32)}
 
   def _apply_update(self, state, hp, grads, losses, key):
-    present = _present(gram(grads)) & present_from_losses(losses) & (losses > 0)
+    present = present_tasks(gram(grads)) & present_from_losses(losses) & (losses > 0)
     g_log = grads / jnp.where(present, losses + _LOG_EPS, 1.0)[:, None]
     beta = _decay(hp['beta'], hp['beta_sigma'], state['step'])
     buf = jnp.where(present[:, None], g_log + beta * (state['buffer'] - g_log), state['buffer'])
@@ -273,7 +273,7 @@ class ExcessMTL(WeightingMethod):
 
   def _apply(self, state, hp, grads, losses, key):
     num_tasks = grads.shape[0]
-    present = _present(gram(grads))
+    present = present_tasks(gram(grads))
     sq = jnp.square(grads)
     grad_sum = jnp.where(present[:, None], state['grad_sum'] + sq, state['grad_sum'])
     excess = jnp.sum(sq / jnp.sqrt(grad_sum + _ADAGRAD_EPS), axis=1)
