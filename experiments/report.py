@@ -14,7 +14,7 @@ Conventions (also stated in every report):
 * **Linear probe**: features of the final checkpoint's encoder (frozen, eval mode) on up to ``probe_train`` training
   examples labelled for the task (from the train sources that annotate it) and ``probe_test`` test examples;
   standardised, then an L2-regularised logistic regression (one per label for multilabel tasks) scored with the
-  task's primary metric: the library's ``linear_probe`` evaluator code (``mtlmatch/evaluators.py``, JAX; the
+  task's primary metric: the library's linear probe (``mtlmatch/probe.py``, JAX; the
   objective of scikit-learn's ``LogisticRegression(C=1)``, which reports before this change used). This is the
   representation-quality measure of the DGR paper.
 
@@ -138,7 +138,7 @@ def linear_probes(
   """``{workdir: {task: probe score}}`` (workdir as ``sweep.display_path``) for every finished run with a
   checkpoint, every task of the benchmark.
 
-  The probe is the library's (the ``linear_probe`` evaluator's code in ``mtlmatch/evaluators.py``): up to
+  The probe is the library's (``mtlmatch/probe.py``, the ``linear_probe`` evaluator's code): up to
   ``probe_train`` / ``probe_test`` labelled examples per task (``probe_sources``: the benchmark's training sources →
   its eval sources, a seeded draw), the final checkpoint's frozen encoder features, and an L2-regularised logistic
   regression in JAX (``fit_logistic``: scikit-learn's ``LogisticRegression(C=1)`` objective, standardised features,
@@ -148,7 +148,7 @@ def linear_probes(
   import jax
   import ml_collections
   from mtlmatch import data as data_lib
-  from mtlmatch import evaluators
+  from mtlmatch import probe as probe_lib
   from mtlmatch import models
 
   cache: dict[str, tuple] = {}
@@ -163,7 +163,7 @@ def linear_probes(
       bench = data_lib.get_benchmark(
           config.data.name, data_dir=config.data.data_dir, seed=config.data.seed, **config.data.options.to_dict()
       )
-      cache[key] = bench.tasks, evaluators.probe_sources(bench, train_examples=probe_train, test_examples=probe_test)
+      cache[key] = bench.tasks, probe_lib.probe_sources(bench, train_examples=probe_train, test_examples=probe_test)
     tasks, sources = cache[key]
     state = _restore_raw(run.workdir)
     trained = {t: tasks[t] for t in (config.tasks or tasks)}
@@ -174,13 +174,13 @@ def linear_probes(
         head=config.head.name,
         head_kwargs=config.head.kwargs.to_dict(),
     )
-    outputs = jax.jit(functools.partial(evaluators.probe_outputs, model=model))
+    outputs = jax.jit(functools.partial(probe_lib.probe_outputs, model=model))
     fn = functools.partial(outputs, state['params'], state.get('batch_stats') or {})
     key = sweep.display_path(run.workdir)
     out[key] = {}
     for task, (train_source, test_source) in sources.items():
-      train, test = (evaluators.probe_features(fn, s, tasks[task], batch_size=500) for s in (train_source, test_source))
-      out[key][task] = evaluators.probe_metrics(tasks[task], train, test)[tasks[task].primary_metric]
+      train, test = (probe_lib.probe_features(fn, s, tasks[task], batch_size=500) for s in (train_source, test_source))
+      out[key][task] = probe_lib.probe_metrics(tasks[task], train, test)[tasks[task].primary_metric]
     echo(f'  probe {run.variant.name} seed {run.seed}: ' + ', '.join(f'{t} {v:.3f}' for t, v in out[key].items()))
   return out
 

@@ -160,7 +160,9 @@ class Checkpointer:
     """Starts writing ``(state, meta)`` as ``step``; returns once ``state`` is copied off the device (its buffers may
     then be donated) and, with ``asynchronous=False``, once the step is committed."""
     self.wait()  # a failed previous write is raised here, before another starts
-    meta = copy.deepcopy(meta)  # serialised in the background: later changes to the caller's dicts must not leak in
+    # Serialised in the background: later changes to the caller's dicts must not leak in. The package version rides
+    # along (check_version reads it back; restore_latest returns the caller's meta without it).
+    meta = {'version': VERSION, **copy.deepcopy(meta)}
     self._manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
     )
@@ -195,7 +197,7 @@ class Checkpointer:
           restored = self._manager.restore(
               step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
           )
-          return restored['state'], meta
+          return restored['state'], {k: v for k, v in meta.items() if k != 'version'}
         except Exception as e:  # pylint: disable=broad-except
           moved |= self._set_aside(step, e)
       return None

@@ -164,7 +164,6 @@ class Run:
   def save(self, step: int) -> None:
     """Checkpoints the state with the metadata a resume needs (data position, config, data fingerprint, records)."""
     meta = {
-        'version': ckpt_lib.VERSION,
         'step': step,
         'data_position': {'start_step': step},
         'config': self.config_json,

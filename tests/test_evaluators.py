@@ -12,6 +12,7 @@ from conftest import REPO
 from mtlmatch import config_lib
 from mtlmatch import data
 from mtlmatch import evaluators
+from mtlmatch import probe as probe_lib
 from mtlmatch import train
 from mtlmatch import experiment as experiment_lib
 from mtlmatch.tasks import TaskSpec
@@ -69,8 +70,9 @@ def test_records_come_back_from_checkpoint_metadata_old_and_new():
   evals = {'selection': evaluators.Selection.__new__(evaluators.Selection), 'test': object()}
   record = {'best_step': 2, 'history': []}
   assert evaluators.records_from_meta(evals, {'evals': {'selection': record, 'gone': {}}}) == {'selection': record}
-  assert evaluators.records_from_meta(evals, {'selection': record}) == {'selection': record}  # before the seam
-  assert evaluators.records_from_meta(evals, {'selection': None}) == {}
+  # The 0.1 layout ({'selection': record}) is no longer read: its checkpoints are refused by their version
+  # (tests/test_learned_relatedness.py), so the evaluators' records always come from meta['evals'].
+  assert evaluators.records_from_meta(evals, {'evals': {}}) == {}
 
 
 def _toy(n=40, seed=0):
@@ -142,16 +144,16 @@ def test_probe_matches_scikit_learn_logistic_regression():
   x, y = x[:64], y[:64]
   mean, std = x.mean(0), x.std(0)
   task = TaskSpec('t', 'multiclass', 4)
-  ours = evaluators.fit_logistic(x, y, task)
+  ours = probe_lib.fit_logistic(x, y, task)
   theirs = linear_model.LogisticRegression(C=1.0, tol=1e-10, max_iter=5000).fit((x - mean) / std, y)
   np.testing.assert_allclose(ours.w, theirs.coef_.T, atol=1e-4)
   np.testing.assert_allclose(ours.b, theirs.intercept_, atol=1e-4)
-  accuracy = evaluators.probe_metrics(task, (x, y), (x_test, y_test))['accuracy']
+  accuracy = probe_lib.probe_metrics(task, (x, y), (x_test, y_test))['accuracy']
   assert 0.4 < accuracy == pytest.approx(np.mean(theirs.predict((x_test - mean) / std) == y_test), abs=1e-9)
   # Multilabel: one binary regression per label over its labelled entries (-1 = missing).
   labels = np.where(x[:, :3] + rng.normal(size=(64, 3)) > 3, 1, 0)
   labels[rng.random((64, 3)) < 0.2] = -1
-  ours = evaluators.fit_logistic(x, labels, TaskSpec('m', 'multilabel', 3))
+  ours = probe_lib.fit_logistic(x, labels, TaskSpec('m', 'multilabel', 3))
   for k in range(3):
     keep = labels[:, k] != -1
     theirs = linear_model.LogisticRegression(C=1.0, tol=1e-10, max_iter=5000).fit(
@@ -166,14 +168,14 @@ def test_probe_hand_cases():
   # Uninformative (constant) features: the intercept alone, softmax(b) = the training label frequencies (3:1), and
   # every test example gets the majority class: accuracy = its share of the test set.
   y = np.array([0, 0, 0, 1, 0, 0, 0, 1])
-  probe = evaluators.fit_logistic(np.ones((8, 2)), y, task)
+  probe = probe_lib.fit_logistic(np.ones((8, 2)), y, task)
   np.testing.assert_allclose(np.exp(probe.b[:2]) / np.exp(probe.b[:2]).sum(), [0.75, 0.25], atol=1e-5)
-  metrics = evaluators.probe_metrics(task, (np.ones((8, 2)), y), (np.ones((5, 2)), np.array([0, 1, 2, 0, 0])))
+  metrics = probe_lib.probe_metrics(task, (np.ones((8, 2)), y), (np.ones((5, 2)), np.array([0, 1, 2, 0, 0])))
   assert metrics['accuracy'] == pytest.approx(3 / 5) and metrics['recall_2'] == 0.0
   # Separable along one feature: every test example right.
   x = np.array([[-2.0], [-1.0], [-0.5], [0.5], [1.0], [2.0]])
   assert (
-      evaluators.probe_metrics(task, (x, np.array([0, 0, 0, 1, 1, 1])), (np.array([[-3.0], [3.0]]), np.array([0, 1])))[
+      probe_lib.probe_metrics(task, (x, np.array([0, 0, 0, 1, 1, 1])), (np.array([[-3.0], [3.0]]), np.array([0, 1])))[
           'accuracy'
       ]
       == 1.0
@@ -181,7 +183,7 @@ def test_probe_hand_cases():
   # Multilabel: a label with one value in training is left out of the score (F1 NaN), the others count.
   ml = TaskSpec('m', 'multilabel', 2)
   y_train = np.array([[0, 0], [0, 0], [1, 0], [1, 0]])
-  metrics = evaluators.probe_metrics(ml, (x[2:], y_train), (np.array([[-3.0], [3.0]]), np.array([[0, 1], [1, 1]])))
+  metrics = probe_lib.probe_metrics(ml, (x[2:], y_train), (np.array([[-3.0], [3.0]]), np.array([[0, 1], [1, 1]])))
   assert np.isnan(metrics['f1_1']) and metrics['f1_0'] == metrics['mean_f1'] == 1.0
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mtlmatch import data
+from mtlmatch import experiment as experiment_lib
 from mtlmatch import train
 from mtlmatch.tasks import TaskSpec
 from test_faults import fast_build, smoke, snapshot
@@ -23,14 +24,14 @@ def trained(tfds_dir, tmp_path_factory):
   """A workdir holding 2 steps of configs/affect.py:dm,smoke (checkpoints, config.json, logs, no results yet)."""
   workdir = tmp_path_factory.mktemp('malformed') / 'run'
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train, 'build_experiment', fast_build)  # shares the compiled steps of test_faults.py's runs
+    mp.setattr(experiment_lib, 'build_experiment', fast_build)  # shares the compiled steps of test_faults.py's runs
     assert train.train_and_evaluate(base_config(tfds_dir), str(workdir), stop_at=2)['step'] == 2
   return workdir
 
 
 @pytest.fixture
 def fast_builds(monkeypatch):
-  monkeypatch.setattr(train, 'build_experiment', fast_build)
+  monkeypatch.setattr(experiment_lib, 'build_experiment', fast_build)
 
 
 def base_config(tfds_dir):
