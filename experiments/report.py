@@ -23,6 +23,7 @@ Conventions (also stated in every report):
 
 from __future__ import annotations
 
+import argparse
 import glob
 import importlib.metadata
 import json
@@ -1202,3 +1203,21 @@ def update_readme(readme: str, summary_text: str) -> None:
   tail = rest.split(README_END)[1]
   with open(readme, 'w') as f:
     f.write(f'{head}{README_BEGIN}\n{body.strip()}\n{README_END}{tail}')
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  """This module is the report library of ``case_studies.py``, which runs the sweeps and calls it: ``--help`` says
+  so, and any other use is refused with a pointer there (it writes nothing by itself)."""
+  parser = argparse.ArgumentParser(
+      description=__doc__.split('\n\n')[0],
+      epilog=(
+          'This module is a library: write the report of a study with python experiments/case_studies.py <study> '
+          '--report-only (after its runs) and SUMMARY.md with python experiments/case_studies.py summary.'
+      ),
+  )
+  parser.parse_args(argv)
+  parser.error('nothing to do: run python experiments/case_studies.py (see --help)')
+
+
+if __name__ == '__main__':
+  main()

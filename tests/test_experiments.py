@@ -398,3 +398,40 @@ def test_overall_summary_verdicts(tmp_path):
   readme.write_text('# no markers\n')
   with pytest.raises(ValueError, match='must hold one'):
     report.update_readme(str(readme), text)
+
+
+def test_every_script_has_a_working_help():
+  """``python experiments/<script>.py --help``: exit 0 and a usage line, for every script (run side by side)."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  scripts = sorted(glob.glob(os.path.join(REPO, 'experiments', '*.py')))
+  assert len(scripts) >= 10, scripts
+  env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2'}
+  running = {
+      path: subprocess.Popen(
+          [sys.executable, path, '--help'], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+      )
+      for path in scripts
+  }
+  for path, process in running.items():
+    out, err = process.communicate(timeout=300)
+    name = os.path.basename(path)
+    assert process.returncode == 0, f'{name}: exit {process.returncode}\n{err[-2000:]}'
+    assert out.startswith(f'usage: {name}'), f'{name}: no usage line\n{out[:500]}'
+
+
+def test_building_a_benchmark_again_repeats_no_tfds_warning(tmp_path, caplog):
+  """bench.py builds one benchmark per row: TFDS's "custom data configuration" and "FeatureConnector.dtype is
+  deprecated" warnings came back at each (mtlmatch.data drops those two, only those)."""
+  import logging  # pylint: disable=g-import-not-at-top
+
+  from mtlmatch import data  # pylint: disable=g-import-not-at-top
+
+  options = dict(num_expressions=16, num_aus=16, num_coannotated=8, num_test=8, coannotated_subsets=())
+  with caplog.at_level(logging.WARNING):
+    for _ in range(2):
+      data.get_benchmark('synthetic_affect', data_dir=str(tmp_path), seed=0, **options)
+  assert 'custom data configuration' not in caplog.text and 'FeatureConnector.dtype' not in caplog.text, caplog.text
+  logging.getLogger('absl').warning('Using custom data configuration: a warning of our own passes')
+  assert 'a warning of our own passes' in caplog.text
