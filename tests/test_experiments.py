@@ -448,3 +448,17 @@ def test_building_a_benchmark_again_repeats_no_tfds_warning(tmp_path, caplog):
   assert 'custom data configuration' not in caplog.text and 'FeatureConnector.dtype' not in caplog.text, caplog.text
   logging.getLogger('absl').warning('Using custom data configuration: a warning of our own passes')
   assert 'a warning of our own passes' in caplog.text
+
+
+def test_report_names_the_labels_no_variant_finds(tmp_path):
+  runs = sweep.expand([Variant('mtl', 'configs/affect.py:mtl,cpu', {}), Variant('dm', 'configs/affect.py:dm,cpu', {})],
+                      seeds=(0, 1), root=str(tmp_path))  # fmt: skip
+  for run in runs:
+    aus = {'mean_f1': 0.3, 'f1_AU1': 0.5, 'f1_AU12': 0.0 if run.seed else 0.2, 'f1_AU23': 0.0, 'f1_AU26': math.nan}
+    os.makedirs(run.workdir, exist_ok=True)
+    with open(os.path.join(run.workdir, 'results.json'), 'w') as f:
+      json.dump({'step': 10, 'metrics': {}, 'selection': {'metrics': {'aus': aus}, 'validation': {'aus': aus}}}, f)
+  unfound = report.unfound_labels(runs, {'aus': 'multilabel', 'expression': 'multiclass'})
+  assert unfound == {'aus': ['AU23', 'AU26']}  # AU12 is found in seed 0; NaN (never labelled) counts as not found
+  assert '* `aus`: `AU23`, `AU26`' in report.unfound_labels_markdown(unfound)
+  assert report.unfound_labels_markdown({}) == ''
