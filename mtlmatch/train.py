@@ -210,7 +210,7 @@ def make_relatedness_resolver(benchmark: data_lib.Benchmark, log: dict):
           labels[task_a], labels[task_b], num_classes_a=ta.num_classes, num_classes_b=tb.num_classes, b_kind=tb.kind
       )
     elif isinstance(spec, (list, tuple, np.ndarray, str)):  # a nested list, its JSON text or a .json/.csv file
-      table = priors.relatedness_table(spec, shape=(ta.num_classes, tb.num_classes))
+      table = priors.relatedness_table(spec)
     else:
       raise ValueError(
           f"relatedness: got {spec!r}, expected 'prior:<name>' (one of "
