@@ -13,6 +13,7 @@ modes one after the other on an otherwise idle machine.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -30,9 +31,13 @@ from mtlmatch import experiment as experiment_lib
 
 
 def main(argv) -> dict:
-  if len(argv) != 4 or argv[1] not in ('async', 'sync'):
-    raise SystemExit(f'usage: {__doc__.splitlines()[2].strip()} (got {argv})')
-  spec, mode, saves, every = argv[0], argv[1], int(argv[2]), int(argv[3])
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], epilog=__doc__.split('\n\n', 1)[1])
+  parser.add_argument('spec', help='config spec, e.g. configs/affect.py:dm+coann,cpu')
+  parser.add_argument('mode', choices=('async', 'sync'))
+  parser.add_argument('saves', type=int, help='number of saves')
+  parser.add_argument('every', type=int, help='steps between saves')
+  args = parser.parse_args(argv)
+  spec, mode, saves, every = args.spec, args.mode, args.saves, args.every
   config = config_lib.load_config(spec)
   exp = experiment_lib.build_experiment(config)
   state = exp.init_state()

@@ -11,6 +11,7 @@ stored outputs (they name a temporary directory); everything else the cells prin
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -80,9 +81,12 @@ def execute(name: str, *, params: Optional[Mapping[str, object]] = None, timeout
 
 
 def main(argv) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('names', nargs='*', choices=NOTEBOOKS, help='the notebooks to run (default: all of them)')
+  args = parser.parse_args(argv[1:])
   import nbformat  # pylint: disable=g-import-not-at-top
 
-  for name in argv[1:] or NOTEBOOKS:
+  for name in args.names or NOTEBOOKS:
     nb = execute(name)
     nbformat.write(nb, os.path.join(REPO, 'experiments', f'{name}.ipynb'))
     print(f'experiments/{name}.ipynb executed and stored with its outputs')

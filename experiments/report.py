@@ -23,6 +23,7 @@ Conventions (also stated in every report):
 
 from __future__ import annotations
 
+import argparse
 import glob
 import importlib.metadata
 import json
@@ -572,8 +573,11 @@ def render_markdown(
     cells = [f'{m[f"{t}/mean_entropy"][0]:.3f}' if f'{t}/mean_entropy' in m else '—' for t in tasks]
     for t in tasks:
       if task_kinds[t] == 'multiclass':
-        recalls = sorted((int(c.rsplit('_', 1)[1]), m[c][0]) for c in m if c.startswith(f'{t}/recall_'))
-        cells.append(' '.join(f'{r:.2f}' for _, r in recalls) or '—')
+        recalls = [(c.split('/recall_', 1)[1], m[c][0]) for c in m if c.startswith(f'{t}/recall_')]
+        if all(k.isdigit() for k, _ in recalls):  # a task without class names: by index, values only
+          cells.append(' '.join(f'{r:.2f}' for _, r in sorted(recalls, key=lambda kr: int(kr[0]))) or '—')
+        else:  # named classes, in the task's class order
+          cells.append(' '.join(f'{k} {r:.2f}' for k, r in recalls))
     lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
   lines += [
       '',
@@ -703,8 +707,50 @@ def write_report(
             },
         )
     )
+    f.write(unfound_labels_markdown(unfound_labels(runs, kinds)))
     f.write(learned_and_monitor_markdown(runs, distances, 'relatedness_distance.png' if distances else None))
   return summary
+
+
+def unfound_labels(runs: Sequence[sweep.Run], kinds: Mapping[str, str]) -> dict[str, list[str]]:
+  """``{multilabel task: [label, ...]}``: the labels whose F1 is 0 (or undefined) on the validation set and on the
+  test set, at the best-validation step of every finished run (the final step's metrics for a run without a
+  selection record). Labels are named as the runs' results name them (``AU23`` for a task with class names, else
+  the index). Such a label is never found by any variant: the mean F1 averages a 0 in for it everywhere."""
+  found: dict[str, dict[str, None]] = {}
+  for run in runs:
+    if not run.finished:
+      continue
+    with open(run.results_path) as f:
+      results = json.load(f)
+    selection = results.get('selection') or {}
+    test = selection.get('metrics', results.get('metrics', {}))
+    validation = selection.get('validation', results.get('validation', {}))
+    for task, kind in kinds.items():
+      if kind != 'multilabel' or task not in test:
+        continue
+      parts = (test[task], validation.get(task, {}))
+      zero = {
+          k[len('f1_') :]: None for k in test[task] if k.startswith('f1_') and not any(p.get(k, 0) > 0 for p in parts)
+      }
+      found[task] = zero if task not in found else {k: None for k in found[task] if k in zero}
+  return {task: list(labels) for task, labels in found.items() if labels}
+
+
+def unfound_labels_markdown(unfound: Mapping[str, Sequence[str]]) -> str:
+  """A REPORT.md section naming :func:`unfound_labels` ('' when there are none)."""
+  if not unfound:
+    return ''
+  lines = [
+      '',
+      '## Labels no variant finds',
+      '',
+      'Per-label F1 is 0 (or undefined) on both the validation and the test set, at the best-validation step of '
+      'every run of every variant:',
+      '',
+  ]
+  lines += [f'* `{task}`: ' + ', '.join(f'`{label}`' for label in labels) for task, labels in unfound.items()]
+  return '\n'.join(lines) + '\n'
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1201,3 +1247,21 @@ def update_readme(readme: str, summary_text: str) -> None:
   tail = rest.split(README_END)[1]
   with open(readme, 'w') as f:
     f.write(f'{head}{README_BEGIN}\n{body.strip()}\n{README_END}{tail}')
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  """This module is the report library of ``case_studies.py``, which runs the sweeps and calls it: ``--help`` says
+  so, and any other use is refused with a pointer there (it writes nothing by itself)."""
+  parser = argparse.ArgumentParser(
+      description=__doc__.split('\n\n')[0],
+      epilog=(
+          'This module is a library: write the report of a study with python experiments/case_studies.py <study> '
+          '--report-only (after its runs) and SUMMARY.md with python experiments/case_studies.py summary.'
+      ),
+  )
+  parser.parse_args(argv)
+  parser.error('nothing to do: run python experiments/case_studies.py (see --help)')
+
+
+if __name__ == '__main__':
+  main()

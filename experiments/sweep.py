@@ -208,8 +208,8 @@ def collect(runs: Sequence[Run]) -> list[dict]:
   step's when a run has no selection record); ``validation/score`` is that step's validation score, and
   ``validation/late_gain`` (:func:`late_gain`) how much of it came in the run's last ``LATE_STEPS`` steps;
   ``validation/stopped_early`` and ``validation/best_at_end`` are 1.0 / 0.0 (their seed means are fractions).
-  Per-label F1 (``f1_3``) and the ``count`` are left out; the per-class recalls (``recall_<k>``, the
-  confusion-matrix diagonal) are kept for the report's collapse check."""
+  Per-label F1 (``f1_AU12``; ``f1_3`` for a task without class names) and the ``count`` are left out; the per-class
+  recalls (``recall_<k>``, the confusion-matrix diagonal) are kept for the report's collapse check."""
   rows = []
   for run in runs:
     if not run.finished:

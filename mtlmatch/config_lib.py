@@ -14,8 +14,9 @@ relatedness, then calls :func:`apply_variant`. The ``arg`` after the colon is a 
 * ``nt=<root>`` — the negative-transfer monitor (``config.nt_reference``) against the single-task runs of a sweep
   root: task t's reference is ``<root>/st_<t>/seed_{seed}``'s results.json, ``{seed}`` being this run's
   ``config.seed``;
-* ``cpu`` — the size of the case studies on a 2-core CPU (``experiments/case_studies.py``): a small CNN (another
-  encoder keeps its defaults), batch 64, 300 steps, and the config file's ``cpu_data`` data options (fewer images).
+* ``cpu`` — the size of the case studies on a 2-core CPU (``experiments/case_studies.py``): a small CNN (whatever
+  encoder the config file has; only an encoder chosen with ``encoder=<name>`` in the same variant keeps its own
+  sizes), batch 64, 300 steps, and the config file's ``cpu_data`` data options (fewer images).
 
 ``python -m mtlmatch.main --config=configs/affect.py:dm+coann,smoke --workdir=/tmp/x``. Any key can then be
 overridden on the command line, e.g. ``--config.total_steps=300``.
@@ -269,9 +270,15 @@ def shrink_for_smoke(config: ml_collections.ConfigDict, data_options: Mapping[st
     config.data.options[key] = value
 
 
-def shrink_for_cpu(config: ml_collections.ConfigDict, data_options: Mapping[str, object]) -> None:
-  """A run of minutes on a 2-core CPU: batch 64, 300 steps, a small CNN (other encoders keep their defaults), one
-  kept checkpoint, ``data_options`` merged into the data options."""
+def shrink_for_cpu(
+    config: ml_collections.ConfigDict, data_options: Mapping[str, object], *, encoder_chosen: bool = False
+) -> None:
+  """A run of minutes on a 2-core CPU: batch 64, 300 steps, a small CNN, one kept checkpoint, ``data_options``
+  merged into the data options.
+
+  The small CNN replaces whatever encoder the config file chose (e.g. faces' ResNet-18); only an encoder chosen for
+  this run (``encoder_chosen``: an ``encoder=<name>`` token of the variant, or ``--config.encoder.name`` after it)
+  other than the CNN keeps its own sizes."""
   config.total_steps = 300
   config.batch_size = 64
   config.eval_batch_size = 512
@@ -279,7 +286,7 @@ def shrink_for_cpu(config: ml_collections.ConfigDict, data_options: Mapping[str,
   config.checkpoint_every = 300
   config.keep_checkpoints = 1
   config.optimizer.warmup_steps = 20
-  if config.encoder.name == 'cnn':
+  if config.encoder.name == 'cnn' or not encoder_chosen:
     set_encoder(config, 'cnn', widths=(16, 32), features=64)
   for key, value in data_options.items():
     config.data.options[key] = value
@@ -334,7 +341,7 @@ def apply_variant(
     if token == 'smoke':
       shrink_for_smoke(config, smoke_data)
     elif token == 'cpu':
-      shrink_for_cpu(config, cpu_data or {})
+      shrink_for_cpu(config, cpu_data or {}, encoder_chosen=any(t.startswith('encoder=') for t in tokens))
     elif token.startswith('encoder='):
       if token[len('encoder=') :] != config.encoder.name:
         set_encoder(config, token[len('encoder=') :])

@@ -190,7 +190,7 @@ def make_relatedness_resolver(benchmark: data_lib.Benchmark, log: dict):
     elif isinstance(spec, str) and spec.startswith('estimate:'):
       table = estimated_table(spec, benchmark, ta, tb)
     elif isinstance(spec, (list, tuple, np.ndarray, str)):  # a nested list, its JSON text or a .json/.csv file
-      table = priors.relatedness_table(spec, shape=(ta.num_classes, tb.num_classes))
+      table = priors.relatedness_table(spec)
     else:
       raise ValueError(
           f"relatedness: got {spec!r}, expected 'prior:<name>' (one of "

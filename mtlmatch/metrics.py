@@ -187,6 +187,8 @@ def finalize(task: TaskSpec, stats: Mapping[str, jax.Array]) -> dict[str, float]
   ``recall_<k>`` = tp / (tp + fn) (NaN for a class never labelled).
   multilabel: ``accuracy`` = Σ_k correct_entries / Σ_k labelled_entries, ``mean_f1`` = mean F1 over labels with
   tp + fp + fn > 0, ``f1_<k>`` per label (NaN when undefined), ``count``.
+  ``<k>`` names the class: its name where the task has class names (``recall_happy``, ``f1_AU12``), else its index
+  (``recall_0``); see :meth:`mtlmatch.tasks.TaskSpec.class_keys`.
   """
   keys = MULTICLASS_KEYS if task.kind == 'multiclass' else MULTILABEL_KEYS
   if not isinstance(stats, Mapping) or set(stats) != set(keys):
@@ -196,7 +198,8 @@ def finalize(task: TaskSpec, stats: Mapping[str, jax.Array]) -> dict[str, float]
   f1 = _f1(stats['tp'], stats['fp'], stats['fn'])
   mean_entropy = _ratio(stats['entropy'], stats['count'])
   if task.kind == 'multiclass':
-    recall = {f'recall_{k}': _ratio(tp, tp + fn) for k, (tp, fn) in enumerate(zip(stats['tp'], stats['fn']))}
+    names = task.class_keys()
+    recall = {f'recall_{names[k]}': _ratio(tp, tp + fn) for k, (tp, fn) in enumerate(zip(stats['tp'], stats['fn']))}
     return {
         'accuracy': _ratio(stats['correct'], stats['count']),
         'macro_f1': _mean_defined(f1),
@@ -210,7 +213,7 @@ def finalize(task: TaskSpec, stats: Mapping[str, jax.Array]) -> dict[str, float]
       'count': int(stats['count']),
       'mean_entropy': mean_entropy,
   }
-  metrics.update({f'f1_{k}': float(v) for k, v in enumerate(f1)})
+  metrics.update({f'f1_{key}': float(v) for key, v in zip(task.class_keys(), f1)})
   return metrics
 
 

@@ -23,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -107,7 +108,9 @@ register_kind(
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-  """One task: ``name``, ``kind`` (a key of :data:`KINDS`), ``num_classes`` C and optional ``class_names``."""
+  """One task: ``name``, ``kind`` (a key of :data:`KINDS`), ``num_classes`` C and optional ``class_names`` (C unique
+  non-empty strings, e.g. the expressions or the AU names), which name the per-class metrics (``recall_happy``,
+  ``f1_AU12``; :meth:`class_keys`)."""
 
   name: str
   kind: str
@@ -132,6 +135,28 @@ class TaskSpec:
             f'TaskSpec({self.name!r}).class_names: got {len(self.class_names)} names, expected '
             f'num_classes={self.num_classes}'
         )
+      if not all(isinstance(c, str) and c.strip() for c in self.class_names):
+        raise ValueError(f'TaskSpec({self.name!r}).class_names: got {self.class_names!r}, expected non-empty strings')
+      keys = self.class_keys()
+      if len(set(keys)) != len(keys):
+        raise ValueError(
+            f'TaskSpec({self.name!r}).class_names: got {self.class_names!r}, which name metrics {keys} with '
+            'repeats, expected names that stay distinct as metric keys (letters, digits, _ . -)'
+        )
+
+  def class_keys(self) -> tuple[str, ...]:
+    """How the per-class metrics name each class (``recall_<key>``, ``f1_<key>``): the class names made safe as
+    results.json keys and TensorBoard tags (every run of characters other than letters, digits, ``_ . -`` becomes
+    ``_``), or the indices ``'0' … 'C-1'`` for a task without class names.
+
+    >>> TaskSpec('aus', 'multilabel', 2, ('AU12', 'AU 25')).class_keys()
+    ('AU12', 'AU_25')
+    >>> TaskSpec('t', 'multiclass', 2).class_keys()
+    ('0', '1')
+    """
+    if self.class_names is None:
+      return tuple(str(k) for k in range(self.num_classes))
+    return tuple(re.sub(r'[^A-Za-z0-9_.-]+', '_', c.strip()) for c in self.class_names)
 
   def label_shape(self, batch_size: int) -> tuple[int, ...]:
     return (batch_size, *KINDS[self.kind].label_shape(self.num_classes))

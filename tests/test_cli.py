@@ -230,5 +230,7 @@ def test_a_relatedness_table_file_or_literal_from_the_command_line(tmp_path, tfd
   np.testing.assert_allclose(recorded['expression->aus (tables/r.csv)'], table, rtol=1e-6)
   # The literal is read too (and checked: this one has the wrong shape), before anything is written.
   code, out, err = cli(*common, '--workdir=run2', option + '[[0.5,0.5],[0.5,0.5]]', cwd=tmp_path, env=env)
-  assert code != 0 and 'relatedness (JSON text): got shape (2, 2), expected (7, 17)' in err, err[-3000:]
+  assert code != 0 and (
+      "objective term 'dm' (relatedness='[[0.5,0.5],[0.5,0.5]]'): relatedness: got shape (2, 2), expected 7 rows" in err
+  ), err[-3000:]
   assert not (tmp_path / 'run2').exists()

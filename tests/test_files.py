@@ -97,7 +97,7 @@ def test_multilabel_columns_split_column_json_lines_and_mixed_sizes(tmp_path):
     f.write('\n'.join(json.dumps(r) for r in rows) + '\n')
   source = data.files_source(
       'aus', str(tmp_path / 'aus.jsonl'), image_column='file', labels={'aus': ['AU1', 'AU2', 'AU4']},
-      image_size=(SIZE, SIZE), split='a',
+      image_size=(SIZE, SIZE), split='a', split_column='split',
   )  # fmt: skip
   assert source.split == 'a'
   ex = data.load_examples(source, {t.name: t for t in TASKS})
@@ -107,6 +107,31 @@ def test_multilabel_columns_split_column_json_lines_and_mixed_sizes(tmp_path):
   np.testing.assert_array_equal(images[0], arrays[0])
   reference = tf.cast(tf.round(tf.image.resize(arrays[2], (SIZE, SIZE), antialias=True)), tf.uint8).numpy()
   np.testing.assert_array_equal(images[1], reference)
+
+
+def test_split_names_the_split_and_split_column_selects_its_rows(tmp_path):
+  write_images(tmp_path, 3)
+  manifest = write_csv(
+      tmp_path / 'm.csv',
+      ['path', 'expression', 'part'],
+      [('img/0.png', 1, 'x'), ('img/1.png', 2, 'y'), ('img/2.png', 3, 'x')],
+  )
+  named = expression_source(manifest, split='test')  # a name only: every row
+  assert named.split == 'test' and named.reader.num_examples('test') == 3
+  chosen = expression_source(manifest, split='x', split_column='part')
+  assert chosen.split == 'x' and data.load_examples(chosen, {t.name: t for t in TASKS}).labels[
+      'expression'
+  ].tolist() == [1, 3]
+  with pytest.raises(ValueError, match=r"m\.csv: got no rows with part == 'z'"):
+    expression_source(manifest, split='z', split_column='part')
+  with pytest.raises(ValueError, match=r"split_column of manifest .*m\.csv: got 'part' without a split"):
+    expression_source(manifest, split_column='part')
+  with pytest.raises(ValueError, match=r"columns \['group'\] are missing"):
+    expression_source(manifest, split='x', split_column='group')
+  # What split= meant before split_column (rows of the 'split' column): refused, never every row silently.
+  old = write_csv(tmp_path / 'old.csv', ['path', 'expression', 'split'], [('img/0.png', 1, 'a'), ('img/1.png', 2, 'b')])
+  with pytest.raises(ValueError, match=r"old\.csv: got split='a' and a 'split' column, but no split_column"):
+    expression_source(old, split='a')
 
 
 def test_prepared_arrayrecord_source_gives_the_batches_of_the_files_source(expression_files, tmp_path):

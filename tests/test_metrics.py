@@ -166,3 +166,29 @@ def test_entropy_and_recall_match_numpy():
   q = 1 / (1 + np.exp(-logits[counted].astype(np.float64)))
   want = np.mean(np.mean(-(q * np.log(q) + (1 - q) * np.log(1 - q)), -1))
   assert math.isclose(metrics['mean_entropy'], want, rel_tol=1e-5)
+
+
+def test_per_class_metrics_are_named_by_the_class_names():
+  # The synthetic affect tasks carry the prior's names: recall_happy, f1_AU12, ...; the values are those of the same
+  # task without names (by index), and index 13 of the AUs (the f1_13 that was 0.0 in affect) is AU23.
+  from mtlmatch.data import synthetic_affect  # pylint: disable=g-import-not-at-top
+
+  tasks = synthetic_affect.tasks()
+  rng = np.random.default_rng(3)
+  for task in tasks.values():
+    plain = TaskSpec(task.name, task.kind, task.num_classes)
+    b, c = 64, task.num_classes
+    logits = rng.normal(size=(b, c)).astype(np.float32)
+    labels = rng.integers(0, c, size=b) if task.kind == 'multiclass' else rng.integers(0, 2, size=(b, c))
+    named, by_index = (finalize(t, stats_fn(t, logits, labels.astype(np.int32), np.ones(b))) for t in (task, plain))
+    prefix = 'recall_' if task.kind == 'multiclass' else 'f1_'
+    assert [k for k in named if k.startswith(prefix)] == [prefix + n for n in task.class_names]
+    assert list(named.values()) == list(by_index.values()) and [k for k in by_index if k.startswith(prefix)] == [
+        f'{prefix}{k}' for k in range(c)
+    ]
+  assert tasks['aus'].class_names[13] == 'AU23' and tasks['expression'].class_keys()[1] == 'happy'
+  assert TaskSpec('x', 'multiclass', 2, ('t-shirt/top', 'ankle boot')).class_keys() == ('t-shirt_top', 'ankle_boot')
+  with pytest.raises(ValueError, match=r"class_names: got \('a b', 'a_b'\), which name metrics \('a_b', 'a_b'\)"):
+    TaskSpec('x', 'multiclass', 2, ('a b', 'a_b'))
+  with pytest.raises(ValueError, match=r'class_names: got .*expected non-empty strings'):
+    TaskSpec('x', 'multiclass', 2, ('a', ''))

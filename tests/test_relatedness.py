@@ -252,7 +252,7 @@ def test_relatedness_table_from_text_and_files(tmp_path, monkeypatch):
   (tmp_path / 'r.csv').write_text('\n'.join(','.join(str(v) for v in row) for row in table.tolist()) + '\n')
   monkeypatch.chdir(tmp_path)  # relative paths are read from the current directory
   for spec in (table.tolist(), table, json.dumps(table.tolist()), 'r.json', 'r.csv', str(tmp_path / 'r.csv')):
-    got = relatedness_table(spec, shape=(3, 4))
+    got = relatedness_table(spec)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, table)
   for spec in ('prior:expressions_to_aus', 'estimate:coannotated', 'learned:uniform', 3, None):
@@ -263,7 +263,6 @@ def test_relatedness_table_from_text_and_files(tmp_path, monkeypatch):
     'spec, content, match',
     [
         ('[[0.5, 0.5], [0.5', None, r"relatedness '\[\[0\.5, 0\.5\], \[0\.5': got text that is not JSON"),
-        ('[[0.5, 0.5], [0.5, 0.5]]', None, r'relatedness \(JSON text\): got shape \(2, 2\), expected \(3, 4\)'),
         ('[[0.5, 0.5], [0.5]]', None, r'relatedness \(JSON text\): got .*expected a rectangular nested list'),
         ('[0.5, 0.5, 0.5, 0.5]', None, r'got shape \(4,\), expected a table \[C_A, C_B\]'),
         ('gone.csv', None, r"relatedness file 'gone\.csv': no such file \(looked for /.*/gone\.csv"),
@@ -281,4 +280,4 @@ def test_relatedness_table_errors(tmp_path, monkeypatch, spec, content, match):
   if content is not None:
     (tmp_path / spec).write_text(content)
   with pytest.raises(ValueError, match=match):
-    relatedness_table(spec, shape=(3, 4))
+    relatedness_table(spec)

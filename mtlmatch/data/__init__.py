@@ -14,7 +14,8 @@ Modules: ``readers`` (where examples come from: arrays, TFDS, ArrayRecord; decod
 Benchmark, validation), ``files`` (manifests of image files), ``prepare`` (a manifest written once as an ArrayRecord
 TFDS dataset, read by index), ``pipeline`` (mixing schedule, train/eval iterators), ``sharding`` (hosts, devices,
 global arrays), ``synthetic_affect``, ``fashion_mnist``, ``benchmarks``.
-Importing this package hides every GPU from TensorFlow so that tf.data never takes accelerator memory from JAX.
+Importing this package hides every GPU from TensorFlow so that tf.data never takes accelerator memory from JAX, and
+drops two TFDS warnings that every benchmark build repeats (``_quiet.TfdsNoise``).
 """
 
 import tensorflow as tf
@@ -25,6 +26,7 @@ except RuntimeError:  # TF already initialised its devices (someone imported and
   pass
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from mtlmatch.data import _quiet
 from mtlmatch.data.benchmarks import BUILDERS, get_benchmark
 from mtlmatch.data.files import FilesReader, files_source, read_manifest
 from mtlmatch.data.pipeline import (
@@ -50,6 +52,8 @@ from mtlmatch.data.sources import (
     tfds_source,
     with_validation,
 )
+
+_quiet.drop_tfds_noise()  # two TFDS warnings repeated at every benchmark built (see mtlmatch.data._quiet)
 
 __all__ = [
     'ArrayReader',

@@ -12,6 +12,10 @@ may also be ``{task: values}`` for codes that mean "no label" for one task only 
     files_source('expressions', 'affect/train.csv', image_column='path', labels={'expression': 'expression'},
                  image_size=(112, 112), missing={'expression': ('', 8, 9, 10)})
 
+One manifest can hold several splits: ``split_column`` names a column that says each row's split, and only the rows
+whose value there equals ``split`` are read (``split`` alone just names the source's split, ``'train'`` by default,
+as in the other sources); see :func:`files_source`.
+
 Only the paths and labels are held in memory; the pipeline reads, decodes (JPEG, PNG, BMP, GIF) and resizes each
 image to ``image_size`` in its parallel map when a batch needs it (:class:`~mtlmatch.data.readers.LazyImages`).
 
@@ -119,8 +123,9 @@ def _label_value(value: Any, missing: tuple[set, set], *, where: str) -> int:
 class FilesReader:
   """The rows of one manifest as a source's split: image paths (keys of :class:`LazyImages`) and int32 labels.
 
-  See the module docstring for the layout and the checks; ``split`` selects the rows whose ``split`` column has that
-  value (None: every row); ``image_size`` ``(H, W)`` and ``channels`` are what every image is decoded to.
+  See the module docstring for the layout and the checks, and :func:`files_source` for ``split`` (the split's name)
+  and ``split_column`` (the column whose value ``split`` selects rows); ``image_size`` ``(H, W)`` and ``channels``
+  are what every image is decoded to.
   """
 
   def __init__(
@@ -134,6 +139,7 @@ class FilesReader:
       channels: int = 3,
       missing=DEFAULT_MISSING,
       split: Optional[str] = None,
+      split_column: Optional[str] = None,
       on_bad_image: str = 'raise',
   ):
     self.manifest = os.fspath(manifest)
@@ -153,20 +159,36 @@ class FilesReader:
           f'labels of manifest {self.manifest}: got {labels!r}, expected {{task: column}} or {{task: [columns]}}'
       )
     self.shape = (int(image_size[0]), int(image_size[1]), int(channels))
+    if split is not None and (not isinstance(split, str) or not split):
+      raise ValueError(f'split of manifest {self.manifest}: got {split!r}, expected a split name (a non-empty string)')
+    if split_column is not None and split is None:
+      raise ValueError(
+          f'split_column of manifest {self.manifest}: got {split_column!r} without a split, expected split=<the value '
+          'of that column of the rows to keep>'
+      )
     self.split = 'train' if split is None else split
     columns, rows = read_manifest(self.manifest)
     if not rows:
       raise ValueError(f'manifest {self.manifest}: got no rows, expected one row per image')
+    if split is not None and split_column is None and 'split' in columns:
+      # Before split_column, split= selected rows by the 'split' column: never read all rows silently instead.
+      raise ValueError(
+          f"manifest {self.manifest}: got split={split!r} and a 'split' column, but no split_column; expected "
+          "split_column='split' to keep the rows of that split (split alone only names the source's split)"
+      )
     label_columns = {t: [c] if isinstance(c, str) else list(c) for t, c in labels.items()}
-    needed = [image_column] + [c for cs in label_columns.values() for c in cs] + (['split'] if split else [])
+    needed = (
+        [image_column] + [c for cs in label_columns.values() for c in cs] + ([split_column] if split_column else [])
+    )
     absent = [c for c in needed if c not in columns]
     if absent:
       raise ValueError(f'manifest {self.manifest}: columns {absent} are missing, expected them among {columns}')
     if any(not cs for cs in label_columns.values()):
       raise ValueError(f'labels of manifest {self.manifest}: got {labels!r}, expected at least one column per task')
-    numbers = [i for i, row in enumerate(rows, 1) if split is None or str(row.get('split', '')).strip() == split]
+    keep = lambda row: split_column is None or str(row.get(split_column, '')).strip() == split
+    numbers = [i for i, row in enumerate(rows, 1) if keep(row)]
     if not numbers:
-      raise ValueError(f'manifest {self.manifest}: got no rows with split == {split!r}, expected at least one')
+      raise ValueError(f'manifest {self.manifest}: got no rows with {split_column} == {split!r}, expected at least one')
     root = os.path.dirname(self.manifest) if image_root is None else os.fspath(image_root)
     missing_sets = _missing_sets(missing, list(labels))
     paths, values = [], {t: [] for t in labels}
@@ -285,13 +307,19 @@ def files_source(
     channels: int = 3,
     missing=DEFAULT_MISSING,
     split: Optional[str] = None,
+    split_column: Optional[str] = None,
     weight: float = 1.0,
     on_bad_image: str = 'raise',
 ) -> Source:
   """A source whose images are files listed in a manifest, read and decoded as batches need them.
 
   ``labels``: {task: column} (multiclass) or {task: [column per class]} (multilabel); the source annotates exactly
-  those tasks. See the module docstring for ``missing``, ``split``, ``on_bad_image`` and the checks.
+  those tasks. ``split``: the name of the source's split (``Source.split``; default ``'train'``), as in
+  ``array_source`` and ``tfds_source``. ``split_column``: a column that says which split each row belongs to; given,
+  only the rows whose value there equals ``split`` are read (e.g. ``split='val', split_column='split'`` for one
+  manifest that holds several splits); None (default): every row. A manifest with a column named ``split`` and a
+  ``split`` but no ``split_column`` is refused (ValueError), so rows are never read that the caller meant to leave
+  out. See the module docstring for ``missing``, ``on_bad_image`` and the checks.
   """
   reader = FilesReader(
       manifest,
@@ -302,6 +330,7 @@ def files_source(
       channels=channels,
       missing=missing,
       split=split,
+      split_column=split_column,
       on_bad_image=on_bad_image,
   )
   return Source(name, reader, tuple(labels), reader.split, weight)

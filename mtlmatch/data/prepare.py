@@ -6,7 +6,8 @@
     python -m mtlmatch.data.prepare --manifest=emotionet.csv --out=/data/tfds --name=emotionet \
         --image_column=file --label=aus=AU1,AU2,AU4,AU5,AU6,AU9,AU12,AU15,AU17,AU20,AU25,AU26
 
-The dataset is ``OUT/mtlmatch_prepared/NAME/1.0.0`` with one split (``--split`` or ``train``) and features ``image``
+The dataset is ``OUT/mtlmatch_prepared/NAME/1.0.0`` with one split (``--split`` or ``train``; with ``--split_column``
+only the rows whose value in that column equals ``--split``) and features ``image``
 (the file's bytes, unchanged: no re-encoding), one int64 feature per task (``[]`` for a single column, ``[C]`` for a
 list of columns; ``-1`` = not annotated, as in the manifest's missing codes), ``row`` (the manifest row) and ``file``.
 It is read with ``tfds_source(name, DIR, tasks=[...], image_size=(H, W))``: labels once, images by index
@@ -101,6 +102,7 @@ def prepare(
     channels: int = 3,
     missing=files_lib.DEFAULT_MISSING,
     split: Optional[str] = None,
+    split_column: Optional[str] = None,
     on_bad_image: str = 'raise',
     num_shards: Optional[int] = None,
 ) -> str:
@@ -116,6 +118,7 @@ def prepare(
       channels=channels,
       missing=missing,
       split=split,
+      split_column=split_column,
       on_bad_image=on_bad_image,
   )
   if on_bad_image == 'raise':  # the constructor checked existence only; decoding is checked here, for every row
@@ -177,7 +180,10 @@ def main(argv=None) -> str:
   parser.add_argument('--missing', action='append', default=[], help="TASK=V1,V2 codes for 'not annotated' (repeat)")
   parser.add_argument('--image_root', default=None, help="folder the paths are relative to (default: the manifest's)")
   parser.add_argument('--channels', type=int, default=3)
-  parser.add_argument('--split', default=None, help="keep the rows whose 'split' column has this value")
+  parser.add_argument('--split', default=None, help="the dataset's split name (default: train)")
+  parser.add_argument(
+      '--split_column', default=None, help='keep only the rows whose value in this column equals --split'
+  )
   parser.add_argument('--on_bad_image', default='raise', choices=files_lib.ON_BAD_IMAGE)
   parser.add_argument('--num_shards', type=int, default=None)
   args = parser.parse_args(argv)
@@ -193,6 +199,7 @@ def main(argv=None) -> str:
       channels=args.channels,
       missing=_parse_missing(args.missing),
       split=args.split,
+      split_column=args.split_column,
       on_bad_image=args.on_bad_image,
       num_shards=args.num_shards,
   )

@@ -87,17 +87,18 @@ NAMED_PREFIXES = ('prior:', 'estimate:', 'learned:')
 TABLE_FILES = ('.json', '.csv')
 
 
-def relatedness_table(spec: Any, *, shape: Optional[Sequence[int]] = None) -> Optional[np.ndarray]:
+def relatedness_table(spec: Any) -> Optional[np.ndarray]:
   """A relatedness table given by the user, as float32 ``[C_A, C_B]``; None when ``spec`` holds no table (a
   ``'prior:'``, ``'estimate:'`` or ``'learned:'`` name, or not a table at all).
 
   ``spec`` is a nested list / array, the JSON text of one (``'[[0.5, 0.5], ...]'``, how a command line gives it:
   ``--config.objective.terms.dm.relatedness='[[0.9,0.1],[0.2,0.8]]'``) or the path of a file holding one: ``.json``
   (a nested list) or ``.csv`` (one row of numbers per class of task A, no header). A relative path is resolved
-  against the current directory. ``shape``: the expected ``(C_A, C_B)``. Every problem (bad JSON or CSV, a missing
-  file, a ragged or wrongly shaped table, a non-number) is one ValueError naming the spec.
+  against the current directory. Every problem here (bad JSON or CSV, a missing file, a ragged table or not a 2-D
+  one, a non-number) is one ValueError naming the spec; the table's shape and values are checked against the tasks
+  by ``losses.validate_relatedness`` where the objective term is built.
 
-  >>> relatedness_table('[[0.5, 0.5], [0.25, 0.75]]', shape=(2, 2)).tolist()
+  >>> relatedness_table('[[0.5, 0.5], [0.25, 0.75]]').tolist()
   [[0.5, 0.5], [0.25, 0.75]]
   >>> relatedness_table('prior:expressions_to_aus') is None
   True
@@ -124,8 +125,6 @@ def relatedness_table(spec: Any, *, shape: Optional[Sequence[int]] = None) -> Op
     raise ValueError(f'{where}: got {_brief(value)}, expected a rectangular nested list of numbers ({e})') from None
   if table.ndim != 2 or not table.size:
     raise ValueError(f'{where}: got shape {table.shape}, expected a table [C_A, C_B] (a list of rows)')
-  if shape is not None and tuple(table.shape) != tuple(shape):
-    raise ValueError(f'{where}: got shape {table.shape}, expected {tuple(shape)} (C_A rows of C_B entries)')
   return table
 
 
