@@ -4,12 +4,13 @@
 #               8 fake CPU devices (without the tests marked slow)
 #   make test-all   the same with the slow tests (the 20-kill fault test, ...)
 #   make lint   the linter and the formatter check alone; make format rewrites the code in the house style
+#   make schema rewrites mtlmatch/config_schema.json (the defaults a config reads) from the code
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/affect_dm
 
-.PHONY: setup run test test-all lint format clean
+.PHONY: setup run test test-all lint format schema clean
 
 $(VENV)/.installed: setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +39,9 @@ lint: setup
 format: setup
 	$(VENV)/bin/pyink .
 	$(VENV)/bin/ruff check --fix .
+
+schema: setup
+	$(PY) -m mtlmatch.config_schema --write
 
 clean:
 	rm -rf $(VENV) workdirs
