@@ -6,12 +6,13 @@
 #   make lint   the linter and the formatter check alone; make format rewrites the code in the house style
 #   make docs   install the docs extra into .venv, build the site into docs/_build/html with warnings as errors and
 #               every cross-reference checked (nitpicky), then check every internal link and anchor of the HTML
+#   make schema rewrites mtlmatch/config_schema.json (the defaults a config reads) from the code
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/affect_dm
 
-.PHONY: setup run test test-all lint format docs clean
+.PHONY: setup run test test-all lint format docs schema clean
 
 $(VENV)/.installed: setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +51,8 @@ docs: $(VENV)/.docs-installed
 	rm -rf docs/_build docs/_generated
 	$(PY) -m sphinx -W --keep-going -n -q -b html docs docs/_build/html
 	$(PY) docs/check_links.py docs/_build/html
+schema: setup
+	$(PY) -m mtlmatch.config_schema --write
 
 clean:
 	rm -rf $(VENV) workdirs docs/_build docs/_generated

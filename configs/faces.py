@@ -20,7 +20,7 @@ real face data (this project has none offline); decide the step count and learni
 import ml_collections
 
 from mtlmatch import config_lib
-from mtlmatch.data import faces
+from mtlmatch import priors  # not mtlmatch.data.faces: loading a config imports neither TensorFlow nor JAX
 
 RELATEDNESS = 'prior:expressions_to_aus'
 WHERE = ('expression_manifest', 'au_manifest', 'expression_test_manifest', 'au_test_manifest', 'image_root')
@@ -32,7 +32,7 @@ def get_config(arg=None):
   config.data.options = ml_collections.ConfigDict()
   for key in WHERE:  # typed placeholders: set on the command line, --config.data.options.<key>=...
     config.data.options[key] = ml_collections.config_dict.placeholder(str)
-  config.data.options.aus = faces.DEFAULT_AUS
+  config.data.options.aus = priors.FACE_AUS
   config.data.options.image_size = 112
   config.data.augment = True  # random flips and pad-and-crops
   config.total_steps = 20000

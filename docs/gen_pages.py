@@ -1,6 +1,6 @@
 """Pages made at build time (by conf.py) into docs/_generated/, so that nothing in them is a hand-kept copy.
 
-* ``config.md``: the body of ``python -m mtlmatch.main --help`` (:func:`mtlmatch.config_lib.help_text`) for the
+* ``config.md``: the body of ``python -m mtlmatch.main --help`` (:func:`mtlmatch.config_help.help_text`) for the
   default config with every term on, and a table of every weighting method's hyper-parameters from
   :func:`mtlmatch.weighting.hparam_specs`.
 * ``tutorials/*.ipynb``: the notebooks of experiments/, as stored (with their outputs; never executed here).
@@ -44,12 +44,12 @@ def _cell(text: str) -> str:
 
 def config_page() -> str:
   """The config reference: ``--help``'s body and the weighting methods' hyper-parameters."""
-  from mtlmatch import config_lib, weighting  # pylint: disable=g-import-not-at-top  (after conf.py's sys.path)
+  from mtlmatch import config_help, weighting  # pylint: disable=g-import-not-at-top  (after conf.py's sys.path)
 
   cwd = os.getcwd()
   os.chdir(REPO)  # help_text loads the config by its repository-relative path
   try:
-    body = config_lib.help_text(HELP_SPEC)
+    body = config_help.help_text(HELP_SPEC)
   finally:
     os.chdir(cwd)
   rows = []
@@ -60,7 +60,7 @@ def config_page() -> str:
     if not specs:
       rows.append(f'| {target} | — | | |')
     for key, spec in specs.items():
-      expected = config_lib._expected(spec)  # pylint: disable=protected-access  (the --help text's wording)
+      expected = config_help.expected_text(spec)  # the --help text's wording
       rows.append(
           f'| {target} | `{key}` | `{spec.default!r}` | {_cell("; ".join(filter(None, (expected, spec.doc))))} |'
       )
@@ -70,7 +70,7 @@ def config_page() -> str:
           '# Config keys and switches',
           '',
           'Generated when the site is built, from the code that prints `python -m mtlmatch.main --help`',
-          '(`mtlmatch.config_lib.help_text`), so it is always the current list. Any key is set with',
+          '(`mtlmatch.config_help.help_text`), so it is always the current list. Any key is set with',
           "`--config.<key>=<value>`; choosing an encoder or a weighting method resets its fields to that encoder's or",
           "method's defaults. With `--config=...` given, `--help` lists that config's keys.",
           '',

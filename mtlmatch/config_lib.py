@@ -1,43 +1,95 @@
 """Shared config defaults and the variant grammar used by every file in ``configs/``.
 
-A config file defines ``get_config(arg=None)``: it starts from :func:`base_config`, sets its benchmark, tasks and
-relatedness, then calls :func:`apply_variant`. The ``arg`` after the colon is a comma-separated list of tokens:
+A config file defines ``get_config(arg=None)``: it starts from :func:`base_config` (which states every key), sets its
+benchmark, tasks and relatedness, then calls :func:`apply_variant` with the ``arg`` after the colon of
+``--config=<file>:<arg>``. The grammar of ``arg`` (EBNF; ``{x}`` is zero or more ``x``, ``[x]`` an optional ``x``)::
 
-* a ``+``-joined method set from ``mtl`` (plain multi-task, equal weights), ``dm`` (distribution matching),
-  ``coann`` (soft co-annotation), ``dgr`` (dummy gradient norm regularization) — e.g. ``dm+coann+dgr``;
-* ``single=<task>`` — the single-task baseline for one task;
-* ``encoder=<name>`` — another encoder, its ``encoder.kwargs`` reset to that encoder's defaults (on the command line
-  ``--config.encoder.name=<name>`` does the same, so ``--config.encoder.kwargs.<field>=...`` then names its fields);
-* ``weighting=<name>`` — another weighting method, ``weighting.hparams`` filled with its defaults (the same for
-  ``--config.weighting.name=<name>``);
-* ``smoke`` — shrink everything so the run takes seconds (tests, CI), for whichever encoder is chosen;
-* ``nt=<root>`` — the negative-transfer monitor (``config.nt_reference``) against the single-task runs of a sweep
-  root: task t's reference is ``<root>/st_<t>/seed_{seed}``'s results.json, ``{seed}`` being this run's
-  ``config.seed``;
-* ``cpu`` — the size of the case studies on a 2-core CPU (``experiments/case_studies.py``): a small CNN (whatever
-  encoder the config file has; only an encoder chosen with ``encoder=<name>`` in the same variant keeps its own
-  sizes), batch 64, 300 steps, and the config file's ``cpu_data`` data options (fewer images).
+    variant   = [ token , { "," , token } ] ;
+    token     = methods | single | encoder | weighting | nt | size ;
+    methods   = method , { "+" , method } ;            (* e.g. dm+coann+dgr *)
+    method    = "mtl" | "dm" | "coann" | "dgr" ;
+    single    = "single=" , task ;                      (* a task of the config file *)
+    encoder   = "encoder=" , name ;                     (* a key of models.ENCODERS *)
+    weighting = "weighting=" , name ;                   (* a key of weighting.METHODS *)
+    nt        = "nt=" , root ;                          (* a sweep root *)
+    size      = "smoke" | "cpu" ;
+
+* ``methods``: ``mtl`` plain multi-task (no DM / co-annotation term), ``dm`` distribution matching, ``coann`` soft
+  co-annotation, ``dgr`` dummy gradient norm regularization, one term per (task_a, task_b) pair of the file;
+* ``single=<task>``: the single-task baseline of one task;
+* ``encoder=<name>``: another encoder, ``encoder.kwargs`` reset to that encoder's defaults (on the command line
+  ``--config.encoder.name=<name>`` is this token, so ``--config.encoder.kwargs.<field>=...`` then names its fields);
+* ``weighting=<name>``: another weighting method, ``weighting.hparams`` its defaults (``--config.weighting.name``);
+* ``nt=<root>``: the negative-transfer monitor (``config.nt_reference``) against the single-task runs of a sweep
+  root: task t's reference is ``<root>/st_<t>/seed_{seed}``'s results.json, ``{seed}`` being this run's seed;
+* ``smoke``: a run of seconds (tests, CI) for whichever encoder is chosen; ``cpu``: the case studies' size on a
+  2-core CPU (``experiments/case_studies.py``): a small CNN (whatever encoder the config file has; only an encoder
+  chosen with ``encoder=<name>`` in the same variant keeps its own sizes), batch 64, 300 steps, the file's
+  ``cpu_data`` options.
+
+Rules (:data:`RULES`; a variant that breaks one raises one ValueError naming both tokens and what was expected):
+
+1. one of each: at most one token of each kind (a method set, ``single=``, ``encoder=``, ``weighting=``, ``nt=``,
+   a size: ``smoke`` or ``cpu``) and each method once in the set; ``encoder=mlp,encoder=cnn``, ``dm,coann`` and
+   ``smoke,cpu`` are refused, not resolved by position;
+2. no contradiction: ``mtl`` (no matching term) goes with neither ``dm`` nor ``coann``; ``single=<task>`` (one task)
+   goes with neither ``dm`` nor ``coann`` (each relates two tasks);
+3. the order of application is fixed, whatever the order written: ``encoder=``, ``weighting=``, the method set,
+   ``single=``, ``nt=``, then the size last, so ``smoke`` / ``cpu`` size the chosen encoder. Empty tokens are skipped.
 
 ``python -m mtlmatch.main --config=configs/affect.py:dm+coann,smoke --workdir=/tmp/x``. Any key can then be
-overridden on the command line, e.g. ``--config.total_steps=300``.
+overridden on the command line, e.g. ``--config.total_steps=300``; ``--config.encoder.name`` and
+``--config.weighting.name`` replace the spec's ``encoder=`` / ``weighting=`` token (:func:`cli_spec`).
+
+Loading a config imports neither JAX, Flax nor TensorFlow: the encoders' fields, the methods' hyper-parameters and
+the loss options are read from :mod:`mtlmatch.config_schema` (generated from that code, checked by a test);
+:func:`validate_config` imports the real registries, when an experiment is built.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import inspect
-import json
+import textwrap
 from typing import Any, Mapping, Optional, Sequence
 
 import ml_collections
 import numpy as np
 
-from mtlmatch import losses
-from mtlmatch import models
-from mtlmatch import weighting
+from mtlmatch import config_schema
 
 METHOD_TOKENS = ('mtl', 'dm', 'coann', 'dgr')
+# The kinds of variant token (the grammar's ``token`` alternatives), in the order they are applied (rule 3).
+TOKEN_KINDS = ('encoder', 'weighting', 'methods', 'single', 'nt', 'size')
+# Rule 2: a method of the set and the tokens it contradicts, with why.
+CONTRADICTIONS = {
+    'mtl': (('dm', 'coann'), 'mtl is plain multi-task learning, without DM or co-annotation terms'),
+    'single': (('dm', 'coann'), 'single=<task> trains one task, DM and co-annotation relate two'),
+}
+RULES = (
+    'one of each: at most one token of each kind (a method set, single=, encoder=, weighting=, nt=, a size: smoke '
+    'or cpu), each method once in the set',
+    'no contradiction: mtl goes with neither dm nor coann; single=<task> goes with neither dm nor coann',
+    'applied in a fixed order, whatever the order written: encoder=, weighting=, the method set, single=, nt=, then '
+    'the size (smoke or cpu) last, for the chosen encoder; empty tokens are skipped',
+)
+_RULES_TEXT = '\n'.join(
+    textwrap.fill(r, 116, initial_indent=f'  {i}. ', subsequent_indent='     ') for i, r in enumerate(RULES, 1)
+)
+# The variant part of --help (config_help.help_text): the grammar, each token and the rules.
+VARIANT_HELP = f"""
+Config variants (after the colon; e.g. configs/affect.py:dm+coann,smoke). Grammar:
+  variant = [token {{"," token}}]
+  token   = methods | "single=" task | "encoder=" name | "weighting=" name | "nt=" root | "smoke" | "cpu"
+  methods = method {{"+" method}};  method = {" | ".join(f'"{m}"' for m in METHOD_TOKENS)}
+  {" ".join(METHOD_TOKENS)}  joined by +: plain MTL, distribution matching, co-annotation, DGR
+  single=<task>      the single-task baseline of one task
+  encoder=<name>     another encoder with its defaults (= --config.encoder.name=<name>)
+  weighting=<name>   another weighting method with its defaults (= --config.weighting.name=<name>)
+  nt=<root>          the negative-transfer monitor against the single-task runs of a sweep root
+  smoke              a seconds-long run (tiny data and encoder)
+  cpu                the case studies' size for a CPU: a small CNN, batch 64, 300 steps
+Rules (else one error naming both tokens):
+{_RULES_TEXT}
+"""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -144,18 +196,13 @@ def evaluator(kind: str, *, every: Optional[int] = None, enabled: bool = True, *
 
 PRECISIONS = ('float32', 'bfloat16')
 # Encoder fields set from a top-level key (config.remat), for every encoder alike; not in ``encoder.kwargs``.
-ENCODER_FIELDS_FROM_CONFIG = ('remat',)
+ENCODER_FIELDS_FROM_CONFIG = config_schema.ENCODER_FIELDS_FROM_CONFIG
 
 
 def encoder_kwargs(name: str, **overrides) -> ml_collections.ConfigDict:
-  """Every field of encoder ``name`` with its default (``dtype`` as a string), then ``overrides``."""
-  if name not in models.ENCODERS:
-    raise ValueError(f'config.encoder.name: got {name!r}, expected one of {sorted(models.ENCODERS)}')
-  fields = {
-      f.name: f.default
-      for f in dataclasses.fields(models.ENCODERS[name])
-      if f.name not in ('parent', 'name', *ENCODER_FIELDS_FROM_CONFIG)
-  }
+  """Every field of encoder ``name`` with its default (``dtype`` as a string), then ``overrides``; the defaults are
+  the encoder's dataclass fields, read from :mod:`mtlmatch.config_schema`."""
+  fields = config_schema.encoder_fields(name)
   unknown = sorted(set(overrides) - set(fields))
   if unknown:
     raise ValueError(f'config.encoder.kwargs: got {unknown} for encoder {name!r}, expected some of {sorted(fields)}')
@@ -175,10 +222,9 @@ def set_encoder(config: ml_collections.ConfigDict, name: str, **overrides) -> ml
 
 
 def weighting_hparams(name: str) -> ml_collections.ConfigDict:
-  """Every hyper-parameter of weighting method ``name`` with its default (``weighting.hparam_specs``)."""
-  if name not in weighting.METHODS:
-    raise ValueError(f'config.weighting.name: got {name!r}, expected one of {sorted(weighting.METHODS)}')
-  return ml_collections.ConfigDict({k: spec.default for k, spec in weighting.hparam_specs(name).items()})
+  """Every hyper-parameter of weighting method ``name`` with its default (the method's ``HPARAMS``, read from
+  :mod:`mtlmatch.config_schema`)."""
+  return ml_collections.ConfigDict({k: spec.default for k, spec in config_schema.hparam_specs(name).items()})
 
 
 def set_weighting(config: ml_collections.ConfigDict, name: str, **hparams) -> ml_collections.ConfigDict:
@@ -294,17 +340,9 @@ def shrink_for_cpu(
 
 TERM_KINDS = {'dm': 'distribution_matching', 'coann': 'co_annotation'}
 
-
-def _defaults(fn, names: Sequence[str]) -> dict:
-  parameters = inspect.signature(fn).parameters
-  return {n: parameters[n].default for n in names}
-
-
-# Every option of a term kind, with the loss's default (docs/maths.md), so that each can be set with --config.<key>=...
-TERM_OPTIONS = {
-    'dm': _defaults(losses.distribution_matching, losses.matching.OPTIONS),
-    'coann': _defaults(losses.co_annotation, losses.matching.CO_ANNOTATION_OPTIONS),
-}
+# Every option of a term kind, with the loss's default (docs/maths.md; the signatures of losses.distribution_matching
+# and losses.co_annotation, read from mtlmatch.config_schema), so that each can be set with --config.<key>=...
+TERM_OPTIONS = {token: config_schema.term_options(token) for token in TERM_KINDS}
 
 
 def pair_terms(token: str, pairs: Sequence[tuple[str, str]], relatedness: str) -> dict:
@@ -320,6 +358,49 @@ def pair_terms(token: str, pairs: Sequence[tuple[str, str]], relatedness: str) -
   }
 
 
+def token_kind(token: str) -> str:
+  """The kind (:data:`TOKEN_KINDS`) of one variant token; anything outside the grammar raises one ValueError."""
+  for kind in ('encoder', 'weighting', 'single', 'nt'):
+    if token.startswith(kind + '='):
+      return kind
+  if token in ('smoke', 'cpu'):
+    return 'size'
+  if all(part in METHOD_TOKENS for part in token.split('+')):
+    return 'methods'
+  raise ValueError(
+      f"config variant: got {token!r}, expected 'smoke', 'cpu', 'single=<task>', "
+      f"'encoder=<name>', 'weighting=<name>', 'nt=<sweep root>' or a +-joined set of {METHOD_TOKENS}"
+  )
+
+
+def parse_variant(arg: Optional[str]) -> dict[str, str]:
+  """``{kind: token}`` of ``arg`` in the order of application (rule 3), after checking rules 1 and 2 (module
+  docstring); a token outside the grammar, repeated or contradicting another raises one ValueError."""
+  where = f'config variant {arg!r}'
+  given = {}
+  for token in (t for t in (arg or '').split(',') if t):
+    kind = token_kind(token)
+    if kind in given:
+      if kind == 'methods':
+        what = "one +-joined method set such as 'dm+coann+dgr'"
+      elif kind == 'size':
+        what = "at most one of 'cpu' and 'smoke' (two sizes)"
+      else:
+        what = f'at most one {kind}=<...> token'
+      raise ValueError(f'{where}: {token!r} after {given[kind]!r}, expected {what}')
+    given[kind] = token
+  methods = given['methods'].split('+') if 'methods' in given else []
+  repeated = sorted({m for m in methods if methods.count(m) > 1})
+  if repeated:
+    raise ValueError(f'{where}: {given["methods"]!r} names {repeated[0]!r} twice, expected each method once')
+  present = {**{m: m for m in methods}, **({'single': given['single']} if 'single' in given else {})}
+  for key, (excluded, why) in CONTRADICTIONS.items():
+    clash = [m for m in methods if m in excluded]
+    if key in present and clash:
+      raise ValueError(f'{where}: {present[key]!r} contradicts {clash[0]!r} ({why}), expected one of the two')
+  return {kind: given[kind] for kind in TOKEN_KINDS if kind in given}
+
+
 def apply_variant(
     config: ml_collections.ConfigDict,
     arg: Optional[str],
@@ -329,56 +410,44 @@ def apply_variant(
     smoke_data: Mapping[str, object],
     cpu_data: Optional[Mapping[str, object]] = None,
 ) -> ml_collections.ConfigDict:
-  """Applies the tokens of ``arg`` (see module docstring). ``dm``/``coann`` relate each (task_a, task_b) of
-  ``pairs`` through ``relatedness``; ``smoke`` shrinks the run and uses ``smoke_data`` as the data options; ``cpu``
-  sizes it for a CPU and merges ``cpu_data`` into them. The ``encoder=`` and ``weighting=`` tokens apply first and
-  ``cpu`` / ``smoke`` last, whatever their order; they exclude each other."""
-  tokens = [t for t in (arg or '').split(',') if t]
-  if {'cpu', 'smoke'} <= set(tokens):
-    raise ValueError(f"config variant: got {arg!r}, expected at most one of 'cpu' and 'smoke' (two sizes)")
-  tokens.sort(key=lambda t: 0 if t.startswith(('encoder=', 'weighting=')) else 2 if t in ('smoke', 'cpu') else 1)
-  for token in tokens:
-    if token == 'smoke':
-      shrink_for_smoke(config, smoke_data)
-    elif token == 'cpu':
-      shrink_for_cpu(config, cpu_data or {}, encoder_chosen=any(t.startswith('encoder=') for t in tokens))
-    elif token.startswith('encoder='):
-      if token[len('encoder=') :] != config.encoder.name:
-        set_encoder(config, token[len('encoder=') :])
-    elif token.startswith('weighting='):
-      if token[len('weighting=') :] != config.weighting.name:
-        set_weighting(config, token[len('weighting=') :])
-    elif token.startswith('single='):
-      config.tasks = (token[len('single=') :],)
-    elif token.startswith('nt='):
+  """Applies the tokens of ``arg`` (the grammar and rules of the module docstring, :func:`parse_variant`).
+  ``dm``/``coann`` relate each (task_a, task_b) of ``pairs`` through ``relatedness``; ``smoke`` shrinks the run and
+  uses ``smoke_data`` as the data options; ``cpu`` sizes it for a CPU and merges ``cpu_data`` into them."""
+  parsed = parse_variant(arg)
+  for kind, token in parsed.items():
+    value = token.partition('=')[2]
+    if kind == 'encoder' and value != config.encoder.name:
+      set_encoder(config, value)
+    elif kind == 'weighting' and value != config.weighting.name:
+      set_weighting(config, value)
+    elif kind == 'methods':
+      for part in token.split('+'):
+        if part in TERM_KINDS:
+          config.objective.terms.update(pair_terms(part, pairs, relatedness))
+        elif part == 'dgr':
+          config.objective.terms.dgr = dgr_term()
+    elif kind == 'single':
+      config.tasks = (value,)
+    elif kind == 'nt':
       # The negative-transfer monitor against the same seed's single-task runs of a sweep root
       # (experiments/sweep.py's <root>/st_<task>/seed_<seed>), for every task of the pairs.
-      root = token[len('nt=') :].rstrip('/')
+      root = value.rstrip('/')
       if not root:
         raise ValueError(f"config variant: got {token!r}, expected 'nt=<sweep root holding st_<task>/seed_<k>>'")
       config.nt_reference = {
           t: f'{root}/st_{t}/seed_{{seed}}' for t in dict.fromkeys(t for pair in pairs for t in pair)
       }
-    else:
-      parts = token.split('+')
-      unknown = [p for p in parts if p not in METHOD_TOKENS]
-      if unknown:
-        raise ValueError(
-            f"config variant: got {token!r}, expected 'smoke', 'cpu', 'single=<task>', "
-            f"'encoder=<name>', 'weighting=<name>', 'nt=<sweep root>' or a +-joined set of {METHOD_TOKENS}"
-        )
-      for part in parts:
-        if part in TERM_KINDS:
-          config.objective.terms.update(pair_terms(part, pairs, relatedness))
-        elif part == 'dgr':
-          config.objective.terms.dgr = dgr_term()
+    elif token == 'smoke':
+      shrink_for_smoke(config, smoke_data)
+    elif token == 'cpu':
+      shrink_for_cpu(config, cpu_data or {}, encoder_chosen='encoder' in parsed)
   return config
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """``'configs/affect.py:dm,smoke'`` → that file's ``get_config('dm,smoke')``, as ``--config=`` does."""
   path, _, arg = spec.partition(':')
-  return _get_config_fn(path)(arg or None)
+  return get_config_fn(path)(arg or None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -415,7 +484,8 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, 
   return out
 
 
-def _get_config_fn(path: str):
+def get_config_fn(path: str):
+  """The ``get_config`` of config file ``path``."""
   import importlib.util
   import os
 
@@ -428,98 +498,27 @@ def _get_config_fn(path: str):
 
 
 def with_tokens(spec: str, tokens: Sequence[str]) -> str:
-  """``spec`` with variant ``tokens`` appended (``configs/affect.py:dm`` + ``encoder=mlp`` → ``...:dm,encoder=mlp``)."""
+  """``spec`` with variant ``tokens``, each replacing the spec's token of its kind in place or else appended
+  (``configs/affect.py:mtl,smoke`` + ``dm`` → ``...:dm,smoke``; + ``encoder=mlp`` → ``...:mtl,smoke,encoder=mlp``)."""
   if not tokens:
     return spec
-  path, colon, arg = spec.partition(':')
-  return f'{path}:{",".join([t for t in arg.split(",") if t] + list(tokens))}'
+  path, _, arg = spec.partition(':')
+  out = [t for t in arg.split(',') if t]
+  for token in tokens:
+    kinds = [token_kind(t) for t in out]
+    if token_kind(token) in kinds:
+      out[kinds.index(token_kind(token))] = token
+    else:
+      out.append(token)
+  return f'{path}:{",".join(out)}'
 
 
 def cli_spec(spec: str, overrides: Mapping[str, str]) -> str:
   """The ``--config`` spec the CLI loads: ``--config.encoder.name=X`` / ``--config.weighting.name=Y`` become the
-  ``encoder=X`` / ``weighting=Y`` tokens, so the chosen encoder's and method's fields exist as dotted keys."""
+  ``encoder=X`` / ``weighting=Y`` tokens (replacing the spec's own, as the command line overrides the file), so the
+  chosen encoder's and method's fields exist as dotted keys."""
   tokens = [f'{key.split(".")[0]}={overrides[key]}' for key in ('encoder.name', 'weighting.name') if key in overrides]
   return with_tokens(spec, tokens)
-
-
-def key_error(spec: str, key: str, config: Optional[ml_collections.ConfigDict] = None) -> Optional[str]:
-  """None if ``--config.<key>`` exists in the config of ``spec``, else one line: the key, the closest valid names
-  and the variant (or ``--config.<name>=...`` choice) that creates it."""
-  path, _, arg = spec.partition(':')
-  config = config if config is not None else load_config(spec)
-  keys = flat_keys(config)
-  if key in keys or any(k.startswith(key + '.') for k in keys):
-    return None
-  get_config = _get_config_fn(path)
-  base = [t for t in arg.split(',') if t]
-  tries = [(f'the `{t}` variant (--config={with_tokens(spec, [t])})', [t]) for t in METHOD_TOKENS]
-  tries += [(f'--config.encoder.name={e}', [f'encoder={e}']) for e in sorted(models.ENCODERS)]
-  tries += [(f'--config.weighting.name={m}', [f'weighting={m}']) for m in sorted(weighting.METHODS)]
-  found = []
-  for label, tokens in tries:
-    try:
-      other = flat_keys(get_config(','.join(base + tokens)))
-    except ValueError:
-      continue
-    if key in other or any(k.startswith(key + '.') for k in other):
-      found.append(label)
-  close = difflib.get_close_matches(key, list(keys), n=3, cutoff=0.6)
-  message = f'--config.{key}: no such key in {spec}'
-  if found:
-    message += f'; it exists with {" or ".join(found[:4])}{" or ..." if len(found) > 4 else ""}'
-  if close:
-    message += f'; closest valid: {", ".join(close)}'
-  return message + ' (python -m mtlmatch.main --help lists every key)'
-
-
-def help_text(spec: Optional[str] = None) -> str:
-  """The CLI's ``--help`` body (also the docs' config reference): variants, encoders with their fields, weighting
-  methods with their hyper-parameters, and every config key of ``spec`` with its value there."""
-  lines = [
-      'Config variants (after the colon, comma-separated; e.g. configs/affect.py:dm+coann,smoke):',
-      f'  {" ".join(METHOD_TOKENS)}  joined by +: plain MTL, distribution matching, co-annotation, DGR',
-      '  single=<task>      the single-task baseline of one task',
-      '  encoder=<name>     another encoder with its defaults (= --config.encoder.name=<name>)',
-      '  weighting=<name>   another weighting method with its defaults (= --config.weighting.name=<name>)',
-      '  smoke              a seconds-long run (tiny data and encoder)',
-      "  cpu                the case studies' size for a CPU: a small CNN, batch 64, 300 steps",
-      '',
-      'Encoders (--config.encoder.name; fields: --config.encoder.kwargs.<field>=...):',
-  ]
-  for name in sorted(models.ENCODERS):
-    fields = flat_keys(encoder_kwargs(name))
-    lines.append(f'  {name:<10s} ' + ', '.join(f'{k}={_show(v)}' for k, v in fields.items()))
-  lines += ['', 'Weighting methods (--config.weighting.name; --config.weighting.hparams.<name>=...):']
-  for name in sorted(weighting.METHODS):
-    specs = weighting.hparam_specs(name)
-    parts = [f'{k}={_show(s.default)} ({_expected(s)}{"; " + s.doc if s.doc else ""})' for k, s in specs.items()]
-    lines.append(f'  {name:<12s}' + ('; '.join(parts) if parts else '(no hyper-parameters)'))
-  from mtlmatch import evaluators  # pylint: disable=g-import-not-at-top  (JAX and the data layer: only here)
-
-  lines += [
-      '',
-      'Evaluators (--config.evals.<name>.kind; each entry: every = steps, None = eval_every, 0 = end only; '
-      'enabled):',
-  ]
-  for kind, cls in sorted(evaluators.EVALUATORS.items()):
-    options = ', '.join(f'{k}={_show(v)}' for k, v in cls.OPTIONS.items())
-    lines.append(f'  {kind:<15s} ' + ' '.join(p for p in (options, f'({cls.HELP})' if cls.HELP else '') if p))
-  if spec:
-    lines += ['', f'Config keys of {spec} (--config.<key>=<value>):']
-    lines += [f'  {k} = {_show(v)}' for k, v in flat_keys(load_config(spec)).items()]
-  return '\n'.join(lines)
-
-
-def _show(value) -> str:
-  if isinstance(value, ml_collections.ConfigDict):
-    return json.dumps(value.to_dict()) if len(value) else '{}'
-  return repr(value) if isinstance(value, str) else str(value)
-
-
-def _expected(spec) -> str:
-  if isinstance(spec.kind, tuple):
-    return 'one of ' + '|'.join(spec.kind)
-  return f'{spec.kind}{" " + spec.expected if spec.expected else ""}'
 
 
 REQUIRED_KEYS = (
@@ -547,7 +546,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Top-level checks of the config, before anything is built or written: the one place a config is checked, for
   the CLI, `train.build_experiment` (notebooks) and the sweep driver alike. Term options, encoder kwargs and
   weighting hparams are checked where they are bound (`objective`, `models`, `weighting`)."""
-  from mtlmatch.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: only when validating)
+  # pylint: disable=g-import-not-at-top  (JAX, Flax and TensorFlow: only when validating, not to load a config)
+  from mtlmatch import models
+  from mtlmatch import weighting
+  from mtlmatch.data import pipeline
 
   for key in REQUIRED_KEYS:
     if key not in config:

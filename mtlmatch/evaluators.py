@@ -158,7 +158,7 @@ class Evaluator:
     del view, config
     self.name = name
     self.every = entry['every']
-    self.options = {k: entry.get(k, v) for k, v in self.OPTIONS.items()}
+    self.options = {k: entry[k] for k in self.OPTIONS}  # `entries` filled the defaults in
 
   def run(self, at: At, record: Any) -> Report:
     raise NotImplementedError
@@ -285,10 +285,15 @@ def entries(config: ml_collections.ConfigDict) -> dict[str, dict]:
   resolved (``None`` becomes ``config.eval_every``)."""
   out = {}
   for name, entry in config.evals.items():
-    entry = {**COMMON_KEYS, **EVALUATORS[entry['kind']].OPTIONS, **dict(entry)}
+    entry = filled(entry)
     entry['every'] = config.eval_every if entry['every'] is None else entry['every']
     out[name] = entry
   return out
+
+
+def filled(entry: Mapping[str, Any]) -> dict:
+  """``entry`` over its defaults: the one table of them, :data:`COMMON_KEYS` and its kind's ``OPTIONS``."""
+  return {**COMMON_KEYS, **EVALUATORS[entry['kind']].OPTIONS, **dict(entry)}
 
 
 def build(config: ml_collections.ConfigDict, view: EvalView) -> dict[str, Evaluator]:
@@ -331,28 +336,29 @@ def validate(evals: Any) -> None:
     where = f'config.evals.{name}'
     if not isinstance(entry, (Mapping, ml_collections.ConfigDict)):
       raise ValueError(f'{where}: got {entry!r}, expected an entry such as {{"kind": "classification", "every": 100}}')
-    kind = entry.get('kind')
+    kind = entry['kind'] if 'kind' in entry else None
     if kind not in EVALUATORS:
       raise ValueError(f'{where}.kind: got {kind!r}, expected one of {sorted(EVALUATORS)}')
     allowed = {**COMMON_KEYS, **EVALUATORS[kind].OPTIONS}
     unknown = sorted(set(entry) - set(allowed))
     if unknown:
       raise ValueError(f'{where}: got unknown keys {unknown} for kind {kind!r}, expected some of {sorted(allowed)}')
-    every = entry.get('every')
+    entry = filled(entry)
+    every = entry['every']
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
       raise ValueError(
           f'{where}.every: got {every!r}, expected an int >= 0 (steps; 0 = only at the end) or None '
           '(= config.eval_every)'
       )
-    if not isinstance(entry.get('enabled', True), bool):
+    if not isinstance(entry['enabled'], bool):
       raise ValueError(f'{where}.enabled: got {entry["enabled"]!r}, expected True or False')
-    if kind == 'classification' and entry.get('split', 'test') not in SPLITS:
+    if kind == 'classification' and entry['split'] not in SPLITS:
       raise ValueError(f'{where}.split: got {entry["split"]!r}, expected one of {sorted(SPLITS)}')
     if kind == 'linear_probe':
       for key in ('train_examples', 'test_examples', 'max_steps'):
-        value = entry.get(key, LinearProbe.OPTIONS[key])
+        value = entry[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
           raise ValueError(f'{where}.{key}: got {value!r}, expected an int >= 1')
-      c = entry.get('c', LinearProbe.OPTIONS['c'])
+      c = entry['c']
       if isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0:
         raise ValueError(f"{where}.c: got {c!r}, expected a number > 0 (inverse L2 strength, as scikit-learn's C)")

@@ -51,7 +51,7 @@ def prepare_argv(argv: list[str]) -> list[str]:
   """Before absl parses ``argv``: ``--help`` prints every switch; ``--config.encoder.name`` /
   ``--config.weighting.name`` choose the encoder / method before its fields are overridden; a misspelt
   ``--config.<key>`` exits with one line (the key, the closest valid names, the variant that creates it)."""
-  from mtlmatch import config_lib  # pylint: disable=g-import-not-at-top
+  from mtlmatch import config_help, config_lib  # pylint: disable=g-import-not-at-top
 
   spec_at = next((i for i, a in enumerate(argv) if re.match(r'^--?config(=|$)', a)), None)
   spec = None
@@ -64,7 +64,7 @@ def prepare_argv(argv: list[str]) -> list[str]:
         + '\n\nFlags:\n'
         + '\n'.join(flag_lines)
         + '\n\n'
-        + config_lib.help_text(spec or 'configs/affect.py:dm+coann+dgr')
+        + config_help.help_text(spec or 'configs/affect.py:dm+coann+dgr')
     )
     sys.exit(0)
   overrides = {}
@@ -80,7 +80,7 @@ def prepare_argv(argv: list[str]) -> list[str]:
   try:  # a bad variant or config file: one line here, not absl's traceback of the config file's loading
     new_spec = config_lib.cli_spec(spec, overrides)
     config = config_lib.load_config(new_spec)
-    errors = [e for e in (config_lib.key_error(new_spec, k, config) for k in overrides) if e]
+    errors = [e for e in (config_help.key_error(new_spec, k, config) for k in overrides) if e]
   except ValueError as e:
     if '--traceback' in argv:
       raise

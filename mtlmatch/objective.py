@@ -202,8 +202,13 @@ def _prepare_pair(name: str, options: dict, env: Env) -> dict:
   return {**options, 'relatedness': jnp.asarray(table)}
 
 
+def _signature_defaults(fn) -> dict:
+  """``{parameter: default}`` of every parameter of ``fn`` that has one: the one table of a term's option defaults."""
+  return {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.default is not inspect.Parameter.empty}
+
+
 def _direction_default() -> str:
-  return inspect.signature(losses.distribution_matching).parameters['direction'].default
+  return _signature_defaults(losses.distribution_matching)['direction']
 
 
 def _dm_feeds(options: Mapping[str, Any]) -> tuple[str, ...]:
@@ -232,14 +237,15 @@ def _prepare_dgr(name: str, options: dict, env: Env) -> dict:
     raise ValueError(
         f"objective term {name!r}: got head={head!r}, expected 'task' (the task head's " "architecture) or 'linear'"
     )
-  k = options.get('num_dummies', 1)
+  options = {**_signature_defaults(dgr_term), **options}  # the defaults of dgr_term's signature, stated once
+  k = options['num_dummies']
   if not isinstance(k, int) or k < 1:
     raise ValueError(f'objective term {name!r}: got num_dummies={k!r}, expected an int >= 1')
-  if options.get('mode', 'fixed') not in ('fixed', 'resample'):
+  if options['mode'] not in ('fixed', 'resample'):
     raise ValueError(f'objective term {name!r}: got mode={options["mode"]!r}, expected \'fixed\' or \'resample\'')
-  if not options.get('init_scale', 1.0) > 0:
+  if not options['init_scale'] > 0:
     raise ValueError(f'objective term {name!r}: got init_scale={options["init_scale"]!r}, expected > 0')
-  if options.get('norm', 'sq_l2') not in losses.dgr.NORMS:
+  if options['norm'] not in losses.dgr.NORMS:
     raise ValueError(f'objective term {name!r}: got norm={options["norm"]!r}, expected one of {losses.dgr.NORMS}')
   return {**options, 'heads': {t: env.build_dummy_head(t, head) for t in tasks}}
 
@@ -358,7 +364,7 @@ class Objective:
     """K dummy parameter sets per task for every DGR term of the given ``mode`` ('fixed' or 'resample')."""
     out = {}
     for i, bound in enumerate(self.dummy_terms):
-      if bound.options.get('mode', 'fixed') != mode:
+      if bound.options['mode'] != mode:
         continue
       keys = jax.random.split(jax.random.fold_in(rng, i), len(bound.options['heads']))
       out[bound.name] = {
@@ -366,8 +372,8 @@ class Objective:
               head,
               key,
               features,
-              num_dummies=bound.options.get('num_dummies', 1),
-              scale=bound.options.get('init_scale', 1.0),
+              num_dummies=bound.options['num_dummies'],
+              scale=bound.options['init_scale'],
           )
           for key, (task, head) in zip(keys, bound.options['heads'].items())
       }

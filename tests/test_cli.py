@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from mtlmatch import config_lib, models, weighting
+from mtlmatch import config_help, config_lib, models, weighting
 
 CONFIGS = ('affect', 'shopping', 'multi_fashion')
 
@@ -86,7 +86,7 @@ def test_every_documented_hyperparameter_is_a_dotted_key():
     config = config_lib.load_config(config_lib.cli_spec(f'{REPO}/configs/affect.py:mtl', {'weighting.name': method}))
     assert config.weighting.name == method
     for key, spec in weighting.hparam_specs(method).items():
-      assert config_lib.key_error('configs/affect.py:mtl', f'weighting.hparams.{key}', config) is None
+      assert config_help.key_error('configs/affect.py:mtl', f'weighting.hparams.{key}', config) is None
       assert config.weighting.hparams[key] == spec.default
     weighting.get_method(method, **config.weighting.hparams)  # the defaults validate
   for encoder in models.ENCODERS:
@@ -120,7 +120,7 @@ def test_misspelt_keys_and_help(tmp_path):
       'error: --config.weighting.hparams.temperature: no such key in configs/affect.py:mtl,'
       'smoke; it exists with --config.weighting.name=dwa'
   )
-  assert 'it exists with the `dm` variant (--config=configs/affect.py:mtl,smoke,dm)' in lines[1]
+  assert 'it exists with the `dm` variant (--config=configs/affect.py:dm,smoke)' in lines[1]
   assert 'closest valid: encoder.kwargs.widths' in lines[2]
   assert not os.listdir(tmp_path)
 

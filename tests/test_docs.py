@@ -9,7 +9,7 @@ import re
 import sys
 
 from conftest import REPO
-from mtlmatch import config_lib, losses, weighting
+from mtlmatch import config_help, losses, weighting
 
 sys.path.insert(0, str(REPO / 'docs'))
 import check_links  # noqa: E402  (docs/ is not a package)
@@ -56,7 +56,7 @@ def test_config_reference_is_the_help_text():
   cwd = os.getcwd()
   os.chdir(REPO)
   try:
-    assert config_lib.help_text(gen_pages.HELP_SPEC) in page
+    assert config_help.help_text(gen_pages.HELP_SPEC) in page
   finally:
     os.chdir(cwd)
   for name in weighting.METHODS:

@@ -28,7 +28,7 @@ from mtlmatch.data.sources import Benchmark, Source, make_benchmark, tfds_source
 from mtlmatch.tasks import TaskSpec
 
 PRIOR = 'expressions_to_aus'
-DEFAULT_AUS = ('AU1', 'AU2', 'AU4', 'AU5', 'AU6', 'AU9', 'AU12', 'AU15', 'AU17', 'AU20', 'AU25', 'AU26')
+DEFAULT_AUS = priors.FACE_AUS
 EXPRESSION_MISSING = ('', 'NA', -1, 7, 8, 9, 10)
 AU_MISSING = ('', 'NA', -1, 999)
 

@@ -36,7 +36,7 @@ from mtlmatch.data.readers import (
     image_shape_of,
     resize_image,
 )
-from mtlmatch.tasks import MISSING, TaskSpec, missing_labels, validate_labels
+from mtlmatch.tasks import MISSING, TaskSpec, kind_of, missing_labels, validate_labels
 
 DATA_DIR_ENV = 'MTLMATCH_DATA_DIR'
 
@@ -453,8 +453,9 @@ def _first_bad_row(spec: TaskSpec, labels) -> Optional[int]:
   y = np.asarray(labels)
   if y.ndim == 0 or not np.issubdtype(y.dtype, np.number):
     return None
-  hi = spec.num_classes if spec.kind == 'multiclass' else 2
-  bad = ((y < MISSING) | (y >= hi) | (np.mod(y, 1) != 0)).reshape(len(y), -1).any(axis=1)
+  lo, hi = kind_of(spec).label_range
+  hi = spec.num_classes if hi is None else hi
+  bad = (((y < lo) & (y != MISSING)) | (y >= hi) | (np.mod(y, 1) != 0)).reshape(len(y), -1).any(axis=1)
   return int(np.argmax(bad)) if bad.any() else None
 
 

@@ -69,7 +69,7 @@ AU_BLOBS = {
 def tasks() -> dict[str, TaskSpec]:
   """``expression`` (7-way) and ``aus`` (17 AUs, multilabel), exactly the prior's task specs."""
   prior = load_prior('expressions_to_aus')
-  return {prior.task_a.name: prior.task_a, prior.task_b.name: prior.task_b}
+  return {t.name: TaskSpec(t.name, t.kind, t.num_classes, t.class_names) for t in (prior.task_a, prior.task_b)}
 
 
 def softened_prior(high: float = 0.9, low: float = 0.03) -> np.ndarray:

@@ -1,8 +1,12 @@
 """Expert relatedness tables shipped as package data (docs/maths.md §2).
 
 ``load_prior('expressions_to_aus')`` returns a :class:`Prior` whose ``relatedness`` is ``R[C_A, C_B]`` with
-``R[i, k] = p(b_k = 1 | a = i)``, plus the two task specs and the citation. Each JSON file states which entries are
-the paper's prototypical AUs (R = 1) and which are observational fractions.
+``R[i, k] = p(b_k = 1 | a = i)``, plus the two tasks it relates (plain :class:`PriorTask` data: name, kind, class
+names; a :class:`mtlmatch.tasks.TaskSpec` is built from them where a task is needed) and the citation. Each JSON file
+states which entries are the paper's prototypical AUs (R = 1) and which are observational fractions.
+
+Plain Python, numpy and JSON: a config file (configs/faces.py) reads :data:`FACE_AUS` without importing JAX or
+TensorFlow.
 
 :func:`relatedness_table` reads a table the user gives instead: a nested list, its JSON text (as the command line
 passes it) or a ``.json`` / ``.csv`` file of one.
@@ -19,15 +23,31 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from mtlmatch.tasks import TaskSpec
+# The AUs that EmotioNet/DISFA-style AU tables annotate, in their column order: the default ``aus`` of the faces
+# recipe (mtlmatch/data/faces.py, configs/faces.py); each is an AU of the prior ``expressions_to_aus``.
+FACE_AUS = ('AU1', 'AU2', 'AU4', 'AU5', 'AU6', 'AU9', 'AU12', 'AU15', 'AU17', 'AU20', 'AU25', 'AU26')
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorTask:
+  """One task a prior relates, as its JSON states it: ``name``, ``kind`` ('multiclass' | 'multilabel') and the
+  ``class_names`` in the table's order (``TaskSpec(t.name, t.kind, t.num_classes, t.class_names)`` makes the task)."""
+
+  name: str
+  kind: str
+  class_names: tuple[str, ...]
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
 
 
 @dataclasses.dataclass(frozen=True)
 class Prior:
   name: str
   relatedness: np.ndarray  # float32 [C_A, C_B]
-  task_a: TaskSpec
-  task_b: TaskSpec
+  task_a: PriorTask
+  task_b: PriorTask
   citation: str
   provenance: str
 
@@ -77,8 +97,8 @@ def load_prior(name: str) -> Prior:
         r[classes_a.index(cls), classes_b.index(k)] = value_of(entry, k)
   if not np.all((r >= 0) & (r <= 1)):
     raise ValueError(f'prior {name!r}: entries must lie in [0, 1], got min {r.min()} max {r.max()}')
-  task_a = TaskSpec(spec['task_a']['name'], spec['task_a']['kind'], len(classes_a), tuple(classes_a))
-  task_b = TaskSpec(spec['task_b']['name'], spec['task_b']['kind'], len(classes_b), tuple(classes_b))
+  task_a = PriorTask(spec['task_a']['name'], spec['task_a']['kind'], tuple(classes_a))
+  task_b = PriorTask(spec['task_b']['name'], spec['task_b']['kind'], tuple(classes_b))
   return Prior(name, r, task_a, task_b, spec['citation'], spec['provenance'])
 
 
