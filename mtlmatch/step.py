@@ -45,6 +45,7 @@ from jax.flatten_util import ravel_pytree
 
 from mtlmatch import losses
 from mtlmatch import weighting
+from mtlmatch.tasks import kind_of
 
 
 @flax.struct.dataclass
@@ -433,6 +434,12 @@ def train_step(
     skipped = state.replace(step=state.step + 1, skipped=state.skipped + 1)
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, skipped)
   health = {'loss': total, 'grad_norm': grad_norm, 'param_norm': optax.tree.norm(new_state.params)}
+  # Labels neither missing nor valid weigh 0 in the losses (the data layer refuses them before training; a custom
+  # stream may not): counted, so that the loop halts on them instead of training on silently dropped labels.
+  health['invalid_labels'] = sum(
+      (kind_of(t).invalid_labels(batch['labels'][n], t.num_classes) for n, t in objective.tasks.items()),
+      jnp.zeros((), jnp.int32),
+  )
   return new_state, step_metrics(health, finite, new_state.skipped, named, names, path)
 
 

@@ -23,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -47,6 +48,8 @@ class TaskKind:
     ``zero_statistics(task)`` their identity, ``finalize(task, sums) -> {metric: float}`` on the host;
   * ``primary_metric``: the metric that model selection and the negative-transfer monitor read (higher is better);
   * ``predict(outputs) -> array``: what ``--mode=predict`` writes for the task (jittable);
+  * ``invalid_labels(labels, num_classes) -> int32``: how many labels of a batch are neither missing nor valid
+    (jittable): the loss gives them weight 0, the train step reports their count and the loop halts on it;
   * ``head_outputs(num_classes) -> int``: the width of the task's head (and of DGR's dummy heads).
   """
 
@@ -60,6 +63,7 @@ class TaskKind:
   finalize: Callable[[Any, Mapping], dict]
   primary_metric: str
   predict: Callable[[jax.Array], jax.Array]
+  invalid_labels: Callable[[jax.Array, int], jax.Array]
   head_outputs: Callable[[int], int] = lambda num_classes: num_classes
 
 
@@ -88,6 +92,7 @@ register_kind(
         finalize=metrics_lib.finalize,
         primary_metric='accuracy',
         predict=jax.nn.softmax,
+        invalid_labels=functools.partial(losses.invalid_label_count, 'multiclass'),
     )
 )
 register_kind(
@@ -102,6 +107,7 @@ register_kind(
         finalize=metrics_lib.finalize,
         primary_metric='mean_f1',
         predict=jax.nn.sigmoid,
+        invalid_labels=functools.partial(losses.invalid_label_count, 'multilabel'),
     )
 )
 

@@ -132,6 +132,17 @@ def relatedness_image(table, cell: int = 8) -> np.ndarray:
   return np.repeat(pixels[None, :, :, None], 3, axis=-1)
 
 
+def check_labels(step: int, invalid_labels: float) -> None:
+  """One ValueError when labels neither missing nor valid reached the step (the step's count, or its mean over the
+  steps since the last log)."""
+  if invalid_labels:
+    raise ValueError(
+        f'training up to step {step}: labels neither missing (-1) nor valid for their task reached the train step '
+        f"({invalid_labels:g} per step; they weigh 0 in the losses): expected labels in each task's range; the "
+        'sources of data.make_benchmark are checked before training, so check a custom batch stream'
+    )
+
+
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
   return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
 
@@ -216,8 +227,10 @@ class Run:
     return evaluators.stop_reason(self.evals, self.records)
 
   def check_health(self, step: int, fetched: Mapping[str, Any]) -> None:
-    """Halts with :func:`health_error` on a non-finite update (``config.nonfinite='halt'``), after the write in
-    flight is committed (only a committed step counts as the last good checkpoint)."""
+    """Halts on invalid labels in the batch (``invalid_labels``, one ValueError), and with :func:`health_error` on a
+    non-finite update (``config.nonfinite='halt'``), after the write in flight is committed (only a committed step
+    counts as the last good checkpoint)."""
+    check_labels(step, fetched['invalid_labels'])
     if (fetched['finite'] and np.isfinite(fetched['param_norm'])) or self.exp.config.nonfinite != 'halt':
       return
     try:
@@ -344,6 +357,7 @@ def train_loop(run: Run, start_step: int, preemption: Preemption, *, stop_at: Op
         if log_now:
           # Each train metric as its mean over the steps since the last log (health counters: their last value).
           means = {**_scalars(fetched), **interval.pop()}
+          check_labels(step, means['invalid_labels'])
           run.writer.write_scalars(step, {**means, 'learning_rate': float(schedule(step - 1))})
           progress.log(step, config.total_steps, means['loss'])
         if ckpt_now:

@@ -69,6 +69,7 @@ BINARY = tasks_lib.TaskKind(
     finalize=lambda task, s: {'accuracy': float(s['correct']) / max(int(s['count']), 1), 'count': int(s['count'])},
     primary_metric='accuracy',
     predict=jax.nn.sigmoid,
+    invalid_labels=lambda labels, num_classes: jnp.sum((labels != tasks_lib.MISSING) & ((labels < 0) | (labels > 1))),
     head_outputs=lambda num_classes: 1,
 )
 
@@ -158,3 +159,21 @@ def test_the_rows_of_a_pytree_encoder_equal_per_task_grads(toy_registry):
     row = pullback(jax.tree.map(lambda g: g[None], d_features), 'rows')
     expected = jax.grad(task_loss)(state.params['encoder'], task)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6), row, expected)
+
+
+def test_invalid_labels_are_counted_by_the_step_and_halt_the_loop(toy_registry):
+  """A label out of its task's range (here from a custom stream: the data layer refuses them in sources) weighs 0 in
+  the loss, is counted by its kind in the step's ``invalid_labels``, and the loop's check raises on it."""
+  from mtlmatch import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+
+  exp = experiment_lib.build_experiment(_config('ew', dgr=False), benchmark=_benchmark())
+  batch = next(exp.train_batches(0))
+  labels = {t: np.asarray(y).copy() for t, y in batch['labels'].items()}
+  labels['digit'][np.flatnonzero(labels['digit'] >= 0)[0]] = 7  # 3 classes
+  labels['bright'][np.flatnonzero(labels['bright'] >= 0)[:2]] = 5  # the toy kind's own rule
+  bad = {**batch, 'labels': jax.device_put(labels, exp.data_sharding)}
+  _, metrics = exp.step_fn(exp.init_state(), bad)
+  assert int(metrics['invalid_labels']) == 3 and np.isfinite(float(metrics['loss']))
+  with pytest.raises(ValueError, match=r'labels neither missing \(-1\) nor valid for their task reached the train'):
+    train.check_labels(4, float(metrics['invalid_labels']))
+  train.check_labels(4, 0.0)
