@@ -434,13 +434,16 @@ def train_step(
     skipped = state.replace(step=state.step + 1, skipped=state.skipped + 1)
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, skipped)
   health = {'loss': total, 'grad_norm': grad_norm, 'param_norm': optax.tree.norm(new_state.params)}
-  # Labels neither missing nor valid weigh 0 in the losses (the data layer refuses them before training; a custom
-  # stream may not): counted, so that the loop halts on them instead of training on silently dropped labels.
-  health['invalid_labels'] = sum(
-      (kind_of(t).invalid_labels(batch['labels'][n], t.num_classes) for n, t in objective.tasks.items()),
-      jnp.zeros((), jnp.int32),
-  )
+  health['invalid_labels'] = invalid_labels(objective.tasks, batch['labels'])
   return new_state, step_metrics(health, finite, new_state.skipped, named, names, path)
+
+
+def invalid_labels(tasks, labels) -> jax.Array:
+  """int32: the batch's labels that are neither missing nor valid (each task kind's ``invalid_labels``). They weigh 0
+  in the losses; the data layer refuses them before training, a custom stream may not, so the step counts them and
+  the loop halts on them instead of training on silently dropped labels."""
+  counts = (kind_of(t).invalid_labels(labels[name], t.num_classes) for name, t in tasks.items())
+  return sum(counts, jnp.zeros((), jnp.int32))
 
 
 def step_metrics(health, finite, skipped, named, names: LossNames, path: PathResult) -> dict:

@@ -401,8 +401,9 @@ def train_and_evaluate(
     reason = f'{preemption.signal_name} received' if preemption.requested else f'stop_at={stop_at}'
     logging.warning('%s: checkpoint saved at step %d; stopping so the run can resume.', reason, step)
     run.writer.flush()
-    signal_name = {'signal': preemption.signal_name} if preemption.requested else {}
-    return {'step': step, 'interrupted': True, **signal_name}
+    # A Ctrl-C is said so (the CLI exits 130 for it); SIGTERM and stop_at return {'step', 'interrupted'} alone.
+    by_ctrl_c = {'signal': 'SIGINT'} if preemption.signal_name == 'SIGINT' else {}
+    return {'step': step, 'interrupted': True, **by_ctrl_c}
   # 4. Every evaluator at the last step; results.json gathers their parts (test metrics at the last and at the
   # best-validation step, ...). A finished run called again returns its results.json.
   if step > start_step or not workdir_lib.exists(workdir, workdir_lib.RESULTS_FILE):

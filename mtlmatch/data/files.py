@@ -206,6 +206,11 @@ class FilesReader:
     self.rows = np.asarray(numbers, np.int64)
     self.paths = np.asarray(paths, object)
     self.labels = {t: np.asarray(v, np.int32) for t, v in values.items()}
+    self._apply_bad_image_policy(on_bad_image)
+
+  def _apply_bad_image_policy(self, on_bad_image: str) -> None:
+    """Missing or undecodable images: 'raise' names the first (its row and file); 'skip' leaves them out, keeps the
+    list in ``skipped`` and logs it."""
     bad = self._bad_rows(check_decoding=on_bad_image == 'skip')
     if bad and on_bad_image == 'raise':
       i, reason = bad[0]
