@@ -2,6 +2,7 @@
 #   make run    set up .venv and run the main job on the embedded synthetic default (no download)
 #   make test   set up .venv, lint (ruff + pyink) and run the test suite and the docstring examples of mtlmatch/ on
 #               8 fake CPU devices (without the tests marked slow)
+#   make test-fast  the fast tier (maths and unit tests, under 3 minutes here) for a developer's iterations
 #   make test-all   the same with the slow tests (the 20-kill fault test, ...)
 #   make lint   the linter and the formatter check alone; make format rewrites the code in the house style
 #   make docs   install the docs extra into .venv, build the site into docs/_build/html with warnings as errors and
@@ -12,7 +13,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/affect_dm
 
-.PHONY: setup run test test-all lint format docs schema clean
+.PHONY: setup run test test-fast test-all lint format docs schema clean
 
 $(VENV)/.installed: setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,15 @@ PYTEST := XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q 
 
 test: setup lint
 	$(PYTEST) -m "not slow" tests mtlmatch
+
+# The fast tier for a developer's iterations (maths and unit tests against their references, the layout rules, the
+# config files without JAX, the docstring examples); make test runs everything CI runs.
+FAST_TESTS := tests/test_losses.py tests/test_matching.py tests/test_relatedness.py tests/test_metrics.py \
+	tests/test_weighting.py tests/test_weighting_gradient_methods.py tests/test_weighting_zoo.py tests/test_dgr.py \
+	tests/test_layout.py tests/test_config_light.py tests/test_monitor.py tests/test_data_pipeline.py
+
+test-fast: setup
+	$(PYTEST) -m "not slow" $(FAST_TESTS) mtlmatch
 
 test-all: setup
 	$(PYTEST) tests mtlmatch
