@@ -56,6 +56,11 @@ ON_BAD_IMAGE = ('raise', 'skip')
 # Manifests.
 
 
+def _absolute(path: str) -> str:
+  """A local path made absolute (from the current directory); a URL (``gs://...``) as it is."""
+  return path if '://' in path else os.path.abspath(path)
+
+
 def read_manifest(manifest: str) -> tuple[list[str], list[dict]]:
   """``(columns, rows)`` of a CSV (header row first) or JSON-lines (``.jsonl`` / ``.json``: one object per line)
   table; every value as it was written (CSV: strings)."""
@@ -142,7 +147,8 @@ class FilesReader:
       split_column: Optional[str] = None,
       on_bad_image: str = 'raise',
   ):
-    self.manifest = os.fspath(manifest)
+    # Resolved once, here: messages and the paths of predictions name the real files whatever the working directory.
+    self.manifest = _absolute(os.fspath(manifest))
     self.name = os.path.basename(self.manifest)
     if (
         not isinstance(image_size, (tuple, list))
@@ -189,7 +195,7 @@ class FilesReader:
     numbers = [i for i, row in enumerate(rows, 1) if keep(row)]
     if not numbers:
       raise ValueError(f'manifest {self.manifest}: got no rows with {split_column} == {split!r}, expected at least one')
-    root = os.path.dirname(self.manifest) if image_root is None else os.fspath(image_root)
+    root = os.path.dirname(self.manifest) if image_root is None else _absolute(os.fspath(image_root))
     missing_sets = _missing_sets(missing, list(labels))
     paths, values = [], {t: [] for t in labels}
     for i in numbers:
