@@ -138,7 +138,7 @@ def nonneg_qp(a_mat: jax.Array, b: jax.Array, present: jax.Array, steps: jax.Arr
   a_mat [T, T] positive definite on the present tasks; b [T, K]; returns s [T, K].
   T ≤ 8: exact. On a face S (the coordinates with s > 0) the optimum solves A_SS s_S = −b_S; of every feasible face
   candidate (s_S ≥ 0) and s = 0, the one that best meets the optimality (KKT) conditions wins: with r = A s + b,
-  r_i = 0 where s_i > 0 and r_i ≥ 0 where s_i = 0, its worst violation measured as |r_i| / √A_ii (the
+  r_i = 0 where s_i > 0 and r_i ≥ 0 where s_i = 0, its worst violation measured as ``|r_i| / √A_ii`` (the
   objective itself cannot tell apart two faces whose optima differ below float32 rounding, while their r can differ
   by far more). T > 8: `steps` steps of accelerated projected gradient (FISTA, step 1/tr A) from s = 0.
   """
