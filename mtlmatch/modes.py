@@ -185,8 +185,8 @@ def predict(
   return paths
 
 
-def _predict_part(fn, state, exp, part: str, src) -> dict[str, np.ndarray]:
-  """The predictions of one part of a source, ordered by the examples' positions in the split, identified in the
+def _predict_part(fn, state, exp, part: str, src) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """``(positions in the split, arrays)`` of one part of a source, in read order, its examples identified in the
   user's terms (``Reader.identify``)."""
   tasks = exp.benchmark.tasks
   probs, labels, positions = {t: [] for t in tasks}, {t: [] for t in tasks}, []
@@ -200,18 +200,15 @@ def _predict_part(fn, state, exp, part: str, src) -> dict[str, np.ndarray]:
       probs[t].append(np.asarray(got['probs'][t])[mask])
       labels[t].append(np.asarray(got['labels'][t])[mask])
   position = np.concatenate(positions).astype(np.int64)
-  order = np.argsort(position, kind='stable')
-  arrays = dict(src.reader.identify(src.split, position[order]))
-  arrays['part'] = np.full(len(order), part)
+  arrays = dict(src.reader.identify(src.split, position))
+  arrays['part'] = np.full(len(position), part)
   for t in tasks:
-    arrays[t] = np.concatenate(probs[t])[order]
-    arrays[f'labels/{t}'] = np.concatenate(labels[t])[order]
-  arrays['_position'] = position[order]
-  return arrays
+    arrays[t] = np.concatenate(probs[t])
+    arrays[f'labels/{t}'] = np.concatenate(labels[t])
+  return position, arrays
 
 
-def _concat(parts: Sequence[dict]) -> dict[str, np.ndarray]:
-  """The parts of one source as one set of arrays, in the source's read order."""
-  merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-  order = np.argsort(merged.pop('_position'), kind='stable')
-  return {k: v[order] for k, v in merged.items()}
+def _concat(parts: Sequence[tuple[np.ndarray, dict]]) -> dict[str, np.ndarray]:
+  """The parts of one source as one set of arrays, ordered by the examples' positions in the split (one sort)."""
+  order = np.argsort(np.concatenate([position for position, _ in parts]), kind='stable')
+  return {k: np.concatenate([arrays[k] for _, arrays in parts])[order] for k in parts[0][1]}
