@@ -7,7 +7,12 @@ training example is labelled for both. Relatedness: the expert prior expressions
   python -m mtlmatch.main --config=configs/affect.py:dm --workdir=workdirs/affect_dm
 
 Variants (comma-separated): ``mtl``, ``dm``, ``coann``, ``dm+coann``, ``dgr`` (combine with '+'),
-``single=expression``, ``single=aus``, ``encoder=<name>``, ``weighting=<name>``, ``smoke``, ``cpu``.
+``single=expression``, ``single=aus``, ``encoder=<name>``, ``weighting=<name>``, ``smoke``, ``cpu``, and ``va``: a
+third training source, disjoint from the other two and labelled only for valence/arousal (the regression task
+``va``, CCC loss, tanh-bounded head; ``single=va`` is its single-task model). DM and co-annotation stay on the
+classification pair; ``va`` is co-trained::
+
+  python -m mtlmatch.main --config=configs/affect.py:dm+coann,va --workdir=workdirs/affect_va
 
 Measured with the current defaults (``:dm``, 1,000 steps of 128, two CPU devices on this 2-core machine, nothing else
 running): 74 s of training wall time, compilation included; at the best-validation step (the last) test expression
@@ -17,6 +22,13 @@ accuracy 0.910, AU mean F1 0.749 (docs/getting_started.md).
 from mtlmatch import config_lib
 
 RELATEDNESS = 'prior:expressions_to_aus'
+# Examples of the va source (as many as the AU source has), and at each size.
+NUM_VA = {None: 3000, 'cpu': 3000, 'smoke': 128}
+
+
+def add_va(config, size):
+  """The ``va`` token: the source labelled for valence/arousal, sized for ``size`` (None, 'cpu' or 'smoke')."""
+  config.data.options.num_va = NUM_VA[size]
 
 
 def get_config(arg=None):
@@ -36,5 +48,11 @@ def get_config(arg=None):
       'coannotated_subsets': (32,),
   }
   return config_lib.apply_variant(
-      config, arg, pairs=(('expression', 'aus'),), relatedness=RELATEDNESS, smoke_data=smoke_data
+      config,
+      arg,
+      pairs=(('expression', 'aus'),),
+      relatedness=RELATEDNESS,
+      smoke_data=smoke_data,
+      data_tokens={'va': add_va},
+      where='configs/affect.py',
   )

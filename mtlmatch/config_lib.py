@@ -5,7 +5,7 @@ benchmark, tasks and relatedness, then calls :func:`apply_variant` with the ``ar
 ``--config=<file>:<arg>``. The grammar of ``arg`` (EBNF; ``{x}`` is zero or more ``x``, ``[x]`` an optional ``x``)::
 
     variant   = [ token , { "," , token } ] ;
-    token     = methods | single | encoder | weighting | nt | size ;
+    token     = methods | single | encoder | weighting | nt | size | data ;
     methods   = method , { "+" , method } ;            (* e.g. dm+coann+dgr *)
     method    = "mtl" | "dm" | "coann" | "dgr" ;
     single    = "single=" , task ;                      (* a task of the config file *)
@@ -13,6 +13,7 @@ benchmark, tasks and relatedness, then calls :func:`apply_variant` with the ``ar
     weighting = "weighting=" , name ;                   (* a key of weighting.METHODS *)
     nt        = "nt=" , root ;                          (* a sweep root *)
     size      = "smoke" | "cpu" ;
+    data      = "va" ;                                  (* a data option the config file offers *)
 
 * ``methods``: ``mtl`` plain multi-task (no DM / co-annotation term), ``dm`` distribution matching, ``coann`` soft
   co-annotation, ``dgr`` dummy gradient norm regularization, one term per (task_a, task_b) pair of the file;
@@ -25,17 +26,20 @@ benchmark, tasks and relatedness, then calls :func:`apply_variant` with the ``ar
 * ``smoke``: a run of seconds (tests, CI) for whichever encoder is chosen; ``cpu``: the case studies' size on a
   2-core CPU (``experiments/case_studies.py``): a small CNN (whatever encoder the config file has; only an encoder
   chosen with ``encoder=<name>`` in the same variant keeps its own sizes), batch 64, 300 steps, the file's
-  ``cpu_data`` options.
+  ``cpu_data`` options;
+* ``va``: the synthetic affect benchmark's third source, labelled only for valence/arousal (the regression task
+  ``va``; ``configs/affect.py``); a config file that does not offer it refuses it.
 
 Rules (:data:`RULES`; a variant that breaks one raises one ValueError naming both tokens and what was expected):
 
 1. one of each: at most one token of each kind (a method set, ``single=``, ``encoder=``, ``weighting=``, ``nt=``,
-   a size: ``smoke`` or ``cpu``) and each method once in the set; ``encoder=mlp,encoder=cnn``, ``dm,coann`` and
-   ``smoke,cpu`` are refused, not resolved by position;
+   a size: ``smoke`` or ``cpu``, a data token) and each method once in the set; ``encoder=mlp,encoder=cnn``,
+   ``dm,coann`` and ``smoke,cpu`` are refused, not resolved by position;
 2. no contradiction: ``mtl`` (no matching term) goes with neither ``dm`` nor ``coann``; ``single=<task>`` (one task)
    goes with neither ``dm`` nor ``coann`` (each relates two tasks);
 3. the order of application is fixed, whatever the order written: ``encoder=``, ``weighting=``, the method set,
-   ``single=``, ``nt=``, then the size last, so ``smoke`` / ``cpu`` size the chosen encoder. Empty tokens are skipped.
+   ``single=``, ``nt=``, the size, then the data token, so ``smoke`` / ``cpu`` size the chosen encoder and the data
+   token sizes its source for them. Empty tokens are skipped.
 
 ``python -m mtlmatch.main --config=configs/affect.py:dm+coann,smoke --workdir=/tmp/x``. Any key can then be
 overridden on the command line, e.g. ``--config.total_steps=300``; ``--config.encoder.name`` and
@@ -58,7 +62,9 @@ from mtlmatch import config_schema
 
 METHOD_TOKENS = ('mtl', 'dm', 'coann', 'dgr')
 # The kinds of variant token (the grammar's ``token`` alternatives), in the order they are applied (rule 3).
-TOKEN_KINDS = ('encoder', 'weighting', 'methods', 'single', 'nt', 'size')
+TOKEN_KINDS = ('encoder', 'weighting', 'methods', 'single', 'nt', 'size', 'data')
+# The data tokens (a config file offers some of them through apply_variant's ``data_tokens``).
+DATA_TOKENS = ('va',)
 # Rule 2: a method of the set and the tokens it contradicts, with why.
 CONTRADICTIONS = {
     'mtl': (('dm', 'coann'), 'mtl is plain multi-task learning, without DM or co-annotation terms'),
@@ -66,10 +72,10 @@ CONTRADICTIONS = {
 }
 RULES = (
     'one of each: at most one token of each kind (a method set, single=, encoder=, weighting=, nt=, a size: smoke '
-    'or cpu), each method once in the set',
+    'or cpu, a data token), each method once in the set',
     'no contradiction: mtl goes with neither dm nor coann; single=<task> goes with neither dm nor coann',
-    'applied in a fixed order, whatever the order written: encoder=, weighting=, the method set, single=, nt=, then '
-    'the size (smoke or cpu) last, for the chosen encoder; empty tokens are skipped',
+    'applied in a fixed order, whatever the order written: encoder=, weighting=, the method set, single=, nt=, the '
+    'size (smoke or cpu), for the chosen encoder, then the data token; empty tokens are skipped',
 )
 _RULES_TEXT = '\n'.join(
     textwrap.fill(r, 116, initial_indent=f'  {i}. ', subsequent_indent='     ') for i, r in enumerate(RULES, 1)
@@ -78,7 +84,7 @@ _RULES_TEXT = '\n'.join(
 VARIANT_HELP = f"""
 Config variants (after the colon; e.g. configs/affect.py:dm+coann,smoke). Grammar:
   variant = [token {{"," token}}]
-  token   = methods | "single=" task | "encoder=" name | "weighting=" name | "nt=" root | "smoke" | "cpu"
+  token   = methods | "single=" task | "encoder=" name | "weighting=" name | "nt=" root | "smoke" | "cpu" | "va"
   methods = method {{"+" method}};  method = {" | ".join(f'"{m}"' for m in METHOD_TOKENS)}
   {" ".join(METHOD_TOKENS)}  joined by +: plain MTL, distribution matching, co-annotation, DGR
   single=<task>      the single-task baseline of one task
@@ -87,6 +93,7 @@ Config variants (after the colon; e.g. configs/affect.py:dm+coann,smoke). Gramma
   nt=<root>          the negative-transfer monitor against the single-task runs of a sweep root
   smoke              a seconds-long run (tiny data and encoder)
   cpu                the case studies' size for a CPU: a small CNN, batch 64, 300 steps
+  va                 (configs/affect.py) a third source labelled for valence/arousal: the regression task va
 Rules (else one error naming both tokens):
 {_RULES_TEXT}
 """
@@ -365,10 +372,13 @@ def token_kind(token: str) -> str:
       return kind
   if token in ('smoke', 'cpu'):
     return 'size'
+  if token in DATA_TOKENS:
+    return 'data'
   if all(part in METHOD_TOKENS for part in token.split('+')):
     return 'methods'
   raise ValueError(
-      f"config variant: got {token!r}, expected 'smoke', 'cpu', 'single=<task>', "
+      f"config variant: got {token!r}, expected 'smoke', 'cpu', {', '.join(repr(t) for t in DATA_TOKENS)}, "
+      "'single=<task>', "
       f"'encoder=<name>', 'weighting=<name>', 'nt=<sweep root>' or a +-joined set of {METHOD_TOKENS}"
   )
 
@@ -385,6 +395,8 @@ def parse_variant(arg: Optional[str]) -> dict[str, str]:
         what = "one +-joined method set such as 'dm+coann+dgr'"
       elif kind == 'size':
         what = "at most one of 'cpu' and 'smoke' (two sizes)"
+      elif kind == 'data':
+        what = 'at most one data token'
       else:
         what = f'at most one {kind}=<...> token'
       raise ValueError(f'{where}: {token!r} after {given[kind]!r}, expected {what}')
@@ -409,10 +421,14 @@ def apply_variant(
     relatedness: str,
     smoke_data: Mapping[str, object],
     cpu_data: Optional[Mapping[str, object]] = None,
+    data_tokens: Optional[Mapping[str, Any]] = None,
+    where: str = 'this config file',
 ) -> ml_collections.ConfigDict:
   """Applies the tokens of ``arg`` (the grammar and rules of the module docstring, :func:`parse_variant`).
   ``dm``/``coann`` relate each (task_a, task_b) of ``pairs`` through ``relatedness``; ``smoke`` shrinks the run and
-  uses ``smoke_data`` as the data options; ``cpu`` sizes it for a CPU and merges ``cpu_data`` into them."""
+  uses ``smoke_data`` as the data options; ``cpu`` sizes it for a CPU and merges ``cpu_data`` into them;
+  ``data_tokens`` {token: fn(config, size)} are the data tokens the file offers (``size``: 'smoke', 'cpu' or None);
+  ``where`` names the file in the error for a data token it does not offer."""
   parsed = parse_variant(arg)
   for kind, token in parsed.items():
     value = token.partition('=')[2]
@@ -441,6 +457,15 @@ def apply_variant(
       shrink_for_smoke(config, smoke_data)
     elif token == 'cpu':
       shrink_for_cpu(config, cpu_data or {}, encoder_chosen='encoder' in parsed)
+    elif kind == 'data':
+      offered = dict(data_tokens or {})
+      if token not in offered:
+        raise ValueError(
+            f'config variant: got {token!r}, which {where} does not offer, expected one of {sorted(offered)}'
+            if offered
+            else f'config variant: got {token!r}, which {where} does not offer (it has no data tokens)'
+        )
+      offered[token](config, parsed.get('size'))
   return config
 
 

@@ -30,7 +30,6 @@ from mtlmatch import priors
 from mtlmatch import step as step_lib
 from mtlmatch import warm_start
 from mtlmatch import weighting
-from mtlmatch.tasks import kind_of
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -353,9 +352,7 @@ def build_objective(config, benchmark, model, relatedness_log: dict) -> objectiv
       make_relatedness_resolver(benchmark, relatedness_log),
       lambda task, kind: model.heads[task]
       if kind == 'task'
-      else models.build_head(
-          'linear', kind_of(benchmark.tasks[task]).head_outputs(benchmark.tasks[task].num_classes), **head_dtype
-      ),
+      else models.build_task_head(benchmark.tasks[task], 'linear', **head_dtype),
   )
   return objective_lib.build_objective(config.objective.to_dict(), env)
 

@@ -47,7 +47,8 @@ macro F1 = (1 + 2/3 + 0) / 3:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Optional
+import math
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -217,11 +218,121 @@ def finalize(task: TaskSpec, stats: Mapping[str, jax.Array]) -> dict[str, float]
   return metrics
 
 
+REGRESSION_KEYS = ('count', 'n', 'abs_error', 'sq_error', 'x', 'y', 'xx', 'yy', 'xy')
+
+
+def regression_statistics(
+    task: TaskSpec, outputs: jax.Array, targets: jax.Array, mask: Optional[jax.Array] = None
+) -> dict[str, jax.Array]:
+  """Additive statistics of one batch for a regression task (outputs and targets ``[B, d]``, NaN = missing; jittable):
+  per output, over the present targets of real examples, ``n`` (int32 counts) and the float32 sums ``abs_error``
+  Σ|x − y|, ``sq_error`` Σ(x − y)², ``x``, ``y``, ``xx``, ``yy``, ``xy`` (x the prediction, y the target);
+  ``count`` (scalar): examples with at least one present target."""
+  outputs, targets = jnp.asarray(outputs, jnp.float32), jnp.asarray(targets, jnp.float32)
+  d = task.num_classes
+  if outputs.ndim != 2 or outputs.shape[1] != d:
+    raise ValueError(f'outputs of task {task.name!r}: got shape {outputs.shape}, expected [B, {d}]')
+  if targets.shape != outputs.shape:
+    raise ValueError(f'targets of task {task.name!r}: got shape {targets.shape}, expected {list(outputs.shape)}')
+  real = jnp.ones(outputs.shape[0], bool) if mask is None else jnp.asarray(mask) > 0
+  present = real[:, None] & jnp.isfinite(targets)
+  m = present.astype(jnp.float32)
+  x, y = outputs * m, jnp.where(present, targets, 0.0)
+  error = x - y
+  sums = {'abs_error': jnp.abs(error), 'sq_error': error * error, 'x': x, 'y': y, 'xx': x * x, 'yy': y * y}
+  return {
+      'count': jnp.sum(jnp.any(present, axis=1), dtype=jnp.int32),
+      'n': jnp.sum(present, axis=0, dtype=jnp.int32),
+      **{k: jnp.sum(v, axis=0) for k, v in sums.items()},
+      'xy': jnp.sum(x * y, axis=0),
+  }
+
+
+def regression_zero_statistics(task: TaskSpec) -> dict[str, np.ndarray]:
+  """Statistics of an empty set for a regression task (the identity of ``accumulate``)."""
+  d = task.num_classes
+  zeros = {k: np.zeros((d,), np.float64) for k in REGRESSION_KEYS if k not in ('count', 'n')}
+  return {'count': np.zeros((), np.int64), 'n': np.zeros((d,), np.int64), **zeros}
+
+
+def regression_finalize(task: TaskSpec, stats: Mapping[str, jax.Array]) -> dict[str, float]:
+  """Metrics of a regression task from its accumulated statistics (float64 on the host), per output ``<k>``
+  (:meth:`~mtlmatch.tasks.TaskSpec.class_keys`: ``valence``, ``arousal``) and their mean over the outputs where they
+  are defined:
+
+  * ``mae_<k>`` = Σ|x − y| / n, ``rmse_<k>`` = √(Σ(x − y)² / n);
+  * ``pearson_<k>`` = σ_xy / (σ_x σ_y) and ``ccc_<k>`` = 2σ_xy / (σ_x² + σ_y² + (μ_x − μ_y)²) with population
+    moments (μ_x = Σx / n, σ_x² = Σx² / n − μ_x², σ_xy = Σxy / n − μ_x μ_y; Lin 1989);
+  * ``mae``, ``rmse``, ``pearson``, ``ccc``: the means over outputs; ``count``: examples with a present target.
+
+  A metric with no present target (or a zero denominator) is NaN and left out of the mean. MAE and RMSE are
+  lower-is-better (``TaskSpec.higher_is_better``)."""
+  if not isinstance(stats, Mapping) or set(stats) != set(REGRESSION_KEYS):
+    got = sorted(stats) if isinstance(stats, Mapping) else type(stats).__name__
+    raise ValueError(f'stats of task {task.name!r}: got keys {got}, expected {sorted(REGRESSION_KEYS)} (regression)')
+  s = {k: np.asarray(v, np.float64) for k, v in stats.items()}
+  n = s['n']
+  with np.errstate(invalid='ignore', divide='ignore'):
+    safe = np.where(n > 0, n, 1.0)
+    mx, my = s['x'] / safe, s['y'] / safe
+    var_x = np.maximum(s['xx'] / safe - mx * mx, 0.0)
+    var_y = np.maximum(s['yy'] / safe - my * my, 0.0)
+    cov = s['xy'] / safe - mx * my
+    defined = n > 0
+    per_output = {
+        'mae': np.where(defined, s['abs_error'] / safe, np.nan),
+        'rmse': np.where(defined, np.sqrt(s['sq_error'] / safe), np.nan),
+        'pearson': np.where(defined & (var_x * var_y > 0), cov / np.sqrt(var_x * var_y), np.nan),
+        'ccc': np.where(
+            defined & (var_x + var_y + (mx - my) ** 2 > 0), 2 * cov / (var_x + var_y + (mx - my) ** 2), np.nan
+        ),
+    }
+  metrics = {name: _mean_defined(values) for name, values in per_output.items()}
+  metrics['count'] = int(s['count'])
+  for name, values in per_output.items():
+    metrics.update({f'{name}_{key}': float(v) for key, v in zip(task.class_keys(), values)})
+  return metrics
+
+
+def signed(task: TaskSpec, metric: str, value: float) -> float:
+  """``value`` when higher is better for ``metric`` of ``task``, else ``-value``: larger is always better."""
+  return value if task.higher_is_better(metric) else -value
+
+
 def selection_score(tasks: Mapping[str, TaskSpec], metrics: Mapping[str, Mapping[str, float]]) -> float:
-  """Mean over tasks of each task's primary metric (``TaskSpec.primary_metric``; tasks whose metric is NaN — no
-  labelled example — are left out; NaN if none is defined). Used to pick the best-validation step."""
-  values = [metrics[t][spec.primary_metric] for t, spec in tasks.items() if t in metrics]
+  """Mean over tasks of each task's primary metric (``TaskSpec.primary_metric``), signed so that larger is better
+  (a lower-is-better metric such as MAE enters as −MAE; :func:`signed`). Tasks whose metric is NaN — no labelled
+  example — are left out; NaN if none is defined. Used to pick the best-validation step. The metrics enter on their
+  own scales: accuracy, F1 and CCC all lie in [0, 1] (CCC in [−1, 1]); a task scored by MAE in years would dominate
+  the mean — give such a task ``metric='ccc'`` or select on one task."""
+  values = [
+      signed(spec, spec.primary_metric, metrics[t][spec.primary_metric]) for t, spec in tasks.items() if t in metrics
+  ]
   return _mean_defined(np.asarray(values, np.float64)) if values else float('nan')
+
+
+def delta_m(
+    tasks: Mapping[str, TaskSpec],
+    metrics: Mapping[str, Mapping[str, float]],
+    baselines: Mapping[str, Mapping[str, float]],
+    *,
+    which: Optional[Mapping[str, Sequence[str]]] = None,
+) -> float:
+  """Δm (%), the mean relative change against the single-task models (Maninis et al. 2019; LibMTL; Nash-MTL, FAMO):
+
+      Δm = (1/K) Σ_{t, k} (−1)^{l_k} (M_{t,k} − M_{ST;t,k}) / M_{ST;t,k} × 100,
+
+  over the K (task, metric) pairs, with ``l_k = 1`` when lower is better for metric k (MAE, RMSE) and 0 otherwise.
+  ``metrics[t][k]`` is the model's, ``baselines[t][k]`` the single-task model's value; ``which`` {task: metrics}
+  (default: each task's primary metric). Pairs where either value is missing or NaN, or the baseline is 0, are left
+  out; NaN if none is left."""
+  terms = []
+  for t, spec in tasks.items():
+    for k in (which or {}).get(t, (spec.primary_metric,)):
+      value, base = metrics.get(t, {}).get(k, math.nan), baselines.get(t, {}).get(k, math.nan)
+      if math.isfinite(value) and math.isfinite(base) and base != 0:
+        terms.append(signed(spec, k, (value - base) / abs(base)))
+  return 100.0 * float(np.mean(terms)) if terms else float('nan')
 
 
 def finalize_tasks(tasks: Mapping[str, TaskSpec], stats: Mapping[str, Mapping]) -> dict[str, dict[str, float]]:

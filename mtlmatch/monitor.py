@@ -1,19 +1,20 @@
 """The negative-transfer monitor (docs/maths.md §9): each task's validation metric against a single-task reference.
 
 ``config.nt_reference = {task: reference}`` turns it on; a reference is a number (the task's primary validation
-metric, ``TaskSpec.primary_metric``: accuracy or mean F1) or the path of a single-task run's ``results.json`` (or its
-workdir; ``{seed}`` in the path is this run's ``config.seed``). A run's reference follows its training: at step s it
-is the best validation value that run had reached by step s (its ``selection.history``), and after its last
-evaluation its best-validation value ``selection.validation[task][metric]`` — never its test metrics — so a task
-is not flagged merely for being early in training, as a fixed end-of-training number would flag it. At every step
-where the train loop computed validation metrics (``config.evals``: the validation and selection evaluators, every
-``eval_every`` steps), :meth:`Monitor.update` counts, per task, the consecutive
-evaluations with ``value < reference − nt_margin``. Each time that count reaches a multiple of ``nt_patience`` it
-logs a warning naming the task and the terms feeding it (``objective.Term.feeds``: DM by direction, co-annotation
-both tasks; DGR none) and, with ``nt_action='anneal'``, multiplies each such term's scale by ``nt_anneal`` (once per
-evaluation however many of its tasks trigger). A scaled-down term whose monitored tasks are all back at or above
-``reference − margin`` is divided by ``nt_anneal`` (capped at 1) at each such evaluation: it recovers as fast as it
-was cut, one step per evaluation instead of one per window.
+metric, ``TaskSpec.primary_metric``: accuracy, mean F1, CCC or MAE) or the path of a single-task run's
+``results.json`` (or its workdir; ``{seed}`` in the path is this run's ``config.seed``). A run's reference follows its
+training: at step s it is the best validation value that run had reached by step s (its ``selection.history``), and
+after its last evaluation its best-validation value ``selection.validation[task][metric]`` — never its test metrics —
+so a task is not flagged merely for being early in training, as a fixed end-of-training number would flag it. At
+every step where the train loop computed validation metrics (``config.evals``: the validation and selection
+evaluators, every ``eval_every`` steps), :meth:`Monitor.update` counts, per task, the consecutive evaluations worse
+than the reference by more than ``nt_margin`` (``value < reference − nt_margin``; for a lower-is-better metric such as
+MAE ``value > reference + nt_margin``, and a run's reference is its running minimum). Each time that count reaches a
+multiple of ``nt_patience`` it logs a warning naming the task and the terms feeding it (``objective.Term.feeds``: DM
+by direction, co-annotation both tasks; DGR none) and, with ``nt_action='anneal'``, multiplies each such term's scale
+by ``nt_anneal`` (once per evaluation however many of its tasks trigger). A scaled-down term whose monitored tasks are
+all back within the margin of their reference is divided by ``nt_anneal`` (capped at 1) at each such evaluation: it
+recovers as fast as it was cut, one step per evaluation instead of one per window.
 
 The record is JSON (checkpoint metadata ``monitor``, ``results.json`` ``negative_transfer``); the scales also live in
 the train state (``TrainState.term_scales``) because the jitted step reads them. Both are saved at the same step, so
@@ -48,6 +49,14 @@ class Monitor:
   anneal: float  # the factor in (0, 1) per patience window below
   # task -> ((step, value), ...): a single-task run's validation curve (running best), for references read from a run
   curves: Mapping[str, tuple[tuple[int, float], ...]] = dataclasses.field(default_factory=dict)
+  # task -> whether its metric is higher-is-better (absent: True); for MAE or RMSE "worse" means above the reference
+  higher: Mapping[str, bool] = dataclasses.field(default_factory=dict)
+
+  def worse(self, task: str, value: float, reference: float) -> bool:
+    """Whether ``value`` is worse than ``reference`` by more than the margin, in the metric's direction."""
+    if self.higher.get(task, True):
+      return value < reference - self.margin
+    return value > reference + self.margin
 
   def reference_at(self, task: str, step: int) -> float:
     """The task's reference at ``step``: the number, or the best validation value the single-task run had reached
@@ -56,7 +65,8 @@ class Monitor:
     if not curve or step > curve[-1][0]:
       return self.references[task]
     earlier = [v for s, v in curve if s <= step]
-    return max(earlier) if earlier else curve[0][1]
+    best = max if self.higher.get(task, True) else min
+    return best(earlier) if earlier else curve[0][1]
 
   @property
   def annealed_terms(self) -> tuple[str, ...]:
@@ -94,7 +104,7 @@ class Monitor:
       reference = self.reference_at(task, step)
       record.setdefault('reference_now', {})[task] = reference
       record['gap'][task] = value - reference
-      below[task] = below[task] + 1 if value < reference - self.margin else 0
+      below[task] = below[task] + 1 if self.worse(task, value, reference) else 0
       if below[task] and below[task] % self.patience == 0:
         feeding = [term for term, tasks in self.feeds.items() if task in tasks]
         annealed = [term for term in feeding if term in scales]
@@ -105,9 +115,12 @@ class Monitor:
             if annealed
             else f'terms feeding it: {feeding or "none"} (nt_action={self.action!r}: not changed)'
         )
+        side = 'below' if self.higher.get(task, True) else 'above'
+        sign = '-' if self.higher.get(task, True) else '+'
         messages.append(
-            f'negative transfer on task {task!r} at step {step}: validation {self.metrics[task]} {value:.4f} is below '
-            f'its single-task reference {reference:.4f} - margin {self.margin:g} for {below[task]} evaluations; ' + what
+            f'negative transfer on task {task!r} at step {step}: validation {self.metrics[task]} {value:.4f} is {side} '
+            f'its single-task reference {reference:.4f} {sign} margin {self.margin:g} for {below[task]} evaluations; '
+            + what
         )
         record['events'].append(
             {
@@ -197,6 +210,7 @@ def build(config, tasks: Mapping[str, TaskSpec], feeds: Mapping[str, tuple[str, 
       config.nt_action,
       float(config.nt_anneal),
       curves,
+      {task: tasks[task].higher_is_better(metric) for task, metric in metrics.items()},
   )
   logging.info('Negative-transfer monitor: references %s, terms feeding them %s', references, dict(feeds))
   return monitor

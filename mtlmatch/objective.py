@@ -80,10 +80,15 @@ class Context:
   rng: Array  # this step's key for this term
 
 
-def task_loss(task: TaskSpec, logits: Array, labels: Array) -> tuple[Array, Array]:
-  """The task's own per-example loss and weight, as its kind defines it (``tasks.KINDS``): softmax CE (multiclass),
-  masked sigmoid CE (multilabel), ..."""
-  return kind_of(task).loss(logits, labels)
+def task_loss(task: TaskSpec, outputs: Array, labels: Array, select: Optional[Array] = None) -> Array:
+  """The task's own loss over the (global) batch, as its kind defines it (``tasks.KINDS``): the masked mean of its
+  per-example losses (softmax CE, masked sigmoid CE, MSE, ...), or its kind's ``reduce`` of the masked means (the
+  CCC loss, from the batch's moments). ``select`` [B] (0/1) restricts it to a subset of the examples (DGR's halves).
+  """
+  kind = kind_of(task)
+  per_example, weight = kind.loss(task, outputs, labels)
+  means = losses.masked_mean(per_example, weight if select is None else weight * select)
+  return means if kind.reduce is None else kind.reduce(task, means)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -139,10 +144,16 @@ def dgr_term(
         ctx.labels[task],
         ctx.dummies[task],
         head_apply=lambda phi, f, head=head: head.apply({'params': phi}, f),
-        loss_fn=functools.partial(task_loss, ctx.tasks[task]),
+        loss_fn=functools.partial(kind_of(ctx.tasks[task]).loss, ctx.tasks[task]),
+        reduce=_reduce_of(ctx.tasks[task]),
         norm=norm,
     )
   return total
+
+
+def _reduce_of(task: TaskSpec) -> Optional[Callable[[Array], Array]]:
+  reduce = kind_of(task).reduce
+  return None if reduce is None else functools.partial(reduce, task)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,6 +184,15 @@ def _prepare_pair(name: str, options: dict, env: Env) -> dict:
           f'objective term {name!r}: missing option {key!r} (expected a task name from ' f'{list(env.tasks)})'
       )
     _check_task(name, options[key], env)
+  for key in ('task_a', 'task_b'):
+    task = env.tasks[options[key]]
+    if task.kind not in losses.CLASSIFICATION_KINDS:
+      raise ValueError(
+          f'objective term {name!r}: {key}={task.name!r} is a {task.kind} task, expected a classification task '
+          f'({" or ".join(losses.CLASSIFICATION_KINDS)}): distribution matching and co-annotation match class '
+          'distributions through a relatedness table, which a regression task does not have (train it beside them; '
+          'docs/maths.md §9)'
+      )
   if env.tasks[options['task_a']].kind != 'multiclass':
     raise ValueError(
         f'objective term {name!r}: task_a={options["task_a"]!r} is '
@@ -352,8 +372,7 @@ class Objective:
     """``{'task/<name>': weighted task loss}`` only (no terms): what ``__call__`` returns for the tasks."""
     named = {}
     for name, task in self.tasks.items():
-      per_example, weight = task_loss(task, logits[name], labels[name])
-      named[f'task/{name}'] = self.task_weights[name] * losses.masked_mean(per_example, weight)
+      named[f'task/{name}'] = self.task_weights[name] * task_loss(task, logits[name], labels[name])
     return named
 
   @property

@@ -9,15 +9,23 @@ new kind of task is one :func:`register_kind` call, not a branch in every module
   cross-entropy; metrics: accuracy, macro F1, per-class recall; primary metric ``accuracy``.
 * ``multilabel``: labels are int32 ``[B, C]`` with values in ``{0, 1}``; ``-1`` marks a missing entry (e.g. an AU a
   dataset does not annotate). Loss: masked sigmoid cross-entropy; metrics: per-label F1, mean F1 (primary).
+* ``regression``: targets are float32 ``[B, d]`` (d = ``num_classes`` named outputs, e.g. valence and arousal);
+  NaN marks a missing target, per output. Options (``TaskSpec.options``): ``loss`` ``'mse'`` (default), ``'l1'``,
+  ``'huber'`` (with ``huber_delta``) or ``'ccc'`` (1 − the concordance correlation of the global batch);
+  ``bound`` None or ``'tanh'`` (the head's outputs squashed into (−1, 1), for VA); ``range`` None or ``(lo, hi)``,
+  the values a target may take (checked at the data boundary); ``metric`` the primary metric (``'ccc'`` by default;
+  ``'mae'`` or ``'rmse'``, lower is better, for e.g. age). Metrics: MAE, RMSE, Pearson r and CCC per output and
+  their means (docs/maths.md §9).
 
-A source that does not annotate a task fills it entirely with ``-1``.
+A source that does not annotate a task fills it entirely with its kind's missing value (``-1``, or NaN).
 
 Usage::
 
     expr = TaskSpec('expression', 'multiclass', 7)
     validate_labels(expr, np.array([0, 6, -1]))      # ok
     missing_labels(expr, 4)                          # array([-1, -1, -1, -1], dtype=int32)
-    kind_of(expr).loss(logits, labels)               # (per-example loss [B], weight [B])
+    kind_of(expr).loss(expr, logits, labels)         # (per-example loss [B], weight [B])
+    va = TaskSpec('va', 'regression', 2, ('valence', 'arousal'), options={'loss': 'ccc', 'bound': 'tanh'})
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import numpy as np
 
 from mtlmatch import losses
 from mtlmatch import metrics as metrics_lib
+from mtlmatch.losses import regression as regression_losses
 
 MISSING = losses.MISSING
 
@@ -40,24 +49,32 @@ MISSING = losses.MISSING
 class TaskKind:
   """How one kind of task is learned and measured. Every function is pure; the jittable ones are marked.
 
-  * ``label_shape(num_classes) -> tuple``: the shape of one example's label (``()`` or ``(C,)``), int32;
-  * ``label_range``: ``(lo, hi)``, valid label values are ``MISSING`` and ``lo <= y < hi`` (``hi`` None: C);
+  * ``label_shape(num_classes) -> tuple``: the shape of one example's label (``()`` or ``(C,)``);
+  * ``label_dtype``, ``missing``: the labels' dtype and the value that marks a missing label (``-1``, or NaN);
+  * ``label_range``: ``(lo, hi)`` for integer labels: valid values are ``missing`` and ``lo <= y < hi`` (``hi``
+    None: C); None for float labels: valid values are finite (within the task's ``range`` option, if it has one);
   * ``min_classes``: the smallest number of classes (outputs) a task of this kind may have;
-  * ``loss(outputs [B, C], labels) -> (per-example loss [B], weight [B])`` (jittable; weight 0 where missing);
+  * ``loss(task, outputs [B, C], labels) -> (per_example [B, ...], weight [B])`` (jittable; weight 0 where missing)
+    and ``reduce``: None when the task's loss is ``masked_mean(per_example, weight)``, else ``reduce(task, means)
+    -> scalar`` of those means (the CCC: a function of the batch's moments; docs/maths.md §9);
   * ``statistics(task, outputs, labels, mask) -> {name: sums}`` (jittable, additive over examples and devices),
     ``zero_statistics(task)`` their identity, ``finalize(task, sums) -> {metric: float}`` on the host;
-  * ``primary_metric``: the metric that model selection and the negative-transfer monitor read (higher is better);
+  * ``primary_metric``: the metric that model selection and the negative-transfer monitor read (a task's ``metric``
+    option may choose another), ``lower_is_better``: the metrics (and ``<metric>_`` prefixes of per-output ones)
+    where lower is better — every other metric is higher-is-better;
   * ``predict(outputs) -> array``: what ``--mode=predict`` writes for the task (jittable);
   * ``invalid_labels(labels, num_classes) -> int32``: how many labels of a batch are neither missing nor valid
     (jittable): the loss gives them weight 0, the train step reports their count and the loop halts on it;
-  * ``head_outputs(num_classes) -> int``: the width of the task's head (and of DGR's dummy heads).
+  * ``head_outputs(num_classes) -> int``: the width of the task's head (and of DGR's dummy heads);
+  * ``options``: the task options the kind reads and their defaults (``TaskSpec.options``), ``check_options(name,
+    options)`` raises one ValueError for a bad value.
   """
 
   name: str
   label_shape: Callable[[int], tuple[int, ...]]
-  label_range: tuple[int, Optional[int]]
+  label_range: Optional[tuple[int, Optional[int]]]
   min_classes: int
-  loss: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+  loss: Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
   statistics: Callable[..., dict]
   zero_statistics: Callable[[Any], dict]
   finalize: Callable[[Any, Mapping], dict]
@@ -65,6 +82,12 @@ class TaskKind:
   predict: Callable[[jax.Array], jax.Array]
   invalid_labels: Callable[[jax.Array, int], jax.Array]
   head_outputs: Callable[[int], int] = lambda num_classes: num_classes
+  label_dtype: type = np.int32
+  missing: Any = MISSING
+  reduce: Optional[Callable[[Any, jax.Array], jax.Array]] = None
+  lower_is_better: tuple[str, ...] = ()
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  check_options: Callable[[str, Mapping[str, Any]], None] = lambda name, options: None
 
 
 KINDS: dict[str, TaskKind] = {}
@@ -86,7 +109,7 @@ register_kind(
         label_shape=lambda num_classes: (),
         label_range=(0, None),
         min_classes=2,
-        loss=losses.softmax_xent,
+        loss=lambda task, logits, labels: losses.softmax_xent(logits, labels),
         statistics=metrics_lib.task_statistics,
         zero_statistics=metrics_lib.zero_statistics,
         finalize=metrics_lib.finalize,
@@ -101,7 +124,7 @@ register_kind(
         label_shape=lambda num_classes: (num_classes,),
         label_range=(0, 2),
         min_classes=1,
-        loss=losses.sigmoid_xent,
+        loss=lambda task, logits, labels: losses.sigmoid_xent(logits, labels),
         statistics=metrics_lib.task_statistics,
         zero_statistics=metrics_lib.zero_statistics,
         finalize=metrics_lib.finalize,
@@ -112,16 +135,81 @@ register_kind(
 )
 
 
+REGRESSION_LOSSES = ('mse', 'l1', 'huber', 'ccc')
+BOUNDS = (None, 'tanh')
+REGRESSION_METRICS = ('ccc', 'pearson', 'mae', 'rmse')
+
+
+def _regression_loss(task, outputs, targets):
+  loss = task.option('loss')
+  if loss == 'ccc':
+    return regression_losses.ccc_moments(outputs, targets)
+  if loss == 'huber':
+    return regression_losses.huber(outputs, targets, delta=float(task.option('huber_delta')))
+  return {'mse': regression_losses.mse, 'l1': regression_losses.l1}[loss](outputs, targets)
+
+
+def _regression_reduce(task, means):
+  return regression_losses.ccc_loss_from_moments(means) if task.option('loss') == 'ccc' else means
+
+
+def _check_regression_options(name: str, options: Mapping[str, Any]) -> None:
+  where = f'TaskSpec({name!r}).options'
+  if options['loss'] not in REGRESSION_LOSSES:
+    raise ValueError(f"{where}['loss']: got {options['loss']!r}, expected one of {REGRESSION_LOSSES}")
+  delta = options['huber_delta']
+  if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not delta > 0:
+    raise ValueError(f"{where}['huber_delta']: got {delta!r}, expected a number > 0")
+  if options['bound'] not in BOUNDS:
+    raise ValueError(f"{where}['bound']: got {options['bound']!r}, expected one of {BOUNDS}")
+  bounds = options['range']
+  if bounds is not None and not (
+      isinstance(bounds, (tuple, list))
+      and len(bounds) == 2
+      and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in bounds)
+      and bounds[0] < bounds[1]
+  ):
+    raise ValueError(f"{where}['range']: got {bounds!r}, expected None or (lo, hi) with finite lo < hi")
+  if options['metric'] not in REGRESSION_METRICS:
+    raise ValueError(f"{where}['metric']: got {options['metric']!r}, expected one of {REGRESSION_METRICS}")
+
+
+register_kind(
+    TaskKind(
+        'regression',
+        label_shape=lambda num_classes: (num_classes,),
+        label_range=None,
+        min_classes=1,
+        loss=_regression_loss,
+        reduce=_regression_reduce,
+        statistics=metrics_lib.regression_statistics,
+        zero_statistics=metrics_lib.regression_zero_statistics,
+        finalize=metrics_lib.regression_finalize,
+        primary_metric='ccc',
+        lower_is_better=('mae', 'rmse', 'mae_', 'rmse_'),
+        predict=lambda outputs: outputs,
+        invalid_labels=lambda targets, num_classes: regression_losses.invalid_target_count(targets),
+        label_dtype=np.float32,
+        missing=np.nan,
+        options={'loss': 'mse', 'huber_delta': 1.0, 'bound': None, 'range': None, 'metric': 'ccc'},
+        check_options=_check_regression_options,
+    )
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-  """One task: ``name``, ``kind`` (a key of :data:`KINDS`), ``num_classes`` C and optional ``class_names`` (C unique
-  non-empty strings, e.g. the expressions or the AU names), which name the per-class metrics (``recall_happy``,
-  ``f1_AU12``; :meth:`class_keys`)."""
+  """One task: ``name``, ``kind`` (a key of :data:`KINDS`), ``num_classes`` C (a regression task's number of
+  outputs d), optional ``class_names`` (C unique non-empty strings, e.g. the expressions, the AU names or
+  ``('valence', 'arousal')``), which name the per-class metrics (``recall_happy``, ``f1_AU12``, ``ccc_valence``;
+  :meth:`class_keys`), and ``options``: the kind's task options (``TaskKind.options``; the kind's defaults fill the
+  others; an unknown key or a bad value is refused). Read one with :meth:`option`."""
 
   name: str
   kind: str
   num_classes: int
   class_names: Optional[tuple[str, ...]] = None
+  options: Any = ()
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name:
@@ -149,6 +237,29 @@ class TaskSpec:
             f'TaskSpec({self.name!r}).class_names: got {self.class_names!r}, which name metrics {keys} with '
             'repeats, expected names that stay distinct as metric keys (letters, digits, _ . -)'
         )
+    self._set_options()
+
+  def _set_options(self) -> None:
+    """Stores ``options`` as sorted ``(key, value)`` pairs (hashable: a spec is part of static jit arguments), with the
+    kind's defaults filled in and checked."""
+    given = dict(self.options or {})
+    defaults = KINDS[self.kind].options
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+      raise ValueError(
+          f'TaskSpec({self.name!r}).options: got unknown keys {unknown} for kind {self.kind!r}, expected some of '
+          f'{sorted(defaults)}'
+      )
+    options = {**defaults, **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}}
+    KINDS[self.kind].check_options(self.name, options)
+    object.__setattr__(self, 'options', tuple(sorted(options.items())))
+
+  def option(self, key: str):
+    """The value of task option ``key`` (the kind's default when the spec does not set it)."""
+    options = dict(self.options)
+    if key not in options:
+      raise ValueError(f'TaskSpec({self.name!r}).option: got {key!r}, expected one of {sorted(options)}')
+    return options[key]
 
   def class_keys(self) -> tuple[str, ...]:
     """How the per-class metrics name each class (``recall_<key>``, ``f1_<key>``): the class names made safe as
@@ -169,8 +280,14 @@ class TaskSpec:
 
   @property
   def primary_metric(self) -> str:
-    """The metric model selection and the negative-transfer monitor read (higher is better)."""
-    return KINDS[self.kind].primary_metric
+    """The metric model selection and the negative-transfer monitor read (its direction: :meth:`higher_is_better`):
+    the task's ``metric`` option where its kind has one, else the kind's."""
+    return dict(self.options).get('metric', KINDS[self.kind].primary_metric)
+
+  def higher_is_better(self, metric: str) -> bool:
+    """Whether a larger value of ``metric`` (e.g. ``'accuracy'``, ``'mae_valence'``) is better for this task."""
+    lower = KINDS[self.kind].lower_is_better
+    return not any(metric == m or (m.endswith('_') and metric.startswith(m)) for m in lower)
 
 
 def check_kind(kind: str, *, arg: str = 'kind') -> str:
@@ -185,12 +302,36 @@ def kind_of(task: TaskSpec) -> TaskKind:
 
 
 def missing_labels(task: TaskSpec, batch_size: int) -> np.ndarray:
-  """All-missing labels for a task a source does not annotate."""
-  return np.full(task.label_shape(batch_size), MISSING, dtype=np.int32)
+  """All-missing labels for a task a source does not annotate (its kind's ``missing`` value: -1, or NaN)."""
+  kind = KINDS[task.kind]
+  return np.full(task.label_shape(batch_size), kind.missing, dtype=kind.label_dtype)
+
+
+def bad_labels(task: TaskSpec, labels: np.ndarray) -> tuple[np.ndarray, str]:
+  """``(bad, expected)``: a bool mask of the labels (numpy, the task's shape) that are neither missing nor valid,
+  and what valid values are, in words. The one rule of the data boundary (:func:`validate_labels`, the data layer's
+  messages that name a row)."""
+  kind = KINDS[task.kind]
+  if kind.label_range is None:  # float labels: finite (in the task's range), NaN = missing
+    values = labels.astype(np.float64)
+    bounds = dict(task.options).get('range')
+    bad = np.isinf(values)
+    if bounds is not None:
+      bad |= (values < bounds[0]) | (values > bounds[1])
+      return bad, f'values in [{bounds[0]}, {bounds[1]}] (NaN = missing)'
+    return bad, 'finite values (NaN = missing)'
+  lo, hi = kind.label_range
+  hi = task.num_classes if hi is None else hi
+  bad = ((labels < lo) & (labels != kind.missing)) | (labels >= hi)
+  if not np.issubdtype(labels.dtype, np.integer):
+    bad |= np.mod(labels, 1) != 0
+  expected = f'[-1, {hi})' if (lo, hi) != (0, 2) else '{-1, 0, 1}'
+  return bad, f'values in {expected} (-1 = missing)'
 
 
 def validate_labels(task: TaskSpec, labels, *, where: str = '') -> np.ndarray:
-  """Checks labels of one task against its kind's conventions; returns them as int32 numpy. Raises one ValueError."""
+  """Checks labels of one task against its kind's conventions; returns them as numpy of the kind's dtype (int32, or
+  float32 with NaN = missing). Raises one ValueError."""
   ctx = f' in {where}' if where else ''
   labels = np.asarray(labels)
   want = task.label_shape(labels.shape[0] if labels.ndim else 0)
@@ -199,21 +340,18 @@ def validate_labels(task: TaskSpec, labels, *, where: str = '') -> np.ndarray:
     raise ValueError(
         f'labels of task {task.name!r}{ctx}: got shape {labels.shape}, expected {expected} ' f'({task.kind})'
     )
-  if labels.size and not np.issubdtype(labels.dtype, np.integer):
+  kind = KINDS[task.kind]
+  if labels.size and not np.issubdtype(labels.dtype, np.number):
+    raise ValueError(f'labels of task {task.name!r}{ctx}: got dtype {labels.dtype}, expected numbers')
+  if kind.label_range is not None and labels.size and not np.issubdtype(labels.dtype, np.integer):
     if not np.all(np.equal(np.mod(labels, 1), 0)):
       raise ValueError(
           f'labels of task {task.name!r}{ctx}: got non-integer values (dtype {labels.dtype}), ' 'expected integers'
       )
-  lo, hi = KINDS[task.kind].label_range
-  hi = task.num_classes if hi is None else hi
-  bad = ((labels < lo) & (labels != MISSING)) | (labels >= hi)
+  bad, expected = bad_labels(task, labels)
   if np.any(bad):
-    value = labels[bad].flat[0]
-    expected = f'[-1, {hi})' if (lo, hi) != (0, 2) else '{-1, 0, 1}'
-    raise ValueError(
-        f'labels of task {task.name!r}{ctx}: got value {value}, expected values in {expected} ' '(-1 = missing)'
-    )
-  return labels.astype(np.int32)
+    raise ValueError(f'labels of task {task.name!r}{ctx}: got value {labels[bad].flat[0]}, expected {expected}')
+  return labels.astype(kind.label_dtype)
 
 
 def tasks_by_name(tasks: Sequence[TaskSpec]) -> Mapping[str, TaskSpec]:

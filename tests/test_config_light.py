@@ -154,7 +154,7 @@ def test_the_order_of_application_is_fixed_whatever_the_order_written():
   other = config_lib.load_config('configs/affect.py:encoder=mlp,weighting=dwa,dm,smoke')
   assert config_lib.to_json(one) == config_lib.to_json(other)
   assert tuple(one.encoder.kwargs.hidden) == config_lib.SMOKE_ENCODERS['mlp']['hidden']
-  assert list(config_lib.parse_variant('smoke,nt=/r,single=aus,dgr,weighting=dwa,encoder=mlp')) == list(
+  assert list(config_lib.parse_variant('va,smoke,nt=/r,single=aus,dgr,weighting=dwa,encoder=mlp')) == list(
       config_lib.TOKEN_KINDS
   )
 

@@ -41,7 +41,7 @@ class MapAndPooledHead(nn.Module):
     return nn.Dense(self.num_classes)(jnp.concatenate([features['pooled'], features['map'].mean(axis=(1, 2))], -1))
 
 
-def _binary_loss(outputs, labels):
+def _binary_loss(task, outputs, labels):
   """One logit per example: binary cross-entropy, weight 0 where the label is missing (-1)."""
   present = labels != tasks_lib.MISSING
   z = outputs[:, 0]
@@ -128,8 +128,8 @@ def test_the_toy_kind_is_checked_at_the_data_boundary(toy_registry):
   assert spec.primary_metric == 'accuracy' and tasks_lib.missing_labels(spec, 2).tolist() == [-1, -1]
   with pytest.raises(ValueError, match=r"labels of task 'bright': got value 2, expected values in \{-1, 0, 1\}"):
     tasks_lib.validate_labels(spec, np.array([0, 2]))
-  with pytest.raises(ValueError, match=r"TaskSpec\('x'\).kind: got 'regression', expected one of"):
-    tasks_lib.TaskSpec('x', 'regression', 1)
+  with pytest.raises(ValueError, match=r"TaskSpec\('x'\).kind: got 'ordinal', expected one of"):
+    tasks_lib.TaskSpec('x', 'ordinal', 1)
 
 
 def test_the_rows_of_a_pytree_encoder_equal_per_task_grads(toy_registry):
@@ -146,13 +146,16 @@ def test_the_rows_of_a_pytree_encoder_equal_per_task_grads(toy_registry):
     params = {**state.params, 'encoder': encoder_params}
     feats, _ = exp.model.encode({'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True)
     out = exp.model.apply_head(task, params['heads'][task], feats)
-    return losses.masked_mean(*tasks_lib.kind_of(exp.benchmark.tasks[task]).loss(out, batch['labels'][task]))
+    spec = exp.benchmark.tasks[task]
+    return losses.masked_mean(*tasks_lib.kind_of(spec).loss(spec, out, batch['labels'][task]))
 
   for task in exp.benchmark.tasks:
     d_features = jax.grad(
         lambda f: losses.masked_mean(
             *tasks_lib.kind_of(exp.benchmark.tasks[task]).loss(
-                exp.model.apply_head(task, state.params['heads'][task], f), batch['labels'][task]
+                exp.benchmark.tasks[task],
+                exp.model.apply_head(task, state.params['heads'][task], f),
+                batch['labels'][task],
             )
         )
     )(features)

@@ -1,6 +1,7 @@
 """Training and evaluation input pipelines: seeded mixing of sources, per-host slices, exact resume, padded eval.
 
-Every batch is ``{'image': float32 [B,H,W,C] in [-1, 1], 'labels': {task: int32 [B] or [B,C]}, 'source': int32 [B]}``
+Every batch is ``{'image': float32 [B,H,W,C] in [-1, 1], 'labels': {task: int32 [B] or [B,C] (float32 [B,d] for
+regression)}, 'source': int32 [B]}``
 (``source`` indexes ``benchmark.train_sources``; eval batches carry ``'mask'`` float32 ``[B]`` instead). Usage::
 
     bench = get_benchmark('synthetic_affect', data_dir=d)
@@ -50,7 +51,7 @@ from mtlmatch.data import files as files_lib
 from mtlmatch.data import sharding as sharding_lib
 from mtlmatch.data.readers import Examples, LazyImages, image_shape_of
 from mtlmatch.data.sources import Benchmark, Source, load_examples
-from mtlmatch.tasks import MISSING, TaskSpec
+from mtlmatch.tasks import TaskSpec, kind_of, missing_labels
 
 MIXING = ('weights', 'equal_per_task')
 AUGMENTATIONS = ('flip', 'crop')
@@ -229,7 +230,7 @@ def _concat_labels(examples: Sequence[Examples], tasks: Sequence[str]):
 
 
 def _label_specs(tasks: Mapping[str, TaskSpec], b: int):
-  return [tf.TensorSpec(spec.label_shape(b), tf.int32) for spec in tasks.values()]
+  return [tf.TensorSpec(spec.label_shape(b), tf.as_dtype(kind_of(spec).label_dtype)) for spec in tasks.values()]
 
 
 class _Slots:
@@ -446,7 +447,7 @@ def eval_iterator(
     position = np.where(real, examples.positions[example], -1).astype(np.int32)
     out = images + [src, real.astype(np.float32), position]
     for t, spec in tasks.items():
-      y = np.full(spec.label_shape(b), MISSING, np.int32)
+      y = missing_labels(spec, b)
       y[real] = examples.labels[t][example[real]]
       out.append(y)
     return out

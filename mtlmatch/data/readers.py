@@ -313,7 +313,11 @@ class TfdsReader:
     return tf.cast(image, tf.uint8) if image.dtype != tf.uint8 else image
 
   def _labels(self, example) -> dict:
-    return {t: tf.cast(y, tf.int32) for t, y in _to_labels_dict(self.labels_fn(example)).items()}
+    # Integer labels (classes, -1 = missing) as int32, float ones (regression targets, NaN = missing) as float32.
+    return {
+        t: tf.cast(y, tf.float32 if y.dtype.is_floating else tf.int32)
+        for t, y in _to_labels_dict(self.labels_fn(example)).items()
+    }
 
   def _mapped(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
     def fn(example):

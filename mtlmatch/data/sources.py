@@ -36,7 +36,7 @@ from mtlmatch.data.readers import (
     image_shape_of,
     resize_image,
 )
-from mtlmatch.tasks import MISSING, TaskSpec, kind_of, missing_labels, validate_labels
+from mtlmatch.tasks import MISSING, TaskSpec, bad_labels, missing_labels, validate_labels
 
 DATA_DIR_ENV = 'MTLMATCH_DATA_DIR'
 
@@ -449,13 +449,13 @@ def load_examples(
 
 
 def _first_bad_row(spec: TaskSpec, labels) -> Optional[int]:
-  """The first row whose label breaks ``spec``'s range, for messages that name the row (None if none)."""
+  """The first row whose label breaks ``spec``'s conventions (``tasks.bad_labels``), for messages that name the row
+  (None if none)."""
   y = np.asarray(labels)
   if y.ndim == 0 or not np.issubdtype(y.dtype, np.number):
     return None
-  lo, hi = kind_of(spec).label_range
-  hi = spec.num_classes if hi is None else hi
-  bad = (((y < lo) & (y != MISSING)) | (y >= hi) | (np.mod(y, 1) != 0)).reshape(len(y), -1).any(axis=1)
+  bad, _ = bad_labels(spec, y)
+  bad = bad.reshape(len(y), -1).any(axis=1)
   return int(np.argmax(bad)) if bad.any() else None
 
 

@@ -10,12 +10,19 @@ Generative model, per image (all randomness from ``numpy.random.default_rng([see
    template of AU k: a few Gaussian blobs at plausible face positions, :data:`AU_BLOBS`; intensity
    ``u_k ~ U(0.4, 1)``), the whole face shifted by up to ±2 px, plus pixel noise N(0, 0.08²); clipped, uint8.
 
-The expression is visible only through its AUs (what makes AU → expression relatedness useful): from perfectly
-known AUs the Bayes-optimal expression accuracy is ≈0.96 under the default prior, lower through the pixels.
+4. valence and arousal ``(v, a) = clip(c_e + N(0, 0.15²·I), −1, 1)``, ``c_e`` the expression's place on the
+   circumplex (:data:`VA_CENTRES`: happy +V; sad −V −A; angry and fearful −V +A; surprised +A; neutral 0), drawn
+   from a stream of their own (``default_rng([seed, split_id, VA_STREAM])``), so the other labels and the images
+   are the same with or without VA.
 
-Splits: ``expressions`` (expression labels used), ``aus`` (AU labels used), ``coannotated`` (both; its first
-``n`` examples are the nested subsets ``coannotated_n``) and ``test`` (both). The TFDS builder
-:class:`MtlmatchSyntheticAffect` stores every split with both labels; the *sources* decide which tasks are visible.
+The expression is visible only through its AUs (what makes AU → expression relatedness useful): from perfectly
+known AUs the Bayes-optimal expression accuracy is ≈0.96 under the default prior, lower through the pixels; VA is
+visible only through the expression, so it is related to both other tasks.
+
+Splits: ``expressions`` (expression labels used), ``aus`` (AU labels used), ``va`` (VA used, as Aff-Wild2 sits
+beside AffectNet and the AU datasets; only with ``num_va > 0``), ``coannotated`` (expression and AUs; its first
+``n`` examples are the nested subsets ``coannotated_n``) and ``test`` (all). The TFDS builder
+:class:`MtlmatchSyntheticAffect` stores every split with every label; the *sources* decide which tasks are visible.
 Usage::
 
     bench = synthetic_affect_benchmark(data_dir='/tmp/tfds', seed=0)       # generates once (seconds), then cached
@@ -37,7 +44,19 @@ from mtlmatch.priors import load_prior
 from mtlmatch.tasks import TaskSpec
 
 IMAGE_SIZE = 32
-SPLIT_IDS = {'expressions': 1, 'aus': 2, 'coannotated': 3, 'test': 4}
+SPLIT_IDS = {'expressions': 1, 'aus': 2, 'coannotated': 3, 'test': 4, 'va': 5}
+# Valence/arousal: each expression's centre on the circumplex (Russell 1980), the noise, and the stream they use.
+VA_CENTRES = {
+    'neutral': (0.0, 0.0),
+    'happy': (0.7, 0.3),
+    'sad': (-0.6, -0.4),
+    'surprised': (0.2, 0.7),
+    'fearful': (-0.6, 0.6),
+    'disgusted': (-0.6, 0.3),
+    'angry': (-0.5, 0.7),
+}
+VA_NOISE_STD = 0.15
+VA_STREAM = 0x5641
 AU_AMPLITUDE = 0.3
 NOISE_STD = 0.08
 INTENSITY_RANGE = (0.4, 1.0)
@@ -66,10 +85,27 @@ AU_BLOBS = {
 }
 
 
-def tasks() -> dict[str, TaskSpec]:
-  """``expression`` (7-way) and ``aus`` (17 AUs, multilabel), exactly the prior's task specs."""
+# The VA task: two bounded outputs, trained with the CCC loss (the ABAW challenges' metric). Validation decided the
+# loss: configs/affect.py:mtl,va, seed 0, VA validation CCC with 'ccc' vs 'mse' (docs/getting_started.md).
+VA_TASK = TaskSpec(
+    'va', 'regression', 2, ('valence', 'arousal'), options={'loss': 'ccc', 'bound': 'tanh', 'range': (-1.0, 1.0)}
+)
+
+
+def tasks(va: bool = False) -> dict[str, TaskSpec]:
+  """``expression`` (7-way) and ``aus`` (17 AUs, multilabel), exactly the prior's task specs, and with ``va`` the
+  regression task ``va`` (valence, arousal in [−1, 1]; :data:`VA_TASK`)."""
   prior = load_prior('expressions_to_aus')
-  return {t.name: TaskSpec(t.name, t.kind, t.num_classes, t.class_names) for t in (prior.task_a, prior.task_b)}
+  out = {t.name: TaskSpec(t.name, t.kind, t.num_classes, t.class_names) for t in (prior.task_a, prior.task_b)}
+  return {**out, 'va': VA_TASK} if va else out
+
+
+def sample_va(rng: np.random.Generator, expression: np.ndarray) -> np.ndarray:
+  """float32 ``[n, 2]``: (valence, arousal) = clip(centre of the expression + N(0, 0.15²), −1, 1)."""
+  names = load_prior('expressions_to_aus').task_a.class_names
+  centres = np.asarray([VA_CENTRES[name] for name in names], np.float64)
+  va = centres[expression] + VA_NOISE_STD * rng.standard_normal((len(expression), 2))
+  return np.clip(va, -1.0, 1.0).astype(np.float32)
 
 
 def softened_prior(high: float = 0.9, low: float = 0.03) -> np.ndarray:
@@ -155,15 +191,18 @@ def render_faces(rng: np.random.Generator, aus: np.ndarray, size: int = IMAGE_SI
 def generate_split(
     seed: int, split: str, n: int, *, high: float = 0.9, low: float = 0.03, render: bool = True
 ) -> dict[str, np.ndarray]:
-  """One split as numpy: ``expression`` [n], ``aus`` [n, 17], ``image`` uint8 [n, 32, 32, 1] (if ``render``).
+  """One split as numpy: ``expression`` [n], ``aus`` [n, 17], ``va`` float32 [n, 2], ``image`` uint8
+  [n, 32, 32, 1] (if ``render``).
 
-  Labels are drawn before the images, so ``render=False`` gives the same labels cheaply.
+  Labels are drawn before the images, so ``render=False`` gives the same labels cheaply; VA comes from its own
+  stream, so the other labels and the images do not depend on it.
   """
   if split not in SPLIT_IDS:
     raise ValueError(f'split: got {split!r}, expected one of {sorted(SPLIT_IDS)}')
   rng = np.random.default_rng([int(seed), SPLIT_IDS[split]])
   expression, aus = sample_labels(rng, int(n), softened_prior(high, low))
   out = {'expression': expression, 'aus': aus}
+  out['va'] = sample_va(np.random.default_rng([int(seed), SPLIT_IDS[split], VA_STREAM]), expression)
   if render:
     out['image'] = render_faces(rng, aus)
   return out
@@ -182,6 +221,7 @@ class SyntheticAffectConfig(tfds.core.BuilderConfig):
   num_test: int = 2000
   prior_high: float = 0.9
   prior_low: float = 0.03
+  num_va: int = 0
 
 
 def make_config(
@@ -193,19 +233,21 @@ def make_config(
     num_test: int = 2000,
     prior_high: float = 0.9,
     prior_low: float = 0.03,
+    num_va: int = 0,
 ) -> SyntheticAffectConfig:
   """A builder config whose name encodes every generation parameter (so each variant is cached separately)."""
   for arg, v in (('num_expressions', num_expressions), ('num_aus', num_aus), ('num_test', num_test)):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
       raise ValueError(f'{arg}: got {v!r}, expected an int >= 1')
-  if isinstance(num_coannotated, bool) or not isinstance(num_coannotated, (int, np.integer)) or num_coannotated < 0:
-    raise ValueError(f'num_coannotated: got {num_coannotated!r}, expected an int >= 0')
+  for arg, v in (('num_coannotated', num_coannotated), ('num_va', num_va)):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+      raise ValueError(f'{arg}: got {v!r}, expected an int >= 0')
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
     raise ValueError(f'seed: got {seed!r}, expected an int >= 0')
   softened_prior(prior_high, prior_low)  # validates
   name = (
       f's{seed}_e{num_expressions}_a{num_aus}_c{num_coannotated}_t{num_test}_' f'h{prior_high:g}_l{prior_low:g}'
-  ).replace('.', 'p')
+  ).replace('.', 'p') + (f'_v{num_va}' if num_va else '')
   return SyntheticAffectConfig(
       name=name,
       seed=int(seed),
@@ -215,18 +257,22 @@ def make_config(
       num_test=int(num_test),
       prior_high=float(prior_high),
       prior_low=float(prior_low),
+      num_va=int(num_va),
   )
 
 
 class MtlmatchSyntheticAffect(tfds.core.GeneratorBasedBuilder):
   """TFDS builder of the synthetic affect splits (uint8 tensors, no PNG), generated from the config's seed."""
 
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version('1.1.0')
   # TFDS 4.9.10 locates a packaged builder's code with `importlib_resources` (installed only on Python < 3.9);
   # these builders ship no checksum or metadata files, so declare no code path, as for a builder made in Colab.
   code_path = None
   _log_download_bytes = log_generation  # generated locally: no "Downloading ... Unknown size" line
-  RELEASE_NOTES = {'1.0.0': 'Faces = base + AU templates; AUs from the softened expressions→AUs prior.'}
+  RELEASE_NOTES = {
+      '1.0.0': 'Faces = base + AU templates; AUs from the softened expressions→AUs prior.',
+      '1.1.0': 'Valence/arousal from the expression (circumplex) in every split; the va split (num_va).',
+  }
 
   def _info(self):
     return tfds.core.DatasetInfo(
@@ -237,6 +283,7 @@ class MtlmatchSyntheticAffect(tfds.core.GeneratorBasedBuilder):
                 'image': tfds.features.Tensor(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), dtype=np.uint8, encoding='bytes'),
                 'expression': tfds.features.Tensor(shape=(), dtype=np.int32),
                 'aus': tfds.features.Tensor(shape=(17,), dtype=np.int32),
+                'va': tfds.features.Tensor(shape=(2,), dtype=np.float32),
                 'index': tfds.features.Tensor(shape=(), dtype=np.int64),
             }
         ),
@@ -246,7 +293,13 @@ class MtlmatchSyntheticAffect(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
     c = self.builder_config
-    sizes = {'expressions': c.num_expressions, 'aus': c.num_aus, 'coannotated': c.num_coannotated, 'test': c.num_test}
+    sizes = {
+        'expressions': c.num_expressions,
+        'aus': c.num_aus,
+        'coannotated': c.num_coannotated,
+        'test': c.num_test,
+        'va': c.num_va,
+    }
     return {split: self._generate_examples(split, n) for split, n in sizes.items() if n > 0}
 
   def _generate_examples(self, split, n):
@@ -257,6 +310,7 @@ class MtlmatchSyntheticAffect(tfds.core.GeneratorBasedBuilder):
           'image': data['image'][i],
           'expression': data['expression'][i],
           'aus': data['aus'][i],
+          'va': data['va'][i],
           'index': np.int64(i),
       }
 
@@ -269,7 +323,7 @@ def prepare(data_dir: Optional[str] = None, **config) -> MtlmatchSyntheticAffect
 
 
 def _labels_fn(example):
-  return {'expression': example['expression'], 'aus': example['aus']}
+  return {'expression': example['expression'], 'aus': example['aus'], 'va': example['va']}
 
 
 def synthetic_affect_benchmark(
@@ -283,18 +337,18 @@ def synthetic_affect_benchmark(
     coannotated_subsets: Optional[Sequence[int]] = None,
     prior_high: float = 0.9,
     prior_low: float = 0.03,
+    num_va: int = 0,
     weights: Optional[Mapping[str, float]] = None,
 ) -> Benchmark:
-  """Train sources ``expressions`` (expression only) and ``aus`` (AUs only), eval ``test`` (both), aux
-  ``coannotated`` (both, ``num_coannotated``) and ``coannotated_<n>`` (its first n) for each n in
-  ``coannotated_subsets`` (default: 100 if ``num_coannotated`` > 100). ``weights``: {source name: mixing weight}
-  (default 1 each)."""
+  """Train sources ``expressions`` (expression only) and ``aus`` (AUs only), and with ``num_va > 0`` ``va`` (VA
+  only, the task ``va``); eval ``test`` (every task), aux ``coannotated`` (expression and AUs, ``num_coannotated``)
+  and ``coannotated_<n>`` (its first n) for each n in ``coannotated_subsets`` (default: 100 if ``num_coannotated``
+  > 100). ``weights``: {source name: mixing weight} (default 1 each)."""
   weights = dict(weights or {})
-  unknown = set(weights) - {'expressions', 'aus'}
+  names = ['expressions', 'aus'] + (['va'] if num_va else [])
+  unknown = set(weights) - set(names)
   if unknown:
-    raise ValueError(
-        f'weights: got unknown source names {sorted(unknown)}, expected names from ' "['expressions', 'aus']"
-    )
+    raise ValueError(f'weights: got unknown source names {sorted(unknown)}, expected names from {names}')
   if coannotated_subsets is None:
     coannotated_subsets = tuple(n for n in (100,) if n < num_coannotated)
   subsets = tuple(int(n) for n in coannotated_subsets)
@@ -312,22 +366,24 @@ def synthetic_affect_benchmark(
       num_test=num_test,
       prior_high=prior_high,
       prior_low=prior_low,
+      num_va=num_va,
   )
   reader = TfdsReader(builder, labels_fn=_labels_fn, description='synthetic_affect')
   train = (
       Source('expressions', reader, ('expression',), 'expressions', weights.get('expressions', 1.0)),
       Source('aus', reader, ('aus',), 'aus', weights.get('aus', 1.0)),
-  )
+  ) + ((Source('va', reader, ('va',), 'va', weights.get('va', 1.0)),) if num_va else ())
   aux = {}
   if num_coannotated:
     aux['coannotated'] = Source('coannotated', reader, ('expression', 'aus'), 'coannotated')
     for n in subsets:
       aux[f'coannotated_{n}'] = Source(f'coannotated_{n}', reader, ('expression', 'aus'), f'coannotated[:{n}]')
+  test_tasks = ('expression', 'aus') + (('va',) if num_va else ())
   return make_benchmark(
       'synthetic_affect',
-      tasks(),
+      tasks(va=bool(num_va)),
       train,
-      eval_sources=(Source('test', reader, ('expression', 'aus'), 'test'),),
+      eval_sources=(Source('test', reader, test_tasks, 'test'),),
       aux_sources=aux,
       image_shape=(IMAGE_SIZE, IMAGE_SIZE, 1),
   )

@@ -3,6 +3,8 @@
 * :mod:`~mtlmatch.losses.classification`: ``softmax_xent``, ``sigmoid_xent`` (missing labels = -1),
   ``masked_mean``, the one reduction rule ``Σ v·w / max(Σ w, 1)`` over the global batch, and
   ``invalid_label_count`` (out-of-range labels, which weigh 0 inside ``jit``).
+* :mod:`~mtlmatch.losses.regression`: ``mse``, ``l1``, ``huber`` (targets float, NaN = missing) and the
+  concordance correlation ``ccc`` / ``ccc_loss`` of the global batch, from its moments (``ccc_moments``).
 * :mod:`~mtlmatch.losses.relatedness`: relatedness tables R[C_A, C_B] (``validate_relatedness``,
   ``estimate_relatedness``), the distributions they imply (``implied_b``, ``implied_a``) and the learned table's
   soft counts and update (``relatedness_soft_counts``, ``reestimate``).
@@ -22,7 +24,8 @@ weighs 0 (as if missing) and ``invalid_label_count(kind, labels, num_classes)`` 
 
 from __future__ import annotations
 
-from mtlmatch.losses._checks import MISSING
+from mtlmatch.losses import regression
+from mtlmatch.losses._checks import CLASSIFICATION_KINDS, MISSING
 from mtlmatch.losses.classification import (
     invalid_label_count,
     known_multiclass,
@@ -33,6 +36,7 @@ from mtlmatch.losses.classification import (
 )
 from mtlmatch.losses.dgr import dummy_gradient_norm, init_dummy_params
 from mtlmatch.losses.matching import co_annotation, distribution_matching
+from mtlmatch.losses.regression import ccc, ccc_loss, ccc_moments, huber, l1, mse
 from mtlmatch.losses.relatedness import (
     BAYES_EPS,
     PROTOTYPE_TAU,
@@ -46,20 +50,28 @@ from mtlmatch.losses.relatedness import (
 
 __all__ = [
     'BAYES_EPS',
+    'CLASSIFICATION_KINDS',
     'MISSING',
     'PROTOTYPE_TAU',
+    'ccc',
+    'ccc_loss',
+    'ccc_moments',
     'co_annotation',
     'distribution_matching',
     'dummy_gradient_norm',
     'estimate_relatedness',
+    'huber',
     'implied_a',
     'implied_b',
     'init_dummy_params',
     'invalid_label_count',
     'known_multiclass',
     'known_multilabel',
+    'l1',
     'masked_mean',
+    'mse',
     'reestimate',
+    'regression',
     'relatedness_soft_counts',
     'sigmoid_xent',
     'softmax_xent',

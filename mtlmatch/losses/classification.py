@@ -129,17 +129,19 @@ def invalid_label_count(kind: str, labels, num_classes: int) -> jax.Array:
 
 
 def masked_mean(values, weights) -> jax.Array:
-  """``Σ v·w / max(Σ w, 1)`` over all entries: the weighted mean over the examples that contribute, 0 if none do.
+  """``Σ v·w / max(Σ w, 1)``: the weighted mean over the examples that contribute, 0 if none do.
 
+  ``weights`` has the shape of ``values`` (the mean is over all entries, a scalar) or of its leading axes (e.g.
+  ``[B]`` for values ``[B, d, 6]``: the mean is over those axes, one per trailing entry, as the CCC's moments need).
   Entries with weight 0 are dropped by ``where`` before the product, so a non-finite value there cannot leak into
   the result or into the gradient with respect to ``values``.
 
   Args:
-    values: float ``[B]`` (any shape).
-    weights: float or bool, the same shape as ``values``.
+    values: float ``[B]`` (any shape ``[*W, *R]``).
+    weights: float or bool ``[*W]``, the shape of ``values`` or of its leading axes.
 
   Returns:
-    A scalar.
+    A scalar, or ``[*R]``.
 
   Example (the NaN has weight 0, so it never reaches the mean of 1 and 3):
 
@@ -149,8 +151,12 @@ def masked_mean(values, weights) -> jax.Array:
   """
   values = _checks.float_array(values, 'values', min_ndim=0)
   weights = jnp.asarray(weights)
-  if weights.shape != values.shape:
-    raise ValueError(f'weights: got shape {weights.shape}, expected {values.shape} (the shape of values)')
+  if weights.shape != values.shape[: weights.ndim]:
+    raise ValueError(
+        f'weights: got shape {weights.shape}, expected {values.shape} (the shape of values) or its leading axes'
+    )
   weights = weights.astype(values.dtype)
-  total = jnp.sum(jnp.where(weights != 0, values * weights, 0.0))
+  axes = tuple(range(weights.ndim))
+  w = weights.reshape(weights.shape + (1,) * (values.ndim - weights.ndim))
+  total = jnp.sum(jnp.where(w != 0, values * w, 0.0), axis=axes)
   return total / jnp.maximum(jnp.sum(weights), 1.0)

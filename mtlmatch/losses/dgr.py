@@ -33,7 +33,7 @@ keyword arguments bound statically (``functools.partial``). Checks (``norm``, th
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -80,12 +80,14 @@ def dummy_gradient_norm(
     head_apply: Callable[[Any, jax.Array], jax.Array],
     loss_fn: Callable[[jax.Array, Any], tuple[jax.Array, jax.Array]],
     norm: str = 'sq_l2',
+    reduce: Optional[Callable[[jax.Array], jax.Array]] = None,
 ) -> jax.Array:
   """Mean over K dummy heads of a norm of the dummy gradient ``g = ∇_φ L(φ)``.
 
-  ``L(φ) = masked_mean(*loss_fn(head_apply(φ, features), labels))``; ``dummy_params`` go through
-  ``jax.lax.stop_gradient`` (never trained); ``jax.vmap`` runs the K heads at once. The result is differentiable
-  w.r.t. ``features`` (grad of a grad).
+  ``L(φ) = masked_mean(*loss_fn(head_apply(φ, features), labels))``, or ``reduce`` of it when the loss is a function
+  of masked means (the CCC loss of a regression task: ``reduce`` maps the batch's moments to the loss);
+  ``dummy_params`` go through ``jax.lax.stop_gradient`` (never trained); ``jax.vmap`` runs the K heads at once. The
+  result is differentiable w.r.t. ``features`` (grad of a grad).
 
   * ``'sq_l2'`` (default; what the authors' code penalises): ``‖g‖²``. On a minibatch of B_t labelled examples it is
     biased: ``E‖g_batch‖² = ‖g‖² + tr Σ / B_t`` (Σ the per-example gradient covariance), so λ's effect depends on the
@@ -100,8 +102,9 @@ def dummy_gradient_norm(
     labels: the task's labels, passed unchanged to ``loss_fn``.
     dummy_params: a pytree whose every leaf has a leading axis K (e.g. from :func:`init_dummy_params`).
     head_apply: ``(params, features) -> logits``, e.g. ``lambda p, f: head.apply({'params': p}, f)``.
-    loss_fn: ``(logits, labels) -> (per_example [B], weight [B])``, e.g. ``softmax_xent``.
+    loss_fn: ``(logits, labels) -> (per_example [B, ...], weight [B])``, e.g. ``softmax_xent``.
     norm: 'sq_l2', 'sq_l2_unbiased' or 'l2'.
+    reduce: None (the loss is the masked mean) or ``means -> scalar``.
 
   Returns:
     A scalar.
@@ -112,7 +115,8 @@ def dummy_gradient_norm(
 
   def dummy_loss(params, select=None):
     per_example, weight = loss_fn(head_apply(params, features), labels)
-    return masked_mean(per_example, weight if select is None else weight * select(weight))
+    means = masked_mean(per_example, weight if select is None else weight * select(weight))
+    return means if reduce is None else reduce(means)
 
   def inner(a, b):
     return sum(jnp.sum(x * y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))

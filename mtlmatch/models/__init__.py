@@ -12,12 +12,13 @@ Models know nothing of training: losses, optimisers and the sharded step live in
 
 from mtlmatch.models import cpu_ops
 from mtlmatch.models.encoders import ENCODERS, CNNEncoder, MLPEncoder, ResNet18, ResNet50, ViTTiny, build_encoder
-from mtlmatch.models.heads import HEADS, LinearHead, MLPHead, build_head
+from mtlmatch.models.heads import HEADS, Bounded, LinearHead, MLPHead, build_head, build_task_head
 from mtlmatch.models.multitask import MultiTaskModel, build_model
 
 __all__ = [
     'ENCODERS',
     'HEADS',
+    'Bounded',
     'CNNEncoder',
     'LinearHead',
     'MLPEncoder',
@@ -29,5 +30,6 @@ __all__ = [
     'build_encoder',
     'build_head',
     'build_model',
+    'build_task_head',
     'cpu_ops',
 ]

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mtlmatch.models.encoders import Dtype, check_dtype, check_positive_ints, construct
+from mtlmatch.tasks import kind_of
 
 
 class LinearHead(nn.Module):
@@ -56,6 +57,24 @@ class MLPHead(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype, name='out')(x).astype(jnp.float32)
 
 
+class Bounded(nn.Module):
+  """A head whose outputs are squashed into a range: ``tanh(head(f))`` in (−1, 1) (``bound='tanh'``, e.g. valence
+  and arousal). Stateless like every head, so DGR's dummies of a bounded task are bounded too."""
+
+  head: nn.Module
+  bound: str = 'tanh'
+
+  def __post_init__(self):
+    if self.bound not in BOUNDS:
+      raise ValueError(f'Bounded.bound: got {self.bound!r}, expected one of {tuple(BOUNDS)}')
+    super().__post_init__()
+
+  def __call__(self, features):
+    return BOUNDS[self.bound](self.head(features))
+
+
+BOUNDS = {'tanh': jnp.tanh}
+
 HEADS: dict[str, type[nn.Module]] = {
     'linear': LinearHead,
     'mlp': MLPHead,
@@ -70,3 +89,11 @@ def build_head(name: str, num_classes: int, **kwargs) -> nn.Module:
   if 'num_classes' in kwargs:
     raise ValueError(f'head {name!r} kwargs: got num_classes twice, expected it only as the positional argument')
   return construct(HEADS, 'head', name, {'num_classes': num_classes, **kwargs})
+
+
+def build_task_head(task, name: str, **kwargs) -> nn.Module:
+  """The head of ``task`` (a ``TaskSpec``): ``build_head(name, <its kind's head width>, **kwargs)``, wrapped in
+  :class:`Bounded` when the task's ``bound`` option is set (regression)."""
+  head = build_head(name, kind_of(task).head_outputs(task.num_classes), **kwargs)
+  bound = dict(task.options).get('bound')
+  return head if bound is None else Bounded(head, bound)

@@ -31,8 +31,8 @@ import flax.linen as nn
 import jax
 
 from mtlmatch.models.encoders import build_encoder
-from mtlmatch.models.heads import build_head
-from mtlmatch.tasks import TaskSpec, kind_of
+from mtlmatch.models.heads import build_task_head
+from mtlmatch.tasks import TaskSpec
 
 Variables = dict[str, Any]
 
@@ -134,7 +134,8 @@ def build_model(
 ) -> MultiTaskModel:
   """A ``MultiTaskModel`` with encoder ``ENCODERS[encoder](**encoder_kwargs)`` and, for each task, the head
   ``HEADS[head](outputs, **head_kwargs)`` with its kind's number of outputs (``TaskKind.head_outputs``: C for the
-  classification kinds); heads keep the order of ``tasks``."""
+  classification kinds; :func:`~mtlmatch.models.heads.build_task_head`, bounded where the task says so); heads keep
+  the order of ``tasks``."""
   if (
       not isinstance(tasks, Mapping)
       or not tasks
@@ -142,8 +143,5 @@ def build_model(
   ):
     raise ValueError(f'tasks: got {tasks!r}, expected a non-empty dict of name -> TaskSpec with that name')
   enc = build_encoder(encoder, **dict(encoder_kwargs or {}))
-  heads = {
-      name: build_head(head, kind_of(spec).head_outputs(spec.num_classes), **dict(head_kwargs or {}))
-      for name, spec in tasks.items()
-  }
+  heads = {name: build_task_head(spec, head, **dict(head_kwargs or {})) for name, spec in tasks.items()}
   return MultiTaskModel(enc, heads)
