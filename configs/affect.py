@@ -54,5 +54,4 @@ def get_config(arg=None):
       relatedness=RELATEDNESS,
       smoke_data=smoke_data,
       data_tokens={'va': add_va},
-      where='configs/affect.py',
   )

@@ -422,13 +422,14 @@ def apply_variant(
     smoke_data: Mapping[str, object],
     cpu_data: Optional[Mapping[str, object]] = None,
     data_tokens: Optional[Mapping[str, Any]] = None,
-    where: str = 'this config file',
+    where: Optional[str] = None,
 ) -> ml_collections.ConfigDict:
   """Applies the tokens of ``arg`` (the grammar and rules of the module docstring, :func:`parse_variant`).
   ``dm``/``coann`` relate each (task_a, task_b) of ``pairs`` through ``relatedness``; ``smoke`` shrinks the run and
   uses ``smoke_data`` as the data options; ``cpu`` sizes it for a CPU and merges ``cpu_data`` into them;
   ``data_tokens`` {token: fn(config, size)} are the data tokens the file offers (``size``: 'smoke', 'cpu' or None);
-  ``where`` names the file in the error for a data token it does not offer."""
+  ``where`` names the file in the error for a data token it does not offer (default: the calling file, as
+  ``<folder>/<file>``)."""
   parsed = parse_variant(arg)
   for kind, token in parsed.items():
     value = token.partition('=')[2]
@@ -459,6 +460,12 @@ def apply_variant(
       shrink_for_cpu(config, cpu_data or {}, encoder_chosen='encoder' in parsed)
     elif kind == 'data':
       offered = dict(data_tokens or {})
+      if where is None:
+        import inspect  # pylint: disable=g-import-not-at-top
+        import os  # pylint: disable=g-import-not-at-top
+
+        caller = inspect.stack()[1].filename
+        where = os.path.join(os.path.basename(os.path.dirname(caller)), os.path.basename(caller))
       if token not in offered:
         raise ValueError(
             f'config variant: got {token!r}, which {where} does not offer, expected one of {sorted(offered)}'

@@ -236,8 +236,7 @@ def regression_statistics(
     raise ValueError(f'targets of task {task.name!r}: got shape {targets.shape}, expected {list(outputs.shape)}')
   real = jnp.ones(outputs.shape[0], bool) if mask is None else jnp.asarray(mask) > 0
   present = real[:, None] & jnp.isfinite(targets)
-  m = present.astype(jnp.float32)
-  x, y = outputs * m, jnp.where(present, targets, 0.0)
+  x, y = jnp.where(present, outputs, 0.0), jnp.where(present, targets, 0.0)
   error = x - y
   sums = {'abs_error': jnp.abs(error), 'sq_error': error * error, 'x': x, 'y': y, 'xx': x * x, 'yy': y * y}
   return {

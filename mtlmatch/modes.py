@@ -126,7 +126,8 @@ def _unused(path: str) -> str:
 
 
 def _probabilities(params, batch_stats, batch, *, model, tasks):
-  """Each task's prediction (its kind's ``predict``: softmax or sigmoid probabilities), the mask and the labels."""
+  """Each task's prediction (its kind's ``predict``: softmax or sigmoid probabilities, regression values), the mask
+  and the labels."""
   outputs, _ = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'], train=False)
   probs = {t: kind_of(spec).predict(outputs['logits'][t]) for t, spec in tasks.items()}
   return {'probs': probs, 'mask': batch['mask'], 'labels': batch['labels'], 'position': batch['position']}
@@ -145,7 +146,8 @@ def predict(
   part), in the source's order: ``rows`` (the 0-based manifest data row of a file source, the index in the given
   arrays of an array source, the index in the split of a TFDS source), ``paths`` (a file source's image files),
   ``part`` ('train', 'validation', 'test' or 'aux'), ``<task>`` (what the task's kind predicts: probabilities
-  ``[N, C]``, softmax for multiclass, sigmoid for multilabel) and ``labels/<task>`` (``-1`` = missing)."""
+  ``[N, C]``, softmax for multiclass, sigmoid for multilabel; a regression task's values ``[N, d]``) and
+  ``labels/<task>`` (``-1`` = missing; NaN for a regression target)."""
   exp = experiment_lib.build_experiment(config, benchmark=benchmark)
   bench = exp.benchmark
   parts = {}  # source name -> [(part, Source)]

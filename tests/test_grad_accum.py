@@ -2,7 +2,9 @@
 whole batch of 128, for a loss weighting with DM + co-annotation + DGR (the DGR penalty is the full-batch dummy
 gradient's), for PCGrad (per-task rows accumulated, combined once), for MGDA-UB (rows w.r.t. the features) and for
 Auto-Lambda (its meta-gradient transposes the accumulated backward pass); the
-microbatch split and its inverse; the config checks.
+microbatch split and its inverse; the config checks. With the regression task ``va`` (CCC loss: a statistic of the
+whole batch, not a mean over examples) the accumulated step equals the one-pass step too: the loss is evaluated on
+the features of the whole batch.
 
 The accumulated steps run on 8 devices, the references on one: the comparison also covers the split of each
 device's share into microbatches. The encoder is the tiny CNN without BatchNorm (with BatchNorm the microbatches are
@@ -52,7 +54,14 @@ def _one_step(tfds_dir, variant, method, accum_steps, devices):
 
 @pytest.mark.parametrize(
     'variant, method',
-    [('dm+coann+dgr', 'ew'), ('dm+dgr', 'pcgrad'), ('dm', 'mgda_ub'), ('mtl', 'auto_lambda')],
+    [
+        ('dm+coann+dgr', 'ew'),
+        ('dm+dgr', 'pcgrad'),
+        ('dm', 'mgda_ub'),
+        ('mtl', 'auto_lambda'),
+        ('dm+dgr,va', 'ew'),  # the CCC loss of the whole batch, and DGR's dummy regression heads
+        ('mtl,va', 'upgrad'),
+    ],
 )
 def test_four_microbatches_of_32_equal_one_batch_of_128(tfds_dir, variant, method):
   params_1, wstate_1, m_1 = _one_step(tfds_dir, variant, method, 1, 1)

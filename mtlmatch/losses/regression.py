@@ -87,7 +87,7 @@ def ccc_moments(predictions, targets) -> tuple[jax.Array, jax.Array]:
   :func:`ccc_from_moments` cancels."""
   predictions, targets, present = _pair(predictions, targets)
   m = present.astype(predictions.dtype)
-  x, y = predictions * m, targets
+  x, y = jnp.where(present, predictions, 0.0), targets
   moments = jnp.stack([m, x, y, x * x, y * y, x * y], axis=-1)
   return moments, jnp.any(present, axis=-1).astype(predictions.dtype)
 
