@@ -3,6 +3,7 @@
   python experiments/case_studies.py affect          # DM paper: negative transfer on expressions + AUs
   python experiments/case_studies.py shopping        # DM paper: scarce `item` labels, Fashion-MNIST
   python experiments/case_studies.py multi_fashion   # DGR paper: weighting/gradient methods ± DGR, two encoders
+  python experiments/case_studies.py affect_va       # affect + a VA-only source: regression beside classification
   python experiments/case_studies.py summary         # experiments/results/SUMMARY.md from the three reports
   python experiments/case_studies.py summary --readme docs/explanations/results.md  # ... and the site's results block
 
@@ -31,6 +32,7 @@ TASKS = {
     'affect': ('expression', 'aus'),
     'shopping': ('item', 'group', 'attributes'),
     'multi_fashion': ('left', 'right'),
+    'affect_va': ('expression', 'aus', 'va'),
 }
 # The full grid's weighting methods: every method of the library.
 METHODS = tuple(weighting.METHODS)
@@ -85,8 +87,21 @@ def multi_fashion_grid(
   return grid
 
 
+def affect_va_grid(spec_of, methods=('uw', 'famo', 'upgrad')) -> list[Variant]:
+  """ST for each of the three tasks; MTL; DM + co-annotation on (expression, aus) with VA co-trained; MTL + DGR;
+  MTL under each weighting method of ``methods``."""
+  grid = [Variant(f'st_{t}', spec_of(f'single={t}')) for t in TASKS['affect_va']]
+  grid += [Variant('mtl', spec_of('mtl')), Variant('dm_coann', spec_of('dm+coann'))]
+  grid += [Variant('mtl_dgr', spec_of('mtl+dgr'))]
+  grid += [Variant(f'mtl_{m}', spec_of('mtl'), {'weighting.name': m}) for m in methods]
+  # What decided the VA loss (CCC, the benchmark's default) on validation data: the same MTL cell with MSE.
+  return grid + [Variant('mtl_va_mse', spec_of('mtl'), {'task_options.va.loss': 'mse'})]
+
+
 def full_grid(study: str) -> list[Variant]:
   spec_of = lambda v: f'configs/{study}.py:{v}'  # noqa: E731
+  if study == 'affect_va':
+    return affect_va_grid(lambda v: f'configs/affect.py:{v},va', methods=METHODS)
   if study == 'affect':
     return dm_grid(study, spec_of, extra=affect_relatedness_variants(spec_of))
   if study == 'shopping':
@@ -100,7 +115,7 @@ def full_grid(study: str) -> list[Variant]:
 # use the test metrics of the best-validation step. Model: the `cpu` config variant's CNN (widths (16, 32),
 # 64 features, batch 64) with lr 3e-3.
 EVAL_EVERY, EARLY_STOP = 50, 4
-CPU_STEPS = {'affect': 600, 'shopping': 400, 'multi_fashion': 400}
+CPU_STEPS = {'affect': 600, 'shopping': 400, 'multi_fashion': 400, 'affect_va': 600}
 # How the committed runs were launched (appended to each study's notes).
 RUN_NOTES = (
     ' Runs: 3 seeds per cell (0, 1, 2), each with 8 fake CPU devices (XLA_FLAGS as in the commands below) on a '
@@ -131,6 +146,11 @@ CPU_CUTS = {
     'Scarce item task (`scarce_*`: 100 item images instead of 1,000, so 90 to train on and 10 to '
     'validate): ST item, MTL, co-annotation, DM, DM + co-annotation (its group/attributes baselines are '
     'the ST runs above: their sources are unchanged).',
+    'affect_va': 'At most 600 steps (batch 64), early-stopped on validation. The affect benchmark with its third '
+    'source, labelled only for valence/arousal (`va`: 3,000 images, CCC loss, tanh head). Grid: ST ×3; MTL (EW); '
+    'DM + co-annotation on the classification pair (expert prior), VA co-trained; MTL + DGR (λ = 0.01, K = 1); '
+    'UW, FAMO and UPGrad; MTL with the MSE loss for VA instead of CCC (`mtl_va_mse`, what chose the VA loss on '
+    'validation data). Cut from --grid=full: the other weighting methods and relatedness variants.',
     'multi_fashion': 'At most 400 steps (batch 64), early-stopped on validation, 20k train / 2k test images, CNN '
     'only: ST ×2, EW, EW + DGR `sq_l2`, EW + DGR `sq_l2_unbiased` (λ = 0.01, K = 1). The other '
     'weighting methods, the λ/K sweep and resnet18 are in --grid=full.',
@@ -160,7 +180,10 @@ def cpu_grid(study: str, root: str = os.path.join('workdirs', 'experiments', 'ST
   root = root.replace('STUDY', study)
   spec_of = lambda v: f'configs/{study}.py:{v},cpu'  # noqa: E731
   steps = CPU_STEPS[study]
-  if study == 'multi_fashion':
+  if study == 'affect_va':
+    spec_of = lambda v: f'configs/affect.py:{v},va,cpu'  # noqa: E731
+    grid = affect_va_grid(spec_of)
+  elif study == 'multi_fashion':
     grid = multi_fashion_grid(spec_of, methods=('ew',), encoders=('cnn',), dgr=((0.01, 1),))
     grid.append(Variant('cnn_ew_dgr_unbiased', spec_of('mtl+dgr'), {'objective.terms.dgr.norm': 'sq_l2_unbiased'}))
   else:

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mtlmatch import config_checks
 from mtlmatch import config_lib
 from mtlmatch import data as data_lib
 from mtlmatch import evaluators
@@ -103,9 +104,23 @@ def select_tasks(benchmark: data_lib.Benchmark, names) -> data_lib.Benchmark:
   )
 
 
+def with_task_options(benchmark: data_lib.Benchmark, options) -> data_lib.Benchmark:
+  """The benchmark with ``options`` {task: {option: value}} over its tasks' options (``config.task_options``;
+  checked by each task's kind: an unknown task, option or value raises one ValueError)."""
+  options = {t: dict(o) for t, o in dict(options or {}).items()}
+  unknown = sorted(set(options) - set(benchmark.tasks))
+  if unknown:
+    raise ValueError(f'config.task_options: got tasks {unknown}, expected some of {list(benchmark.tasks)}')
+  tasks = {
+      name: dataclasses.replace(spec, options={**dict(spec.options), **options[name]}) if name in options else spec
+      for name, spec in benchmark.tasks.items()
+  }
+  return dataclasses.replace(benchmark, tasks=tasks)
+
+
 def build_sources(config: ml_collections.ConfigDict, benchmark: Optional[data_lib.Benchmark]) -> data_lib.Benchmark:
-  """The benchmark of ``config.data`` (or the given one) restricted to ``config.tasks``, with the validation split
-  held out, every source read and checked."""
+  """The benchmark of ``config.data`` (or the given one) with ``config.task_options`` applied, restricted to
+  ``config.tasks``, with the validation split held out, every source read and checked."""
   if benchmark is None:
     benchmark = data_lib.get_benchmark(
         config.data.name,
@@ -114,7 +129,7 @@ def build_sources(config: ml_collections.ConfigDict, benchmark: Optional[data_li
         on_bad_image=config.data.on_bad_image,
         **config.data.options,
     )
-  benchmark = select_tasks(benchmark, config.tasks)
+  benchmark = select_tasks(with_task_options(benchmark, config.task_options.to_dict()), config.tasks)
   benchmark = data_lib.with_validation(benchmark, config.data.validation_fraction, seed=config.data.seed)
   needs_validation = weighting.METHODS[config.weighting.name].needs == 'meta'
   if needs_validation and not benchmark.validation_sources:
@@ -386,7 +401,7 @@ def build_experiment(
 
   ``benchmark``: your own (``data.make_benchmark`` of in-memory or TFDS sources) instead of ``config.data.name``.
   """
-  config_lib.validate_config(config)
+  config_checks.validate_config(config)
   config = config_lib.resolved(config)  # every field of the chosen encoder and weighting method
   if config.init_from:  # resolved once, here: orbax needs an absolute path, and a bad one fails before any write
     config.init_from = os.path.abspath(config.init_from)

@@ -191,7 +191,7 @@ def _prepare_pair(name: str, options: dict, env: Env) -> dict:
           f'objective term {name!r}: {key}={task.name!r} is a {task.kind} task, expected a classification task '
           f'({" or ".join(losses.CLASSIFICATION_KINDS)}): distribution matching and co-annotation match class '
           'distributions through a relatedness table, which a regression task does not have (train it beside them; '
-          'docs/maths.md §9)'
+          'docs/maths.md §10)'
       )
   if env.tasks[options['task_a']].kind != 'multiclass':
     raise ValueError(

@@ -15,7 +15,7 @@ new kind of task is one :func:`register_kind` call, not a branch in every module
   ``bound`` None or ``'tanh'`` (the head's outputs squashed into (−1, 1), for VA); ``range`` None or ``(lo, hi)``,
   the values a target may take (checked at the data boundary); ``metric`` the primary metric (``'ccc'`` by default;
   ``'mae'`` or ``'rmse'``, lower is better, for e.g. age). Metrics: MAE, RMSE, Pearson r and CCC per output and
-  their means (docs/maths.md §9).
+  their means (docs/maths.md §10).
 
 A source that does not annotate a task fills it entirely with its kind's missing value (``-1``, or NaN).
 
@@ -56,7 +56,7 @@ class TaskKind:
   * ``min_classes``: the smallest number of classes (outputs) a task of this kind may have;
   * ``loss(task, outputs [B, C], labels) -> (per_example [B, ...], weight [B])`` (jittable; weight 0 where missing)
     and ``reduce``: None when the task's loss is ``masked_mean(per_example, weight)``, else ``reduce(task, means)
-    -> scalar`` of those means (the CCC: a function of the batch's moments; docs/maths.md §9);
+    -> scalar`` of those means (the CCC: a function of the batch's moments; docs/maths.md §10);
   * ``statistics(task, outputs, labels, mask) -> {name: sums}`` (jittable, additive over examples and devices),
     ``zero_statistics(task)`` their identity, ``finalize(task, sums) -> {metric: float}`` on the host;
   * ``primary_metric``: the metric that model selection and the negative-transfer monitor read (a task's ``metric``

@@ -231,6 +231,20 @@ def test_selection_prefers_the_lower_mae_and_the_monitor_flags_a_higher_one():
   assert curve.reference_at('age', 3) == 3.0  # the running best of a MAE is its minimum
 
 
+def test_task_options_from_the_config_reach_the_task(tfds_dir):
+  config = config_lib.load_config(f'{REPO}/configs/affect.py:mtl,va,smoke')
+  config.data.data_dir = tfds_dir
+  config.task_options.va.loss = 'mse'
+  exp = experiment_lib.build_experiment(config)
+  assert exp.benchmark.tasks['va'].option('loss') == 'mse' and exp.benchmark.tasks['va'].option('bound') == 'tanh'
+  config.task_options.va.loss = 'l2'
+  with pytest.raises(ValueError, match=r"TaskSpec\('va'\).options\['loss'\]: got 'l2'"):
+    experiment_lib.build_experiment(config)
+  config.task_options = {'age': {'loss': 'l1'}}
+  with pytest.raises(ValueError, match=r"config.task_options: got tasks \['age'\], expected some of"):
+    experiment_lib.build_experiment(config)
+
+
 def test_dm_and_co_annotation_refuse_a_regression_task(tfds_dir):
   config = config_lib.load_config(f'{REPO}/configs/affect.py:dm,va,smoke')
   config.data.data_dir = tfds_dir
@@ -263,6 +277,7 @@ def test_va_follows_the_circumplex_and_leaves_the_other_labels_and_images_unchan
 def test_the_va_token_adds_a_disjoint_source_and_the_task(tfds_dir):
   config = config_lib.load_config(f'{REPO}/configs/affect.py:mtl,va,smoke')
   assert config.data.options.num_va == 128
+  assert all(VA.option(k) == v for k, v in config.task_options.va.items())  # the config states the task's options
   bench = data_lib.get_benchmark(config.data.name, data_dir=tfds_dir, **config.data.options.to_dict())
   assert list(bench.tasks) == ['expression', 'aus', 'va'] and bench.tasks['va'] == VA
   assert [(s.name, s.tasks) for s in bench.train_sources][-1] == ('va', ('va',))

@@ -1,4 +1,4 @@
-"""Regression losses with missing targets, and the concordance correlation coefficient (docs/maths.md §9).
+"""Regression losses with missing targets, and the concordance correlation coefficient (docs/maths.md §10).
 
 A regression task has d ≥ 1 outputs; its targets are float ``[B, d]`` and a missing target is NaN, per output (an
 Aff-Wild2 frame may carry valence but not arousal). Predictions are float ``[B, d]``. Every per-example loss returns
@@ -123,14 +123,14 @@ def ccc_loss_from_moments(moments) -> jax.Array:
 
 def ccc(predictions, targets) -> jax.Array:
   """The concordance correlation coefficient of each output over its present (non-NaN) examples: ``[d]``, NaN where
-  an output has no present target or its denominator is 0. Population moments (Lin 1989; docs/maths.md §9).
+  an output has no present target or its denominator is 0. Population moments (Lin 1989; docs/maths.md §10).
 
   >>> import jax.numpy as jnp
   >>> y = jnp.array([[0.1, -0.5], [0.4, jnp.nan], [-0.3, 0.5]])
   >>> [round(float(v), 4) for v in ccc(y, y)]                         # perfect agreement
   [1.0, 1.0]
   >>> [round(float(v), 4) for v in ccc(0.5 * y, y)]                   # shrunk towards 0
-  [0.7806, 0.8]
+  [0.7914, 0.8]
   """
   moments, weight = ccc_moments(predictions, targets)
   concordance, defined = ccc_from_moments(masked_mean(moments, weight))
