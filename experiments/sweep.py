@@ -149,7 +149,7 @@ def check_variants(variants: Sequence[Variant]) -> None:
   for variant in variants:
     try:
       spec = config_lib.cli_spec(variant.spec, {k: str(v) for k, v in variant.overrides.items()})
-      config_lib.validate_config(config_lib.set_keys(config_lib.load_config(spec), variant.overrides))
+      config_checks.validate_config(config_lib.set_keys(config_lib.load_config(spec), variant.overrides))
     except ValueError as e:
       raise ValueError(f'sweep variant {variant.name!r} ({variant.spec}): {e}') from None
 

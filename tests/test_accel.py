@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, compile_fast as _compile
+from mtlmatch import config_checks
 from mtlmatch import config_lib
 from mtlmatch import data
 from mtlmatch import experiment as experiment_lib
@@ -209,7 +210,7 @@ def test_config_errors(change, message):
     functools.reduce(lambda d, k: d[k], path, config)[last] = value
   config = ml_collections.ConfigDict(config)
   with pytest.raises(ValueError, match=message):
-    config_lib.validate_config(config)
+    config_checks.validate_config(config)
 
 
 def test_model_kwargs_apply_precision_and_remat():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from mtlmatch import config_checks
 from mtlmatch import config_lib
 from mtlmatch import data
 from mtlmatch import evaluators
@@ -24,7 +25,7 @@ from experiments import report  # noqa: E402
 def test_registry_and_the_default_entries():
   assert {'classification', 'selection', 'linear_probe'} <= set(evaluators.EVALUATORS)
   config = config_lib.base_config()
-  config_lib.validate_config(config)
+  config_checks.validate_config(config)
   assert {n: e.kind for n, e in config.evals.items()} == {
       'test': 'classification',
       'validation': 'classification',
@@ -33,7 +34,7 @@ def test_registry_and_the_default_entries():
   }
   assert config.evals.test.every is None and not config.evals.linear_probe.enabled
   config.evals.test.every = 5  # an int, e.g. --config.evals.test.every=5
-  config_lib.validate_config(config)
+  config_checks.validate_config(config)
 
 
 @pytest.mark.parametrize(
@@ -63,7 +64,7 @@ def test_config_evals_errors_name_the_value_and_what_was_expected(entry, message
   config = config_lib.base_config()
   config.evals.x = entry
   with pytest.raises(ValueError, match=message):
-    config_lib.validate_config(config)
+    config_checks.validate_config(config)
 
 
 def test_records_come_back_from_checkpoint_metadata_old_and_new():

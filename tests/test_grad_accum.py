@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, compile_fast as _compile
+from mtlmatch import config_checks
 from mtlmatch import config_lib
 from mtlmatch import experiment as experiment_lib
 from mtlmatch import step as step_lib
@@ -88,7 +89,7 @@ def test_microbatch_split_is_strided_and_inverted():
 def test_config_errors(tfds_dir):
   config = _config(tfds_dir, 'mtl', 'ew', 0)
   with pytest.raises(ValueError, match=r'config\.grad_accum_steps: got 0, expected an int >= 1'):
-    config_lib.validate_config(config)
+    config_checks.validate_config(config)
   config = _config(tfds_dir, 'mtl', 'ew', 3)
   with pytest.raises(ValueError, match=r'grad_accum_steps=3 with config\.batch_size=128 on 8 devices: expected a '):
     experiment_lib.build_experiment(config, _mesh(8))
