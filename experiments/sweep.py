@@ -144,7 +144,7 @@ def launch(
 def check_variants(variants: Sequence[Variant]) -> None:
   """Builds and validates each variant's config (spec + overrides, as the CLI would) before any run starts, so a
   misspelt key or a bad value stops the sweep with one message instead of failing run after run."""
-  from mtlmatch import config_lib  # pylint: disable=g-import-not-at-top  (imports JAX; only when launching)
+  from mtlmatch import config_checks, config_lib  # pylint: disable=g-import-not-at-top  (imports JAX; only when launching)
 
   for variant in variants:
     try:
