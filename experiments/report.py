@@ -3,14 +3,15 @@ the frozen shared features, PNG plots, written as ``REPORT.md`` with the command
 
 Conventions (also stated in every report):
 
-* **Primary metric per task** (:data:`PRIMARY`): ``accuracy`` for a multiclass task, ``mean_f1`` (mean over labels
-  of per-label F1) for a multilabel task — entry accuracy of sparse AUs is dominated by the all-absent prediction.
-  All metrics here are higher-is-better.
+* **Primary metric per task** (:data:`PRIMARY`, each kind's ``TaskKind.primary_metric``): ``accuracy`` for a
+  multiclass task, ``mean_f1`` (mean over labels of per-label F1) for a multilabel task — entry accuracy of sparse
+  AUs is dominated by the all-absent prediction — and ``ccc`` (mean over outputs) for a regression task. Each
+  metric's direction is its kind's (``TaskKind.lower_is_better``: MAE and RMSE are lower-is-better).
 * **Δm** (Maninis et al. 2019; Vandenhende et al. 2021): Δm = (1/T) Σ_t (−1)^{l_t} (M_t − M_ST,t) / M_ST,t × 100,
-  l_t = 0 (higher is better) for every metric here; M_t is the variant's seed-mean of task t's primary metric and
-  M_ST,t the seed-mean of the single-task baseline ``st_<t>``.
-* **Negative transfer** on task t: M_ST,t − M_t > max(s_ST,t, s_t) — the variant is worse than the single-task model
-  by more than one standard deviation (sample std over seeds, ddof = 1) of either.
+  l_t = 1 where lower is better, else 0; M_t is the variant's seed-mean of task t's primary metric and M_ST,t the
+  seed-mean of the single-task baseline ``st_<t>``.
+* **Negative transfer** on task t: the variant is worse than the single-task model (M_ST,t − M_t, or M_t − M_ST,t
+  where lower is better) by more than one standard deviation (sample std over seeds, ddof = 1) of either.
 * **Linear probe**: features of the final checkpoint's encoder (frozen, eval mode) on up to ``probe_train`` training
   examples labelled for the task (from the train sources that annotate it) and ``probe_test`` test examples;
   standardised, then an L2-regularised logistic regression (one per label for multilabel tasks) scored with the
@@ -37,8 +38,16 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import sweep  # noqa: E402
+from mtlmatch import tasks as tasks_lib  # noqa: E402
 
-PRIMARY = {'multiclass': 'accuracy', 'multilabel': 'mean_f1'}
+PRIMARY = {kind: tasks_lib.KINDS[kind].primary_metric for kind in ('multiclass', 'multilabel', 'regression')}
+
+
+def lower_is_better(kind: str, metric: str) -> bool:
+  """Whether lower is better for ``metric`` of a task of ``kind`` (its ``TaskKind.lower_is_better``)."""
+  return any(metric == m or (m.endswith('_') and metric.startswith(m)) for m in tasks_lib.KINDS[kind].lower_is_better)
+
+
 # Result folders SUMMARY.md reads.
 STUDY_DIRS = ('affect', 'shopping', 'multi_fashion')
 PACKAGES = (
@@ -415,10 +424,13 @@ def summarize(
         and all(primary[t] in cols for t in task_kinds)
     ):
       entry['baselines'] = {t: baseline_names[t] for t in task_kinds}
-      entry['delta_m'] = delta_m({t: cols[primary[t]][0] for t in task_kinds}, {t: b[0] for t, b in baselines.items()})
+      lower = {t: lower_is_better(k, PRIMARY[k]) for t, k in task_kinds.items()}
+      entry['delta_m'] = delta_m(
+          {t: cols[primary[t]][0] for t in task_kinds}, {t: b[0] for t, b in baselines.items()}, lower
+      )
       # A std from one seed is 0, which would flag any difference: no flag (None) unless both have >= 2 seeds.
       entry['negative_transfer'] = {
-          t: negative_transfer(cols[primary[t]][:2], baselines[t][:2])
+          t: negative_transfer(cols[primary[t]][:2], baselines[t][:2], lower_is_better=lower[t])
           if cols[primary[t]][2] >= 2 and baselines[t][2] >= 2
           else None
           for t in task_kinds
@@ -466,7 +478,16 @@ def render_markdown(
       '',
       '* Primary metric per task: '
       + ', '.join(f'`{t}` → `{primary[t].split("/")[1]}`' for t in task_kinds)
-      + ' (multiclass: accuracy; multilabel: mean over labels of per-label F1). All higher is better.',
+      + ' (multiclass: accuracy; multilabel: mean over labels of per-label F1'
+      + ('; regression: CCC, mean over outputs' if 'regression' in task_kinds.values() else '')
+      + '). '
+      + (
+          'Lower is better for '
+          + ', '.join(f'`{t}`' for t, k in task_kinds.items() if lower_is_better(k, PRIMARY[k]))
+          + ' (l_t = 1 below), higher for the others.'
+          if any(lower_is_better(k, PRIMARY[k]) for k in task_kinds.values())
+          else 'All higher is better.'
+      ),
       '* Δm (%) = (1/T) Σ_t (−1)^{l_t} (M_t − M_ST,t) / M_ST,t × 100, l_t = 0 (higher is better) for every '
       'primary metric; M = seed mean; M_ST,t from the variant `st_<t>` (`<encoder>_st_<t>` for `<encoder>_…`).',
       '* NT (negative transfer) on t: M_ST,t − M_t > max(std_ST,t, std_t) (sample std over seeds).',
