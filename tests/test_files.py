@@ -327,7 +327,7 @@ def va_source(manifest, **kwargs):
       labels={'expression': 'expression', 'va': ['valence', 'arousal'], 'age': 'age'},
       image_size=(SIZE, SIZE),
       regression=('va', 'age'),
-      missing={'expression': ('', 9), 'va': ('', 'NA', -2)},
+      missing={'expression': ('', 9), 'va': faces.VA_MISSING},
       **kwargs,
   )
 
@@ -414,3 +414,43 @@ def test_prepared_arrayrecord_keeps_float_targets_and_their_nans(bad_folder, tmp
     assert got[task].dtype == want[task].dtype
     np.testing.assert_array_equal(got[task], want[task])
 
+
+def test_faces_with_va_columns_and_a_va_manifest_has_the_va_task_third(tmp_path):
+  write_images(tmp_path, 12, fmt='jpg')
+  aus = ('AU1', 'AU12')
+  header = ['path', 'expression', 'valence', 'arousal']
+  expressions = write_csv(
+      tmp_path / 'affectnet.csv',
+      header,
+      [('img/0.jpg', 1, 0.72, 0.31), ('img/1.jpg', 9, -2, -2), ('img/2.jpg', 3, -1, 1), ('img/3.jpg', 0, '', 0.5)],
+  )
+  au_manifest = write_csv(tmp_path / 'aus.csv', ['path', *aus], [(f'img/{i}.jpg', i % 2, 1) for i in range(4, 8)])
+  va_manifest = write_csv(
+      tmp_path / 'affwild2.csv', ['path', 'v', 'a'], [(f'img/{i}.jpg', 0.1 * i - 1, -0.5) for i in range(8, 12)]
+  )
+  common = dict(expression_manifest=expressions, au_manifest=au_manifest, aus=aus, image_size=SIZE)
+  plain = data.get_benchmark('faces', **common)
+  assert list(plain.tasks) == ['expression', 'aus'] and [s.tasks for s in plain.train_sources] == [
+      ('expression',),
+      ('aus',),
+  ]
+  bench = data.get_benchmark(
+      'faces', valence_column='valence', arousal_column='arousal', va_manifest=va_manifest, va_columns=('v', 'a'),
+      **common,
+  )  # fmt: skip
+  assert list(bench.tasks) == ['expression', 'aus', 'va'] and bench.tasks['va'] == synthetic_affect.VA_TASK
+  assert [s.tasks for s in bench.train_sources] == [('expression', 'va'), ('aus',), ('va',)]
+  labels = {s.name: data.load_examples(s, bench.tasks).labels for s in bench.train_sources}
+  nan = np.nan
+  want = np.float32([[0.72, 0.31], [nan, nan], [-1, 1], [nan, 0.5]])  # -2 and '' missing, -1 a valid valence
+  np.testing.assert_array_equal(labels['expressions']['va'], want)
+  np.testing.assert_array_equal(labels['expressions']['expression'], [1, -1, 3, 0])
+  np.testing.assert_allclose(labels['va']['va'], [[0.1 * i - 1, -0.5] for i in range(8, 12)], rtol=1e-6)
+  assert np.isnan(labels['aus']['va']).all() and labels['aus']['va'].shape == (4, 2)
+  with pytest.raises(ValueError, match=r"faces: got valence_column='valence', arousal_column=None, expected both"):
+    data.get_benchmark('faces', valence_column='valence', **common)
+  # The recipe's options: settable on the command line, also in a smoke run (where the data is is kept).
+  config = config_lib.load_config(f'{REPO}/configs/faces.py:dm+coann,smoke')
+  keys = {'data.options.valence_column': 'valence', 'data.options.arousal_column': 'arousal'}
+  config_lib.set_keys(config, {**keys, 'data.options.va_manifest': va_manifest})
+  assert config.data.options.valence_column == 'valence' and config.data.options.va_manifest == va_manifest
