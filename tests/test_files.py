@@ -454,3 +454,15 @@ def test_faces_with_va_columns_and_a_va_manifest_has_the_va_task_third(tmp_path)
   keys = {'data.options.valence_column': 'valence', 'data.options.arousal_column': 'arousal'}
   config_lib.set_keys(config, {**keys, 'data.options.va_manifest': va_manifest})
   assert config.data.options.valence_column == 'valence' and config.data.options.va_manifest == va_manifest
+
+
+def test_the_fingerprint_tells_float_targets_apart(bad_folder):
+  """A resumed run must notice a changed valence: float targets are hashed by their bits, not cast to int."""
+  header = ['path', 'expression', 'valence', 'arousal', 'age']
+  changed = [('img/0.png', 1, -1, 0.35, 30), *VA_ROWS[1:]]  # arousal 0.25 -> 0.35: alike once cast to int
+  prints = []
+  for name, rows in (('a.csv', VA_ROWS), ('b.csv', VA_ROWS), ('c.csv', changed)):
+    source = va_source(write_csv(bad_folder / name, header, rows))
+    bench = data.make_benchmark('va', list(FLOAT_TASKS.values()), [source])
+    prints.append(fingerprint.benchmark_fingerprint(bench)['train/affectnet']['labels'])
+  assert prints[0] == prints[1] and prints[0]['va'] != prints[2]['va'] and prints[0]['age'] == prints[2]['age']
