@@ -318,8 +318,13 @@ def shrink_for_smoke(config: ml_collections.ConfigDict, data_options: Mapping[st
   config.checkpoint_every = 3
   config.optimizer.warmup_steps = 2
   set_encoder(config, config.encoder.name, **SMOKE_ENCODERS[config.encoder.name])
-  # Where the data is (Fashion-MNIST's files, a face recipe's manifests) is kept; how much of it is replaced.
-  kept = {k: v for k, v in config.data.options.items() if k in ('idx_dir', 'image_root') or k.endswith('_manifest')}
+  # Where the data is (Fashion-MNIST's files, a face recipe's manifests and columns, an image directory) is kept; how
+  # much of it is replaced.
+  kept = {
+      k: v
+      for k, v in config.data.options.items()
+      if k in ('idx_dir', 'image_root', 'image_dir') or k.endswith(('_manifest', '_column'))
+  }
   config.data.options = dict(data_options)
   for key, value in kept.items():
     config.data.options[key] = idx_dir_option()

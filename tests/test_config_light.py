@@ -46,6 +46,8 @@ print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & set(sys.argv[2]
         'configs/faces.py:mtl,smoke',
         'configs/multi_fashion.py:mtl+dgr,cpu',
         'configs/shopping.py:single=item,nt=/sweep',
+        'configs/utkface.py',
+        'configs/utkface.py:dgr,smoke',
     ],
 )
 def test_loading_a_config_imports_no_jax_flax_or_tensorflow(spec):

@@ -15,8 +15,10 @@ from conftest import REPO
 from mtlmatch import config_lib
 from mtlmatch import data
 from mtlmatch.data import faces
+from mtlmatch.data import files as files_lib
 from mtlmatch.data import fingerprint
 from mtlmatch.data import prepare as prepare_lib
+from mtlmatch.data import synthetic_affect
 from mtlmatch.tasks import TaskSpec
 
 SIZE = 8
@@ -301,3 +303,166 @@ def face_config(options):
     config.data.options[key] = value
   config.data.validation_fraction = 0.25
   return config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Regression tasks: float columns, NaN = missing (never -1: a valid valence), float32 [N, d] labels.
+
+VA = synthetic_affect.VA_TASK
+AGE = TaskSpec('age', 'regression', 1, options={'loss': 'l1', 'metric': 'mae'})
+FLOAT_TASKS = {t.name: t for t in [*TASKS, VA, AGE]}
+VA_ROWS = [  # path, expression, valence, arousal, age
+    ('img/0.png', 1, -1, 0.25, 30),
+    ('img/1.png', 9, -2, -2, ''),
+    ('img/2.png', 3, '', 'NA', 7.5),
+    ('img/3.png', '', 0.5, -1.0, 'NA'),
+]
+
+
+def va_source(manifest, **kwargs):
+  return data.files_source(
+      'affectnet',
+      manifest,
+      image_column='path',
+      labels={'expression': 'expression', 'va': ['valence', 'arousal'], 'age': 'age'},
+      image_size=(SIZE, SIZE),
+      regression=('va', 'age'),
+      missing={'expression': ('', 9), 'va': faces.VA_MISSING},
+      **kwargs,
+  )
+
+
+def test_regression_columns_are_float32_with_nan_missing_and_minus_one_a_valid_target(bad_folder):
+  manifest = write_csv(bad_folder / 'va.csv', ['path', 'expression', 'valence', 'arousal', 'age'], VA_ROWS)
+  source = va_source(manifest)
+  assert source.tasks == ('expression', 'va', 'age')
+  ex = data.load_examples(source, FLOAT_TASKS)
+  nan = np.nan
+  assert ex.labels['va'].dtype == np.float32 and ex.labels['age'].dtype == np.float32
+  np.testing.assert_array_equal(ex.labels['va'], [[-1, 0.25], [nan, nan], [nan, nan], [0.5, -1]])
+  np.testing.assert_array_equal(ex.labels['age'], [[30], [nan], [7.5], [nan]])  # one column: still [N, 1]
+  np.testing.assert_array_equal(ex.labels['expression'], [1, -1, 3, -1])  # classification unchanged
+  np.testing.assert_array_equal(ex.labels['aus'], -np.ones((4, 3)))
+  # The training stream carries them as float32, NaN where missing.
+  bench = data.make_benchmark('va', list(FLOAT_TASKS.values()), [source])
+  batch = next(data.train_iterator(bench, global_batch_size=8, seed=0))
+  assert batch['labels']['va'].dtype == np.float32 and batch['labels']['va'].shape == (8, 2)
+  assert np.isnan(batch['labels']['va']).any() and np.nanmin(batch['labels']['va']) == -1
+
+
+def test_a_regression_task_defaults_to_blank_and_na_as_missing(bad_folder):
+  rows = [('img/0.png', -1, 999), ('img/1.png', '', 'NA'), ('img/2.png', 'nan', 0.5)]
+  manifest = write_csv(bad_folder / 'm.csv', ['path', 'valence', 'arousal'], rows)
+  reader = data.FilesReader(manifest, image_column='path', labels={'va': ['valence', 'arousal']}, regression=['va'])
+  np.testing.assert_array_equal(reader.labels['va'], [[-1, 999], [np.nan, np.nan], [np.nan, 0.5]])
+  assert files_lib.DEFAULT_REGRESSION_MISSING == ('', 'NA')
+
+
+@pytest.mark.parametrize(
+    'value, match',
+    [
+        ('high', r"va\.csv row 2 \(file .*img/1\.png\) column 'arousal': got 'high', expected a number"),
+        ('inf', r"va\.csv row 2 \(file .*img/1\.png\) column 'arousal': got 'inf', expected a finite number"),
+    ],
+)
+def test_a_non_numeric_target_is_refused_naming_the_row_and_column(bad_folder, value, match):
+  rows = [('img/0.png', 1, 0.1, 0.2, 3), ('img/1.png', 2, 0.3, value, 4)]
+  manifest = write_csv(bad_folder / 'va.csv', ['path', 'expression', 'valence', 'arousal', 'age'], rows)
+  with pytest.raises(ValueError, match=match):
+    va_source(manifest)
+
+
+def test_a_target_out_of_the_task_range_is_refused_at_load_naming_the_row(bad_folder):
+  rows = [('img/0.png', 1, 0.1, 0.2, 3), ('img/1.png', 2, 0.3, 0.4, 5), ('img/2.png', 2, 1.5, 0.0, 5)]
+  manifest = write_csv(bad_folder / 'va.csv', ['path', 'expression', 'valence', 'arousal', 'age'], rows)
+  source = va_source(manifest)  # the reader does not know the task's range; the benchmark does
+  with pytest.raises(
+      ValueError,
+      match=r"task 'va'.*got value 1\.5, expected values in \[-1\.0, 1\.0\].*va\.csv row 3 \(file .*img/2\.png\)",
+  ):
+    data.load_examples(source, FLOAT_TASKS)
+
+
+def test_regression_must_name_tasks_of_labels(bad_folder):
+  manifest = write_csv(bad_folder / 'va.csv', ['path', 'valence'], [('img/0.png', 0.5)])
+  for regression in (('nope',), 'va'):
+    with pytest.raises(ValueError, match=r'regression of manifest .*va\.csv: got .*expected a sequence of task names'):
+      data.files_source('s', manifest, image_column='path', labels={'va': ['valence']}, regression=regression)
+
+
+def test_prepared_arrayrecord_keeps_float_targets_and_their_nans(bad_folder, tmp_path):
+  manifest = write_csv(bad_folder / 'va.csv', ['path', 'expression', 'valence', 'arousal', 'age'], VA_ROWS)
+  directory = prepare_lib.main(
+      [
+          f'--manifest={manifest}',
+          f'--out={tmp_path}',
+          '--name=affectnet_va',
+          '--image_column=path',
+          '--label=expression=expression',
+          '--label=va=valence,arousal',
+          '--label=age=age',
+          '--regression=va',
+          '--regression=age',
+          '--missing=expression=,9',
+          '--missing=va=,NA,-2',
+      ]
+  )
+  prepared = data.tfds_source('affectnet', directory, tasks=['expression', 'va', 'age'], image_size=(SIZE, SIZE))
+  got = data.load_examples(prepared, FLOAT_TASKS).labels
+  want = data.load_examples(va_source(manifest), FLOAT_TASKS).labels
+  for task in ('expression', 'va', 'age'):
+    assert got[task].dtype == want[task].dtype
+    np.testing.assert_array_equal(got[task], want[task])
+
+
+def test_faces_with_va_columns_and_a_va_manifest_has_the_va_task_third(tmp_path):
+  write_images(tmp_path, 12, fmt='jpg')
+  aus = ('AU1', 'AU12')
+  header = ['path', 'expression', 'valence', 'arousal']
+  expressions = write_csv(
+      tmp_path / 'affectnet.csv',
+      header,
+      [('img/0.jpg', 1, 0.72, 0.31), ('img/1.jpg', 9, -2, -2), ('img/2.jpg', 3, -1, 1), ('img/3.jpg', 0, '', 0.5)],
+  )
+  au_manifest = write_csv(tmp_path / 'aus.csv', ['path', *aus], [(f'img/{i}.jpg', i % 2, 1) for i in range(4, 8)])
+  va_manifest = write_csv(
+      tmp_path / 'affwild2.csv', ['path', 'v', 'a'], [(f'img/{i}.jpg', 0.1 * i - 1, -0.5) for i in range(8, 12)]
+  )
+  common = dict(expression_manifest=expressions, au_manifest=au_manifest, aus=aus, image_size=SIZE)
+  plain = data.get_benchmark('faces', **common)
+  assert list(plain.tasks) == ['expression', 'aus'] and [s.tasks for s in plain.train_sources] == [
+      ('expression',),
+      ('aus',),
+  ]
+  bench = data.get_benchmark(
+      'faces', valence_column='valence', arousal_column='arousal', va_manifest=va_manifest, va_columns=('v', 'a'),
+      **common,
+  )  # fmt: skip
+  assert list(bench.tasks) == ['expression', 'aus', 'va'] and bench.tasks['va'] == synthetic_affect.VA_TASK
+  assert [s.tasks for s in bench.train_sources] == [('expression', 'va'), ('aus',), ('va',)]
+  labels = {s.name: data.load_examples(s, bench.tasks).labels for s in bench.train_sources}
+  nan = np.nan
+  want = np.float32([[0.72, 0.31], [nan, nan], [-1, 1], [nan, 0.5]])  # -2 and '' missing, -1 a valid valence
+  np.testing.assert_array_equal(labels['expressions']['va'], want)
+  np.testing.assert_array_equal(labels['expressions']['expression'], [1, -1, 3, 0])
+  np.testing.assert_allclose(labels['va']['va'], [[0.1 * i - 1, -0.5] for i in range(8, 12)], rtol=1e-6)
+  assert np.isnan(labels['aus']['va']).all() and labels['aus']['va'].shape == (4, 2)
+  with pytest.raises(ValueError, match=r"faces: got valence_column='valence', arousal_column=None, expected both"):
+    data.get_benchmark('faces', valence_column='valence', **common)
+  # The recipe's options: settable on the command line, also in a smoke run (where the data is is kept).
+  config = config_lib.load_config(f'{REPO}/configs/faces.py:dm+coann,smoke')
+  keys = {'data.options.valence_column': 'valence', 'data.options.arousal_column': 'arousal'}
+  config_lib.set_keys(config, {**keys, 'data.options.va_manifest': va_manifest})
+  assert config.data.options.valence_column == 'valence' and config.data.options.va_manifest == va_manifest
+
+
+def test_the_fingerprint_tells_float_targets_apart(bad_folder):
+  """A resumed run must notice a changed valence: float targets are hashed by their bits, not cast to int."""
+  header = ['path', 'expression', 'valence', 'arousal', 'age']
+  changed = [('img/0.png', 1, -1, 0.35, 30), *VA_ROWS[1:]]  # arousal 0.25 -> 0.35: alike once cast to int
+  prints = []
+  for name, rows in (('a.csv', VA_ROWS), ('b.csv', VA_ROWS), ('c.csv', changed)):
+    source = va_source(write_csv(bad_folder / name, header, rows))
+    bench = data.make_benchmark('va', list(FLOAT_TASKS.values()), [source])
+    prints.append(fingerprint.benchmark_fingerprint(bench)['train/affectnet']['labels'])
+  assert prints[0] == prints[1] and prints[0]['va'] != prints[2]['va'] and prints[0]['age'] == prints[2]['age']

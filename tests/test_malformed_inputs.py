@@ -103,7 +103,8 @@ CONFIG_CASES = {
     ),
     'unknown benchmark': (
         {'data.name': 'imagenet'},
-        r"benchmark name: got 'imagenet', expected one of \['faces', 'multi_fashion', 'shopping', 'synthetic_affect'\]",
+        r"benchmark name: got 'imagenet', expected one of \['faces', 'multi_fashion', 'shopping', 'synthetic_affect', "
+        r"'utkface'\]",
     ),
     'unknown trained task': (
         {'tasks': ('expression', 'pose')},

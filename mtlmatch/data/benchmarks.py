@@ -2,9 +2,10 @@
 
 Names: ``synthetic_affect`` (the embedded default, generated, no download), ``shopping`` (Fashion-MNIST item vs
 group/attributes on disjoint slices) and ``multi_fashion`` (two items per image) — both from Debian's offline
-Fashion-MNIST IDX files; ``faces`` (expressions from one manifest of image files, action units from another: your
-own face datasets, see :mod:`mtlmatch.data.faces`). ``options`` are the keyword arguments of the builder function
-named in :data:`BUILDERS`; ``data_dir=None`` means ``$MTLMATCH_DATA_DIR`` or ``~/tensorflow_datasets``
+Fashion-MNIST IDX files; ``faces`` (expressions from one manifest of image files, action units from another: your own
+face datasets, see :mod:`mtlmatch.data.faces`); ``utkface`` (age, age group, gender and race from the names of a
+directory of UTKFace images, :mod:`mtlmatch.data.utkface`). ``options`` are the keyword arguments of the builder
+function named in :data:`BUILDERS`; ``data_dir=None`` means ``$MTLMATCH_DATA_DIR`` or ``~/tensorflow_datasets``
 (:func:`default_data_dir`), where the generated TFDS datasets are cached. User data: ``make_benchmark`` with
 ``array_source`` / ``files_source`` / ``tfds_source``.
 """
@@ -18,12 +19,14 @@ from mtlmatch.data.faces import faces_benchmark
 from mtlmatch.data.fashion_mnist import multi_fashion_benchmark, shopping_benchmark
 from mtlmatch.data.sources import Benchmark
 from mtlmatch.data.synthetic_affect import synthetic_affect_benchmark
+from mtlmatch.data.utkface import utkface_benchmark
 
 BUILDERS = {
     'synthetic_affect': synthetic_affect_benchmark,
     'shopping': shopping_benchmark,
     'multi_fashion': multi_fashion_benchmark,
     'faces': faces_benchmark,
+    'utkface': utkface_benchmark,
 }
 
 
@@ -32,7 +35,8 @@ def get_benchmark(
 ) -> Benchmark:
   """The named benchmark, its TFDS data prepared in ``data_dir`` on first use (seconds; cached afterwards).
 
-  ``on_bad_image`` goes to the builders that read image files (``faces``); generated data has no bad images."""
+  ``on_bad_image`` goes to the builders that read image files (``faces``, ``utkface``); generated data has no bad
+  images."""
   if name not in BUILDERS:
     raise ValueError(f'benchmark name: got {name!r}, expected one of {sorted(BUILDERS)}')
   builder = BUILDERS[name]

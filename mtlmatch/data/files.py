@@ -4,13 +4,23 @@ A manifest has one row per image: a column with the image's path (relative to ``
 manifest's folder; absolute paths and ``gs://`` URLs are kept) and label columns. ``labels`` maps each task to one
 column (multiclass: the class index) or to a list of columns (multilabel: one 0/1 column per class, in class order).
 Any value in ``missing`` (by default a blank, ``NA``, ``-1`` or ``999``) becomes ``-1``, "not annotated"; ``missing``
-may also be ``{task: values}`` for codes that mean "no label" for one task only (e.g. AffectNet's 8–10)::
+may also be ``{task: values}`` for codes that mean "no label" for one task only (e.g. AffectNet's 8–10).
+
+The tasks named in ``regression`` have float targets (e.g. valence and arousal, or age): their values parse as
+floats, their labels are float32 ``[N, d]`` with d the number of columns (a single column, given as a string, is
+``[N, 1]``: a regression task's labels always have an output axis), and a missing code becomes NaN, not ``-1`` (a
+valid valence). Their default missing codes are a blank and ``NA`` only (:data:`DEFAULT_REGRESSION_MISSING`; a
+``NaN`` value is missing too); a number such as AffectNet's ``-2`` is added per task,
+``missing={'va': ('', 'NA', -2)}``::
 
     path,expression                     path,AU1,AU2,AU4,...
     img/0001.jpg,3                      img/a.png,1,0,999,...
 
     files_source('expressions', 'affect/train.csv', image_column='path', labels={'expression': 'expression'},
                  image_size=(112, 112), missing={'expression': ('', 8, 9, 10)})
+    files_source('affectnet', 'affect/train.csv', image_column='path',
+                 labels={'expression': 'expression', 'va': ['valence', 'arousal']}, regression=('va',),
+                 missing={'expression': ('', 8, 9, 10), 'va': ('', 'NA', -2)})
 
 One manifest can hold several splits: ``split_column`` names a column that says each row's split, and only the rows
 whose value there equals ``split`` are read (``split`` alone just names the source's split, ``'train'`` by default,
@@ -19,15 +29,15 @@ as in the other sources); see :func:`files_source`.
 Only the paths and labels are held in memory; the pipeline reads, decodes (JPEG, PNG, BMP, GIF) and resizes each
 image to ``image_size`` in its parallel map when a batch needs it (:class:`~mtlmatch.data.readers.LazyImages`).
 
-Checks at construction, each one ``ValueError`` naming the manifest, the row (counted from 1 after the header) and
-the file: an empty manifest, a missing column, a non-numeric or non-integer label, a missing image file. Labels out
-of their task's range are refused when the benchmark loads the source (it knows the tasks), also before training,
-naming the row. Decoding is the one check that needs the pixels: ``python -m mtlmatch.data.prepare`` decodes every row
-once; an unprepared manifest with an undecodable file fails, naming the row and file, in the data fingerprint before
-training (it decodes every row of a source of <= 256 rows, a sample of a larger one) or at the first batch that holds
-it.
-``on_bad_image='skip'`` instead decodes every image at construction and leaves out the rows whose file is missing or
-undecodable, logging how many and which (never a hole in a batch: the mixing schedule only sees the good rows).
+Checks at construction, each one ``ValueError`` naming the manifest, the row (counted from 1 after the header) and the
+file: an empty manifest, a missing column, a non-numeric or non-integer label (a non-numeric or infinite target of a
+regression task), a missing image file. Labels out of their task's range (a regression task's ``range`` option) are
+refused when the benchmark loads the source (it knows the tasks), also before training, naming the row. Decoding is the
+one check that needs the pixels: ``python -m mtlmatch.data.prepare`` decodes every row once; an unprepared manifest with
+an undecodable file fails, naming the row and file, in the data fingerprint before training (it decodes every row of a
+source of <= 256 rows, a sample of a larger one) or at the first batch that holds it. ``on_bad_image='skip'`` instead
+decodes every image at construction and leaves out the rows whose file is missing or undecodable, logging how many and
+which (never a hole in a batch: the mixing schedule only sees the good rows).
 """
 
 from __future__ import annotations
@@ -49,6 +59,8 @@ from mtlmatch.data.sources import Source
 from mtlmatch.tasks import MISSING
 
 DEFAULT_MISSING = ('', 'NA', -1, 999)
+# A regression task's default missing codes: -1 (and 999) are valid targets (a valence, an age).
+DEFAULT_REGRESSION_MISSING = ('', 'NA')
 ON_BAD_IMAGE = ('raise', 'skip')
 
 
@@ -87,8 +99,11 @@ def read_manifest(manifest: str) -> tuple[list[str], list[dict]]:
   return list(reader.fieldnames or []), list(reader)
 
 
-def _missing_sets(missing, tasks: Sequence[str]) -> dict[str, tuple[set, set]]:
-  """{task: (missing strings, missing numbers)} from a tuple for every task or a {task: tuple} mapping."""
+def _missing_sets(missing, tasks: Sequence[str], regression: Sequence[str] = ()) -> dict[str, tuple[set, set]]:
+  """{task: (missing strings, missing numbers)} from a tuple for every task, a {task: tuple} mapping (the other
+  tasks: their default) or None (every task its default: :data:`DEFAULT_MISSING`, or
+  :data:`DEFAULT_REGRESSION_MISSING` for the tasks in ``regression``)."""
+  default = lambda t: DEFAULT_REGRESSION_MISSING if t in regression else DEFAULT_MISSING
 
   def split(values, where):
     if isinstance(values, (str, int, float)) or not isinstance(values, (tuple, list, set)):
@@ -106,7 +121,9 @@ def _missing_sets(missing, tasks: Sequence[str]) -> dict[str, tuple[set, set]]:
     unknown = sorted(set(missing) - set(tasks))
     if unknown:
       raise ValueError(f'missing: got values for unknown tasks {unknown}, expected some of {list(tasks)}')
-    return {t: split(missing.get(t, DEFAULT_MISSING), f'missing[{t!r}]') for t in tasks}
+    return {t: split(missing.get(t, default(t)), f'missing[{t!r}]') for t in tasks}
+  if missing is None:
+    return {t: split(default(t), 'missing') for t in tasks}
   both = split(missing, 'missing')
   return {t: both for t in tasks}
 
@@ -125,12 +142,33 @@ def _label_value(value: Any, missing: tuple[set, set], *, where: str) -> int:
   return int(number)
 
 
+def _target_value(value: Any, missing: tuple[set, set], *, where: str) -> float:
+  """A regression target: a finite float, or NaN for a missing code (or a NaN value)."""
+  if value is None or str(value).strip() in missing[0]:
+    return math.nan
+  try:
+    number = float(value) if not isinstance(value, bool) else None
+  except (TypeError, ValueError):
+    number = None
+  if number is None:
+    raise ValueError(
+        f'{where}: got {value!r}, expected a number (a regression target) or a missing-value code {sorted(missing[0])}'
+    )
+  if number in missing[1] or math.isnan(number):
+    return math.nan
+  if not math.isfinite(number):
+    raise ValueError(f'{where}: got {value!r}, expected a finite number (a regression target) or a missing-value code')
+  return number
+
+
 class FilesReader:
-  """The rows of one manifest as a source's split: image paths (keys of :class:`LazyImages`) and int32 labels.
+  """The rows of one manifest as a source's split: image paths (keys of :class:`LazyImages`) and labels (int32, or
+  float32 ``[N, d]`` for the tasks in ``regression``).
 
   See the module docstring for the layout and the checks, and :func:`files_source` for ``split`` (the split's name)
   and ``split_column`` (the column whose value ``split`` selects rows); ``image_size`` ``(H, W)`` and ``channels``
-  are what every image is decoded to.
+  are what every image is decoded to. ``table``: ``(columns, rows)`` held in memory (e.g. parsed from file names,
+  :mod:`mtlmatch.data.utkface`) instead of read from ``manifest``, which then only names them in messages.
   """
 
   def __init__(
@@ -142,10 +180,12 @@ class FilesReader:
       image_root: Optional[str] = None,
       image_size: Sequence[int] = (112, 112),
       channels: int = 3,
-      missing=DEFAULT_MISSING,
+      missing=None,
       split: Optional[str] = None,
       split_column: Optional[str] = None,
       on_bad_image: str = 'raise',
+      regression: Sequence[str] = (),
+      table: Optional[tuple[Sequence[str], Sequence[Mapping[str, Any]]]] = None,
   ):
     # Resolved once, here: messages and the paths of predictions name the real files whatever the working directory.
     self.manifest = _absolute(os.fspath(manifest))
@@ -164,6 +204,16 @@ class FilesReader:
       raise ValueError(
           f'labels of manifest {self.manifest}: got {labels!r}, expected {{task: column}} or {{task: [columns]}}'
       )
+    if (
+        not isinstance(regression, (tuple, list))
+        or not all(isinstance(t, str) for t in regression)
+        or set(regression) - set(labels)
+    ):
+      raise ValueError(
+          f'regression of manifest {self.manifest}: got {regression!r}, expected a sequence of task names from '
+          f'labels {list(labels)} (the tasks whose columns are float targets)'
+      )
+    self.regression = tuple(regression)
     self.shape = (int(image_size[0]), int(image_size[1]), int(channels))
     if split is not None and (not isinstance(split, str) or not split):
       raise ValueError(f'split of manifest {self.manifest}: got {split!r}, expected a split name (a non-empty string)')
@@ -173,7 +223,7 @@ class FilesReader:
           'of that column of the rows to keep>'
       )
     self.split = 'train' if split is None else split
-    columns, rows = read_manifest(self.manifest)
+    columns, rows = read_manifest(self.manifest) if table is None else (list(table[0]), list(table[1]))
     if not rows:
       raise ValueError(f'manifest {self.manifest}: got no rows, expected one row per image')
     if split is not None and split_column is None and 'split' in columns:
@@ -196,7 +246,7 @@ class FilesReader:
     if not numbers:
       raise ValueError(f'manifest {self.manifest}: got no rows with {split_column} == {split!r}, expected at least one')
     root = os.path.dirname(self.manifest) if image_root is None else _absolute(os.fspath(image_root))
-    missing_sets = _missing_sets(missing, list(labels))
+    missing_sets = _missing_sets(missing, list(labels), self.regression)
     paths, values = [], {t: [] for t in labels}
     for i in numbers:
       row = rows[i - 1]
@@ -206,12 +256,15 @@ class FilesReader:
       path = name if os.path.isabs(name) or '://' in name else os.path.join(root, name)
       where = self._where(i, path)
       for task, cs in label_columns.items():
-        y = [_label_value(row.get(c), missing_sets[task], where=f'{where} column {c!r}') for c in cs]
-        values[task].append(y[0] if isinstance(labels[task], str) else y)
+        parse = _target_value if task in self.regression else _label_value
+        y = [parse(row.get(c), missing_sets[task], where=f'{where} column {c!r}') for c in cs]
+        values[task].append(y[0] if isinstance(labels[task], str) and task not in self.regression else y)
       paths.append(path)
     self.rows = np.asarray(numbers, np.int64)
     self.paths = np.asarray(paths, object)
-    self.labels = {t: np.asarray(v, np.int32) for t, v in values.items()}
+    self.labels = {
+        t: np.asarray(v, np.float32) if t in self.regression else np.asarray(v, np.int32) for t, v in values.items()
+    }
     self._apply_bad_image_policy(on_bad_image)
 
   def _apply_bad_image_policy(self, on_bad_image: str) -> None:
@@ -316,21 +369,25 @@ def files_source(
     image_root: Optional[str] = None,
     image_size: Sequence[int] = (112, 112),
     channels: int = 3,
-    missing=DEFAULT_MISSING,
+    missing=None,
     split: Optional[str] = None,
     split_column: Optional[str] = None,
     weight: float = 1.0,
     on_bad_image: str = 'raise',
+    regression: Sequence[str] = (),
 ) -> Source:
   """A source whose images are files listed in a manifest, read and decoded as batches need them.
 
-  ``labels``: {task: column} (multiclass) or {task: [column per class]} (multilabel); the source annotates exactly
-  those tasks. ``split``: the name of the source's split (``Source.split``; default ``'train'``), as in
-  ``array_source`` and ``tfds_source``. ``split_column``: a column that says which split each row belongs to; given,
-  only the rows whose value there equals ``split`` are read (e.g. ``split='val', split_column='split'`` for one
-  manifest that holds several splits); None (default): every row. A manifest with a column named ``split`` and a
-  ``split`` but no ``split_column`` is refused (ValueError), so rows are never read that the caller meant to leave
-  out. See the module docstring for ``missing``, ``on_bad_image`` and the checks.
+  ``labels``: {task: column} (multiclass) or {task: [column per class]} (multilabel); the source annotates exactly those
+  tasks. ``regression``: the tasks of ``labels`` whose columns are float targets (float32 ``[N, d]``, one output per
+  column, ``[N, 1]`` for a single column; NaN = missing). ``split``: the name of the source's split (``Source.split``;
+  default ``'train'``), as in ``array_source`` and ``tfds_source``. ``split_column``: a column that says which split
+  each row belongs to; given, only the rows whose value there equals ``split`` are read (e.g. ``split='val',
+  split_column='split'`` for one manifest that holds several splits); None (default): every row. A manifest with a
+  column named ``split`` and a ``split`` but no ``split_column`` is refused (ValueError), so rows are never read that
+  the caller meant to leave out. ``missing``: None (default) gives each task its default codes (:data:`DEFAULT_MISSING`,
+  or :data:`DEFAULT_REGRESSION_MISSING` for a regression task), a tuple holds for every task, ``{task: codes}`` for
+  those tasks (the others: their default). See the module docstring for ``missing``, ``on_bad_image`` and the checks.
   """
   reader = FilesReader(
       manifest,
@@ -343,6 +400,7 @@ def files_source(
       split=split,
       split_column=split_column,
       on_bad_image=on_bad_image,
+      regression=regression,
   )
   return Source(name, reader, tuple(labels), reader.split, weight)
 
@@ -361,4 +419,12 @@ def bad_image_message(images: LazyImages, index: np.ndarray) -> Optional[str]:
   return None
 
 
-__all__ = ['DEFAULT_MISSING', 'FilesReader', 'bad_image_message', 'decode_image', 'files_source', 'read_manifest']
+__all__ = [
+    'DEFAULT_MISSING',
+    'DEFAULT_REGRESSION_MISSING',
+    'FilesReader',
+    'bad_image_message',
+    'decode_image',
+    'files_source',
+    'read_manifest',
+]

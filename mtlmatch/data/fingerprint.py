@@ -37,7 +37,13 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 
 def _labels_hash(positions: np.ndarray, labels: np.ndarray) -> int:
-  rows = labels.reshape(len(labels), -1).astype(np.int64) + 2
+  if np.issubdtype(labels.dtype, np.floating):
+    # Float targets (regression): their float32 bits, every NaN alike. A cast to int would truncate them (0.3 and
+    # 0.4 alike) and turn NaN into a platform-dependent integer.
+    bits = np.where(np.isnan(labels), np.nan, labels).astype(np.float32).view(np.uint32)
+    rows = bits.reshape(len(labels), -1).astype(np.int64) + 2
+  else:
+    rows = labels.reshape(len(labels), -1).astype(np.int64) + 2
   weights = _mix(np.arange(1, rows.shape[1] + 1, dtype=np.uint64))
   with np.errstate(over='ignore'):
     per_example = _mix((rows.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64) ^ _mix(positions + 1))

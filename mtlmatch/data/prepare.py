@@ -6,10 +6,15 @@
     python -m mtlmatch.data.prepare --manifest=emotionet.csv --out=/data/tfds --name=emotionet \
         --image_column=file --label=aus=AU1,AU2,AU4,AU5,AU6,AU9,AU12,AU15,AU17,AU20,AU25,AU26
 
+    python -m mtlmatch.data.prepare --manifest=affectnet/train.csv --out=/data/tfds --name=affectnet_va \
+        --image_column=path --label=expression=expression --label=va=valence,arousal --regression=va \
+        --missing=expression=,-1,7,8,9,10 --missing=va=,NA,-2
+
 The dataset is ``OUT/mtlmatch_prepared/NAME/1.0.0`` with one split (``--split`` or ``train``; with ``--split_column``
 only the rows whose value in that column equals ``--split``) and features ``image``
-(the file's bytes, unchanged: no re-encoding), one int64 feature per task (``[]`` for a single column, ``[C]`` for a
-list of columns; ``-1`` = not annotated, as in the manifest's missing codes), ``row`` (the manifest row) and ``file``.
+(the file's bytes, unchanged: no re-encoding), one feature per task: int64 (``[]`` for a single column, ``[C]`` for a
+list of columns; ``-1`` = not annotated, as in the manifest's missing codes) or, for a task of ``--regression``, float32
+``[d]`` (d columns, ``[1]`` for a single one; NaN = not annotated), ``row`` (the manifest row) and ``file``.
 It is read with ``tfds_source(name, DIR, tasks=[...], image_size=(H, W))``: labels once, images by index
 (:class:`mtlmatch.data.readers.TfdsReader`). ``--num_shards`` sets the number of ArrayRecord files.
 
@@ -36,7 +41,8 @@ VERSION = '1.0.0'
 
 
 class PreparedConfig(tfds.core.BuilderConfig):
-  """One prepared manifest: its reader (already checked) and the label layout (task → number of columns)."""
+  """One prepared manifest: its reader (already checked) and the label layout (task → number of columns, 0 for a
+  single column of a classification task; the reader's ``regression`` tasks are float32)."""
 
   def __init__(self, *, reader: files_lib.FilesReader, columns: Mapping[str, int], **kwargs):
     super().__init__(version=VERSION, **kwargs)
@@ -52,8 +58,9 @@ class MtlmatchPrepared(tfds.core.GeneratorBasedBuilder):
   _log_download_bytes = log_generation
 
   def _info(self):
+    regression = self.builder_config.reader.regression
     labels = {
-        task: tfds.features.Tensor(shape=() if n == 0 else (n,), dtype=np.int64)
+        task: tfds.features.Tensor(shape=() if n == 0 else (n,), dtype=np.float32 if task in regression else np.int64)
         for task, n in self.builder_config.columns.items()
     }
     channels = self.builder_config.reader.shape[2]
@@ -81,7 +88,9 @@ class MtlmatchPrepared(tfds.core.GeneratorBasedBuilder):
       with open(path, 'rb') if '://' not in path else _gfile(path) as f:
         image = f.read()
       example = {'image': image, 'row': int(row), 'file': str(path)}
-      example.update({t: np.asarray(y[i], np.int64) for t, y in reader.labels.items()})
+      example.update(
+          {t: np.asarray(y[i], np.float32 if t in reader.regression else np.int64) for t, y in reader.labels.items()}
+      )
       yield i, example
 
 
@@ -100,11 +109,12 @@ def prepare(
     labels: Mapping[str, Union[str, Sequence[str]]],
     image_root: Optional[str] = None,
     channels: int = 3,
-    missing=files_lib.DEFAULT_MISSING,
+    missing=None,
     split: Optional[str] = None,
     split_column: Optional[str] = None,
     on_bad_image: str = 'raise',
     num_shards: Optional[int] = None,
+    regression: Sequence[str] = (),
 ) -> str:
   """Checks every row of ``manifest`` (decoding included) and writes it under ``out``; returns the dataset's
   directory (pass it to ``tfds_source``). Arguments as :func:`mtlmatch.data.files.files_source`."""
@@ -120,6 +130,7 @@ def prepare(
       split=split,
       split_column=split_column,
       on_bad_image=on_bad_image,
+      regression=regression,
   )
   if on_bad_image == 'raise':  # the constructor checked existence only; decoding is checked here, for every row
     bad = reader.undecodable(np.arange(len(reader.paths)))
@@ -128,7 +139,7 @@ def prepare(
           f'{reader.describe(int(bad[0]))}: the file does not decode as an image, expected a readable image file '
           f'({len(bad)} such row(s); fix the manifest or pass --on_bad_image=skip)'
       )
-  columns = {t: 0 if isinstance(c, str) else len(c) for t, c in labels.items()}
+  columns = {t: reader.labels[t].shape[1] if reader.labels[t].ndim == 2 else 0 for t in labels}
   config = PreparedConfig(name=name, reader=reader, columns=columns)
   absl_logger = logging.getLogger('absl')
   level = absl_logger.level
@@ -160,7 +171,7 @@ def _parse_labels(items: Sequence[str]) -> dict:
 
 def _parse_missing(items: Sequence[str]):
   if not items:
-    return files_lib.DEFAULT_MISSING
+    return None  # every task its default codes (files_lib.DEFAULT_MISSING; DEFAULT_REGRESSION_MISSING for regression)
   out = {}
   for item in items:
     task, _, values = item.partition('=')
@@ -178,6 +189,9 @@ def main(argv=None) -> str:
   parser.add_argument('--image_column', required=True)
   parser.add_argument('--label', action='append', default=[], help='TASK=COLUMN or TASK=COL1,COL2,... (repeat)')
   parser.add_argument('--missing', action='append', default=[], help="TASK=V1,V2 codes for 'not annotated' (repeat)")
+  parser.add_argument(
+      '--regression', action='append', default=[], help='TASK whose columns are float targets, NaN = missing (repeat)'
+  )
   parser.add_argument('--image_root', default=None, help="folder the paths are relative to (default: the manifest's)")
   parser.add_argument('--channels', type=int, default=3)
   parser.add_argument('--split', default=None, help="the dataset's split name (default: train)")
@@ -202,6 +216,7 @@ def main(argv=None) -> str:
       split_column=args.split_column,
       on_bad_image=args.on_bad_image,
       num_shards=args.num_shards,
+      regression=tuple(args.regression),
   )
   print(json.dumps({'directory': directory, 'tasks': list(_parse_labels(args.label))}))
   return directory
