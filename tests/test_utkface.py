@@ -56,7 +56,7 @@ def test_names_parse_into_age_bins_gender_and_race():
         'race': race,
     }, name
   tasks = {t.name: t for t in utkface.utkface_tasks()}
-  assert tasks['age_group'].class_names == ('0-9', '10-19', '20-29', '30-39', '40-49', '50-59', '60+')
+  assert tasks['age_group'].class_names == ('0-9', '10-19', '20-29', '30-39', '40-49', '50-59', '60-119')
   assert tasks['gender'].class_names == ('male', 'female')
   assert tasks['race'].class_names == ('White', 'Black', 'Asian', 'Indian', 'Others')
   assert tasks['age'].kind == 'regression' and tasks['age'].primary_metric == 'mae'

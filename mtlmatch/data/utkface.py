@@ -8,7 +8,7 @@ both forms) is one example, labelled for all four tasks (fully co-annotated):
 
 * ``age``: regression, 1 output (float32 ``[N, 1]``), L1 loss, primary metric MAE (lower is better);
 * ``age_group``: 7 classes, the bins [0, 10), [10, 20), [20, 30), [30, 40), [40, 50), [50, 60), [60, 120) of the DGR
-  authors (names ``0-9`` … ``50-59``, ``60+``; :data:`AGE_EDGES`);
+  authors (names ``0-9`` … ``50-59``, ``60-119``; :data:`AGE_EDGES`);
 * ``gender``: 2 classes (``male``, ``female``); ``race``: 5 classes (:data:`RACES`).
 
 The split: UTKFace has none. The test source is ``test_fraction`` (0.2) of the sorted file names — the first
@@ -41,7 +41,7 @@ from mtlmatch.tasks import TaskSpec
 
 MAX_AGE = 116
 AGE_EDGES = (10, 20, 30, 40, 50, 60)  # the 7 bins [0, 10), ..., [50, 60), [60, 120)
-AGE_GROUPS = ('0-9', '10-19', '20-29', '30-39', '40-49', '50-59', '60+')
+AGE_GROUPS = ('0-9', '10-19', '20-29', '30-39', '40-49', '50-59', '60-119')
 GENDERS = ('male', 'female')
 RACES = ('White', 'Black', 'Asian', 'Indian', 'Others')
 LAYOUT = '[age]_[gender]_[race]_[date&time].jpg (e.g. 25_1_3_20170119164829453.jpg.chip.jpg)'
