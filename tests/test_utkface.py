@@ -155,3 +155,9 @@ def test_a_tiny_run_trains_and_evaluates_all_four_tasks(tmp_path):
   assert np.isfinite(metrics['age']['mae']) and metrics['age']['mae'] >= 0
   for task in ('age_group', 'gender', 'race'):
     assert 0 <= metrics[task]['accuracy'] <= 1
+
+
+def test_the_config_states_the_age_tasks_options():
+  config = config_lib.load_config(f'{REPO}/configs/utkface.py')
+  (age,) = [t for t in utkface.utkface_tasks() if t.name == 'age']
+  assert all(age.option(k) == v for k, v in config.task_options.age.items())
