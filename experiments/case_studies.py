@@ -95,7 +95,9 @@ def affect_va_grid(spec_of, methods=('uw', 'famo', 'upgrad')) -> list[Variant]:
   grid += [Variant('mtl_dgr', spec_of('mtl+dgr'))]
   grid += [Variant(f'mtl_{m}', spec_of('mtl'), {'weighting.name': m}) for m in methods]
   # What decided the VA loss (CCC, the benchmark's default) on validation data: the same MTL cell with MSE.
-  return grid + [Variant('mtl_va_mse', spec_of('mtl'), {'task_options.va.loss': 'mse'})]
+  grid += [Variant('mtl_va_mse', spec_of('mtl'), {'task_options.va.loss': 'mse'})]
+  # Control: the same MTL cell without the VA source (does adding VA transfer negatively to expressions or AUs?).
+  return grid + [Variant('mtl_without_va', spec_of('mtl').replace(',va', ''))]
 
 
 def full_grid(study: str) -> list[Variant]:
@@ -150,7 +152,9 @@ CPU_CUTS = {
     'source, labelled only for valence/arousal (`va`: 3,000 images, CCC loss, tanh head). Grid: ST ×3; MTL (EW); '
     'DM + co-annotation on the classification pair (expert prior), VA co-trained; MTL + DGR (λ = 0.01, K = 1); '
     'UW, FAMO and UPGrad; MTL with the MSE loss for VA instead of CCC (`mtl_va_mse`, what chose the VA loss on '
-    'validation data). Cut from --grid=full: the other weighting methods and relatedness variants.',
+    'validation data); control `mtl_without_va`: MTL on the two classification sources alone (each task then fills '
+    'half of every batch instead of a third). Cut from --grid=full: the other weighting methods and relatedness '
+    'variants.',
     'multi_fashion': 'At most 400 steps (batch 64), early-stopped on validation, 20k train / 2k test images, CNN '
     'only: ST ×2, EW, EW + DGR `sq_l2`, EW + DGR `sq_l2_unbiased` (λ = 0.01, K = 1). The other '
     'weighting methods, the λ/K sweep and resnet18 are in --grid=full.',

@@ -912,10 +912,13 @@ _XLA_FLAGS = '--xla_force_host_platform_device_count=8'
 
 
 def _task_kinds(workdir: str) -> dict[str, str]:
-  """Task kinds of a run's benchmark, read from its evaluation (multilabel tasks report ``mean_f1``)."""
+  """Task kinds of a run's benchmark, read from its evaluation (multilabel tasks report ``mean_f1``, regression tasks
+  ``ccc``)."""
   with open(os.path.join(workdir, 'results.json')) as f:
     metrics = json.load(f)['metrics']
-  return {t: 'multilabel' if 'mean_f1' in m else 'multiclass' for t, m in metrics.items()}
+  return {
+      t: 'regression' if 'ccc' in m else 'multilabel' if 'mean_f1' in m else 'multiclass' for t, m in metrics.items()
+  }
 
 
 # ---------------------------------------------------------------------------------------------------------------

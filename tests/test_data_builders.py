@@ -304,3 +304,35 @@ def test_default_data_dir(monkeypatch):
   assert data.default_data_dir('/explicit') == '/explicit'
   monkeypatch.delenv('MTLMATCH_DATA_DIR')
   assert data.default_data_dir() == os.path.join(os.path.expanduser('~'), 'tensorflow_datasets')
+
+
+def test_a_dataset_generated_by_two_processes_at_once_is_read_by_the_one_whose_rename_lost():
+  """TFDS renames its finished folder into place; the process that loses the race gets FileExistsError although the
+  winner's copy is complete: generate_once reads that copy instead of failing the run."""
+  from mtlmatch.data.sources import generate_once  # pylint: disable=g-import-not-at-top
+
+  state = {'done': False, 'built': 0}
+
+  class Builder:
+
+    def is_prepared(self):
+      return state['done']
+
+    def download_and_prepare(self, download_config=None):
+      state['done'] = True  # the other process finished first ...
+      raise FileExistsError('Destination .../1.1.0 already exists.')  # ... so this one's rename fails
+
+  def make():
+    state['built'] += 1
+    return Builder()
+
+  assert generate_once(make).is_prepared() and state['built'] == 2
+  state.update(done=False)
+
+  class Broken(Builder):
+
+    def download_and_prepare(self, download_config=None):
+      raise FileExistsError('a real clash: nothing was prepared')
+
+  with pytest.raises(FileExistsError, match='a real clash'):
+    generate_once(Broken)

@@ -29,7 +29,7 @@ import tensorflow_datasets as tfds
 
 from mtlmatch.data._quiet import log_generation
 from mtlmatch.data.readers import TfdsReader
-from mtlmatch.data.sources import Benchmark, Source, default_data_dir, make_benchmark
+from mtlmatch.data.sources import Benchmark, Source, default_data_dir, generate_once, make_benchmark
 from mtlmatch.tasks import TaskSpec
 
 DEBIAN_IDX_DIR = '/usr/share/datasets/fashion-mnist'
@@ -176,10 +176,10 @@ class MtlmatchFashionMnist(tfds.core.GeneratorBasedBuilder):
 
 def prepare_fashion_mnist(data_dir: Optional[str] = None, idx_dir: Optional[str] = None) -> MtlmatchFashionMnist:
   """The prepared builder: read from ``data_dir`` if already there, else generated from the IDX files once."""
-  builder = MtlmatchFashionMnist(data_dir=default_data_dir(data_dir))
-  if not builder.is_prepared():
-    builder.download_and_prepare(download_config=_manual_download_config(resolve_idx_dir(idx_dir)))
-  return builder
+  return generate_once(
+      lambda: MtlmatchFashionMnist(data_dir=default_data_dir(data_dir)),
+      lambda: _manual_download_config(resolve_idx_dir(idx_dir)),
+  )
 
 
 def _shopping_labels(example):
@@ -338,10 +338,10 @@ def prepare_multi_fashion(
   config = MultiFashionConfig(
       name=f's{seed}_tr{num_train}_te{num_test}', seed=int(seed), num_train=int(num_train), num_test=int(num_test)
   )
-  builder = MtlmatchMultiFashion(config=config, data_dir=default_data_dir(data_dir))
-  if not builder.is_prepared():
-    builder.download_and_prepare(download_config=_manual_download_config(resolve_idx_dir(idx_dir)))
-  return builder
+  return generate_once(
+      lambda: MtlmatchMultiFashion(config=config, data_dir=default_data_dir(data_dir)),
+      lambda: _manual_download_config(resolve_idx_dir(idx_dir)),
+  )
 
 
 def multi_fashion_benchmark(

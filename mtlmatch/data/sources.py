@@ -48,6 +48,25 @@ def default_data_dir(data_dir: Optional[str] = None) -> str:
   return os.environ.get(DATA_DIR_ENV) or os.path.join(os.path.expanduser('~'), 'tensorflow_datasets')
 
 
+def generate_once(make_builder: Callable[[], Any], download_config: Callable[[], Any] = lambda: None):
+  """The prepared TFDS builder ``make_builder()``, generated into its data_dir (with the ``download_config()``,
+  called only then) if it is not there yet.
+
+  Safe when several processes generate the same dataset at once (the parallel runs of a sweep on a fresh machine):
+  TFDS writes into a private folder and renames it into place, and the process whose rename loses gets a
+  FileExistsError although the other's copy is complete; it then reads that copy."""
+  builder = make_builder()
+  if builder.is_prepared():
+    return builder
+  try:
+    builder.download_and_prepare(download_config=download_config())
+  except FileExistsError:
+    builder = make_builder()
+    if not builder.is_prepared():
+      raise
+  return builder
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sources.
 
@@ -469,6 +488,7 @@ def source_labels(source: Source, tasks: Mapping[str, TaskSpec]) -> dict[str, np
 
 __all__ = [
     'Benchmark',
+    'generate_once',
     'Holdout',
     'MISSING',
     'Source',
