@@ -67,7 +67,9 @@ class TaskKind:
     (jittable): the loss gives them weight 0, the train step reports their count and the loop halts on it;
   * ``head_outputs(num_classes) -> int``: the width of the task's head (and of DGR's dummy heads);
   * ``options``: the task options the kind reads and their defaults (``TaskSpec.options``), ``check_options(name,
-    options)`` raises one ValueError for a bad value.
+    options)`` raises one ValueError for a bad value;
+  * ``spatial``: a dense (per-pixel) kind: its labels are ``[B, H, W, *label_shape(C)]`` with ``(H, W)`` the task's
+    ``size`` option, and its losses return per-pixel values and weights ``[B, H, W]`` (docs/maths.md §11).
   """
 
   name: str
@@ -88,6 +90,7 @@ class TaskKind:
   lower_is_better: tuple[str, ...] = ()
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   check_options: Callable[[str, Mapping[str, Any]], None] = lambda name, options: None
+  spatial: bool = False
 
 
 KINDS: dict[str, TaskKind] = {}
@@ -276,7 +279,10 @@ class TaskSpec:
     return tuple(re.sub(r'[^A-Za-z0-9_.-]+', '_', c.strip()) for c in self.class_names)
 
   def label_shape(self, batch_size: int) -> tuple[int, ...]:
-    return (batch_size, *KINDS[self.kind].label_shape(self.num_classes))
+    """The labels' shape for a batch: ``[B, *per-example shape]``, with the ``(H, W)`` of a dense kind first."""
+    kind = KINDS[self.kind]
+    size = tuple(dict(self.options)['size']) if kind.spatial else ()
+    return (batch_size, *size, *kind.label_shape(self.num_classes))
 
   @property
   def primary_metric(self) -> str:

@@ -64,12 +64,15 @@ def _num_dummies(dummy_params) -> int:
 
 
 def _halves(weight: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Split the weighted (labelled) examples, in batch order, into two halves: masks [B] of the first ⌊n/2⌋ and the
-  rest. The batch order is a random draw, so the halves are two independent random subsets."""
-  labelled = weight != 0
+  """Split the weighted (labelled) examples, in batch order, into two halves: masks of ``weight``'s shape ([B], or
+  [B, ...] for per-pixel weights: an example is labelled when any of its entries is) of the first ⌊n/2⌋ examples and
+  the rest. The batch order is a random draw, so the halves are two independent random subsets."""
+  nonzero = weight != 0
+  labelled = jnp.any(nonzero.reshape(nonzero.shape[0], -1), axis=1) if weight.ndim > 1 else nonzero
   rank = jnp.cumsum(labelled.astype(jnp.int32))  # 1-based rank among the labelled examples
   first = labelled & (rank <= jnp.sum(labelled) // 2)
-  return first.astype(weight.dtype), (labelled & ~first).astype(weight.dtype)
+  first = first.reshape(first.shape + (1,) * (weight.ndim - 1))
+  return (nonzero & first).astype(weight.dtype), (nonzero & ~first).astype(weight.dtype)
 
 
 def dummy_gradient_norm(
