@@ -427,12 +427,17 @@ class ViTTiny(nn.Module):
     return x[:, 0] if self.pool == 'cls' else jnp.mean(x, axis=1)
 
 
+# Dense-prediction encoders ({'out': map, 'stages': maps}); imported here, after the blocks they reuse.
+from mtlmatch.models import dense  # noqa: E402  pylint: disable=g-import-not-at-top
+
 ENCODERS: dict[str, type[nn.Module]] = {
     'mlp': MLPEncoder,
     'cnn': CNNEncoder,
     'resnet18': ResNet18,
     'resnet50': ResNet50,
     'vit_tiny': ViTTiny,
+    'dilated_resnet': dense.DilatedResNet,
+    'segnet': dense.SegNetEncoder,
 }
 
 
