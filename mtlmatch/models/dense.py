@@ -25,7 +25,7 @@ Registered names: encoders ``dilated_resnet`` (:class:`DilatedResNet`) and ``seg
 heads ``aspp`` (:class:`ASPPHead`), ``segnet_decoder`` (:class:`SegNetDecoder`) and ``mtan`` (:class:`MTANHead`, the
 task-specific attention of MTAN, used with ``encoder='segnet'``). Any head works with any dense encoder.
 
-Convolutions and 2×2 max-pools go through :mod:`mtlmatch.models.cpu_ops` (``conv_impl``, as the ResNets), so the
+Convolutions and 2×2 max-pools go through ``mtlmatch.models.cpu_ops`` (``conv_impl``, as the ResNets), so the
 CPU backward is the fast GEMM one; it supports kernel dilation, so the atrous convolutions take the same path.
 
 Usage::
