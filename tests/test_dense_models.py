@@ -199,3 +199,20 @@ def test_errors():
     build_encoder('segnet', widths=(4, 8), convs_per_stage=(1,))
   with pytest.raises(ValueError, match=r"head 'mtan' kwargs: got unknown \['rates'\]"):
     build_head('mtan', C, rates=(1,))
+
+
+@pytest.mark.parametrize('encoder_name', ['dilated_resnet', 'segnet'])
+def test_remat_keeps_the_parameter_tree(encoder_name):
+  x = _images(16)
+
+  def tree(remat):
+    enc = build_encoder(encoder_name, **TINY_ENCODERS[encoder_name], remat=remat)
+
+    def grads():
+      variables = enc.init(jax.random.key(0), x, train=False)
+      loss = lambda p: jnp.sum(enc.apply({**variables, 'params': p}, x, train=True, mutable=['batch_stats'])[0]['out'])
+      return variables, jax.grad(loss)(variables['params'])
+
+    return _shapes(jax.eval_shape(grads))
+
+  assert tree(True) == tree(False)
