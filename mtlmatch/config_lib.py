@@ -293,6 +293,9 @@ SMOKE_ENCODERS = {
     'resnet18': {'width': 4, 'stage_sizes': (1, 1, 1, 1)},
     'resnet50': {'width': 2, 'stage_sizes': (1, 1, 1, 1)},
     'vit_tiny': {'patch_size': 8, 'dim': 16, 'depth': 1, 'num_heads': 2},
+    # Dense encoders (a feature map, for the dense heads): images of a multiple of 8 pixels.
+    'dilated_resnet': {'widths': (4, 8, 8, 16), 'stage_sizes': (1, 1, 1, 1), 'block': 'basic'},
+    'segnet': {'widths': (8, 16, 16), 'convs_per_stage': (1, 1, 1)},
 }
 
 

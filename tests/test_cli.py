@@ -45,8 +45,11 @@ from ml_collections import config_flags
 from mtlmatch import experiment as experiment_lib
 from mtlmatch import main, models
 configs, tfds_dir, idx_dir = sys.argv[1].split(','), sys.argv[2], sys.argv[3]
+DENSE = ('dilated_resnet', 'segnet')
 for name in configs:
   for encoder in sorted(models.ENCODERS):
+    if encoder in DENSE:
+      continue  # a feature map for per-pixel heads: no config file has a dense task yet
     argv = main.prepare_argv(['main', f'--config=configs/{name}.py:dm+coann+dgr,smoke', '--workdir=unused',
                               f'--config.encoder.name={encoder}', '--config.encoder.kwargs.dtype=float32',
                               f'--config.data.data_dir={tfds_dir}'] +
@@ -75,7 +78,7 @@ def test_every_encoder_with_every_config_file(tfds_dir, fashion_idx_dir):
   )
   assert done.returncode == 0, done.stderr[-3000:]
   lines = [line for line in done.stdout.splitlines() if line.startswith('OK ')]
-  assert len(lines) == len(CONFIGS) * len(models.ENCODERS), done.stdout
+  assert len(lines) == len(CONFIGS) * (len(models.ENCODERS) - 2), done.stdout  # not the 2 dense encoders
   for line in lines:
     _, name, encoder, chosen, *fields = line.replace('[', '').replace(']', '').replace(',', '').split()
     assert chosen == encoder and set(f.strip("'") for f in fields) == set(config_lib.encoder_kwargs(encoder)), line

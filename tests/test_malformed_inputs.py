@@ -68,8 +68,8 @@ R_OK = np.full((7, 17), 0.5).tolist()
 CONFIG_CASES = {
     'unknown encoder': (
         {'encoder.name': 'transformer'},
-        r"config\.encoder\.name: got 'transformer', expected one of \['cnn', 'mlp', 'resnet18', 'resnet50', "
-        r"'vit_tiny'\]",
+        r"config\.encoder\.name: got 'transformer', expected one of \['cnn', 'dilated_resnet', 'mlp', 'resnet18', "
+        r"'resnet50', 'segnet', 'vit_tiny'\]",
     ),
     'unknown weighting method': (
         {'weighting.name': 'magic'},

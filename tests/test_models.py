@@ -35,8 +35,8 @@ def _images(shape, batch=8, seed=0):
 
 
 def test_registries():
-  assert sorted(ENCODERS) == ['cnn', 'mlp', 'resnet18', 'resnet50', 'vit_tiny']
-  assert sorted(HEADS) == ['linear', 'mlp']
+  assert sorted(ENCODERS) == ['cnn', 'dilated_resnet', 'mlp', 'resnet18', 'resnet50', 'segnet', 'vit_tiny']
+  assert sorted(HEADS) == ['aspp', 'linear', 'mlp', 'mtan', 'segnet_decoder']
 
 
 @pytest.mark.parametrize('name', sorted(TINY))

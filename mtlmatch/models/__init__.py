@@ -2,6 +2,8 @@
 
 * ``encoders``: ``ENCODERS`` = {'mlp', 'cnn', 'resnet18', 'resnet50', 'vit_tiny'}; ``build_encoder(name, **kwargs)``.
 * ``heads``: ``HEADS`` = {'linear', 'mlp'}; ``build_head(name, num_classes, **kwargs)``.
+* ``dense``: dense-prediction networks, registered in both: encoders 'dilated_resnet', 'segnet' (features
+  ``{'out': map, 'stages': maps}``) and heads 'aspp', 'segnet_decoder', 'mtan' (``[B, H, W, num_classes]``).
 * ``cpu_ops``: ``conv_general_dilated`` (a drop-in for ``lax``'s, for ``nn.Conv``) and ``max_pool_2x2`` with a
   GEMM / reshape backward that is several times faster on XLA:CPU; ``IMPLS`` = ('auto', 'native', 'gemm').
 * ``multitask``: ``MultiTaskModel(encoder, heads)`` with ``init``/``apply``/``encode``/``apply_head`` and
@@ -12,6 +14,7 @@ Models know nothing of training: losses, optimisers and the sharded step live in
 
 from mtlmatch.models import cpu_ops
 from mtlmatch.models.encoders import ENCODERS, CNNEncoder, MLPEncoder, ResNet18, ResNet50, ViTTiny, build_encoder
+from mtlmatch.models import dense  # after encoders: encoders.py imports dense part-way through its own import
 from mtlmatch.models.heads import HEADS, Bounded, LinearHead, MLPHead, build_head, build_task_head
 from mtlmatch.models.multitask import MultiTaskModel, build_model
 
@@ -32,4 +35,5 @@ __all__ = [
     'build_model',
     'build_task_head',
     'cpu_ops',
+    'dense',
 ]

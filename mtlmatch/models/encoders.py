@@ -195,6 +195,7 @@ class _BasicBlock(nn.Module):
   strides: int
   dtype: Dtype
   conv_impl: str = 'auto'
+  dilation: int = 1  # of both 3×3 convs (padding = dilation keeps the size); >1 only in dense.DilatedResNet
 
   @nn.compact
   def __call__(self, x, train: bool):  # train positional: a static argument of nn.remat
@@ -202,10 +203,11 @@ class _BasicBlock(nn.Module):
     conv = functools.partial(
         nn.Conv, use_bias=False, dtype=self.dtype, conv_general_dilated=cpu_ops.conv_fn(self.conv_impl)
     )
-    # Explicit padding 1 (as in the PyTorch CIFAR ResNets): H_out = ceil(H / stride) for odd and even H alike.
-    y = conv(self.width, (3, 3), strides=self.strides, padding=1, name='conv1')(x)
+    d = self.dilation
+    # Explicit padding d (1, as in the PyTorch CIFAR ResNets, when undilated): H_out = ceil(H / stride) for any H.
+    y = conv(self.width, (3, 3), strides=self.strides, padding=d, kernel_dilation=d, name='conv1')(x)
     y = nn.relu(norm(name='bn1')(y))
-    y = conv(self.width, (3, 3), padding=1, name='conv2')(y)
+    y = conv(self.width, (3, 3), padding=d, kernel_dilation=d, name='conv2')(y)
     # Zero-init the last BN scale so each block starts as the identity (Goyal et al. 2017; flax imagenet example).
     y = norm(scale_init=nn.initializers.zeros, name='bn2')(y)
     residual = x
@@ -224,6 +226,7 @@ class _Bottleneck(nn.Module):
   strides: int
   dtype: Dtype
   conv_impl: str = 'auto'
+  dilation: int = 1  # of the 3×3 conv (padding = dilation keeps the size); >1 only in dense.DilatedResNet
 
   EXPANSION = 4
 
@@ -235,7 +238,8 @@ class _Bottleneck(nn.Module):
     )
     out = self.EXPANSION * self.width
     y = nn.relu(norm(name='bn1')(conv(self.width, (1, 1), padding='VALID', name='conv1')(x)))
-    y = conv(self.width, (3, 3), strides=self.strides, padding=1, name='conv2')(y)
+    d = self.dilation
+    y = conv(self.width, (3, 3), strides=self.strides, padding=d, kernel_dilation=d, name='conv2')(y)
     y = nn.relu(norm(name='bn2')(y))
     y = conv(out, (1, 1), padding='VALID', name='conv3')(y)
     y = norm(scale_init=nn.initializers.zeros, name='bn3')(y)  # each block starts as the identity
@@ -423,12 +427,17 @@ class ViTTiny(nn.Module):
     return x[:, 0] if self.pool == 'cls' else jnp.mean(x, axis=1)
 
 
+# Dense-prediction encoders ({'out': map, 'stages': maps}); imported here, after the blocks they reuse.
+from mtlmatch.models import dense  # noqa: E402  pylint: disable=g-import-not-at-top
+
 ENCODERS: dict[str, type[nn.Module]] = {
     'mlp': MLPEncoder,
     'cnn': CNNEncoder,
     'resnet18': ResNet18,
     'resnet50': ResNet50,
     'vit_tiny': ViTTiny,
+    'dilated_resnet': dense.DilatedResNet,
+    'segnet': dense.SegNetEncoder,
 }
 
 

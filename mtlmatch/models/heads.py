@@ -18,6 +18,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mtlmatch.models import dense
 from mtlmatch.models.encoders import Dtype, check_dtype, check_positive_ints, construct
 from mtlmatch.tasks import kind_of
 
@@ -78,6 +79,9 @@ BOUNDS = {'tanh': jnp.tanh}
 HEADS: dict[str, type[nn.Module]] = {
     'linear': LinearHead,
     'mlp': MLPHead,
+    'aspp': dense.ASPPHead,
+    'segnet_decoder': dense.SegNetDecoder,
+    'mtan': dense.MTANHead,
 }
 
 
