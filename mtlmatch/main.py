@@ -104,7 +104,7 @@ def _fmt(name: str, value) -> str:
 
 def _print_metrics(metrics) -> None:
   # Per-label F1s, per-class recalls, per-output regression metrics and the prediction entropy are in results.json.
-  per_class = ('f1_', 'recall_', 'mae_', 'rmse_', 'pearson_', 'ccc_')
+  per_class = ('f1_', 'recall_', 'mae_', 'rmse_', 'pearson_', 'ccc_', 'iou_')
   for task, values in metrics.items():
     shown = {k: v for k, v in values.items() if not k.startswith(per_class) and k != 'mean_entropy'}
     print(f'  {task:>14s}: ' + '  '.join(f'{k} {_fmt(k, v)}' for k, v in shown.items()))

@@ -36,10 +36,13 @@ import re
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mtlmatch import losses
 from mtlmatch import metrics as metrics_lib
+from mtlmatch import metrics_dense
+from mtlmatch.losses import dense as dense_losses
 from mtlmatch.losses import regression as regression_losses
 
 MISSING = losses.MISSING
@@ -196,6 +199,93 @@ register_kind(
         missing=np.nan,
         options={'loss': 'mse', 'huber_delta': 1.0, 'bound': None, 'range': None, 'metric': 'ccc'},
         check_options=_check_regression_options,
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dense (per-pixel) kinds: labels [B, H, W, ...] at the task's `size` (H, W); losses per pixel (docs/maths.md §11).
+
+
+def _check_dense_options(metrics: tuple[str, ...]):
+  def check(name: str, options: Mapping[str, Any]) -> None:
+    size = options['size']
+    if not (
+        isinstance(size, (tuple, list))
+        and len(size) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in size)
+    ):
+      raise ValueError(f"TaskSpec({name!r}).options['size']: got {size!r}, expected (H, W), the labels' resolution")
+    if options['metric'] not in metrics:
+      raise ValueError(f"TaskSpec({name!r}).options['metric']: got {options['metric']!r}, expected one of {metrics}")
+
+  return check
+
+
+def _dense_invalid(valid_or_missing):
+  return lambda labels, num_classes: jnp.sum(valid_or_missing(labels, num_classes), dtype=jnp.int32)
+
+
+# The primary metrics (what model selection averages) are on comparable scales: mIoU and the fraction of normals
+# within 22.5° in [0, 1], depth's absolute error in the depth's unit (metres); `metric` chooses another.
+register_kind(
+    TaskKind(
+        'segmentation',
+        label_shape=lambda num_classes: (),
+        label_range=(0, None),
+        min_classes=2,
+        loss=lambda task, logits, labels: dense_losses.pixel_softmax_xent(logits, labels),
+        statistics=metrics_dense.segmentation_statistics,
+        zero_statistics=metrics_dense.segmentation_zero_statistics,
+        finalize=metrics_dense.segmentation_finalize,
+        primary_metric='miou',
+        predict=jax.nn.softmax,
+        invalid_labels=_dense_invalid(lambda y, c: (y != MISSING) & ((y < 0) | (y >= c))),
+        spatial=True,
+        options={'size': None, 'metric': 'miou'},
+        check_options=_check_dense_options(('miou', 'pixel_accuracy')),
+    )
+)
+register_kind(
+    TaskKind(
+        'depth',
+        label_shape=lambda num_classes: (1,),
+        label_range=None,
+        min_classes=1,
+        loss=lambda task, predictions, targets: dense_losses.depth_l1(predictions, targets),
+        statistics=metrics_dense.depth_statistics,
+        zero_statistics=metrics_dense.depth_zero_statistics,
+        finalize=metrics_dense.depth_finalize,
+        primary_metric='abs_err',
+        lower_is_better=metrics_dense.DEPTH_LOWER_IS_BETTER,
+        predict=lambda outputs: outputs,
+        invalid_labels=_dense_invalid(lambda y, c: (y < 0) | jnp.isinf(y)),
+        label_dtype=np.float32,
+        missing=0.0,
+        spatial=True,
+        options={'size': None, 'metric': 'abs_err', 'range': (0.0, float('inf'))},
+        check_options=_check_dense_options(('abs_err', 'rel_err')),
+    )
+)
+register_kind(
+    TaskKind(
+        'normals',
+        label_shape=lambda num_classes: (3,),
+        label_range=None,
+        min_classes=3,
+        loss=lambda task, predictions, targets: dense_losses.normal_cosine(predictions, targets),
+        statistics=metrics_dense.normals_statistics,
+        zero_statistics=metrics_dense.normals_zero_statistics,
+        finalize=metrics_dense.normals_finalize,
+        primary_metric='within_22.5',
+        lower_is_better=metrics_dense.NORMALS_LOWER_IS_BETTER,
+        predict=dense_losses.unit,
+        invalid_labels=_dense_invalid(lambda y, c: jnp.isinf(y)),
+        label_dtype=np.float32,
+        missing=0.0,
+        spatial=True,
+        options={'size': None, 'metric': 'within_22.5'},
+        check_options=_check_dense_options(('within_22.5', 'within_11.25', 'within_30', 'mean_angle', 'median_angle')),
     )
 )
 

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import REPO, set_keys
 from mtlmatch import checkpoint as ckpt_lib
+from mtlmatch import config_checks
 from mtlmatch import config_lib
 from mtlmatch import monitor as monitor_lib
 from mtlmatch import train
@@ -118,7 +119,7 @@ def test_references_from_a_single_task_run_and_errors(tmp_path):
     config = config_lib.base_config()
     config[key] = value
     with pytest.raises(ValueError, match=message):
-      config_lib.validate_relatedness_and_monitor(config)
+      config_checks.validate_relatedness_and_monitor(config)
 
 
 def test_train_loop_learns_the_table_and_anneals_the_terms_feeding_a_task_below_reference(tfds_dir, tmp_path, caplog):

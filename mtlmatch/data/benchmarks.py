@@ -4,7 +4,9 @@ Names: ``synthetic_affect`` (the embedded default, generated, no download), ``sh
 group/attributes on disjoint slices) and ``multi_fashion`` (two items per image) — both from Debian's offline
 Fashion-MNIST IDX files; ``faces`` (expressions from one manifest of image files, action units from another: your own
 face datasets, see :mod:`mtlmatch.data.faces`); ``utkface`` (age, age group, gender and race from the names of a
-directory of UTKFace images, :mod:`mtlmatch.data.utkface`). ``options`` are the keyword arguments of the builder
+directory of UTKFace images, :mod:`mtlmatch.data.utkface`); the dense benchmarks ``scenes`` (generated rooms:
+segmentation, depth, normals; no download) and ``nyuv2`` (NYUv2 or Cityscapes in LibMTL's preprocessed layout),
+:mod:`mtlmatch.data.dense_benchmarks`. ``options`` are the keyword arguments of the builder
 function named in :data:`BUILDERS`; ``data_dir=None`` means ``$MTLMATCH_DATA_DIR`` or ``~/tensorflow_datasets``
 (:func:`default_data_dir`), where the generated TFDS datasets are cached. User data: ``make_benchmark`` with
 ``array_source`` / ``files_source`` / ``tfds_source``.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import inspect
 from typing import Optional
 
+from mtlmatch.data.dense_benchmarks import nyuv2_benchmark, scenes_benchmark
 from mtlmatch.data.faces import faces_benchmark
 from mtlmatch.data.fashion_mnist import multi_fashion_benchmark, shopping_benchmark
 from mtlmatch.data.sources import Benchmark
@@ -27,6 +30,8 @@ BUILDERS = {
     'multi_fashion': multi_fashion_benchmark,
     'faces': faces_benchmark,
     'utkface': utkface_benchmark,
+    'scenes': scenes_benchmark,
+    'nyuv2': nyuv2_benchmark,
 }
 
 

@@ -122,13 +122,15 @@ def nyuv2_benchmark(
     labels: str = 'full',
     label_probability: float = 0.5,
     tasks: Sequence[str] = ('segmentation', 'depth', 'normal'),
-    name: str = 'nyuv2',
+    dataset: str = 'nyuv2',
 ) -> Benchmark:
   """NYUv2 (13 classes) or Cityscapes (7 or 19 classes, ``tasks=('segmentation', 'depth')``) in the preprocessed
   layout of LibMTL, MTAN and Auto-Lambda, ``{root}/{train,val}/{image,label,depth,normal}/{i}.npy``
   (:mod:`mtlmatch.data.nyuv2_layout`; any image size): ``train`` trains (under the ``labels`` protocol), ``val`` is
-  the test set, as in those codes; model selection uses the validation part held out of ``train``."""
+  the test set, as in those codes; model selection uses the validation part held out of ``train``. ``dataset``
+  names it ('nyuv2' or 'cityscapes')."""
   del data_dir
+  name = dataset
   if not root:
     raise ValueError(f'{name}: got root={root!r}, expected the dataset folder (--config.data.options.root=...)')
   train = nyuv2_layout.read_layout(root, 'train', num_classes=num_classes)

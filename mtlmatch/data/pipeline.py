@@ -347,6 +347,14 @@ def train_iterator(
   seed = _check_int(seed, arg='seed')
   start_step = _check_int(start_step, arg='start_step', high=_END_STEP)
   augmentations = _check_augment(augment)
+  dense = [t for t, spec in benchmark.tasks.items() if kind_of(spec).spatial]
+  if augmentations and dense:
+    # Flips and crops move pixels: a dense task's labels would have to move with them (and a flip negate a normal's
+    # x); that joint augmentation is not implemented, so it is refused rather than silently misaligned.
+    raise ValueError(
+        f'augment: got {augment!r} with the dense tasks {dense}, expected False (image augmentations do not yet '
+        'transform per-pixel labels)'
+    )
   index, count = sharding_lib.resolve_process(process_index, process_count)
   b = sharding_lib.per_host_batch_size(global_batch_size, count, sharding)
   tasks = benchmark.tasks

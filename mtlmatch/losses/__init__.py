@@ -5,6 +5,8 @@
   ``invalid_label_count`` (out-of-range labels, which weigh 0 inside ``jit``).
 * :mod:`~mtlmatch.losses.regression`: ``mse``, ``l1``, ``huber`` (targets float, NaN = missing) and the
   concordance correlation ``ccc`` / ``ccc_loss`` of the global batch, from its moments (``ccc_moments``).
+* :mod:`~mtlmatch.losses.dense`: per-pixel ``pixel_softmax_xent``, ``depth_l1`` and ``normal_cosine`` (values and
+  weights ``[B, H, W]``, reduced by ``masked_mean`` over the valid pixels of the global batch).
 * :mod:`~mtlmatch.losses.relatedness`: relatedness tables R[C_A, C_B] (``validate_relatedness``,
   ``estimate_relatedness``), the distributions they imply (``implied_b``, ``implied_a``) and the learned table's
   soft counts and update (``relatedness_soft_counts``, ``reestimate``).
@@ -24,7 +26,7 @@ weighs 0 (as if missing) and ``invalid_label_count(kind, labels, num_classes)`` 
 
 from __future__ import annotations
 
-from mtlmatch.losses import regression
+from mtlmatch.losses import dense, regression
 from mtlmatch.losses._checks import CLASSIFICATION_KINDS, MISSING
 from mtlmatch.losses.classification import (
     invalid_label_count,
@@ -34,6 +36,7 @@ from mtlmatch.losses.classification import (
     sigmoid_xent,
     softmax_xent,
 )
+from mtlmatch.losses.dense import depth_l1, normal_cosine, pixel_softmax_xent
 from mtlmatch.losses.dgr import dummy_gradient_norm, init_dummy_params
 from mtlmatch.losses.matching import co_annotation, distribution_matching
 from mtlmatch.losses.regression import ccc, ccc_loss, ccc_moments, huber, l1, mse
@@ -57,6 +60,8 @@ __all__ = [
     'ccc_loss',
     'ccc_moments',
     'co_annotation',
+    'dense',
+    'depth_l1',
     'distribution_matching',
     'dummy_gradient_norm',
     'estimate_relatedness',
@@ -70,6 +75,8 @@ __all__ = [
     'l1',
     'masked_mean',
     'mse',
+    'normal_cosine',
+    'pixel_softmax_xent',
     'reestimate',
     'regression',
     'relatedness_soft_counts',
