@@ -168,7 +168,7 @@ def segmentation_finalize(task: Any, stats: Mapping[str, Any]) -> dict[str, floa
 
 def depth_statistics(task: Any, predictions, targets, mask=None) -> dict[str, jax.Array]:
   """Additive statistics of one batch of a depth task (jittable), over the valid pixels (target finite and ≠ 0,
-  real image): ``n`` int32 (their number), the float32 sums ``abs_err`` Σ|x − y| and ``rel_err`` Σ|x − y| / y, and
+  real image): ``n`` int32 (their number), the float32 sums ``abs_err`` ``Σ|x − y|`` and ``rel_err`` ``Σ|x − y| / y``, and
   ``count`` int32 (real images with a valid pixel).
 
   Args:
@@ -197,8 +197,8 @@ def depth_zero_statistics(task: Any) -> dict[str, np.ndarray]:
 
 
 def depth_finalize(task: Any, stats: Mapping[str, Any]) -> dict[str, float]:
-  """Depth metrics over all valid pixels of the set (MTAN / LibMTL): ``abs_err`` = Σ|x − y| / n,
-  ``rel_err`` = Σ(|x − y| / y) / n (NaN when n = 0), ``count``. Both errors are lower-is-better."""
+  """Depth metrics over all valid pixels of the set (MTAN / LibMTL): ``abs_err = Σ|x − y| / n``,
+  ``rel_err = Σ(|x − y| / y) / n`` (NaN when n = 0), ``count``. Both errors are lower-is-better."""
   s = _check_keys(task, stats, DEPTH_KEYS, 'depth')
   n = float(s['n'])
   return {

@@ -376,8 +376,8 @@ class TaskSpec:
 
   @property
   def primary_metric(self) -> str:
-    """The metric model selection and the negative-transfer monitor read (its direction: :meth:`higher_is_better`):
-    the task's ``metric`` option where its kind has one, else the kind's."""
+    """The metric that model selection and the negative-transfer monitor read, in the direction
+    :meth:`higher_is_better` gives; the task's ``metric`` option where its kind has one, else the kind's."""
     return dict(self.options).get('metric', KINDS[self.kind].primary_metric)
 
   def higher_is_better(self, metric: str) -> bool:

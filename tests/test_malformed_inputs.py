@@ -103,8 +103,8 @@ CONFIG_CASES = {
     ),
     'unknown benchmark': (
         {'data.name': 'imagenet'},
-        r"benchmark name: got 'imagenet', expected one of \['faces', 'multi_fashion', 'shopping', 'synthetic_affect', "
-        r"'utkface'\]",
+        r"benchmark name: got 'imagenet', expected one of \['faces', 'multi_fashion', 'nyuv2', 'scenes', 'shopping', "
+        r"'synthetic_affect', 'utkface'\]",
     ),
     'unknown trained task': (
         {'tasks': ('expression', 'pose')},

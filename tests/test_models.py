@@ -201,7 +201,9 @@ def test_build_errors():
     build_encoder('vit_tiny', dim=10, num_heads=3)
   with pytest.raises(ValueError, match="ViTTiny.pool: got 'max'"):
     build_encoder('vit_tiny', pool='max')
-  with pytest.raises(ValueError, match=r"head name: got 'conv', expected one of \['linear', 'mlp'\]"):
+  with pytest.raises(
+      ValueError, match=r"head name: got 'conv', expected one of \['aspp', 'linear', 'mlp', 'mtan', 'segnet_decoder'\]"
+  ):
     build_head('conv', 3)
   with pytest.raises(ValueError, match='LinearHead.num_classes: got 0'):
     build_head('linear', 0)

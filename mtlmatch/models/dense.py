@@ -19,7 +19,7 @@ Contract, shared by every encoder and head here:
 * Heads are stateless (see ``heads.py``): only ``'params'``, no BatchNorm, no Dropout, so that DGR's
   ``head.apply({'params': phi}, features)`` with dummies from ``head.init`` works. Normalisation in a head is
   ``norm='group'`` (GroupNorm, parameters only; ``gcd(32, channels)`` groups) or ``norm='none'``. Encoders use the
-  ResNets' BatchNorm (``encoders._norm``: momentum 0.9, ε 1e-5).
+  ResNets' BatchNorm (``encoders.batch_norm``: momentum 0.9, ε 1e-5).
 
 Registered names: encoders ``dilated_resnet`` (:class:`DilatedResNet`) and ``segnet`` (:class:`SegNetEncoder`);
 heads ``aspp`` (:class:`ASPPHead`), ``segnet_decoder`` (:class:`SegNetDecoder`) and ``mtan`` (:class:`MTANHead`, the
@@ -51,25 +51,25 @@ import jax.numpy as jnp
 from mtlmatch.models import cpu_ops
 from mtlmatch.models.encoders import (
     Dtype,
-    _BasicBlock,
-    _Bottleneck,
-    _check_bool,
-    _check_images,
-    _maybe_remat,
-    _norm,
+    BasicBlock,
+    Bottleneck,
+    check_bool,
+    check_images,
+    maybe_remat,
+    batch_norm,
     check_dtype,
     check_positive_ints,
 )
 
 HEAD_NORMS = ('group', 'none')
-BLOCKS = {'basic': _BasicBlock, 'bottleneck': _Bottleneck}
+BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
 # output_stride -> (strides, dilations) of the four ResNet stages after the stem (stride 4): DeepLab's schedules.
 SCHEDULES = {8: ((1, 2, 1, 1), (1, 1, 2, 4)), 16: ((1, 2, 2, 1), (1, 1, 1, 2))}
 _GROUPS = 32
 
 
 def _check_divisible(images, stride: int, where: str) -> None:
-  _check_images(images, where)
+  check_images(images, where)
   h, w = images.shape[1:3]
   if h % stride or w % stride:
     raise ValueError(f'{where} images: got spatial size {(h, w)}, expected multiples of the total stride {stride}')
@@ -155,7 +155,7 @@ class DilatedResNet(nn.Module):
   dense benchmarks (their dilated ``resnet50``).
 
   ImageNet stem (7×7 conv stride 2 → BN → ReLU, the map kept as ``stages[0]`` at stride 2; 3×3 max-pool stride 2),
-  then four stages of ``stage_sizes`` blocks (``encoders._BasicBlock`` or ``_Bottleneck`` with inner widths
+  then four stages of ``stage_sizes`` blocks (``encoders.BasicBlock`` or ``Bottleneck`` with inner widths
   ``widths``) with strides (1, 2, 1, 1) and dilations (1, 1, 2, 4) for ``output_stride=8``, or (1, 2, 2, 1) and
   (1, 1, 1, 2) for 16. Every block of a dilated stage uses the stage's dilation (torchvision's
   ``replace_stride_with_dilation`` keeps the previous dilation in a stage's first block; not done here).
@@ -184,7 +184,7 @@ class DilatedResNet(nn.Module):
       raise ValueError(f'DilatedResNet.output_stride: got {self.output_stride!r}, expected one of {list(SCHEDULES)}')
     check_dtype('DilatedResNet', self.dtype)
     cpu_ops.check_impl('DilatedResNet.conv_impl', self.conv_impl)
-    _check_bool('DilatedResNet.remat', self.remat)
+    check_bool('DilatedResNet.remat', self.remat)
     super().__post_init__()
 
   @nn.compact
@@ -200,11 +200,11 @@ class DilatedResNet(nn.Module):
         conv_general_dilated=cpu_ops.conv_fn(self.conv_impl),
         name='stem_conv',
     )(images)
-    x = nn.relu(_norm(train, self.dtype, name='stem_bn')(x))
+    x = nn.relu(batch_norm(train, self.dtype, name='stem_bn')(x))
     stages = [x]
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     strides, dilations = SCHEDULES[self.output_stride]
-    block = _maybe_remat(BLOCKS[self.block], self.remat, static_argnums=(2,))
+    block = maybe_remat(BLOCKS[self.block], self.remat, static_argnums=(2,))
     for stage, num_blocks in enumerate(self.stage_sizes):
       for index in range(num_blocks):
         x = block(
@@ -245,11 +245,11 @@ class SegNetEncoder(nn.Module):
       )
     check_dtype('SegNetEncoder', self.dtype)
     cpu_ops.check_impl('SegNetEncoder.conv_impl', self.conv_impl)
-    _check_bool('SegNetEncoder.remat', self.remat)
+    check_bool('SegNetEncoder.remat', self.remat)
     super().__post_init__()
 
   def _stage(self, x, i: int, train: bool):
-    norm = functools.partial(_norm, train, self.dtype)
+    norm = functools.partial(batch_norm, train, self.dtype)
     for k in range(self.convs_per_stage[i]):
       x = _conv(self.widths[i], 3, self.dtype, self.conv_impl, f'stage{i}_conv{k}', use_bias=False)(x)
       x = nn.relu(norm(name=f'stage{i}_bn{k}')(x))
@@ -258,7 +258,7 @@ class SegNetEncoder(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool):
     _check_divisible(images, 2 ** len(self.widths), 'SegNetEncoder')
-    stage = _maybe_remat(type(self)._stage, self.remat, static_argnums=(2, 3))
+    stage = maybe_remat(type(self)._stage, self.remat, static_argnums=(2, 3))
     x, stages = images, []
     for i in range(len(self.widths)):
       x = stage(self, x, i, train)

@@ -54,7 +54,7 @@ BN_EPSILON = 1e-5
 STEMS = ('cifar', 'imagenet')
 
 
-def _check_images(images, where: str) -> None:
+def check_images(images, where: str) -> None:
   if images.ndim != 4:
     raise ValueError(f'{where} images: got shape {images.shape}, expected [B, H, W, C]')
 
@@ -88,12 +88,12 @@ def construct(registry: Mapping[str, Callable[..., nn.Module]], what: str, name:
   return cls(**kwargs)
 
 
-def _check_bool(where: str, value) -> None:
+def check_bool(where: str, value) -> None:
   if not isinstance(value, (bool, np.bool_)):
     raise ValueError(f'{where}: got {value!r}, expected True or False')
 
 
-def _maybe_remat(target, remat: bool, static_argnums=()):
+def maybe_remat(target, remat: bool, static_argnums=()):
   """``nn.remat(target)`` when ``remat``, else ``target`` (a Module class, or a function whose first argument is a
     module). Flax's lifted remat keeps the variables where ``target`` would put them, so the parameter tree is the same
     either way. ``static_argnums`` index the call's arguments, counting the module as argument 0 (``train`` of a
@@ -123,7 +123,7 @@ class MLPEncoder(nn.Module):
   def __post_init__(self):
     check_positive_ints('MLPEncoder', hidden=self.hidden)
     check_dtype('MLPEncoder', self.dtype)
-    _check_bool('MLPEncoder.remat', self.remat)
+    check_bool('MLPEncoder.remat', self.remat)
     super().__post_init__()
 
   def _layer(self, x, i: int):
@@ -132,9 +132,9 @@ class MLPEncoder(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool):
     del train  # no train-dependent layers
-    _check_images(images, 'MLPEncoder')
+    check_images(images, 'MLPEncoder')
     x = images.reshape(images.shape[0], -1)
-    layer = _maybe_remat(type(self)._layer, self.remat, static_argnums=(2,))
+    layer = maybe_remat(type(self)._layer, self.remat, static_argnums=(2,))
     for i in range(len(self.hidden)):
       x = layer(self, x, i)
     return x.astype(jnp.float32)
@@ -157,7 +157,7 @@ class CNNEncoder(nn.Module):
     check_positive_ints('CNNEncoder', widths=self.widths, features=self.features)
     check_dtype('CNNEncoder', self.dtype)
     cpu_ops.check_impl('CNNEncoder.conv_impl', self.conv_impl)
-    _check_bool('CNNEncoder.remat', self.remat)
+    check_bool('CNNEncoder.remat', self.remat)
     super().__post_init__()
 
   def _stage(self, x, i: int):
@@ -173,9 +173,9 @@ class CNNEncoder(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool):
     del train
-    _check_images(images, 'CNNEncoder')
+    check_images(images, 'CNNEncoder')
     x = images
-    stage = _maybe_remat(type(self)._stage, self.remat, static_argnums=(2,))
+    stage = maybe_remat(type(self)._stage, self.remat, static_argnums=(2,))
     for i in range(len(self.widths)):
       x = stage(self, x, i)
     x = x.reshape((x.shape[0], -1))
@@ -183,12 +183,12 @@ class CNNEncoder(nn.Module):
     return x.astype(jnp.float32)
 
 
-def _norm(train: bool, dtype, **kwargs):
+def batch_norm(train: bool, dtype, **kwargs):
   """The ResNets' BatchNorm (momentum 0.9, ε 1e-5; statistics in float32 whatever ``dtype``)."""
   return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, **kwargs)
 
 
-class _BasicBlock(nn.Module):
+class BasicBlock(nn.Module):
   """ResNet basic block (He et al. 2016): two 3×3 convs with BN, identity or 1×1-conv+BN shortcut."""
 
   width: int
@@ -199,7 +199,7 @@ class _BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):  # train positional: a static argument of nn.remat
-    norm = functools.partial(_norm, train, self.dtype)
+    norm = functools.partial(batch_norm, train, self.dtype)
     conv = functools.partial(
         nn.Conv, use_bias=False, dtype=self.dtype, conv_general_dilated=cpu_ops.conv_fn(self.conv_impl)
     )
@@ -217,7 +217,7 @@ class _BasicBlock(nn.Module):
     return nn.relu(y + residual)
 
 
-class _Bottleneck(nn.Module):
+class Bottleneck(nn.Module):
   """ResNet bottleneck block (He et al. 2016), "v1.5" as torchvision's and the flax ImageNet example's: 1×1 conv to
   ``width`` → 3×3 conv with the stride → 1×1 conv to ``4·width`` (expansion 4), each with BN; identity shortcut, or
   1×1-conv+BN when the channels or the stride change."""
@@ -232,7 +232,7 @@ class _Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):  # train positional: a static argument of nn.remat
-    norm = functools.partial(_norm, train, self.dtype)
+    norm = functools.partial(batch_norm, train, self.dtype)
     conv = functools.partial(
         nn.Conv, use_bias=False, dtype=self.dtype, conv_general_dilated=cpu_ops.conv_fn(self.conv_impl)
     )
@@ -260,7 +260,7 @@ class _ResNet(nn.Module):
   stem: str = 'cifar'  # STEMS: 'cifar' (3×3, stride 1) or 'imagenet' (7×7 stride 2 + 3×3 max-pool stride 2)
   remat: bool = False  # recompute each block's activations in the backward pass (config.remat)
 
-  BLOCK = _BasicBlock
+  BLOCK = BasicBlock
 
   def __post_init__(self):
     where = type(self).__name__
@@ -269,12 +269,12 @@ class _ResNet(nn.Module):
     cpu_ops.check_impl(f'{where}.conv_impl', self.conv_impl)
     if self.stem not in STEMS:
       raise ValueError(f'{where}.stem: got {self.stem!r}, expected one of {list(STEMS)}')
-    _check_bool(f'{where}.remat', self.remat)
+    check_bool(f'{where}.remat', self.remat)
     super().__post_init__()
 
   @nn.compact
   def __call__(self, images, *, train: bool):
-    _check_images(images, type(self).__name__)
+    check_images(images, type(self).__name__)
     conv = functools.partial(
         nn.Conv,
         self.width,
@@ -287,12 +287,12 @@ class _ResNet(nn.Module):
       x = conv((3, 3), padding=1)(images)
     else:
       x = conv((7, 7), strides=2, padding=3)(images)  # torchvision's padding: H_out = ceil(H / 2)
-    x = nn.relu(_norm(train, self.dtype, name='stem_bn')(x))
+    x = nn.relu(batch_norm(train, self.dtype, name='stem_bn')(x))
     if self.stem == 'imagenet':
       # 3×3, stride 2, padding 1 (−∞): H_out = ceil(H / 2). Once per network, so XLA's own backward
       # (select_and_scatter; slow on XLA:CPU, see cpu_ops) is kept here.
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    block = _maybe_remat(self.BLOCK, self.remat, static_argnums=(2,))
+    block = maybe_remat(self.BLOCK, self.remat, static_argnums=(2,))
     for stage, num_blocks in enumerate(self.stage_sizes):
       for index in range(num_blocks):
         strides = 2 if stage > 0 and index == 0 else 1
@@ -322,7 +322,7 @@ class ResNet50(_ResNet):
 
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
 
-  BLOCK = _Bottleneck
+  BLOCK = Bottleneck
 
 
 def posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:
@@ -396,13 +396,13 @@ class ViTTiny(nn.Module):
       raise ValueError(f"ViTTiny.pool: got {self.pool!r}, expected one of ['gap', 'cls']")
     check_dtype('ViTTiny', self.dtype)
     cpu_ops.check_impl('ViTTiny.conv_impl', self.conv_impl)
-    _check_bool('ViTTiny.remat', self.remat)
+    check_bool('ViTTiny.remat', self.remat)
     super().__post_init__()
 
   @nn.compact
   def __call__(self, images, *, train: bool):
     del train
-    _check_images(images, 'ViTTiny')
+    check_images(images, 'ViTTiny')
     p = self.patch_size
     if images.shape[1] < p or images.shape[2] < p:
       raise ValueError(f'ViTTiny images: got spatial size {images.shape[1:3]}, expected at least patch_size={p}')
@@ -420,7 +420,7 @@ class ViTTiny(nn.Module):
     if self.pool == 'cls':
       cls = self.param('cls', nn.initializers.zeros, (1, 1, d), jnp.float32)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)), x], axis=1)
-    block = _maybe_remat(_TransformerBlock, self.remat)
+    block = maybe_remat(_TransformerBlock, self.remat)
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_dim or 4 * self.dim, self.dtype, name=f'block_{i}')(x)
     x = nn.LayerNorm(dtype=self.dtype, name='ln_final')(x).astype(jnp.float32)
