@@ -168,8 +168,8 @@ def segmentation_finalize(task: Any, stats: Mapping[str, Any]) -> dict[str, floa
 
 def depth_statistics(task: Any, predictions, targets, mask=None) -> dict[str, jax.Array]:
   """Additive statistics of one batch of a depth task (jittable), over the valid pixels (target finite and ≠ 0,
-  real image): ``n`` int32 (their number), the float32 sums ``abs_err`` ``Σ|x − y|`` and ``rel_err`` ``Σ|x − y| / y``, and
-  ``count`` int32 (real images with a valid pixel).
+  real image): ``n`` int32 (their number), the float32 sums ``abs_err`` ``Σ|x − y|`` and ``rel_err``
+  ``Σ|x − y| / y``, and ``count`` int32 (real images with a valid pixel).
 
   Args:
     task: has ``.name``.
