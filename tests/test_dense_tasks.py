@@ -92,7 +92,7 @@ def test_scenes_train_and_predict_per_pixel_outputs_that_recompute_the_metrics(t
         assert again[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (name, key)
 
 
-@pytest.mark.parametrize('method', ['ew', 'pcgrad'])
+@pytest.mark.parametrize('method', [pytest.param('ew', marks=pytest.mark.slow), 'pcgrad'])  # ew: test-all
 def test_one_label_trains_with_tasks_absent_from_batches(method, tfds_dir, tmp_path):
   config = _scenes(tfds_dir, 'mtl+dgr', **{'data.options.labels': 'one-label', 'total_steps': 3})
   config_lib.set_weighting(config, method)

@@ -61,7 +61,7 @@ def _one_step(tfds_dir, variant, method, accum_steps, devices):
         ('dm', 'mgda_ub'),
         ('mtl', 'auto_lambda'),
         ('dm+dgr,va', 'ew'),  # the CCC loss of the whole batch, and DGR's dummy regression heads
-        ('mtl,va', 'upgrad'),
+        pytest.param('mtl,va', 'upgrad', marks=pytest.mark.slow),  # the CCC again, on the rows path: test-all
     ],
 )
 def test_four_microbatches_of_32_equal_one_batch_of_128(tfds_dir, variant, method):
