@@ -22,12 +22,6 @@ NAME, NUM_CLASSES, TASKS = 'nyuv2', 13, ('segmentation', 'depth', 'normal')
 
 def get_config(arg=None, *, name=NAME, num_classes=NUM_CLASSES, tasks=TASKS):
   parsed = config_lib.parse_variant(arg)
-  refused = [m for m in parsed.get('methods', '').split('+') if m in config_lib.TERM_KINDS]
-  if refused:
-    raise ValueError(
-        f'config variant {arg!r}: got {refused[0]!r}, which configs/{name}.py does not offer, expected mtl, dgr, '
-        'single=<task> or weighting=<name> (DM and co-annotation relate two classification tasks)'
-    )
   config = config_lib.base_config()
   config.data.name = 'nyuv2'
   config.data.options.root = ml_collections.config_dict.placeholder(str)  # --config.data.options.root=...
@@ -45,7 +39,9 @@ def get_config(arg=None, *, name=NAME, num_classes=NUM_CLASSES, tasks=TASKS):
   config_lib.set_encoder(config, 'segnet')
   config.head.name = 'segnet_decoder'
   smoke_data = {'dataset': name, 'num_classes': num_classes, 'tasks': tasks, 'labels': 'full', 'label_probability': 0.5}
-  config = config_lib.apply_variant(config, arg, pairs=(), relatedness='', smoke_data=smoke_data)
+  config = config_lib.apply_variant(
+      config, arg, pairs=(), relatedness='', smoke_data=smoke_data, where=f'configs/{name}.py'
+  )
   if parsed.get('size') == 'smoke':
     config.head.kwargs = {'widths': tuple(reversed(config_lib.SMOKE_ENCODERS['segnet']['widths']))}
     config.data.options.root = ml_collections.config_dict.placeholder(str)

@@ -23,12 +23,6 @@ DECODER = {'widths': (64, 32, 16)}
 
 def get_config(arg=None):
   parsed = config_lib.parse_variant(arg)
-  refused = [m for m in parsed.get('methods', '').split('+') if m in config_lib.TERM_KINDS]
-  if refused:
-    raise ValueError(
-        f'config variant {arg!r}: got {refused[0]!r}, which configs/scenes.py does not offer, expected mtl, dgr, '
-        'single=<task> or weighting=<name> (DM and co-annotation relate two classification tasks)'
-    )
   config = config_lib.base_config()
   config.data.name = 'scenes'
   config.data.options.num_train = 1000

@@ -27,13 +27,6 @@ TASKS = ('age', 'age_group', 'gender', 'race')
 
 def get_config(arg=None):
   parsed = config_lib.parse_variant(arg)
-  refused = [m for m in parsed.get('methods', '').split('+') if m in config_lib.TERM_KINDS]
-  if refused:
-    raise ValueError(
-        f'config variant {arg!r}: got {refused[0]!r}, which configs/utkface.py does not offer, expected mtl, dgr, '
-        'single=<task> or weighting=<name> (DM and co-annotation relate two classification tasks through a '
-        'relatedness table; UTKFace has no prior and labels every image for every task)'
-    )
   config = config_lib.base_config()
   config.data.name = 'utkface'
   config.data.options = ml_collections.ConfigDict()

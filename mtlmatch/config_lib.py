@@ -439,9 +439,17 @@ def apply_variant(
   ``dm``/``coann`` relate each (task_a, task_b) of ``pairs`` through ``relatedness``; ``smoke`` shrinks the run and
   uses ``smoke_data`` as the data options; ``cpu`` sizes it for a CPU and merges ``cpu_data`` into them;
   ``data_tokens`` {token: fn(config, size)} are the data tokens the file offers (``size``: 'smoke', 'cpu' or None);
-  ``where`` names the file in the error for a data token it does not offer (default: the calling file, as
-  ``<folder>/<file>``)."""
+  ``where`` names the file in the errors for what it does not offer — a data token, or ``dm``/``coann`` when it
+  has no ``pairs`` (default: the calling file, as ``<folder>/<file>``)."""
   parsed = parse_variant(arg)
+  where = where or _caller_file()
+  terms = [m for m in parsed.get('methods', '').split('+') if m in TERM_KINDS]
+  if terms and not pairs:
+    raise ValueError(
+        f'config variant {arg!r}: got {terms[0]!r}, which {where} does not offer, expected mtl, dgr, single=<task> '
+        'or weighting=<name> (DM and co-annotation relate two classification tasks through a relatedness table; '
+        f'{where} has no such pair)'
+    )
   for kind, token in parsed.items():
     value = token.partition('=')[2]
     if kind == 'encoder' and value != config.encoder.name:
@@ -471,12 +479,6 @@ def apply_variant(
       shrink_for_cpu(config, cpu_data or {}, encoder_chosen='encoder' in parsed)
     elif kind == 'data':
       offered = dict(data_tokens or {})
-      if where is None:
-        import inspect  # pylint: disable=g-import-not-at-top
-        import os  # pylint: disable=g-import-not-at-top
-
-        caller = inspect.stack()[1].filename
-        where = os.path.join(os.path.basename(os.path.dirname(caller)), os.path.basename(caller))
       if token not in offered:
         raise ValueError(
             f'config variant: got {token!r}, which {where} does not offer, expected one of {sorted(offered)}'
@@ -485,6 +487,15 @@ def apply_variant(
         )
       offered[token](config, parsed.get('size'))
   return config
+
+
+def _caller_file() -> str:
+  """``<folder>/<file>`` of the config file that called :func:`apply_variant`, for its messages."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+
+  caller = inspect.stack()[2].filename
+  return os.path.join(os.path.basename(os.path.dirname(caller)), os.path.basename(caller))
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
