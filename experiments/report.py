@@ -44,8 +44,8 @@ PRIMARY = {kind: tasks_lib.KINDS[kind].primary_metric for kind in ('multiclass',
 
 
 def lower_is_better(kind: str, metric: str) -> bool:
-  """Whether lower is better for ``metric`` of a task of ``kind`` (its ``TaskKind.lower_is_better``)."""
-  return any(metric == m or (m.endswith('_') and metric.startswith(m)) for m in tasks_lib.KINDS[kind].lower_is_better)
+  """Whether lower is better for ``metric`` of a task of ``kind`` (``TaskKind.higher_is_better``)."""
+  return not tasks_lib.KINDS[kind].higher_is_better(metric)
 
 
 # Result folders SUMMARY.md reads.

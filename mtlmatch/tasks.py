@@ -95,6 +95,11 @@ class TaskKind:
   check_options: Callable[[str, Mapping[str, Any]], None] = lambda name, options: None
   spatial: bool = False
 
+  def higher_is_better(self, metric: str) -> bool:
+    """Whether a larger value of ``metric`` (e.g. ``'accuracy'``, ``'mae_valence'``) is better: every metric but
+    those named in ``lower_is_better`` (a name ending in ``_`` covers the per-output metrics it prefixes)."""
+    return not any(metric == m or (m.endswith('_') and metric.startswith(m)) for m in self.lower_is_better)
+
 
 KINDS: dict[str, TaskKind] = {}
 
@@ -381,9 +386,9 @@ class TaskSpec:
     return dict(self.options).get('metric', KINDS[self.kind].primary_metric)
 
   def higher_is_better(self, metric: str) -> bool:
-    """Whether a larger value of ``metric`` (e.g. ``'accuracy'``, ``'mae_valence'``) is better for this task."""
-    lower = KINDS[self.kind].lower_is_better
-    return not any(metric == m or (m.endswith('_') and metric.startswith(m)) for m in lower)
+    """Whether a larger value of ``metric`` (e.g. ``'accuracy'``, ``'mae_valence'``) is better for this task (its
+    kind's :meth:`TaskKind.higher_is_better`)."""
+    return KINDS[self.kind].higher_is_better(metric)
 
 
 def check_kind(kind: str, *, arg: str = 'kind') -> str:

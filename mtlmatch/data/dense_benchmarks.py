@@ -36,8 +36,11 @@ NYUV2_CLASSES = 13
 
 def dense_tasks(num_classes: int, size: Sequence[int], class_names=None, tasks=('segmentation', 'depth', 'normal')):
   """``{name: TaskSpec}`` of the dense tasks at label resolution ``size`` (H, W)."""
-  kinds = {'segmentation': ('segmentation', num_classes, class_names), 'depth': ('depth', 1, None)}
-  kinds['normal'] = ('normals', 3, None)
+  kinds = {
+      'segmentation': ('segmentation', num_classes, class_names),
+      'depth': ('depth', 1, None),
+      'normal': ('normals', 3, None),
+  }
   unknown = sorted(set(tasks) - set(kinds))
   if unknown or not tasks:
     raise ValueError(f'tasks: got {list(tasks)!r}, expected some of {list(kinds)}')
