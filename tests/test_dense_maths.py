@@ -165,17 +165,24 @@ def test_loss_gradient_is_finite_zero_on_invalid_pixels_and_matches_finite_diffe
     np.testing.assert_allclose(grad[idx], numeric, rtol=2e-3, atol=1e-6, err_msg=f'{kind} {idx}')
 
 
-def test_normal_cosine_gradient_is_finite_at_a_zero_prediction():
+def test_normal_cosine_has_zero_gradient_at_a_zero_prediction_and_the_true_one_above_eps():
+  # x = 0 has no direction: loss 1, gradient 0 (torch's x / max(‖x‖, eps) gives −ŷ / eps = 1e12 there, which set the
+  # direction of whole clipped updates). Just above eps the gradient is the cosine's own: −(ŷ − (x̂·ŷ) x̂) / ‖x‖.
   y = np.zeros((1, 1, 1, 3), np.float32)
   y[..., 0] = 1
-  for eps in (dense.NORMAL_EPS, 1e-3):  # x̂ = x / eps near 0: the gradient is −ŷ / eps, finite, of norm 1 / eps
+  for eps in (dense.NORMAL_EPS, 1e-3):
 
     def loss(v, eps=eps):
       return masked_mean(*dense.normal_cosine(v, y, eps=eps))
 
     grad = jax.jit(jax.grad(loss))(jnp.zeros((1, 1, 1, 3)))
-    np.testing.assert_allclose(np.asarray(grad).ravel(), [-1 / eps, 0, 0], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(grad).ravel(), [0, 0, 0])
     assert float(loss(jnp.zeros((1, 1, 1, 3)))) == 1.0
+  x = np.array([0.0, 2e-3, 0.0])  # ‖x‖ = 2e-3 > eps = 1e-3
+  grad = jax.grad(lambda v: masked_mean(*dense.normal_cosine(v, y, eps=1e-3)))(jnp.asarray(x.reshape(1, 1, 1, 3)))
+  x_hat, y_hat = x / np.linalg.norm(x), np.array([1.0, 0.0, 0.0])
+  expected = -(y_hat - (x_hat @ y_hat) * x_hat) / np.linalg.norm(x)
+  np.testing.assert_allclose(np.asarray(grad).ravel(), expected, rtol=1e-5)
   with pytest.raises(ValueError, match='eps: got 0, expected a number > 0'):
     dense.normal_cosine(np.ones((1, 1, 1, 3)), y, eps=0)
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from mtlmatch.losses import _checks
 from mtlmatch.losses.classification import known_multiclass
 
-# x̂ = x / max(‖x‖, NORMAL_EPS) (torch.nn.functional.normalize's eps): finite value and gradient at x = 0.
+# x̂ = x / ‖x‖ where ‖x‖ > NORMAL_EPS (torch.nn.functional.normalize's eps), else 0 with zero gradient (`unit`).
 NORMAL_EPS = 1e-12
 
 
@@ -53,12 +53,18 @@ def normal_valid(targets) -> jax.Array:
 
 
 def unit(x, *, eps: float = NORMAL_EPS) -> jax.Array:
-  """``x / max(‖x‖, eps)`` over the last axis, with a finite value and gradient everywhere (0 at ``x = 0``; the
-  gradient's norm is at most ``1 / eps`` there, like any normalisation's ``1 / ‖x‖`` near 0). Computed in at least
-  float32, returned in that dtype."""
+  """``x / ‖x‖`` over the last axis where ``‖x‖ > eps``, and ``0`` (a constant: zero gradient) where ``‖x‖ ≤ eps``.
+  Computed in at least float32, returned in that dtype.
+
+  Why not torch's ``x / max(‖x‖, eps)``: its gradient at ``x = 0`` is ``1 / eps`` (1e12), and an exactly-zero
+  prediction is common at initialisation (Flax's zero bias after a ReLU whose channels are all 0 at a pixel). One
+  such pixel then gave a gradient norm ~1e8 that set the direction of every clipped update of the first step and
+  made MGDA-UB's Gram matrix ill-conditioned; the cosine is undefined at 0, so no direction is preferred there."""
   x = jnp.asarray(x)
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+  sq = jnp.sum(x * x, axis=-1, keepdims=True)
+  ok = sq > eps * eps
+  return jnp.where(ok, x * jax.lax.rsqrt(jnp.where(ok, sq, 1.0)), 0.0)
 
 
 def pixel_softmax_xent(logits, labels) -> tuple[jax.Array, jax.Array]:
@@ -127,17 +133,16 @@ def depth_l1(predictions, targets) -> tuple[jax.Array, jax.Array]:
 def normal_cosine(predictions, targets, *, eps: float = NORMAL_EPS) -> tuple[jax.Array, jax.Array]:
   """Per-pixel cosine loss of surface normals, ``1 − x̂·ŷ``, 0 where the target is invalid; ``weight = [‖y‖ > 0]``.
 
-  ``x̂ = x / max(‖x‖, eps)`` (``eps`` = ``NORMAL_EPS`` = 1e-12, torch's ``F.normalize``): the predictions need not
-  be unit vectors; value and gradient are finite at ``x = 0``, where ``x̂ = 0`` and the loss is 1 (the gradient
-  there is ``−ŷ / eps`` before the mean's 1 / n: finite in float32 / bfloat16, but it overflows float16 — a larger
-  ``eps`` bounds it). ``ŷ = y / ‖y‖``: the targets are expected to be unit vectors
+  ``x̂ = x / ‖x‖`` (:func:`unit`): the predictions need not be unit vectors; where ``‖x‖ ≤ eps`` (``eps`` =
+  ``NORMAL_EPS`` = 1e-12, torch's ``F.normalize``) ``x̂ = 0``, the loss is 1 and its gradient 0 (torch's
+  ``−ŷ / eps`` there is 1e12: see :func:`unit`). ``ŷ = y / ‖y‖``: the targets are expected to be unit vectors
   already (then ``x̂·ŷ = x̂·y``, LibMTL's loss); normalising them too keeps the loss the true ``1 − cos θ`` for
   slightly non-unit targets (e.g. normals decoded from 8-bit images). Computed in at least float32.
 
   Args:
     predictions: float ``[B, H, W, 3]``.
     targets: float ``[B, H, W, 3]``; the 0-vector (or a non-finite component) = no normal at that pixel.
-    eps: the normalisation's floor on ``‖x‖`` (> 0).
+    eps: ``‖x‖`` at or below which a prediction has no direction (> 0).
 
   Returns:
     ``(per_pixel [B, H, W], weight [B, H, W])`` in the predictions' float dtype.
