@@ -33,7 +33,7 @@ def get_config(arg=None):
   config.data.options.label_probability = 0.5
   config.total_steps = 1000
   config.batch_size = 32
-  config.eval_batch_size = 100
+  config.eval_batch_size = 40  # a multiple of 8 devices that divides the 100 validation and 200 test images
   config.log_every = 100
   config.checkpoint_every = 500
   config_lib.set_encoder(config, 'segnet', **SEGNET)

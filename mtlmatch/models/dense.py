@@ -40,7 +40,6 @@ Usage::
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence
 
@@ -62,6 +61,7 @@ from mtlmatch.models.encoders import (
 )
 
 HEAD_NORMS = ('group', 'none')
+ENCODER_NORMS = ('batch', 'group', 'none')
 BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
 # output_stride -> (strides, dilations) of the four ResNet stages after the stem (stride 4): DeepLab's schedules.
 SCHEDULES = {8: ((1, 2, 1, 1), (1, 1, 2, 4)), 16: ((1, 2, 2, 1), (1, 1, 1, 2))}
@@ -222,7 +222,10 @@ class DilatedResNet(nn.Module):
 
 class SegNetEncoder(nn.Module):
   """SegNet's encoder (Badrinarayanan et al. 2017), MTAN's and LibMTL's NYUv2 backbone: for each stage i,
-  ``convs_per_stage[i]`` × (3×3 conv → BN → ReLU) at ``widths[i]`` channels, then 2×2 max-pool (stride 2).
+  ``convs_per_stage[i]`` × (3×3 conv → norm → ReLU) at ``widths[i]`` channels, then 2×2 max-pool (stride 2).
+  ``norm``: ``'batch'`` (SegNet's BatchNorm, the default), ``'group'`` (GroupNorm, ``gcd(32, channels)`` groups) or
+  ``'none'``. The last two normalise each example on its own, so a step over microbatches (``grad_accum_steps``)
+  equals the step over the whole batch; with BatchNorm each microbatch is normalised with its own statistics.
 
   Features (module docstring): ``'stages'[i]`` = stage i after its pool, [B, H/2^(i+1), W/2^(i+1), widths[i]];
   ``'out'`` = the last. No pooling indices are returned: the decoders here upsample bilinearly instead of
@@ -235,9 +238,12 @@ class SegNetEncoder(nn.Module):
   dtype: Dtype = jnp.float32
   conv_impl: str = 'auto'  # cpu_ops.IMPLS, as CNNEncoder
   remat: bool = False  # recompute each stage's activations in the backward pass (config.remat)
+  norm: str = 'batch'  # ENCODER_NORMS
 
   def __post_init__(self):
     check_positive_ints('SegNetEncoder', widths=self.widths, convs_per_stage=self.convs_per_stage)
+    if self.norm not in ENCODER_NORMS:
+      raise ValueError(f'SegNetEncoder.norm: got {self.norm!r}, expected one of {list(ENCODER_NORMS)}')
     if len(self.widths) != len(self.convs_per_stage):
       raise ValueError(
           f'SegNetEncoder.convs_per_stage: got {self.convs_per_stage!r}, expected one count per width '
@@ -249,10 +255,14 @@ class SegNetEncoder(nn.Module):
     super().__post_init__()
 
   def _stage(self, x, i: int, train: bool):
-    norm = functools.partial(batch_norm, train, self.dtype)
     for k in range(self.convs_per_stage[i]):
-      x = _conv(self.widths[i], 3, self.dtype, self.conv_impl, f'stage{i}_conv{k}', use_bias=False)(x)
-      x = nn.relu(norm(name=f'stage{i}_bn{k}')(x))
+      # Without BatchNorm the conv keeps its bias (nothing after it re-centres the activations).
+      x = _conv(self.widths[i], 3, self.dtype, self.conv_impl, f'stage{i}_conv{k}', use_bias=self.norm == 'none')(x)
+      if self.norm == 'batch':
+        x = batch_norm(train, self.dtype, name=f'stage{i}_bn{k}')(x)
+      elif self.norm == 'group':
+        x = nn.GroupNorm(num_groups=math.gcd(_GROUPS, self.widths[i]), dtype=self.dtype, name=f'stage{i}_gn{k}')(x)
+      x = nn.relu(x)
     return cpu_ops.max_pool_2x2(x, impl=self.conv_impl)
 
   @nn.compact
