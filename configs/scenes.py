@@ -2,7 +2,9 @@
 
 Tasks (LibMTL's names): ``segmentation`` (6 classes: floor, wall, ceiling, box, sphere, cylinder; −1 = ignore),
 ``depth`` (metres, 0 = a sensor hole) and ``normal`` (camera-space unit vectors, 0 = a hole), every label at the
-image's resolution (``mtlmatch/data/scenes.py``, ``mtlmatch/data/dense_benchmarks.py``).
+image's resolution (``mtlmatch/data/scenes.py``, ``mtlmatch/data/dense_benchmarks.py``). The images are rendered
+once into the TFDS cache (``--config.data.data_dir``, default ``$MTLMATCH_DATA_DIR`` or ``~/tensorflow_datasets``)
+and read from there by later runs of the same sizes.
 
   python -m mtlmatch.main --config=configs/scenes.py --workdir=workdirs/scenes
 

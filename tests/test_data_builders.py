@@ -1,5 +1,6 @@
-"""Dataset builders: synthetic affect (prior statistics, caching), Fashion-MNIST from IDX fixtures, Multi-Fashion,
-the generic TFDS path, and the registry. Every dataset is generated into a tmp data_dir; nothing is downloaded."""
+"""Dataset builders: synthetic affect (prior statistics, caching), the generated scenes' cache, Fashion-MNIST from IDX
+fixtures, Multi-Fashion, the generic TFDS path, and the registry. Every dataset is generated into a tmp data_dir;
+nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import struct
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from mtlmatch import data
+from mtlmatch.data import dense_benchmarks, fingerprint, scenes
 from mtlmatch.data import fashion_mnist as fm
 from mtlmatch.data import synthetic_affect as sa
 from mtlmatch.priors import load_prior
@@ -102,6 +105,73 @@ def test_synthetic_affect_benchmark_via_tfds(tmp_path):
     data.get_benchmark('synthetic_affect', data_dir=str(tmp_path), num_faces=3)
   with pytest.raises(ValueError, match="benchmark name: got 'celeba'"):
     data.get_benchmark('celeba', data_dir=str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generated scenes (the TFDS cache of mtlmatch.data.scenes).
+
+SCENES = dict(seed=2, num_train=5, num_test=3, height=16, width=16)
+SCENE_KEYS = ('image', 'segmentation', 'depth', 'normal')
+
+
+def test_scenes_cache_holds_generate_scenes_bit_for_bit_rendered_in_chunks(tmp_path, monkeypatch):
+  sizes, render = [], scenes.render
+
+  def counted(params, height, width):
+    sizes.append(len(params['room']))
+    return render(params, height, width)
+
+  monkeypatch.setattr(scenes, 'render', counted)
+  monkeypatch.setattr(scenes, '_CHUNK_RAYS', 2 * 16 * 16)  # chunks of 2 images, so records cross chunk boundaries
+  builder = scenes.prepare(str(tmp_path), **SCENES)
+  assert sizes == [2, 2, 1, 2, 1]  # train 5, test 3: never more than one chunk rendered at a time
+  assert builder.info.full_name == 'mtlmatch_scenes/s2_tr5_te3_16x16/1.0.0'
+  for split, n in (('train', 5), ('test', 3)):
+    ref = scenes.generate_scenes(2, split, n, 16, 16)
+    records = list(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)))
+    assert len(records) == n
+    for key in SCENE_KEYS:
+      stored = np.stack([r[key] for r in records])
+      assert stored.dtype == ref[key].dtype and stored.shape == ref[key].shape, key
+      assert stored.tobytes() == ref[key].tobytes(), (split, key)
+
+
+def test_scenes_benchmark_reads_the_cache_once_rendered_with_the_in_memory_arrays(tmp_path, monkeypatch):
+  options = dict(SCENES, labels='one-label')
+  bench = data.get_benchmark('scenes', data_dir=str(tmp_path), **options)
+  # The same data as sources built from generate_scenes in memory (the benchmark before the cache): equal
+  # fingerprints, so a run's numbers and its workdir's resume check are unchanged.
+  specs = bench.tasks
+  train, test = (scenes.generate_scenes(2, split, n, 16, 16) for split, n in (('train', 5), ('test', 3)))
+  in_memory = data.make_benchmark(
+      'scenes',
+      specs,
+      dense_benchmarks.label_protocol(
+          train['image'], {t: train[t] for t in specs}, specs, protocol='one-label', seed=2
+      ),
+      eval_sources=(data.array_source('test', test['image'], {t: test[t] for t in specs}, split='test'),),
+      image_shape=(16, 16, 3),
+  )
+  assert fingerprint.benchmark_fingerprint(bench) == fingerprint.benchmark_fingerprint(in_memory)
+
+  # Opened again: read from the cache, nothing rendered (a render would raise).
+  def refuse(*args, **kwargs):
+    raise AssertionError('rendered again')
+
+  monkeypatch.setattr(scenes, 'render', refuse)
+  again = data.get_benchmark('scenes', data_dir=str(tmp_path), **options)
+  for a, b in zip(again.train_sources + again.eval_sources, bench.train_sources + bench.eval_sources):
+    x, y = data.load_examples(a, specs), data.load_examples(b, specs)
+    assert x.images.tobytes() == y.images.tobytes() and all(
+        x.labels[t].tobytes() == y.labels[t].tobytes() for t in specs
+    )
+  with pytest.raises(ValueError, match=r"^labels: got 'half', expected one of"):  # refused before any rendering
+    data.get_benchmark('scenes', data_dir=str(tmp_path), **dict(options, labels='half', seed=9))
+  with pytest.raises(ValueError, match=r'^num_test: got 0, expected an int >= 1'):
+    data.get_benchmark('scenes', data_dir=str(tmp_path), **dict(options, num_test=0))
+  assert os.listdir(tmp_path / 'mtlmatch_scenes') == ['s2_tr5_te3_16x16']
+  with pytest.raises(AssertionError, match='rendered again'):  # another size is another dataset: rendered
+    data.get_benchmark('scenes', data_dir=str(tmp_path), **dict(options, width=24))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ Label protocols (``labels``), a data option for any dense benchmark, drawn from 
 
 Usage::
 
-    bench = scenes_benchmark(num_train=800, num_test=200, height=32, width=32, labels='one-label')
-    bench = nyuv2_benchmark(root='/data/nyuv2')                      # {root}/{train,val}/{image,label,...}/{i}.npy
+    bench = scenes_benchmark(num_train=800, num_test=200, labels='one-label')  # rendered once into the TFDS cache
+    bench = nyuv2_benchmark(root='/data/nyuv2')                  # {root}/{train,val}/{image,label,depth,normal}/{i}.npy
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from mtlmatch.data import nyuv2_layout, scenes
-from mtlmatch.data.sources import Benchmark, array_source, make_benchmark
+from mtlmatch.data.readers import TfdsReader
+from mtlmatch.data.sources import Benchmark, Source, array_source, make_benchmark
 from mtlmatch.tasks import TaskSpec, missing_labels
 
 LABEL_PROTOCOLS = ('full', 'one-label', 'random-label')
@@ -51,6 +52,15 @@ def _labels(arrays: Mapping[str, np.ndarray], tasks: Mapping[str, TaskSpec]) -> 
   return {t: np.asarray(arrays[TASK_KEYS[t]]) for t in tasks}
 
 
+def check_protocol(protocol: str, probability: float = 0.5) -> None:
+  """A ValueError unless ``protocol`` is one of :data:`LABEL_PROTOCOLS` (and, for ``'random-label'``, the
+  ``probability`` is in (0, 1])."""
+  if protocol not in LABEL_PROTOCOLS:
+    raise ValueError(f'labels: got {protocol!r}, expected one of {LABEL_PROTOCOLS}')
+  if protocol == 'random-label' and not 0 < probability <= 1:
+    raise ValueError(f'label_probability: got {probability!r}, expected a number in (0, 1]')
+
+
 def label_protocol(
     images: np.ndarray,
     labels: Mapping[str, np.ndarray],
@@ -66,15 +76,12 @@ def label_protocol(
   ``'full'`` and ``'random-label'``: one source ``name`` annotating every task (random-label: each dropped label
   becomes the task's missing value, so the image contributes nothing to that task); ``'one-label'``: one source
   ``<name>_<task>`` per task with its share of the images."""
-  if protocol not in LABEL_PROTOCOLS:
-    raise ValueError(f'labels: got {protocol!r}, expected one of {LABEL_PROTOCOLS}')
+  check_protocol(protocol, probability)
   n = len(images)
   rng = np.random.default_rng([int(seed), 0x6C61626C])
   if protocol == 'full':
     return (array_source(name, images, dict(labels), tasks=tuple(tasks)),)
   if protocol == 'random-label':
-    if not 0 < probability <= 1:
-      raise ValueError(f'label_probability: got {probability!r}, expected a number in (0, 1]')
     kept = {}
     for t, spec in tasks.items():
       keep = rng.random(n) < probability
@@ -103,16 +110,26 @@ def scenes_benchmark(
     tasks: Sequence[str] = ('segmentation', 'depth', 'normal'),
 ) -> Benchmark:
   """The generated indoor scenes (:mod:`mtlmatch.data.scenes`: 6 classes, metric depth, normals, sensor holes),
-  ``num_train`` training and ``num_test`` test images at ``height`` × ``width``, generated in memory from ``seed``
-  (deterministic; seconds at 32 × 32); ``labels``: the training label protocol. ``data_dir`` is unused."""
-  del data_dir
+  ``num_train`` training and ``num_test`` test images at ``height`` × ``width`` from ``seed``; ``labels``: the
+  training label protocol.
+
+  Like every generated dataset here, they are rendered once into the TFDS cache ``data_dir`` (None:
+  ``$MTLMATCH_DATA_DIR`` or ``~/tensorflow_datasets``; :func:`mtlmatch.data.scenes.prepare`) and read from there
+  afterwards: the arrays are ``scenes.generate_scenes(seed, split, n, height, width)`` bit for bit, so a run's
+  numbers are those of the in-memory arrays. The training split is read into memory whole (the protocols pick any
+  images); the test split is read per host."""
   specs = dense_tasks(len(scenes.CLASSES), (height, width), scenes.CLASSES, tuple(tasks))
-  train = scenes.generate_scenes(seed, 'train', int(num_train), height, width)
-  test = scenes.generate_scenes(seed, 'test', int(num_test), height, width)
+  check_protocol(labels, label_probability)  # before rendering, which can take minutes at large sizes
+  builder = scenes.prepare(data_dir, seed=seed, num_train=num_train, num_test=num_test, height=height, width=width)
+  labels_fn = lambda example: {t: example[TASK_KEYS[t]] for t in specs}
+  # A reader of its own for the training split, dropped here: its cache would keep a second copy of the arrays
+  # beside the label protocol's sources.
+  train = TfdsReader(builder, labels_fn=labels_fn, description='scenes').read('train', 0, 1)
   sources = label_protocol(
-      train['image'], _labels(train, specs), specs, protocol=labels, seed=seed, probability=label_probability
+      train.images, dict(train.labels), specs, protocol=labels, seed=seed, probability=label_probability
   )
-  tests = (array_source('test', test['image'], _labels(test, specs), tasks=tuple(specs), split='test'),)
+  reader = TfdsReader(builder, labels_fn=labels_fn, description='scenes')
+  tests = (Source('test', reader, tuple(specs), 'test'),)
   return make_benchmark('scenes', specs, sources, eval_sources=tests, image_shape=(int(height), int(width), 3))
 
 
