@@ -8,6 +8,8 @@ the validation part held out of ``train``.
 Network: MTAN's and LibMTL's SegNet baseline (``segnet`` encoder, one ``segnet_decoder`` per task);
 ``encoder=dilated_resnet`` with ``--config.head.name=aspp`` is the DGR code's DeepLabV3 "split" network,
 ``--config.head.name=mtan`` MTAN. Label protocols: ``--config.data.options.labels=one-label`` or ``random-label``.
+``--config.data.augment=True``: LibMTL's ``--aug`` (random scale-crop and flip of the image with its labels; off by
+default, as there).
 Variants: ``mtl`` (default), ``dgr``, ``single=<task>``, ``encoder=<name>``, ``weighting=<name>``, ``smoke`` (a tiny
 network; the tests train it on small files written in this layout). Nothing here was measured on NYUv2 (this
 project has no copy offline): the sizes are LibMTL's starting point (batch 8, Adam 1e-4), not a tuned recipe.

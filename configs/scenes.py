@@ -11,7 +11,8 @@ and read from there by later runs of the same sizes.
 Network: the SegNet encoder and one SegNet decoder per task (CPU-sized; ``encoder=dilated_resnet`` with
 ``--config.head.name=aspp`` is DeepLabV3's "split" network, ``--config.head.name=mtan`` MTAN's task attention).
 Label protocols: ``--config.data.options.labels=one-label`` (each training image keeps one task, balanced) or
-``random-label`` (each label kept with probability ``label_probability``). Variants: ``mtl`` (default), ``dgr``,
+``random-label`` (each label kept with probability ``label_probability``). ``--config.data.augment=True``: LibMTL's
+NYUv2 scale-crop and flip of the image with its labels (off by default). Variants: ``mtl`` (default), ``dgr``,
 ``single=<task>``, ``encoder=<name>``, ``weighting=<name>``, ``smoke``. DM and co-annotation are for classification
 tasks and are refused. Nothing here is tuned: the sizes are a CPU starting point.
 """

@@ -131,6 +131,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.validation_fraction = 0.1  # held out of every training source for model selection; 0 = none
   c.data.options = ml_collections.ConfigDict()
   c.data.mixing = 'weights'  # or 'equal_per_task'
+  # True, False or names from data.pipeline.AUGMENTATIONS; True = ('flip', 'crop'), or with dense tasks LibMTL's
+  # ('flip', 'scale_crop'), which moves the labels with the image (mtlmatch/data/pipeline.py)
   c.data.augment = False
   c.data.on_bad_image = 'raise'  # file-backed sources: 'skip' leaves out (and logs) missing or undecodable images
 

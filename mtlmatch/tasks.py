@@ -72,7 +72,13 @@ class TaskKind:
   * ``options``: the task options the kind reads and their defaults (``TaskSpec.options``), ``check_options(name,
     options)`` raises one ValueError for a bad value;
   * ``spatial``: a dense (per-pixel) kind: its labels are ``[B, H, W, *label_shape(C)]`` with ``(H, W)`` the task's
-    ``size`` option, and its losses return per-pixel values and weights ``[B, H, W]`` (docs/maths.md §11).
+    ``size`` option, and its losses return per-pixel values and weights ``[B, H, W]`` (docs/maths.md §11);
+  * ``flip_signs``, ``zoom_power``: what the joint augmentation of a spatial kind (``config.data.augment``,
+    ``mtlmatch/data/pipeline.py``) does to a label's *values* once its pixels have moved with the image: a
+    left-right flip multiplies channel k by ``flip_signs[k]`` (None: unchanged; normals ``(-1, 1, 1)``, x is
+    negated), a zoom by s (a crop of 1/s of the image resized back) multiplies the values by ``s ** zoom_power``
+    (depth −1: the view is as if the camera came s times closer). Label pixels move by nearest neighbour, never
+    interpolated, so a missing pixel stays missing (−1 and 0 are kept by both rules).
   """
 
   name: str
@@ -94,6 +100,8 @@ class TaskKind:
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   check_options: Callable[[str, Mapping[str, Any]], None] = lambda name, options: None
   spatial: bool = False
+  flip_signs: Optional[tuple[float, ...]] = None
+  zoom_power: int = 0
 
   def higher_is_better(self, metric: str) -> bool:
     """Whether a larger value of ``metric`` (e.g. ``'accuracy'``, ``'mae_valence'``) is better: every metric but
@@ -268,6 +276,7 @@ register_kind(
         label_dtype=np.float32,
         missing=0.0,
         spatial=True,
+        zoom_power=-1,
         options={'size': None, 'metric': 'abs_err', 'range': (0.0, float('inf'))},
         check_options=_check_dense_options(('abs_err', 'rel_err')),
     )
@@ -289,6 +298,7 @@ register_kind(
         label_dtype=np.float32,
         missing=0.0,
         spatial=True,
+        flip_signs=(-1.0, 1.0, 1.0),  # camera x (right) reverses; y (down) and z (forward) do not
         options={'size': None, 'metric': 'within_22.5'},
         check_options=_check_dense_options(('within_22.5', 'within_11.25', 'within_30', 'mean_angle', 'median_angle')),
     )

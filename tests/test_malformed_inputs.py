@@ -95,7 +95,7 @@ CONFIG_CASES = {
     ),
     'unknown augmentation': (
         {'data.augment': 'rotate'},
-        r"config\.data\.augment: got 'rotate', expected a bool or a subset of \('flip', " r"'crop'\)",
+        r"config\.data\.augment: got 'rotate', expected a bool or a subset of \('flip', 'crop', 'scale_crop'\)",
     ),
     'unknown optimizer': (
         {'optimizer.name': 'lamb'},

@@ -22,8 +22,33 @@ process would draw, whatever the number of hosts. A global batch is drawn as fol
 * *batch (drop_remainder) → preprocess → prefetch* — a tf.data pipeline over the steps: the rows are gathered into
   a full batch (``tf.numpy_function``; for sources read by row — files, ArrayRecord — only the paths or encoded
   records of this host's slots are fetched, and decoded and resized in the next, parallel map), normalised to
-  float32 (``x/127.5 − 1``), optionally flipped/cropped with stateless randomness keyed by ``(seed, step)`` and
-  the slot (parallel ``map`` on whole batches), and prefetched.
+  float32 (``x/127.5 − 1``), optionally augmented with stateless randomness keyed by ``(seed, step)`` and the slot
+  (parallel ``map`` on whole batches; below), and prefetched.
+
+**Augmentation** (``augment``, training only): a pure function of ``(seed, step)`` and the slot — each draw is made
+for the global batch and a host keeps its slots' draws, so hosts augment as one process would. Names, applied in
+this order whatever order they are given in:
+
+* ``'scale_crop'`` — LibMTL's NYUv2 ``RandomScaleCrop`` (``examples/nyu/create_dataset.py``, after MTAN): a scale
+  s uniform over :data:`SCALES` (1.0, 1.2, 1.5), a window of ``h = int(H/s)`` × ``w = int(W/s)`` pixels (Python's
+  ``int``, as LibMTL) at an offset uniform over ``[0, H − h] × [0, W − w]``, resized back to H × W. The image is
+  resampled bilinearly with aligned corners (output row y reads the window's row ``y (h − 1)/(H − 1)``; LibMTL's
+  ``align_corners=True``) and kept in float (not re-quantised). Each dense label takes, by nearest neighbour, the
+  window pixel nearest to the image's sample point (ties to the larger index), so a label is never interpolated
+  and a hole (−1, 0) stays a hole; its values then change as its kind's ``zoom_power`` says (depth ÷ s, LibMTL's
+  ``depth / sc``; segmentation and normals unchanged);
+* ``'flip'`` — a left-right flip with probability 1/2 of the image and every dense label, whose values change as
+  its kind's ``flip_signs`` says (a normal's x is negated, as LibMTL's flip; a 0-vector stays 0);
+* ``'crop'`` — pad by ``max(1, H//8)`` black pixels and crop back to H × W at a uniform offset: images only.
+
+``augment=True`` is ``('flip', 'crop')`` for a benchmark without dense tasks and :data:`DENSE_AUGMENTATIONS`
+``('flip', 'scale_crop')`` — LibMTL's NYUv2 augmentation — for one with them; ``'crop'`` is refused with dense tasks
+(it would need padding values for labels; ``'scale_crop'`` is their crop). Where this differs from LibMTL:
+LibMTL resizes the labels with PyTorch's ``'nearest'``, which reads row ``⌊y h/H⌋`` — a grid up to 0.83 of a
+pixel away from the one its image is resampled on (NYUv2's 288 × 384 at s = 1.2) — and resizes the normals
+bilinearly, which blends the 0-vector holes into their neighbours as short, non-unit normals; here every label
+follows the image's grid by nearest neighbour. Flip after scale-crop and the three scales equally likely, as
+LibMTL.
 
 Memory: in-memory sources hold their images (every host all of them: small data); sources read by row hold only
 their labels and keys, so a run's memory is bounded by the batches in flight, not by the dataset.
@@ -51,10 +76,13 @@ from mtlmatch.data import files as files_lib
 from mtlmatch.data import sharding as sharding_lib
 from mtlmatch.data.readers import Examples, LazyImages, image_shape_of
 from mtlmatch.data.sources import Benchmark, Source, load_examples
-from mtlmatch.tasks import TaskSpec, kind_of, missing_labels
+from mtlmatch.tasks import TaskKind, TaskSpec, kind_of, missing_labels
 
 MIXING = ('weights', 'equal_per_task')
-AUGMENTATIONS = ('flip', 'crop')
+AUGMENTATIONS = ('flip', 'crop', 'scale_crop')
+IMAGE_AUGMENTATIONS = ('flip', 'crop')  # augment=True without dense tasks
+DENSE_AUGMENTATIONS = ('flip', 'scale_crop')  # augment=True with dense tasks: LibMTL's NYUv2 augmentation
+SCALES = (1.0, 1.2, 1.5)  # scale_crop's zoom factors (LibMTL's RandomScaleCrop)
 CHUNK_STEPS = 64  # steps drawn together by the mixing schedule (one generator per chunk)
 _END_STEP = 2**62
 # Distinct stream tags so the mixing, permutation and augmentation randomness never share a key.
@@ -184,29 +212,113 @@ class MixingSchedule:
     return src[t % CHUNK_STEPS], example[t % CHUNK_STEPS]
 
 
-def _check_augment(augment) -> tuple[str, ...]:
+def _check_augment(augment, dense: Sequence[str] = ()) -> tuple[str, ...]:
+  """The augmentations that ``augment`` names (module docstring); ``dense``: the benchmark's spatial tasks."""
   if augment is False or augment is None:
     return ()
   if augment is True:
-    return AUGMENTATIONS
+    return DENSE_AUGMENTATIONS if dense else IMAGE_AUGMENTATIONS
   names = (augment,) if isinstance(augment, str) else tuple(augment)
   if not set(names) <= set(AUGMENTATIONS):
     raise ValueError(f'augment: got {augment!r}, expected a bool or a subset of {AUGMENTATIONS}')
+  if dense and not set(names) <= set(DENSE_AUGMENTATIONS):
+    raise ValueError(
+        f'augment: got {augment!r} with the dense tasks {list(dense)}, expected True or a subset of '
+        f"{DENSE_AUGMENTATIONS} ('crop' pads the image and does not move per-pixel labels; 'scale_crop' does)"
+    )
   return names
 
 
+def _per_example(values: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+  """``values`` [b] shaped to broadcast against ``x`` [b, ...]."""
+  return tf.reshape(values, [-1] + [1] * (x.shape.rank - 1))
+
+
+def _take_pixels(x: tf.Tensor, rows: tf.Tensor, cols: tf.Tensor) -> tf.Tensor:
+  """``x[i][rows[i]][:, cols[i]]`` for each example: ``x`` [b, H, W, ...], ``rows`` int32 [b, H'], ``cols`` [b, W']
+  → [b, H', W', ...]."""
+  return tf.gather(tf.gather(x, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
+
+
+def _window_grid(start: tf.Tensor, size: tf.Tensor, out: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """Where output pixel ``y < out`` samples a window of ``size`` pixels from ``start`` (both int32 [b]), resized to
+  ``out`` with aligned corners: the point ``start + y (size − 1)/(out − 1)`` (float32 [b, out]) and the pixel
+  nearest to it, ties to the larger index (int32 [b, out], exact integer arithmetic)."""
+  num = tf.range(out)[None] * (size - 1)[:, None]
+  den = max(out - 1, 1)
+  points = tf.cast(start[:, None], tf.float32) + tf.cast(num, tf.float32) / den
+  return points, start[:, None] + (2 * num + den) // (2 * den)
+
+
+def _bilinear(images: tf.Tensor, rows: tf.Tensor, cols: tf.Tensor) -> tf.Tensor:
+  """``images`` [b, H, W, C] read at the float points ``rows`` [b, H'] × ``cols`` [b, W'] (inside the image) by
+  bilinear interpolation (separable: along H, then along W) → float32 [b, H', W', C]."""
+  x = tf.cast(images, tf.float32)
+  for axis, points in ((1, rows), (2, cols)):
+    low = tf.floor(points)
+    frac = points - low
+    low = tf.cast(low, tf.int32)
+    high = tf.minimum(low + 1, x.shape[axis] - 1)  # only where frac = 0: the window's last row or column
+    shape = [-1, 1, 1, 1]
+    shape[axis] = points.shape[1]
+    frac = tf.reshape(frac, shape)
+    a, b = tf.gather(x, low, axis=axis, batch_dims=1), tf.gather(x, high, axis=axis, batch_dims=1)
+    x = a + frac * (b - a)  # exactly a where frac = 0 (scale 1 is the identity)
+  return x
+
+
+def _scale_windows(seed: tf.Tensor, height: int, width: int, first: int, b: int, total: int):
+  """scale_crop's draws for slots ``[first, first + b)`` of a global batch of ``total``: the scale s float32 [b]
+  (uniform over :data:`SCALES`) and the window's top, height, left and width, int32 [b] each (``int(H/s)`` rows
+  from a top uniform over ``[0, H − int(H/s)]``, and likewise for the columns)."""
+  u = tf.random.stateless_uniform([3, total], seed=seed + 2)[:, first : first + b]
+  k = tf.minimum(tf.cast(u[0] * len(SCALES), tf.int32), len(SCALES) - 1)
+  scale = tf.gather(tf.constant(SCALES, tf.float32), k)
+  window = []
+  for n, draw in ((height, u[1]), (width, u[2])):
+    size = tf.gather(tf.constant([max(1, int(n / s)) for s in SCALES], tf.int32), k)
+    room = n - size  # the offsets 0 … room, equally likely
+    start = tf.minimum(tf.cast(draw * tf.cast(room + 1, tf.float32), tf.int32), room)
+    window += [start, size]
+  return (scale, *window)
+
+
 def _augment(
-    images: tf.Tensor, seed: tf.Tensor, augmentations: tuple[str, ...], first: int = 0, total: Optional[int] = None
-) -> tf.Tensor:
-  """Per-example random horizontal flip and pad-and-crop (pad ``max(1, H//8)`` with black) on a uint8 batch.
+    images: tf.Tensor,
+    seed: tf.Tensor,
+    augmentations: tuple[str, ...],
+    first: int = 0,
+    total: Optional[int] = None,
+    labels: Optional[Mapping[str, tf.Tensor]] = None,
+    kinds: Optional[Mapping[str, TaskKind]] = None,
+) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+  """``augmentations`` (module docstring: scale-crop, flip, pad-and-crop, in this order) of a uint8 batch [b, H, W, C]
+  and of its dense ``labels`` {task: [b, H, W, ...]}, whose values change as their ``kinds`` {task: TaskKind} say.
 
   The draws are made for a global batch of ``total`` slots and this batch takes ``[first, first + b)`` of them, so a
-  host's augmentations are those of the same slots in a one-process run."""
+  host's augmentations are those of the same slots in a one-process run. Returns ``(images, labels)``; the images
+  are float32 (in [0, 255]) after a scale-crop, else uint8."""
   b, h, w = images.shape[0], images.shape[1], images.shape[2]
   total = b if total is None else total
+  labels = dict(labels or {})
+  if 'scale_crop' in augmentations:
+    scale, top, rows, left, cols = _scale_windows(seed, h, w, first, b, total)
+    row_points, row_pixels = _window_grid(top, rows, h)
+    col_points, col_pixels = _window_grid(left, cols, w)
+    images = _bilinear(images, row_points, col_points)
+    for t, y in labels.items():
+      y = _take_pixels(y, row_pixels, col_pixels)
+      power = kinds[t].zoom_power
+      factor = _per_example(scale ** abs(power), y)
+      labels[t] = y if power == 0 else (y * factor if power > 0 else y / factor)
   if 'flip' in augmentations:
     flip = tf.random.stateless_uniform([total], seed=seed)[first : first + b] < 0.5
     images = tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
+    for t, y in labels.items():
+      flipped = tf.reverse(y, axis=[2])
+      if kinds[t].flip_signs is not None:
+        flipped = flipped * tf.constant(kinds[t].flip_signs, y.dtype)
+      labels[t] = tf.where(_per_example(flip, y), flipped, y)
   if 'crop' in augmentations:
     pad = max(1, h // 8)
     padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
@@ -214,8 +326,8 @@ def _augment(
     offsets = offsets[:, first : first + b]
     rows = offsets[0][:, None] + tf.range(h)[None]  # [b, H] rows of the padded image to keep
     cols = offsets[1][:, None] + tf.range(w)[None]
-    images = tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
-  return images
+    images = _take_pixels(padded, rows, cols)
+  return images, labels
 
 
 def normalize(images: tf.Tensor) -> tf.Tensor:
@@ -337,6 +449,8 @@ def train_iterator(
   """Endless iterator of training batches (see the module docstring for the exact law and resume contract).
 
   ``threads``: the size of the pipeline's private thread pool (decoding, augmentation); None = tf.data's default.
+  ``augment``: False, True or augmentation names (the module docstring); the labels of dense tasks move with the
+  image (the task's label ``size`` must be the image's).
 
   Without ``sharding``: host-local numpy batches of ``global_batch_size / process_count`` examples. With a
   ``NamedSharding`` over a 1-D ``'data'`` mesh: global ``jax.Array``s of ``global_batch_size``, prefetched to device
@@ -346,15 +460,14 @@ def train_iterator(
     raise ValueError(f'benchmark: got {type(benchmark).__name__}, expected a Benchmark (see get_benchmark)')
   seed = _check_int(seed, arg='seed')
   start_step = _check_int(start_step, arg='start_step', high=_END_STEP)
-  augmentations = _check_augment(augment)
-  dense = [t for t, spec in benchmark.tasks.items() if kind_of(spec).spatial]
-  if augmentations and dense:
-    # Flips and crops move pixels: a dense task's labels would have to move with them (and a flip negate a normal's
-    # x); that joint augmentation is not implemented, so it is refused rather than silently misaligned.
-    raise ValueError(
-        f'augment: got {augment!r} with the dense tasks {dense}, expected False (image augmentations do not yet '
-        'transform per-pixel labels)'
-    )
+  dense = {t: kind_of(spec) for t, spec in benchmark.tasks.items() if kind_of(spec).spatial}
+  augmentations = _check_augment(augment, tuple(dense))
+  for t in dense if augmentations else ():
+    size, image_size = tuple(benchmark.tasks[t].option('size')), tuple(benchmark.image_shape[:2])
+    if size != image_size:  # the labels move pixel for pixel with the image
+      raise ValueError(
+          f'augment: got the dense task {t!r} at size {size}, expected the image size {image_size} (or augment=False)'
+      )
   index, count = sharding_lib.resolve_process(process_index, process_count)
   b = sharding_lib.per_host_batch_size(global_batch_size, count, sharding)
   tasks = benchmark.tasks
@@ -388,10 +501,14 @@ def train_iterator(
   def preprocess(step, *parts):
     images, (source, *task_labels) = parts[: len(image_specs)], parts[len(image_specs) :]
     image = slots.decode(source, images)
+    labels = dict(zip(tasks, task_labels, strict=True))
     if augmentations:
       key = tf.stack([tf.constant(seed ^ _AUG, tf.int64), step])
-      image = _augment(image, key, augmentations, first=index * b, total=b * count)
-    return {'image': normalize(image), 'labels': dict(zip(tasks, task_labels, strict=True)), 'source': source}
+      image, moved = _augment(
+          image, key, augmentations, first=index * b, total=b * count, labels={t: labels[t] for t in dense}, kinds=dense
+      )
+      labels.update(moved)
+    return {'image': normalize(image), 'labels': labels, 'source': source}
 
   dataset = tf.data.Dataset.range(start_step, _END_STEP)
   # Sequential (numpy holds the GIL anyway); numpy_function is stateful, so tf.data never parallelises this map.
