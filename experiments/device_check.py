@@ -5,6 +5,7 @@
   python experiments/device_check.py --grad_accum 1,2,4  # each row with k microbatches per step: memory vs time
   python experiments/device_check.py --batch_size 32 --image_size 64 --steps 3    # a smaller, stated size
   python experiments/device_check.py --encoders resnet18 --rows ew,pcgrad_t2 --precision float32
+  python experiments/device_check.py --encoders deeplabv3 --image_size 288 --batch_size 8   # DeepLabV3 on NYUv2's size
 
 Run it first on a new machine (a GPU, a TPU VM): it says whether the accelerator is found and used, what one step of
 each method costs there, and how close XLA's estimate of the step's FLOPs per second comes to the device's peak.
@@ -17,6 +18,13 @@ multilabel), every example labelled for both (so every term has data):
 * ``dm+coann`` — distribution matching + soft co-annotation (prior ``expressions_to_aus``), EW;
 * ``dgr_k1`` — DGR with K = 1 fixed dummy head per task (λ = 0.01), EW;
 * ``pcgrad_t2`` — PCGrad on the T = 2 task losses (the task Jacobian, ``config.weighting.jacobian``).
+
+The ``deeplabv3`` encoder group is DeepLabV3's "split" network of the DGR and Auto-Lambda code — a dilated ResNet
+(``dilated_resnet``; default ResNet-50, bottleneck blocks (3, 4, 6, 3), output stride 8) shared, one ASPP head per
+task — on ``configs/scenes.py``'s dense tasks (``segmentation`` 6 classes, ``depth``, ``normal``; random labels at
+``--image_size``², a multiple of 8, with some ignored / invalid pixels). Its rows (:data:`DENSE_ROWS`): ``ew``,
+``dgr_k1`` (dummy ASPP decoders, K = 1, λ = 0.01) and ``pcgrad_t3`` (T = 3 rows through the dilated ResNet);
+``--dense_kwargs`` (JSON) overrides its fields (the tests use a one-block, width-2 network).
 
 Encoders (``--encoders``): ``resnet18`` and ``resnet50`` with ``--stem`` (default ``imagenet``: 7×7 stride 2 +
 max-pool, for 112-224 px) and ``--precision`` (default ``bfloat16``: bf16 compute, float32 parameters and losses);
@@ -83,7 +91,17 @@ ROWS = {  # name -> (configs/affect.py variant, weighting method)
     'dgr_k1': ('dgr', 'ew'),
     'pcgrad_t2': ('mtl', 'pcgrad'),
 }
-ENCODERS = ('resnet18', 'resnet50')
+DENSE_ROWS = {  # name -> (configs/scenes.py variant, weighting method)
+    'ew': ('mtl', 'ew'),
+    'dgr_k1': ('mtl+dgr', 'ew'),
+    'pcgrad_t3': ('mtl', 'pcgrad'),
+}
+ENCODERS = ('resnet18', 'resnet50', 'deeplabv3')
+DENSE_ENCODERS = ('deeplabv3',)
+
+
+def rows_of(encoder: str) -> dict:
+  return DENSE_ROWS if encoder in DENSE_ENCODERS else ROWS
 
 
 def peak_tflops(device_kind: str) -> tuple[Optional[float], Optional[str]]:
@@ -106,10 +124,33 @@ def affect_like_benchmark(image_size: int, channels: int, num_examples: int, see
   return data.make_benchmark('device_check', tasks, [data.array_source('faces', images, labels)])
 
 
+def scenes_like_benchmark(image_size: int, num_examples: int, seed: int = 0) -> data.Benchmark:
+  """Random uint8 images [N, S, S, 3] with the scenes' dense labels on every one: segmentation in [0, 6) (5 % −1,
+  ignored), depth in (0.5, 10) m (5 % 0, invalid), unit normals (5 % the 0-vector, invalid)."""
+  from mtlmatch.data import dense_benchmarks  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(seed)
+  shape = (num_examples, image_size, image_size)
+  holes = lambda: rng.random(shape) < 0.05  # noqa: E731
+  segmentation = np.where(holes(), -1, rng.integers(0, 6, shape)).astype(np.int32)
+  depth = np.where(holes(), 0.0, rng.uniform(0.5, 10.0, shape)).astype(np.float32)[..., None]
+  normal = rng.normal(size=shape + (3,))
+  normal = np.where(holes()[..., None], 0.0, normal / np.linalg.norm(normal, axis=-1, keepdims=True))
+  tasks = dense_benchmarks.dense_tasks(6, (image_size, image_size))
+  images = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+  labels = {'segmentation': segmentation, 'depth': depth, 'normal': normal.astype(np.float32)}
+  return data.make_benchmark('device_check_dense', tasks, [data.array_source('scenes', images, labels)])
+
+
 def row_config(row: str, encoder: str, args, remat: bool, accum: int = 1):
-  variant, method = ROWS[row]
-  config = config_lib.load_config(os.path.join(REPO, 'configs', 'affect.py') + f':{variant}')
-  config_lib.set_encoder(config, encoder, **{'stem': args.stem, **args.encoder_kwargs})
+  variant, method = rows_of(encoder)[row]
+  if encoder in DENSE_ENCODERS:
+    config = config_lib.load_config(os.path.join(REPO, 'configs', 'scenes.py') + f':{variant}')
+    config_lib.set_encoder(config, 'dilated_resnet', **args.dense_kwargs)
+    config.head.name, config.head.kwargs = 'aspp', {}
+  else:
+    config = config_lib.load_config(os.path.join(REPO, 'configs', 'affect.py') + f':{variant}')
+    config_lib.set_encoder(config, encoder, **{'stem': args.stem, **args.encoder_kwargs})
   config_lib.set_weighting(config, method)
   config.precision = args.precision
   config.remat = remat
@@ -124,7 +165,7 @@ def run_group(encoder: str, remat: bool, benchmark: data.Benchmark, args, accum:
   (experiments/bench.py)."""
   prepared, batch = [], None
   group = f'{encoder}{" remat" if remat else ""}{f" k={accum}" if accum > 1 else ""}'
-  for row in args.rows:
+  for row in [r for r in args.rows if r in rows_of(encoder)]:
     exp = experiment_lib.build_experiment(row_config(row, encoder, args, remat, accum), benchmark=benchmark)
     batch = bench.first_batch(exp, args.batch_size) if batch is None else batch
     prepared.append(bench.prepare(row, group, exp, bench.init_state(exp, args), batch, args))
@@ -173,13 +214,15 @@ def format_table(rows: list[dict]) -> str:
 def parse_args(argv=None):
   parser = bench_common.make_parser(__doc__)
   parser.add_argument('--encoders', default=','.join(ENCODERS), help=f'comma-separated, of {list(ENCODERS)}')
-  parser.add_argument('--rows', default=','.join(ROWS), help=f'comma-separated, of {list(ROWS)}')
+  every_row = list(dict.fromkeys([*ROWS, *DENSE_ROWS]))
+  parser.add_argument('--rows', default=','.join(every_row), help=f'comma-separated, of {every_row}')
   parser.add_argument('--batch_size', type=int, default=256, help='global batch (a multiple of the device count)')
   parser.add_argument('--image_size', type=int, default=112, help='square RGB images of this many pixels')
   parser.add_argument('--channels', type=int, default=3)
   parser.add_argument('--precision', default='bfloat16', choices=config_lib.PRECISIONS, help='config.precision')
   parser.add_argument('--stem', default='imagenet', choices=('cifar', 'imagenet'), help="the ResNets' stem")
-  parser.add_argument('--encoder_kwargs', default='{}', help='JSON, fields of both encoders (e.g. width)')
+  parser.add_argument('--encoder_kwargs', default='{}', help='JSON, fields of both ResNets (e.g. width)')
+  parser.add_argument('--dense_kwargs', default='{}', help="JSON, fields of deeplabv3's dilated ResNet")
   parser.add_argument('--remat', default='off', choices=('off', 'on', 'both'), help='config.remat')
   parser.add_argument(
       '--grad_accum', default='1', help='comma-separated config.grad_accum_steps values, one group of rows each'
@@ -201,8 +244,10 @@ def parse_args(argv=None):
     parser.error(f'--grad_accum: got {args.grad_accum}, expected comma-separated ints >= 1')
   if not args.encoders or set(args.encoders) - set(ENCODERS):
     parser.error(f'--encoders: got {args.encoders}, expected names from {list(ENCODERS)}')
-  if not args.rows or set(args.rows) - set(ROWS):
-    parser.error(f'--rows: got {args.rows}, expected names from {list(ROWS)}')
+  if not args.rows or set(args.rows) - set(every_row):
+    parser.error(f'--rows: got {args.rows}, expected names from {every_row}')
+  if args.image_size % 8 and set(args.encoders) & set(DENSE_ENCODERS):
+    parser.error(f'--image_size={args.image_size}: expected a multiple of 8 for {list(DENSE_ENCODERS)}')
   if min(args.batch_size, args.image_size, args.channels, args.steps) < 1 or args.warmup < 0:
     parser.error('--batch_size, --image_size, --channels and --steps must be >= 1, --warmup >= 0')
   for k in args.grad_accum:
@@ -212,8 +257,9 @@ def parse_args(argv=None):
           f'grad_accum {k}'
       )
   bench_common.check_fast_compile(parser, args, jax.default_backend())
-  kwargs = json.loads(args.encoder_kwargs)
-  args.encoder_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  for name in ('encoder_kwargs', 'dense_kwargs'):
+    kwargs = json.loads(getattr(args, name))
+    setattr(args, name, {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
   return args
 
 
@@ -232,12 +278,14 @@ def main(argv=None) -> list[dict]:
       f'{args.steps} timed steps',
       flush=True,
   )
-  benchmark = affect_like_benchmark(args.image_size, args.channels, num_examples=2 * args.batch_size)
+  classification = affect_like_benchmark(args.image_size, args.channels, num_examples=2 * args.batch_size)
+  dense = scenes_like_benchmark(args.image_size, 2 * args.batch_size) if DENSE_ENCODERS[0] in args.encoders else None
   remats = {'off': (False,), 'on': (True,), 'both': (False, True)}[args.remat]
   rows = []
   for encoder in args.encoders:
     for remat in remats:
       for accum in args.grad_accum:
+        benchmark = dense if encoder in DENSE_ENCODERS else classification
         rows += run_group(encoder, remat, benchmark, args, accum)
   rows = add_peak(rows)
   print(format_table(rows))

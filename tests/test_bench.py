@@ -189,3 +189,18 @@ def test_bench_data_files_throughput_runs_and_prints_its_table(tmp_path, capsys)
   module.main(args + ['--batch_size=8', f'--data_dir={tmp_path}'])
   rows = [line.split('|') for line in capsys.readouterr().out.splitlines() if line.startswith('| 16 ')]
   assert len(rows) == 1 and rows[0][2] == ' 2 ' and all(float(x.replace(',', '')) > 0 for x in rows[0][3:7])
+
+
+def test_device_check_runs_the_deeplabv3_rows_at_a_tiny_size():
+  """The ``deeplabv3`` group (dilated ResNet + one ASPP head per task on random dense labels): a row of each dense
+  kind of gradient path, EW beside DGR's dummy ASPP decoders, float32 (XLA:CPU has no bf16 x bf16 → f32 dot)."""
+  from experiments import device_check  # pylint: disable=g-import-not-at-top  (imports bench.py: TF, TFDS)
+
+  rows = device_check.main(
+      '--encoders deeplabv3 --rows ew,dgr_k1 --precision float32 --batch_size 8 --image_size 8 --steps 1 --warmup 0 '
+      '--fast_compile'.split() + ['--dense_kwargs', '{"widths": [2, 2, 2, 2], "stage_sizes": [1, 1, 1, 1]}']
+  )
+  assert [(r['encoder'], r['name']) for r in rows] == [('deeplabv3', 'ew'), ('deeplabv3', 'dgr_k1')]
+  assert all(r['step_ms'] > 0 and r['finite'] for r in rows) and rows[0]['ratio_to_ew'] == 1.0
+  with pytest.raises(SystemExit):
+    device_check.main('--encoders deeplabv3 --image_size 12 --batch_size 8'.split())
