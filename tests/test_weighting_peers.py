@@ -20,7 +20,7 @@ from mtlmatch import step as step_lib
 from mtlmatch import weighting as W
 
 KEY = jax.random.key(28)
-P = 12
+P = 16  # the shapes of test_weighting_zoo.py (T = 3, P = 16): the session's compilation cache serves both
 RNG = np.random.default_rng(28)
 RANDOM = RNG.normal(size=(3, P)).astype(np.float32)
 LOSSES = np.array([0.6, 1.7, 1.1], np.float32)
@@ -202,12 +202,12 @@ def test_pref_vector_default_is_all_ones_and_weights_the_projections():
 
 
 # ---- GradVac parameter groups -----------------------------------------------------------------------------------
-LAYOUT = (('Conv_0', 2), ('Conv_0', 3), ('Dense_0', 4), ('Dense_0', 0), ('Dense_0', 3))  # P = 12
+LAYOUT = (('Conv_0', 2), ('Conv_0', 3), ('Dense_0', 4), ('Dense_0', 0), ('Dense_0', 7))  # P = 16
 
 
 def test_group_starts_from_the_tree():
   params = {'Conv_0': {'bias': jnp.zeros(2), 'kernel': jnp.zeros((1, 3))}, 'Dense_0': {'a': jnp.zeros(4),
-            'b': jnp.zeros((0,)), 'kernel': jnp.zeros((3, 1))}}  # fmt: skip
+            'b': jnp.zeros((0,)), 'kernel': jnp.zeros((7, 1))}}  # fmt: skip
   assert W.param_layout(params) == LAYOUT
   assert W.gradvac_group_starts('whole_model', None) == (0,)
   assert W.gradvac_group_starts('all_layer', LAYOUT) == (0, 5)
@@ -284,7 +284,7 @@ def test_gradvac_groups_with_the_columns_sharded_equal_one_device_with_an_absent
   for sharded in (False, True):
     state = W.init_state(method, 3, P, param_layout=LAYOUT)
     grads = jnp.asarray(g)
-    if sharded:  # the columns spread over 4 devices (P = 12), the state replicated
+    if sharded:  # the columns spread over 4 devices, the state replicated
       state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
       grads = jax.device_put(grads, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'p')))
     update, weights, state = jitted('gradvac')(state, grads, jnp.asarray(LOSSES), KEY)
