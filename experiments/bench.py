@@ -290,7 +290,9 @@ def bench_tasks(num_tasks: int, methods: list[str], args, base) -> list[dict]:
       continue
     # Fresh host copies: the step donates its state, and two leaves sharing one buffer cannot both be donated.
     state = jax.device_put(jax.tree.map(np.array, initial.replace(weighting_state=weighting_state)), exp.replicated)
-    method_batch = with_validation_batch(exp, batch, args.batch_size) if exp.method.needs == 'meta' else batch
+    method_batch = (
+        with_validation_batch(exp, batch, args.batch_size) if weighting.needs_validation(exp.method) else batch
+    )
     prepared.append(prepare(f'{method}_t{num_tasks}', f't{num_tasks}', exp, state, method_batch, args))
   return time_rounds(prepared, args)
 

@@ -131,8 +131,7 @@ def build_sources(config: ml_collections.ConfigDict, benchmark: Optional[data_li
     )
   benchmark = select_tasks(with_task_options(benchmark, config.task_options.to_dict()), config.tasks)
   benchmark = data_lib.with_validation(benchmark, config.data.validation_fraction, seed=config.data.seed)
-  needs_validation = weighting.METHODS[config.weighting.name].needs == 'meta'
-  if needs_validation and not benchmark.validation_sources:
+  if weighting.needs_validation(config.weighting.name) and not benchmark.validation_sources:
     raise ValueError(
         f'weighting.name={config.weighting.name!r} meta-learns its task weights on validation batches, but '
         f'config.data.validation_fraction={config.data.validation_fraction!r} holds out no validation '
@@ -302,13 +301,13 @@ class Experiment:
   def train_batches(self, start_step: int):
     """The training stream from ``start_step`` (batch t is a pure function of (seed, t): resume is exact).
 
-    A method that needs a meta step (``needs == 'meta'``, Auto-Lambda) gets ``batch['validation']`` too: batch t of
-    a second stream of the same size over ``benchmark.validation_sources``, with its own seed
-    (:func:`validation_seed`), so it resumes exactly as well. Those batches only move the method's weights, never the
-    model's parameters directly.
+    A method whose meta step reads validation batches (`weighting.needs_validation`: Auto-Lambda, MOML) gets
+    ``batch['validation']`` too: batch t of a second stream of the same size over ``benchmark.validation_sources``,
+    with its own seed (:func:`validation_seed`), so it resumes exactly as well. Those batches only move the method's
+    weights, never the model's parameters directly.
     """
     train = self._stream(self.benchmark, self.config.seed, start_step)
-    if self.method.needs != 'meta':
+    if not weighting.needs_validation(self.method):
       return train
     validation = dataclasses.replace(
         self.benchmark, train_sources=self.benchmark.validation_sources, validation_sources=()

@@ -17,9 +17,10 @@ One batch, top to bottom:
    :data:`GRADIENT_PATHS` maps that to the gradients: ``'losses'`` pulls back one cotangent, its weights;
    ``'shared_rows'`` one per loss (the rows of G w.r.t. the shared parameters; ``config.weighting.jacobian``),
    ``'feature_rows'`` combines the rows w.r.t. the shared features and pulls the result back once (MGDA-UB);
-   ``'meta'`` lets the method update its weights on ``batch['validation']`` first (Auto-Lambda's
-   ``meta_step``). How the heads are weighted is the method's ``kind``: a loss weighting gives each head Σ_t w_t ∇L_t,
-   a gradient method each head the sum of its own rows. The additive part's gradient is added on top.
+   ``'meta'`` lets the method update its weights in a meta step first (Auto-Lambda's and MOML's ``meta_step`` on
+   ``batch['validation']``, FORUM's on the training batch). How the heads are weighted is the method's ``kind``: a
+   loss weighting gives each head Σ_t w_t ∇L_t, a gradient method each head the sum of its own rows. The additive
+   part's gradient is added on top.
 4. The optimizer update; the objective's own state (learned relatedness tables, docs/maths.md §8) advances through
    ``objective_update``; health scalars (loss, norms, finiteness) come back as metrics, fetched by the loop only at
    log steps.
@@ -100,9 +101,11 @@ def init_state(model, objective, method, tx, num_combined: int, image_shape, rng
 
 
 def weighting_init(method, num_combined: int, params) -> dict:
-  """The weighting method's initial state; methods that track gradients get P = the shared encoder's size."""
+  """The weighting method's initial state; methods that track gradients get P = the shared encoder's size, those
+  that group its parameters (GradVac) the encoder's `weighting.param_layout`."""
   num_params = int(ravel_pytree(params['encoder'])[0].size) if method.needs_num_params else None
-  return weighting.init_state(method, num_combined, num_params)
+  layout = weighting.param_layout(params['encoder']) if method.uses_param_layout else None
+  return weighting.init_state(method, num_combined, num_params, param_layout=layout)
 
 
 def update_relatedness(tables, counts, batch_counts, step, *, objective, every: int, rate: float, smoothing: float):
@@ -307,12 +310,14 @@ def rows_path(method, state, lin: Linearization, task_losses, rng, *, jacobian: 
 
 
 def meta_path(
-    method, state, lin: Linearization, task_losses, rng, *, batch, val_loss, schedule, names, **_
+    method, state, lin: Linearization, task_losses, rng, *, batch, val_losses, train_losses, schedule, names, **_
 ) -> PathResult:
-  """The method first updates its weights from ``batch['validation']`` (its ``meta_step``: a look-ahead on the
-  weighted training gradient, then the validation loss's gradient there), then the loss-weighting step with the
-  new weights; the meta step's numbers are checked for finiteness too (an absent task's λ has weight 0 this step)."""
-  if 'validation' not in batch:
+  """The method first updates its weights in its ``meta_step`` (``weighting.MetaInputs``: the weighted training
+  gradient, the training losses at other parameters, the per-task losses on ``batch['validation']`` when it reads one),
+  then the loss-weighting step with the new weights; every number of the meta step and of the method's state is
+  checked for finiteness too (an absent task has weight 0 this step)."""
+  uses_validation = method.meta_uses_validation
+  if uses_validation and 'validation' not in batch:
     raise ValueError(
         f"batch: got keys {sorted(batch)}, expected also 'validation' (weighting method {method.name!r} meta-learns "
         'on validation batches: Experiment.train_batches adds them)'
@@ -320,19 +325,22 @@ def meta_path(
   if schedule is None:
     raise ValueError(f'train_step schedule: got None, expected the learning-rate schedule ({method.name} looks ahead)')
   zero = jnp.zeros((1,), jnp.float32)
-  weighting_state, meta = method.meta_step(
-      state.weighting_state,
-      lambda lam: lin.grads(jnp.concatenate([lam, zero])),
-      state.params,
-      lambda params: val_loss(params, batch['validation']),
-      schedule(state.step),
+  inputs = weighting.MetaInputs(
+      weighted_grad=lambda lam: lin.grads(jnp.concatenate([lam, zero])),
+      params=state.params,
+      task_losses=jax.lax.stop_gradient(task_losses),
+      train_losses=train_losses,
+      val_losses=(lambda params: val_losses(params, batch['validation'])) if uses_validation else None,
+      schedule_lr=schedule(state.step),
   )
+  weighting_state, meta = method.meta_step(state.weighting_state, inputs)
   meta_grad = meta.pop('meta/grad')
   meta.update({f'meta/grad/{n}': g for n, g in zip(names.combined, meta_grad)})
   _, weights, weighting_state = method.apply(
       weighting_state, jnp.zeros((task_losses.shape[0], 1), task_losses.dtype), task_losses, rng
   )
-  finite = jnp.isfinite(meta['meta/val_loss']) & jnp.all(jnp.isfinite(weighting_state['lambdas']))
+  leaves = jax.tree.leaves((meta, meta_grad, weighting_state))
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]))
   return PathResult(lin.weighted_grads(weights), weights, weighting_state, meta, finite)
 
 
@@ -345,15 +353,16 @@ GRADIENT_PATHS: Mapping[str, Callable[..., PathResult]] = {
 assert set(GRADIENT_PATHS) == set(weighting.NEEDS)
 
 
-def validation_loss(params, val_batch, *, state, model, objective, names: LossNames):
-  """Σ of the task losses (``task/<name>``; terms are auxiliary) at ``params`` on a validation batch, forward in
-  train mode (BatchNorm normalises with the validation batch's statistics; the running statistics it would produce
-  are dropped: the train state keeps those of the training batch). What a ``'meta'`` method's look-ahead lowers."""
+def validation_losses(params, val_batch, *, state, model, objective, names: LossNames) -> jax.Array:
+  """[T]: each combined loss at ``params`` on a validation batch — the task losses (``task/<name>``), 0 for the
+  terms trained as tasks (auxiliary) — forward in train mode (BatchNorm normalises with the validation batch's
+  statistics; the running statistics it would produce are dropped: the train state keeps those of the training
+  batch). What a ``'meta'`` method's look-ahead lowers (Auto-Lambda: their sum)."""
   features, _ = model.encode({'params': params, 'batch_stats': state.batch_stats}, val_batch['image'], train=True)
   outputs = {t: model.apply_head(t, params['heads'][t], features) for t in model.heads}
   named = objective.task_losses(outputs, val_batch['labels'])
-  primary = [n for n in names.combined if n.startswith('task/')]
-  return sum((named[n] for n in primary), jnp.zeros((), jnp.float32))
+  zero = jnp.zeros((), jnp.float32)
+  return jnp.stack([named[n] if n.startswith('task/') else zero for n in names.combined])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -399,9 +408,16 @@ def train_step(
   rows, rows_vjp, named = jax.vjp(rows_fn, features, state.params['heads'], has_aux=True)
   lin = Linearization(rows_vjp, encoder_pullback, features, len(names.combined), bool(names.additive))
   task_losses = rows[:-1]
-  val_loss = lambda params, val_batch: validation_loss(  # noqa: E731
+  val_losses = lambda params, val_batch: validation_losses(  # noqa: E731
       params, val_batch, state=state, model=model, objective=objective, names=names
   )
+
+  def train_losses(params):
+    # The combined losses of this batch at other parameters: one forward in train mode (the whole batch at once,
+    # also under gradient accumulation; BatchNorm's running statistics it would produce are dropped).
+    encoded, _ = model.encode({'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True)
+    return rows_fn(encoded, params['heads'])[0][:-1]
+
   path = GRADIENT_PATHS[method.needs](
       method,
       state,
@@ -410,7 +426,8 @@ def train_step(
       method_rng,
       jacobian=jacobian,
       batch=batch,
-      val_loss=val_loss,
+      val_losses=val_losses,
+      train_losses=train_losses,
       schedule=schedule,
       names=names,
   )

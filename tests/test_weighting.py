@@ -16,9 +16,10 @@ from mtlmatch import weighting as W
 from mtlmatch.weighting import base
 
 ALL = sorted(W.METHODS)
-# The generic contract tests below compile every method; those added with issue 14 run theirs in
-# test_weighting_zoo.py (1 and 8 devices, absent task, no task present), so they are compiled once there; Auto-Lambda
-# (weights meta-learned in the train step) runs them, and its meta step, in test_auto_lambda.py.
+# The generic contract tests below compile every method; those added with issues 14 and 28 run theirs in
+# test_weighting_zoo.py (1 and 8 devices, absent task, no task present), so they are compiled once there; Auto-Lambda,
+# MOML and FORUM (weights meta-learned in the train step) run them, and their meta steps, in test_auto_lambda.py and
+# test_bilevel.py.
 BEFORE_ZOO = (
     'ew',
     'uw',
@@ -82,6 +83,11 @@ def test_registry_names_and_kinds():
       'cr_mogm',
       'db_mtl',
       'auto_lambda',
+      'cosmos',
+      'pbi',
+      'pcd',
+      'moml',
+      'forum',
   }
   assert len(W.METHODS) >= 30
   for name in (
@@ -98,9 +104,13 @@ def test_registry_names_and_kinds():
       'stch',
       'go4align',
       'auto_lambda',
+      'cosmos',
+      'pbi',
+      'moml',
+      'forum',
   ):
     assert not W.is_gradient_method(name)
-  assert {n for n, m in W.METHODS.items() if m.needs == 'meta'} == {'auto_lambda'}
+  assert {n for n, m in W.METHODS.items() if m.needs == 'meta'} == {'auto_lambda', 'moml', 'forum'}
   for name in ('gradnorm', 'excess_mtl') + W.GRADIENT_METHODS:
     assert W.is_gradient_method(name)
   for name, method in W.METHODS.items():
@@ -119,17 +129,18 @@ def test_every_method_declares_a_valid_kind_and_needs_and_the_tuples_derive_from
     assert W.is_gradient_method(name) == (method.needs in ('shared_rows', 'feature_rows'))
   # The two public tuples, in the order they had when they were written out by hand.
   assert W.LOSS_WEIGHTING == (
-      'ew', 'sum', 'mean', 'constant', 'uw', 'dwa', 'rlw', 'gls', 'imtl_l', 'stch', 'go4align', 'famo', 'gradnorm',
-      'excess_mtl', 'auto_lambda',
+      'ew', 'sum', 'mean', 'constant', 'uw', 'dwa', 'rlw', 'gls', 'imtl_l', 'stch', 'cosmos', 'pbi', 'go4align', 'famo',
+      'gradnorm', 'excess_mtl', 'auto_lambda', 'moml', 'forum',
   )  # fmt: skip
   assert W.GRADIENT_METHODS == (
-      'mgda', 'mgda_ub', 'pcgrad', 'cagrad', 'nash_mtl', 'fairgrad', 'imtl', 'aligned_mtl', 'upgrad', 'dualproj',
+      'mgda', 'mgda_ub', 'pcgrad', 'cagrad', 'nash_mtl', 'fairgrad', 'imtl', 'aligned_mtl', 'upgrad', 'dualproj', 'pcd',
       'config', 'gradvac', 'graddrop', 'krum', 'trimmed_mean', 'rgw', 'moco', 'modo', 'sdmgrad', 'cr_mogm', 'db_mtl',
   )  # fmt: skip
   assert tuple(W.METHODS) == W.LOSS_WEIGHTING + W.GRADIENT_METHODS
   needs = {n: m.needs for n, m in W.METHODS.items()}
   assert {n for n, v in needs.items() if v == 'feature_rows'} == {'mgda_ub'}
-  assert {n for n, v in needs.items() if v == 'meta'} == {'auto_lambda'}
+  assert {n for n, v in needs.items() if v == 'meta'} == {'auto_lambda', 'moml', 'forum'}
+  assert {n for n, m in W.METHODS.items() if W.needs_validation(n)} == {'auto_lambda', 'moml'}
   assert {n for n, v in needs.items() if v == 'shared_rows'} == set(W.GRADIENT_METHODS) - {'mgda_ub'} | {
       'gradnorm',
       'excess_mtl',

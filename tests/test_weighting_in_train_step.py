@@ -59,6 +59,11 @@ OBJECTIVE = {
     'aligned_mtl': 'mtl',
     'moco': 'mtl',
     'excess_mtl': 'dm+dgr',
+    # Issue 28's: a random scalarisation and a fixed one (losses path), a constrained projection (rows path, DM as a
+    # task); MOML and FORUM (needs 'meta') run in the train step in tests/test_bilevel.py.
+    'cosmos': 'mtl',
+    'pbi': 'mtl',
+    'pcd': 'dm+dgr',
 }
 COMBINED = {'mtl': ('task/expression', 'task/aus'), 'dm+dgr': ('task/expression', 'task/aus', 'term/dm')}
 

@@ -37,16 +37,17 @@ Every method class declares, once, what the train step must do for it (`base.KIN
 * ``needs``, the gradient information `apply` reads: 'losses' (weights from the losses and the state only, G may be a
   [T, 1] stand-in, so the loop may differentiate Σ_t w_t L_t instead, see `jacobian`), 'shared_rows' (G [T, P], rows
   w.r.t. the shared parameters: the gradient methods, GradNorm, ExcessMTL), 'feature_rows' (rows w.r.t. the shared
-  features: MGDA-UB) or 'meta' (Auto-Lambda: a meta step on a validation batch sets the weights, `apply` only reads
-  them, and the train step feeds its ``meta_update``, see `AutoLambda`).
+  features: MGDA-UB) or 'meta' (Auto-Lambda, MOML, FORUM: a meta step sets the weights, `apply` only reads them; the
+  train step feeds its ``meta_step`` a `MetaInputs`, with a validation batch where ``needs_validation``).
 
 `METHODS` ({name: method}) is the registry: each class is listed once below and its ``name`` is its only spelling;
-`LOSS_WEIGHTING` ('ew', 'sum', 'mean', 'constant', 'uw', 'dwa', 'rlw', 'gls', 'imtl_l', 'stch', 'go4align', 'famo',
-'gradnorm', 'excess_mtl', 'auto_lambda') and `GRADIENT_METHODS` ('mgda', 'mgda_ub', 'pcgrad', 'cagrad', 'nash_mtl',
-'fairgrad', 'imtl', 'aligned_mtl', 'upgrad', 'dualproj', 'config', 'gradvac', 'graddrop', 'krum', 'trimmed_mean',
-'rgw', 'moco', 'modo', 'sdmgrad', 'cr_mogm', 'db_mtl') are its names by ``kind``. `is_gradient_method(name)` says
-whether the train loop must compute gradient rows (``needs`` 'shared_rows' or 'feature_rows'). MoCo, DB-MTL and
-ExcessMTL track gradients: their `init` needs ``num_params`` (`init_state`).
+`LOSS_WEIGHTING` ('ew', 'sum', 'mean', 'constant', 'uw', 'dwa', 'rlw', 'gls', 'imtl_l', 'stch', 'cosmos', 'pbi',
+'go4align', 'famo', 'gradnorm', 'excess_mtl', 'auto_lambda', 'moml', 'forum') and `GRADIENT_METHODS` ('mgda',
+'mgda_ub', 'pcgrad', 'cagrad', 'nash_mtl', 'fairgrad', 'imtl', 'aligned_mtl', 'upgrad', 'dualproj', 'pcd', 'config',
+'gradvac', 'graddrop', 'krum', 'trimmed_mean', 'rgw', 'moco', 'modo', 'sdmgrad', 'cr_mogm', 'db_mtl') are its names by
+``kind``. `is_gradient_method(name)` says whether the train loop must compute gradient rows (``needs`` 'shared_rows'
+or 'feature_rows'). MoCo, DB-MTL and ExcessMTL track gradients: their `init` needs ``num_params``; GradVac reads the
+shared parameters' `param_layout` for its parameter groups (`init_state` passes each what it reads).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ from __future__ import annotations
 from typing import Mapping
 
 from mtlmatch.weighting.aggregators import (
+    GRADVAC_GROUPS,
+    PCD,
     RGW,
     ConFIG,
     DualProj,
@@ -64,8 +67,10 @@ from mtlmatch.weighting.aggregators import (
     UPGrad,
     dual_cone_weights,
     gradvac_coefficients,
+    gradvac_group_starts,
 )
-from mtlmatch.weighting.base import ABSENT_SQ_NORM, KINDS, NEEDS, HParam, WeightingMethod, registry
+from mtlmatch.weighting.base import ABSENT_SQ_NORM, KINDS, NEEDS, HParam, MetaInputs, WeightingMethod, registry
+from mtlmatch.weighting.bilevel import FORUM, MOML, forum_weights
 from mtlmatch.weighting.gradient_methods import (
     CAGrad,
     FairGrad,
@@ -90,13 +95,16 @@ from mtlmatch.weighting.jacobian import (
     cosine_similarity_matrix,
     flatten_grads,
     flatten_task_grads,
+    param_layout,
     pullback_rows,
     resolve_jacobian,
     task_jacobian,
     unflatten_grads,
 )
 from mtlmatch.weighting.loss_weighting import (
+    COSMOS,
     DWA,
+    PBI,
     AutoLambda,
     EW,
     FAMO,
@@ -126,11 +134,15 @@ _CLASSES = (
     GLS,
     IMTLL,
     STCH,
+    COSMOS,
+    PBI,
     GO4Align,
     FAMO,
     GradNorm,
     ExcessMTL,
     AutoLambda,
+    MOML,
+    FORUM,
     MGDA,
     MGDAUB,
     PCGrad,
@@ -141,6 +153,7 @@ _CLASSES = (
     AlignedMTL,
     UPGrad,
     DualProj,
+    PCD,
     ConFIG,
     GradVac,
     GradDrop,
@@ -176,9 +189,19 @@ def is_gradient_method(name: str) -> bool:
   return METHODS[_check_name(name)].needs in ('shared_rows', 'feature_rows')
 
 
-def init_state(method: WeightingMethod, num_tasks: int, num_params: int, **hparams):
-  """`method.init` with ``num_params`` passed only to the methods that track gradients (``needs_num_params``)."""
-  return method.init(num_tasks, num_params if method.needs_num_params else None, **hparams)
+def init_state(method: WeightingMethod, num_tasks: int, num_params: int, *, param_layout=None, **hparams):
+  """`method.init` with ``num_params`` passed only to the methods that track gradients (``needs_num_params``) and
+  ``param_layout`` (`param_layout` of the shared parameters) only to those that group them (``uses_param_layout``)."""
+  layout = param_layout if method.uses_param_layout else None
+  return method.init(num_tasks, num_params if method.needs_num_params else None, param_layout=layout, **hparams)
+
+
+def needs_validation(method: str | WeightingMethod) -> bool:
+  """True when the method (a name or a method) has a meta step that reads validation batches (``needs`` 'meta' and
+  ``meta_uses_validation``: Auto-Lambda, MOML; not FORUM), so the loop must hold out a validation split and stream
+  it beside the training batches."""
+  method = METHODS[_check_name(method)] if isinstance(method, str) else method
+  return method.needs == 'meta' and method.meta_uses_validation
 
 
 def hparam_specs(name: str) -> Mapping[str, HParam]:
@@ -190,11 +213,13 @@ def hparam_specs(name: str) -> Mapping[str, HParam]:
 __all__ = [cls.__name__ for cls in _CLASSES] + [
     'ABSENT_SQ_NORM',
     'GRADIENT_METHODS',
+    'GRADVAC_GROUPS',
     'HParam',
     'JACOBIAN_MODES',
     'KINDS',
     'LOSS_WEIGHTING',
     'METHODS',
+    'MetaInputs',
     'NEEDS',
     'WeightingMethod',
     'aligned_weights',
@@ -204,8 +229,10 @@ __all__ = [cls.__name__ for cls in _CLASSES] + [
     'fairgrad_weights',
     'flatten_grads',
     'flatten_task_grads',
+    'forum_weights',
     'get_method',
     'gradvac_coefficients',
+    'gradvac_group_starts',
     'hparam_specs',
     'imtl_weights',
     'init_state',
@@ -213,8 +240,10 @@ __all__ = [cls.__name__ for cls in _CLASSES] + [
     'kmeans_1d',
     'min_norm_weights',
     'nash_weights',
+    'needs_validation',
     'nonneg_qp',
     'pcgrad_weights',
+    'param_layout',
     'project_simplex',
     'pullback_rows',
     'resolve_jacobian',

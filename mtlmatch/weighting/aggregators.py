@@ -1,11 +1,13 @@
-"""Projection and robust aggregators: UPGrad, DualProj, ConFIG, GradVac, GradDrop, Krum, trimmed mean, RGW.
+"""Projection and robust aggregators: UPGrad, DualProj, PCD, ConFIG, GradVac, GradDrop, Krum, trimmed mean, RGW.
 
-UPGrad and DualProj (Quinton & Rey 2024, TorchJD), ConFIG (Liu et al. 2024), GradVac (Wang et al. 2021), GradDrop
-(Chen et al. 2020), TorchJD's robust aggregators Krum and trimmed mean, and random gradient weighting (RGW, Lin et
-al. 2022). Same contract as `gradient_methods`: T_p identical task gradients give T_p · g (the EW update), absent tasks
-(zero gradient row) get weight 0 and are left out of the combination. UPGrad, DualProj, ConFIG, GradVac, Krum and
-RGW work on the Gram matrix G Gᵀ [T, T] (update = weights @ G); GradDrop and the trimmed mean act coordinate by
-coordinate on G ([T, P] work, ``linear = False``).
+UPGrad and DualProj (Quinton & Rey 2024, TorchJD), priority-constrained descent (PCD, this project's dual-cone
+formulation), ConFIG (Liu et al. 2024), GradVac (Wang et al. 2021), GradDrop (Chen et al. 2020), TorchJD's robust
+aggregators Krum and trimmed mean, and random gradient weighting (RGW, Lin et al. 2022). Same contract as
+`gradient_methods`: T_p identical task gradients give T_p · g (the EW update; PCD: the primary task's gradient),
+absent tasks (zero gradient row) get weight 0 and are left out of the combination. UPGrad, DualProj, PCD, ConFIG,
+GradVac (whole model), Krum and RGW work on the Gram matrix G Gᵀ [T, T] (update = weights @ G); GradVac with
+parameter groups works on one Gram matrix per group, GradDrop and the trimmed mean coordinate by coordinate on G
+([T, P] work, ``linear = False``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import ClassVar, Mapping
 import jax
 import jax.numpy as jnp
 
-from mtlmatch.weighting.base import HParam, WeightingMethod, combine, gram, non_negative, safe_div
+from mtlmatch.weighting.base import HParam, WeightingMethod, combine, gram, non_negative, safe_div, to_int
 from mtlmatch.weighting.gradient_methods import EXACT_MAX_TASKS, present_tasks, nonneg_qp
 
 
@@ -34,23 +36,34 @@ _EXACT_MIN_EIGENVALUE = 1e-6
 _EXACT_CONFLICT_TOL = 1e-4
 
 
-def _exact_is_valid(a_mat: jax.Array, present: jax.Array, v: jax.Array) -> jax.Array:
-  """Bool [K]: v [T, K] (solved with a_mat = G Gᵀ / tr, no ridge) is a projection to keep (see the constants)."""
+def _exact_is_valid(a_mat: jax.Array, constrained: jax.Array, v: jax.Array, floor: jax.Array | None) -> jax.Array:
+  """Bool [K]: v [T, K] (solved with a_mat = G Gᵀ / tr, no ridge) is a projection to keep (see the constants).
+
+  Over the ``constrained`` tasks: their Gram block is not singular and (⟨G_t, d⟩ − floor_t·tr) / (‖G_t‖ ‖d‖) ≥ −tol.
+  """
   num_tasks = a_mat.shape[0]
-  both = present[:, None] & present[None, :]
+  both = constrained[:, None] & constrained[None, :]
   diag = jnp.diagonal(a_mat)
-  scale = jnp.where(present & (diag > 0), 1.0 / jnp.sqrt(jnp.where(diag > 0, diag, 1.0)), 0.0)
+  scale = jnp.where(constrained & (diag > 0), 1.0 / jnp.sqrt(jnp.where(diag > 0, diag, 1.0)), 0.0)
   unit = jnp.where(both, a_mat * scale[:, None] * scale[None, :], jnp.eye(num_tasks))
   nonsingular = jnp.linalg.eigvalsh(unit)[0] > _EXACT_MIN_EIGENVALUE
   inner = a_mat @ v  # [T, K]: ⟨G_t, d_k⟩ / tr(G Gᵀ) for d_k = Gᵀ v_k
   sq_norm = jnp.sum(v * inner, axis=0)  # [K]: ‖d_k‖² / tr(G Gᵀ)
-  cosine = safe_div(inner, jnp.sqrt(jnp.maximum(diag[:, None] * sq_norm[None, :], 0.0)), 0.0)
-  feasible = jnp.all(~present[:, None] | (cosine >= -_EXACT_CONFLICT_TOL), axis=0)
+  slack = inner if floor is None else inner - floor[:, None]
+  cosine = safe_div(slack, jnp.sqrt(jnp.maximum(diag[:, None] * sq_norm[None, :], 0.0)), 0.0)
+  feasible = jnp.all(~constrained[:, None] | (cosine >= -_EXACT_CONFLICT_TOL), axis=0)
   return nonsingular & feasible & jnp.all(jnp.isfinite(v), axis=0)
 
 
 def dual_cone_weights(
-    g: jax.Array, present: jax.Array, u: jax.Array, reg: jax.Array | float = 1e-4, steps: jax.Array | int = 500
+    g: jax.Array,
+    present: jax.Array,
+    u: jax.Array,
+    reg: jax.Array | float = 1e-4,
+    steps: jax.Array | int = 500,
+    *,
+    constrained: jax.Array | None = None,
+    floor: jax.Array | None = None,
 ) -> jax.Array:
   """Coefficients v [T, K] of the projections of the combinations uᵀG (u [T, K]) onto the dual cone {d : G d ≥ 0}.
 
@@ -61,15 +74,25 @@ def dual_cone_weights(
   is ≥ −1e-4 (in practice ~1e-6, float32 rounding). Otherwise, and for T > 8, A gets TorchJD's ridge ``reg``·I: that
   projection may conflict with task t: by KKT ⟨G_t, d⟩ ≥ −``reg``·v_t·tr(G Gᵀ), a cosine down to
   −``reg``·v_t·tr(G Gᵀ) / (‖G_t‖ ‖d‖) (large for a task whose gradient is much smaller than the others).
+
+  Generalised (PCD): only the ``constrained`` tasks (default: the present ones) are constraints, each shifted to
+  ⟨G_t, d⟩ ≥ ``floor``_t · tr(G Gᵀ) (floor [T] in the trace-normalised units of A; default 0): s = ``nonneg_qp(A,
+  A u − floor)`` over the constrained coordinates (the dual of min ‖d − Gᵀu‖² s.t. those constraints).
   """
   u = u * present[:, None]
+  constrained = present if constrained is None else constrained & present
+
+  def solve(a_mat):
+    b = a_mat @ u if floor is None else a_mat @ u - floor[:, None]
+    return u + nonneg_qp(a_mat, b, constrained, steps)
+
   a_ridge = _normalised_gram(g, present, reg)
-  v_ridge = u + nonneg_qp(a_ridge, a_ridge @ u, present, steps)
+  v_ridge = solve(a_ridge)
   if g.shape[0] > EXACT_MAX_TASKS:
     return v_ridge
   a_exact = _normalised_gram(g, present, 0.0)
-  v_exact = u + nonneg_qp(a_exact, a_exact @ u, present, steps)
-  return jnp.where(_exact_is_valid(a_exact, present, v_exact)[None, :], v_exact, v_ridge)
+  v_exact = solve(a_exact)
+  return jnp.where(_exact_is_valid(a_exact, constrained, v_exact, floor)[None, :], v_exact, v_ridge)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +108,10 @@ class UPGrad(WeightingMethod):
   enumeration for T ≤ 8 (`nonneg_qp`; TorchJD calls quadprog), without ridge unless the Gram matrix is singular
   (`dual_cone_weights`); beyond, or for a singular Gram matrix, A + reg·I (TorchJD's ``reg_eps``) and for T > 8
   accelerated projected gradient (``steps``). Absent tasks are neither projected nor constraints.
-  hparams: reg (1e-4; only where the exact solve is not used), steps (500, T > 8 only).
+  ``pref_vector`` p (TorchJD's ``pref_vector``: the weights of the Gramian's dual problem before projection):
+  update = Σ_t p_t π(G_t), i.e. v_t from v ≥ p_t e_t (π is positively homogeneous); empty (the default) means
+  p = 1, the sum above (TorchJD's default is the mean, p = 1/T). Non-negative, one value per task (checked at init).
+  hparams: reg (1e-4; only where the exact solve is not used), steps (500, T > 8 only), pref_vector (()).
   """
 
   name: ClassVar[str] = 'upgrad'
@@ -96,12 +122,20 @@ class UPGrad(WeightingMethod):
       # the ridge applies (T > 8 or a singular Gram matrix).
       'reg': HParam(1e-4, 'float', **non_negative(), doc='ridge on the trace-normalised Gram matrix'),
       'steps': HParam(500, 'int', check=lambda v: v >= 1, expected='>= 1', doc='projected-gradient steps (T > 8)'),
+      'pref_vector': HParam(
+          (),
+          'floats',
+          check=lambda v: all(x >= 0 for x in v) and (not v or any(v)),
+          expected='>= 0, not all 0 (one per task; empty: all ones)',
+          doc='weights before the projection',
+      ),
   }
+  PER_TASK_FLOATS: ClassVar[Mapping[str, tuple[float, str]]] = {'pref_vector': (1.0, 'all ones')}
 
   def _apply(self, state, hp, grads, losses, key):
     g = gram(grads)
     present = present_tasks(g)
-    v = dual_cone_weights(g, present, jnp.eye(g.shape[0]), hp['reg'], hp['steps'])
+    v = dual_cone_weights(g, present, jnp.diag(hp['pref_vector']), hp['reg'], hp['steps'])
     return jnp.where(present, jnp.sum(v * present[None, :], axis=1), 0.0), {}
 
 
@@ -109,7 +143,8 @@ class UPGrad(WeightingMethod):
 class DualProj(UPGrad):
   """DualProj (Quinton & Rey 2024; TorchJD's ``DualProj``): the sum of the task gradients projected once onto the dual
   cone {d : G_s·d ≥ 0 ∀s}: update = π(Σ_t G_t) = Gᵀv, v = argmin_{v ≥ 1} vᵀ A v (TorchJD projects the mean; the
-  sum is its EW-scaled version). Equals EW when the sum already conflicts with no task. Solver and hparams as UPGrad.
+  sum is its EW-scaled version). Equals EW when the sum already conflicts with no task. ``pref_vector`` p: the
+  combination projected, update = π(Σ_t p_t G_t) (v ≥ p; empty: p = 1). Solver and hparams as UPGrad.
   """
 
   name: ClassVar[str] = 'dualproj'
@@ -119,7 +154,61 @@ class DualProj(UPGrad):
   def _apply(self, state, hp, grads, losses, key):
     g = gram(grads)
     present = present_tasks(g)
-    v = dual_cone_weights(g, present, jnp.ones((g.shape[0], 1)), hp['reg'], hp['steps'])
+    v = dual_cone_weights(g, present, hp['pref_vector'][:, None], hp['reg'], hp['steps'])
+    return jnp.where(present, v[:, 0], 0.0), {}
+
+
+@dataclasses.dataclass(frozen=True)
+class PCD(WeightingMethod):
+  """Priority-constrained descent (this project's formulation; no published method of that name was found): follow
+  the primary task's gradient g_p (task ``primary``) as closely as possible while every other present task t keeps
+  at least a fraction τ (``tau``) of the first-order progress its own gradient would make:
+
+    d = argmin_d ‖d − g_p‖²  s.t.  ⟨d, G_t⟩ ≥ τ ‖G_t‖²  for every present t ≠ p.
+
+  By KKT, d = g_p + Σ_{t≠p} μ_t G_t with μ ≥ 0 the solution of the dual box QP min_{μ ≥ 0} ½ μᵀAμ + μᵀ(A e_p − τ
+  diag A) over the secondary tasks (A = G Gᵀ / tr(G Gᵀ)), and μ_t > 0 only where the constraint is tight: the
+  solver of UPGrad / DualProj with the constraints shifted (`dual_cone_weights` with ``constrained`` and ``floor``;
+  exact for T ≤ 8 without ridge when the secondary tasks' Gram block is not singular and the result is feasible, else
+  ``reg``·I). update = d, weights = (1 for p, μ_t for the others): with no conflict (⟨g_p, G_t⟩ ≥ τ‖G_t‖² for every t)
+  the update is g_p itself, so the scale is the primary task's gradient, not EW's. τ = 0 (default) is "do no harm":
+  no secondary task's loss rises to first order and d is g_p projected onto their dual cone, so ⟨d, g_p⟩ = ‖d‖² ≥ 0.
+  τ > 0 demands progress: the primary may then lose (⟨d, g_p⟩ < 0 when a secondary task opposes it), and when 0 lies
+  in the convex hull of the secondary gradients the constraints cannot all hold (the dual is unbounded); the ridge
+  solution is then returned. An absent primary (zero row) leaves d the least-norm point meeting the constraints (0
+  for τ = 0); absent secondary tasks are no constraints. hparams: primary (0), tau (0.0), reg (1e-4), steps (500).
+  """
+
+  name: ClassVar[str] = 'pcd'
+  kind: ClassVar[str] = 'gradient'
+  needs: ClassVar[str] = 'shared_rows'
+  HPARAMS: ClassVar[Mapping[str, HParam]] = {
+      'primary': HParam(0, 'int', check=lambda v: v >= 0, expected='>= 0 (a task index)', doc='task followed'),
+      'tau': HParam(0.0, 'float', **non_negative(), doc='progress kept by the other tasks'),
+      'reg': HParam(1e-4, 'float', **non_negative(), doc='ridge on the trace-normalised Gram matrix'),
+      'steps': HParam(500, 'int', check=lambda v: v >= 1, expected='>= 1', doc='projected-gradient steps (T > 8)'),
+  }
+
+  def _init(self, num_tasks, hp):
+    if hp['primary'] >= num_tasks:
+      raise ValueError(f"pcd hparam 'primary': got {hp['primary']}, expected a task index < num_tasks={num_tasks}")
+    return {}
+
+  def _apply(self, state, hp, grads, losses, key):
+    g = gram(grads)
+    present = present_tasks(g)
+    num_tasks = g.shape[0]
+    primary = jnp.arange(num_tasks) == hp['primary']
+    floor = hp['tau'] * jnp.diagonal(_normalised_gram(g, present, 0.0))
+    v = dual_cone_weights(
+        g,
+        present,
+        primary.astype(jnp.float32)[:, None],
+        hp['reg'],
+        hp['steps'],
+        constrained=~primary,
+        floor=jnp.where(primary, 0.0, floor),
+    )
     return jnp.where(present, v[:, 0], 0.0), {}
 
 
@@ -194,35 +283,118 @@ def gradvac_coefficients(
   return jnp.where(present[:, None], coefs, 0.0), new_targets
 
 
+# GradVac's parameter granularities (LibMTL's ``GradVac_group_type`` 0, 1, 2).
+GRADVAC_GROUPS = ('whole_model', 'all_layer', 'all_matrix')
+
+
+def gradvac_group_starts(group_type: str, param_layout) -> tuple[int, ...]:
+  """The first column of each parameter group of a gradient row, from `jacobian.param_layout` of the shared
+  parameters: 'whole_model' one group (0,) (no layout needed); 'all_layer' one per module (consecutive leaves held by
+  the same dict, LibMTL: every leaf module with parameters); 'all_matrix' one per parameter tensor. Leaves of size 0
+  form no group."""
+  if group_type not in GRADVAC_GROUPS:
+    raise ValueError(f'gradvac group_type: got {group_type!r}, expected one of {GRADVAC_GROUPS}')
+  if group_type == 'whole_model':
+    return (0,)
+  ok = isinstance(param_layout, (tuple, list)) and all(
+      isinstance(e, (tuple, list))
+      and len(e) == 2
+      and isinstance(e[0], str)
+      and to_int(e[1]) is not None
+      and to_int(e[1]) >= 0
+      for e in param_layout
+  )
+  if not ok or not any(to_int(e[1]) for e in param_layout):
+    raise ValueError(
+        f'gradvac.init param_layout: got {param_layout!r}, expected the ((module, size), ...) of the shared '
+        f'parameters with a positive total (weighting.param_layout; group_type {group_type!r} needs it)'
+    )
+  starts, offset, last = [], 0, None
+  for module, size in param_layout:
+    size = to_int(size)
+    if size and (group_type == 'all_matrix' or module != last or not starts):
+      starts.append(offset)
+    if size:
+      last = module
+    offset += size
+  return tuple(starts)
+
+
+def group_grams(grads: jax.Array, group_of: jax.Array, num_groups: int) -> jax.Array:
+  """G^(k) G^(k)ᵀ [K, T, T] of the column groups (``group_of`` [P]: each column's group, sorted): one segment sum
+  over the columns per task (T passes over [T, P]; never a [T, T, P] product)."""
+
+  def row(g_i):  # [P] → ⟨G_i^(k), G_j^(k)⟩ for every k and j: [K, T]
+    return jax.ops.segment_sum((g_i[None, :] * grads).T, group_of, num_groups, indices_are_sorted=True)
+
+  return jnp.transpose(jax.lax.map(row, grads), (1, 0, 2))
+
+
 @dataclasses.dataclass(frozen=True)
 class GradVac(WeightingMethod):
   """Gradient Vaccine (Wang, Tsvetkov, Firat, Cao, ICLR 2021, "Gradient Vaccine: Investigating and Improving
   Multi-task Optimization in Massively Multilingual Models").
 
   PCGrad generalised to a positive similarity goal: for each pair (i, j) an EMA target φ_ij of cos(g_i, g_j) (state
-  ``targets`` [T, T], init 0); whenever g'_i's cosine with G_j is below φ_ij, G_j is added to g'_i with the
+  ``targets`` [T, T, K], init 0); whenever g'_i's cosine with G_j is below φ_ij, G_j is added to g'_i with the
   coefficient that lifts the cosine exactly to φ_ij (`gradvac_coefficients`); update = Σ_i g'_i. As LibMTL's code
-  (the reference implementation; the paper has none): whole-model granularity, a fresh random order per task and
-  step, and the target only moves, φ ← (1 − β) φ + β ρ, when the pair was adjusted. With φ = 0 the first steps are
-  PCGrad's projection. Absent tasks neither adjust nor are adjusted, and their targets stay. hparams: beta (0.5).
+  (the reference implementation; the paper has none): a fresh random order per task and step, and the target only
+  moves, φ ← (1 − β) φ + β ρ, when the pair was adjusted. With φ = 0 the first steps are PCGrad's projection.
+
+  ``group_type`` (LibMTL's granularities): 'whole_model' (default; K = 1, one cosine per pair over every shared
+  parameter), 'all_layer' (one group per module: the parameters held by one dict of the parameter tree, LibMTL's
+  leaf modules) or 'all_matrix' (one per parameter tensor). The rule then runs inside each group k on the columns of
+  that group, with its own targets φ_ij^(k) and the same random order in every group (LibMTL loops over the groups
+  inside the pair loop), and the update's group k is Σ_i g'^(k)_i. The groups come from the shared parameters'
+  structure: ``init(..., param_layout=weighting.param_layout(shared_params))`` (the train step passes it) stores
+  their first columns (state ``group_starts`` [K]). A task whose gradient is zero in a group neither adjusts nor is
+  adjusted there (LibMTL moves that target toward 0). ``linear = False``: the update is not one weight per task once
+  K > 1; weights report Σ_k c_t^(k) ‖G_t^(k)‖² / ‖G_t‖², each group's coefficient of G_t weighted by the share of
+  ‖G_t‖² in it (K = 1: the coefficients themselves, update = weightsᵀG exactly as before the groups existed).
+  Absent tasks neither adjust nor are adjusted, get weight 0, and their targets stay. hparams: beta (0.5),
+  group_type ('whole_model').
   """
 
   name: ClassVar[str] = 'gradvac'
   kind: ClassVar[str] = 'gradient'
   needs: ClassVar[str] = 'shared_rows'
+  linear: ClassVar[bool] = False
+  uses_param_layout: ClassVar[bool] = True
+  TASK_FREE_STATE: ClassVar[tuple[str, ...]] = ('group_starts',)
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'beta': HParam(0.5, 'float', check=lambda v: 0 <= v <= 1, expected='in [0, 1]', doc='EMA rate of the targets'),
+      'group_type': HParam('whole_model', GRADVAC_GROUPS),
   }
 
-  def _init(self, num_tasks, hp):
-    return {'targets': jnp.zeros((num_tasks, num_tasks), jnp.float32)}
+  def _init_layout(self, num_tasks, hp, param_layout):
+    starts = gradvac_group_starts(hp['group_type'], param_layout)
+    return {
+        'targets': jnp.zeros((num_tasks, num_tasks, len(starts)), jnp.float32),
+        'group_starts': jnp.asarray(starts, jnp.int32),
+    }
 
-  def _apply(self, state, hp, grads, losses, key):
+  def _apply_update(self, state, hp, grads, losses, key):
     key = self._require_key(key)
     g = gram(grads)
     present = present_tasks(g)
-    coefs, targets = gradvac_coefficients(g, present, state['targets'], hp['beta'], key)
-    return jnp.where(present, jnp.sum(coefs, axis=0), 0.0), {'targets': targets}
+    num_groups = state['targets'].shape[2]
+    if num_groups == 1:  # the whole model: one Gram matrix, weights @ G
+      coefs, targets = gradvac_coefficients(g, present, state['targets'][..., 0], hp['beta'], key)
+      weights = jnp.where(present, jnp.sum(coefs, axis=0), 0.0)
+      return combine(weights, grads), weights, {'targets': targets[..., None], 'group_starts': state['group_starts']}
+    columns = jnp.arange(grads.shape[1])
+    group_of = jnp.searchsorted(state['group_starts'], columns, side='right') - 1
+    grams = group_grams(grads, group_of, num_groups)  # [K, T, T]
+
+    def one_group(g_k, targets_k):
+      coefs, new = gradvac_coefficients(g_k, present & present_tasks(g_k), targets_k, hp['beta'], key)
+      return jnp.where(present, jnp.sum(coefs, axis=0), 0.0), new
+
+    group_weights, targets = jax.vmap(one_group, in_axes=(0, 2), out_axes=(0, 2))(grams, state['targets'])  # [K, T]
+    update = jnp.sum(jnp.take(group_weights, group_of, axis=0).T * grads, axis=0)
+    shares = safe_div(jnp.diagonal(grams, axis1=1, axis2=2), jnp.diagonal(g)[None, :], 0.0)  # [K, T]
+    weights = jnp.where(present, jnp.sum(group_weights * shares, axis=0), 0.0)
+    return update, weights, {'targets': targets, 'group_starts': state['group_starts']}
 
 
 def _kept_share(kept: jax.Array, grads: jax.Array) -> jax.Array:
@@ -402,14 +574,18 @@ class RGW(WeightingMethod):
 
 
 __all__ = [
+    'GRADVAC_GROUPS',
     'ConFIG',
     'DualProj',
     'GradDrop',
     'GradVac',
     'Krum',
+    'PCD',
     'RGW',
     'TrimmedMean',
     'UPGrad',
     'dual_cone_weights',
     'gradvac_coefficients',
+    'gradvac_group_starts',
+    'group_grams',
 ]

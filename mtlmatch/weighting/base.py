@@ -8,7 +8,8 @@ A method is a frozen dataclass instance (hashable, so it can be closed over by `
   index of the choice in the spec, a 'floats' vector as a float32 vector). Keeping them in the state makes `apply` a
   pure function of its arguments, lets one compiled step serve a sweep, and makes a restored checkpoint resume with the
   values it was trained with. Methods that track gradients across steps (``needs_num_params``: MoCo, DB-MTL,
-  ExcessMTL) keep [T, P] arrays and need ``num_params``.
+  ExcessMTL) keep [T, P] arrays and need ``num_params``; methods that read the shared parameters' structure
+  (``uses_param_layout``: GradVac's parameter groups) take ``param_layout`` (`jacobian.param_layout`).
 * ``apply(state, grads, losses, key=None) -> (update, weights, new_state)`` with ``grads`` ``[T, P]`` (per-task
   gradients of the shared parameters, flattened), ``losses`` ``[T]``, ``update`` ``[P]``: the direction to DESCEND,
   scaled like the plain sum of task gradients Σ_t G_t (what EW returns), and ``weights`` ``[T]``: the effective task
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, ClassVar, Mapping, Optional
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,29 @@ NEEDS = ('losses', 'shared_rows', 'feature_rows', 'meta')
 
 State = dict
 HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class MetaInputs(NamedTuple):
+  """What the train step hands a 'meta' method's ``meta_step(state, inputs)`` (``mtlmatch/step.py``'s meta path), for
+  the T combined losses of one training batch at the parameters θ (``params``, every parameter: encoder and heads):
+
+  * ``weighted_grad(λ)`` = Σ_t λ_t ∇L_t(θ) (a params tree), linear in λ [T]: the transpose of the training VJP, so
+    ``jax.linear_transpose`` of it gives J v = [⟨∇L_t(θ), v⟩]_t without a second forward pass;
+  * ``task_losses`` [T]: L(θ) on the training batch (constants);
+  * ``train_losses(params) -> [T]``: the same losses at other parameters (a fresh forward pass on the training batch,
+    e.g. after inner gradient steps);
+  * ``val_losses(params) -> [T]``: each combined loss on ``batch['validation']`` (0 for the losses that are not task
+    losses: terms trained as tasks are auxiliary), or None when the method reads no validation batch
+    (``meta_uses_validation`` False);
+  * ``schedule_lr``: the optimizer's learning rate at this step.
+  """
+
+  weighted_grad: Callable[[jax.Array], Any]
+  params: Any
+  task_losses: jax.Array
+  train_losses: Callable[[Any], jax.Array]
+  val_losses: Optional[Callable[[Any], jax.Array]]
+  schedule_lr: jax.Array
 
 
 def _is_scalar_array(value: Any) -> bool:
@@ -152,6 +176,19 @@ class WeightingMethod:
   linear: ClassVar[bool] = True
   # True when the state holds per-parameter arrays [T, P] (tracked gradients): `init` then needs ``num_params`` = P.
   needs_num_params: ClassVar[bool] = False
+  # True when `init` accepts ``param_layout`` (the shared parameters' leaves in the order of a gradient row,
+  # `jacobian.param_layout`): the method groups the columns of G by parameter (GradVac's group types).
+  uses_param_layout: ClassVar[bool] = False
+  # State entries without a leading task axis (e.g. GradVac's group offsets [K]); every other array entry of the
+  # state has leading dimension T, which `apply` checks.
+  TASK_FREE_STATE: ClassVar[tuple[str, ...]] = ()
+  # 'floats' hyper-parameters with one value per task: {name: (value when empty, what empty means)}. `init` checks
+  # that each holds 0 or T values and stores an empty one as T copies of the value (zero-size arrays cannot be
+  # checkpointed), so `apply` always reads a [T] vector.
+  PER_TASK_FLOATS: ClassVar[Mapping[str, tuple[float, str]]] = {}
+  # 'meta' methods only: True when the meta step reads ``batch['validation']`` (Auto-Lambda, MOML), False when it
+  # runs on the training batch alone (FORUM), so the loop needs no validation split for it.
+  meta_uses_validation: ClassVar[bool] = True
   HPARAMS: ClassVar[Mapping[str, HParam]] = {}
 
   # ---- hyper-parameters -------------------------------------------------------------------------------------------
@@ -177,11 +214,12 @@ class WeightingMethod:
     return self.HPARAMS[name].kind.index(value)
 
   # ---- contract -----------------------------------------------------------------------------------------------------
-  def init(self, num_tasks: int, num_params: Optional[int] = None, **hparams) -> State:
+  def init(self, num_tasks: int, num_params: Optional[int] = None, *, param_layout=None, **hparams) -> State:
     """Initial state for `num_tasks` tasks: a dict of arrays (see the module docstring).
 
     ``num_params`` (P, the length of a gradient row) is required by the methods with ``needs_num_params`` (their
-    state tracks gradients) and ignored by the others.
+    state tracks gradients) and ignored by the others. ``param_layout`` (`jacobian.param_layout` of the shared
+    parameters) is read by the methods with ``uses_param_layout`` and refused by the others.
     """
     if to_int(num_tasks) is None or to_int(num_tasks) < 1:
       raise ValueError(f'{self.name}.init num_tasks: got {num_tasks!r}, expected an int >= 1')
@@ -193,11 +231,29 @@ class WeightingMethod:
             f'gradient row: the method tracks gradients in its state)'
         )
       num_params = to_int(num_params)
+    if param_layout is not None and not self.uses_param_layout:
+      raise ValueError(
+          f'{self.name}.init param_layout: got a layout, expected None (the method does not group parameters)'
+      )
     hp = self.resolve_hparams(**hparams)
+    for k, (_, meaning) in self.PER_TASK_FLOATS.items():
+      if len(hp[k]) not in (0, num_tasks):
+        raise ValueError(
+            f'{self.name} hparam {k!r}: got {len(hp[k])} values {hp[k]}, expected num_tasks={num_tasks} (or none, '
+            f'for {meaning})'
+        )
     state = {'step': jnp.zeros((), jnp.int32)}
     if hp:
       state['hparams'] = {k: self.HPARAMS[k].to_array(v) for k, v in hp.items()}
-    state.update(self._init_tracked(num_tasks, num_params, hp) if self.needs_num_params else self._init(num_tasks, hp))
+      for k, (fill, _) in self.PER_TASK_FLOATS.items():
+        if not hp[k]:
+          state['hparams'][k] = jnp.full((num_tasks,), fill, jnp.float32)
+    if self.uses_param_layout:
+      state.update(self._init_layout(num_tasks, hp, param_layout))
+    elif self.needs_num_params:
+      state.update(self._init_tracked(num_tasks, num_params, hp))
+    else:
+      state.update(self._init(num_tasks, hp))
     return state
 
   def apply(
@@ -216,6 +272,8 @@ class WeightingMethod:
           f'{self.name}.apply state: got {type(state).__name__} without "step", expected the dict ' f'returned by init'
       )
     for k, v in state.items():
+      if k in self.TASK_FREE_STATE:
+        continue
       if k not in ('step', 'hparams') and getattr(v, 'ndim', 0) >= 1 and v.shape[0] != num_tasks:
         raise ValueError(
             f'{self.name}.apply state[{k!r}]: got shape {v.shape}, expected leading dim T='
@@ -257,6 +315,10 @@ class WeightingMethod:
 
   def _init_tracked(self, num_tasks: int, num_params: int, hp: dict) -> dict:
     """`_init` of the methods with ``needs_num_params``."""
+    raise NotImplementedError
+
+  def _init_layout(self, num_tasks: int, hp: dict, param_layout) -> dict:
+    """`_init` of the methods with ``uses_param_layout`` (``param_layout`` may be None: no layout given)."""
     raise NotImplementedError
 
   def _apply(

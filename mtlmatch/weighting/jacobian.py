@@ -17,6 +17,7 @@ GPU/TPU. Both give the same rows up to float32 summation order.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -62,6 +63,23 @@ def unflatten_grads(vector: jax.Array, like: Any) -> Any:
   if vector.shape != flat.shape:
     raise ValueError(f'unflatten_grads vector: got shape {vector.shape}, expected {flat.shape} (the size of like)')
   return unravel(vector)
+
+
+def param_layout(tree: Any) -> tuple[tuple[str, int], ...]:
+  """The leaves of a parameter tree in the order of a gradient row (`flatten_grads`): ``((module, size), ...)``, one
+  pair per leaf, ``module`` the '/'-joined path of the dict that holds the leaf (the Flax module owning the parameter:
+  ``'Conv_0'`` for ``{'Conv_0': {'kernel', 'bias'}}``) and ``size`` its number of entries. What GradVac's parameter
+  groups are cut from (a group per module, ``all_layer``, or per leaf, ``all_matrix``); plain Python, no arrays.
+
+  >>> param_layout({'Dense_0': {'bias': jnp.zeros(3), 'kernel': jnp.zeros((2, 3))}, 'scale': jnp.zeros(())})
+  (('Dense_0', 3), ('Dense_0', 6), ('', 1))
+  """
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  layout = []
+  for path, leaf in leaves:
+    keys = [str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path[:-1]]
+    layout.append(('/'.join(keys), int(math.prod(jnp.shape(leaf)))))
+  return tuple(layout)
 
 
 def flatten_task_grads(tree: Any) -> jax.Array:

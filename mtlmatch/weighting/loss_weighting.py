@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from mtlmatch.weighting.base import (
     HParam,
+    MetaInputs,
     WeightingMethod,
     non_negative,
     positive,
@@ -41,6 +42,8 @@ _UW_LOG_VAR_BOUND = 20.0
 _GRADNORM_MIN_WEIGHT = 1e-3
 # FAMO's ε inside log(ℓ + ε) and 1/(ℓ + ε), as in the authors' code.
 _FAMO_EPS = 1e-8
+# PBI: a loss vector within this relative distance of the preference ray is on it (float32 rounds d2 to ~1e-7 ‖L‖).
+_PBI_ON_RAY = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,20 +347,7 @@ class Constant(WeightingMethod):
   HPARAMS: ClassVar[Mapping[str, HParam]] = {
       'weights': HParam((), 'floats', doc='one weight per task (empty: all ones)'),
   }
-
-  def _init(self, num_tasks, hp):
-    if len(hp['weights']) not in (0, num_tasks):
-      raise ValueError(
-          f'constant hparam \'weights\': got {len(hp["weights"])} values {hp["weights"]}, expected '
-          f'num_tasks={num_tasks} (or none, for all ones)'
-      )
-    return {}
-
-  def init(self, num_tasks, num_params=None, **hparams):
-    state = super().init(num_tasks, num_params, **hparams)
-    if state['hparams']['weights'].shape[0] == 0:  # stored as T ones: zero-size arrays cannot be checkpointed
-      state['hparams'] = {**state['hparams'], 'weights': jnp.ones((num_tasks,), jnp.float32)}
-    return state
+  PER_TASK_FLOATS: ClassVar[Mapping[str, tuple[float, str]]] = {'weights': (1.0, 'all ones')}
 
   def _apply(self, state, hp, grads, losses, key):
     return jnp.where(_present_losses(losses), hp['weights'], 0.0), {}
@@ -460,6 +450,106 @@ class STCH(WeightingMethod):
     return jnp.where(present, weights, 0.0), new
 
 
+def _preference_check(what: str) -> dict:
+  return dict(
+      check=lambda v: all(x >= 0 for x in v) and (not v or any(v)),
+      expected=f'>= 0, not all 0 (one per task; empty: {what})',
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class COSMOS(WeightingMethod):
+  """COSMOS's loss (Ruchte & Grabocka, ICDM 2021, "Scalable Pareto Front Approximation for Deep Multi-Objective
+  Learning"), weight-only: the scalarisation of the losses along a preference ray r ∈ Δ with a cosine penalty,
+
+    J(L) = T_p (rᵀL − λ cos(r, L)),   w = ∂J/∂L = T_p (r − λ (r / (‖r‖ ‖L‖) − cos(r, L) L / ‖L‖²)),
+
+  the authors' ``loss_total = Σ a_t L_t − lamda · cosine_similarity(L, a)`` (their code, ``cosmos.py``), ×T_p (the
+  number of present tasks) so that equal losses and r = 1/T give w = 1 (EW). The penalty pulls the loss vector's
+  direction toward r. r is drawn every step from Dirichlet(``alpha``·1) with ``key`` (the authors' ``alpha``; 1.2 their
+  Multi-MNIST default) or fixed by ``ray`` (normalised to sum 1 at init). **Weight-only variant**: COSMOS also
+  conditions the network on r (r is appended to the input, so that one network traces the whole Pareto front and
+  any ray can be asked for at test time); the models here are not conditioned, so with a sampled r the network
+  trains on a random mixture of rays (a randomised scalarisation), and with a fixed ``ray`` it targets that ray's
+  trade-off. Weights may be negative (the penalty's gradient lowers the weight of a task whose loss is already large
+  relative to r). Absent tasks (L_t = 0) are left out of r (the Dirichlet draw restricted to the present tasks and
+  renormalised, itself a Dirichlet) and of cos, and get weight 0. ``key`` is required (also with a fixed ray).
+  hparams: lamda (2.0, the authors' Multi-MNIST λ), alpha (1.2), ray (() = sampled).
+  """
+
+  name: ClassVar[str] = 'cosmos'
+  kind: ClassVar[str] = 'loss_weighting'
+  needs: ClassVar[str] = 'losses'
+  HPARAMS: ClassVar[Mapping[str, HParam]] = {
+      'lamda': HParam(2.0, 'float', **non_negative(), doc='cosine-similarity penalty λ'),
+      'alpha': HParam(1.2, 'float', **positive(), doc='Dirichlet concentration of the sampled ray'),
+      'ray': HParam((), 'floats', **_preference_check('drawn every step'), doc='fixed preference ray'),
+  }
+  # An all-zero ray (what an empty one is stored as) means "draw r every step".
+  PER_TASK_FLOATS: ClassVar[Mapping[str, tuple[float, str]]] = {'ray': (0.0, 'a ray drawn every step')}
+
+  def init(self, num_tasks, num_params=None, **hparams):
+    state = super().init(num_tasks, num_params, **hparams)
+    ray = state['hparams']['ray']
+    state['hparams'] = {**state['hparams'], 'ray': safe_div(ray, jnp.sum(ray), 0.0)}
+    return state
+
+  def _apply(self, state, hp, grads, losses, key):
+    key = self._require_key(key)
+    num_tasks = losses.shape[0]
+    present = present_from_losses(losses)
+    drawn = jax.random.dirichlet(key, jnp.full((num_tasks,), hp['alpha']))
+    ray = jnp.where(jnp.all(hp['ray'] == 0), drawn, hp['ray'])
+    ray = jnp.where(present, ray, 0.0)
+    ray = safe_div(ray, jnp.sum(ray), 0.0)
+    loss = jnp.where(present, losses, 0.0)
+    ray_norm, loss_norm = jnp.sqrt(jnp.sum(ray**2)), jnp.sqrt(jnp.sum(loss**2))
+    cos = safe_div(ray @ loss, ray_norm * loss_norm, 0.0)
+    d_cos = safe_div(ray, ray_norm * loss_norm, 0.0) - cos * safe_div(loss, loss_norm**2, 0.0)
+    weights = jnp.sum(present) * (ray - hp['lamda'] * d_cos)
+    return jnp.where(present, weights, 0.0), {}
+
+
+@dataclasses.dataclass(frozen=True)
+class PBI(WeightingMethod):
+  """Penalty-based boundary intersection (Zhang & Li, IEEE TEC 2007, "MOEA/D: A Multiobjective Evolutionary Algorithm
+  Based on Decomposition", §2.3) as a loss scalarisation: with the preference vector w and the ideal point z* = 0
+  (losses are ≥ 0),
+
+    d1 = ⟨L, w⟩ / ‖w‖,   d2 = ‖L − d1 w / ‖w‖‖,   g(L) = c (d1 + θ d2),
+
+  d1 the progress along the ray w, d2 the distance from it. The weights are g's gradient,
+  w_t = c (ŵ_t + θ (L − d1 ŵ)_t / d2) with ŵ = w / ‖w‖ (the θ term is 0 when L lies on the ray, d2 ≤ 1e-6 ‖L‖:
+  its subgradient 0; below that d2 is float32 rounding), and c = T_p / Σ_t ŵ_t so that the d1 part sums to T_p
+  (w = 1 and equal losses give EW). A task below the ray (L_t < d1 ŵ_t) gets a lower, possibly negative weight: PBI
+  pulls the loss vector onto the ray, not only down. Absent tasks (L_t = 0) are left out of w and L and get weight 0.
+  hparams: theta (5.0, MOEA/D's usual θ), preference (() = all ones).
+  """
+
+  name: ClassVar[str] = 'pbi'
+  kind: ClassVar[str] = 'loss_weighting'
+  needs: ClassVar[str] = 'losses'
+  HPARAMS: ClassVar[Mapping[str, HParam]] = {
+      'theta': HParam(5.0, 'float', **non_negative(), doc='penalty θ on the distance to the ray'),
+      'preference': HParam((), 'floats', **_preference_check('all ones'), doc='preference vector w'),
+  }
+  PER_TASK_FLOATS: ClassVar[Mapping[str, tuple[float, str]]] = {'preference': (1.0, 'all ones')}
+
+  def _apply(self, state, hp, grads, losses, key):
+    present = present_from_losses(losses)
+    pref = jnp.where(present, hp['preference'], 0.0)
+    unit = safe_div(pref, jnp.sqrt(jnp.sum(pref**2)), 0.0)
+    loss = jnp.where(present, losses, 0.0)
+    d1 = loss @ unit
+    off_ray = loss - d1 * unit
+    d2 = jnp.sqrt(jnp.sum(off_ray**2))
+    # On the ray d2's direction is float32 rounding of d1ŵ: take the subgradient 0 there.
+    off = d2 > _PBI_ON_RAY * jnp.sqrt(jnp.sum(loss**2))
+    grad = unit + hp['theta'] * jnp.where(off, safe_div(off_ray, d2, 0.0), 0.0)
+    scale = safe_div(jnp.sum(present).astype(jnp.float32), jnp.sum(unit), 0.0)
+    return jnp.where(present, scale * grad, 0.0), {}
+
+
 def kmeans_1d(values: jax.Array, present: jax.Array, k: jax.Array | int, iters: jax.Array | int = 20) -> jax.Array:
   """Lloyd's k-means of the present scalars `values` [T] into min(k, T_p) groups; returns each value's group centre
   (0 for absent entries). Centres start at evenly spaced order statistics of the present values (deterministic)."""
@@ -527,6 +617,18 @@ class GO4Align(WeightingMethod):
 # ---- meta-learned weights -----------------------------------------------------------------------------------------
 # Adam's constants for λ: PyTorch's defaults, which the Auto-Lambda authors' optim.Adam uses.
 _ADAM_B1, _ADAM_B2, _ADAM_EPS = 0.9, 0.999, 1e-8
+
+
+def adam_step(state, key: str, grad: jax.Array, lr: jax.Array) -> dict:
+  """One Adam step (PyTorch's: β = (0.9, 0.999), ε = 1e-8, bias-corrected) on ``state[key]`` with gradient ``grad``,
+  the moments in ``state['adam_mu']`` / ``state['adam_nu']`` and the count in ``state['adam_count']``: returns the
+  state with those four entries updated (the meta-learned weights of Auto-Lambda, MOML and FORUM)."""
+  count = state['adam_count'] + 1
+  mu = _ADAM_B1 * state['adam_mu'] + (1 - _ADAM_B1) * grad
+  nu = _ADAM_B2 * state['adam_nu'] + (1 - _ADAM_B2) * jnp.square(grad)
+  c = count.astype(jnp.float32)
+  step = lr * (mu / (1 - _ADAM_B1**c)) / (jnp.sqrt(nu / (1 - _ADAM_B2**c)) + _ADAM_EPS)
+  return {**state, key: state[key] - step, 'adam_mu': mu, 'adam_nu': nu, 'adam_count': count}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -613,28 +715,23 @@ class AutoLambda(WeightingMethod):
       raise ValueError(
           f'{self.name}.meta_update meta_grad: got shape {meta_grad.shape}, expected [T] = {state["lambdas"].shape}'
       )
-    count = state['adam_count'] + 1
-    mu = _ADAM_B1 * state['adam_mu'] + (1 - _ADAM_B1) * meta_grad
-    nu = _ADAM_B2 * state['adam_nu'] + (1 - _ADAM_B2) * jnp.square(meta_grad)
-    c = count.astype(jnp.float32)
-    step = state['hparams']['lr'] * (mu / (1 - _ADAM_B1**c)) / (jnp.sqrt(nu / (1 - _ADAM_B2**c)) + _ADAM_EPS)
-    return {**state, 'lambdas': state['lambdas'] - step, 'adam_mu': mu, 'adam_nu': nu, 'adam_count': count}
+    return adam_step(state, 'lambdas', meta_grad, state['hparams']['lr'])
 
-  def meta_step(self, state, weighted_grad, params, val_loss, schedule_lr):
+  def meta_step(self, state, inputs: MetaInputs):
     """The meta step: ``(new state, {'meta/val_loss', 'meta/lookahead_lr', 'meta/grad': ∂L_val/∂λ [T]})``. Jittable.
 
-    ``weighted_grad(λ) -> g(λ) = Σ_t λ_t ∇L_t(θ)`` (a params tree, linear in λ: the train step's VJP of the
-    training loss rows at θ = ``params``); the look-ahead θ' = θ − α g(λ) with α = :meth:`lookahead_lr`;
-    ``val_loss(θ') -> L_val`` and v = ∇L_val(θ'); then ∂L_val/∂λ = −α J v, with J v = [⟨∇L_t(θ), v⟩]_t the transpose
-    of the linear map λ ↦ g(λ) applied to v — a forward-mode product through the residuals of the training forward
-    pass (no second forward pass; ``jax.jvp`` itself cannot differentiate the CPU convolution's ``custom_vjp``).
-    Exact: no finite differences, no Hessian. Then :meth:`meta_update` (Adam on λ).
+    ``inputs`` (`base.MetaInputs`): g(λ) = ``inputs.weighted_grad(λ)`` = Σ_t λ_t ∇L_t(θ) (linear in λ: the train
+    step's VJP of the training loss rows at θ = ``inputs.params``); the look-ahead θ' = θ − α g(λ) with α =
+    :meth:`lookahead_lr`; L_val(θ') = Σ_t ``inputs.val_losses(θ')`` and v = ∇L_val(θ'); then ∂L_val/∂λ = −α J v, with
+    J v = [⟨∇L_t(θ), v⟩]_t the transpose of the linear map λ ↦ g(λ) applied to v — a forward-mode product through the
+    residuals of the training forward pass (no second forward pass; ``jax.jvp`` itself cannot differentiate the CPU
+    convolution's ``custom_vjp``). Exact: no finite differences, no Hessian. Then :meth:`meta_update` (Adam on λ).
     """
     lambdas = state['lambdas']
-    alpha = self.lookahead_lr(state, schedule_lr)
-    lookahead = jax.tree.map(lambda p, g: p - alpha * g, params, weighted_grad(lambdas))
-    loss, v = jax.value_and_grad(val_loss)(lookahead)
-    (jv,) = jax.linear_transpose(weighted_grad, lambdas)(v)
+    alpha = self.lookahead_lr(state, inputs.schedule_lr)
+    lookahead = jax.tree.map(lambda p, g: p - alpha * g, inputs.params, inputs.weighted_grad(lambdas))
+    loss, v = jax.value_and_grad(lambda p: jnp.sum(inputs.val_losses(p)))(lookahead)
+    (jv,) = jax.linear_transpose(inputs.weighted_grad, lambdas)(v)
     meta_grad = -alpha * jv
     return self.meta_update(state, meta_grad), {
         'meta/val_loss': loss,
