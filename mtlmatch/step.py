@@ -36,6 +36,7 @@ each microbatch with its own statistics (docs/maths.md §6.2).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import flax
@@ -394,23 +395,12 @@ def train_step(
   features, batch_stats, encoder_pullback = encoder_pass(
       model, state.params, state.batch_stats, batch['image'], accum_steps=accum_steps
   )
-  rows_fn = lambda f, h: loss_rows(  # noqa: E731
-      f,
-      h,
-      state=state,
-      batch=batch,
-      model=model,
-      objective=objective,
-      names=names,
-      dummy_rng=dummy_rng,
-      term_rng=term_rng,
-  )
+  shared = dict(state=state, model=model, objective=objective, names=names)
+  rows_fn = functools.partial(loss_rows, batch=batch, dummy_rng=dummy_rng, term_rng=term_rng, **shared)
   rows, rows_vjp, named = jax.vjp(rows_fn, features, state.params['heads'], has_aux=True)
   lin = Linearization(rows_vjp, encoder_pullback, features, len(names.combined), bool(names.additive))
   task_losses = rows[:-1]
-  val_losses = lambda params, val_batch: validation_losses(  # noqa: E731
-      params, val_batch, state=state, model=model, objective=objective, names=names
-  )
+  val_losses = functools.partial(validation_losses, **shared)  # (params, val_batch) -> losses
 
   def train_losses(params):
     # The combined losses of this batch at other parameters: one forward in train mode (the whole batch at once,

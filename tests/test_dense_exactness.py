@@ -70,8 +70,10 @@ def test_eight_devices_with_microbatches_equal_one_device_in_one_pass(tfds_dir, 
   params_1, stats_1, wstate_1, m_1, labels = _one_step(tfds_dir, case, 1, 1)
   params_8, stats_8, wstate_8, m_8, _ = _one_step(tfds_dir, case, accum, 8)
   keys = [k for k in m_1 if k.startswith(('loss', 'weight/', 'cosine/'))] + ['grad_norm']
-  for key in keys:
-    np.testing.assert_allclose(m_8[key], m_1[key], rtol=3e-5, atol=1e-7, err_msg=key)
+  for key in keys:  # a cosine near 0.1 is a difference of larger numbers: its rounding is absolute, ~1e-6
+    np.testing.assert_allclose(
+        m_8[key], m_1[key], rtol=3e-5, atol=1e-5 if key.startswith('cosine/') else 1e-7, err_msg=key
+    )
   assert m_1['grad_norm'] > 0 and all(np.isfinite(m_1[k]) for k in keys)
   if CASES[case][0] == 'mtl+dgr':
     assert m_1['loss/term/dgr'] > 0

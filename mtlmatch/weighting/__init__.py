@@ -102,9 +102,7 @@ from mtlmatch.weighting.jacobian import (
     unflatten_grads,
 )
 from mtlmatch.weighting.loss_weighting import (
-    COSMOS,
     DWA,
-    PBI,
     AutoLambda,
     EW,
     FAMO,
@@ -120,6 +118,7 @@ from mtlmatch.weighting.loss_weighting import (
     Sum,
     kmeans_1d,
 )
+from mtlmatch.weighting.scalarizations import COSMOS, PBI
 from mtlmatch.weighting.stochastic_methods import CRMOGM, DBMTL, ExcessMTL, MoCo, MoDo, SDMGrad
 
 # The registry: every method class once, loss weightings first (the order of `METHODS` and of the two tuples).

@@ -30,9 +30,9 @@ from mtlmatch.weighting.base import (
 )
 from mtlmatch.weighting.gradient_methods import (
     EXACT_MAX_TASKS,
-    _FACE_RIDGE,
-    _face_masks,
-    _normalise_candidates,
+    FACE_RIDGE,
+    face_masks,
+    normalise_candidates,
     min_norm_weights,
     present_tasks,
 )
@@ -167,7 +167,7 @@ def _kkt_face_solves(quad: jax.Array, lin: jax.Array, eq: jax.Array, eq_rhs: jax
   (FORUM's Â − bbᵀ/q annihilates the uniform direction when ∇q lies in the span of the task gradients). Returns
   (faces [F, T], valid [F], λ [F, T])."""
   num_tasks, k = quad.shape[0], eq.shape[0]
-  m = jnp.asarray(_face_masks(num_tasks))  # [F, T]
+  m = jnp.asarray(face_masks(num_tasks))  # [F, T]
   top_left = m[:, :, None] * m[:, None, :] * (2.0 * quad) + (1 - m)[:, :, None] * jnp.eye(num_tasks)
   top_right = -(m[:, :, None] * eq.T[None])  # [F, T, k]
   bottom = m[:, None, :] * eq[None]  # [F, k, T]
@@ -205,13 +205,13 @@ def forum_weights(
   pi = rho - safe_div(b, q, 0.0)
   quad = a_hat - safe_div(jnp.outer(b, b), q, 0.0)  # Â − bbᵀ/q (PSD, possibly singular)
   # piece 1 (ν = πᵀλ): λᵀQλ + ρbᵀλ; piece 2 (ν = 0): λᵀÂλ; the plane πᵀλ = 0: λᵀÂλ. Each with Σλ = 1.
-  masks, valid, piece1 = _kkt_face_solves(quad + _FACE_RIDGE * eye, rho * b, ones, jnp.ones((1,)), present)
-  _, _, piece2 = _kkt_face_solves(a_hat + _FACE_RIDGE * eye, zeros, ones, jnp.ones((1,)), present)
+  masks, valid, piece1 = _kkt_face_solves(quad + FACE_RIDGE * eye, rho * b, ones, jnp.ones((1,)), present)
+  _, _, piece2 = _kkt_face_solves(a_hat + FACE_RIDGE * eye, zeros, ones, jnp.ones((1,)), present)
   plane_eq = jnp.concatenate([ones, pi[None]])
-  _, _, plane = _kkt_face_solves(a_hat + _FACE_RIDGE * eye, zeros, plane_eq, jnp.array([1.0, 0.0]), present)
+  _, _, plane = _kkt_face_solves(a_hat + FACE_RIDGE * eye, zeros, plane_eq, jnp.array([1.0, 0.0]), present)
   cands = jnp.concatenate([piece1, piece2, plane])
   faces = jnp.concatenate([masks, masks, masks])
-  cands, ok = _normalise_candidates(cands, jnp.concatenate([valid, valid, valid]), faces)
+  cands, ok = normalise_candidates(cands, jnp.concatenate([valid, valid, valid]), faces)
   nu = jnp.maximum(cands @ pi, 0.0)
   value = jnp.einsum('fi,ij,fj->f', cands, a_hat, cands) + 2.0 * nu * (cands @ b) + nu**2 * q - nu * rho * q
   best = cands[jnp.argmin(jnp.where(ok, value, jnp.inf))]

@@ -40,7 +40,7 @@ EXACT_MAX_TASKS = 8
 # Ridge added inside the face solves, relative to each task's squared norm (A + ridge·diag A): makes every face
 # system non-singular (identical or collinear gradients) and breaks ties toward uniform weights; it perturbs the
 # objective by at most ridge·Σ_t α_t²‖g_t‖².
-_FACE_RIDGE = 1e-6
+FACE_RIDGE = 1e-6
 # A face solution with a coefficient below −tol is infeasible (float32 slack on exact zeros).
 _FACE_TOL = 1e-4
 
@@ -63,7 +63,7 @@ def clip_weights_to_norm(weights: jax.Array, g: jax.Array, max_norm: jax.Array |
   return weights * scale
 
 
-def _face_masks(num_tasks: int) -> np.ndarray:
+def face_masks(num_tasks: int) -> np.ndarray:
   """All non-empty subsets of range(T) as a float32 [2^T − 1, T] 0/1 array (static)."""
   idx = np.arange(1, 2**num_tasks)
   return ((idx[:, None] >> np.arange(num_tasks)) & 1).astype(np.float32)
@@ -77,7 +77,7 @@ def _face_solves(a_mat: jax.Array, rhs: jax.Array, present: jax.Array):
   keep float32 accuracy.
   """
   num_tasks = a_mat.shape[0]
-  m = jnp.asarray(_face_masks(num_tasks))
+  m = jnp.asarray(face_masks(num_tasks))
   eye = jnp.eye(num_tasks, dtype=a_mat.dtype)
   diag = jnp.diagonal(a_mat)
   s = jnp.where(diag > 0, 1.0 / jnp.sqrt(jnp.where(diag > 0, diag, 1.0)), 1.0)
@@ -90,7 +90,7 @@ def _face_solves(a_mat: jax.Array, rhs: jax.Array, present: jax.Array):
   return m, valid, x
 
 
-def _normalise_candidates(w: jax.Array, ok: jax.Array, m: jax.Array):
+def normalise_candidates(w: jax.Array, ok: jax.Array, m: jax.Array):
   """Keep feasible candidates (finite, ≥ −tol, positive sum), clip to ≥ 0 on their face and renormalise to Σ = 1."""
   tot = jnp.sum(w, axis=-1)
   ok = ok & jnp.isfinite(tot) & (tot > 0)
@@ -112,9 +112,9 @@ def min_norm_weights(g: jax.Array, present: jax.Array, fw_steps: jax.Array | int
   gs, _ = _scaled_gram(g, present)
   n_present = jnp.sum(present)
   if num_tasks <= EXACT_MAX_TASKS:
-    a_mat = gs + _FACE_RIDGE * jnp.diag(jnp.diagonal(gs))
+    a_mat = gs + FACE_RIDGE * jnp.diag(jnp.diagonal(gs))
     m, valid, x = _face_solves(a_mat, jnp.ones((num_tasks, 1)), present)
-    w, ok = _normalise_candidates(x[..., 0], valid, m)
+    w, ok = normalise_candidates(x[..., 0], valid, m)
     obj = jnp.einsum('fi,ij,fj->f', w, a_mat, w)
     obj = jnp.where(ok, obj, jnp.inf)
     alpha = w[jnp.argmin(obj)]
@@ -214,7 +214,7 @@ def cagrad_weights(
     return w @ a + sqrt_phi * jnp.sqrt(jnp.maximum(jnp.einsum('...i,ij,...j->...', w, gs, w), 0.0))
 
   if num_tasks <= EXACT_MAX_TASKS:
-    a_mat = gs + _FACE_RIDGE * jnp.diag(jnp.diagonal(gs))
+    a_mat = gs + FACE_RIDGE * jnp.diag(jnp.diagonal(gs))
     m, valid, xy = _face_solves(a_mat, jnp.stack([jnp.ones(num_tasks), a], axis=1), present)
     x, y = xy[..., 0], xy[..., 1]
     qa, qb = jnp.sum(x, -1), -2.0 * jnp.sum(y, -1)
@@ -224,7 +224,7 @@ def cagrad_weights(
     lam = jnp.stack([safe_div(-qb + root, 2 * qa), safe_div(-qb - root, 2 * qa)], axis=-1)  # [F, 2]
     cand = lam[..., None] * x[:, None, :] - y[:, None, :]  # [F, 2, T]
     ok = jnp.broadcast_to((valid & (disc >= 0))[:, None], cand.shape[:2])
-    cand, ok = _normalise_candidates(cand, ok, m[:, None, :])
+    cand, ok = normalise_candidates(cand, ok, m[:, None, :])
     cand, ok = cand.reshape(-1, num_tasks), ok.reshape(-1)
     vertices = jnp.eye(num_tasks)
     cand = jnp.concatenate([cand, vertices])
