@@ -189,7 +189,7 @@ def table(cells: Mapping[str, dict], protocol: str) -> str:
         continue
       mean, std = cell['mean'][key], cell['std'][key]
       digits = 2 if key.startswith('normal/m') else 4 if key.startswith('normal/within') else 4
-      values.append(f'{mean:.{digits}f} ± {std:.{digits}f}')
+      values.append(f'{mean:.{digits}f} ± {std:.{digits}f}' if cell['seeds'] > 1 else f'{mean:.{digits}f}')
     dm = f'{cell["delta_m"]:+.2f}' if 'delta_m' in cell and math.isfinite(cell['delta_m']) else 'baseline'
     if prefix:
       dm += ' | ' + (f'{cell["delta_m_same_labels"]:+.2f}' if 'delta_m_same_labels' in cell else 'baseline')
@@ -210,7 +210,8 @@ def write_report(rows, cells, lr: float, lr_scores: Mapping[float, float], out: 
     )
   block = '\n\n'.join(
       [
-          f'**Full labels** (3 seeds; test metrics at the best-validation step; Δm over the nine metrics against the '
+          '**Full labels** (mean ± std over the seeds of the last column; test metrics at the best-validation step; '
+          f'Δm over the nine metrics against the '
           f'full-label single-task models):\n\n{table(cells, "full")}',
           f'**One label per training image** (balanced; the same 1,000 images, so each task sees a third of the '
           f'labels):\n\n{table(cells, "one-label")}',
