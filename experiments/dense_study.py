@@ -208,15 +208,15 @@ def write_report(rows, cells, lr: float, lr_scores: Mapping[float, float], out: 
     json.dump(
         {'learning_rate': lr, 'lr_scores': {str(k): v for k, v in lr_scores.items()}, 'cells': cells}, f, indent=1
     )
-  block = '\n\n'.join(
-      [
-          '**Full labels** (mean ± std over the seeds of the last column; test metrics at the best-validation step; '
-          f'Δm over the nine metrics against the '
-          f'full-label single-task models):\n\n{table(cells, "full")}',
-          f'**One label per training image** (balanced; the same 1,000 images, so each task sees a third of the '
-          f'labels):\n\n{table(cells, "one-label")}',
-      ]
+  full = (
+      '**Full labels** (mean ± std over the seeds of the last column; test metrics at the best-validation step; '
+      f'Δm over the nine metrics against the full-label single-task models):\n\n{table(cells, "full")}'
   )
+  one = (
+      '**One label per training image** (balanced; the same 1,000 images, so each task sees a third of the '
+      f'labels):\n\n{table(cells, "one-label")}'
+  )
+  block = f'{full}\n\nOne label per training image: the second table of REPORT.md.'
   lr_line = ', '.join(f'{k:g}: {v:.4f}' for k, v in sorted(lr_scores.items()))
   text = '\n'.join(
       [
@@ -229,7 +229,9 @@ def write_report(rows, cells, lr: float, lr_scores: Mapping[float, float], out: 
           f'**Learning rate decided on validation data** (EW, full labels, seed 0; validation score at the best '
           f'step): {lr_line} → **{lr:g}**.',
           '',
-          block,
+          full,
+          '',
+          one,
           '',
           'Files: `runs.csv` / `runs.json` (one row per run), `summary.json` (the seed means above), '
           '`validation_curves.png` (convergence: validation score vs step, seed mean per cell).',
