@@ -285,7 +285,9 @@ def rows_path(method, state, lin: Linearization, task_losses, rng, *, jacobian: 
   cotangents = lin.unit_cotangents()
   num_tasks = lin.num_combined
   # The rows w.r.t. the features and the heads (through the heads only): feature leaves [R, B, ...], heads [R, ...].
-  d_features, d_heads = weighting.pullback_rows(lin.rows_vjp, cotangents, 'vmap' if jacobian == 'auto' else jacobian)
+  # Same mode as the encoder's pullback ('auto': one VJP per row on XLA:CPU): dense heads are convolution stacks, and
+  # a vmapped VJP through them on XLA:CPU is both slower and the path where wrong head gradients were once reported.
+  d_features, d_heads = weighting.pullback_rows(lin.rows_vjp, cotangents, jacobian)
   wrt_features = method.needs == 'feature_rows'
   if wrt_features:
     flat_rows = jax.vmap(lambda tree: ravel_pytree(tree)[0])(d_features)

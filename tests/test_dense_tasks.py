@@ -8,16 +8,19 @@ The losses and metrics against numpy are in tests/test_dense_maths.py, the netwo
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, set_keys
+from conftest import REPO, compile_fast, set_keys
 from mtlmatch import config_lib
 from mtlmatch import data as data_lib
 from mtlmatch import experiment as experiment_lib
 from mtlmatch import metrics as metrics_lib
 from mtlmatch import modes
+from mtlmatch import step as step_lib
 from mtlmatch import tasks as tasks_lib
 from mtlmatch import train
 from mtlmatch.data import dense_benchmarks, nyuv2_layout, scenes
@@ -118,3 +121,45 @@ def test_nyuv2_config_trains_on_files_in_libmtl_layout(tmp_path):
   with pytest.raises(ValueError, match=r'got root=None, expected the dataset folder'):
     config.data.options.root = None
     train.train_and_evaluate(config, str(tmp_path / 'nothing'))
+
+
+@pytest.mark.parametrize('jacobian', ['rows', 'vmap'])
+def test_a_gradient_method_gives_each_dense_head_its_own_task_gradient(tfds_dir, jacobian):
+  # A gradient method's head update is the sum of that head's rows, and a head only enters its own task's loss, so
+  # head t receives ∇_{φ_t} L_t; the reference is jax.grad of L_t alone, one task at a time, at the same features.
+  config = set_keys(_scenes(tfds_dir), batch_size=8, **{'weighting.jacobian': jacobian})
+  config_lib.set_weighting(config, 'pcgrad')
+  mesh = jax.make_mesh((1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+  exp = experiment_lib.build_experiment(config, mesh)
+  state, batch = jax.jit(exp.init_state)(), next(exp.train_batches(0))
+  names = exp.names
+
+  def heads_and_reference(state, batch):
+    features, _, pullback = step_lib.encoder_pass(exp.model, state.params, state.batch_stats, batch['image'])
+    rows_fn = functools.partial(
+        step_lib.loss_rows,
+        batch=batch,
+        dummy_rng=jax.random.PRNGKey(0),
+        term_rng=jax.random.PRNGKey(1),
+        state=state,
+        model=exp.model,
+        objective=exp.objective,
+        names=names,
+    )
+    rows, rows_vjp, _ = jax.vjp(rows_fn, features, state.params['heads'], has_aux=True)
+    lin = step_lib.Linearization(rows_vjp, pullback, features, len(names.combined), bool(names.additive))
+    path = step_lib.rows_path(exp.method, state, lin, rows[:-1], jax.random.PRNGKey(2), jacobian=jacobian)
+    reference = {}
+    for i, name in enumerate(names.combined):
+      task = name.removeprefix('task/')
+      loss_t = lambda head, task=task, i=i: rows_fn(features, {**state.params['heads'], task: head})[0][i]
+      reference[task] = jax.grad(loss_t)(state.params['heads'][task])
+    return path.grads['heads'], reference
+
+  got, reference = jax.device_get(compile_fast(jax.jit(heads_and_reference).lower(state, batch))(state, batch))
+  assert set(got) == set(reference) == {'segmentation', 'depth', 'normal'}
+  for task in reference:
+    scale = max(np.abs(leaf).max() for leaf in jax.tree.leaves(reference[task]))
+    assert scale > 0  # depth's L1 gradients are sums of ±1/N: float32 summation order shows at ~1e-5 of the scale
+    for a, b in zip(jax.tree.leaves(got[task]), jax.tree.leaves(reference[task]), strict=True):
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * scale, err_msg=task)
