@@ -60,7 +60,10 @@ def help_text(spec: Optional[str] = None) -> str:
   for name in config_schema.encoder_names():
     fields = config_lib.flat_keys(config_lib.encoder_kwargs(name))
     lines.append(f'  {name:<10s} ' + ', '.join(f'{k}={_show(v)}' for k, v in fields.items()))
-  lines += ['', 'Architectures (arch=<name> or --config.arch.name; --config.arch.kwargs.<kwarg>=...; docs/maths.md §12):']
+  lines += [
+      '',
+      'Architectures (arch=<name> or --config.arch.name; --config.arch.kwargs.<kwarg>=...; docs/maths.md §12):',
+  ]
   for name in config_schema.arch_names():
     spec = config_schema.arch_spec(name)
     kwargs = ', '.join(f'{k}={_show(v)}' for k, v in spec['kwargs'].items()) or 'no kwargs'

@@ -50,7 +50,6 @@ from mtlmatch.models import dense
 from mtlmatch.models.encoders import levels_of
 from mtlmatch.models.multitask import MultiTaskModel
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Shared pieces.
 
@@ -148,7 +147,9 @@ class PLEEncoder(nn.Module):
   def __call__(self, images, *, train: bool):
     num_levels = levels_of(self.base)
     shared = [self.base.clone(parent=self, name=f'shared_{k}') for k in range(self.num_shared)]
-    own = {t: [self.base.clone(parent=self, name=f'{t}_expert_{k}') for k in range(self.num_specific)] for t in self.tasks}
+    own = {
+        t: [self.base.clone(parent=self, name=f'{t}_expert_{k}') for k in range(self.num_specific)] for t in self.tasks
+    }
     reps = {t: images for t in self.tasks}
     for level in range(num_levels - 1):
       new = {}
@@ -202,7 +203,9 @@ class ColumnsEncoder(nn.Module):
     reps = [run_block(c, images, 0, train) for c in columns]
     for level in range(1, num_levels):
       stacked = jnp.stack(reps)  # [T, B, ...]
-      mixed = [jnp.einsum('j,jb...->b...', mixing[level - 1, t].astype(stacked.dtype), stacked) for t in range(num_tasks)]
+      mixed = [
+          jnp.einsum('j,jb...->b...', mixing[level - 1, t].astype(stacked.dtype), stacked) for t in range(num_tasks)
+      ]
       reps = [run_block(c, z, level, train) for c, z in zip(columns, mixed)]
     return dict(zip(self.tasks, reps))
 
@@ -259,7 +262,9 @@ class MoEHead(nn.Module):
         own = features['specific'][self.task]
       else:
         x = jax.lax.stop_gradient(features['input'])
-        own = stack_trees([self.expert.clone(parent=self, name=f'expert_{k}')(x, train=False) for k in range(self.num_specific)])
+        own = stack_trees(
+            [self.expert.clone(parent=self, name=f'expert_{k}')(x, train=False) for k in range(self.num_specific)]
+        )
       experts = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), experts, own)
     gate = softmax_gate(gate_input(features), self.num_shared + self.num_specific, 'gate')
     return self.tower(mix(experts, gate))
@@ -408,26 +413,38 @@ def _mtan(encoder, heads, norm):
 ARCHITECTURES: dict[str, Architecture] = {
     'hps': Architecture('hard parameter sharing: one encoder, a head per task', 'Caruana 1993', {}, False, _hps),
     'mmoe': Architecture(
-        'E shared expert encoders, a softmax gate per task on the input', 'Ma et al. 2018', {'num_experts': 4}, False,
+        'E shared expert encoders, a softmax gate per task on the input',
+        'Ma et al. 2018',
+        {'num_experts': 4},
+        False,
         _mmoe,
     ),
     'cgc': Architecture(
-        'shared and task-specific experts, a softmax gate per task', 'Tang et al. 2020',
-        {'num_shared': 2, 'num_specific': 1}, False, _cgc,
+        'shared and task-specific experts, a softmax gate per task',
+        'Tang et al. 2020',
+        {'num_shared': 2, 'num_specific': 1},
+        False,
+        _cgc,
     ),
     'ple': Architecture(
         'CGC stacked over the encoder levels', 'Tang et al. 2020', {'num_shared': 2, 'num_specific': 1}, True, _ple
     ),
     'dselect_k': Architecture(
-        'shared experts, a DSelect-k gate (k smooth-step selectors) per task', 'Hazimeh et al. 2021',
-        {'num_experts': 4, 'num_nonzeros': 2, 'gamma': 1.0}, False, _dselect_k,
+        'shared experts, a DSelect-k gate (k smooth-step selectors) per task',
+        'Hazimeh et al. 2021',
+        {'num_experts': 4, 'num_nonzeros': 2, 'gamma': 1.0},
+        False,
+        _dselect_k,
     ),
     'cross_stitch': Architecture(
         'a column per task, mixed between levels by learned units', 'Misra et al. 2016', {}, True, _cross_stitch
     ),
     'ltb': Architecture(
-        'a column per task, each level reading one branch (Gumbel-softmax)', 'Guo et al. 2020',
-        {'tau': 1.0, 'warmup_steps': 0, 'seed': 0}, True, _ltb,
+        'a column per task, each level reading one branch (Gumbel-softmax)',
+        'Guo et al. 2020',
+        {'tau': 1.0, 'warmup_steps': 0, 'seed': 0},
+        True,
+        _ltb,
     ),
     'mtan': Architecture(
         "task attention modules over the encoder's stage maps", 'Liu et al. 2019', {'norm': 'group'}, True, _mtan

@@ -344,9 +344,7 @@ class _ResNet(nn.Module):
     block = maybe_remat(self.BLOCK, self.remat, static_argnums=(2,))
     for index in range(self.stage_sizes[stage]):
       strides = 2 if stage > 0 and index == 0 else 1
-      x = block(self.width * 2**stage, strides, self.dtype, self.conv_impl, name=f'stage{stage}_block{index}')(
-          x, train
-      )
+      x = block(self.width * 2**stage, strides, self.dtype, self.conv_impl, name=f'stage{stage}_block{index}')(x, train)
     return x
 
 
