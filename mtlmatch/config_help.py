@@ -65,10 +65,10 @@ def help_text(spec: Optional[str] = None) -> str:
       'Architectures (arch=<name> or --config.arch.name; --config.arch.kwargs.<kwarg>=...; docs/maths.md §12):',
   ]
   for name in config_schema.arch_names():
-    spec = config_schema.arch_spec(name)
-    kwargs = ', '.join(f'{k}={_show(v)}' for k, v in spec['kwargs'].items()) or 'no kwargs'
-    levels = '; encoders with levels: cnn, resnet18, resnet50' if spec['needs_levels'] else ''
-    lines.append(f"  {name:<13s}{spec['summary']} ({spec['paper']}{levels}); {kwargs}")
+    entry = config_schema.arch_spec(name)
+    kwargs = ', '.join(f'{k}={_show(v)}' for k, v in entry['kwargs'].items()) or 'no kwargs'
+    levels = '; encoders with levels: cnn, resnet18, resnet50' if entry['needs_levels'] else ''
+    lines.append(f"  {name:<13s}{entry['summary']} ({entry['paper']}{levels}); {kwargs}")
   lines += ['', 'Weighting methods (--config.weighting.name; --config.weighting.hparams.<name>=...):']
   for name in config_schema.weighting_names():
     specs = config_schema.hparam_specs(name)
