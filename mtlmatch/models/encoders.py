@@ -189,14 +189,14 @@ class CNNEncoder(nn.Module):
 
   @property
   def num_levels(self) -> int:
-    """L = one level per conv stage; ``level=L`` is the readout (flatten → Dense → ReLU); see :func:`run_level`."""
+    """L = one level per conv stage; ``level=L`` is the readout (flatten → Dense → ReLU); see :func:`levels_of`."""
     return len(self.widths)
 
   @nn.compact
   def __call__(self, images, *, train: bool, level: Optional[int] = None):
     del train
     stage = maybe_remat(type(self)._stage, self.remat, static_argnums=(2,))
-    if level is not None:  # one level of the same network (the same parameter names): run_level
+    if level is not None:  # one level of the same network (the same parameter names): levels_of
       check_level(self, level)
       return stage(self, images, level) if level < len(self.widths) else self._readout(images)
     check_images(images, 'CNNEncoder')
@@ -307,7 +307,7 @@ class _ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool, level: Optional[int] = None):
-    if level is not None:  # one level of the same network (the same parameter names): run_level
+    if level is not None:  # one level of the same network (the same parameter names): levels_of
       check_level(self, level)
       if level == 0:
         return self._stem(images, train)
