@@ -6,6 +6,8 @@
   plain base encoder applied with each copy's parameters; gates, smooth steps, codes, mixing and towers in numpy);
 * the split rule: perturbing task t's head parameters changes task t's output only, for every architecture;
 * LTB: its Gumbel noise is a function of (seed, step counter) and the eval path is deterministic;
+* per-task encoder rows through the step's feature pullback equal jax.grad of each task's loss (mmoe, cross_stitch,
+  ltb: pytree features);
 * the train step: two steps of ``configs/affect.py:mtl,arch=<name>,smoke`` for every name (MMoE with PCGrad on 1 and
   8 devices, CGC with DGR, DSelect-k with MGDA-UB's feature rows, LTB with gradient accumulation).
 """
@@ -306,3 +308,31 @@ def test_mmoe_with_pcgrad_one_device_equals_eight(tfds_dir):
   _, eight, m8 = _step(config, tfds_dir, 8)
   np.testing.assert_allclose(float(m1['loss']), float(m8['loss']), rtol=1e-5)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6), one.params, eight.params)
+
+
+@pytest.mark.parametrize('name', ['mmoe', 'cross_stitch', 'ltb'])
+def test_per_task_encoder_rows_through_the_feature_pullback_equal_jax_grad_of_each_task(name):
+  """The step's route (features Z, the cotangent ∂L_t/∂Z through the heads, then the encoder's pullback) gives
+  ∇_θ L_t of the whole model for each task t, with Z a pytree (experts, or one column per task)."""
+  from mtlmatch import step as step_lib  # pylint: disable=g-import-not-at-top
+
+  model = _model(name)
+  v = model.init(jax.random.PRNGKey(0), IMAGES)
+  params, stats = v['params'], v['batch_stats']
+  images = jnp.asarray(IMAGES)
+  labels = {'a': jnp.array([0, 1, 2, 0]), 'b': jnp.array([1, 0, 1, 1])}
+
+  def task_loss(t, logits):
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[t][:, None], axis=1))
+
+  features, _, pullback = step_lib.encoder_pass(model, params, stats, images)
+  for t in TASKS:
+    d_features = jax.grad(lambda z, t=t: task_loss(t, model.apply_head(t, params['heads'][t], z)))(features)
+    row = jax.tree.map(lambda g: g[0], pullback(jax.tree.map(lambda c: c[None], d_features), 'rows'))
+
+    def whole(enc, t=t):
+      p = {**params, 'encoder': enc}
+      return task_loss(t, model.apply({'params': p, 'batch_stats': stats}, images, train=True)[0]['logits'][t])
+
+    reference = jax.grad(whole)(params['encoder'])
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6), row, reference)
