@@ -300,9 +300,17 @@ def _key_name(key) -> str:
   return str(key)
 
 
+# Keys added after some workdirs were written, with the value that means what those runs did: a saved config without
+# the key equals a current one holding that value (a workdir of before `arch` resumes with arch.name='hps').
+ADDED_KEYS = {'arch.name': 'hps'}
+
+
 def check_config_drift(saved: dict, current: dict) -> None:
-  """Refuses to resume when the saved config differs from the new one outside :data:`SAFE_TO_CHANGE`."""
+  """Refuses to resume when the saved config differs from the new one outside :data:`SAFE_TO_CHANGE`; a key of
+  :data:`ADDED_KEYS` that the saved config lacks counts as saved at its value there."""
   flat_saved, flat_current = _flatten(saved), _flatten(current)
+  for key, value in ADDED_KEYS.items():
+    flat_saved.setdefault(key, json.dumps(value, sort_keys=True, default=str))
   changed = sorted(
       k
       for k in set(flat_saved) | set(flat_current)

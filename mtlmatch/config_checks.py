@@ -85,6 +85,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.encoder.name: got {config.encoder.name!r}, expected one of {sorted(models.ENCODERS)}')
   if config.head.name not in models.HEADS:
     raise ValueError(f'config.head.name: got {config.head.name!r}, expected one of {sorted(models.HEADS)}')
+  models.architectures.check_kwargs(config.arch.name, dict(config.arch.kwargs))
   if config.weighting.name not in weighting.METHODS:
     raise ValueError(
         f'config.weighting.name: got {config.weighting.name!r}, expected one of ' f'{sorted(weighting.METHODS)}'

@@ -30,6 +30,7 @@ def key_error(spec: str, key: str, config: Optional[ml_collections.ConfigDict] =
   with_tokens = config_lib.with_tokens
   tries = [(f'the `{t}` variant (--config={with_tokens(spec, [t])})', [t]) for t in config_lib.METHOD_TOKENS]
   tries += [(f'--config.encoder.name={e}', [f'encoder={e}']) for e in config_schema.encoder_names()]
+  tries += [(f'--config.arch.name={a}', [f'arch={a}']) for a in config_schema.arch_names()]
   tries += [(f'--config.weighting.name={m}', [f'weighting={m}']) for m in config_schema.weighting_names()]
   found = []
   for label, tokens in tries:
@@ -59,6 +60,15 @@ def help_text(spec: Optional[str] = None) -> str:
   for name in config_schema.encoder_names():
     fields = config_lib.flat_keys(config_lib.encoder_kwargs(name))
     lines.append(f'  {name:<10s} ' + ', '.join(f'{k}={_show(v)}' for k, v in fields.items()))
+  lines += [
+      '',
+      'Architectures (arch=<name> or --config.arch.name; --config.arch.kwargs.<kwarg>=...; docs/maths.md §12):',
+  ]
+  for name in config_schema.arch_names():
+    entry = config_schema.arch_spec(name)
+    kwargs = ', '.join(f'{k}={_show(v)}' for k, v in entry['kwargs'].items()) or 'no kwargs'
+    levels = '; encoders with levels: cnn, resnet18, resnet50' if entry['needs_levels'] else ''
+    lines.append(f"  {name:<13s}{entry['summary']} ({entry['paper']}{levels}); {kwargs}")
   lines += ['', 'Weighting methods (--config.weighting.name; --config.weighting.hparams.<name>=...):']
   for name in config_schema.weighting_names():
     specs = config_schema.hparam_specs(name)

@@ -5,11 +5,12 @@ benchmark, tasks and relatedness, then calls :func:`apply_variant` with the ``ar
 ``--config=<file>:<arg>``. The grammar of ``arg`` (EBNF; ``{x}`` is zero or more ``x``, ``[x]`` an optional ``x``)::
 
     variant   = [ token , { "," , token } ] ;
-    token     = methods | single | encoder | weighting | nt | size | data ;
+    token     = methods | single | encoder | arch | weighting | nt | size | data ;
     methods   = method , { "+" , method } ;            (* e.g. dm+coann+dgr *)
     method    = "mtl" | "dm" | "coann" | "dgr" ;
     single    = "single=" , task ;                      (* a task of the config file *)
     encoder   = "encoder=" , name ;                     (* a key of models.ENCODERS *)
+    arch      = "arch=" , name ;                        (* a key of models.architectures.ARCHITECTURES *)
     weighting = "weighting=" , name ;                   (* a key of weighting.METHODS *)
     nt        = "nt=" , root ;                          (* a sweep root *)
     size      = "smoke" | "cpu" ;
@@ -20,6 +21,9 @@ benchmark, tasks and relatedness, then calls :func:`apply_variant` with the ``ar
 * ``single=<task>``: the single-task baseline of one task;
 * ``encoder=<name>``: another encoder, ``encoder.kwargs`` reset to that encoder's defaults (on the command line
   ``--config.encoder.name=<name>`` is this token, so ``--config.encoder.kwargs.<field>=...`` then names its fields);
+* ``arch=<name>``: another architecture over that encoder and the heads (``hps``, the default, is hard parameter
+  sharing; ``mmoe``, ``cgc``, ``ple``, ``dselect_k``, ``cross_stitch``, ``ltb``, ``mtan``; docs/maths.md §12),
+  ``arch.kwargs`` reset to its defaults (``--config.arch.name=<name>``);
 * ``weighting=<name>``: another weighting method, ``weighting.hparams`` its defaults (``--config.weighting.name``);
 * ``nt=<root>``: the negative-transfer monitor (``config.nt_reference``) against the single-task runs of a sweep
   root: task t's reference is ``<root>/st_<t>/seed_{seed}``'s results.json, ``{seed}`` being this run's seed;
@@ -32,18 +36,21 @@ benchmark, tasks and relatedness, then calls :func:`apply_variant` with the ``ar
 
 Rules (:data:`RULES`; a variant that breaks one raises one ValueError naming both tokens and what was expected):
 
-1. one of each: at most one token of each kind (a method set, ``single=``, ``encoder=``, ``weighting=``, ``nt=``,
+1. one of each: at most one token of each kind (a method set, ``single=``, ``encoder=``, ``arch=``, ``weighting=``,
+   ``nt=``,
    a size: ``smoke`` or ``cpu``, a data token) and each method once in the set; ``encoder=mlp,encoder=cnn``,
    ``dm,coann`` and ``smoke,cpu`` are refused, not resolved by position;
 2. no contradiction: ``mtl`` (no matching term) goes with neither ``dm`` nor ``coann``; ``single=<task>`` (one task)
    goes with neither ``dm`` nor ``coann`` (each relates two tasks);
-3. the order of application is fixed, whatever the order written: ``encoder=``, ``weighting=``, the method set,
+3. the order of application is fixed, whatever the order written: ``encoder=``, ``arch=``, ``weighting=``, the
+   method set,
    ``single=``, ``nt=``, the size, then the data token, so ``smoke`` / ``cpu`` size the chosen encoder and the data
    token sizes its source for them. Empty tokens are skipped.
 
 ``python -m mtlmatch.main --config=configs/affect.py:dm+coann,smoke --workdir=/tmp/x``. Any key can then be
 overridden on the command line, e.g. ``--config.total_steps=300``; ``--config.encoder.name`` and
-``--config.weighting.name`` replace the spec's ``encoder=`` / ``weighting=`` token (:func:`cli_spec`).
+``--config.arch.name`` and ``--config.weighting.name`` replace the spec's ``encoder=`` / ``arch=`` / ``weighting=``
+token (:func:`cli_spec`).
 
 Loading a config imports neither JAX, Flax nor TensorFlow: the encoders' fields, the methods' hyper-parameters and
 the loss options are read from :mod:`mtlmatch.config_schema` (generated from that code, checked by a test);
@@ -62,7 +69,7 @@ from mtlmatch import config_schema
 
 METHOD_TOKENS = ('mtl', 'dm', 'coann', 'dgr')
 # The kinds of variant token (the grammar's ``token`` alternatives), in the order they are applied (rule 3).
-TOKEN_KINDS = ('encoder', 'weighting', 'methods', 'single', 'nt', 'size', 'data')
+TOKEN_KINDS = ('encoder', 'arch', 'weighting', 'methods', 'single', 'nt', 'size', 'data')
 # The data tokens (a config file offers some of them through apply_variant's ``data_tokens``).
 DATA_TOKENS = ('va',)
 # Rule 2: a method of the set and the tokens it contradicts, with why.
@@ -71,11 +78,11 @@ CONTRADICTIONS = {
     'single': (('dm', 'coann'), 'single=<task> trains one task, DM and co-annotation relate two'),
 }
 RULES = (
-    'one of each: at most one token of each kind (a method set, single=, encoder=, weighting=, nt=, a size: smoke '
-    'or cpu, a data token), each method once in the set',
+    'one of each: at most one token of each kind (a method set, single=, encoder=, arch=, weighting=, nt=, a size: '
+    'smoke or cpu, a data token), each method once in the set',
     'no contradiction: mtl goes with neither dm nor coann; single=<task> goes with neither dm nor coann',
-    'applied in a fixed order, whatever the order written: encoder=, weighting=, the method set, single=, nt=, the '
-    'size (smoke or cpu), for the chosen encoder, then the data token; empty tokens are skipped',
+    'applied in a fixed order, whatever the order written: encoder=, arch=, weighting=, the method set, single=, '
+    'nt=, the size (smoke or cpu), for the chosen encoder, then the data token; empty tokens are skipped',
 )
 _RULES_TEXT = '\n'.join(
     textwrap.fill(r, 116, initial_indent=f'  {i}. ', subsequent_indent='     ') for i, r in enumerate(RULES, 1)
@@ -84,11 +91,13 @@ _RULES_TEXT = '\n'.join(
 VARIANT_HELP = f"""
 Config variants (after the colon; e.g. configs/affect.py:dm+coann,smoke). Grammar:
   variant = [token {{"," token}}]
-  token   = methods | "single=" task | "encoder=" name | "weighting=" name | "nt=" root | "smoke" | "cpu" | "va"
+  token   = methods | "single=" task | "encoder=" name | "arch=" name | "weighting=" name | "nt=" root | "smoke"
+          | "cpu" | "va"
   methods = method {{"+" method}};  method = {" | ".join(f'"{m}"' for m in METHOD_TOKENS)}
   {" ".join(METHOD_TOKENS)}  joined by +: plain MTL, distribution matching, co-annotation, DGR
   single=<task>      the single-task baseline of one task
   encoder=<name>     another encoder with its defaults (= --config.encoder.name=<name>)
+  arch=<name>        another architecture with its defaults (= --config.arch.name=<name>; listed below)
   weighting=<name>   another weighting method with its defaults (= --config.weighting.name=<name>)
   nt=<root>          the negative-transfer monitor against the single-task runs of a sweep root
   smoke              a seconds-long run (tiny data and encoder)
@@ -138,6 +147,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.encoder = ml_collections.ConfigDict({'name': 'cnn', 'kwargs': encoder_kwargs('cnn')})
   c.head = ml_collections.ConfigDict({'name': 'linear', 'kwargs': ml_collections.ConfigDict()})
+  # The architecture composing encoder and heads (models.architectures.ARCHITECTURES): 'hps' = hard parameter sharing
+  c.arch = ml_collections.ConfigDict({'name': 'hps', 'kwargs': arch_kwargs('hps')})
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'adam'
@@ -233,6 +244,19 @@ def set_encoder(config: ml_collections.ConfigDict, name: str, **overrides) -> ml
   return config
 
 
+def arch_kwargs(name: str) -> ml_collections.ConfigDict:
+  """Every kwarg of architecture ``name`` with its default (read from :mod:`mtlmatch.config_schema`)."""
+  return ml_collections.ConfigDict(dict(config_schema.arch_spec(name)['kwargs']))
+
+
+def set_arch(config: ml_collections.ConfigDict, name: str, **kwargs) -> ml_collections.ConfigDict:
+  """Chooses architecture ``name``; ``config.arch.kwargs`` becomes its defaults updated with ``kwargs``."""
+  config.arch.name = name
+  config.arch.kwargs = arch_kwargs(name)
+  config.arch.kwargs.update(kwargs)
+  return config
+
+
 def weighting_hparams(name: str) -> ml_collections.ConfigDict:
   """Every hyper-parameter of weighting method ``name`` with its default (the method's ``HPARAMS``, read from
   :mod:`mtlmatch.config_schema`)."""
@@ -260,6 +284,11 @@ def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         f'{e} (config_lib.set_encoder(config, {config.encoder.name!r}) resets them to its defaults; '
         f'on the command line --config.encoder.name does)'
     ) from None
+  if 'arch' in config:
+    kwargs = arch_kwargs(config.arch.name)
+    with kwargs.unlocked():
+      kwargs.update(dict(config.arch.kwargs))
+    config.arch.kwargs = kwargs
   hparams = weighting_hparams(config.weighting.name)
   with hparams.unlocked():
     hparams.update(dict(config.weighting.hparams))
@@ -380,7 +409,7 @@ def pair_terms(token: str, pairs: Sequence[tuple[str, str]], relatedness: str) -
 
 def token_kind(token: str) -> str:
   """The kind (:data:`TOKEN_KINDS`) of one variant token; anything outside the grammar raises one ValueError."""
-  for kind in ('encoder', 'weighting', 'single', 'nt'):
+  for kind in ('encoder', 'arch', 'weighting', 'single', 'nt'):
     if token.startswith(kind + '='):
       return kind
   if token in ('smoke', 'cpu'):
@@ -392,7 +421,8 @@ def token_kind(token: str) -> str:
   raise ValueError(
       f"config variant: got {token!r}, expected 'smoke', 'cpu', {', '.join(repr(t) for t in DATA_TOKENS)}, "
       "'single=<task>', "
-      f"'encoder=<name>', 'weighting=<name>', 'nt=<sweep root>' or a +-joined set of {METHOD_TOKENS}"
+      f"'encoder=<name>', 'arch=<name>', 'weighting=<name>', 'nt=<sweep root>' or a +-joined set of "
+      f'{METHOD_TOKENS}'
   )
 
 
@@ -456,6 +486,8 @@ def apply_variant(
     value = token.partition('=')[2]
     if kind == 'encoder' and value != config.encoder.name:
       set_encoder(config, value)
+    elif kind == 'arch' and value != config.arch.name:
+      set_arch(config, value)
     elif kind == 'weighting' and value != config.weighting.name:
       set_weighting(config, value)
     elif kind == 'methods':
@@ -570,10 +602,12 @@ def with_tokens(spec: str, tokens: Sequence[str]) -> str:
 
 
 def cli_spec(spec: str, overrides: Mapping[str, str]) -> str:
-  """The ``--config`` spec the CLI loads: ``--config.encoder.name=X`` / ``--config.weighting.name=Y`` become the
-  ``encoder=X`` / ``weighting=Y`` tokens (replacing the spec's own, as the command line overrides the file), so the
-  chosen encoder's and method's fields exist as dotted keys."""
-  tokens = [f'{key.split(".")[0]}={overrides[key]}' for key in ('encoder.name', 'weighting.name') if key in overrides]
+  """The ``--config`` spec the CLI loads: ``--config.encoder.name=X`` / ``--config.arch.name=A`` /
+  ``--config.weighting.name=Y`` become the ``encoder=X`` / ``arch=A`` / ``weighting=Y`` tokens (replacing the spec's
+  own, as the command line overrides the file), so the chosen encoder's, architecture's and method's fields exist as
+  dotted keys."""
+  names = ('encoder.name', 'arch.name', 'weighting.name')
+  tokens = [f'{key.split(".")[0]}={overrides[key]}' for key in names if key in overrides]
   return with_tokens(spec, tokens)
 
 

@@ -72,7 +72,8 @@ def _hparam_docs_of(specs) -> dict:
 
 def from_code() -> dict:
   """The schema as the code states it: ``{'encoders': {name: {field: default}}, 'weighting': {name: {hparam:
-  {default, kind, expected, doc}}}, 'terms': {token: {option: default}}}`` (JSON-ready: tuples as lists)."""
+  {default, kind, expected, doc}}}, 'terms': {token: {option: default}}, 'architectures': {name: {summary, paper,
+  needs_levels, kwargs}}}`` (JSON-ready: tuples as lists)."""
   import inspect  # pylint: disable=g-import-not-at-top
 
   from mtlmatch import losses, models, weighting  # pylint: disable=g-import-not-at-top
@@ -88,6 +89,10 @@ def from_code() -> dict:
           for name, method in weighting.METHODS.items()
       },
       'terms': terms,
+      'architectures': {
+          name: {'summary': a.summary, 'paper': a.paper, 'needs_levels': a.needs_levels, 'kwargs': dict(a.defaults)}
+          for name, a in models.architectures.ARCHITECTURES.items()
+      },
   }
   return json.loads(json.dumps(schema))  # tuples as lists, exactly as the file holds them
 
@@ -116,6 +121,7 @@ def load() -> dict:
           for n, specs in raw['weighting'].items()
       },
       'terms': {t: {k: _tuples(v) for k, v in options.items()} for t, options in raw['terms'].items()},
+      'architectures': raw['architectures'],
   }
 
 
@@ -150,6 +156,18 @@ def hparam_specs(name: str) -> dict[str, HParamDoc]:
   if name in live:
     return _hparam_docs_of(live[name].HPARAMS)
   raise ValueError(f'config.weighting.name: got {name!r}, expected one of {weighting_names()}')
+
+
+def arch_names() -> list[str]:
+  return sorted(load()['architectures'])
+
+
+def arch_spec(name: str) -> dict:
+  """``{'summary', 'paper', 'needs_levels', 'kwargs': {kwarg: default}}`` of architecture ``name``; an unknown name
+  raises one ValueError listing the names."""
+  if name not in load()['architectures']:
+    raise ValueError(f'config.arch.name: got {name!r}, expected one of {arch_names()}')
+  return load()['architectures'][name]
 
 
 def term_options(token: str) -> dict:

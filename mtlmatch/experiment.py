@@ -345,7 +345,7 @@ def check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
 
 def build_model(config: ml_collections.ConfigDict, benchmark: data_lib.Benchmark) -> models.MultiTaskModel:
   """The encoder and task heads of ``config`` (``config.precision`` / ``config.remat`` applied,
-  ``config_lib.model_kwargs``)."""
+  ``config_lib.model_kwargs``), composed by the architecture ``config.arch``."""
   encoder_kwargs, head_kwargs = config_lib.model_kwargs(config)
   return models.build_model(
       benchmark.tasks,
@@ -353,6 +353,8 @@ def build_model(config: ml_collections.ConfigDict, benchmark: data_lib.Benchmark
       encoder_kwargs=encoder_kwargs,
       head=config.head.name,
       head_kwargs=head_kwargs,
+      arch=config.arch.name,
+      arch_kwargs=dict(config.arch.kwargs),
   )
 
 

@@ -156,9 +156,36 @@ def test_the_order_of_application_is_fixed_whatever_the_order_written():
   other = config_lib.load_config('configs/affect.py:encoder=mlp,weighting=dwa,dm,smoke')
   assert config_lib.to_json(one) == config_lib.to_json(other)
   assert tuple(one.encoder.kwargs.hidden) == config_lib.SMOKE_ENCODERS['mlp']['hidden']
-  assert list(config_lib.parse_variant('va,smoke,nt=/r,single=aus,dgr,weighting=dwa,encoder=mlp')) == list(
+  assert list(config_lib.parse_variant('va,smoke,nt=/r,single=aus,dgr,weighting=dwa,arch=mmoe,encoder=mlp')) == list(
       config_lib.TOKEN_KINDS
   )
+
+
+def test_the_arch_token_sets_the_architecture_and_its_kwargs():
+  config = config_lib.load_config('configs/affect.py:mtl,arch=dselect_k,smoke')
+  assert config.arch.name == 'dselect_k'
+  assert dict(config.arch.kwargs) == {'num_experts': 4, 'num_nonzeros': 2, 'gamma': 1.0}
+  assert config_lib.load_config('configs/affect.py:mtl').arch.to_dict() == {'name': 'hps', 'kwargs': {}}
+  assert config_lib.cli_spec('c.py:mtl', {'arch.name': 'cgc'}) == 'c.py:mtl,arch=cgc'
+  with pytest.raises(ValueError, match='at most one arch=<...> token'):
+    config_lib.parse_variant('arch=mmoe,arch=cgc')
+  with pytest.raises(ValueError, match=r"config.arch.name: got 'moe', expected one of \['cgc'"):
+    config_lib.load_config('configs/affect.py:mtl,arch=moe')
+  text = config_help.help_text()
+  for name in ('hps', 'mmoe', 'cgc', 'ple', 'dselect_k', 'cross_stitch', 'ltb', 'mtan'):
+    assert f'\n  {name} ' in text
+  assert 'num_experts=4, num_nonzeros=2, gamma=1.0' in text
+
+
+def test_a_workdir_of_before_arch_resumes_without_drift():
+  from mtlmatch import checkpoint  # pylint: disable=g-import-not-at-top
+
+  current = json.loads(config_lib.to_json(config_lib.load_config('configs/affect.py:mtl,smoke')))
+  saved = {k: v for k, v in current.items() if k != 'arch'}
+  checkpoint.check_config_drift(saved, current)  # arch.name='hps' and no kwargs: what that run did
+  other = json.loads(config_lib.to_json(config_lib.load_config('configs/affect.py:mtl,smoke,arch=mmoe')))
+  with pytest.raises(ValueError, match='arch.name'):
+    checkpoint.check_config_drift(saved, other)
 
 
 def test_a_new_token_replaces_the_spec_token_of_its_kind():

@@ -355,9 +355,13 @@ class MTANHead(_HeadBase):
   """
 
   widths: Sequence[int] = (512, 256, 128, 64, 64)
+  # True: no decoder; the last attended map's global average [B, D_last] (MTAN over a classification encoder's
+  # stages, mtlmatch.models.architectures; num_classes and widths are then unused)
+  pooled: bool = False
 
   def __post_init__(self):
     self._check(widths=self.widths)
+    check_bool('MTANHead.pooled', self.pooled)
     super().__post_init__()
 
   @nn.compact
@@ -380,4 +384,6 @@ class MTANHead(_HeadBase):
               f"MTANHead features: stage {j + 1} has spatial size {nxt.shape[1:3]}, expected stage {j}'s "
               f'{shared.shape[1:3]} or half of it'
           )
+    if self.pooled:
+      return jnp.mean(attended.astype(jnp.float32), axis=(1, 2))
     return self._decode(attended, stages, image_size, self.widths)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -86,6 +86,23 @@ def construct(registry: Mapping[str, Callable[..., nn.Module]], what: str, name:
     check_dtype(f'{what} {name!r}', kwargs['dtype'])
     kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
   return cls(**kwargs)
+
+
+def check_level(encoder, level) -> None:
+  """``level`` must be an int in [0, encoder.num_levels] (the last one is the readout)."""
+  last = encoder.num_levels
+  if not isinstance(level, (int, np.integer)) or isinstance(level, bool) or not 0 <= level <= last:
+    raise ValueError(f'{type(encoder).__name__} level: got {level!r}, expected an int in [0, {last}]')
+
+
+def levels_of(encoder: nn.Module) -> Optional[int]:
+  """The number L of levels (stages) ``encoder`` can be run by, or None when it cannot (only the whole network).
+
+  An encoder with levels takes ``encoder.apply(variables, x, train=..., level=i)``: level i < L maps level i's input
+  to its output (level 0 reads the images), level L is the readout to the features [B, D]; running levels 0..L in
+  turn is the whole encoder, with the same parameter tree (``cnn``: the conv stages, then flatten → Dense;
+  ``resnet18`` / ``resnet50``: the stem, the four stages, then global average pooling)."""
+  return encoder.num_levels if isinstance(encoder, (CNNEncoder, _ResNet)) else None
 
 
 def check_bool(where: str, value) -> None:
@@ -170,14 +187,25 @@ class CNNEncoder(nn.Module):
     # (≈ 10 % of a CPU train step of the small CNN).
     return nn.relu(cpu_ops.max_pool_2x2(x, impl=self.conv_impl))
 
+  @property
+  def num_levels(self) -> int:
+    """L = one level per conv stage; ``level=L`` is the readout (flatten → Dense → ReLU); see :func:`levels_of`."""
+    return len(self.widths)
+
   @nn.compact
-  def __call__(self, images, *, train: bool):
+  def __call__(self, images, *, train: bool, level: Optional[int] = None):
     del train
+    stage = maybe_remat(type(self)._stage, self.remat, static_argnums=(2,))
+    if level is not None:  # one level of the same network (the same parameter names): levels_of
+      check_level(self, level)
+      return stage(self, images, level) if level < len(self.widths) else self._readout(images)
     check_images(images, 'CNNEncoder')
     x = images
-    stage = maybe_remat(type(self)._stage, self.remat, static_argnums=(2,))
     for i in range(len(self.widths)):
       x = stage(self, x, i)
+    return self._readout(x)
+
+  def _readout(self, x):
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(self.features, dtype=self.dtype, name='dense')(x))
     return x.astype(jnp.float32)
@@ -272,9 +300,27 @@ class _ResNet(nn.Module):
     check_bool(f'{where}.remat', self.remat)
     super().__post_init__()
 
+  @property
+  def num_levels(self) -> int:
+    """L = the stem, then one level per stage; ``level=L`` is the readout (global average pooling)."""
+    return 1 + len(self.stage_sizes)
+
   @nn.compact
-  def __call__(self, images, *, train: bool):
+  def __call__(self, images, *, train: bool, level: Optional[int] = None):
+    if level is not None:  # one level of the same network (the same parameter names): levels_of
+      check_level(self, level)
+      if level == 0:
+        return self._stem(images, train)
+      if level < self.num_levels:
+        return self._stage(images, level - 1, train)
+      return jnp.mean(images.astype(jnp.float32), axis=(1, 2))
     check_images(images, type(self).__name__)
+    x = self._stem(images, train)
+    for stage in range(len(self.stage_sizes)):
+      x = self._stage(x, stage, train)
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+  def _stem(self, images, train: bool):
     conv = functools.partial(
         nn.Conv,
         self.width,
@@ -292,14 +338,14 @@ class _ResNet(nn.Module):
       # 3×3, stride 2, padding 1 (−∞): H_out = ceil(H / 2). Once per network, so XLA's own backward
       # (select_and_scatter; slow on XLA:CPU, see cpu_ops) is kept here.
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    return x
+
+  def _stage(self, x, stage: int, train: bool):
     block = maybe_remat(self.BLOCK, self.remat, static_argnums=(2,))
-    for stage, num_blocks in enumerate(self.stage_sizes):
-      for index in range(num_blocks):
-        strides = 2 if stage > 0 and index == 0 else 1
-        x = block(self.width * 2**stage, strides, self.dtype, self.conv_impl, name=f'stage{stage}_block{index}')(
-            x, train
-        )
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    for index in range(self.stage_sizes[stage]):
+      strides = 2 if stage > 0 and index == 0 else 1
+      x = block(self.width * 2**stage, strides, self.dtype, self.conv_impl, name=f'stage{stage}_block{index}')(x, train)
+    return x
 
 
 class ResNet18(_ResNet):

@@ -131,11 +131,14 @@ def build_model(
     encoder_kwargs: Optional[Mapping] = None,
     head: str = 'linear',
     head_kwargs: Optional[Mapping] = None,
+    arch: str = 'hps',
+    arch_kwargs: Optional[Mapping] = None,
 ) -> MultiTaskModel:
   """A ``MultiTaskModel`` with encoder ``ENCODERS[encoder](**encoder_kwargs)`` and, for each task, the head
   ``HEADS[head](outputs, **head_kwargs)`` with its kind's number of outputs (``TaskKind.head_outputs``: C for the
   classification kinds; :func:`~mtlmatch.models.heads.build_task_head`, bounded where the task says so); heads keep
-  the order of ``tasks``."""
+  the order of ``tasks``. ``arch`` (:data:`~mtlmatch.models.architectures.ARCHITECTURES`, ``arch_kwargs``) composes
+  them into another architecture; the default ``'hps'`` is that encoder and those heads as they are."""
   if (
       not isinstance(tasks, Mapping)
       or not tasks
@@ -144,4 +147,8 @@ def build_model(
     raise ValueError(f'tasks: got {tasks!r}, expected a non-empty dict of name -> TaskSpec with that name')
   enc = build_encoder(encoder, **dict(encoder_kwargs or {}))
   heads = {name: build_task_head(spec, head, **dict(head_kwargs or {})) for name, spec in tasks.items()}
-  return MultiTaskModel(enc, heads)
+  if arch == 'hps' and not arch_kwargs:
+    return MultiTaskModel(enc, heads)
+  from mtlmatch.models import architectures  # pylint: disable=g-import-not-at-top  (it imports this module)
+
+  return architectures.build_architecture(arch, enc, heads, **dict(arch_kwargs or {}))
