@@ -465,3 +465,35 @@ def test_report_names_the_labels_no_variant_finds(tmp_path):
   assert unfound == {'aus': ['AU23', 'AU26']}  # AU12 is found in seed 0; NaN (never labelled) counts as not found
   assert '* `aus`: `AU23`, `AU26`' in report.unfound_labels_markdown(unfound)
   assert report.unfound_labels_markdown({}) == ''
+
+
+def test_arch_study_reruns_the_case_study_cells_with_the_arch_token(tmp_path):
+  from experiments import arch_study  # pylint: disable=g-import-not-at-top
+  from mtlmatch import config_lib  # pylint: disable=g-import-not-at-top
+
+  base = {v.name: v for v in case_studies.cpu_grid('affect')}
+  grid = {v.name: v for v in arch_study.grid('affect', ('mmoe', 'mtan'))}
+  assert sorted(grid) == ['mmoe_dm_coann', 'mmoe_mtl', 'mtan_dm_coann', 'mtan_mtl']
+  for name, variant in grid.items():  # the case study's cell, the same overrides, plus the arch token
+    cell = base[name.split('_', 1)[1]]
+    assert variant.overrides == cell.overrides and variant.spec == cell.spec + f',arch={name.split("_")[0]}'
+  assert config_lib.load_config(grid['mmoe_mtl'].spec).arch.name == 'mmoe'
+  # The committed rows: st_* kept, mtl / dm_coann renamed hps_* (dropped when HPS is rerun), the rest left out.
+  cells = (('st_expression', 0.9), ('mtl', 0.8), ('dm', 0.0))
+  rows = [{'name': n, 'seed': 0, 'expression/accuracy': a} for n, a in cells]
+  os.makedirs(tmp_path / 'affect')
+  with open(tmp_path / 'affect' / 'runs.json', 'w') as f:
+    json.dump(rows, f)
+  assert [r['name'] for r in arch_study.reference_rows(str(tmp_path), 'affect', False)] == ['st_expression', 'hps_mtl']
+  assert [r['name'] for r in arch_study.reference_rows(str(tmp_path), 'affect', True)] == ['st_expression']
+  summary = report.summarize(
+      [
+          {'name': 'st_expression', 'expression/accuracy': 0.8},
+          {'name': 'mmoe_mtl', 'expression/accuracy': 0.84},
+          {'name': 'mmoe_mtl', 'expression/accuracy': 0.88},
+      ],
+      {'expression': 'multiclass'},
+  )
+  lines = arch_study.table('affect', summary, ['expression'], ['st_expression', 'mmoe_mtl', 'cgc_mtl'])
+  assert lines[2] == '| `st_expression` | 0.8000 ± 0.0000 | baseline | 1 |'
+  assert lines[3] == f'| `mmoe_mtl` | 0.8600 ± {np.std([0.84, 0.88], ddof=1):.4f} | +7.50 | 2 |' and len(lines) == 4
