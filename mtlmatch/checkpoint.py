@@ -307,10 +307,11 @@ ADDED_KEYS = {'arch.name': 'hps'}
 
 def check_config_drift(saved: dict, current: dict) -> None:
   """Refuses to resume when the saved config differs from the new one outside :data:`SAFE_TO_CHANGE`; a key of
-  :data:`ADDED_KEYS` that the saved config lacks counts as saved at its value there."""
+  :data:`ADDED_KEYS` that either config lacks counts as holding its value there."""
   flat_saved, flat_current = _flatten(saved), _flatten(current)
-  for key, value in ADDED_KEYS.items():
+  for key, value in ADDED_KEYS.items():  # absent on either side (an old workdir, a hand-built config): that value
     flat_saved.setdefault(key, json.dumps(value, sort_keys=True, default=str))
+    flat_current.setdefault(key, json.dumps(value, sort_keys=True, default=str))
   changed = sorted(
       k
       for k in set(flat_saved) | set(flat_current)

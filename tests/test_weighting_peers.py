@@ -9,6 +9,7 @@ Sizes: T = 2-3 tasks, P ≤ 16 parameters; each method's `apply` is compiled onc
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -113,21 +114,29 @@ def test_pbi_on_the_ray_is_ew_and_absent_tasks_get_zero():
 
 # ---- PCD --------------------------------------------------------------------------------------------------------
 def pcd_reference(g, primary, tau):
-  """argmin ‖d − g_p‖² s.t. ⟨d, g_t⟩ ≥ τ‖g_t‖² (t ≠ p), by scipy's SLSQP in float64."""
+  """argmin ‖d − g_p‖² s.t. ⟨d, g_t⟩ ≥ τ‖g_t‖² (t ≠ p), exactly, in float64, by enumerating the active sets.
+
+  A strictly convex QP with few constraints: for each set S of tight constraints, d = g_p + Σ_{t∈S} μ_t g_t with
+  ⟨d, g_t⟩ = τ‖g_t‖² on S (a linear system in μ); the optimum is the S whose μ ≥ 0 and whose d meets every other
+  constraint (KKT). (scipy's SLSQP at a tight ftol stopped with "Positive directional derivative" on one scipy.)"""
   g = np.asarray(g, np.float64)
   others = [t for t in range(len(g)) if t != primary]
-  cons = [{'type': 'ineq', 'fun': lambda d, t=t: d @ g[t] - tau * g[t] @ g[t], 'jac': lambda d, t=t: g[t]}
-          for t in others]  # fmt: skip
-  res = optimize.minimize(
-      lambda d: np.sum((d - g[primary]) ** 2),
-      g[primary].copy(),
-      jac=lambda d: 2 * (d - g[primary]),
-      constraints=cons,
-      method='SLSQP',
-      options={'ftol': 1e-14, 'maxiter': 500},
-  )
-  assert res.success, res.message
-  return res.x
+  best = None
+  for size in range(len(others) + 1):
+    for active in itertools.combinations(others, size):
+      a = np.array(active, int)
+      mu = np.zeros(0)
+      if size:
+        gram = g[a] @ g[a].T
+        rhs = tau * np.sum(g[a] ** 2, axis=1) - g[a] @ g[primary]
+        mu = np.linalg.solve(gram, rhs)
+      d = g[primary] + (mu @ g[a] if size else 0.0)
+      slack = np.array([d @ g[t] - tau * g[t] @ g[t] for t in others])
+      if np.all(mu >= -1e-12) and np.all(slack >= -1e-9 * max(1.0, np.abs(g).max() ** 2)):
+        if best is None or np.sum((d - g[primary]) ** 2) < np.sum((best - g[primary]) ** 2):
+          best = d
+  assert best is not None
+  return best
 
 
 def test_pcd_without_conflict_follows_the_primary_gradient():
