@@ -14,7 +14,6 @@ one row per process with ``--only`` to compare it).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import tempfile
@@ -25,20 +24,11 @@ sys.path.insert(0, REPO)
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
+from experiments import bench  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import bench_common  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from mtlmatch import config_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from mtlmatch import experiment as experiment_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from mtlmatch.models import architectures  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-
-
-def _bench_module():
-  """experiments/bench.py (a script, not a package module): its config, compile and timing helpers."""
-  spec = importlib.util.spec_from_file_location('mtlmatch_bench', os.path.join(REPO, 'experiments', 'bench.py'))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # its dataclasses look their module up
-  spec.loader.exec_module(module)
-  return module
-
 
 COLUMNS = (
     bench_common.Column('name', 13, 'name', align='<'),
@@ -52,7 +42,6 @@ COLUMNS = (
 
 
 def main(argv=None) -> list[dict]:
-  bench = _bench_module()
   parser = bench_common.make_parser(__doc__)
   bench_common.add_json_argument(parser)
   parser.add_argument('--encoder', default='cnn', help='cnn, resnet18 or resnet50 (every architecture)')
@@ -72,13 +61,13 @@ def main(argv=None) -> list[dict]:
   args.data_dir = args.data_dir or tempfile.mkdtemp(prefix='mtlmatch_bench_arch_')
   base = bench.base_config(args)
   prepared, batch, sizes = [], None, {}
+  count = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))  # noqa: E731
   for name in ['hps'] + [n for n in names if n != 'hps']:
     config = base.copy_and_resolve_references()
     config_lib.set_arch(config, name)
     exp = experiment_lib.build_experiment(config)
     batch = bench.first_batch(exp, args.batch_size) if batch is None else batch
     state = bench.init_state(exp, args)
-    count = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))  # noqa: E731
     sizes[name] = {'params': count(state.params), 'encoder_params': count(state.params['encoder'])}
     prepared.append(bench.prepare(name, 'arch', exp, state, batch, args))
   rows = bench.time_rounds(prepared, args)
