@@ -26,7 +26,7 @@ ple            cgc stacked over the levels: each task's representation passes le
 dselect_k      as mmoe with DSelect-k's gate: k selectors, each a smooth-step binary code over E experts   no
 cross_stitch   one column f^(t) per task; between levels, z_t ← Σ_j α_ℓ,t,j z_j (learned α, [L-1, T, T])    yes
 ltb            as cross_stitch with α_ℓ,t,· a hard Gumbel-softmax sample (train) or an argmax (eval)       yes
-mtan           MTAN's task attention over f's stage maps (``dense.MTANHead``), pooled, then h_t               yes
+mtan           MTAN's task attention over f's stage maps (``dense.MTANHead``), a task's own readout, h_t      yes
 =============  ==========================================================================================  ===========
 
 Usage::
@@ -225,7 +225,7 @@ class ColumnsEncoder(nn.Module):
 
 class StagesEncoder(nn.Module):
   """The base's level maps for MTAN: ``{'out': z^{L-1}, 'stages': (z^0, ..., z^{L-1})}``, z^ℓ = f_ℓ(z^{ℓ-1}),
-  z^{-1} = x (the readout is not run: each task pools its own attended map)."""
+  z^{-1} = x (the readout is not run here: each task runs its own copy on its attended map)."""
 
   base: nn.Module
 
@@ -334,15 +334,19 @@ class TaskFeatureHead(nn.Module):
 
 
 class MTANTaskHead(nn.Module):
-  """y_t = h_t(mean_hw(a_t)), a_t the task's last attended map of MTAN's attention modules over the encoder's stage
-  maps (:class:`~mtlmatch.models.dense.MTANHead` with ``pooled=True``; parameters ``attention``, ``tower``)."""
+  """y_t = h_t(r_t(a_t)), a_t the task's last attended map of MTAN's attention modules over the encoder's stage
+  maps (:class:`~mtlmatch.models.dense.MTANHead` with ``decode=False``), r_t the task's own copy of the encoder's
+  readout (``cnn``: flatten → Dense → ReLU; ``resnet``: the global average, no parameters), so that each task reads
+  its attended map the way hard sharing reads the shared one. Parameters: ``attention``, ``readout``, ``tower``."""
 
   tower: nn.Module
   attention: nn.Module
+  encoder: nn.Module  # the base encoder: a copy of its readout level runs here, under 'readout'
 
   @nn.compact
   def __call__(self, features):
-    return self.tower(self.attention(features))
+    readout = self.encoder.clone(parent=self, name='readout')
+    return self.tower(readout(self.attention(features), train=False, level=levels_of(self.encoder)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -406,8 +410,8 @@ def _ltb(encoder, heads, tau, warmup_steps, seed):
 def _mtan(encoder, heads, norm):
   num_levels = levels_of(encoder)
   impl = getattr(encoder, 'conv_impl', 'auto')
-  attention = dense.MTANHead(1, norm=norm, conv_impl=impl, widths=(1,) * num_levels, pooled=True)
-  return StagesEncoder(encoder), {t: MTANTaskHead(h, attention.clone()) for t, h in heads.items()}
+  attention = dense.MTANHead(1, norm=norm, conv_impl=impl, widths=(1,) * num_levels, decode=False)
+  return StagesEncoder(encoder), {t: MTANTaskHead(h, attention.clone(), encoder) for t, h in heads.items()}
 
 
 ARCHITECTURES: dict[str, Architecture] = {

@@ -355,13 +355,13 @@ class MTANHead(_HeadBase):
   """
 
   widths: Sequence[int] = (512, 256, 128, 64, 64)
-  # True: no decoder; the last attended map's global average [B, D_last] (MTAN over a classification encoder's
-  # stages, mtlmatch.models.architectures; num_classes and widths are then unused)
-  pooled: bool = False
+  # False: no decoder; the last attended map [B, h, w, D_last] itself (MTAN over a classification encoder's stages,
+  # mtlmatch.models.architectures, which runs the encoder's readout on it; num_classes and widths are then unused)
+  decode: bool = True
 
   def __post_init__(self):
     self._check(widths=self.widths)
-    check_bool('MTANHead.pooled', self.pooled)
+    check_bool('MTANHead.decode', self.decode)
     super().__post_init__()
 
   @nn.compact
@@ -384,6 +384,6 @@ class MTANHead(_HeadBase):
               f"MTANHead features: stage {j + 1} has spatial size {nxt.shape[1:3]}, expected stage {j}'s "
               f'{shared.shape[1:3]} or half of it'
           )
-    if self.pooled:
-      return jnp.mean(attended.astype(jnp.float32), axis=(1, 2))
+    if not self.decode:
+      return attended
     return self._decode(attended, stages, image_size, self.widths)
