@@ -34,25 +34,23 @@ import sys
 import time
 from typing import Mapping, Optional, Sequence
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import sweep  # noqa: E402
 from experiments.sweep import Variant  # noqa: E402
 
 TASKS = ('segmentation', 'depth', 'normal')
-# (task, metric, higher is better) of the nine NYUv2 numbers, in the papers' column order.
+# (task, metric) of the nine NYUv2 numbers, in the papers' column order (directions: the task kinds').
 METRICS = (
-    ('segmentation', 'miou', True),
-    ('segmentation', 'pixel_accuracy', True),
-    ('depth', 'abs_err', False),
-    ('depth', 'rel_err', False),
-    ('normal', 'mean_angle', False),
-    ('normal', 'median_angle', False),
-    ('normal', 'within_11.25', True),
-    ('normal', 'within_22.5', True),
-    ('normal', 'within_30', True),
+    ('segmentation', 'miou'),
+    ('segmentation', 'pixel_accuracy'),
+    ('depth', 'abs_err'),
+    ('depth', 'rel_err'),
+    ('normal', 'mean_angle'),
+    ('normal', 'median_angle'),
+    ('normal', 'within_11.25'),
+    ('normal', 'within_22.5'),
+    ('normal', 'within_30'),
 )
 # (cell name, config variant, overrides): EW, EW + DGR, then the methods by name.
 METHODS = (
@@ -104,31 +102,35 @@ def grid(learning_rate: float) -> list[Variant]:
 
 
 def delta_m(means: Mapping[str, float], baselines: Mapping[str, float]) -> float:
-  """Δm (%) = (1/K) Σ_k (−1)^{l_k} (M_k − M_ST,k) / M_ST,k × 100 over the K = 9 ``task/metric`` keys of
-  :data:`METRICS` (``l_k = 1`` where lower is better); NaN if any value is missing."""
-  terms = []
-  for task, metric, higher in METRICS:
-    key = f'{task}/{metric}'
-    value, base = means.get(key, math.nan), baselines.get(key, math.nan)
-    if not (math.isfinite(value) and math.isfinite(base)) or base == 0:
-      return math.nan
-    terms.append((1.0 if higher else -1.0) * (value - base) / abs(base))
-  return 100.0 * float(np.mean(terms))
+  """Δm (%) over the nine ``task/metric`` keys of :data:`METRICS` (flat ``{'depth/abs_err': value}`` maps): the
+  library's ``mtlmatch.metrics.delta_m``, each metric's direction from its task kind; NaN if any value is missing."""
+  from mtlmatch import metrics  # pylint: disable=g-import-not-at-top  (imports JAX; not needed to sweep)
+  from mtlmatch.data import dense_benchmarks  # pylint: disable=g-import-not-at-top
+
+  keys = [f'{t}/{m}' for t, m in METRICS]
+  if not all(math.isfinite(d.get(k, math.nan)) for d in (means, baselines) for k in keys):
+    return math.nan
+  nest = lambda flat: {t: {m: flat[f'{t}/{m}'] for tt, m in METRICS if tt == t} for t in TASKS}  # noqa: E731
+  specs = dense_benchmarks.dense_tasks(2, (1, 1), tasks=TASKS)  # only the kinds (directions) are read
+  which = {t: [m for tt, m in METRICS if tt == t] for t in TASKS}
+  return metrics.delta_m(specs, nest(means), nest(baselines), which=which)
 
 
 def summarize(rows: Sequence[Mapping]) -> dict:
   """Per cell: seed mean and std of every metric, best step and wall time, Δm against the full-label and (one-label
   cells) the one-label single-task models, and the number of seeds."""
+  from experiments import report  # pylint: disable=g-import-not-at-top  (imports JAX/TF; not needed to sweep)
+
   by_name: dict[str, list[Mapping]] = {}
   for r in rows:
     by_name.setdefault(r['name'], []).append(r)
-  keys = [f'{t}/{m}' for t, m, _ in METRICS] + ['best_step', 'wall_time_s', 'validation/score']
+  keys = [f'{t}/{m}' for t, m in METRICS] + ['best_step', 'wall_time_s', 'validation/score']
   cells = {}
   for name, group in by_name.items():
     cells[name] = {
         'seeds': len(group),
-        'mean': {k: float(np.mean([g[k] for g in group if g.get(k) is not None] or [math.nan])) for k in keys},
-        'std': {k: float(np.std([g[k] for g in group if g.get(k) is not None] or [math.nan])) for k in keys},
+        'mean': {k: report.mean_std([g.get(k) for g in group])[0] for k in keys},
+        'std': {k: report.mean_std([g.get(k) for g in group])[1] for k in keys},  # sample std (ddof = 1)
     }
   for protocol, prefix in PROTOCOLS.items():
     full_st = _baseline_means(cells, '')
@@ -148,7 +150,7 @@ def summarize(rows: Sequence[Mapping]) -> dict:
 def _baseline_means(cells: Mapping[str, dict], prefix: str) -> dict[str, float]:
   """``task/metric`` → the mean of ``<prefix>st_<task>`` (each task's metrics from its own single-task cell)."""
   out = {}
-  for task, metric, _ in METRICS:
+  for task, metric in METRICS:
     cell = cells.get(f'{prefix}st_{task}')
     if cell is not None:
       out[f'{task}/{metric}'] = cell['mean'][f'{task}/{metric}']

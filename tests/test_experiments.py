@@ -497,3 +497,27 @@ def test_arch_study_reruns_the_case_study_cells_with_the_arch_token(tmp_path):
   lines = arch_study.table('affect', summary, ['expression'], ['st_expression', 'mmoe_mtl', 'cgc_mtl'])
   assert lines[2] == '| `st_expression` | 0.8000 ± 0.0000 | baseline | 1 |'
   assert lines[3] == f'| `mmoe_mtl` | 0.8600 ± {np.std([0.84, 0.88], ddof=1):.4f} | +7.50 | 2 |' and len(lines) == 4
+
+
+def test_dense_study_summary_matches_numpy():
+  """Seed mean, sample std and the nine-metric Δm (each metric's own direction) of the dense study's cells."""
+  from experiments import dense_study  # pylint: disable=g-import-not-at-top
+
+  lower = {'abs_err', 'rel_err', 'mean_angle', 'median_angle'}
+  rng = np.random.default_rng(0)
+  keys = [f'{t}/{m}' for t, m in dense_study.METRICS]
+  rows = []
+  for name in ('st_segmentation', 'st_depth', 'st_normal', 'ew'):
+    for seed in range(3):
+      rows.append({'name': name, 'seed': seed, **{k: float(v) for k, v in zip(keys, rng.uniform(0.2, 2.0, len(keys)))}})
+  cells = dense_study.summarize(rows)
+  value = lambda name, k: np.array([r[k] for r in rows if r['name'] == name])  # noqa: E731
+  base = {k: value(f'st_{k.split("/")[0]}', k).mean() for k in keys}
+  ew = {k: value('ew', k) for k in keys}
+  for k in keys:
+    np.testing.assert_allclose(cells['ew']['mean'][k], ew[k].mean(), rtol=1e-12)
+    np.testing.assert_allclose(cells['ew']['std'][k], ew[k].std(ddof=1), rtol=1e-12)
+  sign = lambda k: -1.0 if k.split('/')[1] in lower else 1.0  # noqa: E731
+  expected = 100 * np.mean([sign(k) * (ew[k].mean() - base[k]) / base[k] for k in keys])
+  np.testing.assert_allclose(cells['ew']['delta_m'], expected, rtol=1e-10)
+  assert math.isnan(dense_study.delta_m({keys[0]: 1.0}, base))
