@@ -73,14 +73,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.data.on_bad_image: got {config.data.on_bad_image!r}, expected 'raise' or 'skip'")
   if config.data.mixing not in pipeline.MIXING:
     raise ValueError(f'config.data.mixing: got {config.data.mixing!r}, expected one of {pipeline.MIXING}')
-  augment = config.data.augment
-  if not (
-      isinstance(augment, bool)
-      or set((augment,) if isinstance(augment, str) else augment) <= set(pipeline.AUGMENTATIONS)
-  ):
-    raise ValueError(
-        f'config.data.augment: got {augment!r}, expected a bool or a subset of ' f'{pipeline.AUGMENTATIONS}'
-    )
+  pipeline.check_augment(config.data.augment, arg='config.data.augment')  # the dense-task rule: at the pipeline
   if config.encoder.name not in models.ENCODERS:
     raise ValueError(f'config.encoder.name: got {config.encoder.name!r}, expected one of {sorted(models.ENCODERS)}')
   if config.head.name not in models.HEADS:

@@ -212,18 +212,19 @@ class MixingSchedule:
     return src[t % CHUNK_STEPS], example[t % CHUNK_STEPS]
 
 
-def _check_augment(augment, dense: Sequence[str] = ()) -> tuple[str, ...]:
-  """The augmentations that ``augment`` names (module docstring); ``dense``: the benchmark's spatial tasks."""
+def check_augment(augment, dense: Sequence[str] = (), *, arg: str = 'augment') -> tuple[str, ...]:
+  """The augmentations that ``augment`` names (module docstring); ``dense``: the benchmark's spatial tasks; ``arg``
+  names the value in the error (the config checks pass ``config.data.augment``)."""
   if augment is False or augment is None:
     return ()
   if augment is True:
     return DENSE_AUGMENTATIONS if dense else IMAGE_AUGMENTATIONS
-  names = (augment,) if isinstance(augment, str) else tuple(augment)
-  if not set(names) <= set(AUGMENTATIONS):
-    raise ValueError(f'augment: got {augment!r}, expected a bool or a subset of {AUGMENTATIONS}')
+  names = (augment,) if isinstance(augment, str) else tuple(augment) if isinstance(augment, (list, tuple)) else None
+  if names is None or not set(names) <= set(AUGMENTATIONS):
+    raise ValueError(f'{arg}: got {augment!r}, expected a bool or a subset of {AUGMENTATIONS}')
   if dense and not set(names) <= set(DENSE_AUGMENTATIONS):
     raise ValueError(
-        f'augment: got {augment!r} with the dense tasks {list(dense)}, expected True or a subset of '
+        f'{arg}: got {augment!r} with the dense tasks {list(dense)}, expected True or a subset of '
         f"{DENSE_AUGMENTATIONS} ('crop' pads the image and does not move per-pixel labels; 'scale_crop' does)"
     )
   return names
@@ -461,7 +462,7 @@ def train_iterator(
   seed = _check_int(seed, arg='seed')
   start_step = _check_int(start_step, arg='start_step', high=_END_STEP)
   dense = {t: kind_of(spec) for t, spec in benchmark.tasks.items() if kind_of(spec).spatial}
-  augmentations = _check_augment(augment, tuple(dense))
+  augmentations = check_augment(augment, tuple(dense))
   for t in dense if augmentations else ():
     size, image_size = tuple(benchmark.tasks[t].option('size')), tuple(benchmark.image_shape[:2])
     if size != image_size:  # the labels move pixel for pixel with the image
