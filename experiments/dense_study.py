@@ -201,6 +201,40 @@ def table(cells: Mapping[str, dict], protocol: str) -> str:
   return '\n'.join(lines)
 
 
+README_COLUMNS = (('segmentation/miou', 'mIoU ↑'), ('depth/abs_err', 'abs err ↓'), ('normal/mean_angle', 'mean ° ↓'))
+
+
+def readme_table(cells: Mapping[str, dict]) -> str:
+  """README's table: each cell under both protocols side by side, one primary metric per task (mean ± std over
+  seeds) and Δm over all nine against the full-label single-task models."""
+
+  def values(name: str) -> list[str]:
+    cell = cells.get(name)
+    if cell is None:
+      return [''] * (len(README_COLUMNS) + 1)
+    out = []
+    for key, _ in README_COLUMNS:
+      if '_st_' in f'_{name}' and not name.endswith(f'st_{key.split("/")[0]}'):
+        out.append('')
+        continue
+      digits = 2 if key.startswith('normal/') else 4
+      mean, std = cell['mean'][key], cell['std'][key]
+      out.append(f'{mean:.{digits}f} ± {std:.{digits}f}' if cell['seeds'] > 1 else f'{mean:.{digits}f}')
+    delta = cell.get('delta_m')
+    out.append(f'{delta:+.2f}' if delta is not None else '—' if name.startswith('one_') else 'baseline')
+    return out
+
+  labels = [label for _, label in README_COLUMNS]
+  lines = [
+      '| cell | ' + ' | '.join(labels) + ' | Δm (%) | one-label: ' + ' | '.join(labels) + ' | Δm (%) | seeds |',
+      '|' + '---|' * (2 * len(README_COLUMNS) + 4),
+  ]
+  for name in [f'st_{t}' for t in TASKS] + [m for m, _, _ in METHODS]:
+    seeds = '/'.join(str(cells[n]['seeds']) for n in (name, f'one_{name}') if n in cells)
+    lines.append(f'| `{name}` | ' + ' | '.join(values(name) + values(f'one_{name}')) + f' | {seeds} |')
+  return '\n'.join(lines)
+
+
 def write_report(rows, cells, lr: float, lr_scores: Mapping[float, float], out: str, command: str, seconds) -> str:
   """``REPORT.md`` (and ``summary.json``) under ``out``; returns the README block (both tables)."""
   from experiments import report  # pylint: disable=g-import-not-at-top  (imports JAX; not needed to sweep)
@@ -218,7 +252,11 @@ def write_report(rows, cells, lr: float, lr_scores: Mapping[float, float], out: 
       '**One label per training image** (balanced; the same 1,000 images, so each task sees a third of the '
       f'labels):\n\n{table(cells, "one-label")}'
   )
-  block = f'{full}\n\nOne label per training image: the second table of REPORT.md.'
+  block = (
+      'Test metrics at the best-validation step, mean ± std over the seeds of the last column (full / one-label); '
+      'Δm over all nine metrics (REPORT.md lists them) against the **full-label** single-task models, also for '
+      f'the one-label rows:\n\n{readme_table(cells)}'
+  )
   lr_line = ', '.join(f'{k:g}: {v:.4f}' for k, v in sorted(lr_scores.items()))
   text = '\n'.join(
       [

@@ -521,3 +521,7 @@ def test_dense_study_summary_matches_numpy():
   expected = 100 * np.mean([sign(k) * (ew[k].mean() - base[k]) / base[k] for k in keys])
   np.testing.assert_allclose(cells['ew']['delta_m'], expected, rtol=1e-10)
   assert math.isnan(dense_study.delta_m({keys[0]: 1.0}, base))
+  readme = dense_study.readme_table(cells).splitlines()
+  ew_row = next(line for line in readme if line.startswith('| `ew` |'))
+  assert f'{ew["segmentation/miou"].mean():.4f} ± {ew["segmentation/miou"].std(ddof=1):.4f}' in ew_row
+  assert f'{expected:+.2f}' in ew_row and ew_row.endswith('| 3 |')  # no one-label runs: full-label seeds only
