@@ -159,6 +159,24 @@ def test_dselect_k_smooth_step_codes_and_forward_match_numpy():
   assert saturated > 0
 
 
+def test_mtan_heads_read_their_attended_map_through_their_own_readout():
+  """arch=mtan over cnn: y_t = h_t(ReLU(flat(a_t) W_t + b_t)), a_t head t's last attended map, (W_t, b_t) its own
+  copy of the encoder's readout Dense; over resnet18 the readout is the global average (no parameters)."""
+  model = _model('mtan')
+  v = model.init(jax.random.PRNGKey(3), IMAGES)
+  features = model.encoder.apply({'params': v['params']['encoder']}, IMAGES, train=False)
+  logits = _logits(model, v)
+  for t in TASKS:
+    head = v['params']['heads'][t]
+    attended = np.asarray(model.heads[t].attention.apply({'params': head['attention']}, features), np.float64)
+    assert attended.shape == (4, 2, 2, CNN['widths'][-1])  # two 2x2 pools of 8x8
+    hidden = np.maximum(_dense(head['readout']['dense'], attended.reshape(4, -1)), 0.0)
+    np.testing.assert_allclose(logits[t], _linear(head['tower'], hidden), rtol=1e-5, atol=1e-6)
+  resnet = _model('mtan', 'resnet18', {'width': 2, 'stage_sizes': (1, 1)})
+  heads = resnet.init(jax.random.PRNGKey(3), IMAGES)['params']['heads']
+  assert all('readout' not in heads[t] for t in TASKS)
+
+
 def test_cross_stitch_matches_numpy():
   model = _model('cross_stitch')
   v = model.init(jax.random.PRNGKey(4), IMAGES)
